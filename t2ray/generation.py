@@ -1,0 +1,120 @@
+"""Where tasks meet models: chat prompts, batched generation, and log-likelihood scoring."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+Messages = list[dict[str, str]]
+
+
+class PromptTooLongError(ValueError):
+    """A prompt (plus the generation budget) does not fit in the model's context."""
+
+
+@dataclass
+class Rollouts:
+    """Token-level view of generations, as RL needs it (left-padded prompts, right-padded completions)."""
+
+    prompt_ids: torch.Tensor        # (N, P)
+    prompt_mask: torch.Tensor       # (N, P)
+    completion_ids: torch.Tensor    # (N, C)
+    completion_mask: torch.Tensor   # (N, C): 1 up to and including the first EOS
+    texts: list[str]
+
+
+def render(tokenizer, prompt: Messages | str) -> str:
+    """A chat prompt ready for generation (plain strings are treated as one user message)."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def context_length(model) -> int:
+    return int(getattr(model.config, "max_position_embeddings", 2048))
+
+
+def encode_prompts(tokenizer, prompts: Sequence[Messages | str], model, max_new_tokens: int):
+    batch = tokenizer([render(tokenizer, p) for p in prompts], return_tensors="pt", padding=True,
+                      add_special_tokens=False)
+    limit = context_length(model)
+    lengths = batch["attention_mask"].sum(1)
+    if int(lengths.max()) + max_new_tokens > limit:
+        i = int(lengths.argmax())
+        raise PromptTooLongError(f"prompt {i} has {int(lengths[i])} tokens; with max_new_tokens={max_new_tokens} "
+                                 f"it exceeds the model's context of {limit}")
+    return batch
+
+
+def completion_mask(ids: torch.Tensor, eos_ids: set[int]) -> torch.Tensor:
+    """1 for generated tokens up to and including the first EOS, 0 after it."""
+    is_eos = torch.zeros_like(ids, dtype=torch.bool)
+    for eos in eos_ids:
+        is_eos |= ids == eos
+    after_eos = (is_eos.cumsum(1) - is_eos.long()) > 0
+    return (~after_eos).long()
+
+
+def eos_token_ids(model, tokenizer) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
+    return ids | {tokenizer.eos_token_id}
+
+
+@torch.no_grad()
+def rollout(model, tokenizer, prompts: Sequence[Messages | str], *, max_new_tokens: int = 64,
+            temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> Rollouts:
+    """Generate one completion per prompt in a single batch (greedy when temperature == 0)."""
+    batch = encode_prompts(tokenizer, prompts, model, max_new_tokens).to(model.device)
+    torch.manual_seed(seed)
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else \
+        dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
+    completion = out[:, batch["input_ids"].shape[1]:]
+    mask = completion_mask(completion, eos_token_ids(model, tokenizer))
+    texts = tokenizer.batch_decode(completion * mask + tokenizer.pad_token_id * (1 - mask), skip_special_tokens=True)
+    return Rollouts(batch["input_ids"], batch["attention_mask"], completion, mask, texts)
+
+
+def generate(model, tokenizer, prompts: Sequence[Messages | str], *, max_new_tokens: int = 64,
+             temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 16, seed: int = 0,
+             progress: bool = False, desc: str = "generate") -> list[str]:
+    """Batched generation; deterministic for a given seed. Returns the completion texts in order."""
+    texts: list[str] = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress, unit="batch"):
+        chunk = prompts[start:start + batch_size]
+        texts += rollout(model, tokenizer, chunk, max_new_tokens=max_new_tokens, temperature=temperature,
+                         top_p=top_p, seed=seed + start).texts
+    return texts
+
+
+def token_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask_) -> torch.Tensor:
+    """log π(y_t | prefix) for every completion token, (N, C); zero where the mask is 0."""
+    input_ids = torch.cat([prompt_ids, completion_ids], 1)
+    attention = torch.cat([prompt_mask, completion_mask_], 1)
+    positions = (attention.cumsum(1) - 1).clamp(min=0)  # left padding: positions start at each row's first token
+    logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions).logits
+    logits = logits[:, prompt_ids.shape[1] - 1:-1].float()
+    logp = torch.log_softmax(logits, -1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+    return logp * completion_mask_
+
+
+@torch.no_grad()
+def answer_loglik(model, tokenizer, prompts: Sequence[Messages | str], answers: Sequence[str],
+                  batch_size: int = 16) -> torch.Tensor:
+    """Mean token log-likelihood of each given answer as the assistant's reply (CEM tie-breaks, scoring)."""
+    scores = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(prompts[start:start + batch_size])
+        batch = encode_prompts(tokenizer, chunk, model, 0)
+        tokenizer.padding_side = "right"
+        try:
+            ans = tokenizer(list(answers[start:start + batch_size]), return_tensors="pt", padding=True,
+                            add_special_tokens=False)
+        finally:
+            tokenizer.padding_side = "left"
+        logp = token_logprobs(model, batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device),
+                              ans["input_ids"].to(model.device), ans["attention_mask"].to(model.device))
+        scores.append(logp.sum(1).cpu() / ans["attention_mask"].sum(1).clamp(min=1))
+    return torch.cat(scores)

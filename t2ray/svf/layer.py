@@ -1,0 +1,81 @@
+"""The SVF linear layer: W' = c · U diag(s ⊙ z) Vᵀ with c = Σs / Σ(s ⊙ z), z = sigmoid(p) · max_mult.
+
+Only W and the square orthogonal factor Q are kept (SPEC §3), so z = 1 gives back W exactly:
+  tall (m ≥ n, Q = V):  y = c · ((x V) ⊙ z) Vᵀ Wᵀ          wide (m < n, Q = U):  y = c · (((x Wᵀ) U) ⊙ z) Uᵀ
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from t2ray.svf.decompose import Factors
+
+
+class SVFLinear(nn.Module):
+    def __init__(self, base_layer: nn.Linear, factors: Factors, *, max_mult: float = 1.0,
+                 init_mean: float = 0.1, init_std: float = 0.01, mode: str = "materialized"):
+        super().__init__()
+        self.base_layer = base_layer.requires_grad_(False)  # only z trains
+        self.tall = base_layer.out_features >= base_layer.in_features
+        self.register_buffer("q", factors.q.to(base_layer.weight.device), persistent=False)
+        self.register_buffer("s", factors.s.to(base_layer.weight.device), persistent=False)
+        self.svf_p = nn.Parameter(init_mean + init_std * torch.randn(factors.rank, device=base_layer.weight.device))
+        self.max_mult = max_mult
+        self.mode = mode
+        self.enabled = True
+        self.z_override: torch.Tensor | None = None  # (r,), (B, r) or (B, T, r): mixtures, per-row, per-token
+        self._weight_cache: tuple[tuple, torch.Tensor] | None = None
+
+    @property
+    def rank(self) -> int:
+        return self.s.numel()
+
+    def z(self) -> torch.Tensor:
+        return self.z_override if self.z_override is not None else torch.sigmoid(self.svf_p) * self.max_mult
+
+    def scale(self, z: torch.Tensor) -> torch.Tensor:
+        return self.s.sum() / (z * self.s).sum(-1, keepdim=True)  # c = Σs / Σ(s ⊙ z), per row of z
+
+    def adapted_weight(self, z: torch.Tensor) -> torch.Tensor:
+        """W' for one z vector: O(m·n·r) once, then every token costs what the base layer costs."""
+        w, q = self.base_layer.weight, self.q.to(self.base_layer.weight.dtype)
+        zc = (z * self.scale(z)).to(w.dtype)
+        return ((w @ q) * zc) @ q.T if self.tall else (q * zc) @ (q.T @ w)
+
+    def set_z(self, z: torch.Tensor | None) -> None:
+        """Override z (a mixture, one z per row or per token); None returns to sigmoid(p) · max_mult."""
+        if z is not None and z.shape[-1] != self.rank:
+            raise ValueError(f"z has {z.shape[-1]} values, this layer needs {self.rank}")
+        self.z_override = z
+        self._weight_cache = None
+
+    def _cached_weight(self, z: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and z.requires_grad:
+            return self.adapted_weight(z)  # training: rebuild under autograd
+        source = self.z_override if self.z_override is not None else self.svf_p
+        key = (source is self.svf_p, source._version)  # an optimizer step or an in-place edit invalidates it
+        if self._weight_cache is None or self._weight_cache[0] != key:
+            self._weight_cache = (key, self.adapted_weight(z.detach()))
+        return self._weight_cache[1]
+
+    def _factored(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        zc = (z * self.scale(z)).to(x.dtype)
+        if zc.dim() == 2 and x.dim() == 3:
+            zc = zc.unsqueeze(1)  # one z per batch row, broadcast over tokens
+        q = self.q.to(x.dtype)
+        if self.tall:
+            return F.linear(((x @ q) * zc) @ q.T, self.base_layer.weight, self.base_layer.bias)
+        y = ((F.linear(x, self.base_layer.weight) @ q) * zc) @ q.T
+        return y if self.base_layer.bias is None else y + self.base_layer.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return self.base_layer(x)
+        z = self.z()
+        if self.mode == "materialized" and z.dim() == 1:
+            return F.linear(x, self._cached_weight(z), self.base_layer.bias)
+        return self._factored(x, z)
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, tall={self.tall}, mode={self.mode}"

@@ -1,0 +1,112 @@
+"""Wrap a model's target linears in SVF layers, and set z (an expert, a mixture, per-row or per-token) on them.
+
+There is one way to apply z: ``set_z(model, {module: z})``. Training uses the layers' own parameters
+(``use_trainable``); ``disabled`` gives the untouched base model (the KL reference, no second copy).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from t2ray.experts import BaseModelInfo
+from t2ray.svf.config import SVFConfig
+from t2ray.svf.decompose import decompose, model_fingerprint, select_targets
+from t2ray.svf.layer import SVFLinear
+
+
+def patch_model(model: nn.Module, config: SVFConfig | None = None, *, seed: int = 0,
+                progress: bool = True) -> dict[str, SVFLinear]:
+    """Decompose (or load from cache) the target matrices and swap in SVFLinear layers, in place."""
+    config = config or SVFConfig()
+    if svf_layers(model):
+        raise ValueError("model is already SVF-patched")
+    model.t2ray_fingerprint = model_fingerprint(model)
+    targets = select_targets(model, config.target_modules, config.layers)
+    factors = decompose(model, targets, dtype=getattr(torch, config.svd_dtype),
+                        fingerprint=model.t2ray_fingerprint, progress=progress)
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    for name in targets:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, attr, SVFLinear(getattr(parent, attr), factors[name], max_mult=config.max_mult,
+                                        init_mean=config.init_mean, init_std=config.init_std, mode=config.mode))
+    torch.random.set_rng_state(generator_state)
+    return svf_layers(model)
+
+
+def unpatch_model(model: nn.Module) -> None:
+    for name in svf_layers(model):
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, attr, getattr(parent, attr).base_layer)
+
+
+def svf_layers(model: nn.Module) -> dict[str, SVFLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, SVFLinear)}
+
+
+def base_model_info(model: nn.Module) -> BaseModelInfo:
+    return BaseModelInfo(
+        model_id=model.config.name_or_path,
+        fingerprint=model.t2ray_fingerprint,
+        module_ranks={name: layer.rank for name, layer in svf_layers(model).items()},
+    )
+
+
+def set_z(model: nn.Module, z_by_module: dict[str, torch.Tensor] | None) -> None:
+    """Apply z per module; modules not listed (or all, for None) run as the base model."""
+    layers = svf_layers(model)
+    unknown = set(z_by_module or ()) - set(layers)
+    if unknown:
+        raise ValueError(f"z given for modules that are not SVF-patched: {sorted(unknown)[:3]}")
+    for name, layer in layers.items():
+        z = (z_by_module or {}).get(name)
+        layer.enabled = z is not None
+        layer.set_z(None if z is None else z.to(layer.s.device))
+
+
+def use_trainable(model: nn.Module) -> list[nn.Parameter]:
+    """Every SVF layer on, driven by its own p; returns the trainable parameters (p only)."""
+    params = []
+    for layer in svf_layers(model).values():
+        layer.enabled = True
+        layer.set_z(None)
+        params.append(layer.svf_p)
+    return params
+
+
+def set_mode(model: nn.Module, mode: str) -> None:
+    if mode not in ("materialized", "factored"):
+        raise ValueError(f"unknown SVF mode {mode!r}")
+    for layer in svf_layers(model).values():
+        layer.mode = mode
+
+
+def trainable_params(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Current raw p per module (detached copies), e.g. to save as an expert."""
+    return {name: layer.svf_p.detach().clone().cpu() for name, layer in svf_layers(model).items()}
+
+
+def load_params(model: nn.Module, params: dict[str, torch.Tensor]) -> None:
+    """Copy raw p into the layers (e.g. resume training from an expert)."""
+    layers = svf_layers(model)
+    with torch.no_grad():  # in-place copy under no_grad bumps the version, so cached W' is rebuilt
+        for name, p in params.items():
+            layers[name].svf_p.copy_(p)
+
+
+@contextmanager
+def disabled(model: nn.Module):
+    """Run the untouched base model (W exactly) inside the block: the KL reference policy."""
+    layers = svf_layers(model).values()
+    previous = [layer.enabled for layer in layers]
+    for layer in layers:
+        layer.enabled = False
+    try:
+        yield model
+    finally:
+        for layer, was in zip(layers, previous):
+            layer.enabled = was

@@ -1,0 +1,192 @@
+"""Procedurally generated arithmetic tasks (offline, seeded).
+
+* ``math`` (a GSM8K stand-in for training an expert): one-step additions/subtractions, bare or
+  as one-sentence word problems; "Reply with just the number."; graded on the final number.
+* ``math-hard`` (a MATH stand-in, unseen): two-step arithmetic, linear equations, remainders,
+  percentages, LCM, area/perimeter, multi-step word problems; "\\boxed{}" answers, graded on the
+  boxed value or else the last number.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable
+
+from .base import Example, assign_splits, generate_unique
+from .common import GradedTask
+
+TRAIN_SIZES = {"train": 256, "valid": 64, "test": 128}
+UNSEEN_SIZES = {"train": 32, "valid": 16, "test": 128}
+
+NAMES = (
+    "Tom", "Anna", "Sam", "Lily", "Ben", "Mia", "Leo", "Emma", "Max", "Zoe", "Jack", "Ella",
+    "Noah", "Ava", "Liam", "Sara", "Omar", "Nina", "Ravi", "Hana", "Carlos", "Maya", "Ivan", "Lucy",
+)
+ITEMS = (
+    "apples", "books", "pencils", "stickers", "marbles", "cookies", "cards", "shells", "coins",
+    "flowers", "stamps", "balloons", "candies", "toy cars", "eggs", "oranges",
+)
+
+MATH_SUFFIX = "Reply with just the number."
+HARD_SUFFIX = "Put the final answer in \\boxed{}."
+
+
+def _ex(prompt: str, answer: int | float, category: str = "math") -> Example:
+    ans = str(int(answer)) if float(answer).is_integer() else repr(float(answer))
+    return Example(id="", prompt=prompt, answer=ans, category=category)
+
+
+# ---- math (training) --------------------------------------------------------------------------
+
+
+def _add(r: random.Random) -> Example:
+    a, b = r.randint(10, 49), r.randint(1, 9)
+    return _ex(f"What is {a} + {b}? {MATH_SUFFIX}", a + b)
+
+
+def _sub(r: random.Random) -> Example:
+    a, b = r.randint(20, 59), r.randint(1, 9)
+    return _ex(f"What is {a} - {b}? {MATH_SUFFIX}", a - b)
+
+
+def _word_add(r: random.Random) -> Example:
+    name, item = r.choice(NAMES), r.choice(ITEMS)
+    a, b = r.randint(3, 30), r.randint(2, 9)
+    return _ex(
+        f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now? "
+        f"{MATH_SUFFIX}",
+        a + b,
+    )
+
+
+def _word_sub(r: random.Random) -> Example:
+    name, item = r.choice(NAMES), r.choice(ITEMS)
+    a, b = r.randint(10, 40), r.randint(2, 9)
+    return _ex(
+        f"{name} has {a} {item} and gives {b} of them away. How many {item} does {name} have "
+        f"left? {MATH_SUFFIX}",
+        a - b,
+    )
+
+
+MATH_FAMILIES: tuple[Callable[[random.Random], Example], ...] = (_add, _sub, _word_add, _word_sub)
+
+
+# ---- math-hard (unseen) -------------------------------------------------------------------------
+
+
+def _mul_add(r: random.Random) -> Example:
+    a, b, c = r.randint(11, 29), r.randint(3, 9), r.randint(10, 99)
+    return _ex(f"Compute {a} * {b} + {c}. {HARD_SUFFIX}", a * b + c)
+
+
+def _paren(r: random.Random) -> Example:
+    a, b, c = r.randint(5, 40), r.randint(5, 40), r.randint(2, 9)
+    return _ex(f"Compute ({a} + {b}) * {c}. {HARD_SUFFIX}", (a + b) * c)
+
+
+def _linear(r: random.Random) -> Example:
+    a, x, b = r.randint(2, 9), r.randint(-12, 15), r.randint(1, 40)
+    return _ex(f"Solve for x: {a}x + {b} = {a * x + b}. {HARD_SUFFIX}", x)
+
+
+def _remainder(r: random.Random) -> Example:
+    b = r.randint(3, 12)
+    a = r.randint(30, 300)
+    if a % b == 0:
+        a += 1
+    return _ex(f"What is the remainder when {a} is divided by {b}? {HARD_SUFFIX}", a % b)
+
+
+def _percent(r: random.Random) -> Example:
+    p = r.choice((10, 20, 25, 30, 40, 50, 60, 75))
+    n = r.randint(2, 40) * 20
+    return _ex(f"What is {p}% of {n}? {HARD_SUFFIX}", p * n // 100)
+
+
+def _lcm(r: random.Random) -> Example:
+    a, b = r.randint(2, 15), r.randint(2, 15)
+    if a == b:
+        b += 1
+    return _ex(
+        f"What is the least common multiple of {a} and {b}? {HARD_SUFFIX}", a * b // math.gcd(a, b)
+    )
+
+
+def _rectangle(r: random.Random) -> Example:
+    length, width = r.randint(3, 25), r.randint(2, 15)
+    if r.random() < 0.5:
+        return _ex(
+            f"A rectangle is {length} cm long and {width} cm wide. What is its perimeter in cm? "
+            f"{HARD_SUFFIX}",
+            2 * (length + width),
+        )
+    return _ex(
+        f"A rectangle is {length} cm long and {width} cm wide. What is its area in square cm? "
+        f"{HARD_SUFFIX}",
+        length * width,
+    )
+
+
+def _packs(r: random.Random) -> Example:
+    name, item = r.choice(NAMES), r.choice(ITEMS)
+    packs, per, away = r.randint(3, 9), r.randint(4, 12), r.randint(2, 15)
+    return _ex(
+        f"{name} buys {packs} packs of {item} with {per} {item} in each pack, then gives away "
+        f"{away} {item}. How many {item} does {name} have left? {HARD_SUFFIX}",
+        packs * per - away,
+    )
+
+
+def _sum_first(r: random.Random) -> Example:
+    n = r.randint(5, 60)
+    return _ex(f"What is the sum of the first {n} positive integers? {HARD_SUFFIX}", n * (n + 1) // 2)
+
+
+def _average(r: random.Random) -> Example:
+    k = r.randint(3, 5)
+    while True:
+        mean = r.randint(10, 60)
+        vals = [mean + r.randint(-9, 9) for _ in range(k - 1)]
+        last = mean * k - sum(vals)
+        if last > 0:
+            break
+    vals.append(last)
+    r.shuffle(vals)
+    return _ex(f"What is the average of {', '.join(map(str, vals))}? {HARD_SUFFIX}", mean)
+
+
+HARD_FAMILIES: tuple[Callable[[random.Random], Example], ...] = (
+    _mul_add, _paren, _linear, _remainder, _percent, _lcm, _rectangle, _packs, _sum_first, _average,
+)
+
+
+def _build(name: str, families, sizes: dict[str, int], seed: int) -> dict[str, list[Example]]:
+    rng = random.Random(f"{name}:{seed}")
+    n = sum(sizes.values())
+    pool = generate_unique(lambda r: r.choice(families)(r), n, rng, task_name=name)
+    return assign_splits(pool, sizes, name)
+
+
+def make_math_task(seed: int = 0) -> GradedTask:
+    return GradedTask(
+        "math",
+        "math",
+        "numeric",
+        lambda: _build("math", MATH_FAMILIES, TRAIN_SIZES, seed),
+        max_new_tokens=48,
+        description="one-step arithmetic and word problems; reply with just the number",
+    )
+
+
+def make_math_hard_task(seed: int = 0) -> GradedTask:
+    return GradedTask(
+        "math-hard",
+        "math",
+        "numeric",
+        lambda: _build("math-hard", HARD_FAMILIES, UNSEEN_SIZES, seed),
+        max_new_tokens=128,
+        reference_template="\\boxed{{{answer}}}",
+        description="two-step arithmetic, equations, remainders, percentages (boxed answers)",
+    )
