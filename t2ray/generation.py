@@ -89,15 +89,24 @@ def generate(model, tokenizer, prompts: Sequence[Messages | str], *, max_new_tok
     return texts
 
 
-def token_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask_) -> torch.Tensor:
-    """log π(y_t | prefix) for every completion token, (N, C); zero where the mask is 0."""
+def completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask_) -> torch.Tensor:
+    """Logits that predict each completion token, (N, C, V), in one forward pass over prompt + completion."""
     input_ids = torch.cat([prompt_ids, completion_ids], 1)
     attention = torch.cat([prompt_mask, completion_mask_], 1)
     positions = (attention.cumsum(1) - 1).clamp(min=0)  # left padding: positions start at each row's first token
     logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions).logits
-    logits = logits[:, prompt_ids.shape[1] - 1:-1].float()
-    logp = torch.log_softmax(logits, -1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+    return logits[:, prompt_ids.shape[1] - 1:-1]
+
+
+def gather_logprobs(logits: torch.Tensor, completion_ids, completion_mask_) -> torch.Tensor:
+    """log π(y_t | prefix) for every completion token, (N, C); zero where the mask is 0."""
+    logp = torch.log_softmax(logits.float(), -1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
     return logp * completion_mask_
+
+
+def token_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask_) -> torch.Tensor:
+    logits = completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask_)
+    return gather_logprobs(logits, completion_ids, completion_mask_)
 
 
 @torch.no_grad()

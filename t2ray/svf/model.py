@@ -10,7 +10,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from t2ray.experts import BaseModelInfo
+from t2ray.experts import BaseModelInfo, Expert, check_expert, mix_z
 from t2ray.svf.config import SVFConfig
 from t2ray.svf.decompose import decompose, model_fingerprint, select_targets
 from t2ray.svf.layer import SVFLinear
@@ -22,7 +22,7 @@ def patch_model(model: nn.Module, config: SVFConfig | None = None, *, seed: int 
     config = config or SVFConfig()
     if svf_layers(model):
         raise ValueError("model is already SVF-patched")
-    model.t2ray_fingerprint = model_fingerprint(model)
+    model.t2ray_fingerprint = getattr(model, "t2ray_fingerprint", None) or model_fingerprint(model)
     targets = select_targets(model, config.target_modules, config.layers)
     factors = decompose(model, targets, dtype=getattr(torch, config.svd_dtype),
                         fingerprint=model.t2ray_fingerprint, progress=progress)
@@ -49,11 +49,15 @@ def svf_layers(model: nn.Module) -> dict[str, SVFLinear]:
 
 
 def base_model_info(model: nn.Module) -> BaseModelInfo:
-    return BaseModelInfo(
-        model_id=model.config.name_or_path,
-        fingerprint=model.t2ray_fingerprint,
-        module_ranks={name: layer.rank for name, layer in svf_layers(model).items()},
-    )
+    """Identity of the base model; before patching, every decoder linear counts as adaptable (no SVD needed)."""
+    layers = svf_layers(model)
+    if layers:
+        ranks = {name: layer.rank for name, layer in layers.items()}
+    else:
+        modules = dict(model.named_modules())
+        ranks = {name: min(modules[name].weight.shape) for name in select_targets(model, "all")}
+    fingerprint = getattr(model, "t2ray_fingerprint", None) or model_fingerprint(model)
+    return BaseModelInfo(model_id=model.config.name_or_path, fingerprint=fingerprint, module_ranks=ranks)
 
 
 def set_z(model: nn.Module, z_by_module: dict[str, torch.Tensor] | None) -> None:
@@ -66,6 +70,17 @@ def set_z(model: nn.Module, z_by_module: dict[str, torch.Tensor] | None) -> None
         z = (z_by_module or {}).get(name)
         layer.enabled = z is not None
         layer.set_z(None if z is None else z.to(layer.s.device))
+
+
+def apply_experts(model: nn.Module, experts: list[Expert], alpha=None, *, allow_transfer: bool = False) -> None:
+    """Patch the experts' modules if the model is not patched yet, validate, and set z' = Σ α_k z_k."""
+    if not svf_layers(model):
+        modules = list(dict.fromkeys(m for expert in experts for m in expert.modules))
+        patch_model(model, SVFConfig(target_modules=modules), progress=False)
+    info = base_model_info(model)
+    for expert in experts:
+        check_expert(expert, info, allow_transfer=allow_transfer)
+    set_z(model, experts[0].z() if alpha is None and len(experts) == 1 else mix_z(experts, alpha or [1.0] * len(experts)))
 
 
 def use_trainable(model: nn.Module) -> list[nn.Parameter]:

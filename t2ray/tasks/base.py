@@ -192,8 +192,8 @@ def generate_unique(
     task_name: str = "",
     key: Callable[[Example], str] | None = None,
 ) -> list[Example]:
-    """Call ``make(rng)`` until ``n`` examples with distinct prompts exist (ids are reassigned
-    by the caller). ``make`` may return None to reject a draw. ``key`` (default: the normalised
+    """Call ``make(rng)`` until ``n`` examples with distinct prompts exist, returned shuffled
+    (ids are reassigned by the caller). ``make`` may return None to reject a draw. ``key`` (default: the normalised
     prompt) decides what counts as a repeat, e.g. the same question with reshuffled options."""
     out: list[Example] = []
     seen: set[str] = set()
@@ -214,6 +214,9 @@ def generate_unique(
             continue
         seen.update((k, p))
         out.append(ex)
+    # Shuffle: draws late in the loop are skewed toward the families that are not yet
+    # exhausted; shuffling keeps every split drawn from the same mixture.
+    rng.shuffle(out)
     return out
 
 

@@ -392,6 +392,7 @@ def run_python_tests(
         build_test_program(code, tests, entry_point, prefix),
         timeout_s=timeout_s,
         memory_mb=memory_mb,
+        require_completion=True,
     )
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -159,9 +160,18 @@ def run_python(
     stdin: str | None = None,
     guard: bool = True,
     python: str | None = None,
+    require_completion: bool = False,
 ) -> SandboxResult:
-    """Run ``code`` as a Python program in a fresh, limited subprocess."""
+    """Run ``code`` as a Python program in a fresh, limited subprocess.
+
+    With ``require_completion`` a line printing a random marker is appended to the program,
+    and the run only passes if the marker was printed: code that exits early with status 0
+    (``sys.exit(0)``, ``os._exit(0)``) before the tests ran does not pass.
+    """
     start = time.monotonic()
+    marker = f"T2RAY-DONE-{secrets.token_hex(8)}" if require_completion else None
+    if marker is not None:
+        code = code.rstrip("\n") + f"\n\nprint({marker!r}, flush=True)\n"
     isolation = network_isolation()
     workdir = tempfile.mkdtemp(prefix="t2ray-sandbox-")
     try:
@@ -223,6 +233,12 @@ def run_python(
         stderr = _tail(err_path)
         stdout = _tail(out_path)
         status = _classify(proc.returncode, stderr, timed_out)
+        if status == "passed" and marker is not None:
+            if marker in stdout:
+                stdout = stdout.replace(marker, "").rstrip("\n")
+            else:
+                status = "failed"
+                stderr = (stderr + "\nt2ray sandbox: the program exited before its end").lstrip()
         return SandboxResult(
             status == "passed", status, proc.returncode, stderr, stdout, time.monotonic() - start
         )

@@ -1,0 +1,32 @@
+"""Load a base model with an adapter applied: nothing, one expert, or a mixture (files or FILE:w specs)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from t2ray.experts import ExpertError, load_expert, load_mixture, parse_mix_spec
+from t2ray.models import load_model
+from t2ray.svf import apply_experts, base_model_info
+
+
+def load_adapted(model_spec: str, *, expert: str | Path | None = None, mix: str | None = None,
+                 mixture: str | Path | None = None, allow_transfer: bool = False, dtype: str = "float32"):
+    """(model, tokenizer, label). At most one of expert / mix / mixture."""
+    if sum(x is not None for x in (expert, mix, mixture)) > 1:
+        raise ExpertError("give at most one of --expert, --mix, --mixture")
+    model, tokenizer = load_model(model_spec, dtype=dtype)
+    if expert is None and mix is None and mixture is None:
+        return model, tokenizer, "base"
+    base = base_model_info(model)  # fingerprint of the untouched weights
+    if mixture is not None:
+        spec, experts = load_mixture(mixture, base, allow_transfer=allow_transfer)
+        alpha, label = spec.alpha, f"mixture:{spec.name}"
+    elif mix is not None:
+        paths, alpha = parse_mix_spec(mix)
+        experts = [load_expert(p, base, allow_transfer=allow_transfer) for p in paths]
+        label = "mix:" + ",".join(f"{e.name}={w:g}" for e, w in zip(experts, alpha))
+    else:
+        experts, alpha = [load_expert(expert, base, allow_transfer=allow_transfer)], None
+        label = f"expert:{experts[0].name}"
+    model.t2ray_fingerprint = base.fingerprint
+    apply_experts(model, experts, alpha, allow_transfer=allow_transfer)
+    return model, tokenizer, label

@@ -1,0 +1,116 @@
+"""The `t2ray` command line: parse, call library code, print. No logic lives here."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from functools import wraps
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Transformer² self-adaptive LLMs on Ray.")
+experts_app = typer.Typer(no_args_is_help=True, help="Inspect and import SVF expert files.")
+app.add_typer(experts_app, name="experts")
+
+
+def user_errors(fn):
+    """Turn user mistakes (bad spec, file, shape...) into a one-line message and exit code 2, no traceback."""
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        from pydantic import ValidationError
+
+        try:
+            return fn(*args, **kwargs)
+        except ValidationError as err:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in err.errors())
+            typer.secho(f"error: invalid config: {problems}", err=True, fg="red")
+        except (ValueError, FileNotFoundError, KeyError) as err:
+            typer.secho(f"error: {err}", err=True, fg="red")
+        raise typer.Exit(2)
+    return wrapper
+
+
+def emit(obj) -> None:
+    typer.echo(json.dumps(obj, indent=2, default=str))
+
+
+@app.command()
+@user_errors
+def decompose(model: str = typer.Option("smollm2-135m", help="model spec"),
+              modules: str = typer.Option("mlp", help="mlp | attn | all | comma-separated module names"),
+              layers: Optional[str] = typer.Option(None, help="layer ranges, e.g. '0-14,20'"),
+              dtype: str = typer.Option("float32", help="SVD precision: float32 | float64")):
+    """SVD of the target matrices, cached per base-model fingerprint (a re-run is a cache hit)."""
+    from t2ray.models import load_model
+    from t2ray.svf import SVFConfig, patch_model
+
+    config = SVFConfig(target_modules=modules if modules in ("mlp", "attn", "all") else modules.split(","),
+                       layers=layers, svd_dtype=dtype)
+    net, _ = load_model(model)
+    start = time.perf_counter()
+    layers_ = patch_model(net, config)
+    emit({"model": model, "fingerprint": net.t2ray_fingerprint, "matrices": len(layers_),
+          "z_values": sum(layer.rank for layer in layers_.values()), "seconds": round(time.perf_counter() - start, 2)})
+
+
+@app.command("eval")
+@user_errors
+def eval_(model: str = typer.Option("smollm2-135m", help="model spec"),
+          task: str = typer.Option(..., help="task name or path to a task YAML"),
+          expert: Optional[Path] = typer.Option(None, help="expert file (.safetensors)"),
+          mix: Optional[str] = typer.Option(None, help="mixture as FILE:weight,FILE:weight"),
+          mixture: Optional[Path] = typer.Option(None, help="mixture file (.json)"),
+          split: str = typer.Option("test"), limit: Optional[int] = typer.Option(None, min=1),
+          batch_size: int = typer.Option(16, min=1), seed: int = 0,
+          allow_transfer: bool = typer.Option(False, help="apply experts of another base model with equal shapes"),
+          out: Optional[Path] = typer.Option(None, help="write the full result JSON here")):
+    """Accuracy of the base model, an expert, or a mixture on a task split."""
+    from t2ray.adapters import load_adapted
+    from t2ray.evaluate import evaluate
+    from t2ray.tasks import get_task
+
+    the_task = get_task(task, seed=seed)
+    net, tokenizer, label = load_adapted(model, expert=expert, mix=mix, mixture=mixture, allow_transfer=allow_transfer)
+    result = evaluate(net, tokenizer, the_task, split=split, limit=limit, batch_size=batch_size, seed=seed, adapter=label)
+    if out:
+        result.save(out)
+    emit(result.summary())
+
+
+@experts_app.command("show")
+@user_errors
+def experts_show(path: Path):
+    """Print an expert file's metadata as JSON."""
+    from t2ray.experts import expert_info
+
+    emit(expert_info(path))
+
+
+@experts_app.command("import")
+@user_errors
+def experts_import(policy: Path = typer.Argument(..., help="official Transformer² policy_params.pt"),
+                   out: Path = typer.Option(..., help="expert file to write"),
+                   model: str = typer.Option("smollm2-135m"), name: Optional[str] = None,
+                   task: Optional[str] = None):
+    """Convert an official Transformer² policy_params.pt into a t2ray expert file."""
+    from t2ray.experts import import_official, save_expert
+    from t2ray.models import load_model
+    from t2ray.svf import base_model_info
+
+    net, _ = load_model(model)
+    expert = import_official(policy, base_model_info(net), name=name or policy.stem, task=task)
+    emit({"written": str(save_expert(expert, out)), "modules": len(expert.modules)})
+
+
+@app.command()
+def tasks():
+    """List the built-in and real-dataset task names."""
+    from t2ray.tasks import list_tasks
+
+    emit(list_tasks())
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app(sys.argv[1:])

@@ -1,0 +1,149 @@
+"""Pydantic models for every YAML (experiments, sweeps, serving): one place for knobs and their defaults.
+
+Defaults are the paper's (SPEC §2) unless a comment says why not. YAML files only override.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from t2ray.svf.config import SVFConfig
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # an unknown key is an error that names the key
+
+
+class ModelConfig(Strict):
+    spec: str = Field("smollm2-135m", description="smollm2-135m | tiny-llama | folder | hub id")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class LoRAConfig(Strict):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
+class RLConfig(Strict):
+    objective: Literal["reinforce", "sft"] = Field("reinforce", description="sft: next-token loss on references")
+    iterations: int = Field(30, ge=1)
+    batch_size: int = Field(16, ge=1, description="prompts per iteration, over all workers (paper: 256)")
+    num_samples: int = Field(1, ge=1, description="completions per prompt (>1 enables the group baseline)")
+    temperature: float = Field(1.0, ge=0, description="0 = greedy, as the original")
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int | None = Field(None, ge=1, description="None = the task's own budget")
+    lr: float = Field(2e-3, gt=0)
+    grad_clip: float = Field(1e-3, gt=0)
+    kl_coef: float = Field(0.0, ge=0, description="KL(ref‖π) to the base model (z = 1, no weight copy)")
+    baseline: Literal["none", "mean", "group"] = "none"
+    normalize_rewards: bool = False
+    reward_clip: float | None = Field(None, gt=0)
+    eval_interval: int = Field(10, ge=1)
+    eval_limit: int | None = Field(64, ge=1, description="valid items per evaluation (None = all)")
+    eval_batch_size: int = Field(32, ge=1)
+
+
+class DeepSpeedConfig(Strict):
+    enabled: bool = True
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False
+
+    def to_dict(self, train_batch: int, world_size: int, grad_clip: float, lr: float) -> dict[str, Any]:
+        return {
+            "train_batch_size": train_batch,
+            "train_micro_batch_size_per_gpu": max(1, train_batch // world_size),
+            "gradient_accumulation_steps": 1,
+            "gradient_clipping": grad_clip,
+            "optimizer": {"type": "Adam", "params": {"lr": lr, "torch_adam": True}},  # no fused-Adam compile on CPU
+            "zero_optimization": {"stage": self.zero_stage,
+                                  **({"offload_optimizer": {"device": "cpu"}} if self.offload_optimizer else {})},
+            "steps_per_print": 10**9,
+        }
+
+
+class ScalingConfig(Strict):
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+
+
+class TrackingConfig(Strict):
+    wandb: bool = True
+    project: str = "t2ray"
+
+
+class ExperimentConfig(Strict):
+    name: str = Field("experiment", pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = 0
+    task: str = "math"
+    method: Literal["svf", "lora"] = "svf"
+    model: ModelConfig = ModelConfig()
+    svf: SVFConfig = SVFConfig()
+    lora: LoRAConfig = LoRAConfig()
+    rl: RLConfig = RLConfig()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    storage_path: str = Field("runs", description="run folders live under storage_path/name")
+    max_failures: int = Field(2, ge=-1, description="worker-failure restarts before giving up (-1 = forever)")
+    checkpoint_keep: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _batch_fits_workers(self):
+        if self.rl.batch_size < self.scaling.num_workers:
+            raise ValueError(f"rl.batch_size ({self.rl.batch_size}) must be ≥ scaling.num_workers "
+                             f"({self.scaling.num_workers}): every worker needs at least one prompt")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.storage_path).expanduser().resolve() / self.name
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """['rl.lr=1e-3', 'scaling.num_workers=1'] -> nested dict; values parsed as YAML scalars."""
+    nested: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {pair!r} is not key=value")
+        node = nested
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(raw)
+    return nested
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    merged = dict(base)
+    for key, value in update.items():
+        merged[key] = deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) \
+            else value
+    return merged
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ValueError(f"{path}: malformed YAML{where}: {getattr(err, 'problem', err)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def load_experiment(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    data = read_yaml(path) if path else {}
+    return ExperimentConfig.model_validate(deep_merge(data, parse_overrides(overrides or [])))

@@ -1,0 +1,156 @@
+"""The per-worker RL loop, plain PyTorch (no Ray): Ray Train only wraps it and adds checkpoints."""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from t2ray.config import ExperimentConfig
+from t2ray.evaluate import grade_all
+from t2ray.generation import completion_logits, encode_prompts, gather_logprobs, generate, rollout
+from t2ray.rl.adapters import TrainableAdapter
+from t2ray.rl.loss import advantages, kl_to_reference, reinforce_loss
+from t2ray.tasks.base import Example, Task
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]  # sums a tensor over workers (identity in one process)
+
+
+class Stepper:
+    """Backward + clip + Adam for one process; DeepSpeed's engine offers the same `step(loss)`."""
+
+    def __init__(self, params, lr: float, grad_clip: float):
+        self.params = list(params)
+        self.optimizer = torch.optim.Adam(self.params, lr=lr)
+        self.grad_clip = grad_clip
+
+    def step(self, loss: torch.Tensor) -> float:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        self.optimizer.step()
+        return float(norm)
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)
+
+
+@dataclass
+class LoopState:
+    iteration: int = 0
+    best_valid: float = float("-inf")
+    best_iteration: int = -1
+    best_state: dict[str, torch.Tensor] | None = None
+    history: list[dict] = field(default_factory=list)
+
+
+def iteration_batch(examples: list[Example], batch_size: int, seed: int, iteration: int, rank: int,
+                    world_size: int) -> list[Example]:
+    """The same global sample on every worker (seeded by iteration), then this worker's shard."""
+    picked = random.Random(seed * 1_000_003 + iteration).sample(examples, min(batch_size, len(examples)))
+    return picked[rank::world_size]
+
+
+def safe_rewards(task: Task, examples: list[Example], completions: list[str]) -> tuple[torch.Tensor, int]:
+    """±1 (or task-defined) rewards; a grader that raises scores the sample as wrong and is counted."""
+    rewards, errors = [], 0
+    for ex, text in zip(examples, completions):
+        try:
+            rewards.append(float(task.reward(ex, text)))
+        except Exception:  # noqa: BLE001 — user graders may raise anything; training must go on
+            rewards.append(-1.0)
+            errors += 1
+    return torch.tensor(rewards), errors
+
+
+def rl_step(model, tokenizer, task: Task, adapter: TrainableAdapter, stepper, shard: list[Example],
+            cfg: ExperimentConfig, seed: int) -> dict[str, float]:
+    rl = cfg.rl
+    expanded = [ex for ex in shard for _ in range(rl.num_samples)]
+    prompts = [task.messages(ex) for ex in expanded]
+    max_new = rl.max_new_tokens or task.max_new_tokens
+    t0 = time.perf_counter()
+    if rl.objective == "sft":
+        batch = encode_prompts(tokenizer, prompts, model, 0)
+        tokenizer.padding_side = "right"
+        try:
+            ref = tokenizer([task.reference_completion(ex) + tokenizer.eos_token for ex in expanded],
+                            return_tensors="pt", padding=True, add_special_tokens=False)
+        finally:
+            tokenizer.padding_side = "left"
+        ids, mask, cids, cmask = batch["input_ids"], batch["attention_mask"], ref["input_ids"], ref["attention_mask"]
+        rewards, errors = torch.zeros(len(expanded)), 0
+    else:
+        model.eval()
+        roll = rollout(model, tokenizer, prompts, max_new_tokens=max_new, temperature=rl.temperature,
+                       top_p=rl.top_p, seed=seed)
+        ids, mask, cids, cmask = roll.prompt_ids, roll.prompt_mask, roll.completion_ids, roll.completion_mask
+        rewards, errors = safe_rewards(task, expanded, roll.texts)
+    t1 = time.perf_counter()
+    dev = next(model.parameters()).device
+    ids, mask, cids, cmask = (t.to(dev) for t in (ids, mask, cids, cmask))
+    logits = completion_logits(model, ids, mask, cids, cmask)
+    logp = gather_logprobs(logits, cids, cmask)
+    if rl.objective == "sft":
+        loss = -logp.sum() / cmask.sum().clamp(min=1)  # token-mean NLL of the reference replies
+    else:
+        adv = advantages(rewards, rl.num_samples, baseline=rl.baseline, normalize=rl.normalize_rewards,
+                         clip=rl.reward_clip).to(dev)
+        loss = reinforce_loss(logp, adv, len(expanded))  # DeepSpeed averages shards' gradients over workers
+    kl = torch.zeros((), device=dev)
+    if rl.kl_coef > 0:
+        with torch.no_grad(), adapter.reference():
+            ref_logits = completion_logits(model, ids, mask, cids, cmask)
+        kl = kl_to_reference(logits, ref_logits, cmask)
+        loss = loss + rl.kl_coef * kl
+    grad_norm = stepper.step(loss)
+    return {"loss": float(loss), "reward": float(rewards.mean()), "accuracy": float((rewards > 0).float().mean()),
+            "kl": float(kl), "grad_norm": float(grad_norm or 0.0), "reward_errors": errors,
+            "completion_tokens": int(cmask.sum()), "rollout_s": t1 - t0, "update_s": time.perf_counter() - t1,
+            "samples": len(expanded)}
+
+
+def sharded_accuracy(model, tokenizer, task: Task, examples: list[Example], rank: int, world_size: int,
+                     reduce: Reduce, batch_size: int, seed: int) -> float:
+    """Greedy accuracy over `examples`, each worker grading its shard; counts summed over workers."""
+    shard = examples[rank::world_size]
+    texts = generate(model, tokenizer, [task.messages(ex) for ex in shard], max_new_tokens=task.max_new_tokens,
+                     batch_size=batch_size, seed=seed)
+    correct = sum(ok for ok, _ in grade_all(task, shard, texts))
+    counts = reduce(torch.tensor([float(correct), float(len(shard))]))
+    return float(counts[0] / counts[1].clamp(min=1))
+
+
+def train_loop(cfg: ExperimentConfig, model, tokenizer, task: Task, adapter: TrainableAdapter, stepper, *,
+               rank: int = 0, world_size: int = 1, reduce: Reduce = lambda t: t, state: LoopState | None = None,
+               on_iteration: Callable[[LoopState, dict], None] | None = None) -> LoopState:
+    """Run RL iterations from `state.iteration` to cfg.rl.iterations; evaluate on valid every eval_interval
+    (and at the end); keep the best-on-valid adapter state."""
+    state = state or LoopState()
+    train = task.examples("train")
+    valid = task.examples("valid")[: cfg.rl.eval_limit]
+    reduce_mean = lambda x: float(reduce(torch.tensor([x, 1.0]))[0] / world_size)  # noqa: E731
+    while state.iteration < cfg.rl.iterations:
+        it = state.iteration
+        shard = iteration_batch(train, cfg.rl.batch_size, cfg.seed, it, rank, world_size)
+        t0 = time.perf_counter()
+        metrics = rl_step(model, tokenizer, task, adapter, stepper, shard, cfg,
+                          seed=cfg.seed * 7919 + it * world_size + rank)
+        metrics = {k: reduce_mean(v) if k in ("reward", "accuracy", "loss", "kl") else v for k, v in metrics.items()}
+        metrics.update(iteration=it + 1, seconds=time.perf_counter() - t0)
+        state.iteration = it + 1
+        if state.iteration % cfg.rl.eval_interval == 0 or state.iteration == cfg.rl.iterations:
+            metrics["valid_accuracy"] = sharded_accuracy(model, tokenizer, task, valid, rank, world_size, reduce,
+                                                         cfg.rl.eval_batch_size, cfg.seed)
+            if metrics["valid_accuracy"] > state.best_valid:
+                state.best_valid, state.best_iteration = metrics["valid_accuracy"], state.iteration
+                state.best_state = adapter.state()
+        state.history.append(metrics)
+        if on_iteration:
+            on_iteration(state, metrics)
+    return state

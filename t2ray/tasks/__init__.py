@@ -1,0 +1,85 @@
+"""Tasks: the protocol, built-in offline tasks, real-dataset tasks, user YAML tasks, graders and
+the code sandbox.
+
+``get_task(spec)`` accepts a built-in name (see :func:`list_tasks`), a real-dataset name
+(``gsm8k``, ``mbpp``, ``arc-easy``, ``arc-challenge``, ``hendrycks-math``, ``math-500``; these
+need the Hugging Face hub or its cache) or a path to a task YAML file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from .base import SPLITS, Example, Task, TaskError
+from .graders import CATEGORIES, GRADERS, parse_category
+
+_BUILTIN: dict[str, Callable[[int], Task]] = {}
+_DATASETS: dict[str, Callable[[int], Task]] = {}
+
+
+def _register_builtins() -> None:
+    from . import cls, humaneval, synthetic_code, synthetic_math, synthetic_reasoning
+
+    _BUILTIN.update(
+        {
+            "math": synthetic_math.make_math_task,
+            "code": synthetic_code.make_code_task,
+            "reasoning": synthetic_reasoning.make_reasoning_task,
+            "math-hard": synthetic_math.make_math_hard_task,
+            "code-hard": synthetic_code.make_code_hard_task,
+            "reasoning-hard": synthetic_reasoning.make_reasoning_hard_task,
+            "humaneval": humaneval.make_humaneval_task,
+            "cls": cls.make_cls_task,
+        }
+    )
+    from . import datasets as _ds
+
+    _DATASETS.update({name: _ds.make_dataset_factory(name) for name in _ds.DATASET_NAMES})
+
+
+TRAINING_TASKS: tuple[str, ...] = ("math", "code", "reasoning")
+UNSEEN_TASKS: tuple[str, ...] = ("math-hard", "code-hard", "reasoning-hard")
+
+
+def list_tasks() -> list[str]:
+    """Built-in and real-dataset task names (YAML paths are accepted too)."""
+    if not _BUILTIN:
+        _register_builtins()
+    return [*_BUILTIN, *_DATASETS]
+
+
+def get_task(spec: str, seed: int = 0) -> Task:
+    """A task from a built-in name, a real-dataset name, or a path to a task YAML file."""
+    if not _BUILTIN:
+        _register_builtins()
+    if not isinstance(spec, str) or not spec.strip():
+        raise TaskError(f"task spec must be a non-empty string, got {spec!r}")
+    spec = spec.strip()
+    if spec in _BUILTIN:
+        return _BUILTIN[spec](seed)
+    if spec in _DATASETS:
+        return _DATASETS[spec](seed)
+    if spec.endswith((".yaml", ".yml")) or Path(spec).is_file():
+        from .user import load_task_yaml
+
+        return load_task_yaml(spec, seed=seed)
+    raise TaskError(
+        f"unknown task {spec!r}; valid names: {', '.join(list_tasks())} "
+        f"(or a path to a task .yaml file)"
+    )
+
+
+__all__ = [
+    "CATEGORIES",
+    "GRADERS",
+    "SPLITS",
+    "TRAINING_TASKS",
+    "UNSEEN_TASKS",
+    "Example",
+    "Task",
+    "TaskError",
+    "get_task",
+    "list_tasks",
+    "parse_category",
+]

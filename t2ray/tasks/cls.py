@@ -1,0 +1,156 @@
+"""Task identification (``cls``): the pass-1 prompt of Transformer²'s prompt-based and
+classifier-expert strategies.
+
+The model reads a question and answers ``Classification: \\boxed{category}`` with one of
+``code | math | reasoning | other``. The cls splits draw their questions from the *same* split
+of the ``math``/``code``/``reasoning`` tasks (cls train from their train splits, etc.), so no
+test item of those tasks leaks into cls training; ``other`` questions (writing, translation,
+advice, ...) are generated here.
+
+:func:`classification_messages` and :func:`parse_category` are what two-pass inference uses to
+classify an arbitrary query.
+"""
+
+from __future__ import annotations
+
+import random
+
+from .base import Example, SPLITS, TaskError
+from .common import GradedTask
+from .graders import CATEGORIES, parse_category
+
+__all__ = [
+    "CATEGORIES",
+    "CLS_PROMPT",
+    "classification_messages",
+    "classification_prompt",
+    "make_cls_task",
+    "parse_category",
+]
+
+CLS_PROMPT = """Analyze the given question and classify it into one of four categories: 'code', 'math', 'reasoning' or 'other'. Follow these guidelines:
+
+1. Code: Questions asking for programming solutions, functions, algorithms. Often includes specific programming terms, language syntax, or data structures.
+2. Math: Questions involving mathematical calculations, formulas, statistics. Often includes numbers, equations, or mathematical operations.
+3. Reasoning: Questions requiring logical thinking, application of scientific knowledge, or critical analysis of information. Often presents statements that need evaluation based on general understanding.
+4. Other: Questions not clearly fit into above categories.
+
+Instructions:
+- Consider the primary focus, skills, and knowledge required to answer the question.
+- If a question spans multiple categories, choose the most dominant one.
+- Provide your final classification within \\boxed{{}} notation. Example: \\boxed{{reasoning}}
+
+Format your response as follows:
+Classification: \\boxed{{category}}
+
+Question: {question}"""
+
+SIZES = {"train": 256, "valid": 64, "test": 128}
+SOURCE_TASKS = {"math": "math", "code": "code", "reasoning": "reasoning"}
+
+
+def classification_prompt(question: str) -> str:
+    """The user message asking the model to classify ``question``."""
+    return CLS_PROMPT.format(question=question.strip())
+
+
+def classification_messages(question: str, system_prompt: str | None = None) -> list[dict[str, str]]:
+    msgs: list[dict[str, str]] = []
+    if system_prompt:
+        msgs.append({"role": "system", "content": system_prompt})
+    msgs.append({"role": "user", "content": classification_prompt(question)})
+    return msgs
+
+
+# ---- "other" questions -------------------------------------------------------------------------
+
+_TOPICS = ("the sea", "autumn leaves", "a lost cat", "friendship", "the city at night", "coffee",
+           "a rainy day", "the mountains", "my grandmother", "summer holidays", "a birthday party",
+           "the first day of school", "a quiet library", "the moon", "a garden")
+_PHRASES = ("good morning", "thank you very much", "where is the station", "I love music",
+            "see you tomorrow", "how are you", "happy birthday", "the weather is nice")
+_LANGUAGES = ("French", "Spanish", "German", "Italian", "Japanese", "Portuguese")
+_PETS = ("cat", "dog", "parrot", "hamster", "goldfish", "rabbit", "turtle")
+_ACTIVITIES = ("sleeping better", "learning a new language", "staying focused",
+               "making new friends", "saving money", "packing for a trip", "writing a resume",
+               "cooking for a party", "starting a garden")
+_PEOPLE = ("my neighbor", "my boss", "an old friend", "my teacher", "my cousin")
+_EVENTS = ("a picnic", "a dinner party", "a book club meeting", "a movie night", "a barbecue")
+_PLACES = ("Paris", "a busy market", "a beach at sunrise", "a snowy village", "a rainforest",
+           "an old castle", "a train station")
+
+
+def _other_question(r: random.Random) -> str:
+    k = r.randrange(8)
+    if k == 0:
+        return f"Write a short poem about {r.choice(_TOPICS)}."
+    if k == 1:
+        return f"Translate '{r.choice(_PHRASES)}' into {r.choice(_LANGUAGES)}."
+    if k == 2:
+        return f"Suggest three names for a pet {r.choice(_PETS)}."
+    if k == 3:
+        return f"Give me three tips for {r.choice(_ACTIVITIES)}."
+    if k == 4:
+        return f"Write a friendly message inviting {r.choice(_PEOPLE)} to {r.choice(_EVENTS)}."
+    if k == 5:
+        return f"Describe {r.choice(_PLACES)} in two sentences."
+    if k == 6:
+        return f"Tell me a short story about {r.choice(_TOPICS)}."
+    return f"Write a catchy title for a blog post about {r.choice(_ACTIVITIES)}."
+
+
+def _other_pool(seed: int, n: int) -> list[str]:
+    r = random.Random(f"cls-other:{seed}")
+    seen: dict[str, None] = {}
+    tries = 0
+    while len(seen) < n:
+        tries += 1
+        if tries > 100 * n:
+            raise TaskError(f"task 'cls': could only generate {len(seen)} 'other' questions")
+        seen.setdefault(_other_question(r), None)
+    out = list(seen)
+    r.shuffle(out)
+    return out
+
+
+def _build(seed: int) -> dict[str, list[Example]]:
+    from . import get_task  # late import: the registry imports this module
+
+    per_class = {s: n // len(CATEGORIES) for s, n in SIZES.items()}
+    sources = {cat: get_task(name, seed=seed) for cat, name in SOURCE_TASKS.items()}
+    others = _other_pool(seed, sum(per_class.values()))
+    rng = random.Random(f"cls:{seed}")
+    out: dict[str, list[Example]] = {}
+    pos = 0
+    for split in SPLITS:
+        k = per_class[split]
+        items: list[tuple[str, str]] = []
+        for cat, task in sources.items():
+            exs = task.examples(split)
+            pick = rng.sample(exs, min(k, len(exs)))
+            items += [(ex.prompt, cat) for ex in pick]
+        items += [(q, "other") for q in others[pos : pos + k]]
+        pos += k
+        rng.shuffle(items)
+        out[split] = [
+            Example(
+                id=f"cls/{split}/{i}",
+                prompt=classification_prompt(q),
+                answer=cat,
+                category=cat,
+            )
+            for i, (q, cat) in enumerate(items)
+        ]
+    return out
+
+
+def make_cls_task(seed: int = 0) -> GradedTask:
+    return GradedTask(
+        "cls",
+        "classification",
+        "category",
+        lambda: _build(seed),
+        max_new_tokens=32,
+        reference_template="Classification: \\boxed{{{answer}}}",
+        description="classify a question as code | math | reasoning | other",
+    )

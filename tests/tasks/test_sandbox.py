@@ -1,0 +1,104 @@
+import os
+import time
+
+from t2ray.tasks.sandbox import network_isolation, run_many, run_python
+
+
+def test_passes_correct_program():
+    r = run_python("def f(x):\n    return x * 2\nassert f(4) == 8\nprint('ok')")
+    assert r.passed and r.status == "passed" and r.returncode == 0
+    assert r.stdout.strip() == "ok"
+
+
+def test_fails_wrong_program():
+    r = run_python("def f(x):\n    return x * 3\nassert f(4) == 8, 'wrong'")
+    assert not r.passed and r.status == "failed"
+    assert "AssertionError" in r.stderr and "wrong" in r.stderr
+
+
+def test_syntax_error_is_error():
+    r = run_python("def f(:\n  pass")
+    assert r.status == "error" and "SyntaxError" in r.stderr
+
+
+def test_kills_infinite_loop_quickly():
+    start = time.monotonic()
+    r = run_python("while True:\n    pass", timeout_s=1.0)
+    assert r.status == "timeout" and not r.passed
+    assert time.monotonic() - start < 5
+
+
+def test_kills_sleeping_child_processes_too():
+    # a program that ignores the timeout by sleeping; the whole group is killed
+    start = time.monotonic()
+    r = run_python("import time\ntime.sleep(60)", timeout_s=1.0)
+    assert r.status == "timeout"
+    assert time.monotonic() - start < 5
+
+
+def test_memory_bomb_is_stopped():
+    start = time.monotonic()
+    r = run_python("x = []\nwhile True:\n    x.append(bytearray(10**7))", memory_mb=256)
+    assert r.status == "memory" and not r.passed
+    assert time.monotonic() - start < 10
+    r = run_python("x = bytearray(2**36)", memory_mb=256)
+    assert r.status == "memory"
+
+
+def test_fresh_tempdir_and_minimal_env():
+    code = (
+        "import os, sys\n"
+        "assert os.listdir('.') == ['program.py'] or sorted(os.listdir('.')) == "
+        "sorted(['program.py', '_t2ray_runner.py', '_stdout.txt', '_stderr.txt'])\n"
+        "assert 'HOME' in os.environ and os.environ['HOME'] == os.getcwd()\n"
+        "assert not any(k.startswith(('AWS', 'HF_', 'WANDB', 'RAY')) for k in os.environ)\n"
+        "open('scratch.txt', 'w').write('x')\n"
+        "print(os.getcwd())\n"
+    )
+    r1 = run_python(code)
+    r2 = run_python(code)
+    assert r1.passed and r2.passed, (r1.stderr, r2.stderr)
+    assert r1.stdout != r2.stdout  # a fresh directory each run
+    assert not os.path.exists(r1.stdout.strip())  # and removed afterwards
+
+
+def test_no_network():
+    mode = network_isolation()
+    assert mode in ("unshare", "preamble")
+    r = run_python(
+        "import socket\n"
+        "s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)\n"
+        "s.settimeout(1)\n"
+        "s.connect(('1.1.1.1', 53))\n"
+    )
+    assert not r.passed
+    assert "OSError" in r.stderr or "unreachable" in r.stderr.lower()
+
+
+def test_destructive_calls_disabled():
+    r = run_python("import os\nos.system('true')")
+    assert r.status == "failed" and "NoneType" in r.stderr
+    r = run_python("import subprocess\nsubprocess.run(['true'])")
+    assert r.status == "failed"
+
+
+def test_nonzero_exit_fails():
+    assert run_python("import sys\nsys.exit(2)").status == "failed"
+    assert run_python("import sys\nsys.exit(0)").passed
+
+
+def test_run_many_keeps_order():
+    res = run_many(["assert True", "assert False", "print(1)"], workers=2)
+    assert [r.passed for r in res] == [True, False, True]
+    assert run_many([]) == []
+
+
+def test_early_exit_does_not_pass_when_completion_required():
+    prog = "import sys\nsys.exit(0)\nassert False"
+    assert run_python(prog).passed  # plain run: exit code 0 is a pass
+    r = run_python(prog, require_completion=True)
+    assert not r.passed and r.status == "failed"
+    r = run_python("import os\nos._exit(0)", require_completion=True)
+    assert not r.passed
+    r = run_python("print('hello')", require_completion=True)
+    assert r.passed and r.stdout.strip() == "hello"
