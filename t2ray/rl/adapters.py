@@ -9,11 +9,13 @@ import torch
 from torch import nn
 
 from t2ray.experts import Expert, save_expert
+from t2ray.svf.decompose import no_gather
 from t2ray.svf import SVFConfig, base_model_info, disabled, load_params, patch_model, trainable_params, use_trainable
 
 
 class TrainableAdapter(Protocol):
     method: str
+    model: nn.Module                                          # what to run (PEFT wraps the base model)
 
     def parameters(self) -> list[nn.Parameter]: ...
     def reference(self) -> AbstractContextManager: ...       # the frozen base model, for the KL term
@@ -26,9 +28,10 @@ class TrainableAdapter(Protocol):
 class SVFAdapter:
     method = "svf"
 
-    def __init__(self, model: nn.Module, config: SVFConfig, seed: int = 0, progress: bool = True):
+    def __init__(self, model: nn.Module, config: SVFConfig, seed: int = 0, progress: bool = True,
+                 gather=no_gather):
         self.model = model
-        patch_model(model, config, seed=seed, progress=progress)
+        patch_model(model, config, seed=seed, progress=progress, gather=gather)
         self.max_mult = config.max_mult
         self._params = use_trainable(model)
 

@@ -19,7 +19,7 @@ Reduce = Callable[[torch.Tensor], torch.Tensor]  # sums a tensor over workers (i
 
 
 class Stepper:
-    """Backward + clip + Adam for one process; DeepSpeed's engine offers the same `step(loss)`."""
+    """Backward + clip + Adam in one process; t2ray.train wraps DeepSpeed's engine in the same interface."""
 
     def __init__(self, params, lr: float, grad_clip: float):
         self.params = list(params)
@@ -33,11 +33,22 @@ class Stepper:
         self.optimizer.step()
         return float(norm)
 
-    def state_dict(self) -> dict:
-        return self.optimizer.state_dict()
+    def optimizer_state(self) -> dict[str, torch.Tensor]:
+        """Adam moments per parameter index, full (unsharded): resumable at any worker count."""
+        out = {}
+        for i, p in enumerate(self.params):
+            for key, value in self.optimizer.state.get(p, {}).items():
+                out[f"{key}.{i}"] = value.detach().clone().cpu().reshape(-1) if value.dim() else value.reshape(1)
+        return out
 
-    def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state)
+    def load_optimizer_state(self, state: dict[str, torch.Tensor]) -> None:
+        for i, p in enumerate(self.params):
+            if f"exp_avg.{i}" in state:
+                self.optimizer.state[p] = {
+                    "step": state[f"step.{i}"].reshape(()).clone(),
+                    "exp_avg": state[f"exp_avg.{i}"].view_as(p).clone(),
+                    "exp_avg_sq": state[f"exp_avg_sq.{i}"].view_as(p).clone(),
+                }
 
 
 @dataclass

@@ -5,8 +5,10 @@ import hashlib
 import logging
 import os
 import re
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, ContextManager
 
 import torch
 from safetensors import SafetensorError
@@ -21,6 +23,14 @@ MODULE_GROUPS = {
     "attn": re.compile(r"\.(self_attn|attn|attention)\."),
 }
 LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
+
+
+# Sharded training (ZeRO-3) partitions weights; the caller passes a way to gather them for a moment.
+Gather = Callable[[list[torch.Tensor]], ContextManager]
+
+
+def no_gather(params: list[torch.Tensor]) -> ContextManager:
+    return nullcontext()
 
 
 class DecomposeError(ValueError):
@@ -80,17 +90,18 @@ def select_targets(model: nn.Module, target_modules: str | list[str] = "mlp", la
     return names
 
 
-def model_fingerprint(model: nn.Module, sample: int = 65536) -> str:
+def model_fingerprint(model: nn.Module, sample: int = 65536, gather: Gather = no_gather) -> str:
     """Names, shapes, dtypes and a strided sample of every base weight -> short hex id.
 
     Sampling keeps it O(seconds) even for 70B models while any real change of weights shows up.
     """
     digest = hashlib.blake2b(digest_size=12)
     for name, tensor in sorted(base_state(model).items()):
-        flat = tensor.detach().reshape(-1)
-        step = max(1, flat.numel() // sample)
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        digest.update(flat[::step].to(torch.float32).cpu().numpy().tobytes())
+        with gather([tensor]):
+            flat = tensor.detach().reshape(-1)
+            step = max(1, flat.numel() // sample)
+            digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+            digest.update(flat[::step].to(torch.float32).cpu().numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -131,7 +142,8 @@ def _load_cached(path: Path, shape: tuple[int, int]) -> Factors | None:
 
 
 def decompose(model: nn.Module, targets: list[str], *, dtype: torch.dtype = torch.float32,
-              fingerprint: str | None = None, cache_dir: Path | None = None, progress: bool = True) -> dict[str, Factors]:
+              fingerprint: str | None = None, cache_dir: Path | None = None, progress: bool = True,
+              gather: Gather = no_gather) -> dict[str, Factors]:
     """SVD of every target matrix, one safetensors file per matrix (a re-run or a wider selection is a cache hit)."""
     folder = svd_cache_dir(fingerprint or model_fingerprint(model), dtype, cache_dir)
     folder.mkdir(parents=True, exist_ok=True)
@@ -140,11 +152,12 @@ def decompose(model: nn.Module, targets: list[str], *, dtype: torch.dtype = torc
     for name in tqdm(targets, desc="SVD", unit="matrix", disable=not progress):
         weight = modules[name].weight
         path = folder / f"{name}.safetensors"
-        cached = _load_cached(path, tuple(weight.shape)) if path.exists() else None
-        if cached is None:
-            cached = svd_factors(weight, dtype)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            save_file({"q": cached.q, "s": cached.s}, tmp)
-            os.replace(tmp, path)
+        with gather([weight]):
+            cached = _load_cached(path, tuple(weight.shape)) if path.exists() else None
+            if cached is None:
+                cached = svd_factors(weight, dtype)
+                tmp = path.with_suffix(f".tmp{os.getpid()}")
+                save_file({"q": cached.q, "s": cached.s}, tmp)
+                os.replace(tmp, path)
         factors[name] = cached
     return factors

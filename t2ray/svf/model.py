@@ -12,20 +12,20 @@ from torch import nn
 
 from t2ray.experts import BaseModelInfo, Expert, check_expert, mix_z
 from t2ray.svf.config import SVFConfig
-from t2ray.svf.decompose import decompose, model_fingerprint, select_targets
+from t2ray.svf.decompose import Gather, decompose, model_fingerprint, no_gather, select_targets
 from t2ray.svf.layer import SVFLinear
 
 
-def patch_model(model: nn.Module, config: SVFConfig | None = None, *, seed: int = 0,
-                progress: bool = True) -> dict[str, SVFLinear]:
+def patch_model(model: nn.Module, config: SVFConfig | None = None, *, seed: int = 0, progress: bool = True,
+                gather: Gather = no_gather) -> dict[str, SVFLinear]:
     """Decompose (or load from cache) the target matrices and swap in SVFLinear layers, in place."""
     config = config or SVFConfig()
     if svf_layers(model):
         raise ValueError("model is already SVF-patched")
-    model.t2ray_fingerprint = getattr(model, "t2ray_fingerprint", None) or model_fingerprint(model)
+    model.t2ray_fingerprint = getattr(model, "t2ray_fingerprint", None) or model_fingerprint(model, gather=gather)
     targets = select_targets(model, config.target_modules, config.layers)
     factors = decompose(model, targets, dtype=getattr(torch, config.svd_dtype),
-                        fingerprint=model.t2ray_fingerprint, progress=progress)
+                        fingerprint=model.t2ray_fingerprint, progress=progress, gather=gather)
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     for name in targets:

@@ -29,6 +29,8 @@ WORDS = (
     "apple", "river", "stone", "cloud", "tiger", "green", "happy", "light", "music", "paper",
     "sunny", "table", "water", "zebra", "bread", "chair", "dream", "earth", "flame", "grape",
     "house", "juice", "lemon", "mango", "night", "ocean", "piano", "queen", "robot", "snake",
+    "bird", "candle", "dance", "forest", "garden", "honey", "island", "jacket", "kite", "ladder",
+    "magic", "nest", "orbit", "pepper", "quiet", "rain", "silver", "tower", "umbrella", "violet",
 )
 SENTENCES = (
     "the quick brown fox", "hello world", "python is fun", "a small red house",
@@ -63,8 +65,12 @@ def _words(r: random.Random, k: int = 3) -> list[tuple]:
 
 # ---- code (training): one-liners ----------------------------------------------------------------
 
-_TRIVIAL = {0, 1, 2, 3, 6, 7, 12, 14}  # x+k, x*k, x-k, x>k, n%k==0, n%k, a+b+k, x==k
-_EASY_WEIGHTS = [0.35 / 8 if i in _TRIVIAL else 0.65 / 10 for i in range(18)]
+# Measured on SmolLM2-135M-Instruct (greedy): the base model almost always solves the
+# one-liner families except those in _UNSOLVED, which it almost never gets (argument order: "'w' followed by s", "k minus
+# x"; membership; letter counting). The mix is set so base accuracy is about 40 %.
+_UNSOLVED = {4, 8, 10, 15}  # count_c, add_prefix_w, contains_k, subtract_from_k
+_EASY_WEIGHTS = [0.58 / len(_UNSOLVED) if i in _UNSOLVED else 0.42 / (18 - len(_UNSOLVED))
+                 for i in range(18)]
 
 
 def _easy_specs(r: random.Random) -> Spec:
@@ -91,7 +97,7 @@ def _easy_specs(r: random.Random) -> Spec:
                     f"def is_greater_than_{k}(x):\n    return x > {k}", [(v,) for v in xs])
     if fam == 4:
         c = r.choice(string.ascii_lowercase)
-        ins = [(w,) for w in r.sample(WORDS, 3)]
+        ins = [(f"{c}x{c}",), (r.choice(WORDS) + c,), (r.choice(WORDS),)]
         return Spec(f"count{c}", f"count_{c}", "s",
                     f"returns how many times the letter '{c}' appears in the string s",
                     f"def count_{c}(s):\n    return s.count('{c}')", ins)
@@ -118,12 +124,12 @@ def _easy_specs(r: random.Random) -> Spec:
                     f"def add_prefix_{w}(s):\n    return '{w}' + s", _words(r))
     if fam == 9:
         c = r.choice(string.ascii_lowercase)
-        ins = [(w,) for w in r.sample(WORDS, 3)]
+        ins = [(c + r.choice(WORDS),), (r.choice(WORDS),), ("x" + c,)]
         return Spec(f"starts{c}", f"starts_with_{c}", "s",
                     f"returns True if the string s starts with the letter '{c}', otherwise False",
                     f"def starts_with_{c}(s):\n    return s.startswith('{c}')", ins)
     if fam == 10:
-        k = r.randint(0, 99)
+        k = r.randint(0, 199)
         ins = [(_ints(r, 4, 0, 20) + [k],), (_ints(r, 4, 21, 40),), ([k, 1, 2],)]
         return Spec(f"contains{k}", f"contains_{k}", "lst",
                     f"returns True if the number {k} is in the list lst, otherwise False",
@@ -141,7 +147,7 @@ def _easy_specs(r: random.Random) -> Spec:
                     [tuple(_ints(r, 2)) for _ in range(3)])
     if fam == 13:
         c = r.choice(string.ascii_lowercase)
-        ins = [(w,) for w in r.sample(WORDS, 3)]
+        ins = [(r.choice(WORDS) + c,), (c + "xy",), (r.choice(WORDS),)]
         return Spec(f"ends{c}", f"ends_with_{c}", "s",
                     f"returns True if the string s ends with the letter '{c}', otherwise False",
                     f"def ends_with_{c}(s):\n    return s.endswith('{c}')", ins)
@@ -151,7 +157,7 @@ def _easy_specs(r: random.Random) -> Spec:
                     f"returns True if x is equal to {k}, otherwise False",
                     f"def is_equal_to_{k}(x):\n    return x == {k}", [(k,), (k + 1,), (k - 7,)])
     if fam == 15:
-        k = r.randint(2, 99)
+        k = r.randint(2, 199)
         return Spec(f"from{k}", f"subtract_from_{k}", "x", f"returns {k} minus x",
                     f"def subtract_from_{k}(x):\n    return {k} - x", [(v,) for v in _ints(r, 3)])
     if fam == 16:

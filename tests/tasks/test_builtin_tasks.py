@@ -77,10 +77,10 @@ def test_messages_and_reference_grades(name):
 
 @pytest.mark.parametrize("name", ["code", "code-hard"])
 def test_every_code_reference_passes_its_tests(name):
-    """All reference solutions of all splits pass their own tests in the sandbox, and a
-    wrong one fails (run concurrently: ~600 small programs)."""
+    """The reference solutions pass their own tests in the sandbox (every test item, a sample
+    of train/valid; run concurrently)."""
     task = get_task(name)
-    exs = [ex for s in SPLITS for ex in task.examples(s)]
+    exs = task.examples("train")[::4] + task.examples("valid")[::2] + task.examples("test")
     progs = [build_test_program(ex.answer, ex.tests, ex.entry_point) for ex in exs]
     results = run_many(progs, workers=4)
     bad = [(ex.id, r.stderr[-200:]) for ex, r in zip(exs, results) if not r.passed]

@@ -1,0 +1,182 @@
+"""SVF forward cost on SmolLM2-135M-Instruct: base vs materialized (one z) vs factored (a z per row).
+
+    .venv/bin/python bench/svf_forward.py [--batch 8] [--seq 128] [--repeats 3] [--no-write]
+
+SVF on the MLP matrices of all 30 layers (90 matrices, 51,840 z values). Timed variants run interleaved,
+in a rotating order, so machine noise hits all of them alike; tokens/s is the median over the repeats.
+Also reports the decomposition's extra memory and the max |logit difference| at z = 1 (SPEC §3: exact up to
+fp32 rounding). Prints a markdown table and writes it to bench/RESULTS.md under "## svf_forward".
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import os
+import platform
+import re
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+from t2ray.models import load_model  # noqa: E402
+from t2ray.svf import SVFConfig, patch_model, set_mode, set_z, svf_layers  # noqa: E402
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+SECTION = "## svf_forward"
+
+
+def forward(model, ids) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+def z_for(layers, seed: int, batch: tuple[int, ...] = ()) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {name: 0.5 + torch.rand(*batch, layer.rank, generator=g) for name, layer in layers.items()}
+
+
+def write_section(text: str) -> None:
+    """Replace (or append) the '## svf_forward' section of bench/RESULTS.md, leaving other sections alone."""
+    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\nOne section per benchmark; each is rewritten by its script.\n"
+    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    block = text.rstrip() + "\n\n"
+    new = pattern.sub(lambda _: block, old) if pattern.search(old) else old.rstrip() + "\n\n" + block
+    RESULTS.write_text(new.rstrip() + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3, help="timed rounds (after one warm-up round)")
+    ap.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
+    args = ap.parse_args()
+
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    model, _ = load_model("smollm2-135m")
+    base = copy.deepcopy(model)  # the untouched model: no wrapper, no flag checks
+    load_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    layers = patch_model(model, SVFConfig(target_modules="mlp"), progress=False)
+    patch_s = time.perf_counter() - t0  # SVD of 90 matrices, or cache hits on later runs
+    n_z = sum(layer.rank for layer in layers.values())
+
+    # ---- memory: the decomposition (q, s) against the base weights
+    decomposition_bytes = sum(l.q.numel() * l.q.element_size() + l.s.numel() * l.s.element_size()
+                              for l in layers.values())
+    target_bytes = sum(l.base_layer.weight.numel() * l.base_layer.weight.element_size() for l in layers.values())
+    model_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
+
+    ids = torch.randint(100, 40000, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
+    tokens = ids.numel()
+
+    # ---- exactness at z = 1 (both modes) against the base model
+    ref = forward(base, ids)
+    ones = {name: torch.ones(layer.rank) for name, layer in layers.items()}
+    max_diff = {}
+    for mode in ("materialized", "factored"):
+        set_mode(model, mode)
+        set_z(model, ones)
+        max_diff[mode] = float((forward(model, ids) - ref).abs().max())
+    logit_scale = float(ref.abs().max())
+    half = args.batch // 2 or 1  # fp32 noise floor: the same base model, the batch run in two halves
+    noise_floor = float((torch.cat([forward(base, ids[:half]), forward(base, ids[half:])]) - ref).abs().max()) \
+        if args.batch > 1 else float("nan")
+    del ref
+
+    # ---- cost of materialising W' for all 90 matrices (once per new z / optimizer step)
+    z_one = z_for(layers, seed=1)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for name, layer in layers.items():
+            layer.adapted_weight(z_one[name])
+    materialize_s = time.perf_counter() - t0
+
+    # ---- throughput, interleaved: one model copy per variant, each set up once (W' built in the warm-up)
+    z_rows = z_for(layers, seed=2, batch=(args.batch,))
+    setups = {
+        "SVF materialized, one z (W' cached)": ("materialized", z_one),
+        "SVF factored, one z": ("factored", z_one),
+        f"SVF factored, a different z per row ({args.batch})": ("factored", z_rows),
+    }
+    models = {"base (unpatched)": base}
+    for name, (mode, z) in setups.items():
+        variant = copy.deepcopy(model)
+        set_mode(variant, mode)
+        set_z(variant, z)
+        models[name] = variant
+    del model
+    variants = {name: (lambda m=m: forward(m, ids)) for name, m in models.items()}
+
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    names = list(variants)
+    for round_ in range(args.repeats + 1):  # round 0 warms up
+        order = names[round_ % len(names):] + names[:round_ % len(names)]
+        for name in order:
+            t0 = time.perf_counter()
+            variants[name]()
+            if round_:
+                times[name].append(time.perf_counter() - t0)
+            print(f"  round {round_} {name}: {time.perf_counter() - t0:.2f} s", file=sys.stderr)
+
+    mat_layers = svf_layers(models["SVF materialized, one z (W' cached)"]).values()
+    w_cache_bytes = sum(l._weight_cache[1].numel() * l._weight_cache[1].element_size()
+                        for l in mat_layers if l._weight_cache is not None)
+    median = {name: statistics.median(ts) for name, ts in times.items()}
+    base_tps = tokens / median["base (unpatched)"]
+
+    # ---- report
+    now = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    lines = [
+        SECTION,
+        "",
+        f"`{shlex.join(['.venv/bin/python', 'bench/svf_forward.py', *sys.argv[1:]])}` — {now}",
+        "",
+        f"SmolLM2-135M-Instruct (fp32, CPU, {torch.get_num_threads()} torch threads, {os.cpu_count()} cores, "
+        f"load average {load:.1f} at the end), SVF on the MLP of all 30 layers: {len(layers)} matrices, "
+        f"{n_z:,} z values. Forward = one no-grad pass over batch {args.batch} × {args.seq} tokens with all logits "
+        f"(no KV cache); median of {args.repeats} timed rounds after 1 warm-up, variants interleaved. "
+        f"torch {torch.__version__}, Python {platform.python_version()}.",
+        "",
+        "| variant | s / forward | tokens/s | ratio to base |",
+        "|---|---:|---:|---:|",
+    ]
+    for name in names:
+        tps = tokens / median[name]
+        lines.append(f"| {name} | {median[name]:.3f} | {tps:,.0f} | {tps / base_tps:.3f} |")
+    lines += [
+        "",
+        "| measure | value |",
+        "|---|---:|",
+        f"| decomposition (q + s buffers, fp32) | {decomposition_bytes / 2**20:.1f} MiB |",
+        f"| … ratio to the adapted weights ({target_bytes / 2**20:.1f} MiB) | {decomposition_bytes / target_bytes:.3f} |",
+        f"| … ratio to all base weights ({model_bytes / 2**20:.1f} MiB) | {decomposition_bytes / model_bytes:.3f} |",
+        f"| materialized mode's cached W' (one z), ratio to the adapted weights | {w_cache_bytes / target_bytes:.3f} |",
+        f"| max \\|logit diff\\| vs base at z = 1, materialized | {max_diff['materialized']:.2e} |",
+        f"| max \\|logit diff\\| vs base at z = 1, factored | {max_diff['factored']:.2e} |",
+        f"| fp32 noise floor: base, batch in two halves vs whole | {noise_floor:.2e} |",
+        f"| max \\|logit\\| of the base (scale) | {logit_scale:.1f} |",
+        f"| building W' for all {len(layers)} matrices (new z or optimizer step) | {materialize_s:.3f} s "
+        f"({materialize_s / median['base (unpatched)']:.2f} × a base forward) |",
+        f"| model load / patch (SVD or cache hit) | {load_s:.1f} s / {patch_s:.1f} s |",
+    ]
+    table = "\n".join(lines)
+    print(table)
+    if not args.no_write:
+        write_section(table)
+        print(f"\nwritten to {RESULTS}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""Driver side of `t2ray train`: validate, start (or join) Ray, run TorchTrainer, hand back the expert."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from t2ray.config import ExperimentConfig
+
+FORWARDED_ENV = ("HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "WANDB_MODE", "WANDB_API_KEY", "T2RAY_CACHE",
+                 "DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR")
+
+
+class TrainError(RuntimeError):
+    """Training could not start or did not finish (one-line, user-facing)."""
+
+
+@dataclass
+class TrainOutcome:
+    run_dir: Path
+    expert_path: Path
+    history: list[dict]
+
+    @property
+    def best_valid(self) -> float:
+        evals = [m["valid_accuracy"] for m in self.history if "valid_accuracy" in m]
+        return max(evals, default=float("nan"))
+
+
+def ensure_ray(address: str | None = None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    ray.init(address=address, runtime_env={"env_vars": env} if env else None, log_to_driver=True)
+
+
+def check_resources(cfg: ExperimentConfig) -> None:
+    import ray
+
+    total = ray.cluster_resources()
+    kind, need = ("GPU", cfg.scaling.num_workers) if cfg.scaling.use_gpu else \
+        ("CPU", cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)
+    have = total.get(kind, 0)
+    if need > have:
+        raise TrainError(f"{cfg.scaling.num_workers} workers need {need:g} {kind}s but the cluster has {have:g}; "
+                         f"lower scaling.num_workers or scaling.cpus_per_worker")
+
+
+def check_task(cfg: ExperimentConfig) -> None:
+    from t2ray.tasks import get_task
+
+    task = get_task(cfg.task, seed=cfg.seed)
+    try:
+        train = task.examples("train")
+    except ValueError as err:
+        raise TrainError(f"task {cfg.task!r} has no training split: {err}") from None
+    if not train:
+        raise TrainError(f"task {cfg.task!r} has an empty training split")
+
+
+def read_history(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    latest: dict[int, dict] = {}
+    for row in rows:  # a resumed run re-logs iterations after its last checkpoint: keep the latest
+        latest[row["iteration"]] = row
+    return [latest[i] for i in sorted(latest)]
+
+
+def train(cfg: ExperimentConfig, *, address: str | None = None) -> TrainOutcome:
+    """Run (or resume: same storage_path and name) an expert's training on Ray Train."""
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")  # report() waits on this poll
+    check_task(cfg)
+    ensure_ray(address)
+    check_resources(cfg)
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from t2ray.train.worker import train_worker
+
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"experiment": cfg.model_dump(mode="json")},
+        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                     resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
+        run_config=RunConfig(name=cfg.name, storage_path=str(run_dir.parent),
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint_keep)),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise TrainError(f"training {cfg.name} failed: {result.error}")
+    expert = run_dir / ("expert" if cfg.method == "lora" else "expert.safetensors")
+    if not expert.exists():
+        raise TrainError(f"training {cfg.name} finished without writing {expert}")
+    return TrainOutcome(run_dir=run_dir, expert_path=expert, history=read_history(run_dir))

@@ -1,0 +1,184 @@
+"""What each Ray Train worker runs: build model + adapter, wrap in DeepSpeed, run the plain RL loop,
+report metrics every iteration and a checkpoint (z + full Adam moments + loop state) every eval."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+CHECKPOINT_ADAPTER = "adapter.safetensors"
+CHECKPOINT_BEST = "best.safetensors"
+CHECKPOINT_OPTIMIZER = "optimizer.safetensors"
+CHECKPOINT_STATE = "state.json"
+
+
+class DeepSpeedStepper:
+    """`step(loss)` through DeepSpeed (it all-reduces z's gradients, clips and runs Adam on its shard)."""
+
+    def __init__(self, engine, params):
+        self.engine, self.params = engine, params
+
+    def step(self, loss: torch.Tensor) -> float:
+        self.engine.backward(loss)
+        self.engine.step()
+        return float(self.engine.get_global_grad_norm() or 0.0)
+
+    def optimizer_state(self) -> dict[str, torch.Tensor]:
+        # Collective: every rank calls it; the moments come back whole, whatever the ZeRO stage or world size.
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        out = {}
+        for i, p in enumerate(self.params):
+            for key in ("exp_avg", "exp_avg_sq"):
+                value = safe_get_full_optimizer_state(p, key)
+                if value is not None:
+                    out[f"{key}.{i}"] = value.detach().float().cpu().reshape(-1)
+        return out
+
+    def load_optimizer_state(self, state: dict[str, torch.Tensor]) -> None:
+        from deepspeed.utils import safe_set_full_optimizer_state
+
+        for i, p in enumerate(self.params):
+            for key in ("exp_avg", "exp_avg_sq"):
+                if f"{key}.{i}" in state:
+                    safe_set_full_optimizer_state(p, state[f"{key}.{i}"].view(p.ds_shape if hasattr(p, "ds_shape")
+                                                                               else p.shape), key)
+
+
+def build_adapter(cfg, model, gather=None):
+    from t2ray.svf import model_fingerprint
+    from t2ray.svf.decompose import no_gather
+
+    gather = gather or no_gather
+    model.t2ray_fingerprint = model_fingerprint(model, gather=gather)  # of the untouched base weights
+    if cfg.method == "lora":
+        from t2ray.lora import LoRAAdapter
+
+        return LoRAAdapter(model, cfg.lora, cfg.svf, seed=cfg.seed)
+    from t2ray.rl.adapters import SVFAdapter
+
+    return SVFAdapter(model, cfg.svf, seed=cfg.seed, progress=False, gather=gather)
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def write_checkpoint(folder: Path, adapter, optimizer: dict[str, torch.Tensor], state) -> None:
+    save_file(adapter.state(), folder / CHECKPOINT_ADAPTER)
+    if state.best_state is not None:
+        save_file(state.best_state, folder / CHECKPOINT_BEST)
+    if optimizer:
+        save_file(optimizer, folder / CHECKPOINT_OPTIMIZER)
+    (folder / CHECKPOINT_STATE).write_text(json.dumps({
+        "iteration": state.iteration, "best_valid": state.best_valid, "best_iteration": state.best_iteration,
+        "history": state.history}))
+
+
+def restore_checkpoint(folder: Path, adapter, stepper, state) -> None:
+    adapter.load_state(load_file(folder / CHECKPOINT_ADAPTER))
+    saved = json.loads((folder / CHECKPOINT_STATE).read_text())
+    state.iteration, state.best_valid = saved["iteration"], saved["best_valid"]
+    state.best_iteration, state.history = saved["best_iteration"], saved["history"]
+    if (folder / CHECKPOINT_BEST).exists():
+        state.best_state = load_file(folder / CHECKPOINT_BEST)
+    if (folder / CHECKPOINT_OPTIMIZER).exists():
+        stepper.load_optimizer_state(load_file(folder / CHECKPOINT_OPTIMIZER))
+
+
+def train_worker(loop_config: dict) -> None:
+    import ray.train
+
+    from t2ray.config import ExperimentConfig
+
+    cfg = ExperimentConfig.model_validate(loop_config["experiment"])
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.scaling.use_gpu else "cpu")
+    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))  # no oversubscription of shared cores
+
+    import deepspeed
+
+    from t2ray.models import load_model
+    from t2ray.rl.loop import LoopState, Stepper, train_loop
+    from t2ray.tasks import get_task
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = f"cuda:{ctx.get_local_rank()}" if cfg.scaling.use_gpu else "cpu"
+    task = get_task(cfg.task, seed=cfg.seed)
+    ds_config = cfg.deepspeed.to_dict(cfg.rl.batch_size, world, cfg.rl.grad_clip, cfg.rl.lr)
+    hf_ds = None
+    if cfg.deepspeed.enabled and cfg.deepspeed.zero_stage == 3:
+        # ZeRO-3 through transformers' hook: weights are partitioned as they are built (keep the object alive).
+        from transformers.integrations import HfDeepSpeedConfig
+
+        deepspeed.init_distributed(dist_backend="nccl" if cfg.scaling.use_gpu else "gloo")
+        hf_ds = HfDeepSpeedConfig(ds_config)
+    model, tokenizer = load_model(cfg.model.spec, dtype=cfg.model.dtype, device=device, seed=cfg.seed)
+    adapter = build_adapter(cfg, model, deepspeed.zero.GatheredParameters if hf_ds is not None else None)
+    if cfg.deepspeed.enabled:
+        if hf_ds is not None:
+            from t2ray.train.zero3 import register_svf_external_params
+
+            register_svf_external_params(adapter.model)
+        engine, *_ = deepspeed.initialize(model=adapter.model, model_parameters=adapter.parameters(),
+                                          config=ds_config)
+        stepper = DeepSpeedStepper(engine, adapter.parameters())
+    else:
+        stepper = Stepper(adapter.parameters(), cfg.rl.lr, cfg.rl.grad_clip)
+
+    state = LoopState()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            restore_checkpoint(Path(folder), adapter, stepper, state)
+
+    run_dir = cfg.run_dir
+    tracker = None
+    bar = None
+    if rank == 0:
+        from ray.experimental.tqdm_ray import tqdm
+
+        from t2ray.train.tracking import Tracker
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tracker = Tracker(run_dir, cfg.name, cfg.model_dump(), cfg.tracking.wandb, cfg.tracking.project)
+        bar = tqdm(total=cfg.rl.iterations, desc=f"train {cfg.name}", position=0)
+        bar.update(state.iteration)
+
+    def on_iteration(st, metrics: dict) -> None:
+        is_eval = "valid_accuracy" in metrics
+        if rank == 0:
+            tracker.log(metrics)
+            bar.set_description(f"train {cfg.name} reward={metrics['reward']:+.2f} acc={metrics['accuracy']:.2f} "
+                                f"{metrics['seconds']:.1f}s/it")
+            bar.update(1)
+        if is_eval:
+            optimizer = stepper.optimizer_state()  # collective: all ranks
+            with tempfile.TemporaryDirectory() as tmp:
+                if rank == 0:
+                    write_checkpoint(Path(tmp), adapter, optimizer, st)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
+        else:
+            ray.train.report(metrics)
+
+    state = train_loop(cfg, adapter.model, tokenizer, task, adapter, stepper, rank=rank, world_size=world,
+                       reduce=all_reduce_sum, state=state, on_iteration=on_iteration)
+    if rank == 0:
+        best = state.best_state or adapter.state()
+        metrics = {"best_valid_accuracy": state.best_valid, "best_iteration": state.best_iteration,
+                   "iterations": state.iteration}
+        adapter.save(run_dir / "expert", best, name=cfg.name, task=cfg.task,
+                     training=cfg.model_dump(mode="json"), metrics=metrics)
+        tracker.finish(state.history, f"{cfg.name}: {cfg.method} on {cfg.task}")
+        bar.close()
+    del hf_ds
+    if dist.is_initialized():
+        dist.barrier()
