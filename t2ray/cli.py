@@ -26,7 +26,7 @@ def user_errors(fn):
         except ValidationError as err:
             problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in err.errors())
             typer.secho(f"error: invalid config: {problems}", err=True, fg="red")
-        except (ValueError, FileNotFoundError, KeyError) as err:
+        except (ValueError, FileNotFoundError, KeyError, RuntimeError) as err:
             typer.secho(f"error: {err}", err=True, fg="red")
         raise typer.Exit(2)
     return wrapper
@@ -41,15 +41,27 @@ def emit(obj) -> None:
 def decompose(model: str = typer.Option("smollm2-135m", help="model spec"),
               modules: str = typer.Option("mlp", help="mlp | attn | all | comma-separated module names"),
               layers: Optional[str] = typer.Option(None, help="layer ranges, e.g. '0-14,20'"),
-              dtype: str = typer.Option("float32", help="SVD precision: float32 | float64")):
+              dtype: str = typer.Option("float32", help="SVD precision: float32 | float64"),
+              workers: int = typer.Option(1, min=1, help=">1: run the SVDs as Ray tasks (resumable per matrix)"),
+              address: Optional[str] = typer.Option(None, help="Ray cluster address for --workers")):
     """SVD of the target matrices, cached per base-model fingerprint (a re-run is a cache hit)."""
+    import torch
+
     from t2ray.models import load_model
-    from t2ray.svf import SVFConfig, patch_model
+    from t2ray.svf import SVFConfig, model_fingerprint, patch_model
 
     config = SVFConfig(target_modules=modules if modules in ("mlp", "attn", "all") else modules.split(","),
                        layers=layers, svd_dtype=dtype)
     net, _ = load_model(model)
     start = time.perf_counter()
+    if workers > 1:
+        from t2ray.train.decompose import decompose_distributed
+        from t2ray.train.launcher import ensure_ray
+
+        ensure_ray(address)
+        net.t2ray_fingerprint = model_fingerprint(net)
+        decompose_distributed(net, config.target_modules, config.layers, fingerprint=net.t2ray_fingerprint,
+                              workers=workers, dtype=getattr(torch, dtype))
     layers_ = patch_model(net, config)
     emit({"model": model, "fingerprint": net.t2ray_fingerprint, "matrices": len(layers_),
           "z_values": sum(layer.rank for layer in layers_.values()), "seconds": round(time.perf_counter() - start, 2)})
@@ -77,6 +89,20 @@ def eval_(model: str = typer.Option("smollm2-135m", help="model spec"),
     if out:
         result.save(out)
     emit(result.summary())
+
+
+@app.command()
+@user_errors
+def train(experiment: Path = typer.Argument(..., help="experiment YAML"),
+          set_: list[str] = typer.Option([], "--set", help="override a key, e.g. --set rl.lr=1e-3"),
+          address: Optional[str] = typer.Option(None, help="Ray cluster address (default: start a local one)")):
+    """Train an SVF (or LoRA) expert with RL on Ray Train + DeepSpeed; re-running resumes."""
+    from t2ray.config import load_experiment
+    from t2ray.train import train as run_training
+
+    outcome = run_training(load_experiment(experiment, set_), address=address)
+    emit({"run_dir": str(outcome.run_dir), "expert": str(outcome.expert_path), "best_valid_accuracy": outcome.best_valid,
+          "iterations": len(outcome.history)})
 
 
 @experts_app.command("show")

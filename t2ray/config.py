@@ -51,6 +51,9 @@ class DeepSpeedConfig(Strict):
     enabled: bool = True
     zero_stage: Literal[0, 1, 2, 3] = 2
     offload_optimizer: bool = False
+    param_persistence_threshold: int = Field(
+        16384, ge=0, description="ZeRO-3 keeps tensors smaller than this whole: every z-vector (≤ 8192 even for "
+                                 "70B), while the big frozen weights are partitioned")
 
     def to_dict(self, train_batch: int, world_size: int, grad_clip: float, lr: float) -> dict[str, Any]:
         return {
@@ -59,8 +62,11 @@ class DeepSpeedConfig(Strict):
             "gradient_accumulation_steps": 1,
             "gradient_clipping": grad_clip,
             "optimizer": {"type": "Adam", "params": {"lr": lr, "torch_adam": True}},  # no fused-Adam compile on CPU
-            "zero_optimization": {"stage": self.zero_stage,
-                                  **({"offload_optimizer": {"device": "cpu"}} if self.offload_optimizer else {})},
+            "zero_optimization": {
+                "stage": self.zero_stage,
+                **({"stage3_param_persistence_threshold": self.param_persistence_threshold}
+                   if self.zero_stage == 3 else {}),
+                **({"offload_optimizer": {"device": "cpu"}} if self.offload_optimizer else {})},
             "steps_per_print": 10**9,
         }
 

@@ -127,7 +127,10 @@ def svd_cache_dir(fingerprint: str, dtype: torch.dtype, root: Path | None = None
     return (root or cache_root() / "svd") / f"{fingerprint}-{str(dtype).removeprefix('torch.')}"
 
 
-def _load_cached(path: Path, shape: tuple[int, int]) -> Factors | None:
+def load_cached(path: Path, shape: tuple[int, int]) -> Factors | None:
+    """Cached factors for a weight of `shape`, or None if absent, unreadable or inconsistent (then recomputed)."""
+    if not path.exists():
+        return None
     try:
         tensors = load_file(path)
         factors = Factors(q=tensors["q"], s=tensors["s"])
@@ -138,6 +141,13 @@ def _load_cached(path: Path, shape: tuple[int, int]) -> Factors | None:
     if factors.q.shape != (r, r) or factors.s.shape != (r,) or not torch.isfinite(factors.q).all():
         log.warning("SVD cache %s does not match a %s weight: recomputing", path, shape)
         return None
+    return factors
+
+
+def store_factors(path: Path, factors: Factors) -> Factors:
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    save_file({"q": factors.q, "s": factors.s}, tmp)
+    os.replace(tmp, path)  # atomic: an interrupted run never leaves a half-written matrix
     return factors
 
 
@@ -153,11 +163,8 @@ def decompose(model: nn.Module, targets: list[str], *, dtype: torch.dtype = torc
         weight = modules[name].weight
         path = folder / f"{name}.safetensors"
         with gather([weight]):
-            cached = _load_cached(path, tuple(weight.shape)) if path.exists() else None
+            cached = load_cached(path, tuple(weight.shape))
             if cached is None:
-                cached = svd_factors(weight, dtype)
-                tmp = path.with_suffix(f".tmp{os.getpid()}")
-                save_file({"q": cached.q, "s": cached.s}, tmp)
-                os.replace(tmp, path)
+                cached = store_factors(path, svd_factors(weight, dtype))
         factors[name] = cached
     return factors

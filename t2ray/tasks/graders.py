@@ -102,8 +102,10 @@ def numbers_equal(a: float, b: float, rel_tol: float = 1e-6, abs_tol: float = 1e
 def normalize_text(text: str) -> str:
     t = text.strip()
     t = re.sub(r"^\s*(?:final\s+)?answer\s*[:：]\s*", "", t, flags=re.I)
-    t = t.strip().strip("*_`\"'“”‘’ ").strip()
-    t = t.rstrip(".!。").strip()
+    prev = None
+    while prev != t:  # peel wrappers in any order: **Paris**.  "Paris."  `Paris`!
+        prev = t
+        t = t.strip().strip("*_`\"'“”‘’").strip().rstrip(".!。").strip()
     return " ".join(t.split()).casefold()
 
 

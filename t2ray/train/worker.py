@@ -72,6 +72,21 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def z_spread_across_ranks(adapter) -> float:
+    """max − min over workers of a checksum of the trained parameters: 0 when every rank holds the same z."""
+    checksum = sum(float(p.detach().double().sum()) for p in adapter.parameters())
+    high = all_reduce_max(torch.tensor([checksum], dtype=torch.float64))
+    low = -all_reduce_max(torch.tensor([-checksum], dtype=torch.float64))
+    return float(high - low)
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
 def write_checkpoint(folder: Path, adapter, optimizer: dict[str, torch.Tensor], state) -> None:
     save_file(adapter.state(), folder / CHECKPOINT_ADAPTER)
     if state.best_state is not None:
@@ -171,10 +186,11 @@ def train_worker(loop_config: dict) -> None:
 
     state = train_loop(cfg, adapter.model, tokenizer, task, adapter, stepper, rank=rank, world_size=world,
                        reduce=all_reduce_sum, state=state, on_iteration=on_iteration)
+    spread = z_spread_across_ranks(adapter)
     if rank == 0:
         best = state.best_state or adapter.state()
         metrics = {"best_valid_accuracy": state.best_valid, "best_iteration": state.best_iteration,
-                   "iterations": state.iteration}
+                   "iterations": state.iteration, "z_rank_spread": spread}
         adapter.save(run_dir / "expert", best, name=cfg.name, task=cfg.task,
                      training=cfg.model_dump(mode="json"), metrics=metrics)
         tracker.finish(state.history, f"{cfg.name}: {cfg.method} on {cfg.task}")

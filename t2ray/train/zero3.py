@@ -5,9 +5,9 @@ from torch import nn
 
 
 def register_svf_external_params(model: nn.Module) -> None:
-    from deepspeed.zero import register_external_parameter
+    import deepspeed
 
     from t2ray.svf import svf_layers
 
     for layer in svf_layers(model).values():
-        register_external_parameter(layer, layer.base_layer.weight)
+        deepspeed.zero.register_external_parameter(layer, layer.base_layer.weight)

@@ -215,8 +215,10 @@ def test_missing_field_and_missing_file(tmp_path):
     task = make_dataset_task("gsm8k", data_files=str(tmp_path / "nope.jsonl"))
     with pytest.raises(TaskError, match="not found"):
         task.examples("train")
+    txt = tmp_path / "data.txt"
+    txt.write_text("x")
     with pytest.raises(TaskError, match="unsupported extension"):
-        make_dataset_task("gsm8k", data_files=str(f).replace(".jsonl", ".txt")).examples("train")
+        make_dataset_task("gsm8k", data_files=str(txt)).examples("train")
 
 
 def test_unreachable_dataset_is_a_clear_error(tmp_path):
