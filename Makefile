@@ -9,10 +9,12 @@ STAMP := $(VENV)/.installed
 
 export RAY_AUTH_MODE ?= disabled
 export WANDB_MODE ?= offline
+export WANDB_SILENT ?= true
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S ?= 0.1
 export DS_ACCELERATOR ?= cpu
+export RAY_DEDUP_LOGS ?= 1
 
 .PHONY: install demo test test-fast bench clean
 
@@ -37,6 +39,7 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/svf_forward.py
+	$(BIN)/python bench/train_throughput.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

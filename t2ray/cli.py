@@ -131,6 +131,16 @@ def experts_import(policy: Path = typer.Argument(..., help="official Transformer
 
 
 @app.command()
+@user_errors
+def quickstart(root: Path = typer.Option(Path("runs/quickstart"), help="where every stage writes (resumable)"),
+               eval_limit: Optional[int] = typer.Option(None, min=1, help="test items per evaluation (default all)")):
+    """Decompose, evaluate the base model, train an expert, evaluate it, write a report (what `make demo` runs)."""
+    from t2ray.quickstart import quickstart as run
+
+    run(root, eval_limit=eval_limit)
+
+
+@app.command()
 def tasks():
     """List the built-in and real-dataset task names."""
     from t2ray.tasks import list_tasks

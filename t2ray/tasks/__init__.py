@@ -12,7 +12,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .base import SPLITS, Example, Task, TaskError
-from .graders import CATEGORIES, GRADERS, parse_category
+from .cls import CLS_PROMPT, classification_messages, classification_prompt
+from .graders import CATEGORIES, GRADERS, get_grader, parse_category
+from .sandbox import SandboxResult, run_python
 
 _BUILTIN: dict[str, Callable[[int], Task]] = {}
 _DATASETS: dict[str, Callable[[int], Task]] = {}
@@ -72,6 +74,12 @@ def get_task(spec: str, seed: int = 0) -> Task:
 
 __all__ = [
     "CATEGORIES",
+    "CLS_PROMPT",
+    "SandboxResult",
+    "classification_messages",
+    "classification_prompt",
+    "get_grader",
+    "run_python",
     "GRADERS",
     "SPLITS",
     "TRAINING_TASKS",

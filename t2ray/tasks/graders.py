@@ -334,17 +334,20 @@ def _trim_to_compilable(code: str) -> str:
     return code
 
 
+def code_blocks(completion: str) -> list[str]:
+    """The bodies of fenced python (or untagged) blocks, in order; an unterminated final block
+    (generation cut off) counts."""
+    return [body for lang, body in _FENCE_RE.findall(completion)
+            if lang.lower() in ("", "python", "py", "python3")]
+
+
 def extract_code(completion: str, entry_point: str | None = None) -> str:
     """Python code from a reply: fenced blocks (preferring python/untagged ones and the ones
     defining ``entry_point``), else the text from the first code-looking line on, trimmed of
     trailing prose; dedented."""
-    blocks = [
-        (lang.lower(), body)
-        for lang, body in _FENCE_RE.findall(completion)
-        if lang.lower() in ("", "python", "py", "python3")
-    ]
+    blocks = code_blocks(completion)
     if blocks:
-        bodies = [textwrap.dedent(b).strip("\n") for _, b in blocks]
+        bodies = [textwrap.dedent(b).strip("\n") for b in blocks]
         if entry_point:
             defining = [b for b in bodies if re.search(rf"\bdef\s+{re.escape(entry_point)}\s*\(", b)]
             if defining:

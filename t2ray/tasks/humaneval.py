@@ -19,7 +19,7 @@ from functools import lru_cache
 
 from .base import Example, SplitTask, TaskError
 from .common import fenced_python
-from .graders import _FENCE_RE, extract_code
+from .graders import code_blocks, extract_code
 from .sandbox import SandboxResult, run_python
 
 SIZES = {"train": 20, "valid": 16, "test": 128}
@@ -46,8 +46,7 @@ def load_problems() -> tuple[dict, ...]:
 
 def body_continuation(completion: str) -> str:
     """The reply as a function body that continues the prompt (indented by 4 if needed)."""
-    blocks = [b for lang, b in _FENCE_RE.findall(completion)
-              if lang.lower() in ("", "python", "py", "python3")]
+    blocks = code_blocks(completion)
     text = blocks[0] if blocks else completion
     lines = text.rstrip().splitlines()
     while lines and not lines[0].strip():
