@@ -23,6 +23,8 @@ def user_errors(fn):
 
         try:
             return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
         except ValidationError as err:
             problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in err.errors())
             typer.secho(f"error: invalid config: {problems}", err=True, fg="red")
@@ -138,6 +140,25 @@ def quickstart(root: Path = typer.Option(Path("runs/quickstart"), help="where ev
     from t2ray.quickstart import quickstart as run
 
     run(root, eval_limit=eval_limit)
+
+
+@app.command("plan")
+@user_errors
+def plan_(model: str = typer.Option("llama3-8b", help="smollm2-135m | llama3-8b | mistral-7b | llama3-70b"),
+          gpus: int = typer.Option(1, min=1), gpu_mem_gb: float = typer.Option(80, min=1),
+          zero: int = typer.Option(2, min=0, max=3), modules: str = typer.Option("mlp", help="mlp | attn | all"),
+          dtype: str = "bfloat16", micro_batch: int = 8, seq_len: int = 1024,
+          rollout_engine: str = typer.Option("hf", help="hf (same process) | vllm (separate engine)")):
+    """Memory per GPU for SVF training, and whether it fits."""
+    from t2ray.plan import plan as make_plan
+
+    result = make_plan(model, gpus=gpus, gpu_mem_gb=gpu_mem_gb, zero=zero, modules=modules, dtype=dtype,
+                       micro_batch=micro_batch, seq_len=seq_len, rollout_engine=rollout_engine)
+    typer.echo(f"{model}, {gpus}×{gpu_mem_gb:g} GB, ZeRO-{zero}, SVF on {modules} ({result.z_values:,} z values)")
+    typer.echo(result.table())
+    typer.secho("fits" if result.fits else "does NOT fit", fg="green" if result.fits else "red", bold=True)
+    if not result.fits:
+        raise typer.Exit(1)
 
 
 @app.command()

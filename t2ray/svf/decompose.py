@@ -110,7 +110,7 @@ def base_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {
         name.replace(".base_layer.", "."): p
         for name, p in model.named_parameters(remove_duplicate=True)
-        if not name.endswith(".svf_p")
+        if not name.endswith((".svf_p", ".svf_q"))
     }
 
 

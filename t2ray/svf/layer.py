@@ -18,14 +18,20 @@ class SVFLinear(nn.Module):
         super().__init__()
         self.base_layer = base_layer.requires_grad_(False)  # only z trains
         self.tall = base_layer.out_features >= base_layer.in_features
-        self.register_buffer("q", factors.q.to(base_layer.weight.device), persistent=False)
-        self.register_buffer("s", factors.s.to(base_layer.weight.device), persistent=False)
-        self.svf_p = nn.Parameter(init_mean + init_std * torch.randn(factors.rank, device=base_layer.weight.device))
+        device = base_layer.weight.device
+        # A frozen parameter (not a buffer) in the weight's dtype, so ZeRO-3 partitions it like the weights.
+        self.svf_q = nn.Parameter(factors.q.to(device, base_layer.weight.dtype), requires_grad=False)
+        self.register_buffer("s", factors.s.to(device), persistent=False)
+        self.svf_p = nn.Parameter(init_mean + init_std * torch.randn(factors.rank, device=device))
         self.max_mult = max_mult
         self.mode = mode
         self.enabled = True
         self.z_override: torch.Tensor | None = None  # (r,), (B, r) or (B, T, r): mixtures, per-row, per-token
         self._weight_cache: tuple[tuple, torch.Tensor] | None = None
+
+    @property
+    def q(self) -> torch.Tensor:
+        return self.svf_q
 
     @property
     def rank(self) -> int:
@@ -39,7 +45,7 @@ class SVFLinear(nn.Module):
 
     def adapted_weight(self, z: torch.Tensor) -> torch.Tensor:
         """W' for one z vector: O(m·n·r) once, then every token costs what the base layer costs."""
-        w, q = self.base_layer.weight, self.q.to(self.base_layer.weight.dtype)
+        w, q = self.base_layer.weight, self.svf_q
         zc = (z * self.scale(z)).to(w.dtype)
         return ((w @ q) * zc) @ q.T if self.tall else (q * zc) @ (q.T @ w)
 
@@ -54,7 +60,8 @@ class SVFLinear(nn.Module):
         if torch.is_grad_enabled() and z.requires_grad:
             return self.adapted_weight(z)  # training: rebuild under autograd
         source = self.z_override if self.z_override is not None else self.svf_p
-        key = (source is self.svf_p, source._version)  # an optimizer step or an in-place edit invalidates it
+        weight = self.base_layer.weight  # an optimizer step, an in-place edit or a .to() invalidates the cache
+        key = (source is self.svf_p, source._version, weight.dtype, weight.device)
         if self._weight_cache is None or self._weight_cache[0] != key:
             self._weight_cache = (key, self.adapted_weight(z.detach()))
         return self._weight_cache[1]
@@ -63,7 +70,7 @@ class SVFLinear(nn.Module):
         zc = (z * self.scale(z)).to(x.dtype)
         if zc.dim() == 2 and x.dim() == 3:
             zc = zc.unsqueeze(1)  # one z per batch row, broadcast over tokens
-        q = self.q.to(x.dtype)
+        q = self.svf_q.to(x.dtype)
         if self.tall:
             return F.linear(((x @ q) * zc) @ q.T, self.base_layer.weight, self.base_layer.bias)
         y = ((F.linear(x, self.base_layer.weight) @ q) * zc) @ q.T
