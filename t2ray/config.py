@@ -45,6 +45,8 @@ class RLConfig(Strict):
     eval_interval: int = Field(10, ge=1)
     eval_limit: int | None = Field(64, ge=1, description="valid items per evaluation (None = all)")
     eval_batch_size: int = Field(32, ge=1)
+    rollout_engine: Literal["hf", "replica", "vllm"] = Field(
+        "hf", description="hf: the training model generates; replica/vllm: a Ray actor that receives only z")
 
 
 class DeepSpeedConfig(Strict):
@@ -97,6 +99,12 @@ class ExperimentConfig(Strict):
     storage_path: str = Field("runs", description="run folders live under storage_path/name")
     max_failures: int = Field(2, ge=-1, description="worker-failure restarts before giving up (-1 = forever)")
     checkpoint_keep: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _rollout_engine_needs_svf(self):
+        if self.rl.rollout_engine != "hf" and self.method != "svf":
+            raise ValueError("rl.rollout_engine replica/vllm syncs z-vectors: it needs method: svf")
+        return self
 
     @model_validator(mode="after")
     def _batch_fits_workers(self):

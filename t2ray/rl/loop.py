@@ -10,9 +10,10 @@ import torch
 
 from t2ray.config import ExperimentConfig
 from t2ray.evaluate import grade_all
-from t2ray.generation import completion_logits, encode_prompts, gather_logprobs, generate, rollout
+from t2ray.generation import completion_logits, encode_prompts, gather_logprobs, generate
 from t2ray.rl.adapters import TrainableAdapter
 from t2ray.rl.loss import advantages, kl_to_reference, reinforce_loss
+from t2ray.rl.rollout import InProcessEngine, RolloutEngine, current_z
 from t2ray.tasks.base import Example, Task
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]  # sums a tensor over workers (identity in one process)
@@ -80,12 +81,13 @@ def safe_rewards(task: Task, examples: list[Example], completions: list[str]) ->
 
 
 def rl_step(model, tokenizer, task: Task, adapter: TrainableAdapter, stepper, shard: list[Example],
-            cfg: ExperimentConfig, seed: int) -> dict[str, float]:
+            cfg: ExperimentConfig, seed: int, engine: RolloutEngine, version: int) -> dict[str, float]:
     rl = cfg.rl
     expanded = [ex for ex in shard for _ in range(rl.num_samples)]
     prompts = [task.messages(ex) for ex in expanded]
     max_new = rl.max_new_tokens or task.max_new_tokens
     t0 = time.perf_counter()
+    sync_bytes = 0
     if rl.objective == "sft":
         batch = encode_prompts(tokenizer, prompts, model, 0)
         tokenizer.padding_side = "right"
@@ -98,8 +100,9 @@ def rl_step(model, tokenizer, task: Task, adapter: TrainableAdapter, stepper, sh
         rewards, errors = torch.zeros(len(expanded)), 0
     else:
         model.eval()
-        roll = rollout(model, tokenizer, prompts, max_new_tokens=max_new, temperature=rl.temperature,
-                       top_p=rl.top_p, seed=seed)
+        sync_bytes = engine.sync(current_z(model), version)  # z only, never weights
+        roll = engine.generate(prompts, max_new_tokens=max_new, temperature=rl.temperature, top_p=rl.top_p,
+                               seed=seed)
         ids, mask, cids, cmask = roll.prompt_ids, roll.prompt_mask, roll.completion_ids, roll.completion_mask
         rewards, errors = safe_rewards(task, expanded, roll.texts)
     t1 = time.perf_counter()
@@ -122,7 +125,7 @@ def rl_step(model, tokenizer, task: Task, adapter: TrainableAdapter, stepper, sh
     grad_norm = stepper.step(loss)
     return {"loss": float(loss), "reward": float(rewards.mean()), "accuracy": float((rewards > 0).float().mean()),
             "kl": float(kl), "grad_norm": float(grad_norm or 0.0), "reward_errors": errors,
-            "completion_tokens": int(cmask.sum()), "rollout_s": t1 - t0, "update_s": time.perf_counter() - t1,
+            "completion_tokens": int(cmask.sum()), "sync_bytes": sync_bytes, "rollout_s": t1 - t0, "update_s": time.perf_counter() - t1,
             "samples": len(expanded)}
 
 
@@ -139,10 +142,12 @@ def sharded_accuracy(model, tokenizer, task: Task, examples: list[Example], rank
 
 def train_loop(cfg: ExperimentConfig, model, tokenizer, task: Task, adapter: TrainableAdapter, stepper, *,
                rank: int = 0, world_size: int = 1, reduce: Reduce = lambda t: t, state: LoopState | None = None,
-               on_iteration: Callable[[LoopState, dict], None] | None = None) -> LoopState:
+               on_iteration: Callable[[LoopState, dict], None] | None = None,
+               engine: RolloutEngine | None = None) -> LoopState:
     """Run RL iterations from `state.iteration` to cfg.rl.iterations; evaluate on valid every eval_interval
     (and at the end); keep the best-on-valid adapter state."""
     state = state or LoopState()
+    engine = engine or InProcessEngine(model, tokenizer)
     train = task.examples("train")
     valid = task.examples("valid")[: cfg.rl.eval_limit]
     reduce_mean = lambda x: float(reduce(torch.tensor([x, 1.0]))[0] / world_size)  # noqa: E731
@@ -151,7 +156,7 @@ def train_loop(cfg: ExperimentConfig, model, tokenizer, task: Task, adapter: Tra
         shard = iteration_batch(train, cfg.rl.batch_size, cfg.seed, it, rank, world_size)
         t0 = time.perf_counter()
         metrics = rl_step(model, tokenizer, task, adapter, stepper, shard, cfg,
-                          seed=cfg.seed * 7919 + it * world_size + rank)
+                          seed=cfg.seed * 7919 + it * world_size + rank, engine=engine, version=it)
         metrics = {k: reduce_mean(v) if k in ("reward", "accuracy", "loss", "kl") else v for k, v in metrics.items()}
         metrics.update(iteration=it + 1, seconds=time.perf_counter() - t0)
         state.iteration = it + 1

@@ -184,8 +184,10 @@ def train_worker(loop_config: dict) -> None:
         else:
             ray.train.report(metrics)
 
+    from t2ray.train.engines import start_engine
+
     state = train_loop(cfg, adapter.model, tokenizer, task, adapter, stepper, rank=rank, world_size=world,
-                       reduce=all_reduce_sum, state=state, on_iteration=on_iteration)
+                       reduce=all_reduce_sum, state=state, on_iteration=on_iteration, engine=start_engine(cfg))
     spread = z_spread_across_ranks(adapter)
     if rank == 0:
         best = state.best_state or adapter.state()
