@@ -57,9 +57,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5, help="timed rounds (after one warm-up round)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own default)")
     ap.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
     args = ap.parse_args()
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     t0 = time.perf_counter()
     model, _ = load_model("smollm2-135m")

@@ -18,6 +18,7 @@ from safetensors.torch import save as save_bytes
 
 from t2ray.generation import Messages, Rollouts, rollout
 from t2ray.svf import SVFConfig, patch_model, svf_layers
+from t2ray.svf.layer import adapted_weight
 
 
 class ZSyncError(ValueError):
@@ -87,10 +88,7 @@ class ZApplier:
                 w, (q, s) = self.originals[name], self.factors[name]
                 if zi.numel() != s.numel():
                     raise ZSyncError(f"z for {name} has {zi.numel()} values, expected {s.numel()}")
-                zc = (zi * s.sum() / (zi * s).sum()).to(w.dtype)  # c · z
-                q = q.to(w.dtype)
-                tall = w.shape[0] >= w.shape[1]
-                self.weights[name].copy_(((w @ q) * zc) @ q.T if tall else (q * zc) @ (q.T @ w))
+                self.weights[name].copy_(adapted_weight(w, q, s, zi.to(s.device)))
         self.version = version
         return len(message)
 

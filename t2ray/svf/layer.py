@@ -1,7 +1,9 @@
 """The SVF linear layer: W' = c · U diag(s ⊙ z) Vᵀ with c = Σs / Σ(s ⊙ z), z = sigmoid(p) · max_mult.
 
-Only W and the square orthogonal factor Q are kept (SPEC §3), so z = 1 gives back W exactly:
-  tall (m ≥ n, Q = V):  y = c · ((x V) ⊙ z) Vᵀ Wᵀ          wide (m < n, Q = U):  y = c · (((x Wᵀ) U) ⊙ z) Uᵀ
+Only W and the square orthogonal factor Q are kept (SPEC §3). Since Q Qᵀ = I, W' = W + W V diag(c·z − 1) Vᵀ:
+computing the *change* from W (d = c·z − 1) makes z = 1 reproduce W bit for bit and keeps rounding error
+proportional to how far z moved:
+  tall (m ≥ n, Q = V):  y = (x + ((x V) ⊙ d) Vᵀ) Wᵀ          wide (m < n, Q = U):  y = h + ((h U) ⊙ d) Uᵀ, h = x Wᵀ
 """
 from __future__ import annotations
 
@@ -10,6 +12,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from t2ray.svf.decompose import Factors
+
+
+def adapted_weight(w: torch.Tensor, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """W' = W + W V diag(c·z − 1) Vᵀ (tall, q = V) or W + U diag(c·z − 1) Uᵀ W (wide, q = U): O(m·n·r)."""
+    d = (z * s.sum() / (z * s).sum() - 1).to(w.dtype)  # c·z − 1: exactly 0 for z = 1 (or any constant z)
+    q = q.to(w.dtype)
+    return w + (((w @ q) * d) @ q.T if w.shape[0] >= w.shape[1] else (q * d) @ (q.T @ w))
 
 
 class SVFLinear(nn.Module):
@@ -43,11 +52,12 @@ class SVFLinear(nn.Module):
     def scale(self, z: torch.Tensor) -> torch.Tensor:
         return self.s.sum() / (z * self.s).sum(-1, keepdim=True)  # c = Σs / Σ(s ⊙ z), per row of z
 
+    def delta(self, z: torch.Tensor) -> torch.Tensor:
+        return z * self.scale(z) - 1  # d = c·z − 1, per row of z
+
     def adapted_weight(self, z: torch.Tensor) -> torch.Tensor:
-        """W' for one z vector: O(m·n·r) once, then every token costs what the base layer costs."""
-        w, q = self.base_layer.weight, self.svf_q
-        zc = (z * self.scale(z)).to(w.dtype)
-        return ((w @ q) * zc) @ q.T if self.tall else (q * zc) @ (q.T @ w)
+        """W' for one z vector: built once, then every token costs what the base layer costs."""
+        return adapted_weight(self.base_layer.weight, self.svf_q, self.s, z)
 
     def set_z(self, z: torch.Tensor | None) -> None:
         """Override z (a mixture, one z per row or per token); None returns to sigmoid(p) · max_mult."""
@@ -67,13 +77,14 @@ class SVFLinear(nn.Module):
         return self._weight_cache[1]
 
     def _factored(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        zc = (z * self.scale(z)).to(x.dtype)
-        if zc.dim() == 2 and x.dim() == 3:
-            zc = zc.unsqueeze(1)  # one z per batch row, broadcast over tokens
+        d = self.delta(z).to(x.dtype)
+        if d.dim() == 2 and x.dim() == 3:
+            d = d.unsqueeze(1)  # one z per batch row, broadcast over tokens
         q = self.svf_q.to(x.dtype)
         if self.tall:
-            return F.linear(((x @ q) * zc) @ q.T, self.base_layer.weight, self.base_layer.bias)
-        y = ((F.linear(x, self.base_layer.weight) @ q) * zc) @ q.T
+            return F.linear(x + ((x @ q) * d) @ q.T, self.base_layer.weight, self.base_layer.bias)
+        h = F.linear(x, self.base_layer.weight)
+        y = h + ((h @ q) * d) @ q.T
         return y if self.base_layer.bias is None else y + self.base_layer.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
