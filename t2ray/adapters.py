@@ -5,7 +5,7 @@ from pathlib import Path
 
 from t2ray.experts import ExpertError, load_expert, load_mixture, parse_mix_spec
 from t2ray.models import load_model
-from t2ray.svf import apply_experts, base_model_info
+from t2ray.svf import apply_experts
 
 
 def load_adapted(model_spec: str, *, expert: str | Path | None = None, mix: str | None = None,
@@ -16,17 +16,16 @@ def load_adapted(model_spec: str, *, expert: str | Path | None = None, mix: str 
     model, tokenizer = load_model(model_spec, dtype=dtype)
     if expert is None and mix is None and mixture is None:
         return model, tokenizer, "base"
-    base = base_model_info(model)  # fingerprint of the untouched weights
+    # Files are validated here; whether they fit this model is checked once, by apply_experts.
     if mixture is not None:
-        spec, experts = load_mixture(mixture, base, allow_transfer=allow_transfer)
+        spec, experts = load_mixture(mixture)
         alpha, label = spec.alpha, f"mixture:{spec.name}"
     elif mix is not None:
         paths, alpha = parse_mix_spec(mix)
-        experts = [load_expert(p, base, allow_transfer=allow_transfer) for p in paths]
+        experts = [load_expert(p) for p in paths]
         label = "mix:" + ",".join(f"{e.name}={w:g}" for e, w in zip(experts, alpha))
     else:
-        experts, alpha = [load_expert(expert, base, allow_transfer=allow_transfer)], None
+        experts, alpha = [load_expert(expert)], None
         label = f"expert:{experts[0].name}"
-    model.t2ray_fingerprint = base.fingerprint
     apply_experts(model, experts, alpha, allow_transfer=allow_transfer)
     return model, tokenizer, label

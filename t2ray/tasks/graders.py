@@ -22,7 +22,7 @@ from .sandbox import DEFAULT_MEMORY_MB, DEFAULT_TIMEOUT_S, SandboxResult, run_py
 # text helpers
 
 _NUM_RE = re.compile(
-    r"(?<![\w.])[-−]?\$?\s?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s?/\s?\d+(?!\.\d))?"
+    r"(?<![\w.])[-−]?(?:\$\s?)?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s?/\s?\d+(?!\.\d))?"
     r"|(?<![\w.])[-−]?\.\d+"
 )
 

@@ -46,13 +46,13 @@ def _add(r: random.Random) -> Example:
 
 
 def _sub(r: random.Random) -> Example:
-    a, b = r.randint(20, 59), r.randint(1, 9)
+    a, b = r.randint(10, 30), r.randint(1, 9)
     return _ex(f"What is {a} - {b}? {MATH_SUFFIX}", a - b)
 
 
 def _word_add(r: random.Random) -> Example:
     name, item = r.choice(NAMES), r.choice(ITEMS)
-    a, b = r.randint(3, 30), r.randint(2, 9)
+    a, b = r.randint(2, 15), r.randint(1, 9)
     return _ex(
         f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now? "
         f"{MATH_SUFFIX}",
@@ -62,7 +62,7 @@ def _word_add(r: random.Random) -> Example:
 
 def _word_sub(r: random.Random) -> Example:
     name, item = r.choice(NAMES), r.choice(ITEMS)
-    a, b = r.randint(10, 40), r.randint(2, 9)
+    a, b = r.randint(10, 20), r.randint(1, 9)
     return _ex(
         f"{name} has {a} {item} and gives {b} of them away. How many {item} does {name} have "
         f"left? {MATH_SUFFIX}",

@@ -61,10 +61,9 @@ def test_z_one_gives_base_layer(kind, mode):
     layer = make_layer(SHAPES[kind], mode=mode)
     layer.set_z(torch.ones(layer.rank))
     x = torch.randn(4, layer.base_layer.in_features)
-    with torch.no_grad():
-        torch.testing.assert_close(layer(x), layer.base_layer(x), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(layer.adapted_weight(torch.ones(layer.rank)), layer.base_layer.weight,
-                               atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # the change from W is computed, and c·z − 1 is exactly 0: bit for bit
+        assert torch.equal(layer(x), layer.base_layer(x))
+    assert torch.equal(layer.adapted_weight(torch.ones(layer.rank)), layer.base_layer.weight)
 
 
 @pytest.mark.parametrize("kind", SHAPES)
@@ -233,7 +232,6 @@ def test_materialized_training_forward_is_not_served_from_cache():
     assert layer.svf_p.grad is not None
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="bug: cached W' survives module.to(dtype/device) (t2ray/svf/layer.py _cached_weight)")
 def test_cached_weight_follows_dtype_conversion():
     layer = make_layer(SHAPES["tall"], mode="materialized")
     x = torch.randn(2, SHAPES["tall"][1])
@@ -242,6 +240,33 @@ def test_cached_weight_follows_dtype_conversion():
         layer.to(torch.float64)
         y = layer(x.double())
     assert y.dtype == torch.float64
+
+
+def _train_steps(layer, x, n):
+    opt = torch.optim.SGD([layer.svf_p], lr=1.0)
+    for _ in range(n):
+        layer.zero_grad()
+        layer(x).pow(2).sum().backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@pytest.mark.xfail(strict=True, reason="bug: a copied/unpickled layer keeps the cached W' under a version key "
+                                       "that its fresh svf_p reaches again after a few steps (layer.py _cached_weight)")
+def test_copied_layer_never_serves_a_stale_cached_weight(how):
+    import copy
+    import pickle
+
+    layer = make_layer(SHAPES["tall"], mode="materialized")
+    x = torch.randn(4, SHAPES["tall"][1])
+    _train_steps(layer, x, 3)
+    with torch.no_grad():
+        layer(x)  # cache built at svf_p._version == 3
+    clone = copy.deepcopy(layer) if how == "deepcopy" else pickle.loads(pickle.dumps(layer))
+    _train_steps(clone, x, 3 - clone.svf_p._version)  # the clone's counter restarts: step it back to 3
+    with torch.no_grad():
+        expected = nn.functional.linear(x, clone.adapted_weight(clone.z()), clone.base_layer.bias)
+        torch.testing.assert_close(clone(x), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_bfloat16_layer_runs_in_both_modes():

@@ -50,10 +50,10 @@ def test_z_one_reproduces_base_logits(tiny, mode, targets):
     base = logits(tiny, ids)
     patch_model(tiny, SVFConfig(target_modules=targets, mode=mode), progress=False)
     set_z(tiny, ones(tiny))
-    torch.testing.assert_close(logits(tiny, ids), base, atol=2e-5, rtol=1e-5)
+    assert torch.equal(logits(tiny, ids), base)  # W' = W + (change), and the change is exactly 0 at z = 1
     # a per-row z of ones takes the factored path in either mode
     set_z(tiny, {k: v.expand(2, -1) for k, v in ones(tiny).items()})
-    torch.testing.assert_close(logits(tiny, ids), base, atol=2e-5, rtol=1e-5)
+    assert torch.equal(logits(tiny, ids), base)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -281,11 +281,14 @@ def test_patching_twice_is_refused(tiny):
     assert len(svf_layers(tiny)) == 6
 
 
-def test_patched_state_dict_has_no_svf_buffers(tiny):
+def test_patched_parameters(tiny):
     patch_model(tiny, SVFConfig(), progress=False)
     keys = list(tiny.state_dict())
-    assert not any(k.endswith((".q", ".s")) for k in keys)  # factors are cache, not checkpoint state
+    assert not any(k.endswith(".s") for k in keys)  # singular values: a non-persistent buffer
     assert sum(k.endswith(".svf_p") for k in keys) == 6
+    for name, layer in svf_layers(tiny).items():
+        assert layer.svf_p.requires_grad and not layer.svf_q.requires_grad  # q is frozen (a parameter for ZeRO-3)
+        assert layer.q is layer.svf_q and layer.svf_q.dtype == layer.base_layer.weight.dtype
 
 
 def test_base_model_info_matches_layers(tiny):
@@ -312,8 +315,7 @@ def test_smollm2_identity_and_disabled(smollm2, tokenizer):
         set_z(model, ones(model))
         for mode in MODES:
             set_mode(model, mode)
-            # fp32 rounding through 30 layers: ~1e-4 on logits of size ~20
-            torch.testing.assert_close(logits(model, ids, **kw)[real], base[real], atol=5e-4, rtol=1e-4)
+            assert torch.equal(logits(model, ids, **kw), base)
         set_z(model, z_dict(model, seed=13))
         assert not torch.allclose(logits(model, ids, **kw)[real], base[real], atol=1e-2)
         with disabled(model):
@@ -321,3 +323,17 @@ def test_smollm2_identity_and_disabled(smollm2, tokenizer):
     finally:
         unpatch_model(model)
     assert torch.equal(logits(model, ids, **kw), base)
+
+
+@pytest.mark.xfail(strict=True, reason="bug: unpatch_model keeps model.t2ray_fingerprint, and patch_model reuses it "
+                                       "(t2ray/svf/model.py), so an edited model hits the old SVD cache")
+def test_repatching_an_edited_model_uses_its_new_weights(tiny):
+    patch_model(tiny, SVFConfig(), progress=False)
+    unpatch_model(tiny)
+    with torch.no_grad():
+        tiny.model.layers[0].mlp.gate_proj.weight.mul_(2.0)  # e.g. another checkpoint loaded in place
+    fresh = model_fingerprint(tiny)
+    layers = patch_model(tiny, SVFConfig(), progress=False)
+    assert base_model_info(tiny).fingerprint == fresh
+    layer = layers["model.layers.0.mlp.gate_proj"]
+    torch.testing.assert_close(layer.s, torch.linalg.svdvals(layer.base_layer.weight), atol=1e-4, rtol=1e-4)

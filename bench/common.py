@@ -1,0 +1,54 @@
+"""Shared bench helpers: interleaved timing (noise hits every variant alike) and RESULTS.md sections."""
+from __future__ import annotations
+
+import datetime as dt
+import re
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+
+
+def interleaved(variants: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds per call for each variant; rounds rotate the order so a noisy moment is shared."""
+    names = list(variants)
+    for _ in range(warmup):
+        for name in names:
+            variants[name]()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            start = time.perf_counter()
+            variants[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def best(times: list[float]) -> float:
+    return min(times)
+
+
+def median(times: list[float]) -> float:
+    return statistics.median(times)
+
+
+def command_line() -> str:
+    return " ".join([".venv/bin/python", *map(shlex.quote, sys.argv)])
+
+
+def stamp() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def write_section(heading: str, text: str) -> None:
+    """Replace (or append) the '## heading' section of bench/RESULTS.md, leaving the others alone."""
+    section = f"## {heading}"
+    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    pattern = re.compile(rf"^{re.escape(section)}\n.*?(?=^## |\Z)", re.S | re.M)
+    block = f"{section}\n\n{text.strip()}\n\n"
+    new = pattern.sub(lambda _: block, old) if pattern.search(old) else old.rstrip() + "\n\n" + block
+    RESULTS.write_text(new.rstrip() + "\n")

@@ -1,0 +1,109 @@
+"""The command line end to end (in-process typer runner, real models/tasks), and its one-line errors."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from t2ray.cli import app
+from t2ray.experts import Expert, save_expert
+from t2ray.models import load_model
+from t2ray.svf import base_model_info, patch_model, trainable_params
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, list(map(str, args)))
+
+
+@pytest.fixture(scope="module")
+def tiny_expert(tmp_path_factory):
+    """A real SVF expert file for tiny-llama (seed 0), with z moved away from the init."""
+    model, _ = load_model("tiny-llama")
+    patch_model(model, progress=False)
+    info = base_model_info(model)
+    params = {k: v + torch.randn_like(v) for k, v in trainable_params(model).items()}
+    path = tmp_path_factory.mktemp("experts") / "tiny.safetensors"
+    save_expert(Expert(name="tiny", params=params, base_model=info.model_id, fingerprint=info.fingerprint), path)
+    return path, params, info
+
+
+def test_decompose_reports_the_matrices():
+    result = invoke("decompose", "--model", "tiny-llama", "--modules", "all")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output[result.output.index("{"):])
+    assert summary["matrices"] == 14 and summary["z_values"] > 0
+
+
+def test_eval_base_and_expert_write_json(tmp_path, tiny_expert):
+    out = tmp_path / "base.json"
+    result = invoke("eval", "--model", "tiny-llama", "--task", "math", "--limit", "3", "--out", out)
+    assert result.exit_code == 0, result.output
+    saved = json.loads(out.read_text())
+    assert saved["n"] == 3 and 0.0 <= saved["accuracy"] <= 1.0 and len(saved["records"]) == 3
+    result = invoke("eval", "--model", "tiny-llama", "--task", "math", "--limit", "2", "--expert", tiny_expert[0])
+    assert result.exit_code == 0, result.output
+    assert '"adapter": "expert:tiny"' in result.output
+
+
+def test_one_hot_mix_equals_the_expert_alone(tiny_expert, tmp_path):
+    from t2ray.adapters import load_adapted
+
+    other = tmp_path / "other.safetensors"
+    path, params, info = tiny_expert
+    save_expert(Expert(name="other", params={k: -v for k, v in params.items()}, base_model=info.model_id,
+                       fingerprint=info.fingerprint), other)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    alone, _, _ = load_adapted("tiny-llama", expert=path)
+    mixed, _, _ = load_adapted("tiny-llama", mix=f"{path}:1,{other}:0")
+    with torch.no_grad():
+        assert torch.equal(alone(ids).logits, mixed(ids).logits)
+
+
+def test_experts_show_prints_metadata(tiny_expert):
+    result = invoke("experts", "show", tiny_expert[0])
+    assert result.exit_code == 0
+    meta = json.loads(result.output)
+    assert meta["name"] == "tiny" and meta["base_model"]["fingerprint"] == tiny_expert[2].fingerprint
+
+
+@pytest.mark.parametrize("args, message", [
+    (["eval", "--model", "no-such-model", "--task", "math"], "unknown model spec"),
+    (["eval", "--model", "tiny-llama", "--task", "no-such-task"], "unknown task"),
+    (["eval", "--model", "tiny-llama", "--task", "math", "--mix", "a.safetensors:nan"], "error:"),
+    (["decompose", "--model", "tiny-llama", "--modules", "nonexistent_proj"], "no linear layer matches"),
+    (["decompose", "--model", "tiny-llama", "--layers", "0-9"], "out of range"),
+])
+def test_user_errors_are_one_line(args, message):
+    result = invoke(*args)
+    assert result.exit_code == 2
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_expert_of_another_model_is_refused_then_allowed_with_transfer(tiny_expert, tmp_path):
+    other, tokenizer = load_model("tiny-llama", seed=1)  # a re-initialised copy: equal shapes, other weights
+    other.save_pretrained(tmp_path / "other")
+    tokenizer.save_pretrained(tmp_path / "other")
+    args = ["eval", "--model", tmp_path / "other", "--task", "math", "--limit", "1", "--expert", tiny_expert[0]]
+    refused = invoke(*args)
+    assert refused.exit_code == 2 and "--allow-transfer" in refused.output
+    allowed = invoke(*args, "--allow-transfer")
+    assert allowed.exit_code == 0, allowed.output
+
+
+def test_plan_fits_and_does_not_fit():
+    fits = invoke("plan", "--model", "llama3-8b", "--gpus", "1", "--gpu-mem-gb", "80", "--zero", "2")
+    assert fits.exit_code == 0 and "393,216 z values" in fits.output and "fits" in fits.output
+    big = invoke("plan", "--model", "llama3-70b", "--gpus", "16", "--gpu-mem-gb", "80", "--zero", "3")
+    assert big.exit_code == 0
+    no = invoke("plan", "--model", "llama3-70b", "--gpus", "2", "--gpu-mem-gb", "80", "--zero", "2")
+    assert no.exit_code == 1 and "does NOT fit" in no.output
+
+
+def test_tasks_lists_builtins():
+    result = invoke("tasks")
+    assert result.exit_code == 0
+    assert {"math", "code", "reasoning", "humaneval", "cls"} <= set(json.loads(result.output))
