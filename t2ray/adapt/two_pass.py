@@ -1,0 +1,154 @@
+"""Two-pass inference over a task split: pass 1 decides a mixture per query (or per task, or per token),
+pass 2 answers with it. One entry point for the CLI, the report and the serving layer."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from t2ray.adapt.dispatch import classify
+from t2ray.config import AdaptConfig
+from t2ray.evaluate import EvalResult, grade_all
+from t2ray.experts import Expert, Mixture, load_expert, mix_z, save_mixture
+from t2ray.generation import generate
+from t2ray.models import load_model
+from t2ray.svf import apply_experts, disabled, set_mode, set_z
+from t2ray.tasks import get_task
+from t2ray.tasks.base import Task
+
+
+@dataclass
+class AdaptResult:
+    strategy: str
+    eval: EvalResult
+    pass1_s: float
+    pass2_s: float
+    choices: list[str] = field(default_factory=list)        # per query: expert name, "base" or "mixture"
+    alpha: list | None = None                                # fewshot: the α found
+    history: list[dict] = field(default_factory=list)        # fewshot: CEM generations
+
+    def summary(self) -> dict:
+        counts = {c: self.choices.count(c) for c in sorted(set(self.choices))}
+        return {**self.eval.summary(), "strategy": self.strategy, "pass1_s": self.pass1_s, "pass2_s": self.pass2_s,
+                "pass1_over_pass2": self.pass1_s / max(self.pass2_s, 1e-9), "choices": counts, "alpha": self.alpha}
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({**self.summary(), "history": self.history, "records": self.eval.records},
+                                   indent=2))
+        return path
+
+
+def expert_category(expert: Expert) -> str:
+    """The category an expert serves, from the task it was trained on."""
+    try:
+        return get_task(expert.task).category if expert.task else expert.name
+    except ValueError:
+        return expert.task
+
+
+def grouped_generate(model, tokenizer, task: Task, messages, groups: list[dict | None], batch_size: int):
+    """Pass 2 where queries use a few distinct mixtures: one materialised W' per mixture, not per query."""
+    texts: list[str | None] = [None] * len(messages)
+    keys = {}
+    for i, z in enumerate(groups):
+        keys.setdefault(id(z), (z, []))[1].append(i)
+    for z, rows in keys.values():
+        set_z(model, z)
+        out = generate(model, tokenizer, [messages[i] for i in rows], max_new_tokens=task.max_new_tokens,
+                       batch_size=batch_size)
+        for i, text in zip(rows, out):
+            texts[i] = text
+    return texts
+
+
+def run_adapt(cfg: AdaptConfig, *, progress: bool = True) -> AdaptResult:
+    task = get_task(cfg.task)
+    examples = task.examples(cfg.split)[:cfg.limit]
+    messages = [task.messages(ex) for ex in examples]
+    experts = [load_expert(p) for p in cfg.experts]
+    model, tokenizer = load_model(cfg.model.spec, dtype=cfg.model.dtype)
+    apply_experts(model, experts[:1], allow_transfer=cfg.allow_transfer)  # patch + check the library fits
+    for expert in experts[1:]:
+        apply_experts(model, [expert], allow_transfer=cfg.allow_transfer)
+    set_mode(model, "materialized")
+    alpha, history = None, []
+
+    t0 = time.perf_counter()
+    if cfg.strategy in ("prompt", "classifier"):
+        by_category = {expert_category(e): e for e in experts}
+        if cfg.strategy == "classifier":
+            cls_expert = load_expert(cfg.classifier_expert)
+            apply_experts(model, [cls_expert], allow_transfer=cfg.allow_transfer)
+            labels = classify(model, tokenizer, [ex.prompt for ex in examples], mode=cfg.classify_mode)
+        else:
+            with disabled(model):
+                labels = classify(model, tokenizer, [ex.prompt for ex in examples], mode=cfg.classify_mode)
+        zs = {c: e.z() for c, e in by_category.items()}
+        groups = [zs.get(label) for label in labels]  # "other" or a category without an expert -> base model
+        choices = [by_category[label].name if label in by_category else "base" for label in labels]
+    elif cfg.strategy == "fewshot":
+        result = search_alpha(cfg, model, tokenizer, experts, task, progress=progress)
+        alpha, history = result.alpha.tolist(), result.history
+        mixed = mix_z(experts, alpha)
+        groups, choices = [mixed] * len(examples), ["mixture"] * len(examples)
+    else:
+        groups, choices = None, ["token-routed"] * len(examples)
+    pass1 = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    if groups is None:
+        from t2ray.adapt.token_routing import route_task
+
+        texts = route_task(model, tokenizer, experts, task, messages, cfg.routing, batch_size=cfg.batch_size)
+    else:
+        set_mode(model, "materialized")
+        texts = grouped_generate(model, tokenizer, task, messages, groups, cfg.batch_size)
+    pass2 = time.perf_counter() - t1
+
+    grades = grade_all(task, examples, texts)
+    correct = sum(ok for ok, _ in grades)
+    records = [{"id": ex.id, "prompt": ex.prompt, "answer": ex.answer, "completion": t, "correct": ok, "choice": c}
+               for ex, t, (ok, _), c in zip(examples, texts, grades, choices)]
+    evaluation = EvalResult(task=task.name, split=cfg.split, accuracy=correct / max(1, len(examples)),
+                            n=len(examples), correct=correct, seconds=pass1 + pass2, adapter=cfg.strategy,
+                            records=records)
+    return AdaptResult(cfg.strategy, evaluation, pass1, pass2, choices, alpha, history)
+
+
+def search_alpha(cfg: AdaptConfig, model, tokenizer, experts: list[Expert], task: Task, *, progress: bool = True):
+    """CEM over α on k shots: in this process, or on `cfg.cem.actors` Ray actors."""
+    from t2ray.adapt.cem import cem_search
+    from t2ray.adapt.fewshot import ShotFitness, pick_shots
+
+    c = cfg.cem
+    shape = (len(experts), len(experts[0].modules)) if c.per_module else (len(experts),)
+    pool = None
+    if c.actors > 1:
+        from t2ray.adapt.cem_pool import ActorPoolFitness
+
+        fitness = pool = ActorPoolFitness(c.actors, model_spec=cfg.model.spec, expert_paths=cfg.experts,
+                                          task_spec=cfg.task, shots=c.shots, seed=c.seed,
+                                          allow_transfer=cfg.allow_transfer)
+    else:
+        fitness = ShotFitness(model, tokenizer, experts, task, pick_shots(task, c.shots, c.seed))
+    try:
+        return cem_search(fitness, shape, population=c.population, elite_ratio=c.elite_ratio,
+                          generations=c.generations, init_std=c.init_std, normalize=c.normalize, seed=c.seed,
+                          progress=progress)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+
+
+def save_found_mixture(result: AdaptResult, cfg: AdaptConfig, path: str | Path) -> Path:
+    """The α CEM found as a mixture file usable by `t2ray eval --mixture` and by serving."""
+    return save_mixture(Mixture(experts=list(cfg.experts), alpha=result.alpha, name=f"fewshot-{cfg.task}",
+                                task=cfg.task, metadata={"cem": cfg.cem.model_dump(),
+                                                         "shots_accuracy": result.history[-1]["best_accuracy"]}),
+                        path)

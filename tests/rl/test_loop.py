@@ -1,0 +1,197 @@
+"""The plain-PyTorch RL loop (t2ray.rl.loop): rewards, batches, the optimizer state, and learning on tiny-llama."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from t2ray.config import ExperimentConfig
+from t2ray.rl.loop import LoopState, Stepper, iteration_batch, safe_rewards, train_loop
+from t2ray.tasks.base import Example, Task
+
+from .learnable import LEARNABLE_RL, mean, rewards, write_learnable_task
+
+
+def examples(n: int) -> list[Example]:
+    return [Example(id=f"ex{i}", prompt=f"prompt {i}", answer=str(i)) for i in range(n)]
+
+
+# ---------------------------------------------------------------- safe_rewards
+
+class FlakyTask(Task):
+    """Grades "yes" as right; its grader raises on some completions (a buggy user grader)."""
+
+    name = "flaky"
+
+    def examples(self, split):
+        return examples(4)
+
+    def grade(self, ex, completion):
+        if "boom" in completion:
+            raise RuntimeError("grader bug")
+        if completion == "type":
+            raise TypeError("another bug")
+        return completion == "yes"
+
+    def reference_completion(self, ex):
+        return "yes"
+
+
+def test_safe_rewards_counts_grader_errors_as_wrong():
+    exs = examples(5)
+    r, errors = safe_rewards(FlakyTask(), exs, ["yes", "boom", "no", "type", "yes"])
+    assert r.tolist() == [1.0, -1.0, -1.0, -1.0, 1.0]
+    assert errors == 2
+    r, errors = safe_rewards(FlakyTask(), exs[:2], ["yes", "no"])
+    assert r.tolist() == [1.0, -1.0] and errors == 0
+
+
+def test_safe_rewards_keeps_task_defined_rewards():
+    class Graded(FlakyTask):
+        def reward(self, ex, completion):
+            return 0.25 if completion == "half" else super().reward(ex, completion)
+
+    r, errors = safe_rewards(Graded(), examples(3), ["half", "yes", "boom"])
+    assert r.tolist() == [0.25, 1.0, -1.0] and errors == 1
+
+
+# ---------------------------------------------------------------- iteration_batch
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_iteration_batch_shards_one_global_sample(world):
+    train = examples(50)
+    batch = 12
+    for it in range(3):
+        global_sample = iteration_batch(train, batch, seed=7, iteration=it, rank=0, world_size=1)
+        assert len(global_sample) == batch and len({e.id for e in global_sample}) == batch
+        shards = [iteration_batch(train, batch, seed=7, iteration=it, rank=r, world_size=world) for r in range(world)]
+        ids = [{e.id for e in s} for s in shards]
+        for a in range(world):
+            for b in range(a + 1, world):
+                assert not ids[a] & ids[b], "shards overlap"
+        assert set().union(*ids) == {e.id for e in global_sample}, "shards do not cover the global sample"
+        assert sum(map(len, shards)) == batch
+        assert max(map(len, shards)) - min(map(len, shards)) <= 1  # balanced
+        # every rank computes the same global sample: a rank's shard does not depend on the others running
+        assert iteration_batch(train, batch, seed=7, iteration=it, rank=world - 1, world_size=world) == shards[-1]
+
+
+def test_iteration_batch_varies_with_iteration_and_seed_and_caps_at_split_size():
+    train = examples(50)
+    first = [e.id for e in iteration_batch(train, 10, seed=0, iteration=0, rank=0, world_size=1)]
+    assert first == [e.id for e in iteration_batch(train, 10, seed=0, iteration=0, rank=0, world_size=1)]
+    assert first != [e.id for e in iteration_batch(train, 10, seed=0, iteration=1, rank=0, world_size=1)]
+    assert first != [e.id for e in iteration_batch(train, 10, seed=1, iteration=0, rank=0, world_size=1)]
+    small = examples(5)
+    everything = iteration_batch(small, 16, seed=0, iteration=0, rank=0, world_size=1)
+    assert sorted(e.id for e in everything) == sorted(e.id for e in small)
+
+
+# ---------------------------------------------------------------- Stepper
+
+def _quadratic_loss(params):
+    return sum(((p - torch.arange(p.numel(), dtype=p.dtype)) ** 2).sum() for p in params)
+
+
+def test_stepper_optimizer_state_round_trip():
+    torch.manual_seed(0)
+    a = [torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(3))]
+    first = Stepper(a, lr=0.05, grad_clip=10.0)
+    assert first.optimizer_state() == {}  # nothing before the first step
+    for _ in range(3):
+        norm = first.step(_quadratic_loss(a))
+        assert norm > 0
+    state = first.optimizer_state()
+    assert set(state) == {f"{k}.{i}" for k in ("step", "exp_avg", "exp_avg_sq") for i in (0, 1)}
+    assert all(t.dim() == 1 for t in state.values())  # flat, as checkpoints store them
+
+    # a fresh stepper on copies of the parameters, given the state, takes exactly the same next step
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    second = Stepper(b, lr=0.05, grad_clip=10.0)
+    second.load_optimizer_state(state)
+    for key, value in second.optimizer_state().items():
+        assert torch.equal(value, state[key]), key
+    first.step(_quadratic_loss(a))
+    second.step(_quadratic_loss(b))
+    for pa, pb in zip(a, b):
+        assert torch.equal(pa, pb)
+
+    # without the state the next step differs (Adam's first step is lr·sign(g))
+    c = [torch.nn.Parameter(p.detach().clone()) for p in b]
+    third = Stepper(c, lr=0.05, grad_clip=10.0)
+    first.step(_quadratic_loss(a))
+    third.step(_quadratic_loss(c))
+    assert not all(torch.equal(pa, pc) for pa, pc in zip(a, c))
+
+
+def test_stepper_clips_the_gradient_norm():
+    p = torch.nn.Parameter(torch.zeros(4))
+    stepper = Stepper([p], lr=1.0, grad_clip=1e-3)
+    norm = stepper.step((p * torch.tensor([3.0, 4.0, 0.0, 0.0])).sum())
+    assert norm == pytest.approx(5.0)  # the pre-clip norm is reported
+    assert torch.allclose(p.grad.norm(), torch.tensor(1e-3), rtol=1e-3)
+
+
+# ---------------------------------------------------------------- train_loop on tiny-llama
+
+def learnable_config(task_path, **rl) -> ExperimentConfig:
+    return ExperimentConfig.model_validate({
+        "name": "rl-loop", "task": str(task_path), "seed": 0, "model": {"spec": "tiny-llama"},
+        "svf": {"target_modules": "mlp"}, "scaling": {"num_workers": 1}, "tracking": {"wandb": False},
+        "rl": {**LEARNABLE_RL, "iterations": 20, "batch_size": 8, "eval_interval": 10, "eval_limit": 4,
+               "eval_batch_size": 4, **rl},
+    })
+
+
+def test_train_loop_reward_goes_up_on_a_learnable_task(tmp_path, tokenizer):
+    from t2ray.models import load_model
+    from t2ray.rl.adapters import SVFAdapter
+    from t2ray.tasks import get_task
+
+    cfg = learnable_config(write_learnable_task(tmp_path))
+    task = get_task(cfg.task, seed=cfg.seed)
+    model, _ = load_model("tiny-llama", seed=cfg.seed)
+    adapter = SVFAdapter(model, cfg.svf, seed=cfg.seed, progress=False)
+    stepper = Stepper(adapter.parameters(), cfg.rl.lr, cfg.rl.grad_clip)
+    start_state = adapter.state()
+    seen = []
+    start = time.perf_counter()
+    state = train_loop(cfg, adapter.model, tokenizer, task, adapter, stepper,
+                       on_iteration=lambda st, m: seen.append(m["iteration"]))
+    elapsed = time.perf_counter() - start
+
+    assert state.iteration == 20 and seen == list(range(1, 21))
+    r = rewards(state.history)
+    first, last = mean(r[:5]), mean(r[-5:])
+    assert last - first >= 0.5, f"reward did not go up: first 5 {first:+.2f}, last 5 {last:+.2f}: {r}"
+    assert mean(m["accuracy"] for m in state.history[-5:]) > mean(m["accuracy"] for m in state.history[:5])
+    # evaluations at 10 and 20 only; the best-on-valid state is kept
+    evals = [m["iteration"] for m in state.history if "valid_accuracy" in m]
+    assert evals == [10, 20]
+    assert state.best_iteration in (10, 20) and state.best_state is not None
+    assert set(state.best_state) == set(start_state)
+    moved = max(float((adapter.state()[k] - start_state[k]).abs().max()) for k in start_state)
+    assert moved > 1.0  # z really trained (lr 0.3 × 20 Adam steps)
+    for m in state.history:
+        assert m["reward_errors"] == 0 and m["samples"] == 8 and m["kl"] == 0.0
+    assert elapsed < 60
+
+
+def test_train_loop_resumes_from_a_state_and_reports_kl(tmp_path, tokenizer):
+    """Starting from a LoopState runs only the remaining iterations; kl_coef > 0 adds the KL term."""
+    from t2ray.models import load_model
+    from t2ray.rl.adapters import SVFAdapter
+    from t2ray.tasks import get_task
+
+    cfg = learnable_config(write_learnable_task(tmp_path), iterations=4, eval_interval=2, kl_coef=0.1)
+    task = get_task(cfg.task, seed=cfg.seed)
+    model, _ = load_model("tiny-llama", seed=cfg.seed)
+    adapter = SVFAdapter(model, cfg.svf, seed=cfg.seed, progress=False)
+    stepper = Stepper(adapter.parameters(), cfg.rl.lr, cfg.rl.grad_clip)
+    state = LoopState(iteration=2, best_valid=0.5, best_iteration=2, history=[{"iteration": 1}, {"iteration": 2}])
+    state = train_loop(cfg, adapter.model, tokenizer, task, adapter, stepper, state=state)
+    assert [m["iteration"] for m in state.history] == [1, 2, 3, 4]
+    assert "valid_accuracy" in state.history[-1] and "valid_accuracy" not in state.history[2]
+    # z starts near-uniform (p = 0.1 + 0.01·N): almost the base model; one lr-0.3 Adam step moves it away
+    assert abs(state.history[2]["kl"]) < 1e-5 < state.history[3]["kl"]  # (float rounding may give −1e-8)
