@@ -145,6 +145,17 @@ def adapt(strategy: str = typer.Option(..., help="prompt | classifier | fewshot 
     emit(result.summary())
 
 
+@app.command()
+@user_errors
+def report(run_dir: Path = typer.Argument(..., help="a run folder with table1/ and/or table2/ results")):
+    """Tables 1–3 of the paper (markdown + CSV + JSON) and plots from a run folder."""
+    from t2ray.report import build_report
+
+    path = build_report(run_dir)
+    typer.echo(path.read_text())
+    typer.echo(f"written: {path}")
+
+
 @experts_app.command("show")
 @user_errors
 def experts_show(path: Path):
@@ -173,11 +184,11 @@ def experts_import(policy: Path = typer.Argument(..., help="official Transformer
 @app.command()
 @user_errors
 def quickstart(root: Path = typer.Option(Path("runs/quickstart"), help="where every stage writes (resumable)"),
-               eval_limit: Optional[int] = typer.Option(None, min=1, help="test items per evaluation (default all)")):
-    """Decompose, evaluate the base model, train an expert, evaluate it, write a report (what `make demo` runs)."""
+               config: Optional[Path] = typer.Option(None, help="budget overrides (experiments/quickstart.yaml)")):
+    """The paper's pipeline on SmolLM2: experts, baselines, Tables 1–3, report (what `make demo` runs)."""
     from t2ray.quickstart import quickstart as run
 
-    run(root, eval_limit=eval_limit)
+    run(root, config)
 
 
 @app.command("plan")

@@ -156,7 +156,7 @@ def test_batch_smaller_than_workers_is_refused():
 # ---------------------------------------------------------------- --set overrides
 
 def test_parse_overrides_nested_and_typed():
-    assert parse_overrides(["rl.lr=1e-3", "scaling.num_workers=1", "name=run-2", "deepspeed.enabled=false",
+    assert parse_overrides(["rl.lr=1.0e-3", "scaling.num_workers=1", "name=run-2", "deepspeed.enabled=false",
                             "rl.reward_clip=null", "svf.layers=[0, 1]", "rl.max_new_tokens=8"]) == {
         "rl": {"lr": 1e-3, "reward_clip": None, "max_new_tokens": 8},
         "scaling": {"num_workers": 1},
@@ -165,6 +165,8 @@ def test_parse_overrides_nested_and_typed():
         "svf": {"layers": [0, 1]},
     }
     assert parse_overrides(["task=a=b"]) == {"task": "a=b"}  # only the first '=' splits
+    # YAML 1.1 reads "1e-3" (no dot) as a string; the typed config still gets the float
+    assert load_experiment(overrides=["rl.lr=1e-3"]).rl.lr == 1e-3
     assert parse_overrides([]) == {}
 
 

@@ -30,11 +30,13 @@ class AdaptResult:
     choices: list[str] = field(default_factory=list)        # per query: expert name, "base" or "mixture"
     alpha: list | None = None                                # fewshot: the α found
     history: list[dict] = field(default_factory=list)        # fewshot: CEM generations
+    expert_names: list[str] = field(default_factory=list)
 
     def summary(self) -> dict:
         counts = {c: self.choices.count(c) for c in sorted(set(self.choices))}
         return {**self.eval.summary(), "strategy": self.strategy, "pass1_s": self.pass1_s, "pass2_s": self.pass2_s,
-                "pass1_over_pass2": self.pass1_s / max(self.pass2_s, 1e-9), "choices": counts, "alpha": self.alpha}
+                "pass1_over_pass2": self.pass1_s / max(self.pass2_s, 1e-9), "choices": counts, "alpha": self.alpha,
+                "expert_names": self.expert_names}
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -118,7 +120,7 @@ def run_adapt(cfg: AdaptConfig, *, progress: bool = True) -> AdaptResult:
     evaluation = EvalResult(task=task.name, split=cfg.split, accuracy=correct / max(1, len(examples)),
                             n=len(examples), correct=correct, seconds=pass1 + pass2, adapter=cfg.strategy,
                             records=records)
-    return AdaptResult(cfg.strategy, evaluation, pass1, pass2, choices, alpha, history)
+    return AdaptResult(cfg.strategy, evaluation, pass1, pass2, choices, alpha, history, [e.name for e in experts])
 
 
 def search_alpha(cfg: AdaptConfig, model, tokenizer, experts: list[Expert], task: Task, *, progress: bool = True):

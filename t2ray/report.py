@@ -1,0 +1,163 @@
+"""`t2ray report RUN_DIR`: the paper's tables from a run folder, as markdown + CSV + JSON, with plots.
+
+Layout read (what `t2ray quickstart` writes):
+  RUN_DIR/table1/{base,lora,svf}-{task}.json     EvalResult JSON (trained tasks)
+  RUN_DIR/table2/{strategy}-{task}.json          EvalResult / AdaptResult JSON (unseen tasks)
+  RUN_DIR/*/metrics.jsonl                        training runs (learning curves)
+"""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+TABLE1_COLUMNS = ("base", "lora", "svf")
+TABLE2_COLUMNS = ("base", "prompt", "classifier", "fewshot", "token")
+
+
+def _load(folder: Path) -> dict[tuple[str, str], dict]:
+    """(column, task) -> result dict, from files named COLUMN-TASK.json."""
+    out = {}
+    for path in sorted(folder.glob("*.json")) if folder.exists() else []:
+        column, _, task = path.stem.partition("-")
+        out[(column, task)] = json.loads(path.read_text())
+    return out
+
+
+def _table(results: dict, columns: tuple[str, ...], value) -> tuple[list[str], list[list[str]]]:
+    tasks = sorted({task for _, task in results})
+    rows = [[task] + [value(results[(c, task)]) if (c, task) in results else "–" for c in columns] for task in tasks]
+    return ["task", *columns], rows
+
+
+def _markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def _write_csv(path: Path, header, rows) -> None:
+    with path.open("w", newline="") as f:
+        csv.writer(f).writerows([header, *rows])
+
+
+def _accuracy(r: dict) -> str:
+    return f"{r['accuracy']:.1%}"
+
+
+def plot_accuracy_bars(results: dict, columns, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    tasks = sorted({t for _, t in results})
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(tasks), 3.4), dpi=110)
+    width = 0.8 / len(columns)
+    for i, column in enumerate(columns):
+        values = [results.get((column, t), {}).get("accuracy", np.nan) for t in tasks]
+        ax.bar(np.arange(len(tasks)) + i * width, values, width, label=column)
+    ax.set_xticks(np.arange(len(tasks)) + 0.4 - width / 2, tasks)
+    ax.set(ylabel="accuracy", ylim=(0, 1), title=title)
+    ax.legend(fontsize=8, ncol=len(columns))
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_learning_curves(run_dir: Path, path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = sorted(p.parent for p in run_dir.glob("*/metrics.jsonl"))
+    if not runs:
+        return False
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=110)
+    for run in runs:
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        evals = [r for r in rows if "valid_accuracy" in r]
+        line, = ax.plot([r["iteration"] for r in rows], [r["accuracy"] for r in rows], alpha=0.35)
+        ax.plot([r["iteration"] for r in evals], [r["valid_accuracy"] for r in evals], "o-", color=line.get_color(),
+                label=run.name)
+    ax.set(xlabel="iteration", ylabel="accuracy (line: rollouts, dots: valid)", ylim=(0, 1),
+           title="RL training of the experts")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def plot_cem_alpha(table2: dict, path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    found = {task: r for (c, task), r in table2.items() if c == "fewshot" and r.get("alpha") is not None}
+    if not found:
+        return False
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(found), 3.4), dpi=110)
+    for i, (task, r) in enumerate(sorted(found.items())):
+        alpha = np.asarray(r["alpha"], dtype=float)
+        alpha = alpha.mean(axis=1) if alpha.ndim == 2 else alpha  # per-module α: mean over modules
+        names = r.get("expert_names") or [f"expert {k}" for k in range(len(alpha))]
+        bottom = 0.0
+        for k, (name, a) in enumerate(zip(names, alpha)):
+            ax.bar(i, a, bottom=bottom, color=f"C{k}", label=name if i == 0 else None)
+            bottom += a
+    ax.set_xticks(range(len(found)), sorted(found))
+    ax.set(ylabel="α (stacked)", title="few-shot CEM mixing weights per unseen task")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def build_report(run_dir: str | Path) -> Path:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: no such run folder")
+    out = run_dir / "report"
+    out.mkdir(exist_ok=True)
+    table1, table2 = _load(run_dir / "table1"), _load(run_dir / "table2")
+    if not table1 and not table2:
+        raise ValueError(f"{run_dir}: no table1/ or table2/ results to report (run `t2ray quickstart` first)")
+    sections = ["# t2ray report", ""]
+    tables = {}
+    if table1:
+        header, rows = _table(table1, TABLE1_COLUMNS, _accuracy)
+        tables["table1"] = (header, rows)
+        sections += ["## Table 1 — trained tasks: base vs LoRA vs SVF (test accuracy)", "", _markdown(header, rows),
+                     "", "![Table 1](report/table1.png)", ""]
+        plot_accuracy_bars(table1, TABLE1_COLUMNS, out / "table1.png", "Table 1: trained tasks")
+    if table2:
+        header, rows = _table(table2, TABLE2_COLUMNS, _accuracy)
+        tables["table2"] = (header, rows)
+        sections += ["## Table 2 — unseen tasks: two-pass strategies (test accuracy)", "", _markdown(header, rows),
+                     "", "![Table 2](report/table2.png)", ""]
+        plot_accuracy_bars(table2, TABLE2_COLUMNS, out / "table2.png", "Table 2: unseen tasks")
+        timed = {k: v for k, v in table2.items() if "pass1_s" in v}
+        header3 = ["task", "strategy", "pass 1 (s)", "pass 2 (s)", "pass 1 ÷ pass 2"]
+        rows3 = [[t, c, f"{r['pass1_s']:.1f}", f"{r['pass2_s']:.1f}", f"{r['pass1_over_pass2']:.1%}"]
+                 for (c, t), r in sorted(timed.items(), key=lambda kv: (kv[0][1], kv[0][0]))]
+        tables["table3"] = (header3, rows3)
+        sections += ["## Table 3 — time of pass 1 vs pass 2", "", _markdown(header3, rows3), "",
+                     "Few-shot pass 1 is the CEM search, run once per task (not per query).", ""]
+        if plot_cem_alpha(table2, out / "cem_alpha.png"):
+            sections += ["![CEM α](report/cem_alpha.png)", ""]
+    if plot_learning_curves(run_dir, out / "learning_curves.png"):
+        sections += ["## Learning curves", "", "![learning curves](report/learning_curves.png)", ""]
+    for name, (header, rows) in tables.items():
+        _write_csv(out / f"{name}.csv", header, rows)
+    (out / "tables.json").write_text(json.dumps({k: {"header": h, "rows": r} for k, (h, r) in tables.items()},
+                                                indent=2))
+    report = run_dir / "report.md"
+    report.write_text("\n".join(sections))
+    return report
