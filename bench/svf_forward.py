@@ -123,22 +123,25 @@ def main() -> None:
     REBUILD = f"build W' for all {len(layers)} matrices"
     jobs = {**forwards, REBUILD: rebuild}
     times: dict[str, list[float]] = {name: [] for name in jobs}
+    cpu_times: dict[str, list[float]] = {name: [] for name in jobs}  # CPU seconds of this process, all threads
     names = list(jobs)
     for round_ in range(args.repeats + 1):  # round 0 warms up
         order = names[round_ % len(names):] + names[:round_ % len(names)]
         for name in order:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             jobs[name]()
-            elapsed = time.perf_counter() - t0
+            elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
             if round_:
                 times[name].append(elapsed)
-            print(f"  round {round_} {name}: {elapsed:.2f} s", file=sys.stderr)
+                cpu_times[name].append(cpu)
+            print(f"  round {round_} {name}: {elapsed:.2f} s wall, {cpu:.2f} s CPU", file=sys.stderr)
 
     mat_layers = svf_layers(models["SVF materialized, one z (W' cached)"]).values()
     w_cache_bytes = sum(l._weight_cache[1].numel() * l._weight_cache[1].element_size()
                         for l in mat_layers if l._weight_cache is not None)
     best = {name: min(ts) for name, ts in times.items()}
     median = {name: statistics.median(ts) for name, ts in times.items()}
+    cpu = {name: statistics.median(ts) for name, ts in cpu_times.items()}
     base_name = "base (unpatched)"
 
     # ---- report
@@ -149,19 +152,27 @@ def main() -> None:
         "",
         f"`{shlex.join(['.venv/bin/python', 'bench/svf_forward.py', *sys.argv[1:]])}` — {now}",
         "",
-        f"SmolLM2-135M-Instruct (fp32, CPU, {torch.get_num_threads()} torch threads, {os.cpu_count()} cores; "
+        f"SmolLM2-135M-Instruct (fp32, CPU, torch threads: {torch.get_num_threads()}, {os.cpu_count()} cores; "
         f"load average {load[0]:.1f} / {load[2]:.1f} (1 / 15 min) at the end), SVF on the MLP of all 30 layers: "
         f"{len(layers)} matrices, {n_z:,} z values. Forward = one no-grad pass over batch {args.batch} × {args.seq} "
         f"tokens with all logits (no KV cache). {args.repeats} timed rounds after 1 warm-up, variants interleaved "
         f"in a rotating order; ratios use the best round (noise only adds time), medians shown alongside. "
         f"torch {torch.__version__}, Python {platform.python_version()}.",
         "",
-        "| variant | s / forward (best) | s / forward (median) | tokens/s (best) | ratio to base (best) | ratio to base (median) |",
-        "|---|---:|---:|---:|---:|---:|",
+        *([f"**Contended machine** (load average {load[0]:.1f} on {os.cpu_count()} cores): wall times are noisy and "
+           "a multi-thread pool spins against other processes; rerun with `--threads 1` and read the CPU column.", ""]
+          if load[0] > (os.cpu_count() or 1) and torch.get_num_threads() > 1 else []),
+        "Throughput ratios are base time / variant time (> 1: faster than base). CPU = this process's CPU "
+        "seconds (median), which other processes' load disturbs less than wall time.",
+        "",
+        "| variant | wall s / forward (best) | wall s (median) | CPU s (median) | tokens/s (best) "
+        "| ratio to base, wall best | wall median | CPU |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name in forwards:
-        lines.append(f"| {name} | {best[name]:.3f} | {median[name]:.3f} | {tokens / best[name]:,.0f} | "
-                     f"{best[base_name] / best[name]:.3f} | {median[base_name] / median[name]:.3f} |")
+        lines.append(f"| {name} | {best[name]:.3f} | {median[name]:.3f} | {cpu[name]:.3f} | {tokens / best[name]:,.0f} | "
+                     f"{best[base_name] / best[name]:.3f} | {median[base_name] / median[name]:.3f} | "
+                     f"{cpu[base_name] / cpu[name]:.3f} |")
     lines += [
         "",
         "| measure | value |",
@@ -174,8 +185,8 @@ def main() -> None:
         f"| max \\|logit diff\\| vs base at z = 1, factored | {max_diff['factored']:.2e} |",
         f"| fp32 noise floor: base, batch in two halves vs whole | {noise_floor:.2e} |",
         f"| max \\|logit\\| of the base (scale) | {logit_scale:.1f} |",
-        f"| {REBUILD} (new z or optimizer step), best / median | {best[REBUILD]:.3f} s / {median[REBUILD]:.3f} s "
-        f"({best[REBUILD] / best[base_name]:.2f} × a base forward) |",
+        f"| {REBUILD} (new z or optimizer step): wall best / median, CPU | {best[REBUILD]:.3f} s / "
+        f"{median[REBUILD]:.3f} s, {cpu[REBUILD]:.3f} s ({cpu[REBUILD] / cpu[base_name]:.2f} × a base forward's CPU) |",
         f"| model load / patch (SVD or cache hit) | {load_s:.1f} s / {patch_s:.1f} s |",
     ]
     table = "\n".join(lines)

@@ -218,5 +218,130 @@ def tasks():
     emit(list_tasks())
 
 
+# ---- sweeps and jobs (t2ray/tune, t2ray/jobs.py) ------------------------------------------------------------
+jobs_app = typer.Typer(no_args_is_help=True, help="Status, logs and stop of jobs submitted with `t2ray submit`.")
+app.add_typer(jobs_app, name="jobs")
+
+
+@app.command("tune")
+@user_errors
+def tune_(sweep: Path = typer.Argument(..., help="sweep YAML (experiments/sweeps/*.yaml)"),
+          set_: list[str] = typer.Option([], "--set", help="override a sweep key, e.g. --set num_samples=2 "
+                                                           "--set overrides.rl.iterations=4"),
+          address: Optional[str] = typer.Option(None, help="Ray cluster address (default: start a local one)"),
+          fresh: bool = typer.Option(False, help="delete this sweep's earlier trials instead of resuming them"),
+          check: bool = typer.Option(False, help="validate the sweep and print its space; run nothing")):
+    """Ray Tune sweep over an experiment (RL trials on Ray Train) or CEM settings; re-running resumes."""
+    from t2ray.tune import load_sweep, run_sweep
+
+    the_sweep = load_sweep(sweep, set_)
+    if check:
+        c = the_sweep.config
+        emit({"name": c.name, "kind": c.kind, "base": c.base, "sweep_dir": str(the_sweep.dir),
+              "space": {k: {d.kind: d.args} for k, d in c.space.items()}, "metric": c.metric, "mode": c.mode,
+              "search": c.search.alg, "scheduler": c.scheduler.type, "num_samples": c.num_samples,
+              "per_trial": the_sweep.need_per_trial()})
+        return
+    emit(run_sweep(the_sweep, address=address, fresh=fresh).summary())
+
+
+@app.command()
+@user_errors
+def submit(config: Path = typer.Argument(..., help="experiment YAML (runs `t2ray train`) or sweep YAML (`t2ray tune`)"),
+           address: Optional[str] = typer.Option(None, help="Ray dashboard address [default: $T2RAY_JOBS_ADDRESS "
+                                                            "or http://127.0.0.1:8265]"),
+           working_dir: Optional[Path] = typer.Option(None, help="uploaded to the cluster [default: current dir]"),
+           set_: list[str] = typer.Option([], "--set", help="override a key, e.g. --set rl.lr=1e-3"),
+           requirements: Optional[Path] = typer.Option(None, help="requirements.txt installed for the job"),
+           uv: bool = typer.Option(False, help="install the requirements with uv instead of pip"),
+           env: list[str] = typer.Option([], help="KEY=VALUE or KEY (taken from your environment); repeat. "
+                                                  "WANDB_API_KEY, HF_TOKEN... are passed when set"),
+           submission_id: Optional[str] = typer.Option(None, help="job id to use (default: Ray picks one)"),
+           entrypoint_num_cpus: Optional[float] = typer.Option(None, help="CPUs reserved for the job's driver"),
+           entrypoint_num_gpus: Optional[float] = typer.Option(None, help="GPUs reserved for the job's driver"),
+           wait: bool = typer.Option(False, help="stream the job's logs until it ends; exit 1 if it fails")):
+    """Submit a training run or a sweep to a Ray cluster as a job (prints the equivalent `ray job submit`)."""
+    from t2ray import jobs
+
+    done = jobs.submit(config, address=address, working_dir=working_dir, overrides=set_, requirements=requirements,
+                       installer="uv" if uv else "pip", env=jobs.parse_env(env), submission_id=submission_id,
+                       entrypoint_num_cpus=entrypoint_num_cpus, entrypoint_num_gpus=entrypoint_num_gpus)
+    typer.echo(f"# same with the Ray CLI:\n{done.ray_command}", err=True)
+    emit(done.summary())
+    if wait:
+        state = jobs.follow(done.job_id, address=done.address, out=lambda s: typer.echo(s, nl=False, err=True))
+        _job_outcome(done.job_id, state, done.address)
+
+
+def _job_outcome(job_id: str, state: str, address: Optional[str]) -> None:
+    from t2ray import jobs
+
+    try:
+        jobs.check_finished(job_id, state, address=address)
+    except jobs.JobError as err:
+        typer.secho(f"error: {err}", err=True, fg="red")
+        raise typer.Exit(1)
+    emit({"job_id": job_id, "status": state})
+
+
+@jobs_app.command("status")
+@user_errors
+def jobs_status(job_id: str, address: Optional[str] = typer.Option(None, help="Ray dashboard address"),
+                lines: int = typer.Option(40, help="log lines shown for a failed job")):
+    """A job's status (a failed job: its message and the tail of its logs, exit 1)."""
+    from t2ray import jobs
+
+    info = jobs.status(job_id, address=address, log_lines=lines)
+    emit({k: v for k, v in info.items() if k != "logs_tail"})
+    if info["status"] == "FAILED":
+        typer.secho(f"--- last {lines} log lines ---\n{info.get('logs_tail', '')}", err=True, fg="red")
+        raise typer.Exit(1)
+
+
+@jobs_app.command("logs")
+@user_errors
+def jobs_logs(job_id: str, address: Optional[str] = typer.Option(None, help="Ray dashboard address"),
+              tail: Optional[int] = typer.Option(None, min=1, help="only the last N lines"),
+              follow: bool = typer.Option(False, help="stream until the job ends")):
+    """A job's logs (driver output: the training progress, metrics, errors)."""
+    from t2ray import jobs
+
+    if follow:
+        state = jobs.follow(job_id, address=address, out=lambda s: typer.echo(s, nl=False))
+        _job_outcome(job_id, state, address)
+        return
+    typer.echo(jobs.logs(job_id, address=address, lines=tail))
+
+
+@jobs_app.command("stop")
+@user_errors
+def jobs_stop(job_id: str, address: Optional[str] = typer.Option(None, help="Ray dashboard address"),
+              wait_s: float = typer.Option(60, "--wait", help="seconds to wait for STOPPED (0: don't wait)")):
+    """Stop a running job."""
+    from t2ray import jobs
+
+    emit({"job_id": job_id, "status": jobs.stop(job_id, address=address, wait_s=wait_s)})
+
+
+@jobs_app.command("list")
+@user_errors
+def jobs_list(address: Optional[str] = typer.Option(None, help="Ray dashboard address")):
+    """Jobs on the cluster."""
+    from t2ray import jobs
+
+    emit(jobs.list_jobs(address=address))
+
+
+@app.command("serve")
+@user_errors
+def serve_(config: Path = typer.Argument(..., help="Serve config YAML, e.g. experiments/serve-smollm2.yaml"),
+           address: Optional[str] = typer.Option(None, help="Ray cluster address (default: start a local one)"),
+           num_cpus: Optional[int] = typer.Option(None, min=1, help="CPUs of a local Ray cluster (default: all)")):
+    """Serve the base model and its SVF experts behind an OpenAI-compatible endpoint (Ray Serve); Ctrl-C stops."""
+    from t2ray.serve.app import run_config
+
+    run_config(config, address=address, num_cpus=num_cpus, on_ready=emit)
+
+
 def main() -> None:  # pragma: no cover - console entry
     app(sys.argv[1:])

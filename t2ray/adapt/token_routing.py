@@ -26,8 +26,10 @@ function on ``task.messages(example)``, so the two sides always match.
 """
 from __future__ import annotations
 
+import inspect
 import math
 import random
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
@@ -81,6 +83,7 @@ class Router:
         self.names = list(names) if names is not None else [f"expert{k}" for k in range(centroids.shape[0])]
         self._embedder = embedder
         self.calls = 0  # routing steps served (one call embeds a whole batch of texts)
+        self.seconds = 0.0  # wall time spent in weights() (embedding + scoring)
         self.sources: dict[str, list[str]] = {}  # example ids behind each centroid (from_tasks)
 
     @property
@@ -135,8 +138,11 @@ class Router:
 
     def weights(self, texts: Sequence[str]) -> torch.Tensor:
         """(B, K) expert weights for each text (rows sum to 1)."""
+        start = time.perf_counter()
         self.calls += 1
-        return self.weights_from_embeddings(self.embedder.embed(list(texts)))
+        weights = self.weights_from_embeddings(self.embedder.embed(list(texts)))
+        self.seconds += time.perf_counter() - start
+        return weights
 
 
 # ----------------------------------------------------------------------------- mixers
@@ -256,12 +262,13 @@ StepHook = Callable[[int, torch.Tensor, torch.Tensor], None]  # (token index, ge
 
 @torch.no_grad()
 def greedy_decode(model, tokenizer, prompts: Sequence[Messages | str], *, max_new_tokens: int = 64,
-                  before_step: StepHook | None = None, recompute_prefix: bool = False):
+                  before_step: StepHook | None = None, recompute_prefix: bool = False, stop_at_eos: bool = True):
     """Greedy decoding of a left-padded batch; ``before_step`` runs before the forward that picks each token.
 
     With the KV cache (default) token i is produced by one forward of token i − 1 (the prefill for i = 0);
     with ``recompute_prefix`` every token re-runs the whole prompt + generated prefix without a cache.
     Rows stop at EOS (their later tokens are padding); decoding ends when every row has stopped.
+    ``stop_at_eos=False`` always generates ``max_new_tokens`` (benchmarks: equal work for every variant).
     Returns (completion_ids (B, N), completion_mask (B, N), forward_tokens).
     """
     if max_new_tokens < 1:
@@ -277,6 +284,7 @@ def greedy_decode(model, tokenizer, prompts: Sequence[Messages | str], *, max_ne
     done = torch.zeros(rows, dtype=torch.bool, device=device)
     mask = prompt_mask
     cache, forward_tokens = None, 0
+    cache_kwarg = _cache_kwarg(model)
     for i in range(max_new_tokens):
         if before_step is not None:
             before_step(i, generated, done)
@@ -289,17 +297,28 @@ def greedy_decode(model, tokenizer, prompts: Sequence[Messages | str], *, max_ne
         else:
             positions = mask.sum(1, keepdim=True) - 1  # every row's next position (left padding)
             out = model(input_ids=generated[:, -1:], attention_mask=mask, position_ids=positions,
-                        past_key_values=cache, use_cache=True, logits_to_keep=1)
+                        use_cache=True, logits_to_keep=1, **{cache_kwarg: cache})
             forward_tokens += rows
-        cache = None if recompute_prefix else out.past_key_values
+        cache = None if recompute_prefix else _output_cache(out)
         token = out.logits[:, -1].argmax(-1)
         token = torch.where(done, torch.full_like(token, pad), token)
         generated = torch.cat([generated, token[:, None]], 1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-        done |= torch.isin(token, eos)
+        if stop_at_eos:
+            done |= torch.isin(token, eos)
         if bool(done.all()):
             break
     return generated, completion_mask(generated, set(eos.tolist())), forward_tokens
+
+
+def _cache_kwarg(model) -> str:
+    """transformers 5.x calls the KV cache argument ``cache`` (``past_key_values`` is deprecated); 4.x: the latter."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _output_cache(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
 
 
 def _decode(tokenizer, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
@@ -309,7 +328,8 @@ def _decode(tokenizer, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
 
 @torch.no_grad()
 def generate_routed(model, tokenizer, prompts: Sequence[Messages | str], mixer: Mixer, router: Router, *,
-                    every: int = 2, max_new_tokens: int = 64, recompute_prefix: bool = False) -> RoutedGeneration:
+                    every: int = 2, max_new_tokens: int = 64, recompute_prefix: bool = False,
+                    stop_at_eos: bool = True) -> RoutedGeneration:
     """Greedy generation with token-level routing: every ``every`` tokens each unfinished row's text is
     re-embedded and its expert weights recomputed (``every=1``: before every token; Belofsky: 2 was best).
 
@@ -344,7 +364,8 @@ def generate_routed(model, tokenizer, prompts: Sequence[Messages | str], mixer: 
 
     try:
         ids, mask, forward_tokens = greedy_decode(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                                                  before_step=route, recompute_prefix=recompute_prefix)
+                                                  before_step=route, recompute_prefix=recompute_prefix,
+                                                  stop_at_eos=stop_at_eos)
     finally:
         mixer.reset()
     return RoutedGeneration(texts=_decode(tokenizer, ids, mask), weights_trace=torch.stack(trace), route_steps=steps,

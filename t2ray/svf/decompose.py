@@ -71,7 +71,8 @@ def parse_layers(layers: str | list[int] | None, num_layers: int) -> set[int] | 
 
 def select_targets(model: nn.Module, target_modules: str | list[str] = "mlp", layers=None) -> list[str]:
     """Names of the nn.Linear modules inside decoder layers that SVF adapts."""
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and LAYER_INDEX.search(n + ".")]
+    linears = [n for n, m in model.named_modules()
+               if isinstance(m, nn.Linear) and LAYER_INDEX.search(n + ".") and not n.endswith(".base_layer")]
     num_layers = 1 + max((int(LAYER_INDEX.search(n + ".").group(1)) for n in linears), default=-1)
     wanted_layers = parse_layers(layers, num_layers)
     if isinstance(target_modules, str) and target_modules in (*MODULE_GROUPS, "all"):
@@ -124,7 +125,7 @@ def svd_factors(weight: torch.Tensor, dtype: torch.dtype = torch.float32) -> Fac
 def svd_cache_dir(fingerprint: str, dtype: torch.dtype, root: Path | None = None) -> Path:
     from t2ray.models import cache_root  # lazy: models pulls in transformers
 
-    return (root or cache_root() / "svd") / f"{fingerprint}-{str(dtype).removeprefix('torch.')}"
+    return (Path(root) if root else cache_root() / "svd") / f"{fingerprint}-{str(dtype).removeprefix('torch.')}"
 
 
 def load_cached(path: Path, shape: tuple[int, int]) -> Factors | None:

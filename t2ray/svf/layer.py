@@ -71,7 +71,7 @@ class SVFLinear(nn.Module):
             return self.adapted_weight(z)  # training: rebuild under autograd
         source = self.z_override if self.z_override is not None else self.svf_p
         weight = self.base_layer.weight  # an optimizer step, an in-place edit or a .to() invalidates the cache
-        key = (source is self.svf_p, source._version, weight.dtype, weight.device)
+        key = (source is self.svf_p, source._version, weight._version, weight.dtype, weight.device)
         if self._weight_cache is None or self._weight_cache[0] != key:
             self._weight_cache = (key, self.adapted_weight(z.detach()))
         return self._weight_cache[1]
@@ -94,6 +94,11 @@ class SVFLinear(nn.Module):
         if self.mode == "materialized" and z.dim() == 1:
             return F.linear(x, self._cached_weight(z), self.base_layer.bias)
         return self._factored(x, z)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_weight_cache"] = None  # a copy's version counters restart: never carry a cached W' over
+        return state
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, tall={self.tall}, mode={self.mode}"

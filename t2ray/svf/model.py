@@ -38,6 +38,7 @@ def patch_model(model: nn.Module, config: SVFConfig | None = None, *, seed: int 
 
 
 def unpatch_model(model: nn.Module) -> None:
+    model.__dict__.pop("t2ray_fingerprint", None)  # the weights may change before the next patch
     for name in svf_layers(model):
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)

@@ -115,7 +115,7 @@ class SplitTask(Task):
 
 
 def validate_splits(splits: dict[str, list[Example]], task_name: str) -> None:
-    """Raise :class:`TaskError` when ids or prompts repeat, inside a split or across splits."""
+    """Raise :class:`TaskError` when an id repeats anywhere or a prompt is in two splits."""
     seen_ids: dict[str, str] = {}
     seen_prompts: dict[str, str] = {}
     for split, exs in splits.items():
@@ -193,8 +193,9 @@ def generate_unique(
     key: Callable[[Example], str] | None = None,
 ) -> list[Example]:
     """Call ``make(rng)`` until ``n`` examples with distinct prompts exist, returned shuffled
-    (ids are reassigned by the caller). ``make`` may return None to reject a draw. ``key`` (default: the normalised
-    prompt) decides what counts as a repeat, e.g. the same question with reshuffled options."""
+    (ids are reassigned by the caller). ``make`` may return None to reject a draw. ``key``
+    (default: the normalised prompt) decides what else counts as a repeat, e.g. the same
+    question with reshuffled options."""
     out: list[Example] = []
     seen: set[str] = set()
     tries = 0

@@ -13,7 +13,6 @@ import math as _math
 import re
 import textwrap
 from collections.abc import Callable, Sequence
-from fractions import Fraction
 
 from .base import Example, TaskError, choice_labels
 from .sandbox import DEFAULT_MEMORY_MB, DEFAULT_TIMEOUT_S, SandboxResult, run_python

@@ -161,8 +161,12 @@ def run_python(
     guard: bool = True,
     python: str | None = None,
     require_completion: bool = False,
+    site_packages: bool = False,
 ) -> SandboxResult:
     """Run ``code`` as a Python program in a fresh, limited subprocess.
+
+    The program sees the standard library only (``python -S``: no site-packages, which also
+    makes start-up ~3x faster); ``site_packages=True`` makes installed packages importable.
 
     With ``require_completion`` a line printing a random marker is appended to the program,
     and the run only passes if the marker was printed: code that exits early with status 0
@@ -188,8 +192,10 @@ def run_python(
         runner_path = os.path.join(workdir, "_t2ray_runner.py")
         with open(runner_path, "w", encoding="utf-8") as fh:
             fh.write(runner)
-        # -s: no user site-packages; -B: no .pyc files. (Not -I: it would ignore PYTHONHASHSEED.)
-        cmd = [python or sys.executable, "-s", "-B", runner_path]
+        # -s: no user site-packages; -S: no site-packages at all; -B: no .pyc files.
+        # (Not -I: it would ignore PYTHONHASHSEED.)
+        flags = ["-s", "-B"] if site_packages else ["-s", "-S", "-B"]
+        cmd = [python or sys.executable, *flags, runner_path]
         if isolation == "unshare":
             cmd = [shutil.which("unshare") or "unshare", "--net", "--", *cmd]
         env = {
@@ -267,12 +273,15 @@ def run_many(
     workers: int | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     memory_mb: int = DEFAULT_MEMORY_MB,
+    require_completion: bool = False,
 ) -> list[SandboxResult]:
     """Run several programs concurrently (threads, each waiting on its own subprocess)."""
     if not codes:
         return []
     n = workers or max(1, min(len(codes), os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=n) as pool:
-        return list(
-            pool.map(lambda c: run_python(c, timeout_s=timeout_s, memory_mb=memory_mb), codes)
-        )
+        return list(pool.map(
+            lambda c: run_python(c, timeout_s=timeout_s, memory_mb=memory_mb,
+                                 require_completion=require_completion),
+            codes,
+        ))

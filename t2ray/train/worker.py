@@ -26,6 +26,10 @@ class DeepSpeedStepper:
     def step(self, loss: torch.Tensor) -> float:
         self.engine.backward(loss)
         self.engine.step()
+        # DeepSpeed writes the new values through its flat buffers, behind autograd's back: the parameters'
+        # version counters do not move, so SVF layers would keep serving generation the W' cached for the
+        # old z (rollouts and evaluations would never see training). Bump them.
+        torch.autograd.graph.increment_version(self.params)
         return float(self.engine.get_global_grad_norm() or 0.0)
 
     def optimizer_state(self) -> dict[str, torch.Tensor]:
@@ -43,11 +47,33 @@ class DeepSpeedStepper:
     def load_optimizer_state(self, state: dict[str, torch.Tensor]) -> None:
         from deepspeed.utils import safe_set_full_optimizer_state
 
+        if not any(key.startswith("exp_avg") for key in state):
+            return
+        self._create_optimizer_state()
         for i, p in enumerate(self.params):
             for key in ("exp_avg", "exp_avg_sq"):
                 if f"{key}.{i}" in state:
                     safe_set_full_optimizer_state(p, state[f"{key}.{i}"].view(p.ds_shape if hasattr(p, "ds_shape")
                                                                                else p.shape), key)
+
+    def _create_optimizer_state(self) -> None:
+        """Adam allocates its moments at its first step, and DeepSpeed links them to the parameters only then
+        (before it, safe_set_full_optimizer_state fails): take one step at lr 0 on zero gradients so they exist.
+        Collective, like every step; the parameters do not move."""
+        groups = self.engine.optimizer.param_groups
+        lrs = [group["lr"] for group in groups]
+        for group in groups:
+            group["lr"] = 0.0
+        try:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(self.params):  # ZeRO-3: whole while the graph is built
+                zero = sum((p * 0.0).sum() for p in self.params)
+            self.engine.backward(zero)
+            self.engine.step()
+        finally:
+            for group, lr in zip(groups, lrs):
+                group["lr"] = lr
 
 
 def build_adapter(cfg, model, gather=None):
@@ -98,15 +124,26 @@ def write_checkpoint(folder: Path, adapter, optimizer: dict[str, torch.Tensor], 
         "history": state.history}))
 
 
-def restore_checkpoint(folder: Path, adapter, stepper, state) -> None:
+def restore_adapter_and_state(folder: Path, adapter, state) -> None:
+    """The trained parameters and the loop state. Call it BEFORE deepspeed.initialize: DeepSpeed copies the
+    parameters into its own fp32 master copy there, and its first step would overwrite anything loaded later."""
     adapter.load_state(load_file(folder / CHECKPOINT_ADAPTER))
     saved = json.loads((folder / CHECKPOINT_STATE).read_text())
     state.iteration, state.best_valid = saved["iteration"], saved["best_valid"]
     state.best_iteration, state.history = saved["best_iteration"], saved["history"]
     if (folder / CHECKPOINT_BEST).exists():
         state.best_state = load_file(folder / CHECKPOINT_BEST)
+
+
+def restore_optimizer(folder: Path, stepper) -> None:
+    """The Adam moments, into the stepper that wraps the (already initialised) optimizer."""
     if (folder / CHECKPOINT_OPTIMIZER).exists():
         stepper.load_optimizer_state(load_file(folder / CHECKPOINT_OPTIMIZER))
+
+
+def restore_checkpoint(folder: Path, adapter, stepper, state) -> None:
+    restore_adapter_and_state(folder, adapter, state)
+    restore_optimizer(folder, stepper)
 
 
 def train_worker(loop_config: dict) -> None:
@@ -138,6 +175,11 @@ def train_worker(loop_config: dict) -> None:
         hf_ds = HfDeepSpeedConfig(ds_config)
     model, tokenizer = load_model(cfg.model.spec, dtype=cfg.model.dtype, device=device, seed=cfg.seed)
     adapter = build_adapter(cfg, model, deepspeed.zero.GatheredParameters if hf_ds is not None else None)
+    state = LoopState()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:  # before deepspeed.initialize (see restore_adapter_and_state)
+        with checkpoint.as_directory() as folder:
+            restore_adapter_and_state(Path(folder), adapter, state)
     if cfg.deepspeed.enabled:
         if hf_ds is not None:
             from t2ray.train.zero3 import register_svf_external_params
@@ -149,11 +191,9 @@ def train_worker(loop_config: dict) -> None:
     else:
         stepper = Stepper(adapter.parameters(), cfg.rl.lr, cfg.rl.grad_clip)
 
-    state = LoopState()
-    checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
-            restore_checkpoint(Path(folder), adapter, stepper, state)
+            restore_optimizer(Path(folder), stepper)
 
     run_dir = cfg.run_dir
     tracker = None

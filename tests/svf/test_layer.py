@@ -251,8 +251,6 @@ def _train_steps(layer, x, n):
 
 
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
-@pytest.mark.xfail(strict=True, reason="bug: a copied/unpickled layer keeps the cached W' under a version key "
-                                       "that its fresh svf_p reaches again after a few steps (layer.py _cached_weight)")
 def test_copied_layer_never_serves_a_stale_cached_weight(how):
     import copy
     import pickle

@@ -325,8 +325,6 @@ def test_smollm2_identity_and_disabled(smollm2, tokenizer):
     assert torch.equal(logits(model, ids, **kw), base)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: unpatch_model keeps model.t2ray_fingerprint, and patch_model reuses it "
-                                       "(t2ray/svf/model.py), so an edited model hits the old SVD cache")
 def test_repatching_an_edited_model_uses_its_new_weights(tiny):
     patch_model(tiny, SVFConfig(), progress=False)
     unpatch_model(tiny)

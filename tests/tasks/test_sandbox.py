@@ -102,3 +102,10 @@ def test_early_exit_does_not_pass_when_completion_required():
     assert not r.passed
     r = run_python("print('hello')", require_completion=True)
     assert r.passed and r.stdout.strip() == "hello"
+
+
+def test_standard_library_only_unless_asked():
+    assert run_python("import json, math, re, collections, heapq, itertools").passed
+    r = run_python("import yaml")
+    assert r.status == "failed" and "ModuleNotFoundError" in r.stderr
+    assert run_python("import yaml", site_packages=True).passed

@@ -1,0 +1,257 @@
+"""Job submission to a Ray cluster through its dashboard (`JobSubmissionClient`): `t2ray submit` uploads a
+working directory, runs `t2ray train EXPERIMENT.yaml` (or `t2ray tune SWEEP.yaml`) on the cluster with a
+runtime_env (pip/uv requirements, environment variables passed from the caller), and prints the equivalent
+`ray job submit` line. Status, logs and stop go through the same client."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+# Passed to the job when set in the caller's environment (values never printed).
+FORWARDED_ENV = ("WANDB_API_KEY", "WANDB_MODE", "WANDB_PROJECT", "WANDB_ENTITY", "HF_TOKEN", "HF_HUB_OFFLINE",
+                 "TOKENIZERS_PARALLELISM", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL", re.I)
+# Not uploaded with the working directory (Ray also honours .gitignore files).
+EXCLUDES = [".git", ".venv", "venv", "runs", "wandb", "**/__pycache__", "*.egg-info", ".pytest_cache",
+            "*.safetensors", "*.gguf"]
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+class JobError(RuntimeError):
+    """A cluster or job problem, as one user-facing message."""
+
+
+def default_address() -> str:
+    return os.environ.get("T2RAY_JOBS_ADDRESS") or os.environ.get("RAY_API_SERVER_ADDRESS") or DEFAULT_ADDRESS
+
+
+def connect(address: str | None = None):
+    """A JobSubmissionClient, or a JobError that says how to bring a cluster up."""
+    from ray.job_submission import JobSubmissionClient
+
+    address = address or default_address()
+    try:
+        return JobSubmissionClient(address)
+    except Exception as err:  # noqa: BLE001 — ConnectionError, ValueError, RuntimeError depending on the failure
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise JobError(f"cannot reach a Ray dashboard at {address} ({reason}). Is the cluster up? Locally: "
+                       "`ray start --head --dashboard-host 127.0.0.1`; cloud: `ray up cluster/aws-gpu.yaml` then "
+                       "`ray dashboard cluster/aws-gpu.yaml`; KubeRay: `kubectl port-forward "
+                       "svc/t2ray-head-svc 8265:8265`. Or pass --address.") from None
+
+
+def _call(fn, what: str, job_id: str | None = None):
+    try:
+        return fn()
+    except JobError:
+        raise
+    except Exception as err:  # noqa: BLE001 — the SDK raises RuntimeError for HTTP errors
+        text = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        if job_id and ("does not exist" in text or "404" in text or "not found" in text.lower()):
+            raise JobError(f"no job {job_id!r} on this cluster (t2ray jobs list shows the jobs)") from None
+        raise JobError(f"{what} failed: {text}") from None
+
+
+def parse_env(pairs: list[str]) -> dict[str, str]:
+    """['KEY=VALUE', 'KEY'] -> env vars; a bare KEY takes the caller's value (error if unset)."""
+    env = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not key or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise ValueError(f"--env {pair!r}: expected KEY or KEY=VALUE")
+        if not sep:
+            if key not in os.environ:
+                raise ValueError(f"--env {key}: not set in your environment (give KEY=VALUE)")
+            value = os.environ[key]
+        env[key] = value
+    return env
+
+
+def read_requirements(path: Path) -> list[str]:
+    try:
+        lines = Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such requirements file") from None
+    return [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
+
+
+def runtime_env(working_dir: Path, *, requirements: Path | None = None, installer: str = "pip",
+                env: dict[str, str] | None = None, forward: bool = True) -> dict:
+    """The job's runtime_env: the uploaded working dir, packages to install, env vars from the caller."""
+    if installer not in ("pip", "uv"):
+        raise ValueError(f"installer must be pip or uv, got {installer!r}")
+    env_vars = {k: os.environ[k] for k in FORWARDED_ENV if forward and k in os.environ}
+    env_vars.update(env or {})
+    out: dict = {"working_dir": str(working_dir), "excludes": list(EXCLUDES)}
+    if requirements:
+        out[installer] = {"packages": read_requirements(requirements)}
+    if env_vars:
+        out["env_vars"] = env_vars
+    return out
+
+
+def entrypoint_for(config: Path, working_dir: Path, overrides: list[str]) -> tuple[str, str]:
+    """(kind, the command the job runs): `t2ray train` for an experiment, `t2ray tune` for a sweep; the file
+    path is taken relative to the uploaded working dir."""
+    from t2ray.config import load_experiment, read_yaml
+
+    config, working_dir = Path(config).resolve(), Path(working_dir).resolve()
+    try:
+        rel = config.relative_to(working_dir)
+    except ValueError:
+        raise ValueError(f"{config} is not inside the working dir {working_dir}: it is uploaded with it "
+                         "(pass --working-dir)") from None
+    raw = read_yaml(config)
+    if "space" in raw:
+        from t2ray.tune import load_sweep
+
+        load_sweep(config, overrides)  # validate here: a bad sweep fails before it reaches the cluster
+        kind, command = "sweep", "t2ray tune"
+    else:
+        load_experiment(config, overrides)
+        kind, command = "experiment", "t2ray train"
+    parts = [command, shlex.quote(rel.as_posix())] + [f"--set {shlex.quote(o)}" for o in overrides]
+    return kind, " ".join(parts)
+
+
+def _redacted(env: dict) -> dict:
+    out = json.loads(json.dumps(env))
+    for k in list(out.get("env_vars", {})):
+        if SECRET.search(k):
+            out["env_vars"][k] = "<redacted: set it yourself>"
+    return out
+
+
+def ray_cli_line(address: str, env: dict, entrypoint: str, submission_id: str | None = None,
+                 entrypoint_num_cpus: float | None = None, entrypoint_num_gpus: float | None = None) -> str:
+    """The same submission with the `ray job submit` CLI (secret env values redacted)."""
+    rest = {k: v for k, v in _redacted(env).items() if k != "working_dir"}
+    parts = ["ray job submit", f"--address {shlex.quote(address)}",
+             f"--working-dir {shlex.quote(env['working_dir'])}"]
+    if rest:
+        parts.append(f"--runtime-env-json {shlex.quote(json.dumps(rest))}")
+    if submission_id:
+        parts.append(f"--submission-id {shlex.quote(submission_id)}")
+    if entrypoint_num_cpus is not None:
+        parts.append(f"--entrypoint-num-cpus {entrypoint_num_cpus:g}")
+    if entrypoint_num_gpus is not None:
+        parts.append(f"--entrypoint-num-gpus {entrypoint_num_gpus:g}")
+    parts += ["--no-wait", "--", entrypoint]
+    return " ".join(parts)
+
+
+@dataclass
+class Submitted:
+    job_id: str
+    address: str
+    entrypoint: str
+    kind: str
+    ray_command: str
+    runtime_env: dict
+
+    def summary(self) -> dict:
+        return {"job_id": self.job_id, "address": self.address, "kind": self.kind, "entrypoint": self.entrypoint,
+                "ray_command": self.ray_command, "runtime_env": _redacted(self.runtime_env),
+                "follow": f"t2ray jobs logs {self.job_id} --address {self.address} --follow"}
+
+
+def submit(config: Path, *, address: str | None = None, working_dir: Path | None = None,
+           overrides: list[str] | None = None, requirements: Path | None = None, installer: str = "pip",
+           env: dict[str, str] | None = None, submission_id: str | None = None,
+           entrypoint_num_cpus: float | None = None, entrypoint_num_gpus: float | None = None,
+           metadata: dict[str, str] | None = None) -> Submitted:
+    """Validate the YAML here, then submit it as a Ray job that runs `t2ray train` / `t2ray tune` on the cluster."""
+    address = address or default_address()
+    working_dir = Path(working_dir or Path.cwd()).resolve()
+    if not working_dir.is_dir():
+        raise FileNotFoundError(f"{working_dir}: working dir not found")
+    kind, entry = entrypoint_for(Path(config), working_dir, list(overrides or []))
+    env_ = runtime_env(working_dir, requirements=requirements, installer=installer, env=env)
+    client = connect(address)
+    job_id = _call(lambda: client.submit_job(
+        entrypoint=entry, runtime_env=env_, submission_id=submission_id, entrypoint_num_cpus=entrypoint_num_cpus,
+        entrypoint_num_gpus=entrypoint_num_gpus, metadata={"t2ray": kind, **(metadata or {})}), "job submission")
+    return Submitted(job_id, address, entry, kind,
+                     ray_cli_line(address, env_, entry, submission_id, entrypoint_num_cpus, entrypoint_num_gpus), env_)
+
+
+def tail(text: str, lines: int = 40) -> str:
+    return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+def status(job_id: str, *, address: str | None = None, log_lines: int = 40) -> dict:
+    """Status, message, timings; a failed job also carries the tail of its logs."""
+    client = connect(address)
+    info = _call(lambda: client.get_job_info(job_id), "job status", job_id)
+    out = {"job_id": job_id, "status": str(getattr(info.status, "value", info.status)), "message": info.message,
+           "entrypoint": info.entrypoint,
+           "start_time": info.start_time and time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.start_time / 1000)),
+           "end_time": info.end_time and time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.end_time / 1000)),
+           "driver_exit_code": getattr(info, "driver_exit_code", None)}
+    if out["status"] == "FAILED":
+        out["logs_tail"] = tail(_call(lambda: client.get_job_logs(job_id), "job logs", job_id), log_lines)
+    return out
+
+
+def logs(job_id: str, *, address: str | None = None, lines: int | None = None) -> str:
+    client = connect(address)
+    text = _call(lambda: client.get_job_logs(job_id), "job logs", job_id)
+    return tail(text, lines) if lines else text
+
+
+def follow(job_id: str, *, address: str | None = None, out=None) -> str:
+    """Stream a job's logs until it ends; returns its final status."""
+    import asyncio
+
+    client = connect(address)
+    _call(lambda: client.get_job_info(job_id), "job status", job_id)
+    write = out or (lambda s: print(s, end="", flush=True))
+
+    async def stream():
+        async for chunk in client.tail_job_logs(job_id):
+            write(chunk)
+
+    _call(lambda: asyncio.run(stream()), "log streaming", job_id)
+    return wait(job_id, address=address, timeout=60)
+
+
+def wait(job_id: str, *, address: str | None = None, timeout: float = 3600, poll: float = 1.0) -> str:
+    client = connect(address)
+    deadline = time.monotonic() + timeout
+    while True:
+        state = str(_call(lambda: client.get_job_status(job_id), "job status", job_id).value)
+        if state in TERMINAL:
+            return state
+        if time.monotonic() > deadline:
+            raise JobError(f"job {job_id} still {state} after {timeout:g} s")
+        time.sleep(poll)
+
+
+def stop(job_id: str, *, address: str | None = None, wait_s: float = 60) -> str:
+    """Ask the job to stop; wait until it is STOPPED (or otherwise finished). Returns the final status."""
+    client = connect(address)
+    _call(lambda: client.stop_job(job_id), "job stop", job_id)
+    return wait(job_id, address=address, timeout=wait_s) if wait_s else "STOPPING"
+
+
+def list_jobs(*, address: str | None = None) -> list[dict]:
+    client = connect(address)
+    jobs = _call(client.list_jobs, "job listing")
+    return [{"job_id": j.submission_id or j.job_id, "status": str(getattr(j.status, "value", j.status)),
+             "entrypoint": j.entrypoint} for j in jobs]
+
+
+def check_finished(job_id: str, state: str, *, address: str | None = None, log_lines: int = 40) -> None:
+    """Raise JobError with the tail of its logs when a job ended in FAILED."""
+    if state == "FAILED":
+        info = status(job_id, address=address, log_lines=log_lines)
+        raise JobError(f"job {job_id} FAILED: {info['message']}\n--- last {log_lines} log lines ---\n"
+                       f"{info.get('logs_tail', '')}")
+    if state == "STOPPED":
+        raise JobError(f"job {job_id} was STOPPED")

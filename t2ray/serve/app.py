@@ -1,0 +1,665 @@
+"""The Ray Serve application: a ``Dispatcher`` ingress (OpenAI-compatible HTTP, pass 1) in front of
+``ExpertModel`` replicas (pass 2), and ``build_app(args)``, the builder named by the Serve config's
+``import_path: t2ray.serve.app:build_app``.
+
+    client ──HTTP──▶ Dispatcher ──handle──▶ ExpertModel replica × N
+                     auth, schema,          base model + every expert loaded once;
+                     model → mixture        @serve.batch: rows with different mixtures
+                     (pass 1: fixed,        in one forward (z per row), hot single
+                     prompt, classifier,    mixtures from an LRU of materialised W';
+                     token)                 classify (pass 1 forward), check_health
+"""
+
+import asyncio
+import hmac
+import importlib
+import logging
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from t2ray.serve.config import IMPORT_PATH, ServeArgs, read_serve_config
+from t2ray.serve.engine import DecodeBatch, ExpertLibrary, GenRequest, MixtureRef
+from t2ray.serve.errors import RequestError, bad_request, not_found
+from t2ray.serve.schema import (
+    ChatRequest, CompletionRequest, chat_chunk, chat_response, completion_chunk, completion_response, new_id,
+    parse_body, sse, usage,
+)
+
+logger = logging.getLogger("ray.serve")
+REPLICA_GONE: tuple[type[BaseException], ...]
+
+
+def _replica_gone_errors() -> tuple[type[BaseException], ...]:
+    from ray.exceptions import RayActorError
+
+    errors: list[type[BaseException]] = [RayActorError]
+    try:
+        from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
+
+        errors += [DeploymentUnavailableError, ReplicaUnavailableError]
+    except ImportError:  # older Ray
+        pass
+    return tuple(errors)
+
+
+REPLICA_GONE = _replica_gone_errors()
+
+
+def token_routing_available() -> str | None:
+    """None when token-level routing can be served, else why not."""
+    try:
+        module = importlib.import_module("t2ray.adapt.token_routing")
+    except Exception as err:  # not written yet, or broken
+        return f"t2ray.adapt.token_routing cannot be imported ({type(err).__name__}: {err})"
+    missing = [n for n in ("generate_routed", "Router", "SVFMixer") if not hasattr(module, n)]
+    return f"t2ray.adapt.token_routing lacks {', '.join(missing)}" if missing else None
+
+
+# ============================================================================ pass 2: the model replicas
+
+
+@serve.deployment(name="ExpertModel")
+class ExpertModel:
+    """Base model + SVF factors + every expert, loaded once; any mixture per request, batched."""
+
+    def __init__(self, engine: dict[str, Any], batching: dict[str, Any], routing: dict[str, Any],
+                 public_experts: list[str]):
+        import ray
+        import torch
+
+        threads = batching.get("torch_threads") or max(
+            1, int(round(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
+        torch.set_num_threads(threads)
+        self.lib = ExpertLibrary(**engine)
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="t2ray-model")  # the model is used by one thread
+        self.classify_mode = routing.pop("classify_mode", "score")
+        self.routing = routing
+        self.public_experts = public_experts
+        self._router = None
+        self._fatal: str | None = None
+        self._generate_batch.set_max_batch_size(batching["max_batch_size"])
+        self._generate_batch.set_batch_wait_timeout_s(batching["batch_wait_timeout_s"])
+        self._classify_batch.set_max_batch_size(batching["classify_batch_size"])
+        self._routed_batch.set_max_batch_size(batching["max_batch_size"])
+        self._routed_batch.set_batch_wait_timeout_s(batching["batch_wait_timeout_s"])
+
+    async def _run(self, fn, *args, **kwargs):
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, partial(fn, *args, **kwargs))
+        except (MemoryError, RuntimeError) as err:
+            if isinstance(err, MemoryError) or "out of memory" in str(err).lower():
+                self._fatal = f"{type(err).__name__}: {err}"  # let Serve replace this replica
+            raise
+
+    def check_health(self) -> None:
+        """Serve calls this periodically; raising makes Serve replace the replica."""
+        if self._fatal:
+            raise RuntimeError(f"replica unusable after {self._fatal}")
+        if not self.lib.layers and self.lib.experts:
+            raise RuntimeError("experts loaded but the model is not SVF-patched")
+
+    async def ping(self) -> dict[str, Any]:
+        return {"ok": True, "context": self.lib.context, "model": self.lib.model_spec, "stats": self.lib.stats,
+                "pid": os.getpid()}
+
+    # ---------------------------------------------------------------- generation (pass 2)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
+    async def _generate_batch(self, items: list):
+        batch: DecodeBatch = await self._run(DecodeBatch, self.lib, items)
+        await self._run(batch.prefill)
+        finished = [False] * len(items)
+        while not all(finished):
+            events = await self._run(batch.step)
+            out = []
+            for i, event in enumerate(events):
+                if finished[i]:
+                    out.append(StopIteration)  # this row's stream has ended
+                    continue
+                event = event or {"text": "", "finish_reason": None}
+                finished[i] = event["finish_reason"] is not None
+                out.append(event)
+            yield out
+
+    async def stream(self, request: GenRequest):
+        """Events {text, finish_reason, ...} as tokens are generated; the first is {"error": ...} on a bad request."""
+        try:
+            item = self.lib.prepare(request)
+        except RequestError as err:
+            yield {"error": err.to_dict()}
+            return
+        async for event in self._generate_batch(item):
+            yield event
+
+    async def complete(self, request: GenRequest) -> dict[str, Any]:
+        text, final = "", None
+        async for event in self.stream(request):
+            if "error" in event:
+                return event
+            text += event["text"]
+            if event["finish_reason"] is not None:
+                final = event
+        return {**final, "text": text}
+
+    # ---------------------------------------------------------------- pass 1: classification
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def _classify_batch(self, items: list[tuple[str, bool]]) -> list[str]:
+        labels: list[str | None] = [None] * len(items)
+        for use_classifier in (False, True):
+            rows = [i for i, (_, flag) in enumerate(items) if flag == use_classifier]
+            if rows:
+                got = await self._run(self.lib.classify, [items[i][0] for i in rows], use_classifier=use_classifier,
+                                      mode=self.classify_mode, batch_size=len(rows))
+                for i, label in zip(rows, got):
+                    labels[i] = label
+        return labels
+
+    async def classify(self, question: str, use_classifier: bool) -> dict[str, Any]:
+        try:
+            self.lib.check_classifiable(question)
+            if use_classifier and "__classifier__" not in self.lib.experts:
+                raise bad_request("strategy classifier needs classifier_expert in the serve config",
+                                  param="t2ray.strategy")
+        except RequestError as err:
+            return {"error": err.to_dict()}
+        return {"label": await self._classify_batch((question, use_classifier))}
+
+    # ---------------------------------------------------------------- token-level routing
+
+    def _routing_parts(self):
+        from t2ray.adapt.token_routing import Router, SVFMixer
+        from t2ray.tasks import get_task
+
+        if self._router is None:
+            experts = [self.lib.experts[n] for n in self.public_experts]
+            untasked = [e.name for e in experts if not e.task]
+            if untasked:
+                raise bad_request(f"token-level routing needs a task on every expert (for its centroid); "
+                                  f"{untasked[0]} has none", param="t2ray.strategy")
+            router = Router.from_tasks([get_task(e.task) for e in experts], temperature=self.routing["temperature"],
+                                       examples_per_task=self.routing["examples_per_task"])
+            self._router = (router, SVFMixer(self.lib.model, experts))
+        return self._router
+
+    def _route(self, requests: list[GenRequest]) -> list[dict[str, Any]]:
+        from t2ray.adapt.token_routing import generate_routed
+
+        started = time.perf_counter()
+        router, mixer = self._routing_parts()
+        self.lib.invalidate()
+        prompts = [r.messages if r.messages is not None else r.prompt for r in requests]
+        try:
+            result = generate_routed(self.lib.model, self.lib.tokenizer, prompts, mixer, router,
+                                     every=self.routing["every"], max_new_tokens=max(r.max_tokens for r in requests))
+        finally:
+            self.lib.invalidate()
+        out = []
+        for i, r in enumerate(requests):
+            mask = result.completion_mask[i, :r.max_tokens]
+            ids = result.completion_ids[i, :r.max_tokens][mask.bool()].tolist()
+            ended = any(t in self.lib.eos for t in ids)
+            text = self.lib.tokenizer.decode([t for t in ids if t not in self.lib.eos], skip_special_tokens=True)
+            mean = result.weights_trace[:, i].mean(0).tolist()
+            out.append({"text": text, "finish_reason": "stop" if ended else "length",
+                        "prompt_tokens": len(self.lib.encode(r)), "completion_tokens": len(ids),
+                        "generate_ms": 1000 * (time.perf_counter() - started), "batch_size": len(requests),
+                        "mode": "token-routed", "routing_steps": len(result.route_steps),
+                        "weights": dict(zip(self.public_experts, mean))})
+        return out
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
+    async def _routed_batch(self, requests: list[GenRequest]) -> list[dict[str, Any]]:
+        try:
+            return await self._run(self._route, requests)
+        except RequestError as err:
+            return [{"error": err.to_dict()}] * len(requests)
+
+    async def routed(self, request: GenRequest) -> dict[str, Any]:
+        try:
+            reason = token_routing_available()
+            if reason:
+                raise bad_request(f"token-level routing is not available: {reason}", param="t2ray.strategy")
+            self.lib.encode(request)  # context check (routed generation is greedy and ignores stop strings)
+        except RequestError as err:
+            return {"error": err.to_dict()}
+        return await self._routed_batch(request)
+
+
+# ============================================================================ pass 1 + HTTP: the dispatcher
+
+api = FastAPI(title="t2ray", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException):
+    kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    return JSONResponse(RequestError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
+                                     code=kind).body(), status_code=exc.status_code)
+
+
+@serve.deployment(name="Dispatcher")
+@serve.ingress(api)
+class Dispatcher:
+    """OpenAI-compatible endpoint; decides each request's mixture (pass 1) and calls an ExpertModel (pass 2)."""
+
+    def __init__(self, expert_model, settings: dict[str, Any]):
+        self.replicas = expert_model
+        self.s = settings
+        env = settings.get("api_key_env")
+        self.api_key = os.environ.get(env) if env else None
+        self.created = int(time.time())
+        self.experts: dict[str, dict] = settings["experts"]
+        self.mixtures: dict[str, dict] = settings["mixtures"]
+        self.gen = settings["generation"]
+        self.auto = settings["auto"]
+
+    # ---------------------------------------------------------------- helpers
+
+    def _check_auth(self, request: Request) -> None:
+        if not self.api_key:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            raise RequestError(401, "Incorrect API key provided" if header else
+                               "Missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+
+    @staticmethod
+    def _error(err: RequestError) -> JSONResponse:
+        return JSONResponse(err.body(), status_code=err.status)
+
+    def model_ids(self) -> list[str]:
+        return ["auto", "base", *self.experts, *self.mixtures]
+
+    async def _call(self, method: str, *args):
+        """A replica call, re-sent when the replica died under it (Serve starts a replacement)."""
+        for attempt in range(self.s["retries"] + 1):
+            try:
+                return await getattr(self.replicas, method).remote(*args)
+            except REPLICA_GONE:
+                if attempt == self.s["retries"]:
+                    raise RequestError(503, "the model replica died and its replacement did not answer in time; "
+                                            "retry the request", type="server_error", code="replica_unavailable")
+                await asyncio.sleep(0.5 * (attempt + 1))
+
+    @staticmethod
+    def _raise_if_error(result: dict) -> dict:
+        if "error" in result:
+            raise RequestError.from_dict(result["error"])
+        return result
+
+    # ---------------------------------------------------------------- pass 1
+
+    def _weights_ref(self, weights) -> MixtureRef:
+        names = list(self.experts)
+        if isinstance(weights, list):
+            if len(weights) != len(names):
+                raise bad_request(f"t2ray.weights has {len(weights)} values; there are {len(names)} experts "
+                                  f"({', '.join(names)}): give one weight per expert or a name -> weight object",
+                                  param="t2ray.weights")
+            pairs = list(zip(names, weights))
+        else:
+            unknown = [n for n in weights if n not in self.experts]
+            if unknown:
+                raise not_found(f"t2ray.weights: unknown expert {unknown[0]!r}; valid experts: {', '.join(names)}",
+                                param="t2ray.weights", code="expert_not_found")
+            pairs = list(weights.items())
+        pairs = [(n, float(w)) for n, w in pairs if w > 0]
+        label = "mix:" + ",".join(f"{n}={w:g}" for n, w in pairs)
+        return MixtureRef(label, tuple(n for n, _ in pairs), tuple(w for _, w in pairs))
+
+    def _expert_ref(self, name: str | None, param: str) -> MixtureRef:
+        if name not in self.experts:
+            raise not_found(f"unknown expert {name!r}; valid experts: {', '.join(self.experts) or '(none)'}",
+                            param=param, code="expert_not_found")
+        return MixtureRef(f"expert:{name}", (name,), (1.0,))
+
+    def _mixture_ref(self, name: str | None, param: str) -> MixtureRef:
+        if name not in self.mixtures:
+            raise not_found(f"unknown mixture {name!r}; valid mixtures: {', '.join(self.mixtures) or '(none)'}",
+                            param=param, code="mixture_not_found")
+        m = self.mixtures[name]
+        alpha = tuple(tuple(a) if isinstance(a, list) else a for a in m["alpha"])
+        return MixtureRef(f"mixture:{name}", tuple(m["experts"]), alpha)
+
+    async def _decide(self, body, question: str) -> tuple[MixtureRef | None, dict[str, Any]]:
+        """The mixture for one request (None = token-level routing) and what pass 1 did."""
+        if body.model not in self.model_ids() and body.model != self.s["base_id"]:
+            raise not_found(f"The model {body.model!r} does not exist; valid models: {', '.join(self.model_ids())}")
+        opts = body.t2ray
+        info: dict[str, Any] = {}
+        if opts is not None and opts.weights is not None:
+            info["strategy"] = "weights"
+            return self._weights_ref(opts.weights), info
+        strategy = opts.strategy if opts is not None else None
+        if strategy is None and opts is not None:
+            strategy = "expert" if opts.expert else "mixture" if opts.mixture else None
+        expert = opts.expert if opts is not None else None
+        mixture = opts.mixture if opts is not None else None
+        if strategy is None:
+            if body.model == "auto":
+                strategy, expert, mixture = self.auto["strategy"], self.auto["expert"], self.auto["mixture"]
+            elif body.model in self.experts:
+                strategy, expert = "expert", body.model
+            elif body.model in self.mixtures:
+                strategy, mixture = "mixture", body.model
+            else:
+                strategy = "base"
+        else:  # a strategy from the body may lean on the model id for its target
+            expert = expert or (body.model if body.model in self.experts else self.auto["expert"])
+            mixture = mixture or (body.model if body.model in self.mixtures else self.auto["mixture"])
+        info["strategy"] = strategy
+        if strategy == "base":
+            return MixtureRef(), info
+        if strategy == "expert":
+            return self._expert_ref(expert, "t2ray.expert" if opts is not None and opts.expert else "model"), info
+        if strategy == "mixture":
+            return self._mixture_ref(mixture, "t2ray.mixture" if opts is not None and opts.mixture else "model"), info
+        if not self.experts:
+            raise bad_request(f"strategy {strategy} needs experts; this server has none", param="t2ray.strategy")
+        if strategy == "token":
+            reason = token_routing_available()
+            if reason:
+                raise bad_request(f"token-level routing is not available: {reason}", param="t2ray.strategy")
+            return None, info
+        if strategy == "classifier" and not self.s["has_classifier"]:
+            raise bad_request("strategy classifier needs classifier_expert in the serve config",
+                              param="t2ray.strategy")
+        result = self._raise_if_error(await self._call("classify", question, strategy == "classifier"))
+        category = result["label"]
+        info["category"] = category
+        chosen = self.s["categories"].get(category)
+        return (self._expert_ref(chosen, "model") if chosen else MixtureRef()), info
+
+    # ---------------------------------------------------------------- pass 2
+
+    def _request_for(self, body, ref: MixtureRef | None, *, messages=None, prompt=None) -> GenRequest:
+        budget = body.token_budget()
+        max_tokens = self.gen["max_tokens_default"] if budget is None else budget
+        if max_tokens > self.gen["max_tokens_limit"]:
+            raise bad_request(f"max_tokens is {max_tokens}; this server allows at most {self.gen['max_tokens_limit']}",
+                              param="max_tokens", code="max_tokens_exceeded")
+        return GenRequest(
+            mixture=ref or MixtureRef("token-routed"), messages=messages, prompt=prompt, max_tokens=max_tokens,
+            temperature=self.gen["temperature"] if body.temperature is None else body.temperature,
+            top_p=self.gen["top_p"] if body.top_p is None else body.top_p, seed=body.seed, stop=body.stops(),
+            ignore_eos=body.ignore_eos)
+
+    def _report(self, ref: MixtureRef | None, info: dict, final: dict, pass1_ms: float, pass2_ms: float) -> dict:
+        mixture = ref.report() if ref is not None else {"label": "token-routed", "weights": final.get("weights", {})}
+        return {**info, "mixture": mixture,
+                "timings": {"pass1_ms": round(pass1_ms, 2), "pass2_ms": round(pass2_ms, 2),
+                            "queue_ms": round(final.get("queue_ms", 0.0), 2),
+                            "generate_ms": round(final.get("generate_ms", 0.0), 2)},
+                "batch_size": final.get("batch_size"), "weights_mode": final.get("mode")}
+
+    async def _one(self, body, question: str, **prompt) -> tuple[str, dict, dict]:
+        """Pass 1 + pass 2 for one prompt, non-streaming: (text, final event, t2ray report)."""
+        t0 = time.perf_counter()
+        ref, info = await self._decide(body, question)
+        request = self._request_for(body, ref, **prompt)
+        t1 = time.perf_counter()
+        final = self._raise_if_error(await self._call("routed" if ref is None else "complete", request))
+        t2 = time.perf_counter()
+        return final["text"], final, self._report(ref, info, final, 1000 * (t1 - t0), 1000 * (t2 - t1))
+
+    async def _open_stream(self, request: GenRequest):
+        """A replica stream and its first event (a request that dies before its first event is re-sent)."""
+        for attempt in range(self.s["retries"] + 1):
+            try:
+                stream = self.replicas.options(stream=True).stream.remote(request)
+                first = await stream.__anext__()
+                return stream, self._raise_if_error(first)
+            except REPLICA_GONE:
+                if attempt == self.s["retries"]:
+                    raise RequestError(503, "the model replica died; retry the request", type="server_error",
+                                       code="replica_unavailable")
+                await asyncio.sleep(0.5 * (attempt + 1))
+
+    async def _stream(self, body, question: str, chat: bool, **prompt):
+        t0 = time.perf_counter()
+        ref, info = await self._decide(body, question)
+        request = self._request_for(body, ref, **prompt)
+        t1 = time.perf_counter()
+        rid, model = new_id("chatcmpl" if chat else "cmpl"), body.model
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        if ref is None:  # token-level routing answers in one piece
+            final = self._raise_if_error(await self._call("routed", request))
+            events, stream = [final], None
+        else:
+            stream, first = await self._open_stream(request)
+            events = [first]
+
+        async def sse_events():
+            if chat:
+                yield sse(chat_chunk(rid, model, {"role": "assistant", "content": ""}))
+            final = None
+            try:
+                async def all_events():
+                    for e in events:
+                        yield e
+                    if stream is not None and events[-1]["finish_reason"] is None:
+                        async for e in stream:
+                            yield e
+
+                async for event in all_events():
+                    if event["text"]:
+                        yield sse(chat_chunk(rid, model, {"content": event["text"]}) if chat
+                                  else completion_chunk(rid, model, event["text"]))
+                    if event["finish_reason"] is not None:
+                        final = event
+                report = self._report(ref, info, final, 1000 * (t1 - t0), 1000 * (time.perf_counter() - t1))
+                yield sse(chat_chunk(rid, model, {}, final["finish_reason"], t2ray=report) if chat
+                          else completion_chunk(rid, model, "", final["finish_reason"], t2ray=report))
+                if include_usage:
+                    chunk = chat_chunk(rid, model, {}) if chat else completion_chunk(rid, model, "")
+                    yield sse({**chunk, "choices": [], "usage": usage(final["prompt_tokens"],
+                                                                      final["completion_tokens"])})
+            except Exception as err:  # the client already has a 200: report the failure in the stream
+                logger.exception("stream failed")
+                yield sse(RequestError(500, f"generation failed: {type(err).__name__}: {err}").body())
+            yield sse("[DONE]")
+
+        return StreamingResponse(sse_events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    async def _handle(self, request: Request, kind: type, chat: bool):
+        try:
+            self._check_auth(request)
+            body = parse_body(await request.body(), kind)
+            if chat:
+                messages = body.plain_messages()
+                if body.stream:
+                    return await self._stream(body, body.question(), True, messages=messages)
+                text, final, report = await self._one(body, body.question(), messages=messages)
+                return JSONResponse(chat_response(new_id("chatcmpl"), body.model, text, final, report))
+            prompts = body.prompts()
+            if len(prompts) > self.gen["max_prompts"]:
+                raise bad_request(f"prompt has {len(prompts)} entries; at most {self.gen['max_prompts']}",
+                                  param="prompt")
+            if body.stream:
+                if len(prompts) > 1:
+                    raise bad_request("stream: true takes a single prompt", param="prompt")
+                return await self._stream(body, prompts[0], False, prompt=prompts[0])
+            results = await asyncio.gather(*(self._one(body, p, prompt=p) for p in prompts))
+            return JSONResponse(completion_response(new_id("cmpl"), body.model, list(results)))
+        except RequestError as err:
+            return self._error(err)
+        except Exception as err:  # keep serving: an unexpected failure is a 500 in OpenAI's shape
+            logger.exception("request failed")
+            return self._error(RequestError(500, f"internal error: {type(err).__name__}: {err}"))
+
+    # ---------------------------------------------------------------- routes
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        return await self._handle(request, ChatRequest, chat=True)
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request):
+        return await self._handle(request, CompletionRequest, chat=False)
+
+    @api.get("/v1/models")
+    async def models(self, request: Request):
+        try:
+            self._check_auth(request)
+        except RequestError as err:
+            return self._error(err)
+
+        def entry(model_id: str, **meta) -> dict:
+            return {"id": model_id, "object": "model", "created": self.created, "owned_by": "t2ray", "t2ray": meta}
+
+        data = [entry("auto", kind="auto", strategy=self.auto["strategy"]),
+                entry("base", kind="base", model=self.s["base_id"])]
+        data += [entry(n, kind="expert", task=e["task"], category=e["category"]) for n, e in self.experts.items()]
+        data += [entry(n, kind="mixture", weights=m["report"]) for n, m in self.mixtures.items()]
+        return {"object": "list", "data": data}
+
+    @api.get("/healthz")
+    async def healthz(self):
+        try:
+            info = await asyncio.wait_for(self._call("ping"), timeout=30)
+            return {"status": "ok", "model": info["model"], "models": self.model_ids()}
+        except Exception as err:
+            return JSONResponse(RequestError(503, f"no model replica answered: {type(err).__name__}: {err}",
+                                             type="server_error").body(), status_code=503)
+
+
+# ============================================================================ building the application
+
+
+def plan(cfg: ServeArgs) -> tuple[dict, dict]:
+    """(engine kwargs for the replicas, settings for the dispatcher) from validated, resolved args."""
+    from t2ray.adapt.two_pass import expert_category
+    from t2ray.experts import load_expert, load_mixture
+
+    engine_experts = dict(cfg.experts)
+    meta = {}
+    for name, path in cfg.experts.items():
+        expert = load_expert(path)  # validates the file (clear ExpertError otherwise)
+        meta[name] = {"task": expert.task, "category": expert_category(expert)}
+    mixtures = {}
+    by_path = {str(Path(p).resolve()): n for n, p in cfg.experts.items()}
+    for name, mix in cfg.mixtures.items():
+        if mix.weights is not None:
+            pairs = [(n, w) for n, w in mix.weights.items() if w > 0]
+            names, alpha = [n for n, _ in pairs], [w for _, w in pairs]
+            report = dict(pairs)
+        else:
+            spec, _ = load_mixture(mix.file)
+            names = []
+            for k, path in enumerate(spec.experts):
+                known = by_path.get(str(Path(path).resolve()))
+                if known is None:
+                    known = f"{name}#{k}"  # an expert only this mixture uses: loaded, not listed
+                    engine_experts[known] = str(Path(path).resolve())
+                names.append(known)
+            alpha = spec.alpha
+            report = {n: a for n, a in zip(names, alpha)}
+        mixtures[name] = {"experts": names, "alpha": alpha, "report": report}
+    categories = {}
+    for name, m in meta.items():
+        if m["category"] != "other":  # SPEC §1: `other` goes to the base model unless the config says otherwise
+            categories.setdefault(m["category"], name)
+    categories.update(cfg.auto.categories)
+    engine = {"model_spec": cfg.model.spec, "experts": engine_experts, "classifier": cfg.classifier_expert,
+              "dtype": cfg.model.dtype, "device": cfg.model.device, "seed": cfg.model.seed,
+              "allow_transfer": cfg.model.allow_transfer, "mode": cfg.batching.mode,
+              "materialize_after": cfg.batching.materialize_after, "lru_size": cfg.batching.lru_size}
+    settings = {"base_id": cfg.model.spec, "experts": meta, "mixtures": mixtures, "categories": categories,
+                "auto": cfg.auto.model_dump(), "generation": cfg.generation.model_dump(),
+                "api_key_env": cfg.api_key_env, "retries": cfg.retries,
+                "has_classifier": cfg.classifier_expert is not None}
+    return engine, settings
+
+
+def build_app(args: dict | ServeArgs | None = None):
+    """The Serve application for `args` (the `args:` of a Serve config; see experiments/serve-smollm2.yaml)."""
+    cfg = args if isinstance(args, ServeArgs) else ServeArgs.model_validate(args or {})
+    cfg = cfg.resolved()
+    engine, settings = plan(cfg)
+    routing = {**cfg.auto.routing.model_dump(), "classify_mode": cfg.auto.classify_mode}
+    replica_options = cfg.expert_model.options()
+    # Serve's default (5 in flight per replica) would cap every batch at 5 rows
+    replica_options.setdefault("max_ongoing_requests", 4 * cfg.batching.max_batch_size)
+    dispatcher_options = cfg.dispatcher.options()
+    dispatcher_options.setdefault("max_ongoing_requests", 512)  # it only awaits replicas
+    replicas = ExpertModel.options(**replica_options).bind(engine, cfg.batching.model_dump(), routing,
+                                                           list(cfg.experts))
+    return Dispatcher.options(**dispatcher_options).bind(replicas, settings)
+
+
+# ============================================================================ `t2ray serve CONFIG`
+
+DEPLOYMENT_SECTIONS = {"ExpertModel": "expert_model", "Dispatcher": "dispatcher"}
+
+
+def app_args(app: dict) -> dict:
+    """A t2ray application's args with the config's `deployments:` overrides folded in (what `serve run`
+    would apply to those deployments)."""
+    args = dict(app.get("args") or {})
+    for override in app.get("deployments") or []:
+        section = DEPLOYMENT_SECTIONS.get(override.get("name"))
+        if section is None:
+            raise ValueError(f"deployments: unknown deployment {override.get('name')!r}; "
+                             f"t2ray's are {', '.join(DEPLOYMENT_SECTIONS)}")
+        merged = dict(args.get(section) or {})
+        merged.update({k: v for k, v in override.items() if k != "name"})
+        args[section] = merged
+    return args
+
+
+def run_config(path: str | Path, *, address: str | None = None, num_cpus: int | None = None, blocking: bool = True,
+               on_ready=None) -> dict:
+    """Validate a Serve config, start (or join) Ray and Serve, deploy its applications; with `blocking`, serve
+    until Ctrl-C / SIGTERM, then shut Serve (and a Ray started here) down. Returns where it serves."""
+    import ray
+
+    config = read_serve_config(path)
+    apps = []
+    for app in config["applications"]:
+        if app["import_path"] != IMPORT_PATH:
+            raise ValueError(f"application {app.get('name')!r}: t2ray serve runs {IMPORT_PATH} applications only; "
+                             "use Ray's `serve run` for others")
+        apps.append((app, ServeArgs.model_validate(app_args(app)).resolved()))  # a missing expert fails here, early
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        ray.init(address=address, num_cpus=num_cpus if address is None else None)
+    http = {"host": "127.0.0.1", "port": 8000, **(config.get("http_options") or {})}
+    serve.start(http_options=http)
+    routes = {}
+    for app, args in apps:
+        name, prefix = app.get("name", "default"), app.get("route_prefix", "/")
+        serve.run(build_app(args), name=name, route_prefix=prefix, blocking=False)
+        routes[name] = f"http://{http['host']}:{http['port']}{'' if prefix == '/' else prefix}/v1"
+    keys = sorted({a.api_key_env for _, a in apps if a.api_key_env and os.environ.get(a.api_key_env)})
+    info = {"openai_base_url": routes, "auth": f"Bearer ${keys[0]}" if keys else "none (set T2RAY_API_KEY to require a token)"}
+    if on_ready is not None:
+        on_ready(info)
+    if not blocking:
+        return info
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        serve.shutdown()
+        if started_ray:
+            ray.shutdown()
+    return info

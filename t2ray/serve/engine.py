@@ -1,0 +1,428 @@
+"""What one ExpertModel replica does, in plain PyTorch (no Ray; unit-testable in one process).
+
+The replica loads the base model and every expert once, patches the union of the experts' modules, and then
+applies any mixture per request without touching the weights:
+
+- a batch whose rows use *different* mixtures runs in the factored mode with one z per row, ``(B, r)``
+  per module (SPEC §3: no weight copies), rows of the base model get z = 1 (exactly W);
+- a batch where every row uses the *same* hot mixture runs in the materialised mode: W' is built once and
+  kept in a small LRU (one copy of the adapted weights per entry), so later batches cost what the base costs;
+- a batch of base-model rows runs with the SVF layers disabled (the untouched weights).
+
+Generation is a step-wise decode loop with a KV cache, so a replica can stream text per step and drop rows
+as they finish; greedy decoding gives the tokens `generation.rollout` gives (tested).
+"""
+from __future__ import annotations
+
+import inspect
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from t2ray.adapt.dispatch import BOXED_PREFIX, classify
+from t2ray.experts import Expert, ExpertError, check_expert, load_expert, mix_z
+from t2ray.generation import PromptTooLongError, context_length, eos_token_ids, render
+from t2ray.models import load_model
+from t2ray.serve.errors import RequestError, bad_request, not_found
+from t2ray.svf import SVFConfig, base_model_info, patch_model, set_mode, set_z, svf_layers
+from t2ray.tasks.cls import classification_messages
+
+CLASSIFIER = "__classifier__"
+
+
+def cache_kwarg(model) -> str:
+    """transformers 5.x names the KV-cache argument ``cache``; 4.x ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def output_cache(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+@dataclass(frozen=True)
+class MixtureRef:
+    """A mixture as pass 1 decided it: expert names and α (per expert, or per expert per module)."""
+    label: str = "base"
+    experts: tuple[str, ...] = ()
+    alpha: tuple = ()
+
+    @property
+    def is_base(self) -> bool:
+        return not self.experts
+
+    @property
+    def key(self) -> tuple:
+        return (self.experts, self.alpha)
+
+    def report(self) -> dict[str, Any]:
+        weights = {n: (list(a) if isinstance(a, tuple) else a) for n, a in zip(self.experts, self.alpha)}
+        return {"label": self.label, "weights": weights}
+
+
+@dataclass
+class GenRequest:
+    """One generation request as the dispatcher sends it to a replica."""
+    mixture: MixtureRef
+    messages: list[dict[str, str]] | None = None   # chat
+    prompt: str | None = None                      # completion (raw text, no chat template)
+    max_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+
+@dataclass
+class GenItem:
+    """A prepared request inside a batch (token ids, its z, its decoding state)."""
+    request: GenRequest
+    prompt_ids: list[int]
+    z: dict[str, torch.Tensor] | None
+    enqueued: float = field(default_factory=time.perf_counter)
+    generated: list[int] = field(default_factory=list)
+    emitted: int = 0
+    finish_reason: str | None = None
+    generator: torch.Generator | None = None
+
+
+class ExpertLibrary:
+    """Base model + experts + the z-state of the model. Not thread-safe: call from one thread."""
+
+    def __init__(self, model_spec: str, experts: dict[str, str], *, classifier: str | None = None,
+                 dtype: str = "float32", device: str = "cpu", seed: int = 0, allow_transfer: bool = False,
+                 mode: str = "auto", materialize_after: int = 4, lru_size: int = 2, z_cache_size: int = 256):
+        self.model, self.tokenizer = load_model(model_spec, dtype=dtype, device=device, seed=seed)
+        self.model_spec = model_spec
+        self.experts: dict[str, Expert] = {name: load_expert(path) for name, path in experts.items()}
+        if classifier:
+            self.experts[CLASSIFIER] = load_expert(classifier)
+        if self.experts:
+            modules = list(dict.fromkeys(m for e in self.experts.values() for m in e.modules))
+            patch_model(self.model, SVFConfig(target_modules=modules), progress=False)
+            info = base_model_info(self.model)
+            for name, expert in self.experts.items():
+                check_expert(expert, info, allow_transfer=allow_transfer, source=experts.get(name, classifier))
+        self.layers = svf_layers(self.model)
+        set_z(self.model, None)
+        self.ones = {m: torch.ones(layer.rank, device=layer.s.device) for m, layer in self.layers.items()}
+        self.context = context_length(self.model)
+        self.eos = eos_token_ids(self.model, self.tokenizer)
+        self.cache_kwarg = cache_kwarg(self.model)
+        self.mode, self.materialize_after, self.lru_size = mode, materialize_after, lru_size
+        self._z_cache: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
+        self._z_cache_size = z_cache_size
+        self._weights: OrderedDict[tuple, dict[str, tuple]] = OrderedDict()  # key -> layer -> (z, W' cache)
+        self._hits: dict[tuple, int] = {}
+        self._lock = threading.RLock()  # requests are prepared on the event loop, the model runs on a worker thread
+        self._active: tuple | None = None
+        self.stats = {"materialized_builds": 0, "batches": {"base": 0, "factored": 0, "materialized": 0}}
+
+    # ------------------------------------------------------------------ mixtures -> z
+
+    def z_of(self, ref: MixtureRef, *, internal: bool = False) -> dict[str, torch.Tensor] | None:
+        """z' = Σ α_k z_k per module (cached per mixture); None for the base model. Requests cannot name the
+        classifier expert (`internal` is for pass 1)."""
+        if ref.is_base:
+            return None
+        with self._lock:
+            return self._z_of(ref, internal)
+
+    def _z_of(self, ref: MixtureRef, internal: bool) -> dict[str, torch.Tensor]:
+        unknown = [n for n in ref.experts if n not in self.experts or (n == CLASSIFIER and not internal)]
+        if unknown:
+            valid = sorted(n for n in self.experts if n != CLASSIFIER)
+            raise not_found(f"unknown expert {unknown[0]!r}; valid experts: {', '.join(valid)}")
+        if ref.key in self._z_cache:
+            self._z_cache.move_to_end(ref.key)
+            return self._z_cache[ref.key]
+        experts = [self.experts[n] for n in ref.experts]
+        try:
+            alpha = [list(a) if isinstance(a, tuple) else a for a in ref.alpha]
+            z = experts[0].z() if len(experts) == 1 and alpha == [1.0] else mix_z(experts, alpha)
+        except ExpertError as err:
+            raise bad_request(str(err), param="t2ray.weights") from None
+        z = {m: v.detach().to(self.ones[m].device) for m, v in z.items()}
+        self._z_cache[ref.key] = z
+        if len(self._z_cache) > self._z_cache_size:
+            self._z_cache.popitem(last=False)
+        return z
+
+    def note_request(self, ref: MixtureRef) -> None:
+        if not ref.is_base:
+            with self._lock:
+                self._hits[ref.key] = self._hits.pop(ref.key, 0) + 1
+                if len(self._hits) > 4 * self._z_cache_size:  # forget mixtures not seen for a long while
+                    self._hits.pop(next(iter(self._hits)))
+
+    def should_materialize(self, key: tuple) -> bool:
+        if self.mode == "factored":
+            return False
+        if self.mode == "materialized":
+            return True
+        return self.lru_size > 0 and (key in self._weights or self._hits.get(key, 0) >= self.materialize_after)
+
+    # ------------------------------------------------------------------ model states
+
+    def use_base(self) -> None:
+        if self._active != ("base",):
+            set_z(self.model, None)
+            self._active = ("base",)
+
+    def use_factored(self, z: dict[str, torch.Tensor], token: Any) -> None:
+        """z per module: (r,) for every row alike, (B, r) for one z per row."""
+        if self._active != ("factored", token):
+            set_mode(self.model, "factored")
+            set_z(self.model, z)
+            self._active = ("factored", token)
+
+    def use_materialized(self, key: tuple, z: dict[str, torch.Tensor]) -> None:
+        """W' for this mixture, from the LRU or built now (and kept when the LRU has room)."""
+        if self._active == ("materialized", key):
+            return
+        set_mode(self.model, "materialized")
+        entry = self._weights.get(key)
+        if entry is None:
+            set_z(self.model, z)
+            entry = {}
+            with torch.no_grad():
+                for name, layer in self.layers.items():
+                    if name in z:
+                        layer._cached_weight(layer.z())  # builds W' once (SVFLinear's own cache)
+                        entry[name] = (layer.z_override, layer._weight_cache)
+            self.stats["materialized_builds"] += 1
+            if self.lru_size > 0:
+                self._weights[key] = entry
+                while len(self._weights) > self.lru_size:
+                    self._weights.popitem(last=False)
+        else:
+            self._weights.move_to_end(key)
+            for name, layer in self.layers.items():
+                if name in entry:
+                    layer.enabled = True
+                    layer.z_override, layer._weight_cache = entry[name]  # restore z and its W' (no rebuild)
+                else:
+                    layer.enabled = False
+                    layer.set_z(None)
+        self._active = ("materialized", key)
+
+    def invalidate(self) -> None:
+        self._active = None
+
+    # ------------------------------------------------------------------ requests
+
+    def encode(self, request: GenRequest) -> list[int]:
+        tok = self.tokenizer
+        if request.messages is not None:
+            try:
+                text = render(tok, request.messages)
+            except Exception as err:  # the chat template refuses some role sequences
+                raise bad_request(f"messages cannot be rendered with the model's chat template: {err}",
+                                  param="messages") from None
+            ids = tok(text, add_special_tokens=False).input_ids
+        else:
+            ids = tok(request.prompt).input_ids
+            if not ids:
+                ids = [tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id]
+        if len(ids) + request.max_tokens > self.context:
+            err = PromptTooLongError(f"the prompt has {len(ids)} tokens; with max_tokens={request.max_tokens} it "
+                                     f"exceeds the model's context of {self.context} tokens")
+            raise bad_request(str(err), param="messages" if request.messages is not None else "prompt",
+                              code="context_length_exceeded")
+        return ids
+
+    def prepare(self, request: GenRequest) -> GenItem:
+        ids = self.encode(request)
+        z = self.z_of(request.mixture)
+        self.note_request(request.mixture)
+        item = GenItem(request, ids, z)
+        if request.temperature > 0:
+            item.generator = torch.Generator(device="cpu")
+            item.generator.manual_seed(request.seed if request.seed is not None else
+                                       int(torch.randint(0, 2**31 - 1, ()).item()))
+        return item
+
+    def check_classifiable(self, question: str) -> None:
+        text = render(self.tokenizer, classification_messages(question)) + BOXED_PREFIX
+        n = len(self.tokenizer(text, add_special_tokens=False).input_ids)
+        if n + 1 > self.context:
+            raise bad_request(f"the query is too long to classify: {n} tokens with the classification prompt, the "
+                              f"model's context is {self.context}", param="messages", code="context_length_exceeded")
+
+    @torch.no_grad()
+    def classify(self, questions: list[str], *, use_classifier: bool, mode: str = "score",
+                 batch_size: int = 32) -> list[str]:
+        """Pass 1: code | math | reasoning | other per question, by the base model or the classifier expert."""
+        if use_classifier:
+            if CLASSIFIER not in self.experts:
+                raise bad_request("the classifier strategy needs classifier_expert in the serve config")
+            ref = MixtureRef("classifier", (CLASSIFIER,), (1.0,))
+            z = self.z_of(ref, internal=True)
+            self.note_request(ref)
+            if self.should_materialize(ref.key):
+                self.use_materialized(ref.key, z)
+            else:
+                self.use_factored(z, ref.key)
+        else:
+            self.use_base()
+        return classify(self.model, self.tokenizer, questions, mode=mode, batch_size=batch_size)
+
+
+class DecodeBatch:
+    """Step-wise generation for a batch of prepared items (left padding, KV cache, rows dropped as they end)."""
+
+    def __init__(self, lib: ExpertLibrary, items: list[GenItem]):
+        self.lib, self.items = lib, items
+        self.active = list(range(len(items)))
+        self.started = time.perf_counter()
+        refs = {it.request.mixture.key for it in items}
+        single = items[0].request.mixture if len(refs) == 1 else None
+        if single is not None and single.is_base:
+            self.mode = "base"
+        elif single is not None and lib.should_materialize(single.key):
+            self.mode = "materialized"
+        else:
+            self.mode = "factored"
+        self.key = single.key if single is not None else None
+        self._rows_z = None if single is not None else self._stack([it.z for it in items])
+        lib.stats["batches"][self.mode] += 1
+        self.stops = [it.request.stop for it in items]
+
+    def _stack(self, zs: list[dict[str, torch.Tensor] | None]) -> dict[str, torch.Tensor]:
+        modules = [m for m in self.lib.layers if any(z is not None and m in z for z in zs)]
+        return {m: torch.stack([z[m] if z is not None and m in z else self.lib.ones[m] for z in zs])
+                for m in modules}
+
+    def _activate(self) -> None:
+        if self.mode == "base":
+            self.lib.use_base()
+        elif self.mode == "materialized":
+            self.lib.use_materialized(self.key, self.items[0].z)
+        elif self._rows_z is None:
+            self.lib.use_factored(self.items[0].z, self.key)
+        else:
+            self.lib.use_factored(self._rows_z, id(self._rows_z))
+
+    @torch.no_grad()
+    def prefill(self) -> None:
+        pad = self.lib.tokenizer.pad_token_id
+        width = max(len(it.prompt_ids) for it in self.items)
+        ids = torch.full((len(self.items), width), pad, dtype=torch.long)
+        attn = torch.zeros((len(self.items), width), dtype=torch.long)
+        for i, it in enumerate(self.items):
+            ids[i, width - len(it.prompt_ids):] = torch.tensor(it.prompt_ids)
+            attn[i, width - len(it.prompt_ids):] = 1
+        device = self.lib.model.device
+        self.attn = attn.to(device)
+        positions = (self.attn.cumsum(1) - 1).clamp(min=0)
+        self._activate()
+        out = self.lib.model(input_ids=ids.to(device), attention_mask=self.attn, position_ids=positions,
+                             use_cache=True, logits_to_keep=1)
+        self.cache, self.logits = output_cache(out), out.logits[:, -1].float()
+        self.next_pos = self.attn.sum(1)
+        self.first_token_at = time.perf_counter()
+
+    def _pick(self) -> torch.Tensor:
+        tokens = self.logits.argmax(-1)
+        for j, row in enumerate(self.active):
+            req = self.items[row].request
+            if req.temperature > 0:
+                logits = self.logits[j] / req.temperature
+                probs = torch.softmax(logits, -1)
+                if req.top_p < 1:
+                    sorted_p, order = probs.sort(descending=True)
+                    keep = sorted_p.cumsum(0) - sorted_p < req.top_p  # the smallest set reaching top_p
+                    probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+                tokens[j] = torch.multinomial(probs, 1, generator=self.items[row].generator)[0]
+        return tokens
+
+    def _event(self, row: int) -> dict[str, Any]:
+        it, tok = self.items[row], self.lib.tokenizer
+        ids = [t for t in it.generated if t not in self.lib.eos]
+        text = tok.decode(ids, skip_special_tokens=True)
+        stops = self.stops[row]
+        if stops:
+            hits = [i for i in (text.find(s, max(0, it.emitted - len(s))) for s in stops) if i >= 0]
+            if hits:
+                text, it.finish_reason = text[:min(hits)], "stop"
+        end = len(text)
+        if it.finish_reason is None:
+            if stops:
+                end -= max(len(s) for s in stops) - 1  # a stop string may be starting
+            while end > it.emitted and text[end - 1] == "\ufffd":
+                end -= 1  # an incomplete UTF-8 character: wait for its next byte
+        delta = text[it.emitted:max(end, it.emitted)]
+        it.emitted = max(end, it.emitted)
+        event = {"text": delta, "finish_reason": it.finish_reason}
+        if it.finish_reason is not None:
+            now = time.perf_counter()
+            event.update(prompt_tokens=len(it.prompt_ids), completion_tokens=len(it.generated),
+                         queue_ms=1000 * (self.started - it.enqueued), generate_ms=1000 * (now - self.started),
+                         batch_size=len(self.items), mode=self.mode)
+        return event
+
+    @torch.no_grad()
+    def step(self) -> list[dict[str, Any] | None]:
+        """One token for every active row; an event per row (None for rows that had finished before)."""
+        events: list[dict[str, Any] | None] = [None] * len(self.items)
+        tokens = self._pick()
+        keep = []
+        for j, row in enumerate(self.active):
+            it = self.items[row]
+            token = int(tokens[j])
+            it.generated.append(token)
+            if token in self.lib.eos and not it.request.ignore_eos:
+                it.finish_reason = "stop"
+            elif len(it.generated) >= it.request.max_tokens:
+                it.finish_reason = "length"
+            events[row] = self._event(row)
+            if it.finish_reason is None:
+                keep.append(j)
+        if keep:
+            self._advance(tokens, keep)
+        self.active = [self.active[j] for j in keep]
+        return events
+
+    def _advance(self, tokens: torch.Tensor, keep: list[int]) -> None:
+        device = self.lib.model.device
+        if len(keep) < len(self.active):  # rows finished: shrink the batch (cache, mask, positions, z rows)
+            index = torch.tensor(keep, device=device)
+            self.cache.batch_select_indices(index)
+            self.attn, self.next_pos, tokens = self.attn[index], self.next_pos[index], tokens[index]
+            if self._rows_z is not None:
+                self._rows_z = {m: z[index] for m, z in self._rows_z.items()}
+        self.attn = torch.cat([self.attn, torch.ones_like(self.attn[:, :1])], 1)
+        self._activate()
+        out = self.lib.model(input_ids=tokens[:, None].to(device), attention_mask=self.attn,
+                             position_ids=self.next_pos[:, None], use_cache=True, logits_to_keep=1,
+                             **{self.lib.cache_kwarg: self.cache})
+        self.cache, self.logits = output_cache(out), out.logits[:, -1].float()
+        self.next_pos = self.next_pos + 1
+
+    @property
+    def done(self) -> bool:
+        return not self.active
+
+
+def run_to_completion(lib: ExpertLibrary, requests: list[GenRequest]) -> list[dict[str, Any]]:
+    """Generate for `requests` as one batch in this thread (tests, benchmarks): text + the final event."""
+    items = [lib.prepare(r) for r in requests]
+    batch = DecodeBatch(lib, items)
+    batch.prefill()
+    texts, finals = [""] * len(items), [None] * len(items)
+    while not batch.done:
+        for i, ev in enumerate(batch.step()):
+            if ev is not None:
+                texts[i] += ev["text"]
+                if ev["finish_reason"] is not None:
+                    finals[i] = ev
+    return [{**f, "text": t} for f, t in zip(finals, texts)]
+
+
+__all__ = ["CLASSIFIER", "DecodeBatch", "ExpertLibrary", "GenItem", "GenRequest", "MixtureRef", "RequestError",
+           "run_to_completion"]

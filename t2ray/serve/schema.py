@@ -1,0 +1,198 @@
+"""The OpenAI-compatible request bodies (what the official `openai` client sends), strictly typed, and the
+response/chunk builders. Unknown OpenAI fields are ignored; wrong types are a 400 naming the field."""
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from t2ray.serve.errors import RequestError, bad_request
+
+
+class Loose(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class T2RayOptions(BaseModel):
+    """The optional `t2ray` object of a request: a pass-1 strategy or explicit weights."""
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    strategy: Literal["prompt", "classifier", "token", "expert", "mixture", "base"] | None = None
+    expert: str | None = None
+    mixture: str | None = None
+    weights: dict[str, float] | list[float] | None = Field(
+        None, description="expert name -> α, or one α per expert in /v1/models order")
+
+    @field_validator("weights")
+    @classmethod
+    def _finite_non_negative(cls, w):
+        if w is None:
+            return w
+        values = list(w.values()) if isinstance(w, dict) else list(w)
+        if not values:
+            raise ValueError("weights must not be empty")
+        if any(not math.isfinite(v) for v in values):
+            raise ValueError("weights must be finite numbers (no NaN/inf)")
+        if any(v < 0 for v in values):
+            raise ValueError("weights must be >= 0")
+        if not any(v > 0 for v in values):
+            raise ValueError("weights are all zero; give at least one expert a positive weight")
+        return w
+
+
+class ContentPart(Loose):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(Loose):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class StreamOptions(Loose):
+    include_usage: bool = False
+
+
+class CommonRequest(Loose):
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int | None = Field(None, ge=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    user: str | None = None
+    ignore_eos: bool = Field(False, description="vLLM's extension: always generate max_tokens (benchmarks)")
+    t2ray: T2RayOptions | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, stop):
+        stops = [stop] if isinstance(stop, str) else stop
+        if stops is not None and (len(stops) > 4 or any(not s for s in stops)):
+            raise ValueError("stop takes up to 4 non-empty strings")
+        return stop
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, n):
+        if n is not None and n != 1:
+            raise ValueError("only n = 1 is supported")
+        return n
+
+    def stops(self) -> tuple[str, ...]:
+        return () if self.stop is None else ((self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
+
+
+class ChatRequest(CommonRequest):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+    @field_validator("messages")
+    @classmethod
+    def _not_empty(cls, messages):
+        if not messages:
+            raise ValueError("messages must contain at least one message")
+        return messages
+
+    def token_budget(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def plain_messages(self) -> list[dict[str, str]]:
+        role = {"developer": "system"}
+        return [{"role": role.get(m.role, m.role), "content": m.text()} for m in self.messages]
+
+    def question(self) -> str:
+        """What pass 1 classifies: the last user message."""
+        users = [m.text() for m in self.messages if m.role == "user"]
+        return users[-1] if users else self.messages[-1].text()
+
+
+class CompletionRequest(CommonRequest):
+    prompt: str | list[str]
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompts(cls, prompt):
+        if isinstance(prompt, list) and not prompt:
+            raise ValueError("prompt must be a string or a non-empty list of strings")
+        return prompt
+
+    def token_budget(self) -> int | None:
+        return self.max_tokens
+
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+
+def parse_body(raw: bytes, model: type[BaseModel]) -> Any:
+    """JSON bytes -> a validated request; a RequestError (400) that names the first bad field otherwise."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise bad_request(f"We could not parse the JSON body of your request ({err}). The body must be a JSON "
+                          "object.") from None
+    if not isinstance(data, dict):
+        raise bad_request(f"the request body must be a JSON object, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"] if not str(p).startswith(("function-after", "list[", "dict[")))
+        what = "missing required field" if first["type"] == "missing" else first["msg"].removeprefix("Value error, ")
+        more = f" (and {err.error_count() - 1} more problems)" if err.error_count() > 1 else ""
+        raise bad_request(f"{loc or 'body'}: {what}{more}", param=loc or None) from None
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def chat_response(rid: str, model: str, text: str, final: dict, t2ray: dict) -> dict:
+    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "finish_reason": final["finish_reason"], "logprobs": None}],
+            "usage": usage(final["prompt_tokens"], final["completion_tokens"]), "t2ray": t2ray}
+
+
+def chat_chunk(rid: str, model: str, delta: dict, finish_reason: str | None = None, **extra) -> dict:
+    return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}], **extra}
+
+
+def completion_response(rid: str, model: str, choices: list[tuple[str, dict, dict]]) -> dict:
+    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": i, "text": text, "finish_reason": final["finish_reason"], "logprobs": None,
+                         "t2ray": info} for i, (text, final, info) in enumerate(choices)],
+            "usage": usage(sum(f["prompt_tokens"] for _, f, _ in choices),
+                           sum(f["completion_tokens"] for _, f, _ in choices)),
+            "t2ray": choices[0][2]}
+
+
+def completion_chunk(rid: str, model: str, text: str, finish_reason: str | None = None, **extra) -> dict:
+    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}], **extra}
+
+
+def sse(obj: dict | str) -> str:
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n"
+
+
+__all__ = ["ChatRequest", "CompletionRequest", "RequestError", "T2RayOptions", "parse_body"]

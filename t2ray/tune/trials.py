@@ -1,0 +1,286 @@
+"""What one Tune trial runs.
+
+RL trial (the Ray 2.5x+ way to nest Train in Tune): the trial function builds the trial's ExperimentConfig and
+fits a `TorchTrainer` (Ray Train workers + DeepSpeed, the same worker loop as `t2ray train`), with a
+deterministic run name from the trial id and its run folder under the sweep. A Train V2 `UserCallback`
+(`ForwardToTune`, on the Train controller) puts every `ray.train.report` of rank 0 on a queue; the trial
+function reads it and calls `ray.tune.report` — every iteration, so ASHA/PBT decide on live metrics — with the
+z checkpoint attached when the worker saved one (PBT exploits it; a restarted trial resumes from it).
+
+CEM trial: the trial function itself loads the model and experts and runs `cem_search`, reporting the best
+candidate of every generation, then the found α's accuracy on the task's valid split.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+
+from t2ray.tune.config import Sweep
+
+TRIAL_META = "t2ray_trial.json"
+
+
+def run_name(sweep_name: str, trial_id: str) -> str:
+    """The Train run of a trial: same name on every restart of that trial (Train resumes it)."""
+    return f"{sweep_name}-{trial_id}"
+
+
+def trial_experiment(sweep: Sweep, values: dict, name: str):
+    """The ExperimentConfig a trial trains: base + fixed overrides + the trial's values; its run folder lives
+    under the sweep; per-run wandb is off (Tune's callback logs every trial once)."""
+    from t2ray.config import ExperimentConfig, deep_merge
+
+    data = deep_merge(sweep.trial_data(values), {"name": name, "storage_path": str(sweep.dir / "trials"),
+                                                  "tracking": {"wandb": False}})
+    return ExperimentConfig.model_validate(data)
+
+
+try:
+    from ray.train import UserCallback as _UserCallback
+except ImportError:  # pragma: no cover - Ray < 2.45
+    from ray.train.v2.api.callback import UserCallback as _UserCallback
+
+
+class ForwardToTune(_UserCallback):
+    """Runs on the Train controller: forwards rank 0's metrics (and the checkpoint, if any) to the trial; the
+    first item also carries the controller's handle, so a trial that Tune stops can abort its Train run."""
+
+    def __init__(self, queue):
+        self.queue = queue
+        self.sent_handle = False
+
+    def after_report(self, run_context, metrics, checkpoint):
+        import ray
+
+        handle = None
+        if not self.sent_handle:
+            handle, self.sent_handle = ray.get_runtime_context().current_actor, True
+        self.queue.put((dict(metrics[0]), checkpoint, handle))
+
+
+# Train controllers of the RL trials running in this process (trial id -> handle), and the trials being stopped.
+_CONTROLLERS: dict = {}
+_STOPPING: set = set()
+
+
+def abort_train_runs(timeout: float = 60) -> None:
+    """Abort the Train runs of this process's trials: their workers and placement group go away now.
+
+    Tune stops a trial (ASHA/PBT decision, time budget) by ending its actor; the Train controller it started
+    dies with it, and its placement group is left to Train's PlacementGroupCleaner, which cannot find the
+    cluster when several Ray clusters share a machine (its state-API lookup refuses to pick one) — the
+    leaked CPUs then starve every later trial. An explicit abort frees them whatever the machine."""
+    import ray
+
+    for trial_id, controller in list(_CONTROLLERS.items()):
+        _STOPPING.add(trial_id)
+        try:
+            ray.get(controller.abort.remote(), timeout=timeout)
+        except Exception:  # noqa: BLE001 — already finished or dead: nothing left to free
+            pass
+        _CONTROLLERS.pop(trial_id, None)
+
+
+def rl_trainable(function):
+    """The RL trial as a Tune trainable class: the function trainable, plus an abort of its Train run when
+    Tune stops the trial (Trainable.cleanup runs inside the trial actor before the actor goes)."""
+    from ray.tune.trainable import wrap_function
+
+    base = wrap_function(function)
+
+    class RLTrial(base):
+        def cleanup(self):
+            abort_train_runs()
+            super().cleanup()
+
+    RLTrial.__name__ = RLTrial.__qualname__ = "rl_trial"
+    return RLTrial
+
+
+def tune_worker(loop_config: dict) -> None:
+    """The Train worker of an RL trial: `t2ray.train.worker.train_worker`, started from `init_checkpoint`
+    (another trial's z + Adam state, handed over by PBT) when this run has no checkpoint of its own."""
+    import ray.train
+
+    from t2ray.train.worker import train_worker
+
+    init = loop_config.get("init_checkpoint")
+    if not init or ray.train.get_checkpoint() is not None:
+        return train_worker(loop_config)
+    seeded = ray.train.Checkpoint.from_directory(init)
+    original = ray.train.get_checkpoint
+    ray.train.get_checkpoint = lambda: seeded  # the worker restores through get_checkpoint(): hand it this one
+    try:
+        return train_worker(loop_config)
+    finally:
+        ray.train.get_checkpoint = original
+
+
+def _stage_checkpoint(checkpoint, meta: dict) -> str:
+    """Copy a Train checkpoint (z, Adam moments, loop state: small) into a fresh folder with the trial's meta,
+    for ray.tune.report to persist as the Tune checkpoint."""
+    folder = tempfile.mkdtemp(prefix="t2ray-tune-ckpt-")
+    checkpoint.to_directory(folder)
+    Path(folder, TRIAL_META).write_text(json.dumps(meta))
+    return folder
+
+
+def _starting_point(sweep: Sweep, trial_id: str) -> tuple[str, str | None]:
+    """(Train run name, initial checkpoint folder or None). A trial restarted from its own Tune checkpoint
+    resumes its own Train run; one restarted from another trial's (PBT exploit) starts a new, deterministically
+    named run seeded with that checkpoint."""
+    import ray.tune
+
+    name = run_name(sweep.config.name, trial_id)
+    checkpoint = ray.tune.get_checkpoint()
+    if checkpoint is None:
+        return name, None
+    with checkpoint.as_directory() as folder:
+        meta_path = Path(folder, TRIAL_META)
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        if meta.get("trial_id") == trial_id:
+            return meta.get("run_name", name), None
+        new_name = f"{name}-from-{meta.get('trial_id', 'unknown')}-it{meta.get('iteration', 0)}"
+        init = sweep.dir / "trials" / new_name / "init_checkpoint"
+        if init.exists():
+            shutil.rmtree(init)
+        shutil.copytree(folder, init)
+        return new_name, str(init)
+
+
+def rl_trial(config: dict, spec: dict) -> None:
+    """Tune function trainable: fit one Ray Train run for this trial's config, reporting every iteration."""
+    import ray.tune
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.util.queue import Empty, Queue
+
+    import yaml
+
+    sweep = Sweep.from_spec(spec)
+    trial_id = ray.tune.get_context().get_trial_id()
+    name, init = _starting_point(sweep, trial_id)
+    cfg = trial_experiment(sweep, config, name)
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+    queue = Queue(actor_options={"num_cpus": 0})
+    trainer = TorchTrainer(
+        tune_worker,
+        train_loop_config={"experiment": cfg.model_dump(mode="json"), "init_checkpoint": init},
+        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                     resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
+        run_config=RunConfig(name=cfg.name, storage_path=str(run_dir.parent),
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint_keep),
+                             callbacks=[ForwardToTune(queue)]),
+    )
+    outcome: dict = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as err:  # noqa: BLE001 — handed to the trial thread below
+            outcome["error"] = err
+
+    thread = threading.Thread(target=fit, name=f"train-{name}", daemon=True)
+    thread.start()
+    meta = {"trial_id": trial_id, "run_name": name}
+    while True:
+        try:
+            metrics, checkpoint, controller = queue.get(block=True, timeout=0.5)
+        except Empty:
+            if thread.is_alive():
+                continue
+            if queue.empty():
+                break
+            continue
+        if controller is not None:
+            _CONTROLLERS[trial_id] = controller
+        metrics = {k: v for k, v in metrics.items() if not k.startswith("_")}
+        if checkpoint is not None:
+            staged = _stage_checkpoint(checkpoint, {**meta, "iteration": metrics.get("iteration", 0)})
+            try:
+                ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(staged))
+            finally:
+                shutil.rmtree(staged, ignore_errors=True)
+        else:
+            ray.tune.report(metrics)
+    thread.join()
+    _CONTROLLERS.pop(trial_id, None)
+    if trial_id in _STOPPING:  # Tune stopped this trial and its Train run was aborted on purpose
+        return
+    if "error" in outcome:
+        raise RuntimeError(f"trial {trial_id} ({name}): training failed: {outcome['error']}")
+    result = outcome.get("result")
+    if result is not None and result.error:
+        raise RuntimeError(f"trial {trial_id} ({name}): training failed: {result.error}")
+
+
+def cem_trial(config: dict, spec: dict) -> None:
+    """Tune function trainable: CEM over mixing weights with this trial's settings; one report per generation,
+    then valid_accuracy of the found α."""
+    import numpy as np
+    import ray.tune
+    import torch
+
+    from t2ray.adapt.cem import cem_search
+    from t2ray.adapt.fewshot import ShotFitness, pick_shots
+    from t2ray.config import AdaptConfig
+    from t2ray.evaluate import evaluate
+    from t2ray.experts import load_expert, mix_z
+    from t2ray.models import load_model
+    from t2ray.svf import apply_experts, set_mode, set_z
+    from t2ray.tasks import get_task
+
+    sweep = Sweep.from_spec(spec)
+    cfg = AdaptConfig.model_validate(sweep.trial_data(config))
+    torch.set_num_threads(max(1, int(sweep.trial_resources()["CPU"])))
+    c = cfg.cem
+    task = get_task(cfg.task)
+    experts = [load_expert(p) for p in cfg.experts]
+    model, tokenizer = load_model(cfg.model.spec, dtype=cfg.model.dtype)
+    for expert in experts:  # patch + check that every expert fits this base model
+        apply_experts(model, [expert], allow_transfer=cfg.allow_transfer)
+    shape = (len(experts), len(experts[0].modules)) if c.per_module else (len(experts),)
+    pool = None
+    if c.actors > 1:
+        from t2ray.adapt.cem_pool import ActorPoolFitness
+
+        fitness = pool = ActorPoolFitness(c.actors, model_spec=cfg.model.spec, expert_paths=cfg.experts,
+                                          task_spec=cfg.task, shots=c.shots, seed=c.seed,
+                                          allow_transfer=cfg.allow_transfer)
+    else:
+        fitness = ShotFitness(model, tokenizer, experts, task, pick_shots(task, c.shots, c.seed),
+                              batch_size=cfg.batch_size)
+    generation = 0
+
+    def reporting(alphas: np.ndarray):
+        nonlocal generation
+        scores = fitness(alphas)
+        generation += 1
+        best = max(scores)
+        ray.tune.report({"generation": generation, "shots_accuracy": best[0], "shots_loglik": best[1],
+                         "mean_shots_accuracy": float(np.mean([s[0] for s in scores]))})
+        return scores
+
+    try:
+        found = cem_search(reporting, shape, population=c.population, elite_ratio=c.elite_ratio,
+                           generations=c.generations, init_std=c.init_std, normalize=c.normalize, seed=c.seed,
+                           progress=False)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    alpha = found.alpha.tolist()
+    set_mode(model, "materialized")
+    set_z(model, mix_z(experts, alpha))
+    result = evaluate(model, tokenizer, task, split="valid", limit=cfg.limit, batch_size=cfg.batch_size,
+                      adapter="cem", progress=False)
+    ray.tune.report({"generation": generation, "valid_accuracy": result.accuracy, "valid_n": result.n,
+                     "shots_accuracy": found.fitness[0], "shots_loglik": found.fitness[1],
+                     "alpha": json.dumps(alpha)})

@@ -1,0 +1,89 @@
+"""Each two-pass strategy end to end on tiny-llama with tiny experts (real Ray actors for CEM), and the
+score-mode classifier against generate mode on SmolLM2."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import ray
+import torch
+
+from t2ray.adapt.dispatch import classify
+from t2ray.adapt.two_pass import run_adapt, save_found_mixture
+from t2ray.config import AdaptConfig
+from t2ray.experts import Expert, load_mixture, save_expert
+from t2ray.models import load_model
+from t2ray.svf import base_model_info, patch_model, trainable_params
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory):
+    """Three tiny SVF experts (math/code/reasoning) and a classifier expert, as files."""
+    model, _ = load_model("tiny-llama")
+    patch_model(model, progress=False)
+    info = base_model_info(model)
+    folder = tmp_path_factory.mktemp("library")
+    g = torch.Generator().manual_seed(0)
+    paths = {}
+    for task in ("math", "code", "reasoning", "cls"):
+        params = {k: v + torch.randn(v.shape, generator=g) for k, v in trainable_params(model).items()}
+        paths[task] = save_expert(Expert(name=f"tiny-{task}", params=params, base_model=info.model_id,
+                                         fingerprint=info.fingerprint, task=task), folder / f"{task}.safetensors")
+    return paths
+
+
+def config(library, strategy, **kw):
+    return AdaptConfig(strategy=strategy, task="math-hard", model={"spec": "tiny-llama"},
+                       experts=[str(library[t]) for t in ("math", "code", "reasoning")],
+                       classifier_expert=str(library["cls"]), limit=3, **kw)
+
+
+@pytest.mark.parametrize("strategy", ["prompt", "classifier"])
+def test_dispatch_strategies_end_to_end(library, strategy):
+    result = run_adapt(config(library, strategy), progress=False)
+    assert result.eval.n == 3 and len(result.choices) == 3
+    assert set(result.choices) <= {"tiny-math", "tiny-code", "tiny-reasoning", "base"}
+    assert result.pass1_s > 0 and result.pass2_s > 0
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_fewshot_on_ray_actors_writes_a_usable_mixture(library, ray_cluster, tmp_path):
+    cfg = config(library, "fewshot", cem={"population": 4, "generations": 2, "shots": 2, "actors": 2})
+    result = run_adapt(cfg, progress=False)
+    assert len(result.alpha) == 3 and all(0 <= a <= 1 for a in result.alpha)
+    assert len(result.history) == 2 and result.choices == ["mixture"] * 3
+    path = save_found_mixture(result, cfg, tmp_path / "found.json")
+    mixture, experts = load_mixture(path)
+    assert mixture.alpha == result.alpha and [e.name for e in experts] == ["tiny-math", "tiny-code", "tiny-reasoning"]
+    assert json.loads(path.read_text())["task"] == "math-hard"
+
+
+def test_bad_adapt_settings_are_refused(library):
+    with pytest.raises(ValueError, match="population"):
+        config(library, "fewshot", cem={"population": 1})
+    with pytest.raises(ValueError, match="elite_ratio"):
+        config(library, "fewshot", cem={"elite_ratio": 0})
+    with pytest.raises(ValueError, match="strategy"):
+        config(library, "telepathy")
+    with pytest.raises(ValueError, match="classifier_expert"):
+        AdaptConfig(strategy="classifier", task="math", experts=["x.safetensors"])
+    with pytest.raises(ValueError, match="not found"):
+        run_adapt(config(library, "prompt").model_copy(update={"experts": ["missing.safetensors"]}))
+
+
+@pytest.mark.slow
+def test_score_mode_agrees_with_generate_mode_on_easy_prompts(smollm2):
+    model, tokenizer = smollm2
+    questions = ["What is 17 + 25?", "Compute 12 * 7.", "Write a Python function that reverses a string.",
+                 "Write a Python function to sort a list of integers."]
+    scored = classify(model, tokenizer, questions, mode="score")
+    generated = classify(model, tokenizer, questions, mode="generate")
+    assert scored == generated
+    assert scored[:2] == ["math", "math"] and scored[2:] == ["code", "code"]

@@ -1,0 +1,222 @@
+"""The replica's engine without Ray: per-row mixtures, materialised LRU, decoding, limits; config and request
+validation; the shipped Serve config."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from t2ray.experts import load_expert
+from t2ray.generation import rollout
+from t2ray.models import load_model
+from t2ray.serve.config import ServeArgs, read_serve_config, t2ray_applications
+from t2ray.serve.engine import DecodeBatch, ExpertLibrary, GenRequest, MixtureRef, run_to_completion
+from t2ray.serve.errors import RequestError
+from t2ray.serve.schema import ChatRequest, CompletionRequest, parse_body
+from t2ray.svf import apply_experts
+
+from .conftest import tiny_args
+
+SHIPPED = Path(__file__).resolve().parents[2] / "experiments" / "serve-smollm2.yaml"
+PROMPTS = ["hello there", "What is 12 + 7? Reply with the number.", "x", "Write a Python function add(a, b)."]
+
+
+@pytest.fixture(scope="module")
+def lib(tiny_experts):
+    torch.set_num_threads(1)
+    return ExpertLibrary("tiny-llama", {n: str(tiny_experts[n]) for n in ("math", "code", "reasoning")},
+                         classifier=str(tiny_experts["cls"]), mode="factored")
+
+
+def ref_of(weights: dict[str, float] | None) -> MixtureRef:
+    if not weights:
+        return MixtureRef()
+    return MixtureRef("mix", tuple(weights), tuple(weights.values()))
+
+
+def reference(paths, weights, prompt: str, max_tokens: int):
+    """Greedy tokens from generation.rollout, and the logits after the prompt, on a model set up by
+    apply_experts (the library's own path)."""
+    model, tokenizer = load_model("tiny-llama")
+    if weights:
+        apply_experts(model, [load_expert(paths[n]) for n in weights], list(weights.values()))
+    out = rollout(model, tokenizer, [prompt], max_new_tokens=max_tokens)
+    with torch.no_grad():
+        logits = model(out.prompt_ids).logits[0, -1]
+    return out.completion_ids[0][out.completion_mask[0].bool()].tolist(), logits
+
+
+def run_batch(lib, requests):
+    """Generated ids per request, the logits each row decoded from at every step, and the batch's mode."""
+    items = [lib.prepare(r) for r in requests]
+    batch = DecodeBatch(lib, items)
+    batch.prefill()
+    logits = [[] for _ in items]
+    while not batch.done:
+        for j, row in enumerate(batch.active):
+            logits[row].append(batch.logits[j].clone())
+        batch.step()
+    return [it.generated for it in items], logits, batch.mode
+
+
+def test_mixed_batch_rows_match_each_mixture_alone(lib, tiny_experts, torch_threads):
+    """One batch, a different mixture per row (z per row, factored), rows leaving at different steps: every
+    row's logits at every step equal those of that request run alone, and the library's reference."""
+    mixtures = [None, {"math": 1.0}, {"math": 0.3, "code": 0.7}, {"reasoning": 1.0}]
+    budgets = [10, 3, 7, 10]  # rows leave the batch at different steps (cache, mask and z rows shrink)
+    requests = [GenRequest(ref_of(w), messages=[{"role": "user", "content": p}], max_tokens=n, temperature=0)
+                for w, p, n in zip(mixtures, PROMPTS, budgets)]
+    ids, logits, mode = run_batch(lib, requests)
+    assert mode == "factored"
+    for i, (w, p, n) in enumerate(zip(mixtures, PROMPTS, budgets)):
+        alone_ids, alone_logits, _ = run_batch(lib, [requests[i]])
+        assert ids[i] == alone_ids[0] and len(logits[i]) == n
+        for step, (a, b) in enumerate(zip(logits[i], alone_logits[0])):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=f"row {i} step {step}")
+        ref_ids, ref_logits = reference(tiny_experts, w, p, n)
+        assert ids[i] == ref_ids
+        torch.testing.assert_close(logits[i][0], ref_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_experts_change_the_model(lib):
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    outs = []
+    for ref in (MixtureRef(), ref_of({"math": 1.0}), ref_of({"code": 1.0})):
+        z = lib.z_of(ref)
+        lib.use_base() if z is None else lib.use_factored(z, ref.key)
+        with torch.no_grad():
+            outs.append(lib.model(ids).logits)
+    lib.invalidate()
+    assert not torch.allclose(outs[0], outs[1]) and not torch.allclose(outs[1], outs[2])
+
+
+def test_materialized_lru_equals_factored(tiny_experts, torch_threads):
+    lib = ExpertLibrary("tiny-llama", {n: str(tiny_experts[n]) for n in ("math", "code")}, mode="auto",
+                        materialize_after=3, lru_size=1)
+    math, code = ref_of({"math": 1.0}), ref_of({"code": 1.0})
+
+    def run(ref):
+        return run_batch(lib, [GenRequest(ref, prompt=p, max_tokens=6, temperature=0) for p in PROMPTS[:2]])
+
+    def same(a, b):
+        assert a[0] == b[0]
+        for x, y in zip(sum(a[1], []), sum(b[1], [])):
+            torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
+
+    cold = run(math)  # 2 requests seen: not hot yet
+    assert cold[2] == "factored"
+    hot = run(math)  # 4 seen: W' built once, kept in the LRU
+    assert hot[2] == "materialized" and lib.stats["materialized_builds"] == 1
+    same(hot, cold)
+    run(code), run(code)  # code becomes hot and evicts math (lru_size 1)
+    assert lib.stats["materialized_builds"] == 2
+    again = run(math)
+    assert again[2] == "materialized" and lib.stats["materialized_builds"] == 3
+    restored = run(math)  # from the LRU: no rebuild, same logits
+    assert lib.stats["materialized_builds"] == 3
+    same(again, cold), same(restored, cold)
+
+
+def test_sampling_is_seeded_and_stops_are_honoured(lib):
+    req = GenRequest(MixtureRef(), prompt="Once upon a time", max_tokens=12, temperature=1.0, top_p=0.9, seed=7)
+    a, b = run_to_completion(lib, [req, req])
+    assert a["text"] == b["text"] and a["completion_tokens"] >= 1
+    c = run_to_completion(lib, [GenRequest(MixtureRef(), prompt="Once upon a time", max_tokens=12, temperature=1.0,
+                                           seed=8)])[0]
+    full = run_to_completion(lib, [GenRequest(MixtureRef(), prompt="Once upon a time", max_tokens=12,
+                                              temperature=0)])[0]
+    assert full["finish_reason"] == "length" and full["completion_tokens"] == 12
+    stop = full["text"][3:6]
+    cut = run_to_completion(lib, [GenRequest(MixtureRef(), prompt="Once upon a time", max_tokens=12, temperature=0,
+                                             stop=(stop,))])[0]
+    assert cut["finish_reason"] == "stop" and cut["text"] == full["text"][:full["text"].index(stop)]
+    assert isinstance(c["text"], str)
+
+
+def test_request_errors(lib):
+    with pytest.raises(RequestError) as err:
+        lib.prepare(GenRequest(MixtureRef(), prompt="word " * 600, max_tokens=4))
+    assert err.value.status == 400 and err.value.code == "context_length_exceeded"
+    with pytest.raises(RequestError) as err:
+        lib.prepare(GenRequest(ref_of({"nope": 1.0}), prompt="x", max_tokens=4))
+    assert err.value.status == 404 and "math" in err.value.message
+    with pytest.raises(RequestError) as err:
+        lib.prepare(GenRequest(ref_of({"math": -1.0, "code": 1.0}), prompt="x", max_tokens=4))
+    assert err.value.status == 400
+
+
+def test_classify_base_and_classifier(lib):
+    labels = lib.classify(["What is 2 + 2?", "Write a function"], use_classifier=False)
+    assert all(label in ("code", "math", "reasoning", "other") for label in labels)
+    assert len(lib.classify(["What is 2 + 2?"], use_classifier=True)) == 1
+
+
+@pytest.mark.parametrize("body, param", [
+    (b'{"model": "auto", "messages": [{"role": "user", "content": "x"}], "max_tokens": "many"}', "max_tokens"),
+    (b'{"messages": [{"role": "user", "content": "x"}]}', "model"),
+    (b'{"model": "auto", "messages": []}', "messages"),
+    (b'{"model": "auto", "messages": [{"role": "robot", "content": "x"}]}', "messages.0.role"),
+    (b'{"model": "auto", "messages": [{"role": "user", "content": "x"}], "t2ray": {"weights": [NaN, 1]}}',
+     "t2ray.weights"),
+    (b'{"model": "auto", "messages": [{"role": "user", "content": "x"}], "t2ray": {"weights": {"math": -1}}}',
+     "t2ray.weights"),
+    (b'{"model": "auto", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}', "stream"),
+    (b'{"model": "auto", "messages": [{"role": "user", "content": "x"}], "n": 2}', "n"),
+    (b'[1, 2]', None),
+    (b'{"model": ', None),
+])
+def test_bad_bodies_name_the_field(body, param):
+    with pytest.raises(RequestError) as err:
+        parse_body(body, ChatRequest)
+    assert err.value.status == 400 and err.value.param == param
+
+
+def test_good_bodies_parse():
+    chat = parse_body(b'{"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}]}],'
+                      b' "max_completion_tokens": 3, "frequency_penalty": 0, "t2ray": {"weights": {"math": 1}}}',
+                      ChatRequest)
+    assert chat.question() == "a" and chat.token_budget() == 3 and chat.t2ray.weights == {"math": 1.0}
+    completion = parse_body(b'{"model": "m", "prompt": ["a", "b"], "stop": "\\n"}', CompletionRequest)
+    assert completion.prompts() == ["a", "b"] and completion.stops() == ("\n",)
+
+
+def test_args_validation(tiny_experts, tmp_path):
+    args = tiny_args(tiny_experts)
+    assert ServeArgs.model_validate(args).resolved().experts["math"] == str(Path(tiny_experts["math"]).resolve())
+    with pytest.raises(ValueError, match="unknown expert 'physics'"):
+        ServeArgs.model_validate({**args, "mixtures": {"m": {"weights": {"physics": 1}}}})
+    with pytest.raises(ValueError, match="extra"):
+        ServeArgs.model_validate({**args, "batchin": {}})
+    with pytest.raises(ValueError, match="reserved"):
+        ServeArgs.model_validate({**args, "experts": {"auto": str(tiny_experts["math"])}})
+    with pytest.raises(ValueError, match="auto.strategy expert needs auto.expert"):
+        ServeArgs.model_validate({**args, "auto": {"strategy": "expert"}})
+    missing = {**args, "experts": {**args["experts"], "math": str(tmp_path / "gone.safetensors")}}
+    with pytest.raises(FileNotFoundError, match="expert 'math'.*gone.safetensors.*not found"):
+        ServeArgs.model_validate(missing).resolved()
+
+
+def test_shipped_config_is_a_valid_serve_config():
+    """Ray's schema accepts it and its args validate (the expert files exist only after the quickstart)."""
+    config = read_serve_config(SHIPPED)
+    (app,) = t2ray_applications(config)
+    assert app["import_path"] == "t2ray.serve.app:build_app" and config["http_options"]["host"] == "127.0.0.1"
+    args = ServeArgs.model_validate(app["args"])
+    assert args.model.spec == "smollm2-135m" and "math" in args.experts
+    assert all(p.startswith("runs/quickstart/") for p in args.experts.values())
+
+
+def test_t2ray_serve_names_a_missing_expert(tmp_path):
+    from typer.testing import CliRunner
+
+    from t2ray.cli import app
+
+    config = yaml.safe_load(SHIPPED.read_text())
+    config["applications"][0]["args"]["experts"]["math"] = str(tmp_path / "nowhere" / "math.safetensors")
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    result = CliRunner().invoke(app, ["serve", str(path)])
+    assert result.exit_code == 2
+    assert "expert 'math'" in result.output and "not found" in result.output
