@@ -35,8 +35,9 @@ def context_length(model) -> int:
     return int(getattr(model.config, "max_position_embeddings", 2048))
 
 
-def encode_prompts(tokenizer, prompts: Sequence[Messages | str], model, max_new_tokens: int):
-    batch = tokenizer([render(tokenizer, p) for p in prompts], return_tensors="pt", padding=True,
+def encode_prompts(tokenizer, prompts: Sequence[Messages | str], model, max_new_tokens: int, reply_prefix: str = ""):
+    """Left-padded batch of chat prompts; `reply_prefix` starts the assistant's reply (e.g. a forced format)."""
+    batch = tokenizer([render(tokenizer, p) + reply_prefix for p in prompts], return_tensors="pt", padding=True,
                       add_special_tokens=False)
     limit = context_length(model)
     lengths = batch["attention_mask"].sum(1)
@@ -64,9 +65,9 @@ def eos_token_ids(model, tokenizer) -> set[int]:
 
 @torch.no_grad()
 def rollout(model, tokenizer, prompts: Sequence[Messages | str], *, max_new_tokens: int = 64,
-            temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> Rollouts:
+            temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, reply_prefix: str = "") -> Rollouts:
     """Generate one completion per prompt in a single batch (greedy when temperature == 0)."""
-    batch = encode_prompts(tokenizer, prompts, model, max_new_tokens).to(model.device)
+    batch = encode_prompts(tokenizer, prompts, model, max_new_tokens, reply_prefix).to(model.device)
     torch.manual_seed(seed)
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else \
         dict(do_sample=False, temperature=None, top_p=None, top_k=None)
@@ -79,13 +80,13 @@ def rollout(model, tokenizer, prompts: Sequence[Messages | str], *, max_new_toke
 
 def generate(model, tokenizer, prompts: Sequence[Messages | str], *, max_new_tokens: int = 64,
              temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 16, seed: int = 0,
-             progress: bool = False, desc: str = "generate") -> list[str]:
+             progress: bool = False, desc: str = "generate", reply_prefix: str = "") -> list[str]:
     """Batched generation; deterministic for a given seed. Returns the completion texts in order."""
     texts: list[str] = []
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress, unit="batch"):
         chunk = prompts[start:start + batch_size]
         texts += rollout(model, tokenizer, chunk, max_new_tokens=max_new_tokens, temperature=temperature,
-                         top_p=top_p, seed=seed + start).texts
+                         top_p=top_p, seed=seed + start, reply_prefix=reply_prefix).texts
     return texts
 
 

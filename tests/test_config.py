@@ -227,7 +227,7 @@ def experiment_files() -> list[Path]:
         rel = path.relative_to(EXPERIMENTS)
         if any(part in ("sweeps", "serve", "serving") for part in rel.parts[:-1]):
             continue
-        if "serve" in path.stem or "sweep" in path.stem:
+        if any(word in path.stem for word in ("serve", "sweep", "quickstart")):  # other config kinds
             continue
         data = yaml.safe_load(path.read_text()) or {}
         if isinstance(data, dict) and NOT_EXPERIMENT_KEYS & set(data):

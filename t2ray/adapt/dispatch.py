@@ -27,12 +27,14 @@ def label_token_ids(tokenizer) -> dict[str, int]:
 
 @torch.no_grad()
 def classify(model, tokenizer, questions: list[str], *, mode: str = "score", batch_size: int = 16) -> list[str]:
-    """One label per question. `score`: one forward pass over prompt + 'Classification: \\boxed{' comparing
-    the labels' first-token logits (no generation); `generate`: the paper's free-form boxed answer."""
+    """One label per question, after the reply is started with 'Classification: \\boxed{' (small models
+    otherwise answer the question instead of classifying it). `score`: one forward pass comparing the labels'
+    first-token logits (no generation); `generate`: the model writes the label (the paper's boxed answer)."""
     messages = [classification_messages(q) for q in questions]
     if mode == "generate":
-        texts = generate(model, tokenizer, messages, max_new_tokens=24, batch_size=batch_size)
-        return [parse_category(t) or "other" for t in texts]
+        texts = generate(model, tokenizer, messages, max_new_tokens=8, batch_size=batch_size,
+                         reply_prefix=BOXED_PREFIX)
+        return [parse_category(BOXED_PREFIX + t) or "other" for t in texts]
     if mode != "score":
         raise ValueError(f"unknown classification mode {mode!r}: score | generate")
     ids = label_token_ids(tokenizer)

@@ -392,19 +392,28 @@ HARD_FAMILIES: tuple[Callable[[random.Random], Example], ...] = (
 )
 
 
-def _fact_key(ex: Example) -> str:
-    """Questions with fixed wording (facts) may appear once in the whole pool, whatever their
-    option order; other questions are unique by their full prompt."""
+_FIXED_STEMS = frozenset(f"Question: {q}" for q, _, _ in (*FACTS, *CAUSE_EFFECT))
+
+
+def _dedupe_key(ex: Example) -> str:
+    """What makes two generated questions "the same" (so they never land in two splits).
+
+    A specific question (a fact, a sequence, a chain of comparisons, a calendar step) may
+    appear once in the whole pool, whatever its options. A generic stem ("Which of these is a
+    fruit?", "Which number is the largest?") is only the same question with the same set of
+    options, in any order.
+    """
     stem = ex.prompt.split("\n", 1)[0]
-    if any(stem == f"Question: {q}" for q, _, _ in (*FACTS, *CAUSE_EFFECT)):
-        return stem
-    return ex.prompt
+    generic = stem.startswith(("Question: Which of these", "Question: Which number is the"))
+    if generic and stem not in _FIXED_STEMS:
+        return stem + "|" + "|".join(sorted(ex.choices or ()))
+    return stem
 
 
 def _build(name: str, families, sizes: dict[str, int], seed: int) -> dict[str, list[Example]]:
     rng = random.Random(f"{name}:{seed}")
     pool = generate_unique(lambda r: r.choice(families)(r), sum(sizes.values()), rng,
-                           task_name=name, key=_fact_key)
+                           task_name=name, key=_dedupe_key)
     return assign_splits(pool, sizes, name)
 
 

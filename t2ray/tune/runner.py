@@ -172,7 +172,7 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, fresh: bool = False) 
             tune_config=tune.TuneConfig(metric=c.metric, mode=c.mode, search_alg=make_searcher(sweep),
                                         scheduler=make_scheduler(sweep), num_samples=c.num_samples,
                                         max_concurrent_trials=None if c.search.alg == "random" else concurrency(sweep),
-                                        time_budget_s=c.time_budget_s),
+                                        time_budget_s=c.time_budget_s, reuse_actors=True),
             run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(sweep.dir), callbacks=callbacks(sweep),
                                       failure_config=tune.FailureConfig(max_failures=c.max_failures), verbose=1),
         )

@@ -96,6 +96,10 @@ def rl_trainable(function):
             abort_train_runs()
             super().cleanup()
 
+        def reset_config(self, new_config):  # reuse_actors: the actor takes the next trial
+            abort_train_runs()
+            return super().reset_config(new_config)
+
     RLTrial.__name__ = RLTrial.__qualname__ = "rl_trial"
     return RLTrial
 
@@ -222,6 +226,16 @@ def rl_trial(config: dict, spec: dict) -> None:
         raise RuntimeError(f"trial {trial_id} ({name}): training failed: {result.error}")
 
 
+def no_zero_module(alphas) -> None:
+    """In place: a module whose α is zero for every expert gets 1/K each. cem_search only repairs candidates
+    that are zero everywhere; with per-module α (P, K, M) one clipped-to-zero module column makes mix_z refuse
+    the whole candidate. Fixing the array cem_search passed keeps its elites and best consistent."""
+    if alphas.ndim == 3:
+        zero = alphas.sum(axis=1) == 0  # (P, M)
+        for p, m in zip(*zero.nonzero()):
+            alphas[p, :, m] = 1.0 / alphas.shape[1]
+
+
 def cem_trial(config: dict, spec: dict) -> None:
     """Tune function trainable: CEM over mixing weights with this trial's settings; one report per generation,
     then valid_accuracy of the found α."""
@@ -262,6 +276,7 @@ def cem_trial(config: dict, spec: dict) -> None:
 
     def reporting(alphas: np.ndarray):
         nonlocal generation
+        no_zero_module(alphas)
         scores = fitness(alphas)
         generation += 1
         best = max(scores)

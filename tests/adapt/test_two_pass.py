@@ -82,8 +82,7 @@ def test_bad_adapt_settings_are_refused(library):
 def test_score_mode_agrees_with_generate_mode_on_easy_prompts(smollm2):
     model, tokenizer = smollm2
     questions = ["What is 17 + 25?", "Compute 12 * 7.", "Write a Python function that reverses a string.",
-                 "Write a Python function to sort a list of integers."]
+                 "Which is heavier, a feather or a brick?"]
     scored = classify(model, tokenizer, questions, mode="score")
-    generated = classify(model, tokenizer, questions, mode="generate")
-    assert scored == generated
-    assert scored[:2] == ["math", "math"] and scored[2:] == ["code", "code"]
+    assert scored == classify(model, tokenizer, questions, mode="generate")
+    assert scored == ["math", "math", "code", "reasoning"]

@@ -93,9 +93,9 @@ def test_experts_change_the_model(lib):
 
 
 def test_materialized_lru_equals_factored(tiny_experts, torch_threads):
-    lib = ExpertLibrary("tiny-llama", {n: str(tiny_experts[n]) for n in ("math", "code")}, mode="auto",
-                        materialize_after=3, lru_size=1)
-    math, code = ref_of({"math": 1.0}), ref_of({"code": 1.0})
+    lib = ExpertLibrary("tiny-llama", {n: str(tiny_experts[n]) for n in ("math", "code", "reasoning")},
+                        mode="auto", materialize_after=3, lru_size=2)
+    math, code, reasoning = ref_of({"math": 1.0}), ref_of({"code": 1.0}), ref_of({"reasoning": 1.0})
 
     def run(ref):
         return run_batch(lib, [GenRequest(ref, prompt=p, max_tokens=6, temperature=0) for p in PROMPTS[:2]])
@@ -110,13 +110,17 @@ def test_materialized_lru_equals_factored(tiny_experts, torch_threads):
     hot = run(math)  # 4 seen: W' built once, kept in the LRU
     assert hot[2] == "materialized" and lib.stats["materialized_builds"] == 1
     same(hot, cold)
-    run(code), run(code)  # code becomes hot and evicts math (lru_size 1)
+    code_cold = run(code)
+    run(code)  # code's W' built too (LRU: math, code)
     assert lib.stats["materialized_builds"] == 2
-    again = run(math)
-    assert again[2] == "materialized" and lib.stats["materialized_builds"] == 3
-    restored = run(math)  # from the LRU: no rebuild, same logits
+    restored = run(math)  # math's W' restored from the LRU: no rebuild, same logits
+    assert restored[2] == "materialized" and lib.stats["materialized_builds"] == 2
+    same(restored, cold)
+    run(reasoning), run(reasoning)  # a third hot expert evicts the least recently used (code)
     assert lib.stats["materialized_builds"] == 3
-    same(again, cold), same(restored, cold)
+    code_again = run(code)
+    assert code_again[2] == "materialized" and lib.stats["materialized_builds"] == 4
+    same(code_again, code_cold)
 
 
 def test_sampling_is_seeded_and_stops_are_honoured(lib):

@@ -1,10 +1,12 @@
-"""`t2ray.train.train` on a real local Ray cluster: 2 DeepSpeed workers training tiny-llama on a learnable task.
+"""`t2ray.train` on a real local Ray cluster: 2 DeepSpeed workers training tiny-llama on a learnable task.
 
 Covers ZeRO-2, ZeRO-3 (weights partitioned, z whole), LoRA through the same loop, resume of a stopped run,
-a worker SIGKILLed mid-run, and the refusals that must come before anything starts.
+a worker SIGKILLed mid-run, the refusals that must come before anything starts, and the SVDs as Ray tasks.
+One cluster for the whole module (starting one costs seconds on 2 shared cores).
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import signal
@@ -18,9 +20,15 @@ from safetensors.torch import load_file
 
 from t2ray.config import ExperimentConfig, deep_merge
 from t2ray.experts import expert_info, load_expert
+from t2ray.svf import model_fingerprint, select_targets
+from t2ray.svf.decompose import svd_cache_dir, svd_factors
 from t2ray.train import TrainError, train
+from t2ray.train.decompose import decompose_distributed, missing_targets
 
 from rl.learnable import LEARNABLE_RL, mean, rewards, write_learnable_task
+
+# the module, not the function the package re-exports under the same name
+decompose_mod = importlib.import_module("t2ray.svf.decompose")
 
 pytestmark = pytest.mark.slow
 
@@ -205,8 +213,13 @@ def test_worker_killed_mid_run_restarts_from_the_checkpoint(zero3_killed_run):
     assert iterations.count(1) == 1, f"training restarted from scratch: {iterations}"
     assert set(iterations) == set(range(1, 21))
     # the new worker group started right after a checkpoint (5, 10, 15), not from 1
-    restarts = [iterations[i + 1] for i in range(len(iterations) - 1) if iterations[i + 1] <= iterations[i]]
-    assert all(r - 1 in (5, 10, 15) for r in restarts), iterations
+    restarts = [i + 1 for i in range(len(iterations) - 1) if iterations[i + 1] <= iterations[i]]
+    assert all(iterations[i] - 1 in (5, 10, 15) for i in restarts), iterations
+    # an iteration done again after the restart samples with the same seed from the same restored z: same reward
+    rows = logged(cfg.run_dir)
+    for i in restarts:
+        first_time = next(m for m in rows[:i] if m["iteration"] == rows[i]["iteration"])
+        assert rows[i]["reward"] == first_time["reward"], (rows[i], first_time)
 
 
 # ---------------------------------------------------------------- LoRA through the same loop
@@ -249,3 +262,51 @@ def test_task_without_a_training_split_is_refused(ray_cluster, tmp_path):
     with pytest.raises(TrainError, match="has no training split"):
         train(cfg)
     assert not cfg.run_dir.exists()
+
+
+# ---------------------------------------------------------------- the SVDs as Ray tasks (t2ray.train.decompose)
+
+def test_two_ray_tasks_fill_the_cache_a_local_decompose_hits(ray_cluster, tiny, tmp_path, monkeypatch, torch_threads):
+    monkeypatch.setenv("T2RAY_CACHE", str(tmp_path / "cache"))  # an empty cache (svd_cache_dir reads it)
+    fingerprint = model_fingerprint(tiny)
+    targets = select_targets(tiny, "all")
+    folder = svd_cache_dir(fingerprint, torch.float32)
+    assert folder.is_relative_to(tmp_path / "cache")
+    assert not folder.exists()
+
+    summary = decompose_distributed(tiny, "all", None, fingerprint=fingerprint, workers=2)
+    assert summary == {"matrices": 14, "computed": 14, "cache": str(folder)}
+    assert sorted(p.stem for p in folder.glob("*.safetensors")) == sorted(targets)
+    assert not list(folder.glob("*.tmp*"))  # atomic writes only
+
+    # a local decompose is now a pure cache hit: it never computes an SVD, and returns the stored tensors
+    def no_svd(*args, **kwargs):
+        raise AssertionError("local decompose recomputed an SVD instead of reading the cache")
+
+    monkeypatch.setattr(decompose_mod, "svd_factors", no_svd)
+    cached = decompose_mod.decompose(tiny, targets, fingerprint=fingerprint, progress=False)
+    monkeypatch.undo()
+    monkeypatch.setenv("T2RAY_CACHE", str(tmp_path / "cache"))
+
+    modules = dict(tiny.named_modules())
+    for name in targets:
+        local = svd_factors(modules[name].weight)  # what a local run would have computed
+        assert cached[name].q.shape == local.q.shape and cached[name].s.shape == local.s.shape
+        # same LAPACK call on the same weights (1 thread here, as in the 1-CPU Ray task)
+        torch.testing.assert_close(cached[name].s, local.s, rtol=0, atol=1e-6, msg=name)
+        torch.testing.assert_close(cached[name].q, local.q, rtol=0, atol=1e-5, msg=name)
+
+    # and a second distributed run has nothing to do
+    again = decompose_distributed(tiny, "all", None, fingerprint=fingerprint, workers=2)
+    assert again["computed"] == 0
+
+
+def test_distributed_resumes_matrix_by_matrix(ray_cluster, tiny, tmp_path, monkeypatch):
+    """An interrupted run left some matrices: only the missing ones are computed."""
+    monkeypatch.setenv("T2RAY_CACHE", str(tmp_path / "cache"))
+    fingerprint = model_fingerprint(tiny)
+    mlp = select_targets(tiny, "mlp")
+    decompose_mod.decompose(tiny, mlp[:2], fingerprint=fingerprint, progress=False)  # a partial local run
+    summary = decompose_distributed(tiny, "mlp", None, fingerprint=fingerprint, workers=2)
+    assert summary["matrices"] == 6 and summary["computed"] == 4
+    assert missing_targets(tiny, mlp, svd_cache_dir(fingerprint, torch.float32)) == []
