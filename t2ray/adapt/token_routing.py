@@ -30,7 +30,7 @@ import inspect
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
 import torch
@@ -254,7 +254,6 @@ class RoutedGeneration:
     completion_mask: torch.Tensor    # (B, N): 1 up to and including the first EOS
     router_calls: int = 0
     forward_tokens: int = 0          # tokens run through the model (prefill + decode); shows the recompute cost
-    extra: dict = field(default_factory=dict)
 
 
 StepHook = Callable[[int, torch.Tensor, torch.Tensor], None]  # (token index, generated (B, i), done (B,))
@@ -313,7 +312,8 @@ def greedy_decode(model, tokenizer, prompts: Sequence[Messages | str], *, max_ne
 
 def _cache_kwarg(model) -> str:
     """transformers 5.x calls the KV cache argument ``cache`` (``past_key_values`` is deprecated); 4.x: the latter."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PeftModel forwards **kwargs
+    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
 
 
 def _output_cache(out):

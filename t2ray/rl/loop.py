@@ -123,8 +123,8 @@ def rl_step(model, tokenizer, task: Task, adapter: TrainableAdapter, stepper, sh
         kl = kl_to_reference(logits, ref_logits, cmask)
         loss = loss + rl.kl_coef * kl
     grad_norm = stepper.step(loss)
-    return {"loss": float(loss), "reward": float(rewards.mean()), "accuracy": float((rewards > 0).float().mean()),
-            "kl": float(kl), "grad_norm": float(grad_norm or 0.0), "reward_errors": errors,
+    return {"loss": float(loss.detach()), "reward": float(rewards.mean()), "accuracy": float((rewards > 0).float().mean()),
+            "kl": float(kl.detach()), "grad_norm": float(grad_norm or 0.0), "reward_errors": errors,
             "completion_tokens": int(cmask.sum()), "sync_bytes": sync_bytes, "rollout_s": t1 - t0, "update_s": time.perf_counter() - t1,
             "samples": len(expanded)}
 
