@@ -242,7 +242,11 @@ def tune_(sweep: Path = typer.Argument(..., help="sweep YAML (experiments/sweeps
               "search": c.search.alg, "scheduler": c.scheduler.type, "num_samples": c.num_samples,
               "per_trial": the_sweep.need_per_trial()})
         return
-    emit(run_sweep(the_sweep, address=address, fresh=fresh).summary())
+    outcome = run_sweep(the_sweep, address=address, fresh=fresh)
+    emit(outcome.summary())
+    if not outcome.complete:
+        typer.secho(f"sweep incomplete: {outcome.finished} of {outcome.expected} trials finished (interrupted or "
+                    "time budget); run the same command again to resume", err=True, fg="yellow")
 
 
 @app.command()

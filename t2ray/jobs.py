@@ -21,6 +21,7 @@ SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL", re.I)
 EXCLUDES = [".git", ".venv", "venv", "runs", "wandb", "**/__pycache__", "*.egg-info", ".pytest_cache",
             "*.safetensors", "*.gguf"]
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+AGENT_WAIT_S = 60  # how long a submission waits for a freshly started head's job agent
 
 
 class JobError(RuntimeError):
@@ -174,9 +175,21 @@ def submit(config: Path, *, address: str | None = None, working_dir: Path | None
     kind, entry = entrypoint_for(Path(config), working_dir, list(overrides or []))
     env_ = runtime_env(working_dir, requirements=requirements, installer=installer, env=env)
     client = connect(address)
-    job_id = _call(lambda: client.submit_job(
-        entrypoint=entry, runtime_env=env_, submission_id=submission_id, entrypoint_num_cpus=entrypoint_num_cpus,
-        entrypoint_num_gpus=entrypoint_num_gpus, metadata={"t2ray": kind, **(metadata or {})}), "job submission")
+
+    def send():
+        deadline = time.monotonic() + AGENT_WAIT_S
+        while True:
+            try:
+                return client.submit_job(entrypoint=entry, runtime_env=env_, submission_id=submission_id,
+                                         entrypoint_num_cpus=entrypoint_num_cpus,
+                                         entrypoint_num_gpus=entrypoint_num_gpus,
+                                         metadata={"t2ray": kind, **(metadata or {})})
+            except RuntimeError as err:  # a head that just started has no job agent for a few seconds
+                if "No available agent" not in str(err) or time.monotonic() > deadline:
+                    raise
+                time.sleep(2)
+
+    job_id = _call(send, "job submission")
     return Submitted(job_id, address, entry, kind,
                      ray_cli_line(address, env_, entry, submission_id, entrypoint_num_cpus, entrypoint_num_gpus), env_)
 

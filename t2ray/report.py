@@ -131,18 +131,14 @@ def build_report(run_dir: str | Path) -> Path:
         raise ValueError(f"{run_dir}: no table1/ or table2/ results to report (run `t2ray quickstart` first)")
     sections = ["# t2ray report", ""]
     tables = {}
-    if table1:
-        header, rows = _table(table1, TABLE1_COLUMNS, _accuracy)
-        tables["table1"] = (header, rows)
-        sections += ["## Table 1 — trained tasks: base vs LoRA vs SVF (test accuracy)", "", _markdown(header, rows),
-                     "", "![Table 1](report/table1.png)", ""]
-        plot_accuracy_bars(table1, TABLE1_COLUMNS, out / "table1.png", "Table 1: trained tasks")
+    for name, results, columns, title in (
+            ("table1", table1, TABLE1_COLUMNS, "Table 1 — trained tasks: base vs LoRA vs SVF (test accuracy)"),
+            ("table2", table2, TABLE2_COLUMNS, "Table 2 — unseen tasks: two-pass strategies (test accuracy)")):
+        if results:
+            tables[name] = _table(results, columns, _accuracy)
+            sections += [f"## {title}", "", _markdown(*tables[name]), "", f"![{name}](report/{name}.png)", ""]
+            plot_accuracy_bars(results, columns, out / f"{name}.png", title.split(" (")[0])
     if table2:
-        header, rows = _table(table2, TABLE2_COLUMNS, _accuracy)
-        tables["table2"] = (header, rows)
-        sections += ["## Table 2 — unseen tasks: two-pass strategies (test accuracy)", "", _markdown(header, rows),
-                     "", "![Table 2](report/table2.png)", ""]
-        plot_accuracy_bars(table2, TABLE2_COLUMNS, out / "table2.png", "Table 2: unseen tasks")
         timed = {k: v for k, v in table2.items() if "pass1_s" in v}
         header3 = ["task", "strategy", "pass 1 (s)", "pass 2 (s)", "pass 1 ÷ pass 2"]
         rows3 = [[t, c, f"{r['pass1_s']:.1f}", f"{r['pass2_s']:.1f}", f"{r['pass1_over_pass2']:.1%}"]

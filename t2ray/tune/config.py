@@ -326,6 +326,15 @@ class Sweep:
             return s.perturbation_interval
         return int(self.base_model().rl.eval_interval) if self.config.kind == "rl" else 1
 
+    @property
+    def expected_trials(self) -> int:
+        """Trials a complete sweep runs: num_samples × every grid's size."""
+        n = self.config.num_samples
+        for dist in self.config.space.values():
+            if dist.kind == "grid":
+                n *= len(dist.args)
+        return n
+
     def trial_resources(self) -> dict[str, float]:
         r = self.config.resources
         cpu = r.cpu if r.cpu is not None else (0.0 if self.config.kind == "rl" else 1.0)

@@ -22,11 +22,21 @@ class SweepOutcome:
     best_config: Path | None
     files: dict[str, Path] = field(default_factory=dict)
     resumed: bool = False
+    expected: int = 0
+
+    @property
+    def finished(self) -> int:
+        return sum(t["status"] in ("TERMINATED", "ERROR") for t in self.trials)
+
+    @property
+    def complete(self) -> bool:
+        return self.finished >= self.expected
 
     def summary(self) -> dict:
         stopped = [t for t in self.trials if t["stopped_early"]]
         return {"sweep_dir": str(self.sweep_dir), "trials": len(self.trials), "stopped_early": len(stopped),
                 "errored": sum(t["status"] == "ERROR" for t in self.trials), "resumed": self.resumed,
+                "complete": self.complete, "finished": self.finished, "expected": self.expected,
                 "best": self.best, "best_config": str(self.best_config) if self.best_config else None,
                 **{k: str(v) for k, v in self.files.items()}}
 
@@ -123,10 +133,22 @@ def callbacks(sweep: Sweep) -> list:
         return []
     from ray.air.integrations.wandb import WandbLoggerCallback
 
+    class WandbCallback(WandbLoggerCallback):
+        """Ray's callback, except that an interrupted sweep (Ctrl-C) ends promptly: the logging actors of trials
+        still running are told to finish too (Ray waits upload_timeout — 30 min — for them otherwise)."""
+
+        def on_experiment_end(self, trials, **info):
+            for trial in list(getattr(self, "_trial_logging_actors", {})):
+                try:
+                    self._signal_logging_actor_stop(trial=trial)
+                except Exception:  # noqa: BLE001 — best effort: the wait below still ends at the timeout
+                    pass
+            super().on_experiment_end(trials, **info)
+
+    mode = os.environ.get("WANDB_MODE", "offline")
     (sweep.dir / "wandb").mkdir(parents=True, exist_ok=True)
-    return [WandbLoggerCallback(project=sweep.config.project, group=sweep.config.name,
-                                mode=os.environ.get("WANDB_MODE", "offline"), dir=str(sweep.dir),
-                                excludes=["alpha"])]
+    return [WandbCallback(project=sweep.config.project, group=sweep.config.name, mode=mode, dir=str(sweep.dir),
+                          excludes=["alpha"], upload_timeout=60 if mode in ("offline", "disabled") else 600)]
 
 
 def _state_file(sweep: Sweep) -> Path:
@@ -214,12 +236,19 @@ def _finite(v) -> bool:
         return False
 
 
+def _statuses(grid) -> list[str]:
+    try:
+        return [str(t.status) for t in grid._experiment_analysis.trials]
+    except AttributeError:  # another Ray version: errors are still known
+        return ["ERROR" if r.error else "TERMINATED" for r in grid]
+
+
 def trial_rows(sweep: Sweep, grid) -> list[dict]:
     """One row per trial: status, whether a scheduler stopped it early, iterations used, its score."""
     c = sweep.config
     time_attr = c.time_attr
     rows = []
-    for result in grid:
+    for result, status in zip(grid, _statuses(grid)):
         frame = result.metrics_dataframe
         history = frame.to_dict("records") if frame is not None and len(frame) else []
         trial_id = (result.metrics or {}).get("trial_id") or (history[-1].get("trial_id") if history else None) or \
@@ -228,8 +257,9 @@ def trial_rows(sweep: Sweep, grid) -> list[dict]:
         used = int(max(steps)) if steps else 0
         score = _score([h.get(c.metric) for h in history], c.scope, c.mode)
         last = next((h.get(c.metric) for h in reversed(history) if _finite(h.get(c.metric))), None)
-        row = {"trial_id": trial_id, "status": "ERROR" if result.error else "TERMINATED",
-               f"{time_attr}s": used, "stopped_early": bool(not result.error and used < sweep.max_t),
+        status = "ERROR" if result.error else status
+        row = {"trial_id": trial_id, "status": status, f"{time_attr}s": used,
+               "stopped_early": bool(status == "TERMINATED" and used < sweep.max_t),
                c.metric: _clean(score), f"{c.metric}_last": _clean(last),
                "seconds": round(float((result.metrics or {}).get("time_total_s") or 0.0), 2)}
         row.update({f"config/{k}": result.config.get(k) for k in c.space})
@@ -251,6 +281,7 @@ def trial_rows(sweep: Sweep, grid) -> list[dict]:
 def write_table(sweep: Sweep, rows: list[dict]) -> tuple[Path, Path]:
     import csv
 
+    finished = sum(r["status"] in ("TERMINATED", "ERROR") for r in rows)
     columns = [k for k in rows[0] if not k.startswith("_")] if rows else ["trial_id"]
     csv_path = sweep.dir / "results.csv"
     with csv_path.open("w", newline="") as f:
@@ -264,6 +295,9 @@ def write_table(sweep: Sweep, rows: list[dict]) -> tuple[Path, Path]:
              f"{c.kind} trials on `{c.base}`: {len(rows)} trials, search {c.search.alg}, scheduler "
              f"{c.scheduler.type}, metric {c.metric} ({c.mode}, scope {c.scope}); "
              f"{sum(r['stopped_early'] for r in rows)} stopped early.", "",
+             *([f"**Incomplete**: {finished} of {sweep.expected_trials} trials finished (interrupted, or the time "
+                "budget ran out): run the same command again to resume.", ""] if finished < sweep.expected_trials
+               else []),
              "| " + " | ".join(k.removeprefix("config/") for k in shown) + " |",
              "|" + "---|" * len(shown)]
     lines += ["| " + " | ".join(fmt(r.get(k)) for k in shown) + " |" for r in rows]
@@ -356,7 +390,8 @@ def export_results(sweep: Sweep, grid) -> SweepOutcome:
     best_public = next((r for r in public if best and r["trial_id"] == best["trial_id"]), None)
     files = {"results_csv": csv_path, "results_md": md_path, "plot": png}
     (sweep.dir / "best.json").write_text(json.dumps({"best": best_public, "trials": public}, indent=2, default=str))
-    return SweepOutcome(sweep_dir=sweep.dir, trials=public, best=best_public, best_config=best_yaml, files=files)
+    return SweepOutcome(sweep_dir=sweep.dir, trials=public, best=best_public, best_config=best_yaml, files=files,
+                        expected=sweep.expected_trials)
 
 
 def best_values(best: dict, sweep: Sweep) -> dict:

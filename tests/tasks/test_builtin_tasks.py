@@ -132,3 +132,17 @@ def test_reasoning_answer_positions_balanced():
     exs = [ex for s in SPLITS for ex in task.examples(s)]
     counts = {c: sum(ex.answer == c for ex in exs) for c in "ABCD"}
     assert min(counts.values()) > len(exs) / 8, counts
+
+
+@pytest.mark.parametrize("name", ["reasoning", "reasoning-hard"])
+def test_specific_questions_never_repeat_across_splits(name):
+    """A specific question (fact, sequence, comparison chain...) is in one split only, even
+    with its options reshuffled; generic stems repeat only with a different option set."""
+    task = get_task(name)
+    where: dict[str, str] = {}
+    for split in SPLITS:
+        for ex in task.examples(split):
+            stem = ex.prompt.split("\n", 1)[0]
+            generic = stem.startswith(("Question: Which of these", "Question: Which number is the"))
+            key = stem + "|" + "|".join(sorted(ex.choices)) if generic else stem
+            assert where.setdefault(key, split) == split, (key, split, where[key])

@@ -132,11 +132,11 @@ def test_cem_sweep_interrupted_then_resumed(cluster, tmp_path, torch_threads):
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert not (sweep.dir / "results.csv").exists(), "the sweep was not interrupted before it finished"
+    assert "**Incomplete**" in (sweep.dir / "results.md").read_text(), "the sweep was not interrupted"
 
     # Same command again (here in-process): Tune restores the experiment and runs only what is left.
     outcome = run_sweep(load_sweep(path))
-    assert outcome.resumed
+    assert outcome.resumed and outcome.complete
     trials = outcome.trials
     assert len(trials) == 3 and all(t["status"] == "TERMINATED" for t in trials), trials
     assert all(t["valid_accuracy"] is not None and t["generations"] == 2 for t in trials)

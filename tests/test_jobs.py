@@ -1,0 +1,206 @@
+"""Job submission: the runtime_env and `ray job submit` line (no cluster), then `t2ray submit`/`jobs` against a
+real local Ray head with its dashboard on 127.0.0.1 (one head for the module, started and stopped here)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from t2ray import jobs
+from t2ray.cli import app
+
+
+def _helpers():
+    """tests/tune/helpers.py (tests/ is not a package: load it by path)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("t2ray_test_tune_helpers",
+                                                  Path(__file__).parent / "tune" / "helpers.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+write_task, write_experiment = _helpers().write_task, _helpers().write_experiment
+
+runner = CliRunner()
+
+
+def invoke(*args, **kwargs):
+    return runner.invoke(app, list(map(str, args)), **kwargs)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def workdir(tmp_path) -> Path:
+    write_task(tmp_path)
+    write_experiment(tmp_path, "has-e.yaml")  # relative: resolved in the job's working dir on the cluster
+    return tmp_path
+
+
+# ------------------------------------------------------------------------------------------- no cluster
+
+
+def test_runtime_env_forwards_caller_env_and_requirements(workdir, monkeypatch):
+    for key in jobs.FORWARDED_ENV:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "secret-value")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    req = workdir / "requirements.txt"
+    req.write_text("# pinned\nnumpy>=1.26\n\nrich\n")
+    env = jobs.runtime_env(workdir, requirements=req, installer="uv", env=jobs.parse_env(["EXTRA=1"]))
+    assert env["working_dir"] == str(workdir) and ".venv" in env["excludes"] and "runs" in env["excludes"]
+    assert env["uv"] == {"packages": ["numpy>=1.26", "rich"]}
+    assert env["env_vars"] == {"WANDB_API_KEY": "secret-value", "HF_HUB_OFFLINE": "1", "EXTRA": "1"}
+    assert jobs.runtime_env(workdir, requirements=req)["pip"] == {"packages": ["numpy>=1.26", "rich"]}
+    monkeypatch.setenv("MY_VAR", "x")
+    assert jobs.parse_env(["MY_VAR", "A=b=c"]) == {"MY_VAR": "x", "A": "b=c"}
+    with pytest.raises(ValueError, match="not set in your environment"):
+        jobs.parse_env(["NOT_SET_ANYWHERE_123"])
+    with pytest.raises(ValueError, match="expected KEY or KEY=VALUE"):
+        jobs.parse_env(["1BAD=x"])
+    with pytest.raises(FileNotFoundError, match="no such requirements file"):
+        jobs.runtime_env(workdir, requirements=workdir / "nope.txt")
+
+
+def test_entrypoint_and_equivalent_ray_cli_line(workdir, monkeypatch):
+    kind, entry = jobs.entrypoint_for(workdir / "tiny.yaml", workdir, ["rl.lr=0.01", "tracking.project=my project"])
+    assert kind == "experiment"
+    assert entry == "t2ray train tiny.yaml --set rl.lr=0.01 --set 'tracking.project=my project'"
+    monkeypatch.setenv("WANDB_API_KEY", "secret-value")
+    env = jobs.runtime_env(workdir)
+    line = jobs.ray_cli_line("http://10.0.0.1:8265", env, entry, submission_id="run-1", entrypoint_num_cpus=1)
+    assert line.startswith(f"ray job submit --address http://10.0.0.1:8265 --working-dir {workdir}")
+    assert "secret-value" not in line and "<redacted" in line and "--submission-id run-1" in line
+    assert line.endswith("-- t2ray train tiny.yaml --set rl.lr=0.01 --set 'tracking.project=my project'")
+    runtime = json.loads(line.split("--runtime-env-json ")[1].split(" --submission-id")[0].strip("'"))
+    assert runtime["excludes"] == jobs.EXCLUDES
+    # a sweep YAML runs `t2ray tune`; a file outside the uploaded dir, or an invalid one, never leaves here
+    sweep = workdir / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({"name": "s", "base": "tiny.yaml", "space": {"rl.lr": {"choice": [0.1]}}}))
+    assert jobs.entrypoint_for(sweep, workdir, []) == ("sweep", "t2ray tune sweep.yaml")
+    with pytest.raises(ValueError, match="is not inside the working dir"):
+        jobs.entrypoint_for(workdir / "tiny.yaml", workdir / "task", [])
+    with pytest.raises(ValueError, match="rl.lrr|extra"):
+        jobs.entrypoint_for(workdir / "tiny.yaml", workdir, ["rl.lrr=1"])
+
+
+def test_unreachable_address_is_a_clear_error(workdir):
+    address = f"http://127.0.0.1:{free_port()}"
+    result = invoke("submit", workdir / "tiny.yaml", "--address", address, "--working-dir", workdir)
+    assert result.exit_code == 2
+    assert f"cannot reach a Ray dashboard at {address}" in result.output and "Traceback" not in result.output
+    result = invoke("jobs", "status", "raysubmit_x", "--address", address)
+    assert result.exit_code == 2 and "Is the cluster up?" in result.output
+
+
+# ------------------------------------------------------------------------------------ a real local head
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory, t2ray_cache):
+    """`ray start --head` with the dashboard on 127.0.0.1 (free ports), in its own session so that exactly
+    the processes it started are stopped at the end (never `ray stop`, which stops every cluster of the user)."""
+    gcs, dash = free_port(), free_port()
+    temp = Path(f"/tmp/t2rj{os.getpid()}")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled",
+           "RAY_ADDRESS": "", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "DS_ACCELERATOR": "cpu",
+           "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+    ray = str(Path(sys.executable).with_name("ray"))
+    # Every port free and explicit: other Ray clusters on this machine hold the defaults (52365, 10001...).
+    ports = [f"--{flag}={free_port()}" for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                    "runtime-env-agent-port", "metrics-export-port",
+                                                    "ray-client-server-port")]
+    proc = subprocess.Popen([ray, "start", "--head", f"--port={gcs}", "--dashboard-host=127.0.0.1",
+                             f"--dashboard-port={dash}", "--num-cpus=2", "--include-dashboard=true", *ports,
+                             f"--temp-dir={temp}", "--block"], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    address = f"http://127.0.0.1:{dash}"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            jobs.list_jobs(address=address)
+            break
+        except jobs.JobError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the Ray head did not come up: {proc.stderr.read()[-2000:] if proc.poll() else ''}")
+            time.sleep(1)
+    yield address
+    os.killpg(proc.pid, signal.SIGTERM)  # `ray start --block` stops what it started; the group catches stragglers
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def wait_for(job_id, address, states, timeout=240):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = jobs.status(job_id, address=address)["status"]
+        if state in states:
+            return state
+        time.sleep(1)
+    raise AssertionError(f"job {job_id} not in {states} after {timeout} s (last: {state})")
+
+
+@pytest.mark.slow
+def test_submit_trains_an_expert_and_its_logs_are_retrievable(head, workdir):
+    runs = workdir / "runs"
+    result = invoke("submit", workdir / "tiny.yaml", "--address", head, "--working-dir", workdir,
+                    "--set", "rl.iterations=2", "--set", f"storage_path={runs}", "--env", "T2RAY_TEST_MARK=42",
+                    "--wait")
+    assert result.exit_code == 0, result.output
+    assert "ray job submit --address " + head in result.output  # the equivalent Ray CLI line
+    summary = json.loads(result.stdout[result.stdout.index("{"):result.stdout.index("}\n") + 1])
+    job_id = summary["job_id"]
+    assert summary["entrypoint"].startswith("t2ray train tiny.yaml --set rl.iterations=2")
+    assert summary["runtime_env"]["env_vars"]["T2RAY_TEST_MARK"] == "42"
+    assert (runs / "tiny" / "expert.safetensors").is_file()  # trained on the cluster, 1 worker, 2 iterations
+
+    status = invoke("jobs", "status", job_id, "--address", head)
+    assert status.exit_code == 0 and json.loads(status.stdout)["status"] == "SUCCEEDED"
+    logs = invoke("jobs", "logs", job_id, "--address", head, "--tail", "200")
+    assert logs.exit_code == 0 and '"best_valid_accuracy"' in logs.stdout and '"iterations": 2' in logs.stdout
+    listed = invoke("jobs", "list", "--address", head)
+    assert job_id in listed.stdout
+
+
+@pytest.mark.slow
+def test_failing_job_shows_its_log_tail_and_stop_works(head, workdir):
+    # A task that only the cluster can find out about: the job fails there, and its logs say why.
+    failed = invoke("submit", workdir / "tiny.yaml", "--address", head, "--working-dir", workdir,
+                    "--set", "task=no-such-task", "--wait")
+    assert failed.exit_code == 1
+    assert "FAILED" in failed.output and "unknown task 'no-such-task'" in failed.output
+    job_id = json.loads(failed.stdout[failed.stdout.index("{"):failed.stdout.index("}\n") + 1])["job_id"]
+    status = invoke("jobs", "status", job_id, "--address", head)
+    assert status.exit_code == 1 and "unknown task 'no-such-task'" in status.output
+
+    # A long run, stopped while it trains.
+    long = jobs.submit(workdir / "tiny.yaml", address=head, working_dir=workdir,
+                       overrides=["rl.iterations=100000", f"storage_path={workdir / 'runs'}", "name=long"])
+    wait_for(long.job_id, head, {"RUNNING"})
+    stopped = invoke("jobs", "stop", long.job_id, "--address", head, "--wait", "120")
+    assert stopped.exit_code == 0, stopped.output
+    assert json.loads(stopped.stdout)["status"] == "STOPPED"
+    assert invoke("jobs", "status", "no-such-job", "--address", head).exit_code == 2

@@ -1,0 +1,60 @@
+"""`t2ray report` on a run folder filled by real (tiny) evaluations and a real two-pass run."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from t2ray.adapt.two_pass import run_adapt
+from t2ray.adapters import load_adapted
+from t2ray.config import AdaptConfig
+from t2ray.evaluate import evaluate
+from t2ray.experts import Expert, save_expert
+from t2ray.models import load_model
+from t2ray.report import build_report
+from t2ray.svf import base_model_info, patch_model, trainable_params
+from t2ray.tasks import get_task
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    model, _ = load_model("tiny-llama")
+    patch_model(model, progress=False)
+    info = base_model_info(model)
+    experts = []
+    for task in ("math", "code", "reasoning"):
+        params = {k: v + torch.randn_like(v) for k, v in trainable_params(model).items()}
+        experts.append(str(save_expert(Expert(name=task, params=params, base_model=info.model_id,
+                                              fingerprint=info.fingerprint, task=task), root / f"{task}.safetensors")))
+    for column, expert in (("base", None), ("svf", experts[0])):
+        net, tok, label = load_adapted("tiny-llama", expert=expert)
+        evaluate(net, tok, get_task("math"), limit=2, adapter=label, progress=False).save(
+            root / "table1" / f"{column}-math.json")
+    cfg = AdaptConfig(strategy="prompt", task="math-hard", model={"spec": "tiny-llama"}, experts=experts, limit=2)
+    run_adapt(cfg, progress=False).save(root / "table2" / "prompt-math-hard.json")
+    (root / "svf-math").mkdir()
+    (root / "svf-math" / "metrics.jsonl").write_text("\n".join(json.dumps(
+        {"iteration": i, "accuracy": 0.1 * i, **({"valid_accuracy": 0.1 * i} if i % 2 == 0 else {})})
+        for i in range(1, 5)))
+    return root
+
+
+def test_report_writes_tables_csv_json_and_plots(run_dir):
+    report = build_report(run_dir).read_text()
+    assert "## Table 1" in report and "## Table 2" in report and "## Table 3" in report
+    assert "| math |" in report and "| math-hard |" in report
+    for name in ("table1.png", "table2.png", "learning_curves.png", "table1.csv", "table2.csv", "table3.csv",
+                 "tables.json"):
+        assert (run_dir / "report" / name).stat().st_size > 0
+    tables = json.loads((run_dir / "report" / "tables.json").read_text())
+    assert tables["table1"]["header"] == ["task", "base", "lora", "svf"]
+    assert tables["table1"]["rows"][0][2] == "–"  # no LoRA run: shown as missing, not invented
+
+
+def test_report_refuses_an_empty_folder(tmp_path):
+    with pytest.raises(ValueError, match="no table1"):
+        build_report(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        build_report(tmp_path / "missing")
