@@ -105,9 +105,7 @@ def run_adapt(cfg: AdaptConfig, *, progress: bool = True) -> AdaptResult:
 
     t1 = time.perf_counter()
     if groups is None:
-        from t2ray.adapt.token_routing import route_task
-
-        texts = route_task(model, tokenizer, experts, task, messages, cfg.routing, batch_size=cfg.batch_size)
+        texts = route_tokens(model, tokenizer, experts, task, messages, cfg)
     else:
         set_mode(model, "materialized")
         texts = grouped_generate(model, tokenizer, task, messages, groups, cfg.batch_size)
@@ -121,6 +119,24 @@ def run_adapt(cfg: AdaptConfig, *, progress: bool = True) -> AdaptResult:
                             n=len(examples), correct=correct, seconds=pass1 + pass2, adapter=cfg.strategy,
                             records=records)
     return AdaptResult(cfg.strategy, evaluation, pass1, pass2, choices, alpha, history, [e.name for e in experts])
+
+
+def route_tokens(model, tokenizer, experts: list[Expert], task: Task, messages, cfg: AdaptConfig) -> list[str]:
+    """Pass 2 with token-level routing: centroids of each expert's training task, re-routed every k tokens."""
+    from t2ray.adapt.token_routing import Router, SVFMixer, generate_routed
+
+    missing = [e.name for e in experts if not e.task]
+    if missing:
+        raise ValueError(f"token routing needs each expert's training task for its centroid; {missing} have none")
+    router = Router.from_tasks([get_task(e.task) for e in experts], examples_per_task=cfg.routing.examples_per_task,
+                               temperature=cfg.routing.temperature)
+    mixer = SVFMixer(model, experts, allow_transfer=cfg.allow_transfer)
+    texts: list[str] = []
+    for start in range(0, len(messages), cfg.batch_size):
+        texts += generate_routed(model, tokenizer, messages[start:start + cfg.batch_size], mixer, router,
+                                 every=cfg.routing.every, max_new_tokens=task.max_new_tokens,
+                                 recompute_prefix=cfg.routing.recompute_prefix).texts
+    return texts
 
 
 def search_alpha(cfg: AdaptConfig, model, tokenizer, experts: list[Expert], task: Task, *, progress: bool = True):

@@ -38,11 +38,11 @@ def config(library, strategy, **kw):
                        classifier_expert=str(library["cls"]), limit=3, **kw)
 
 
-@pytest.mark.parametrize("strategy", ["prompt", "classifier"])
+@pytest.mark.parametrize("strategy", ["prompt", "classifier", "token"])
 def test_dispatch_strategies_end_to_end(library, strategy):
     result = run_adapt(config(library, strategy), progress=False)
     assert result.eval.n == 3 and len(result.choices) == 3
-    assert set(result.choices) <= {"tiny-math", "tiny-code", "tiny-reasoning", "base"}
+    assert set(result.choices) <= {"tiny-math", "tiny-code", "tiny-reasoning", "base", "token-routed"}
     assert result.pass1_s > 0 and result.pass2_s > 0
 
 
