@@ -40,6 +40,8 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/svf_forward.py
 	$(BIN)/python bench/train_throughput.py
+	$(BIN)/python bench/token_routing.py
+	$(BIN)/python bench/two_pass.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

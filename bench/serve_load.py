@@ -126,6 +126,8 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--max-batch-size", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads in the replica (1: on a shared 2-core "
+                    "machine a 2-thread pool spins against other jobs and was 10x slower here)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
 
@@ -135,13 +137,15 @@ def main() -> None:
 
     from t2ray.serve.app import build_app
 
+    load_start = os.getloadavg()[0]
     tmp = tempfile.TemporaryDirectory(prefix="serve_load_")
     t0 = time.perf_counter()
     experts = dict(e.split("=", 1) for e in args.expert) or random_experts(args.model, Path(tmp.name))
     serve_args = {
         "model": {"spec": args.model}, "experts": experts,
         "generation": {"max_tokens_default": args.max_tokens, "max_tokens_limit": max(1024, args.max_tokens)},
-        "batching": {"max_batch_size": args.max_batch_size, "batch_wait_timeout_s": 0.02, "torch_threads": 2},
+        "batching": {"max_batch_size": args.max_batch_size, "batch_wait_timeout_s": 0.02,
+                     "torch_threads": args.threads},
         "expert_model": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 2}, "max_ongoing_requests": 64},
         "api_key_env": None,
     }
@@ -186,12 +190,13 @@ def main() -> None:
     cats = {}
     for rep in results["auto"]["reports"]:
         cats[rep.get("category")] = cats.get(rep.get("category"), 0) + 1
-    load_avg = os.getloadavg()[0]
+    load_end = os.getloadavg()[0]
     lines = [
         f"`{command_line()}` — {stamp()}",
         "",
         f"{args.model} (fp32, CPU), Ray Serve on 127.0.0.1: one Dispatcher + one ExpertModel replica (2 CPUs, "
-        f"2 torch threads) on a 2-core machine shared with other jobs (load average {load_avg:.1f} at the end). "
+        f"{args.threads} torch thread{'s' if args.threads > 1 else ''}) on a 2-core machine shared with other "
+        f"jobs (load average {load_start:.1f} at the start, {load_end:.1f} at the end). "
         f"SVF on the MLP of every layer, 3 experts ({'given' if args.expert else 'random, z near the init'}). "
         f"Closed loop: {args.concurrency} requests in flight, {len(results['base']['lat'])} timed requests per "
         f"scenario in {args.rounds} interleaved rounds after a warm-up; each request = a chat prompt from the "

@@ -251,7 +251,7 @@ def tune_(sweep: Path = typer.Argument(..., help="sweep YAML (experiments/sweeps
 
 @app.command()
 @user_errors
-def submit(config: Path = typer.Argument(..., help="experiment YAML (runs `t2ray train`) or sweep YAML (`t2ray tune`)"),
+def submit(config: Path = typer.Argument(..., help="experiment YAML (`t2ray train`) or sweep YAML (`t2ray tune`)"),
            address: Optional[str] = typer.Option(None, help="Ray dashboard address [default: $T2RAY_JOBS_ADDRESS "
                                                             "or http://127.0.0.1:8265]"),
            working_dir: Optional[Path] = typer.Option(None, help="uploaded to the cluster [default: current dir]"),

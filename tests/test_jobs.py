@@ -154,6 +154,10 @@ def head(tmp_path_factory, t2ray_cache):
     shutil.rmtree(temp, ignore_errors=True)
 
 
+def first_json(text: str) -> dict:
+    return json.JSONDecoder().raw_decode(text[text.index("{"):])[0]
+
+
 def wait_for(job_id, address, states, timeout=240):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -172,7 +176,7 @@ def test_submit_trains_an_expert_and_its_logs_are_retrievable(head, workdir):
                     "--wait")
     assert result.exit_code == 0, result.output
     assert "ray job submit --address " + head in result.output  # the equivalent Ray CLI line
-    summary = json.loads(result.stdout[result.stdout.index("{"):result.stdout.index("}\n") + 1])
+    summary = first_json(result.stdout)
     job_id = summary["job_id"]
     assert summary["entrypoint"].startswith("t2ray train tiny.yaml --set rl.iterations=2")
     assert summary["runtime_env"]["env_vars"]["T2RAY_TEST_MARK"] == "42"
@@ -193,7 +197,7 @@ def test_failing_job_shows_its_log_tail_and_stop_works(head, workdir):
                     "--set", "task=no-such-task", "--wait")
     assert failed.exit_code == 1
     assert "FAILED" in failed.output and "unknown task 'no-such-task'" in failed.output
-    job_id = json.loads(failed.stdout[failed.stdout.index("{"):failed.stdout.index("}\n") + 1])["job_id"]
+    job_id = first_json(failed.stdout)["job_id"]
     status = invoke("jobs", "status", job_id, "--address", head)
     assert status.exit_code == 1 and "unknown task 'no-such-task'" in status.output
 

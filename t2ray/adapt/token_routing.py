@@ -164,8 +164,8 @@ class SVFMixer:
     """Per-row z' = Σ_k w_k z_k through ``set_z`` in factored mode: no W' is ever rebuilt.
 
     Patches the model for the experts' modules if it is not SVF-patched yet (as ``apply_experts`` does) and
-    checks every expert against it. The layers stay in factored mode while the mixer is in use; ``reset()``
-    clears z and restores each layer's previous mode.
+    checks every expert against it. ``set_weights`` switches the layers to factored mode (until ``reset()``, which
+    clears z and restores each layer's previous mode); one mixer can serve any number of generations.
     """
 
     def __init__(self, model: nn.Module, experts: Sequence[Expert], *, allow_transfer: bool = False):
@@ -188,9 +188,7 @@ class SVFMixer:
         self._layers = layers
         zs = [e.z() for e in experts]
         self._z = {m: torch.stack([z[m] for z in zs]).to(layers[m].s.device) for m in experts[0].modules}  # (K, r)
-        self._previous_modes = {name: layer.mode for name, layer in layers.items()}
-        for layer in layers.values():
-            layer.mode = "factored"
+        self._saved_modes: dict[str, str] | None = None
 
     def set_weights(self, weights: torch.Tensor) -> None:
         from t2ray.svf import set_z
@@ -199,14 +197,19 @@ class SVFMixer:
         if weights.ndim not in (2, 3) or weights.shape[-1] != self.num_experts:
             raise ValueError(f"weights must be (B, {self.num_experts}) or (B, T, {self.num_experts}), "
                              f"got {tuple(weights.shape)}")
+        if self._saved_modes is None:
+            self._saved_modes = {name: layer.mode for name, layer in self._layers.items()}
+            for layer in self._layers.values():
+                layer.mode = "factored"
         set_z(self.model, {m: weights.to(z.device) @ z for m, z in self._z.items()})
 
     def reset(self) -> None:
         from t2ray.svf import set_z
 
         set_z(self.model, None)
-        for name, layer in self._layers.items():
-            layer.mode = self._previous_modes[name]
+        for name, mode in (self._saved_modes or {}).items():
+            self._layers[name].mode = mode
+        self._saved_modes = None
 
 
 class LoRAMixer:

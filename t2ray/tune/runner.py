@@ -103,6 +103,18 @@ def check_cluster(sweep: Sweep) -> None:
                          "scaling.num_workers / scaling.cpus_per_worker (overrides) or resources")
 
 
+def check_inputs(sweep: Sweep) -> None:
+    """Files the trials need, checked before any trial starts (CEM: the experts)."""
+    if sweep.config.kind != "cem":
+        return
+    cfg = sweep.base_model()
+    missing = [e for e in [*cfg.experts, cfg.classifier_expert] if e and not Path(e).exists()]
+    if missing:
+        raise SweepError(f"expert {missing[0]} not found: train the experts first (e.g. `t2ray train "
+                         "experiments/smollm2-math.yaml`, or `t2ray quickstart`) or fix experts: in "
+                         f"{sweep.config.base}")
+
+
 def prepare_models(sweep: Sweep) -> None:
     """Build local model caches once here, not in every trial at the same time."""
     from t2ray.models.loader import resolve
@@ -171,6 +183,7 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, fresh: bool = False) 
         for sub in (TUNE_DIR, "trials"):
             shutil.rmtree(sweep.dir / sub, ignore_errors=True)
         state.unlink(missing_ok=True)
+    check_inputs(sweep)
     prepare_models(sweep)
     ensure_ray(address)
     check_cluster(sweep)
@@ -188,13 +201,14 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, fresh: bool = False) 
         if sweep.source:
             shutil.copyfile(sweep.source, sweep.dir / "sweep.yaml")
         c = sweep.config
+        limit = None if c.search.alg == "random" else concurrency(sweep)  # the random searcher holds its own
         tuner = tune.Tuner(
             trainable(sweep),
             param_space=param_space(sweep),
             tune_config=tune.TuneConfig(metric=c.metric, mode=c.mode, search_alg=make_searcher(sweep),
                                         scheduler=make_scheduler(sweep), num_samples=c.num_samples,
-                                        max_concurrent_trials=None if c.search.alg == "random" else concurrency(sweep),
-                                        time_budget_s=c.time_budget_s, reuse_actors=True),
+                                        max_concurrent_trials=limit, time_budget_s=c.time_budget_s,
+                                        reuse_actors=True),
             run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(sweep.dir), callbacks=callbacks(sweep),
                                       failure_config=tune.FailureConfig(max_failures=c.max_failures), verbose=1),
         )

@@ -18,6 +18,8 @@ import tempfile
 import threading
 from pathlib import Path
 
+import yaml
+
 from t2ray.tune.config import Sweep
 
 TRIAL_META = "t2ray_trial.json"
@@ -161,8 +163,6 @@ def rl_trial(config: dict, spec: dict) -> None:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Empty, Queue
-
-    import yaml
 
     sweep = Sweep.from_spec(spec)
     trial_id = ray.tune.get_context().get_trial_id()

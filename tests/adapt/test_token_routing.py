@@ -131,11 +131,14 @@ def test_svf_mixer_per_row_weights_equal_each_rows_own_expert(svf_model, tokeniz
     kw = dict(input_ids=batch["input_ids"], attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0))
     weights = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.3, 0.0, 0.7]])
     mixer = SVFMixer(svf_model, experts)
+    modes = lambda: {layer.mode for layer in svf_layers(svf_model).values()}  # noqa: E731
+    assert modes() == {"materialized"}  # building a mixer changes nothing
     mixer.set_weights(weights)
+    assert modes() == {"factored"}
     with torch.no_grad():
         mixed = svf_model(**kw).logits
     mixer.reset()
-    assert all(layer.mode == "materialized" and layer.z_override is None for layer in svf_layers(svf_model).values())
+    assert modes() == {"materialized"} and all(l.z_override is None for l in svf_layers(svf_model).values())
     for b, row in enumerate(weights):
         set_z(svf_model, mix_z(experts, row.tolist()))  # z' = Σ w_k z_k for this row alone (materialized W')
         with torch.no_grad():

@@ -224,3 +224,22 @@ def test_t2ray_serve_names_a_missing_expert(tmp_path):
     result = CliRunner().invoke(app, ["serve", str(path)])
     assert result.exit_code == 2
     assert "expert 'math'" in result.output and "not found" in result.output
+
+
+def test_prefix_cached_scoring_equals_the_full_prompt(lib):
+    """Pass 1 with the classification prompt's prefix cached gives dispatch.classify's scores and labels."""
+    from t2ray.adapt.dispatch import classify
+
+    questions = ["What is 2 + 2?", "Write a function that reverses a list.", "Why is the sky blue?", "Hi",
+                 "A much longer question about trains leaving two stations at different speeds, when do they meet?"]
+    for use_classifier in (False, True):
+        labels = lib.classify(questions, use_classifier=use_classifier)
+        scorer, state = lib._scorer, "__classifier__" if use_classifier else "base"
+        P = len(scorer.prefix_ids)
+        assert P > 200 and all(scorer.tokens(q)[:P] == scorer.prefix_ids for q in questions)  # the cache is used
+        cached = scorer.scores(questions, state=state)
+        full = torch.stack([lib.model(input_ids=torch.tensor([scorer.tokens(q)]), logits_to_keep=1).logits[0, -1]
+                            [scorer.label_ids] for q in questions]).detach()
+        torch.testing.assert_close(cached, full, atol=1e-4, rtol=1e-4)
+        if not use_classifier:
+            assert labels == classify(lib.model, lib.tokenizer, questions, mode="score")

@@ -1,0 +1,1 @@
+"""Two-pass self-adaptation: dispatch (prompt / classifier), few-shot CEM, token-level routing."""
