@@ -163,6 +163,12 @@ work (load average {load:.1f} at the end: timings are inflated accordingly, rati
 | … trial start → first iteration reported (Train controller, worker, DeepSpeed, model; mean) | {sum(first) / max(1, len(first)):.1f} |
 | **Tune + Train overhead per trial** | **{per_trial - work:.1f}** |
 
+The plain work runs in an interpreter that has already imported torch/transformers/DeepSpeed; a trial starts
+fresh processes (Tune trial actor, metrics queue, Train controller, worker) that import them, then DeepSpeed
+initialises gloo — that, not the per-iteration reporting (≈ 0.1 s with RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.1),
+is the overhead, and it is fixed per trial: it matters for 6 tiny iterations, not for a SmolLM2 trial of
+minutes.
+
 **ASHA vs FIFO** (same sweep: temperature {{1.0, 0.05}} × lr {{0.3, 0.03}} × model seed {{0, 1}} = 8 trials,
 metric mean reward of the last 5 iterations, 2 trials at a time; ASHA grace 1, reduction factor 2):
 

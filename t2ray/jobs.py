@@ -127,6 +127,18 @@ def entrypoint_for(config: Path, working_dir: Path, overrides: list[str]) -> tup
     return kind, " ".join(parts)
 
 
+def storage_warning(config: Path, overrides: list[str]) -> str | None:
+    """A relative storage_path lands in the job's temporary working dir on the cluster: say so."""
+    from t2ray.config import deep_merge, parse_overrides, read_yaml
+
+    data = deep_merge(read_yaml(config), parse_overrides(overrides))
+    path = data.get("storage_path", "runs" if "space" not in data else "runs/sweeps")
+    if not Path(str(path)).expanduser().is_absolute():
+        return (f"storage_path {path!r} is relative: on the cluster it is inside the job's temporary working dir "
+                "(gone with it); use shared storage, e.g. --set storage_path=/mnt/shared/t2ray-runs")
+    return None
+
+
 def _redacted(env: dict) -> dict:
     out = json.loads(json.dumps(env))
     for k in list(out.get("env_vars", {})):
@@ -161,11 +173,13 @@ class Submitted:
     kind: str
     ray_command: str
     runtime_env: dict
+    warning: str | None = None
 
     def summary(self) -> dict:
         return {"job_id": self.job_id, "address": self.address, "kind": self.kind, "entrypoint": self.entrypoint,
                 "ray_command": self.ray_command, "runtime_env": _redacted(self.runtime_env),
-                "follow": f"t2ray jobs logs {self.job_id} --address {self.address} --follow"}
+                "follow": f"t2ray jobs logs {self.job_id} --address {self.address} --follow",
+                **({"warning": self.warning} if self.warning else {})}
 
 
 def submit(config: Path, *, address: str | None = None, working_dir: Path | None = None,
@@ -197,7 +211,8 @@ def submit(config: Path, *, address: str | None = None, working_dir: Path | None
 
     job_id = _call(send, "job submission")
     return Submitted(job_id, address, entry, kind,
-                     ray_cli_line(address, env_, entry, submission_id, entrypoint_num_cpus, entrypoint_num_gpus), env_)
+                     ray_cli_line(address, env_, entry, submission_id, entrypoint_num_cpus, entrypoint_num_gpus), env_,
+                     storage_warning(Path(config), list(overrides or [])))
 
 
 def tail(text: str, lines: int = 40) -> str:

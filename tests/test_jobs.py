@@ -99,6 +99,8 @@ def test_entrypoint_and_equivalent_ray_cli_line(workdir, monkeypatch):
         jobs.entrypoint_for(workdir / "tiny.yaml", workdir / "task", [])
     with pytest.raises(ValueError, match="rl.lrr|extra"):
         jobs.entrypoint_for(workdir / "tiny.yaml", workdir, ["rl.lrr=1"])
+    assert jobs.storage_warning(workdir / "tiny.yaml", []) is None  # absolute storage_path
+    assert "is relative" in jobs.storage_warning(workdir / "tiny.yaml", ["storage_path=runs"])
 
 
 def test_unreachable_address_is_a_clear_error(workdir):

@@ -37,7 +37,6 @@ from t2ray.serve.schema import (
 )
 
 logger = logging.getLogger("ray.serve")
-REPLICA_GONE: tuple[type[BaseException], ...]
 
 
 def _replica_gone_errors() -> tuple[type[BaseException], ...]:
@@ -115,7 +114,9 @@ class ExpertModel:
 
     # ---------------------------------------------------------------- generation (pass 2)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
+    # Two batches in flight: a group of requests that arrives while a batch decodes starts at once, its steps
+    # interleaved with the running batch's (on CPU a step costs about the same split in two forwards).
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02, max_concurrent_batches=2)
     async def _generate_batch(self, items: list):
         batch: DecodeBatch = await self._run(DecodeBatch, self.lib, items)
         await self._run(batch.prefill)

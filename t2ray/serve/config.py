@@ -83,7 +83,6 @@ class GenerationSection(Strict):
 class BatchingSection(Strict):
     max_batch_size: int = Field(16, ge=1, description="rows per @serve.batch call (mixtures may differ per row)")
     batch_wait_timeout_s: float = Field(0.02, ge=0, description="how long a batch waits to fill")
-    max_concurrent_batches: int = Field(1, ge=1, description=">1 interleaves the decode steps of several batches")
     classify_batch_size: int = Field(32, ge=1, description="pass-1 questions per forward pass")
     mode: Literal["auto", "factored", "materialized"] = Field(
         "auto", description="auto: factored (z per row) for mixed batches, materialised W' for hot single mixtures")

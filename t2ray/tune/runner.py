@@ -160,7 +160,8 @@ def callbacks(sweep: Sweep) -> list:
     mode = os.environ.get("WANDB_MODE", "offline")
     (sweep.dir / "wandb").mkdir(parents=True, exist_ok=True)
     return [WandbCallback(project=sweep.config.project, group=sweep.config.name, mode=mode, dir=str(sweep.dir),
-                          excludes=["alpha"], upload_timeout=60 if mode in ("offline", "disabled") else 600)]
+                          excludes=["alpha", "t2ray_run"],
+                          upload_timeout=60 if mode in ("offline", "disabled") else 600)]
 
 
 def _state_file(sweep: Sweep) -> Path:
@@ -278,9 +279,10 @@ def trial_rows(sweep: Sweep, grid) -> list[dict]:
                "seconds": round(float((result.metrics or {}).get("time_total_s") or 0.0), 2)}
         row.update({f"config/{k}": result.config.get(k) for k in c.space})
         if c.kind == "rl":
-            from t2ray.tune.trials import run_name
+            from t2ray.tune.trials import RUN_KEY, run_name
 
-            run = sweep.dir / "trials" / run_name(c.name, trial_id)
+            current = next((h[RUN_KEY] for h in reversed(history) if isinstance(h.get(RUN_KEY), str)), None)
+            run = sweep.dir / "trials" / (current or run_name(c.name, trial_id))
             row["run_dir"] = str(run)
             row["expert"] = str(run / "expert.safetensors") if (run / "expert.safetensors").exists() else None
         else:

@@ -23,6 +23,7 @@ import yaml
 from t2ray.tune.config import Sweep
 
 TRIAL_META = "t2ray_trial.json"
+RUN_KEY = "t2ray_run"  # reported with every RL result: the Train run the trial is in now (PBT moves it)
 
 
 def run_name(sweep_name: str, trial_id: str) -> str:
@@ -206,7 +207,7 @@ def rl_trial(config: dict, spec: dict) -> None:
             continue
         if controller is not None:
             _CONTROLLERS[trial_id] = controller
-        metrics = {k: v for k, v in metrics.items() if not k.startswith("_")}
+        metrics = {**{k: v for k, v in metrics.items() if not k.startswith("_")}, RUN_KEY: name}
         if checkpoint is not None:
             staged = _stage_checkpoint(checkpoint, {**meta, "iteration": metrics.get("iteration", 0)})
             try:
