@@ -42,6 +42,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/token_routing.py
 	$(BIN)/python bench/two_pass.py
+	$(BIN)/python bench/tune_overhead.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

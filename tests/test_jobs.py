@@ -125,6 +125,8 @@ def head(tmp_path_factory, t2ray_cache):
            "RAY_ADDRESS": "", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "DS_ACCELERATOR": "cpu",
            "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
     ray = str(Path(sys.executable).with_name("ray"))
+    log_path = tmp_path_factory.mktemp("ray-head") / "ray-start.log"
+    log = log_path.open("w")
     # Every port free and explicit: other Ray clusters on this machine hold the defaults (52365, 10001...).
     ports = [f"--{flag}={free_port()}" for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
                                                     "runtime-env-agent-port", "metrics-export-port",
@@ -132,7 +134,7 @@ def head(tmp_path_factory, t2ray_cache):
     proc = subprocess.Popen([ray, "start", "--head", f"--port={gcs}", "--dashboard-host=127.0.0.1",
                              f"--dashboard-port={dash}", "--num-cpus=2", "--include-dashboard=true", *ports,
                              f"--temp-dir={temp}", "--block"], env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=log, stderr=subprocess.STDOUT)
     address = f"http://127.0.0.1:{dash}"
     deadline = time.monotonic() + 180
     while True:
@@ -141,23 +143,40 @@ def head(tmp_path_factory, t2ray_cache):
             break
         except jobs.JobError:
             if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"the Ray head did not come up: {proc.stderr.read()[-2000:] if proc.poll() else ''}")
+                pytest.fail(f"the Ray head did not come up: {log_path.read_text()[-2000:]}")
             time.sleep(1)
     yield address
-    os.killpg(proc.pid, signal.SIGTERM)  # `ray start --block` stops what it started; the group catches stragglers
+    os.killpg(proc.pid, signal.SIGTERM)  # `ray start --block` stops what it started ...
     try:
-        proc.wait(timeout=60)
+        proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        pass
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)  # ... and whatever is left of its session is ours to end
     except ProcessLookupError:
         pass
+    for pid in _pids_using(temp):  # a process that left the group but still runs from this head's temp dir
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    log.close()
     shutil.rmtree(temp, ignore_errors=True)
 
 
 def first_json(text: str) -> dict:
     return json.JSONDecoder().raw_decode(text[text.index("{"):])[0]
+
+
+def _pids_using(folder: Path) -> list[int]:
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if str(folder) in (proc / "cmdline").read_bytes().decode(errors="ignore"):
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return [p for p in pids if p != os.getpid()]
 
 
 def wait_for(job_id, address, states, timeout=240):

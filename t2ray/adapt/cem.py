@@ -42,7 +42,8 @@ def cem_search(fitness: Callable[[np.ndarray], list[Fitness]], shape: tuple[int,
         if normalize:
             samples = samples / np.clip(samples.sum(axis=1, keepdims=True), 1e-8, None)
         candidates = samples if best is None else np.concatenate([best[None], samples])
-        candidates[candidates.reshape(len(candidates), -1).sum(1) == 0] = 1.0 / shape[0]  # all-zero α is no mixture
+        dead = candidates.sum(axis=1) == 0  # an all-zero α (overall or for one module) is no mixture
+        candidates[:, ...] = np.where(dead[:, None], 1.0 / shape[0], candidates)
         scores = fitness(candidates)
         order = sorted(range(len(candidates)), key=lambda i: scores[i], reverse=True)
         elites = candidates[order[:n_elite]]

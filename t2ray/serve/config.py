@@ -163,9 +163,9 @@ class ServeArgs(Strict):
             if expert not in self.experts:
                 raise ValueError(f"auto.categories.{category}: unknown expert {expert!r}")
         inflight = self.expert_model.max_ongoing_requests
-        if inflight is not None and inflight < self.batching.max_batch_size:
-            raise ValueError(f"expert_model.max_ongoing_requests ({inflight}) < batching.max_batch_size "
-                             f"({self.batching.max_batch_size}): batches could never fill")
+        if inflight is not None and inflight < 2 * self.batching.max_batch_size:
+            raise ValueError(f"expert_model.max_ongoing_requests ({inflight}) < 2 × batching.max_batch_size "
+                             f"({self.batching.max_batch_size}; two batches run at once): batches could never fill")
         return self
 
     def resolved(self, root: Path | None = None) -> "ServeArgs":

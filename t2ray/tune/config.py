@@ -385,14 +385,13 @@ def _absolute(value: str | None, *roots: Path) -> str | None:
 def resolve_base(kind: str, data: dict, base_dir: Path) -> dict:
     """Make the base's file references absolute: Tune runs trials in their own working directories."""
     data = json.loads(json.dumps(data))
-    if isinstance(data.get("task"), str):
+    if isinstance(data.get("task"), str) and data["task"].endswith((".yaml", ".yml")):  # a task file, not a name
         data["task"] = _absolute(data["task"], base_dir)
     model = data.get("model")
     if isinstance(model, dict) and isinstance(model.get("spec"), str):
-        model["spec"] = _absolute(model["spec"], base_dir)
-    if kind == "rl":
-        data["storage_path"] = str(Path(_absolute(data.get("storage_path", "runs")) or "runs").expanduser().resolve())
-    else:
+        spec = _absolute(model["spec"], base_dir)
+        model["spec"] = spec if Path(spec).is_dir() else model["spec"]  # a model folder, not a preset or hub id
+    if kind != "rl":  # (rl: trials run under the sweep's folder; best.yaml keeps the base's own storage_path)
         if isinstance(data.get("experts"), list):
             data["experts"] = [_absolute(e, base_dir) if isinstance(e, str) else e for e in data["experts"]]
         if isinstance(data.get("classifier_expert"), str):
