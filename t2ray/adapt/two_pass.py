@@ -7,8 +7,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import torch
 
 from t2ray.adapt.dispatch import classify
 from t2ray.config import AdaptConfig
@@ -139,8 +137,10 @@ def route_tokens(model, tokenizer, experts: list[Expert], task: Task, messages, 
     return texts
 
 
-def search_alpha(cfg: AdaptConfig, model, tokenizer, experts: list[Expert], task: Task, *, progress: bool = True):
-    """CEM over α on k shots: in this process, or on `cfg.cem.actors` Ray actors."""
+def search_alpha(cfg: AdaptConfig, model, tokenizer, experts: list[Expert], task: Task, *, progress: bool = True,
+                 observe=None):
+    """CEM over α on k shots: in this process, or on `cfg.cem.actors` Ray actors. `observe(alphas, scores)`, if
+    given, sees every generation's population (e.g. to report it to Tune)."""
     from t2ray.adapt.cem import cem_search
     from t2ray.adapt.fewshot import ShotFitness, pick_shots
 
@@ -154,9 +154,17 @@ def search_alpha(cfg: AdaptConfig, model, tokenizer, experts: list[Expert], task
                                           task_spec=cfg.task, shots=c.shots, seed=c.seed,
                                           allow_transfer=cfg.allow_transfer)
     else:
-        fitness = ShotFitness(model, tokenizer, experts, task, pick_shots(task, c.shots, c.seed))
+        fitness = ShotFitness(model, tokenizer, experts, task, pick_shots(task, c.shots, c.seed),
+                              batch_size=cfg.batch_size)
+
+    def scored(alphas):
+        scores = fitness(alphas)
+        if observe is not None:
+            observe(alphas, scores)
+        return scores
+
     try:
-        return cem_search(fitness, shape, population=c.population, elite_ratio=c.elite_ratio,
+        return cem_search(scored, shape, population=c.population, elite_ratio=c.elite_ratio,
                           generations=c.generations, init_std=c.init_std, normalize=c.normalize, seed=c.seed,
                           progress=progress)
     finally:

@@ -227,16 +227,6 @@ def rl_trial(config: dict, spec: dict) -> None:
         raise RuntimeError(f"trial {trial_id} ({name}): training failed: {result.error}")
 
 
-def no_zero_module(alphas) -> None:
-    """In place: a module whose α is zero for every expert gets 1/K each. cem_search only repairs candidates
-    that are zero everywhere; with per-module α (P, K, M) one clipped-to-zero module column makes mix_z refuse
-    the whole candidate. Fixing the array cem_search passed keeps its elites and best consistent."""
-    if alphas.ndim == 3:
-        zero = alphas.sum(axis=1) == 0  # (P, M)
-        for p, m in zip(*zero.nonzero()):
-            alphas[p, :, m] = 1.0 / alphas.shape[1]
-
-
 def cem_trial(config: dict, spec: dict) -> None:
     """Tune function trainable: CEM over mixing weights with this trial's settings; one report per generation,
     then valid_accuracy of the found α."""
@@ -244,8 +234,7 @@ def cem_trial(config: dict, spec: dict) -> None:
     import ray.tune
     import torch
 
-    from t2ray.adapt.cem import cem_search
-    from t2ray.adapt.fewshot import ShotFitness, pick_shots
+    from t2ray.adapt.two_pass import search_alpha
     from t2ray.config import AdaptConfig
     from t2ray.evaluate import evaluate
     from t2ray.experts import load_expert, mix_z
@@ -256,42 +245,21 @@ def cem_trial(config: dict, spec: dict) -> None:
     sweep = Sweep.from_spec(spec)
     cfg = AdaptConfig.model_validate(sweep.trial_data(config))
     torch.set_num_threads(max(1, int(sweep.trial_resources()["CPU"])))
-    c = cfg.cem
     task = get_task(cfg.task)
     experts = [load_expert(p) for p in cfg.experts]
     model, tokenizer = load_model(cfg.model.spec, dtype=cfg.model.dtype)
     for expert in experts:  # patch + check that every expert fits this base model
         apply_experts(model, [expert], allow_transfer=cfg.allow_transfer)
-    shape = (len(experts), len(experts[0].modules)) if c.per_module else (len(experts),)
-    pool = None
-    if c.actors > 1:
-        from t2ray.adapt.cem_pool import ActorPoolFitness
-
-        fitness = pool = ActorPoolFitness(c.actors, model_spec=cfg.model.spec, expert_paths=cfg.experts,
-                                          task_spec=cfg.task, shots=c.shots, seed=c.seed,
-                                          allow_transfer=cfg.allow_transfer)
-    else:
-        fitness = ShotFitness(model, tokenizer, experts, task, pick_shots(task, c.shots, c.seed),
-                              batch_size=cfg.batch_size)
     generation = 0
 
-    def reporting(alphas: np.ndarray):
+    def report(alphas: np.ndarray, scores) -> None:
         nonlocal generation
-        no_zero_module(alphas)
-        scores = fitness(alphas)
         generation += 1
         best = max(scores)
         ray.tune.report({"generation": generation, "shots_accuracy": best[0], "shots_loglik": best[1],
                          "mean_shots_accuracy": float(np.mean([s[0] for s in scores]))})
-        return scores
 
-    try:
-        found = cem_search(reporting, shape, population=c.population, elite_ratio=c.elite_ratio,
-                           generations=c.generations, init_std=c.init_std, normalize=c.normalize, seed=c.seed,
-                           progress=False)
-    finally:
-        if pool is not None:
-            pool.shutdown()
+    found = search_alpha(cfg, model, tokenizer, experts, task, progress=False, observe=report)
     alpha = found.alpha.tolist()
     set_mode(model, "materialized")
     set_z(model, mix_z(experts, alpha))

@@ -107,7 +107,7 @@ def test_cem_sweep_interrupted_then_resumed(cluster, tmp_path, torch_threads):
     task = write_task(tmp_path / "task")
     experts = make_experts(tmp_path / "experts", n=2)
     base = write_adapt_base(tmp_path, str(task), experts)
-    path = write_sweep(tmp_path, base.name, name="cem", kind="cem", num_samples=3, max_concurrent_trials=1,
+    path = write_sweep(tmp_path, base.name, name="cem", kind="cem", num_samples=8, max_concurrent_trials=1,
                        space={"cem.population": {"choice": [4, 6]}, "cem.per_module": {"choice": [False, True]},
                               "cem.normalize": {"choice": [False, True]}},
                        wandb=True)
@@ -138,7 +138,7 @@ def test_cem_sweep_interrupted_then_resumed(cluster, tmp_path, torch_threads):
     outcome = run_sweep(load_sweep(path))
     assert outcome.resumed and outcome.complete
     trials = outcome.trials
-    assert len(trials) == 3 and all(t["status"] == "TERMINATED" for t in trials), trials
+    assert len(trials) == 8 and all(t["status"] == "TERMINATED" for t in trials), trials
     assert all(t["valid_accuracy"] is not None and t["generations"] == 2 for t in trials)
     for name, lines in lines_before.items():  # the trial finished before Ctrl-C was not run again
         assert len((tune_dir / name / "result.json").read_text().splitlines()) == lines
