@@ -29,7 +29,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from t2ray.serve.config import IMPORT_PATH, ServeArgs, read_serve_config
-from t2ray.serve.engine import ExpertLibrary, GenItem, GenRequest, MixtureRef, Scheduler
+from t2ray.serve.engine import DecodeBatch, ExpertLibrary, GenRequest, MixtureRef
 from t2ray.serve.errors import RequestError, bad_request, not_found
 from t2ray.serve.schema import (
     ChatRequest, CompletionRequest, chat_chunk, chat_response, completion_chunk, completion_response, new_id,
@@ -87,7 +87,6 @@ class ExpertModel:
         self.public_experts = public_experts
         self._router = None
         self._fatal: str | None = None
-        self.scheduler = Scheduler(self.lib, self._run, max_rows=batching["max_batch_size"])
         self._generate_batch.set_max_batch_size(batching["max_batch_size"])
         self._generate_batch.set_batch_wait_timeout_s(batching["batch_wait_timeout_s"])
         self._classify_batch.set_max_batch_size(batching["classify_batch_size"])
@@ -115,21 +114,21 @@ class ExpertModel:
 
     # ---------------------------------------------------------------- generation (pass 2)
 
-    # @serve.batch groups arriving requests; the Scheduler prefills each group and merges it into the running
-    # batch between decode steps (continuous batching), so many groups are in flight at once.
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02, max_concurrent_batches=4)
-    async def _generate_batch(self, items: list[GenItem]):
-        self.scheduler.submit(items)
+    # Two batches in flight: a group of requests that arrives while a batch decodes starts at once, its steps
+    # interleaved with the running batch's (on CPU a step costs about the same split in two forwards).
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02, max_concurrent_batches=2)
+    async def _generate_batch(self, items: list):
+        batch: DecodeBatch = await self._run(DecodeBatch, self.lib, items)
+        await self._run(batch.prefill)
         finished = [False] * len(items)
         while not all(finished):
+            events = await self._run(batch.step)
             out = []
-            for i, item in enumerate(items):
+            for i, event in enumerate(events):
                 if finished[i]:
                     out.append(StopIteration)  # this row's stream has ended
                     continue
-                event = await item.events.get()
-                if isinstance(event, Exception):
-                    raise event
+                event = event or {"text": "", "finish_reason": None}
                 finished[i] = event["finish_reason"] is not None
                 out.append(event)
             yield out

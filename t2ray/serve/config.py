@@ -81,8 +81,7 @@ class GenerationSection(Strict):
 
 
 class BatchingSection(Strict):
-    max_batch_size: int = Field(16, ge=1, description="rows decoded together (mixtures may differ per row); "
-                                "arriving requests join the running batch between steps")
+    max_batch_size: int = Field(16, ge=1, description="rows per @serve.batch call (mixtures may differ per row)")
     batch_wait_timeout_s: float = Field(0.02, ge=0, description="how long a batch waits to fill")
     classify_batch_size: int = Field(32, ge=1, description="pass-1 questions per forward pass")
     mode: Literal["auto", "factored", "materialized"] = Field(
@@ -164,9 +163,9 @@ class ServeArgs(Strict):
             if expert not in self.experts:
                 raise ValueError(f"auto.categories.{category}: unknown expert {expert!r}")
         inflight = self.expert_model.max_ongoing_requests
-        if inflight is not None and inflight < self.batching.max_batch_size:
-            raise ValueError(f"expert_model.max_ongoing_requests ({inflight}) < batching.max_batch_size "
-                             f"({self.batching.max_batch_size}): batches could never fill")
+        if inflight is not None and inflight < 2 * self.batching.max_batch_size:
+            raise ValueError(f"expert_model.max_ongoing_requests ({inflight}) < 2 × batching.max_batch_size "
+                             f"({self.batching.max_batch_size}; two batches run at once): batches could never fill")
         return self
 
     def resolved(self, root: Path | None = None) -> "ServeArgs":

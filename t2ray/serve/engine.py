@@ -90,9 +90,6 @@ class GenItem:
     emitted: int = 0
     finish_reason: str | None = None
     generator: torch.Generator | None = None
-    started: float = 0.0
-    peak_batch: int = 0
-    events: Any = None  # asyncio.Queue of events (continuous batching)
 
 
 class ExpertLibrary:
@@ -348,49 +345,25 @@ class PrefixScorer:
         return [self.labels[k] for k in self.scores(questions, state=state).argmax(-1).tolist()]
 
 
-def _mergeable(cache) -> bool:
-    """Caches whose layers are plain DynamicLayers (keys/values (B, H, T, D)) can be joined row-wise."""
-    layers = getattr(cache, "layers", None)
-    return bool(layers) and all(type(layer).__name__ == "DynamicLayer" and getattr(layer, "keys", None) is not None
-                                for layer in layers)
-
-
-def _left_pad(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
-    missing = length - t.shape[dim]
-    if missing <= 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = missing
-    return torch.cat([t.new_zeros(shape), t], dim)
-
-
 class DecodeBatch:
-    """Step-wise generation for a batch of prepared items: left padding, a KV cache, rows dropped as they end,
-    and (continuous batching) other prefilled batches merged in between steps."""
+    """Step-wise generation for a batch of prepared items (left padding, KV cache, rows dropped as they end)."""
 
     def __init__(self, lib: ExpertLibrary, items: list[GenItem]):
-        self.lib, self.items = lib, list(items)
+        self.lib, self.items = lib, items
         self.active = list(range(len(items)))
-        self.stops = [it.request.stop for it in items]
-        self._plan()
-        lib.stats["batches"][self.mode] += 1
-
-    def _plan(self) -> None:
-        """How z is applied for the current rows: base / materialised (one hot mixture) / factored."""
-        refs = {self.items[r].request.mixture.key for r in self.active}
-        single = self.items[self.active[0]].request.mixture if len(refs) == 1 else None
+        self.started = time.perf_counter()
+        refs = {it.request.mixture.key for it in items}
+        single = items[0].request.mixture if len(refs) == 1 else None
         if single is not None and single.is_base:
             self.mode = "base"
-        elif single is not None and self.lib.should_materialize(single.key):
+        elif single is not None and lib.should_materialize(single.key):
             self.mode = "materialized"
         else:
             self.mode = "factored"
         self.key = single.key if single is not None else None
-        self._z = self.items[self.active[0]].z if single is not None else None
-        self._rows_z = None if single is not None else self._stack([self.items[r].z for r in self.active])
-        for r in self.active:
-            it = self.items[r]
-            it.peak_batch = max(getattr(it, "peak_batch", 0), len(self.active))
+        self._rows_z = None if single is not None else self._stack([it.z for it in items])
+        lib.stats["batches"][self.mode] += 1
+        self.stops = [it.request.stop for it in items]
 
     def _stack(self, zs: list[dict[str, torch.Tensor] | None]) -> dict[str, torch.Tensor]:
         modules = [m for m in self.lib.layers if any(z is not None and m in z for z in zs)]
@@ -401,9 +374,9 @@ class DecodeBatch:
         if self.mode == "base":
             self.lib.use_base()
         elif self.mode == "materialized":
-            self.lib.use_materialized(self.key, self._z)
+            self.lib.use_materialized(self.key, self.items[0].z)
         elif self._rows_z is None:
-            self.lib.use_factored(self._z, self.key)
+            self.lib.use_factored(self.items[0].z, self.key)
         else:
             self.lib.use_factored(self._rows_z, id(self._rows_z))
 
@@ -419,40 +392,12 @@ class DecodeBatch:
         device = self.lib.model.device
         self.attn = attn.to(device)
         positions = (self.attn.cumsum(1) - 1).clamp(min=0)
-        started = time.perf_counter()
-        for it in self.items:
-            it.started = started
         self._activate()
         out = self.lib.model(input_ids=ids.to(device), attention_mask=self.attn, position_ids=positions,
                              use_cache=True, logits_to_keep=1)
         self.cache, self.logits = output_cache(out), out.logits[:, -1].float()
         self.next_pos = self.attn.sum(1)
-
-    @property
-    def mergeable(self) -> bool:
-        return _mergeable(self.cache)
-
-    @torch.no_grad()
-    def merge(self, other: "DecodeBatch") -> None:
-        """Join a prefilled batch: its rows decode with ours from the next step on (keys/values and masks
-        left-padded to a common length; positions stay per row)."""
-        if not (self.mergeable and other.mergeable):
-            raise ValueError("these KV caches cannot be merged")
-        length = max(self.attn.shape[1], other.attn.shape[1])
-        keep = torch.tensor(self.active, device=self.attn.device) if len(self.active) < self.attn.shape[0] else None
-        for mine, theirs in zip(self.cache.layers, other.cache.layers):
-            for name in ("keys", "values"):
-                a, b = getattr(mine, name), getattr(theirs, name)
-                a = a if keep is None else a[keep]
-                setattr(mine, name, torch.cat([_left_pad(a, length, 2), _left_pad(b, length, 2)]))
-        self.attn = torch.cat([_left_pad(self.attn, length, 1), _left_pad(other.attn, length, 1)])
-        self.next_pos = torch.cat([self.next_pos, other.next_pos])
-        self.logits = torch.cat([self.logits, other.logits])
-        offset = len(self.items)
-        self.items += other.items
-        self.stops += other.stops
-        self.active += [offset + r for r in other.active]
-        self._plan()
+        self.first_token_at = time.perf_counter()
 
     def _pick(self) -> torch.Tensor:
         tokens = self.logits.argmax(-1)
@@ -489,14 +434,14 @@ class DecodeBatch:
         if it.finish_reason is not None:
             now = time.perf_counter()
             event.update(prompt_tokens=len(it.prompt_ids), completion_tokens=len(it.generated),
-                         queue_ms=1000 * (it.started - it.enqueued), generate_ms=1000 * (now - it.started),
-                         batch_size=it.peak_batch, mode=self.mode)
+                         queue_ms=1000 * (self.started - it.enqueued), generate_ms=1000 * (now - self.started),
+                         batch_size=len(self.items), mode=self.mode)
         return event
 
     @torch.no_grad()
-    def step(self) -> list[tuple[GenItem, dict[str, Any]]]:
-        """One token for every active row: (item, event) for each of them; finished rows leave the batch."""
-        events = []
+    def step(self) -> list[dict[str, Any] | None]:
+        """One token for every active row; an event per row (None for rows that had finished before)."""
+        events: list[dict[str, Any] | None] = [None] * len(self.items)
         tokens = self._pick()
         keep = []
         for j, row in enumerate(self.active):
@@ -507,13 +452,12 @@ class DecodeBatch:
                 it.finish_reason = "stop"
             elif len(it.generated) >= it.request.max_tokens:
                 it.finish_reason = "length"
-            events.append((it, self._event(row)))
+            events[row] = self._event(row)
             if it.finish_reason is None:
                 keep.append(j)
         if keep:
             self._advance(tokens, keep)
-        else:
-            self.active = []
+        self.active = [self.active[j] for j in keep]
         return events
 
     def _advance(self, tokens: torch.Tensor, keep: list[int]) -> None:
@@ -522,11 +466,8 @@ class DecodeBatch:
             index = torch.tensor(keep, device=device)
             self.cache.batch_select_indices(index)
             self.attn, self.next_pos, tokens = self.attn[index], self.next_pos[index], tokens[index]
-            self.items = [self.items[self.active[j]] for j in keep]  # finished items are forgotten
-            self.stops = [self.stops[self.active[j]] for j in keep]
-            self.active = list(range(len(keep)))
-            self._trim()
-            self._plan()
+            if self._rows_z is not None:
+                self._rows_z = {m: z[index] for m, z in self._rows_z.items()}
         self.attn = torch.cat([self.attn, torch.ones_like(self.attn[:, :1])], 1)
         self._activate()
         out = self.lib.model(input_ids=tokens[:, None].to(device), attention_mask=self.attn,
@@ -535,91 +476,9 @@ class DecodeBatch:
         self.cache, self.logits = output_cache(out), out.logits[:, -1].float()
         self.next_pos = self.next_pos + 1
 
-    def _trim(self) -> None:
-        """Drop leading KV columns that no remaining row attends to (left by rows that left)."""
-        first = int((self.attn.sum(0) > 0).nonzero()[0]) if self.attn.numel() else 0
-        if first > 0 and self.mergeable:
-            for layer in self.cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
-            self.attn = self.attn[:, first:]
-
     @property
     def done(self) -> bool:
         return not self.active
-
-
-class Scheduler:
-    """Continuous batching on one model thread: groups of prepared requests (what @serve.batch hands over)
-    are prefilled and merged into the running batch between decode steps, up to `max_rows` rows; each
-    request's events arrive on its own asyncio queue (an Exception if generation failed)."""
-
-    def __init__(self, lib: ExpertLibrary, run, max_rows: int):
-        self.lib, self.run, self.max_rows = lib, run, max_rows  # run(fn, *args): awaitable, on the model thread
-        self.pending: list[list[GenItem]] = []
-        self.batch: DecodeBatch | None = None
-        self._task = None
-        self.merges = 0
-
-    def submit(self, items: list[GenItem]) -> None:
-        import asyncio
-
-        for it in items:
-            it.events = asyncio.Queue()
-        self.pending.append(items)
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._loop())
-
-    def _prefill(self, items: list[GenItem]) -> DecodeBatch:
-        batch = DecodeBatch(self.lib, items)
-        batch.prefill()
-        return batch
-
-    def _admit(self) -> list[list[GenItem]]:
-        """Pending groups that fit next to the running rows (the first one always, when idle)."""
-        if self.batch is not None and not self.batch.mergeable:
-            return []  # a cache type that cannot be joined: new groups wait for the running batch to end
-        room = self.max_rows - (len(self.batch.active) if self.batch is not None else 0)
-        taken = []
-        while self.pending and (len(self.pending[0]) <= room or (self.batch is None and not taken)):
-            group = self.pending.pop(0)
-            room -= len(group)
-            taken.append(group)
-        return taken
-
-    async def _loop(self) -> None:
-        while self.pending or self.batch is not None:
-            for group in self._admit():
-                try:
-                    new = await self.run(self._prefill, group)
-                except Exception as err:  # this group fails; the running batch goes on
-                    self._fail(group, err)
-                    continue
-                if self.batch is None:
-                    self.batch = new
-                    continue
-                try:
-                    await self.run(self.batch.merge, new)
-                    self.merges += 1
-                except Exception as err:
-                    self._fail(group + [self.batch.items[r] for r in self.batch.active], err)
-                    self.batch = None
-            if self.batch is None:
-                continue
-            try:
-                events = await self.run(self.batch.step)
-            except Exception as err:  # every request in this batch learns of the failure
-                self._fail([self.batch.items[r] for r in self.batch.active], err)
-                self.batch = None
-                continue
-            for item, event in events:
-                item.events.put_nowait(event)
-            if self.batch.done:
-                self.batch = None
-
-    @staticmethod
-    def _fail(items: list[GenItem], err: Exception) -> None:
-        for it in items:
-            it.events.put_nowait(err)
 
 
 def run_to_completion(lib: ExpertLibrary, requests: list[GenRequest]) -> list[dict[str, Any]]:
@@ -627,15 +486,15 @@ def run_to_completion(lib: ExpertLibrary, requests: list[GenRequest]) -> list[di
     items = [lib.prepare(r) for r in requests]
     batch = DecodeBatch(lib, items)
     batch.prefill()
-    texts = {id(it): "" for it in items}
-    finals: dict[int, dict] = {}
+    texts, finals = [""] * len(items), [None] * len(items)
     while not batch.done:
-        for it, ev in batch.step():
-            texts[id(it)] += ev["text"]
-            if ev["finish_reason"] is not None:
-                finals[id(it)] = ev
-    return [{**finals[id(it)], "text": texts[id(it)]} for it in items]
+        for i, ev in enumerate(batch.step()):
+            if ev is not None:
+                texts[i] += ev["text"]
+                if ev["finish_reason"] is not None:
+                    finals[i] = ev
+    return [{**f, "text": t} for f, t in zip(finals, texts)]
 
 
 __all__ = ["CLASSIFIER", "DecodeBatch", "ExpertLibrary", "GenItem", "GenRequest", "MixtureRef", "RequestError",
-           "Scheduler", "run_to_completion"]
+           "run_to_completion"]

@@ -48,27 +48,17 @@ def reference(paths, weights, prompt: str, max_tokens: int):
     return out.completion_ids[0][out.completion_mask[0].bool()].tolist(), logits
 
 
-def run_batch(lib, requests, merge_at: int | None = None, later: list | None = None):
-    """Generated ids per request, the logits each row decoded from at every step, and the batch's first mode.
-    With `later`, those requests are prefilled separately and merged in after `merge_at` steps."""
+def run_batch(lib, requests):
+    """Generated ids per request, the logits each row decoded from at every step, and the batch's mode."""
     items = [lib.prepare(r) for r in requests]
-    extra = [lib.prepare(r) for r in later or []]
-    index = {id(it): i for i, it in enumerate(items + extra)}
     batch = DecodeBatch(lib, items)
     batch.prefill()
-    mode = batch.mode
-    logits = [[] for _ in items + extra]
-    steps = 0
-    while not batch.done or (extra and steps <= merge_at):
-        if extra and steps == merge_at:
-            other = DecodeBatch(lib, extra)
-            other.prefill()
-            batch.merge(other)
+    logits = [[] for _ in items]
+    while not batch.done:
         for j, row in enumerate(batch.active):
-            logits[index[id(batch.items[row])]].append(batch.logits[j].clone())
+            logits[row].append(batch.logits[j].clone())
         batch.step()
-        steps += 1
-    return [it.generated for it in items + extra], logits, mode
+    return [it.generated for it in items], logits, batch.mode
 
 
 def test_mixed_batch_rows_match_each_mixture_alone(lib, tiny_experts, torch_threads):
@@ -83,72 +73,11 @@ def test_mixed_batch_rows_match_each_mixture_alone(lib, tiny_experts, torch_thre
     for i, (w, p, n) in enumerate(zip(mixtures, PROMPTS, budgets)):
         alone_ids, alone_logits, _ = run_batch(lib, [requests[i]])
         assert ids[i] == alone_ids[0] and len(logits[i]) == n
-        assert_same_steps(logits[i], alone_logits[0])
+        for step, (a, b) in enumerate(zip(logits[i], alone_logits[0])):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=f"row {i} step {step}")
         ref_ids, ref_logits = reference(tiny_experts, w, p, n)
         assert ids[i] == ref_ids
         torch.testing.assert_close(logits[i][0], ref_logits, atol=1e-4, rtol=1e-4)
-
-
-def assert_same_steps(got, alone):
-    assert len(got) == len(alone)
-    for step, (a, b) in enumerate(zip(got, alone)):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=f"step {step}")
-
-
-def test_rows_merged_into_a_running_batch_decode_as_alone(lib, torch_threads):
-    """Continuous batching: rows prefilled later join after 3 steps (KV caches and masks left-padded, then
-    trimmed as rows leave); every row still sees exactly the logits it sees alone."""
-    first = [GenRequest(MixtureRef(), prompt=PROMPTS[0], max_tokens=8, temperature=0),
-             GenRequest(ref_of({"math": 1.0}), messages=[{"role": "user", "content": PROMPTS[1]}], max_tokens=4,
-                        temperature=0)]
-    later = [GenRequest(ref_of({"code": 1.0}), prompt=PROMPTS[3] + " and more words to be longer", max_tokens=9,
-                        temperature=0),
-             GenRequest(ref_of({"math": 0.5, "reasoning": 0.5}), prompt=PROMPTS[2], max_tokens=6, temperature=0)]
-    ids, logits, _ = run_batch(lib, first, merge_at=3, later=later)
-    for i, request in enumerate(first + later):
-        alone_ids, alone_logits, _ = run_batch(lib, [request])
-        assert ids[i] == alone_ids[0]
-        assert_same_steps(logits[i], alone_logits[0])
-
-
-def test_scheduler_merges_groups_and_streams_events(lib, torch_threads):
-    import asyncio
-
-    from t2ray.serve.engine import Scheduler
-
-    async def run(fn, *args, **kwargs):
-        await asyncio.sleep(0)
-        return fn(*args, **kwargs)
-
-    requests = [GenRequest(ref_of(w), prompt=p, max_tokens=n, temperature=0)
-                for w, p, n in [(None, PROMPTS[0], 6), ({"math": 1.0}, PROMPTS[1], 9), ({"code": 1.0}, PROMPTS[2], 5),
-                                ({"math": 0.2, "code": 0.8}, PROMPTS[3], 7)]]
-
-    async def main():
-        scheduler = Scheduler(lib, run, max_rows=3)
-        groups = [[lib.prepare(requests[0]), lib.prepare(requests[1])], [lib.prepare(requests[2])],
-                  [lib.prepare(requests[3])]]
-        scheduler.submit(groups[0])
-        await asyncio.sleep(0.05)  # the first group is decoding when the others arrive
-        scheduler.submit(groups[1])
-        scheduler.submit(groups[2])  # does not fit (max_rows 3) until a row leaves
-
-        async def drain(item):
-            text = ""
-            while True:
-                event = await item.events.get()
-                text += event["text"]
-                if event["finish_reason"]:
-                    return text, event
-
-        results = await asyncio.gather(*(drain(it) for group in groups for it in group))
-        return scheduler, results
-
-    scheduler, results = asyncio.run(main())
-    assert scheduler.merges == 2 and scheduler.batch is None
-    expected = run_to_completion(lib, requests)
-    for (text, final), want, request in zip(results, expected, requests):
-        assert text == want["text"] and final["completion_tokens"] == request.max_tokens
 
 
 def test_experts_change_the_model(lib):
