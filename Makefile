@@ -43,6 +43,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/token_routing.py
 	$(BIN)/python bench/two_pass.py
 	$(BIN)/python bench/tune_overhead.py
+	$(BIN)/python bench/serve_load.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
