@@ -10,7 +10,7 @@ the code sandbox.
   ============== ========= ============================================== ==================
   math           math      one-step arithmetic / word problems (GSM8K)    256 / 64 / 128
   code           code      one-line Python functions, run tests (MBPP)    256 / 64 / 128
-  reasoning      reasoning 4-option everyday science (ARC-Easy)           256 / 64 / 128
+  reasoning      reasoning 2/4-option everyday science (ARC-Easy)         256 / 64 / 128
   math-hard      math      two-step arithmetic, boxed answers (MATH)      32 / 16 / 128
   code-hard      code      small algorithms (HumanEval-like)              32 / 16 / 128
   reasoning-hard reasoning chains, sequences, "NOT" (ARC-Challenge)       32 / 16 / 128

