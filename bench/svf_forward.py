@@ -14,7 +14,6 @@ import copy
 import datetime as dt
 import os
 import platform
-import re
 import shlex
 import statistics
 import sys
@@ -24,13 +23,15 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 import torch  # noqa: E402
+
+from common import write_section  # noqa: E402
 
 from t2ray.models import load_model  # noqa: E402
 from t2ray.svf import SVFConfig, patch_model, set_mode, set_z, svf_layers  # noqa: E402
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
-SECTION = "## svf_forward"
 
 
 def forward(model, ids) -> torch.Tensor:
@@ -41,15 +42,6 @@ def forward(model, ids) -> torch.Tensor:
 def z_for(layers, seed: int, batch: tuple[int, ...] = ()) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return {name: 0.5 + torch.rand(*batch, layer.rank, generator=g) for name, layer in layers.items()}
-
-
-def write_section(text: str) -> None:
-    """Replace (or append) the '## svf_forward' section of bench/RESULTS.md, leaving other sections alone."""
-    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\nOne section per benchmark; each is rewritten by its script.\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    block = text.rstrip() + "\n\n"
-    new = pattern.sub(lambda _: block, old) if pattern.search(old) else old.rstrip() + "\n\n" + block
-    RESULTS.write_text(new.rstrip() + "\n")
 
 
 def main() -> None:
@@ -148,8 +140,6 @@ def main() -> None:
     now = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     lines = [
-        SECTION,
-        "",
         f"`{shlex.join(['.venv/bin/python', 'bench/svf_forward.py', *sys.argv[1:]])}` — {now}",
         "",
         f"SmolLM2-135M-Instruct (fp32, CPU, torch threads: {torch.get_num_threads()}, {os.cpu_count()} cores; "
@@ -192,8 +182,8 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if not args.no_write:
-        write_section(table)
-        print(f"\nwritten to {RESULTS}", file=sys.stderr)
+        write_section("svf_forward", table)
+        print("\nwritten to bench/RESULTS.md", file=sys.stderr)
 
 
 if __name__ == "__main__":

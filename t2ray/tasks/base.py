@@ -241,6 +241,14 @@ def assign_splits(
     return out
 
 
+def build_splits(name: str, make: Callable[[random.Random], Example | None], sizes: dict[str, int], seed: int,
+                 key: Callable[[Example], str] | None = None) -> dict[str, list[Example]]:
+    """Seeded pool of distinct examples from ``make``, cut into splits with stable ids: the shared recipe of
+    every procedurally generated task."""
+    pool = generate_unique(make, sum(sizes.values()), random.Random(f"{name}:{seed}"), task_name=name, key=key)
+    return assign_splits(pool, sizes, name)
+
+
 def _with_id(ex: Example, new_id: str) -> Example:
     return Example(
         id=new_id,

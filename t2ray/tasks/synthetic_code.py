@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .base import Example, assign_splits, generate_unique
+from .base import Example, build_splits
 from .common import GradedTask
 
 TRAIN_SIZES = {"train": 256, "valid": 64, "test": 128}
@@ -411,7 +411,6 @@ def spec_to_example(spec: Spec, *, hard: bool) -> Example:
 
 
 def _build(name: str, specs, sizes: dict[str, int], seed: int, hard: bool):
-    rng = random.Random(f"{name}:{seed}")
     keys: dict[str, str] = {}
 
     def make(r: random.Random) -> Example:
@@ -420,9 +419,7 @@ def _build(name: str, specs, sizes: dict[str, int], seed: int, hard: bool):
         keys[ex.prompt] = spec.key
         return ex
 
-    pool = generate_unique(make, sum(sizes.values()), rng, task_name=name,
-                           key=lambda ex: keys[ex.prompt])
-    return assign_splits(pool, sizes, name)
+    return build_splits(name, make, sizes, seed, key=lambda ex: keys[ex.prompt])
 
 
 def make_code_task(seed: int = 0) -> GradedTask:

@@ -15,7 +15,7 @@ import math
 import random
 from collections.abc import Callable
 
-from .base import Example, assign_splits, generate_unique
+from .base import Example, build_splits
 from .common import GradedTask
 
 TRAIN_SIZES = {"train": 256, "valid": 64, "test": 128}
@@ -177,10 +177,7 @@ HARD_FAMILIES: tuple[Callable[[random.Random], Example], ...] = (
 
 
 def _build(name: str, families, sizes: dict[str, int], seed: int) -> dict[str, list[Example]]:
-    rng = random.Random(f"{name}:{seed}")
-    n = sum(sizes.values())
-    pool = generate_unique(lambda r: r.choice(families)(r), n, rng, task_name=name)
-    return assign_splits(pool, sizes, name)
+    return build_splits(name, lambda r: r.choice(families)(r), sizes, seed)
 
 
 def make_math_task(seed: int = 0) -> GradedTask:

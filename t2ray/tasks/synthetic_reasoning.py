@@ -19,7 +19,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 
-from .base import Example, assign_splits, format_choices, generate_unique
+from .base import Example, build_splits, format_choices
 from .common import GradedTask
 
 TRAIN_SIZES = {"train": 256, "valid": 64, "test": 128}
@@ -420,10 +420,7 @@ def _dedupe_key(ex: Example) -> str:
 
 
 def _build(name: str, families, sizes: dict[str, int], seed: int) -> dict[str, list[Example]]:
-    rng = random.Random(f"{name}:{seed}")
-    pool = generate_unique(lambda r: r.choice(families)(r), sum(sizes.values()), rng,
-                           task_name=name, key=_dedupe_key)
-    return assign_splits(pool, sizes, name)
+    return build_splits(name, lambda r: r.choice(families)(r), sizes, seed, key=_dedupe_key)
 
 
 def make_reasoning_task(seed: int = 0) -> GradedTask:
@@ -433,7 +430,7 @@ def make_reasoning_task(seed: int = 0) -> GradedTask:
         "choice",
         lambda: _build("reasoning", REASONING_FAMILIES, TRAIN_SIZES, seed),
         max_new_tokens=32,
-        description="4-option everyday/simple-science questions; answer with a letter",
+        description="2- or 4-option everyday/simple-science questions; answer with a letter",
     )
 
 
