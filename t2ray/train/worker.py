@@ -141,11 +141,6 @@ def restore_optimizer(folder: Path, stepper) -> None:
         stepper.load_optimizer_state(load_file(folder / CHECKPOINT_OPTIMIZER))
 
 
-def restore_checkpoint(folder: Path, adapter, stepper, state) -> None:
-    restore_adapter_and_state(folder, adapter, state)
-    restore_optimizer(folder, stepper)
-
-
 def train_worker(loop_config: dict) -> None:
     import ray.train
 
