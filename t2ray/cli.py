@@ -34,6 +34,12 @@ def user_errors(fn):
     return wrapper
 
 
+def drop_unset(options: dict) -> dict:
+    """Only the options given on the command line, so that they override a YAML and nothing else."""
+    kept = {k: drop_unset(v) if isinstance(v, dict) else v for k, v in options.items() if v is not None}
+    return {k: v for k, v in kept.items() if v != {}}
+
+
 def emit(obj) -> None:
     typer.echo(json.dumps(obj, indent=2, default=str))
 
@@ -109,34 +115,41 @@ def train(experiment: Path = typer.Argument(..., help="experiment YAML"),
 
 @app.command()
 @user_errors
-def adapt(strategy: str = typer.Option(..., help="prompt | classifier | fewshot | token"),
-          task: str = typer.Option(..., help="task name or task YAML"),
-          expert: list[Path] = typer.Option(..., help="expert file; repeat for the library"),
-          model: str = typer.Option("smollm2-135m"),
+def adapt(config: Optional[Path] = typer.Option(None, help="adapt YAML (the options below override it)"),
+          strategy: Optional[str] = typer.Option(None, help="prompt | classifier | fewshot | token"),
+          task: Optional[str] = typer.Option(None, help="task name or task YAML"),
+          expert: Optional[list[Path]] = typer.Option(None, help="expert file; repeat for the library"),
+          model: Optional[str] = typer.Option(None, help="model spec (default smollm2-135m)"),
           classifier_expert: Optional[Path] = typer.Option(None, help="cls expert (strategy classifier)"),
-          mode: str = typer.Option("score", help="pass-1 classification: score | generate"),
-          split: str = "test", limit: Optional[int] = typer.Option(None, min=1),
-          shots: int = typer.Option(10, help="fewshot: k examples"), population: int = 32, generations: int = 50,
-          elite_ratio: float = 0.2, per_module: bool = False, actors: int = typer.Option(1, help="fewshot: Ray actors"),
-          every: int = typer.Option(2, help="token: re-route every k tokens (1, 2, 4)"),
-          recompute_prefix: bool = typer.Option(False, help="token: the original's no-KV-cache mode"),
-          allow_transfer: bool = False, seed: int = 0,
+          mode: Optional[str] = typer.Option(None, help="pass-1 classification: score | generate"),
+          split: Optional[str] = typer.Option(None, help="train | valid | test (default test)"),
+          limit: Optional[int] = typer.Option(None, min=1),
+          shots: Optional[int] = typer.Option(None, help="fewshot: k examples (10)"),
+          population: Optional[int] = typer.Option(None, help="fewshot: CEM population (32)"),
+          generations: Optional[int] = typer.Option(None, help="fewshot: CEM generations (50)"),
+          elite_ratio: Optional[float] = None, per_module: Optional[bool] = None,
+          actors: Optional[int] = typer.Option(None, help="fewshot: Ray actors (1)"),
+          every: Optional[int] = typer.Option(None, help="token: re-route every k tokens (1, 2, 4; default 2)"),
+          recompute_prefix: Optional[bool] = typer.Option(None, help="token: the original's no-KV-cache mode"),
+          allow_transfer: Optional[bool] = None, seed: Optional[int] = None,
           out: Optional[Path] = typer.Option(None, help="write the full result JSON here"),
           mixture_out: Optional[Path] = typer.Option(None, help="fewshot: save the found α as a mixture file")):
     """Two-pass self-adaptation on a task split: pass 1 picks the expert mixture, pass 2 answers."""
     from t2ray.adapt.two_pass import run_adapt, save_found_mixture
-    from t2ray.config import AdaptConfig
+    from t2ray.config import AdaptConfig, deep_merge, read_yaml
 
-    if actors > 1:
+    given = {"strategy": strategy, "task": task, "experts": [str(e) for e in expert] if expert else None,
+             "model": {"spec": model} if model else None,
+             "classifier_expert": str(classifier_expert) if classifier_expert else None, "classify_mode": mode,
+             "split": split, "limit": limit, "allow_transfer": allow_transfer,
+             "cem": dict(shots=shots, population=population, generations=generations, elite_ratio=elite_ratio,
+                         per_module=per_module, actors=actors, seed=seed),
+             "routing": dict(every=every, recompute_prefix=recompute_prefix)}
+    cfg = AdaptConfig.model_validate(deep_merge(read_yaml(config) if config else {}, drop_unset(given)))
+    if cfg.cem.actors > 1:
         from t2ray.train.launcher import ensure_ray
 
         ensure_ray()
-    cfg = AdaptConfig(strategy=strategy, task=task, model={"spec": model}, experts=[str(e) for e in expert],
-                      classifier_expert=str(classifier_expert) if classifier_expert else None, classify_mode=mode,
-                      split=split, limit=limit, allow_transfer=allow_transfer,
-                      cem=dict(shots=shots, population=population, generations=generations,
-                               elite_ratio=elite_ratio, per_module=per_module, actors=actors, seed=seed),
-                      routing=dict(every=every, recompute_prefix=recompute_prefix))
     result = run_adapt(cfg)
     if out:
         result.save(out)

@@ -117,6 +117,16 @@ class ExperimentConfig(Strict):
     def run_dir(self) -> Path:
         return Path(self.storage_path).expanduser().resolve() / self.name
 
+    def with_absolute_paths(self) -> "ExperimentConfig":
+        """Relative paths resolved against this process's directory: Ray workers run elsewhere."""
+        def absolute(spec: str, is_path: bool) -> str:  # a hub id or a built-in name stays as it is
+            return str(Path(spec).expanduser().resolve()) if is_path else spec
+        task, model = Path(self.task).expanduser(), Path(self.model.spec).expanduser()
+        return self.model_copy(update={
+            "storage_path": str(self.run_dir.parent),
+            "task": absolute(self.task, task.suffix in (".yaml", ".yml") and task.is_file()),
+            "model": self.model.model_copy(update={"spec": absolute(self.model.spec, model.is_dir())})})
+
 
 class CEMConfig(Strict):
     population: int = Field(32, ge=2)

@@ -107,3 +107,18 @@ def test_tasks_lists_builtins():
     result = invoke("tasks")
     assert result.exit_code == 0
     assert {"math", "code", "reasoning", "humaneval", "cls"} <= set(json.loads(result.output))
+
+
+def test_adapt_reads_a_yaml_and_the_command_line_overrides_it(tiny_expert, tmp_path):
+    config = tmp_path / "adapt.yaml"
+    config.write_text(f"strategy: fewshot\ntask: math\nmodel: {{spec: tiny-llama}}\nexperts: [{tiny_expert[0]}]\n"
+                      "limit: 4\ncem: {population: 2, generations: 3, shots: 2}\n")
+    result = invoke("adapt", "--config", config, "--limit", "1", "--generations", "1")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output[result.output.index("{"):])
+    assert summary["n"] == 1 and summary["strategy"] == "fewshot" and len(summary["alpha"]) == 1
+
+
+def test_adapt_without_a_strategy_names_the_missing_key():
+    result = invoke("adapt", "--task", "math", "--expert", "x.safetensors")
+    assert result.exit_code == 2 and "strategy: Field required" in result.output

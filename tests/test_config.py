@@ -247,3 +247,15 @@ def test_shipped_experiment_validates(path):
     assert cfg.name and cfg.rl.batch_size >= cfg.scaling.num_workers
     # and stays valid under a typical CLI override
     assert load_experiment(path, ["rl.iterations=1"]).rl.iterations == 1
+
+
+def test_with_absolute_paths_resolves_local_files_only(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my-model").mkdir()
+    (tmp_path / "task.yaml").write_text("name: t\n")
+    local = ExperimentConfig(storage_path="runs", task="task.yaml", model={"spec": "my-model"}).with_absolute_paths()
+    assert local.storage_path == str(tmp_path / "runs")
+    assert local.task == str(tmp_path / "task.yaml")
+    assert local.model.spec == str(tmp_path / "my-model")
+    named = ExperimentConfig(task="math", model={"spec": "HuggingFaceTB/SmolLM2-135M-Instruct"}).with_absolute_paths()
+    assert (named.task, named.model.spec) == ("math", "HuggingFaceTB/SmolLM2-135M-Instruct")

@@ -74,8 +74,30 @@ def read_history(run_dir: Path) -> list[dict]:
     return [latest[i] for i in sorted(latest)]
 
 
+def make_trainer(cfg: ExperimentConfig, worker, loop_config: dict, callbacks: list | None = None):
+    """The TorchTrainer of one run (plain `t2ray train` and every Tune trial): writes the run's config.yaml."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    return TorchTrainer(
+        worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                     resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
+        run_config=RunConfig(name=cfg.name, storage_path=str(run_dir.parent),
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint_keep),
+                             callbacks=callbacks or []),
+    )
+
+
 def train(cfg: ExperimentConfig, *, address: str | None = None) -> TrainOutcome:
     """Run (or resume: same storage_path and name) an expert's training on Ray Train."""
+    cfg = cfg.with_absolute_paths()
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")  # report() waits on this poll
     check_task(cfg)
     from t2ray.models.loader import resolve
@@ -83,24 +105,10 @@ def train(cfg: ExperimentConfig, *, address: str | None = None) -> TrainOutcome:
     resolve(cfg.model.spec, cfg.seed)  # build local model caches once here, not in every worker at the same time
     ensure_ray(address)
     check_resources(cfg)
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     from t2ray.train.worker import train_worker
 
     run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={"experiment": cfg.model_dump(mode="json")},
-        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                                     resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
-        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
-        run_config=RunConfig(name=cfg.name, storage_path=str(run_dir.parent),
-                             failure_config=FailureConfig(max_failures=cfg.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint_keep)),
-    )
+    trainer = make_trainer(cfg, train_worker, {"experiment": cfg.model_dump(mode="json")})
     result = trainer.fit()
     if result.error:
         raise TrainError(f"training {cfg.name} failed: {result.error}")

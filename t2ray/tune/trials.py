@@ -18,8 +18,6 @@ import tempfile
 import threading
 from pathlib import Path
 
-import yaml
-
 from t2ray.tune.config import Sweep
 
 TRIAL_META = "t2ray_trial.json"
@@ -161,30 +159,17 @@ def _starting_point(sweep: Sweep, trial_id: str) -> tuple[str, str | None]:
 def rl_trial(config: dict, spec: dict) -> None:
     """Tune function trainable: fit one Ray Train run for this trial's config, reporting every iteration."""
     import ray.tune
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Empty, Queue
+
+    from t2ray.train.launcher import make_trainer
 
     sweep = Sweep.from_spec(spec)
     trial_id = ray.tune.get_context().get_trial_id()
     name, init = _starting_point(sweep, trial_id)
     cfg = trial_experiment(sweep, config, name)
-    run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-
     queue = Queue(actor_options={"num_cpus": 0})
-    trainer = TorchTrainer(
-        tune_worker,
-        train_loop_config={"experiment": cfg.model_dump(mode="json"), "init_checkpoint": init},
-        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                                     resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
-        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
-        run_config=RunConfig(name=cfg.name, storage_path=str(run_dir.parent),
-                             failure_config=FailureConfig(max_failures=cfg.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint_keep),
-                             callbacks=[ForwardToTune(queue)]),
-    )
+    trainer = make_trainer(cfg, tune_worker, {"experiment": cfg.model_dump(mode="json"), "init_checkpoint": init},
+                           callbacks=[ForwardToTune(queue)])
     outcome: dict = {}
 
     def fit() -> None:
