@@ -89,9 +89,6 @@ def runtime_env(working_dir: Path, *, requirements: Path | None = None, installe
         raise ValueError(f"installer must be pip or uv, got {installer!r}")
     env_vars = {k: os.environ[k] for k in FORWARDED_ENV if forward and k in os.environ}
     env_vars.update(env or {})
-    # `t2ray train` calls ray.init(runtime_env={env_vars: ...}) with some of these keys again: let Ray merge
-    # the driver's runtime_env into the job's instead of refusing the conflict.
-    env_vars.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
     # Train (and Tune) would move each worker into its run folder; stay in the uploaded working dir, so the
     # relative paths of the YAML (task files, model folders) mean on the cluster what they mean here.
     env_vars.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")

@@ -67,7 +67,7 @@ def test_runtime_env_forwards_caller_env_and_requirements(workdir, monkeypatch):
     assert env["working_dir"] == str(workdir) and ".venv" in env["excludes"] and "runs" in env["excludes"]
     assert env["uv"] == {"packages": ["numpy>=1.26", "rich"]}
     assert env["env_vars"] == {"WANDB_API_KEY": "secret-value", "HF_HUB_OFFLINE": "1", "EXTRA": "1",
-                               "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1", "RAY_CHDIR_TO_TRIAL_DIR": "0"}
+                               "RAY_CHDIR_TO_TRIAL_DIR": "0"}
     assert jobs.runtime_env(workdir, requirements=req)["pip"] == {"packages": ["numpy>=1.26", "rich"]}
     monkeypatch.setenv("MY_VAR", "x")
     assert jobs.parse_env(["MY_VAR", "A=b=c"]) == {"MY_VAR": "x", "A": "b=c"}

@@ -35,7 +35,10 @@ def ensure_ray(address: str | None = None) -> None:
 
     if ray.is_initialized():
         return
-    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    # Inside a Ray job (`t2ray submit`, `ray job submit`) the job's runtime_env already carries the environment,
+    # and Ray refuses a second one that names the same variables.
+    in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+    env = {} if in_job else {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     ray.init(address=address, runtime_env={"env_vars": env} if env else None, log_to_driver=True)
 
 
