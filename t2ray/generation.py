@@ -95,8 +95,10 @@ def completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion
     input_ids = torch.cat([prompt_ids, completion_ids], 1)
     attention = torch.cat([prompt_mask, completion_mask_], 1)
     positions = (attention.cumsum(1) - 1).clamp(min=0)  # left padding: positions start at each row's first token
-    logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions).logits
-    return logits[:, prompt_ids.shape[1] - 1:-1]
+    # the LM head (49k-vocab on SmolLM2: a fifth of the model's FLOPs) only where a completion token is predicted
+    logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
+                   logits_to_keep=completion_ids.shape[1] + 1).logits
+    return logits[:, :-1]
 
 
 def gather_logprobs(logits: torch.Tensor, completion_ids, completion_mask_) -> torch.Tensor:

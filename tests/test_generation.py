@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from t2ray.generation import (
-    PromptTooLongError, answer_loglik, completion_mask, generate, render, rollout, token_logprobs,
+    PromptTooLongError, answer_loglik, completion_logits, completion_mask, generate, render, rollout, token_logprobs,
 )
 
 
@@ -41,6 +41,16 @@ def test_rollout_logprobs_match_teacher_forcing(tiny, tokenizer):
     assert logp.shape == roll.completion_ids.shape
     # greedy tokens are the argmax: their log-prob is the row max, so every one is > log(1/vocab)
     assert (logp[roll.completion_mask.bool()] > -torch.log(torch.tensor(float(len(tokenizer))))).all()
+
+
+def test_completion_logits_equal_the_full_forward_slice(tiny, tokenizer):
+    roll = rollout(tiny, tokenizer, ["one", "a longer second prompt"], max_new_tokens=5, temperature=1.0, seed=1)
+    ids = torch.cat([roll.prompt_ids, roll.completion_ids], 1)
+    mask = torch.cat([roll.prompt_mask, roll.completion_mask], 1)
+    with torch.no_grad():
+        full = tiny(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)).logits
+        kept = completion_logits(tiny, roll.prompt_ids, roll.prompt_mask, roll.completion_ids, roll.completion_mask)
+    torch.testing.assert_close(kept, full[:, roll.prompt_ids.shape[1] - 1:-1])
 
 
 def test_answer_loglik_is_the_mean_token_logprob(tiny, tokenizer):
