@@ -191,12 +191,7 @@ class ExpertLibrary:
         entry = self._weights.get(key)
         if entry is None:
             set_z(self.model, z)
-            entry = {}
-            with torch.no_grad():
-                for name, layer in self.layers.items():
-                    if name in z:
-                        layer._cached_weight(layer.z())  # builds W' once (SVFLinear's own cache)
-                        entry[name] = (layer.z_override, layer._weight_cache)
+            entry = {name: layer.materialized_state() for name, layer in self.layers.items() if name in z}
             self.stats["materialized_builds"] += 1
             if self.lru_size > 0:
                 self._weights[key] = entry
@@ -207,7 +202,7 @@ class ExpertLibrary:
             for name, layer in self.layers.items():
                 if name in entry:
                     layer.enabled = True
-                    layer.z_override, layer._weight_cache = entry[name]  # restore z and its W' (no rebuild)
+                    layer.restore_materialized(entry[name])  # z and its W', no rebuild
                 else:
                     layer.enabled = False
                     layer.set_z(None)
