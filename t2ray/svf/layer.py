@@ -1,8 +1,8 @@
 """The SVF linear layer: W' = c · U diag(s ⊙ z) Vᵀ with c = Σs / Σ(s ⊙ z), z = sigmoid(p) · max_mult.
 
-Only W and the square orthogonal factor Q are kept (SPEC §3; training also caches the frozen W V or Wᵀ U).
-Since Q Qᵀ = I, W' = W + W V diag(c·z − 1) Vᵀ: computing the *change* from W (d = c·z − 1) makes z = 1
-reproduce W bit for bit and keeps rounding error proportional to how far z moved:
+Only W and the square orthogonal factor Q are kept (SPEC §3). Since Q Qᵀ = I, W' = W + W V diag(c·z − 1) Vᵀ:
+computing the *change* from W (d = c·z − 1) makes z = 1 reproduce W bit for bit and keeps rounding error
+proportional to how far z moved:
   tall (m ≥ n, Q = V):  y = (x + ((x V) ⊙ d) Vᵀ) Wᵀ          wide (m < n, Q = U):  y = h + ((h U) ⊙ d) Uᵀ, h = x Wᵀ
 """
 from __future__ import annotations
@@ -21,31 +21,6 @@ def adapted_weight(w: torch.Tensor, q: torch.Tensor, s: torch.Tensor, z: torch.T
     return w + (((w @ q) * d) @ q.T if w.shape[0] >= w.shape[1] else (q * d) @ (q.T @ w))
 
 
-class AdaptedLinear(torch.autograd.Function):
-    """y = x W'ᵀ + b with W' = W + L diag(d) Rᵀ, differentiated by hand: autograd would form the m×n gradient
-    of W' and multiply it back through the factors; ∂L/∂d_k = Σ_t (g L)_tk (x R)_tk needs neither."""
-
-    @staticmethod
-    def forward(ctx, x, weight, left, right, d, bias):
-        adapted = torch.addmm(weight, left * d, right.T)
-        ctx.save_for_backward(x, adapted, left, right)
-        return F.linear(x, adapted, bias)
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, adapted, left, right = ctx.saved_tensors
-        g, xs = grad_y.reshape(-1, grad_y.shape[-1]), x.reshape(-1, x.shape[-1])
-        (tokens, m), n, r = g.shape, xs.shape[1], left.shape[1]
-        grad_d = None
-        if ctx.needs_input_grad[4]:  # the cheaper contraction order for this many tokens
-            if tokens * r * (m + n) <= m * n * (tokens + r):
-                grad_d = ((g @ left) * (xs @ right)).sum(0)
-            else:
-                grad_d = ((g.T @ xs @ right) * left).sum(0)
-        grad_x = grad_y @ adapted if ctx.needs_input_grad[0] else None
-        return grad_x, None, None, None, grad_d, None
-
-
 class SVFLinear(nn.Module):
     def __init__(self, base_layer: nn.Linear, factors: Factors, *, max_mult: float = 1.0,
                  init_mean: float = 0.1, init_std: float = 0.01, mode: str = "materialized"):
@@ -62,7 +37,6 @@ class SVFLinear(nn.Module):
         self.enabled = True
         self.z_override: torch.Tensor | None = None  # (r,), (B, r) or (B, T, r): mixtures, per-row, per-token
         self._weight_cache: tuple[tuple, torch.Tensor] | None = None
-        self._factor_cache: tuple[tuple, torch.Tensor] | None = None
 
     @property
     def q(self) -> torch.Tensor:
@@ -95,19 +69,6 @@ class SVFLinear(nn.Module):
     @property
     def _cacheable(self) -> bool:
         return not hasattr(self.base_layer.weight, "ds_id")  # ZeRO-3 partitions it: never keep a whole copy
-
-    def factor_pair(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(L, R) with W' = W + L diag(d) Rᵀ: (W V, V) tall, (U, Wᵀ U) wide; W's product cached (frozen)."""
-        weight, q = self.base_layer.weight, self.svf_q.to(self.base_layer.weight.dtype)
-        key = (weight._version, self.svf_q._version, weight.dtype, weight.device)
-        if self._factor_cache is not None and self._factor_cache[0] == key:
-            product = self._factor_cache[1]
-        else:
-            with torch.no_grad():
-                product = weight @ q if self.tall else weight.T @ q
-            if self._cacheable:
-                self._factor_cache = (key, product)
-        return (product, q) if self.tall else (q, product)
 
     def _cached_weight(self, z: torch.Tensor) -> torch.Tensor:
         source = self.z_override if self.z_override is not None else self.svf_p
@@ -145,17 +106,16 @@ class SVFLinear(nn.Module):
         if not self.enabled:
             return self.base_layer(x)
         z = self.z()
-        if self.mode == "factored" or z.dim() > 1:
+        # Training always takes the factored path: z's gradient costs ~4·T·min(m,n)² per matrix there, while
+        # rebuilding W' under autograd costs 3·m·n·r + T·m·n (about twice as much for T ≈ 1000 tokens).
+        training = torch.is_grad_enabled() and z.requires_grad
+        if self.mode == "factored" or z.dim() > 1 or training:
             return self._factored(x, z)
-        if torch.is_grad_enabled() and z.requires_grad:  # training: W' rebuilt every step, z's gradient by hand
-            return AdaptedLinear.apply(x, self.base_layer.weight, *self.factor_pair(),
-                                       self.delta(z).to(self.base_layer.weight.dtype),
-                                       self.base_layer.bias)
         return F.linear(x, self._cached_weight(z), self.base_layer.bias)
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_weight_cache"] = state["_factor_cache"] = None  # a copy's version counters restart: no stale cache
+        state["_weight_cache"] = None  # a copy's version counters restart: never carry a cached W' over
         return state
 
     def extra_repr(self) -> str:
