@@ -10,12 +10,16 @@ from t2ray.svf import apply_experts
 
 def load_adapted(model_spec: str, *, expert: str | Path | None = None, mix: str | None = None,
                  mixture: str | Path | None = None, allow_transfer: bool = False, dtype: str = "float32"):
-    """(model, tokenizer, label). At most one of expert / mix / mixture."""
+    """(model, tokenizer, label). At most one of expert / mix / mixture; an expert folder is a LoRA expert."""
     if sum(x is not None for x in (expert, mix, mixture)) > 1:
         raise ExpertError("give at most one of --expert, --mix, --mixture")
     model, tokenizer = load_model(model_spec, dtype=dtype)
     if expert is None and mix is None and mixture is None:
         return model, tokenizer, "base"
+    if expert is not None and Path(expert).is_dir():
+        from t2ray.lora import load_lora_expert
+
+        return load_lora_expert(model, expert, allow_transfer=allow_transfer), tokenizer, f"lora:{Path(expert).name}"
     # Files are validated here; whether they fit this model is checked once, by apply_experts.
     if mixture is not None:
         spec, experts = load_mixture(mixture)

@@ -89,8 +89,7 @@ def quickstart(root: Path = Path("runs/quickstart"), config: Path | None = None)
 
     def evaluation(task: str, out: Path, limit: int, expert: Path | None = None) -> Callable[[], None]:
         def run() -> None:
-            is_lora = expert is not None and expert.is_dir()  # LoRA experts are PEFT adapter folders
-            model, tokenizer, label = load_lora(qs.model, expert) if is_lora else load_adapted(qs.model, expert=expert)
+            model, tokenizer, label = load_adapted(qs.model, expert=expert)
             result = evaluate(model, tokenizer, get_task(task), limit=limit, batch_size=32, adapter=label)
             result.save(out)
             typer.echo(f"    {label} on {task}: {result.accuracy:.1%} ({result.correct}/{result.n})")
@@ -141,11 +140,3 @@ def quickstart(root: Path = Path("runs/quickstart"), config: Path | None = None)
     typer.echo(report.read_text())
     typer.secho(f"report: {report}", bold=True)
     return report
-
-
-def load_lora(model_spec: str, folder: Path):
-    from t2ray.lora import load_lora_expert
-    from t2ray.models import load_model
-
-    model, tokenizer = load_model(model_spec)
-    return load_lora_expert(model, folder), tokenizer, f"lora:{folder.parent.name}"

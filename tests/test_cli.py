@@ -122,3 +122,16 @@ def test_adapt_reads_a_yaml_and_the_command_line_overrides_it(tiny_expert, tmp_p
 def test_adapt_without_a_strategy_names_the_missing_key():
     result = invoke("adapt", "--task", "math", "--expert", "x.safetensors")
     assert result.exit_code == 2 and "strategy: Field required" in result.output
+
+
+def test_eval_takes_a_lora_expert_folder(tmp_path):
+    from t2ray.config import LoRAConfig
+    from t2ray.lora import LoRAAdapter
+    from t2ray.svf import SVFConfig
+
+    model, _ = load_model("tiny-llama")
+    adapter = LoRAAdapter(model, LoRAConfig(r=2, alpha=4), SVFConfig(target_modules="mlp"))
+    folder = adapter.save(tmp_path / "expert", adapter.state(), name="math-lora", task="math", training={}, metrics={})
+    result = invoke("eval", "--model", "tiny-llama", "--task", "math", "--limit", "2", "--expert", folder)
+    assert result.exit_code == 0, result.output
+    assert '"adapter": "lora:expert"' in result.output
