@@ -43,7 +43,14 @@ class DeepSpeedStepper:
                 value = safe_get_full_optimizer_state(p, key)
                 if value is not None:
                     out[f"{key}.{i}"] = value.detach().float().cpu().reshape(-1)
+        steps = [st["step"] for st in self._adam_states() if "step" in st]
+        if out and steps:  # Adam's bias correction depends on it: a resumed run must not restart at step 1
+            out["step"] = torch.tensor([float(steps[0])])
         return out
+
+    def _adam_states(self) -> list[dict]:
+        adam = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)  # ZeRO wraps torch's Adam
+        return list(adam.state.values())
 
     def load_optimizer_state(self, state: dict[str, torch.Tensor]) -> None:
         from deepspeed.utils import safe_set_full_optimizer_state
@@ -56,6 +63,10 @@ class DeepSpeedStepper:
                 if f"{key}.{i}" in state:
                     safe_set_full_optimizer_state(p, state[f"{key}.{i}"].view(p.ds_shape if hasattr(p, "ds_shape")
                                                                                else p.shape), key)
+        if "step" in state:
+            step = float(state["step"][0])
+            for st in (st for st in self._adam_states() if "step" in st):
+                st["step"] = torch.full_like(st["step"], step) if torch.is_tensor(st["step"]) else int(step)
 
     def _create_optimizer_state(self) -> None:
         """Adam allocates its moments at its first step, and DeepSpeed links them to the parameters only then

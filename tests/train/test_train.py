@@ -120,6 +120,8 @@ def test_zero2_two_workers_learn(zero2_run, tiny_base):
     for name in ("adapter.safetensors", "optimizer.safetensors", "state.json"):
         assert (ckpts[20] / name).exists(), name
     moments = load_file(ckpts[20] / "optimizer.safetensors")
+    step = moments.pop("step")
+    assert float(step) == 20  # 10 steps, resumed at Adam's step 10 (not 1), 10 more
     assert {k.split(".")[0] for k in moments} == {"exp_avg", "exp_avg_sq"} and len(moments) == 12
     assert all(t.shape == (64,) for t in moments.values())  # whole moments, not a rank's shard
 
