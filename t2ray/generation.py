@@ -1,6 +1,8 @@
 """Where tasks meet models: chat prompts, batched generation, and log-likelihood scoring."""
 from __future__ import annotations
 
+import inspect
+
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -88,6 +90,18 @@ def generate(model, tokenizer, prompts: Sequence[Messages | str], *, max_new_tok
         texts += rollout(model, tokenizer, chunk, max_new_tokens=max_new_tokens, temperature=temperature,
                          top_p=top_p, seed=seed + start, reply_prefix=reply_prefix).texts
     return texts
+
+
+def cache_kwarg(model) -> str:
+    """transformers 5.x calls the KV cache argument ``cache`` (``past_key_values`` is deprecated); 4.x: the latter."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PeftModel forwards **kwargs
+    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+
+
+def output_cache(out):
+    """The KV cache a forward pass returned, whichever name this transformers version gives it."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
 
 
 def completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask_) -> torch.Tensor:

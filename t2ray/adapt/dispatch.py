@@ -2,9 +2,11 @@
 code | math | reasoning | other, and the matching expert answers (other → the base model)."""
 from __future__ import annotations
 
+import copy
+
 import torch
 
-from t2ray.generation import generate, render
+from t2ray.generation import cache_kwarg, generate, output_cache, render
 from t2ray.tasks.cls import CATEGORIES, classification_messages, parse_category
 
 BOXED_PREFIX = "Classification: \\boxed{"
@@ -25,25 +27,82 @@ def label_token_ids(tokenizer) -> dict[str, int]:
     return ids
 
 
+def classification_ids(tokenizer, question: str) -> list[int]:
+    """The token ids pass 1 reads for a question: classification prompt + the answer's start."""
+    text = render(tokenizer, classification_messages(question)) + BOXED_PREFIX
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+class PrefixScorer:
+    """Score mode with the classification prompt's shared prefix run once per model state ("base", an expert's
+    name...): each question then costs its own ~20 tokens instead of the whole ~270-token prompt.
+
+    The tokens are exactly those of the full prompt (tokenized whole, then the prefix checked); a question
+    whose tokens do not start with the cached prefix is scored without the cache."""
+
+    SLOT = "T2RAYQUESTIONSLOT"
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+        text = render(tokenizer, classification_messages(self.SLOT))
+        self.prefix_ids = tokenizer(text[:text.index(self.SLOT)], add_special_tokens=False).input_ids[:-1]  # the last
+        ids = label_token_ids(tokenizer)                                                   # token may merge
+        self.labels, self.label_ids = list(ids), torch.tensor(list(ids.values()))
+        self._caches: dict[str, object] = {}
+
+    def _prefix_cache(self, state: str):
+        if state not in self._caches:
+            prefix = torch.tensor([self.prefix_ids], device=self.model.device)
+            self._caches[state] = output_cache(self.model(input_ids=prefix, use_cache=True, logits_to_keep=1))
+        return self._caches[state]
+
+
+    @torch.no_grad()
+    def scores(self, questions: list[str], *, state: str = "base") -> torch.Tensor:
+        """(N, 4) logits of the labels' first tokens after each question's classification prompt."""
+        P, model, device = len(self.prefix_ids), self.model, self.model.device
+        rows = [classification_ids(self.tokenizer, q) for q in questions]
+        out = torch.empty(len(rows), len(self.labels))
+        label_ids = self.label_ids.to(device)
+        cached = [i for i, ids in enumerate(rows) if ids[:P] == self.prefix_ids and len(ids) > P]
+        if cached:
+            suffixes = [rows[i][P:] for i in cached]
+            width = max(map(len, suffixes))
+            ids = torch.full((len(cached), width), self.tokenizer.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(cached), P + width), dtype=torch.long)
+            positions = torch.zeros((len(cached), width), dtype=torch.long)
+            mask[:, :P] = 1
+            for j, suffix in enumerate(suffixes):  # padding sits between the prefix and each suffix, masked
+                ids[j, width - len(suffix):] = torch.tensor(suffix)
+                mask[j, P + width - len(suffix):] = 1
+                positions[j, width - len(suffix):] = torch.arange(P, P + len(suffix))
+            cache = copy.deepcopy(self._prefix_cache(state))
+            cache.batch_repeat_interleave(len(cached))
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                           use_cache=True, logits_to_keep=1, **{cache_kwarg(model): cache}).logits[:, -1]
+            out[cached] = logits[:, label_ids].float().cpu()
+        for i in sorted(set(range(len(rows))) - set(cached)):  # no shared prefix: the whole prompt
+            logits = model(input_ids=torch.tensor([rows[i]], device=device), logits_to_keep=1).logits[0, -1]
+            out[i] = logits[label_ids].float().cpu()
+        return out
+
+    def classify(self, questions: list[str], *, state: str = "base", batch_size: int = 16) -> list[str]:
+        labels = []
+        for start in range(0, len(questions), batch_size):
+            best = self.scores(questions[start:start + batch_size], state=state).argmax(-1)
+            labels += [self.labels[k] for k in best.tolist()]
+        return labels
+
+
 @torch.no_grad()
 def classify(model, tokenizer, questions: list[str], *, mode: str = "score", batch_size: int = 16) -> list[str]:
     """One label per question, after the reply is started with 'Classification: \\boxed{' (small models
     otherwise answer the question instead of classifying it). `score`: one forward pass comparing the labels'
     first-token logits (no generation); `generate`: the model writes the label (the paper's boxed answer)."""
-    messages = [classification_messages(q) for q in questions]
     if mode == "generate":
-        texts = generate(model, tokenizer, messages, max_new_tokens=8, batch_size=batch_size,
-                         reply_prefix=BOXED_PREFIX)
+        texts = generate(model, tokenizer, [classification_messages(q) for q in questions], max_new_tokens=8,
+                         batch_size=batch_size, reply_prefix=BOXED_PREFIX)
         return [parse_category(BOXED_PREFIX + t) or "other" for t in texts]
     if mode != "score":
         raise ValueError(f"unknown classification mode {mode!r}: score | generate")
-    ids = label_token_ids(tokenizer)
-    labels, label_ids = list(ids), torch.tensor(list(ids.values()))
-    out: list[str] = []
-    for start in range(0, len(messages), batch_size):
-        texts = [render(tokenizer, m) + BOXED_PREFIX for m in messages[start:start + batch_size]]
-        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-        positions = (batch["attention_mask"].cumsum(1) - 1).clamp(min=0)
-        logits = model(**batch, position_ids=positions, use_cache=False, logits_to_keep=1).logits[:, -1]
-        out += [labels[i] for i in logits[:, label_ids.to(logits.device)].argmax(-1).tolist()]
-    return out
+    return PrefixScorer(model, tokenizer).classify(questions, batch_size=batch_size)

@@ -26,7 +26,6 @@ function on ``task.messages(example)``, so the two sides always match.
 """
 from __future__ import annotations
 
-import inspect
 import math
 import random
 import time
@@ -38,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from t2ray.experts import Expert, ExpertError, mix_z
-from t2ray.generation import Messages, completion_mask, encode_prompts, eos_token_ids
+from t2ray.generation import Messages, cache_kwarg, completion_mask, encode_prompts, eos_token_ids, output_cache
 
 __all__ = [
     "Router", "Mixer", "SVFMixer", "LoRAMixer", "RoutedGeneration", "generate_routed", "greedy_decode",
@@ -286,7 +285,7 @@ def greedy_decode(model, tokenizer, prompts: Sequence[Messages | str], *, max_ne
     done = torch.zeros(rows, dtype=torch.bool, device=device)
     mask = prompt_mask
     cache, forward_tokens = None, 0
-    cache_kwarg = _cache_kwarg(model)
+    cache_arg = cache_kwarg(model)
     for i in range(max_new_tokens):
         if before_step is not None:
             before_step(i, generated, done)
@@ -299,9 +298,9 @@ def greedy_decode(model, tokenizer, prompts: Sequence[Messages | str], *, max_ne
         else:
             positions = mask.sum(1, keepdim=True) - 1  # every row's next position (left padding)
             out = model(input_ids=generated[:, -1:], attention_mask=mask, position_ids=positions,
-                        use_cache=True, logits_to_keep=1, **{cache_kwarg: cache})
+                        use_cache=True, logits_to_keep=1, **{cache_arg: cache})
             forward_tokens += rows
-        cache = None if recompute_prefix else _output_cache(out)
+        cache = None if recompute_prefix else output_cache(out)
         token = out.logits[:, -1].argmax(-1)
         token = torch.where(done, torch.full_like(token, pad), token)
         generated = torch.cat([generated, token[:, None]], 1)
@@ -311,17 +310,6 @@ def greedy_decode(model, tokenizer, prompts: Sequence[Messages | str], *, max_ne
         if bool(done.all()):
             break
     return generated, completion_mask(generated, set(eos.tolist())), forward_tokens
-
-
-def _cache_kwarg(model) -> str:
-    """transformers 5.x calls the KV cache argument ``cache`` (``past_key_values`` is deprecated); 4.x: the latter."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PeftModel forwards **kwargs
-    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
-
-
-def _output_cache(out):
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else out.past_key_values
 
 
 def _decode(tokenizer, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:

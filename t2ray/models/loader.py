@@ -67,17 +67,20 @@ def _smollm2_dir() -> Path:
     return target
 
 
+TINY_LLAMA_CONTEXT = 1024  # room for HumanEval's longest prompt plus its 384-token budget
+
+
 def tiny_llama_config(vocab_size: int) -> LlamaConfig:
     return LlamaConfig(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=TINY_LLAMA_CONTEXT, tie_word_embeddings=True,
     )
 
 
 def _tiny_llama_dir(seed: int) -> Path:
     """A random tiny Llama saved once per seed, so every process (ZeRO-3 partitioned ones too) loads the same
     weights from a file instead of drawing them from its own RNG."""
-    target = cache_root() / "models" / f"tiny-llama-seed{seed}"
+    target = cache_root() / "models" / f"tiny-llama-ctx{TINY_LLAMA_CONTEXT}-seed{seed}"  # a config change = new cache
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
         return target
     tokenizer = load_tokenizer("smollm2-135m")

@@ -14,8 +14,6 @@ as they finish; greedy decoding gives the tokens `generation.rollout` gives (tes
 """
 from __future__ import annotations
 
-import copy
-import inspect
 import threading
 import time
 from collections import OrderedDict
@@ -24,25 +22,14 @@ from typing import Any
 
 import torch
 
-from t2ray.adapt.dispatch import BOXED_PREFIX, classify, label_token_ids
+from t2ray.adapt.dispatch import PrefixScorer, classification_ids, classify
 from t2ray.experts import Expert, ExpertError, check_expert, load_expert, mix_z
-from t2ray.generation import PromptTooLongError, context_length, eos_token_ids, render
+from t2ray.generation import PromptTooLongError, cache_kwarg, context_length, eos_token_ids, output_cache, render
 from t2ray.models import load_model
 from t2ray.serve.errors import RequestError, bad_request, not_found
 from t2ray.svf import SVFConfig, base_model_info, patch_model, set_mode, set_z, svf_layers
-from t2ray.tasks.cls import classification_messages
 
 CLASSIFIER = "__classifier__"
-
-
-def cache_kwarg(model) -> str:
-    """transformers 5.x names the KV-cache argument ``cache``; 4.x ``past_key_values``."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def output_cache(out):
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else out.past_key_values
 
 
 @dataclass(frozen=True)
@@ -245,8 +232,7 @@ class ExpertLibrary:
         return item
 
     def check_classifiable(self, question: str) -> None:
-        text = render(self.tokenizer, classification_messages(question)) + BOXED_PREFIX
-        n = len(self.tokenizer(text, add_special_tokens=False).input_ids)
+        n = len(classification_ids(self.tokenizer, question))
         if n + 1 > self.context:
             raise bad_request(f"the query is too long to classify: {n} tokens with the classification prompt, the "
                               f"model's context is {self.context}", param="messages", code="context_length_exceeded")
@@ -271,73 +257,8 @@ class ExpertLibrary:
         if mode != "score":
             return classify(self.model, self.tokenizer, questions, mode=mode, batch_size=batch_size)
         if self._scorer is None:
-            self._scorer = PrefixScorer(self)
+            self._scorer = PrefixScorer(self.model, self.tokenizer)
         return self._scorer.classify(questions, state=CLASSIFIER if use_classifier else "base")
-
-
-class PrefixScorer:
-    """dispatch.classify's score mode with the classification prompt's shared prefix computed once per model
-    state (base / classifier expert): each question then costs only its own ~20 tokens, not ~270.
-
-    The tokens are exactly those of dispatch.classify (the full text is tokenized and the prefix checked);
-    a question whose tokens do not start with the cached prefix is scored without the cache."""
-
-    SLOT = "T2RAYQUESTIONSLOT"
-
-    def __init__(self, lib: ExpertLibrary):
-        self.lib = lib
-        tok = lib.tokenizer
-        text = render(tok, classification_messages(self.SLOT))
-        before = text[:text.index(self.SLOT)]
-        self.prefix_ids = tok(before, add_special_tokens=False).input_ids[:-1]  # the last token may merge
-        ids = label_token_ids(tok)
-        self.labels, self.label_ids = list(ids), torch.tensor(list(ids.values()))
-        self._caches: dict[str, Any] = {}
-
-    def _prefix_cache(self, state: str):
-        if state not in self._caches:
-            model = self.lib.model
-            out = model(input_ids=torch.tensor([self.prefix_ids], device=model.device), use_cache=True,
-                        logits_to_keep=1)
-            self._caches[state] = output_cache(out)
-        return self._caches[state]
-
-    def tokens(self, question: str) -> list[int]:
-        text = render(self.lib.tokenizer, classification_messages(question)) + BOXED_PREFIX
-        return self.lib.tokenizer(text, add_special_tokens=False).input_ids
-
-    @torch.no_grad()
-    def scores(self, questions: list[str], *, state: str) -> torch.Tensor:
-        """(N, 4) logits of the labels' first tokens after the classification prompt of each question."""
-        P = len(self.prefix_ids)
-        rows = [self.tokens(q) for q in questions]
-        out = torch.empty(len(rows), len(self.labels))
-        model, device = self.lib.model, self.lib.model.device
-        label_ids = self.label_ids.to(device)
-        cached = [i for i, ids in enumerate(rows) if ids[:P] == self.prefix_ids and len(ids) > P]
-        if cached:
-            suffixes = [rows[i][P:] for i in cached]
-            width = max(map(len, suffixes))
-            ids = torch.full((len(cached), width), self.lib.tokenizer.pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(cached), P + width), dtype=torch.long)
-            positions = torch.zeros((len(cached), width), dtype=torch.long)
-            mask[:, :P] = 1
-            for j, suffix in enumerate(suffixes):  # padding sits between the prefix and each suffix, masked
-                ids[j, width - len(suffix):] = torch.tensor(suffix)
-                mask[j, P + width - len(suffix):] = 1
-                positions[j, width - len(suffix):] = torch.arange(P, P + len(suffix))
-            cache = copy.deepcopy(self._prefix_cache(state))
-            cache.batch_repeat_interleave(len(cached))
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                           use_cache=True, logits_to_keep=1, **{self.lib.cache_kwarg: cache}).logits[:, -1]
-            out[cached] = logits[:, label_ids].float().cpu()
-        for i in (i for i in range(len(rows)) if i not in set(cached)):  # no shared prefix: the whole prompt
-            logits = model(input_ids=torch.tensor([rows[i]], device=device), logits_to_keep=1).logits[0, -1]
-            out[i] = logits[label_ids].float().cpu()
-        return out
-
-    def classify(self, questions: list[str], *, state: str) -> list[str]:
-        return [self.labels[k] for k in self.scores(questions, state=state).argmax(-1).tolist()]
 
 
 class DecodeBatch:

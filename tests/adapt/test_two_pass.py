@@ -86,3 +86,18 @@ def test_score_mode_agrees_with_generate_mode_on_easy_prompts(smollm2):
     scored = classify(model, tokenizer, questions, mode="score")
     assert scored == classify(model, tokenizer, questions, mode="generate")
     assert scored == ["math", "math", "code", "reasoning"]
+
+
+def test_prefix_cached_scores_equal_the_whole_prompt(tiny, tokenizer):
+    from t2ray.adapt.dispatch import PrefixScorer, classification_ids
+
+    questions = ["What is 2 + 2?", "Write a function that reverses a list.", "Hi",
+                 "A much longer question about trains leaving two stations at different speeds, when do they meet?"]
+    scorer = PrefixScorer(tiny, tokenizer)
+    assert all(classification_ids(tokenizer, q)[:len(scorer.prefix_ids)] == scorer.prefix_ids for q in questions)
+    with torch.no_grad():
+        whole = torch.stack([tiny(input_ids=torch.tensor([classification_ids(tokenizer, q)])).logits[0, -1]
+                             [scorer.label_ids] for q in questions])
+    torch.testing.assert_close(scorer.scores(questions), whole, atol=1e-4, rtol=1e-4)
+    labels = [scorer.labels[k] for k in whole.argmax(-1).tolist()]
+    assert classify(tiny, tokenizer, questions, mode="score", batch_size=3) == labels  # batches of 3 + 1

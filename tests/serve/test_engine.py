@@ -141,7 +141,7 @@ def test_sampling_is_seeded_and_stops_are_honoured(lib):
 
 def test_request_errors(lib):
     with pytest.raises(RequestError) as err:
-        lib.prepare(GenRequest(MixtureRef(), prompt="word " * 600, max_tokens=4))
+        lib.prepare(GenRequest(MixtureRef(), prompt="word " * 1200, max_tokens=4))
     assert err.value.status == 400 and err.value.code == "context_length_exceeded"
     with pytest.raises(RequestError) as err:
         lib.prepare(GenRequest(ref_of({"nope": 1.0}), prompt="x", max_tokens=4))
@@ -227,8 +227,8 @@ def test_t2ray_serve_names_a_missing_expert(tmp_path):
 
 
 def test_prefix_cached_scoring_equals_the_full_prompt(lib):
-    """Pass 1 with the classification prompt's prefix cached gives dispatch.classify's scores and labels."""
-    from t2ray.adapt.dispatch import classify
+    """Pass 1 with the classification prompt's prefix cached (per model state) gives the full prompt's scores."""
+    from t2ray.adapt.dispatch import classification_ids, classify
 
     questions = ["What is 2 + 2?", "Write a function that reverses a list.", "Why is the sky blue?", "Hi",
                  "A much longer question about trains leaving two stations at different speeds, when do they meet?"]
@@ -236,9 +236,9 @@ def test_prefix_cached_scoring_equals_the_full_prompt(lib):
         labels = lib.classify(questions, use_classifier=use_classifier)
         scorer, state = lib._scorer, "__classifier__" if use_classifier else "base"
         P = len(scorer.prefix_ids)
-        assert P > 200 and all(scorer.tokens(q)[:P] == scorer.prefix_ids for q in questions)  # the cache is used
+        assert P > 200 and all(classification_ids(lib.tokenizer, q)[:P] == scorer.prefix_ids for q in questions)  # the cache is used
         cached = scorer.scores(questions, state=state)
-        full = torch.stack([lib.model(input_ids=torch.tensor([scorer.tokens(q)]), logits_to_keep=1).logits[0, -1]
+        full = torch.stack([lib.model(input_ids=torch.tensor([classification_ids(lib.tokenizer, q)]), logits_to_keep=1).logits[0, -1]
                             [scorer.label_ids] for q in questions]).detach()
         torch.testing.assert_close(cached, full, atol=1e-4, rtol=1e-4)
         if not use_classifier:

@@ -153,7 +153,7 @@ def test_token_level_strategy(client):
 
 # ----------------------------------------------------------------------------- bad input
 
-LONG = "word " * 700  # tiny-llama's context is 512 tokens
+LONG = "word " * 1200  # tiny-llama's context is 1024 tokens
 OK = {"model": "auto", "messages": CHAT, "max_tokens": 2}
 
 
