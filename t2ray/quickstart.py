@@ -26,11 +26,12 @@ UNSEEN = ("math-hard", "code-hard", "reasoning-hard", "humaneval")
 
 class QuickstartConfig(Strict):
     model: str = "smollm2-135m"
-    iterations: int = Field(10, ge=1, description="RL iterations per expert (LoRA gets the same budget)")
+    iterations: int = Field(8, ge=1, description="RL iterations per expert (LoRA gets the same budget)")
+    batch_size: int = Field(8, ge=2, description="prompts per RL iteration, over the 2 workers")
     eval_limit: int = Field(64, ge=1, description="test items per trained-task evaluation")
-    unseen_limit: int = Field(32, ge=1, description="test items per unseen-task evaluation")
-    humaneval_limit: int = Field(16, ge=1, description="HumanEval problems (long generations)")
-    cem: CEMConfig = CEMConfig(population=8, generations=3, shots=6)
+    unseen_limit: int = Field(24, ge=1, description="test items per unseen-task evaluation")
+    humaneval_limit: int = Field(8, ge=1, description="HumanEval problems (long generations)")
+    cem: CEMConfig = CEMConfig(population=8, generations=2, shots=4)
     lora: bool = Field(True, description="train the LoRA baselines for Table 1")
 
 
@@ -63,8 +64,9 @@ def expert_config(root: Path, qs: QuickstartConfig, task: str, method: str) -> E
     return ExperimentConfig.model_validate({
         **base.model_dump(), "name": name, "method": method, "storage_path": str(root),
         "model": {"spec": qs.model, "dtype": "float32"},
-        "rl": {**base.rl.model_dump(), "iterations": qs.iterations, "eval_interval": max(1, qs.iterations // 2),
-               "eval_limit": 32, **({"lr": 2e-4} if method == "lora" else {})},
+        # one validation, at the end (its expert is the final z): the Table 1 evaluation follows anyway
+        "rl": {**base.rl.model_dump(), "iterations": qs.iterations, "batch_size": qs.batch_size,
+               "eval_interval": qs.iterations, "eval_limit": 32, **({"lr": 2e-4} if method == "lora" else {})},
         "tracking": {"wandb": True, "project": "t2ray-quickstart"}})
 
 

@@ -243,3 +243,13 @@ def test_prefix_cached_scoring_equals_the_full_prompt(lib):
         torch.testing.assert_close(cached, full, atol=1e-4, rtol=1e-4)
         if not use_classifier:
             assert labels == classify(lib.model, lib.tokenizer, questions, mode="score")
+
+
+def test_shipped_serve_config_points_at_the_quickstart_experts():
+    from t2ray.quickstart import QuickstartConfig, expert_config, expert_path
+
+    args = yaml.safe_load(SHIPPED.read_text())["applications"][0]["args"]
+    files = {**args["experts"], "cls": args["classifier_expert"]}
+    for task, file in files.items():
+        written = expert_path(expert_config(Path("runs/quickstart"), QuickstartConfig(), task, "svf"))
+        assert Path(file).resolve() == written, task
