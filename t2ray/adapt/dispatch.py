@@ -45,8 +45,9 @@ class PrefixScorer:
     def __init__(self, model, tokenizer):
         self.model, self.tokenizer = model, tokenizer
         text = render(tokenizer, classification_messages(self.SLOT))
-        self.prefix_ids = tokenizer(text[:text.index(self.SLOT)], add_special_tokens=False).input_ids[:-1]  # the last
-        ids = label_token_ids(tokenizer)                                                   # token may merge
+        before = tokenizer(text[:text.index(self.SLOT)], add_special_tokens=False).input_ids
+        self.prefix_ids = before[:-1]  # its last token may merge with the question's first
+        ids = label_token_ids(tokenizer)
         self.labels, self.label_ids = list(ids), torch.tensor(list(ids.values()))
         self._caches: dict[str, object] = {}
 
