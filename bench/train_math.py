@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -47,6 +48,14 @@ def timed_training(root: Path, method: str, seed: int) -> tuple[Path, float, dic
     return outcome.expert_path, minutes, last
 
 
+def trained_values(expert: Path) -> int:
+    """Numbers the expert trains: z-vectors (SVF file) or the LoRA A/B matrices (PEFT folder)."""
+    from safetensors import safe_open
+
+    with safe_open(str(expert / "adapter_model.safetensors" if expert.is_dir() else expert), "pt") as f:
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+
+
 def test_accuracy(root: Path, label: str, expert: Path | None, limit: int) -> float:
     out = root / f"test-{label}.json"
     if not out.exists():
@@ -69,15 +78,18 @@ def main() -> None:
     base = test_accuracy(root, "base", None, args.limit)
     rows = [f"| base | — | — | {base:.1%} | — | — |"]
     gains: dict[str, list[float]] = {m: [] for m in args.methods}
+    sizes: dict[str, int] = {}
     for method in args.methods:
         for seed in args.seeds:
             expert, minutes, last = timed_training(root, method, seed)
             acc = test_accuracy(root, f"{method}-s{seed}", expert, args.limit)
             gains[method].append(acc - base)
+            sizes[method] = trained_values(expert)
             s_per_it = last.get("seconds", float("nan"))
             rows.append(f"| {method} | {seed} | {minutes:.1f} | {acc:.1%} | {100 * (acc - base):+.1f} | {s_per_it:.1f} |")
             print(rows[-1], flush=True)
-    means = "; ".join(f"{m}: {100 * sum(g) / len(g):+.1f} points" for m, g in gains.items() if g)
+    means = "; ".join(f"{m}: {100 * sum(g) / len(g):+.1f} points ({sizes[m]:,} trained values)"
+                      for m, g in gains.items() if g)
     text = f"""`{command_line()}` — {stamp()}
 
 `t2ray train experiments/smollm2-math.yaml --set seed=S --set method=M` (2 Ray Train workers × 1 CPU, DeepSpeed
