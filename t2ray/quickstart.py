@@ -24,14 +24,26 @@ TRAINED = ("math", "code", "reasoning")
 UNSEEN = ("math-hard", "code-hard", "reasoning-hard", "humaneval")
 
 
+# Seconds measured on 2 CPU cores with SmolLM2 (make demo, 2026-11-26): they turn budgets into the minutes shown.
+ROLLOUT_AND_UPDATE_S = {"math": (5.0, 1.0), "code": (11.0, 1.75), "reasoning": (5.0, 1.0), "cls": (10.0, 3.75)}
+EVAL_S_PER_ITEM = {"math": 0.42, "code": 0.63, "reasoning": 0.34, "math-hard": 1.2, "code-hard": 1.9,
+                   "reasoning-hard": 0.6, "humaneval": 5.0}
+STRATEGY_FACTOR = {"base": 1.0, "prompt": 1.4, "classifier": 1.2, "fewshot": 1.1, "token": 1.8}
+
+
 class QuickstartConfig(Strict):
+    """Defaults: the whole pipeline in ≤ 25 min on 2 CPU cores, so every budget is small and the tables are
+    noisy; experiments/quickstart.yaml is a larger budget (about an hour) with steadier numbers."""
     model: str = "smollm2-135m"
-    iterations: int = Field(8, ge=1, description="RL iterations per expert (LoRA gets the same budget)")
-    batch_size: int = Field(8, ge=2, description="prompts per RL iteration, over the 2 workers")
-    eval_limit: int = Field(64, ge=1, description="test items per trained-task evaluation")
-    unseen_limit: int = Field(24, ge=1, description="test items per unseen-task evaluation")
-    humaneval_limit: int = Field(8, ge=1, description="HumanEval problems (long generations)")
-    cem: CEMConfig = CEMConfig(population=8, generations=2, shots=4)
+    iterations: int = Field(6, ge=1, description="RL iterations per expert (LoRA gets the same budget)")
+    batch_size: int = Field(4, ge=2, description="prompts per RL iteration, over the 2 workers")
+    # Few, small steps barely move z at the paper's lr (2e-3): 6 steps at 5e-3 go about as far as 15 at 2e-3.
+    svf_lr: float = Field(5e-3, gt=0)
+    lora_lr: float = Field(5e-4, gt=0, description="LoRA's own lr, scaled like SVF's from its 2e-4")
+    eval_limit: int = Field(32, ge=1, description="test items per trained-task evaluation")
+    unseen_limit: int = Field(12, ge=1, description="test items per unseen-task evaluation")
+    humaneval_limit: int = Field(4, ge=1, description="HumanEval problems (long generations)")
+    cem: CEMConfig = CEMConfig(population=6, generations=2, shots=3)
     lora: bool = Field(True, description="train the LoRA baselines for Table 1")
 
 
@@ -52,10 +64,23 @@ def run_stages(stages: list[Stage]) -> None:
         if stage.output.exists():
             typer.echo(f"{tag}: done already")
             continue
-        typer.secho(f"{tag} (about {stage.minutes:g} min)", fg="cyan")
+        typer.secho(f"{tag} (about {stage.minutes:.1f} min)", fg="cyan")
         start = time.perf_counter()
         stage.run()
         typer.echo(f"{tag}: {time.perf_counter() - start:.0f} s")
+
+
+def train_minutes(task: str, qs: QuickstartConfig) -> float:
+    """Ray Train start-up + iterations (a rollout, then an update per prompt on each worker) + one validation."""
+    rollout, update = ROLLOUT_AND_UPDATE_S[task]
+    return (25 + qs.iterations * (rollout + update * qs.batch_size / 2) + 10) / 60
+
+
+def eval_minutes(task: str, limit: int, strategy: str = "base", cem: CEMConfig | None = None) -> float:
+    seconds = 5 + limit * EVAL_S_PER_ITEM[task] * STRATEGY_FACTOR[strategy]
+    if strategy == "fewshot" and cem is not None:  # every candidate answers every shot (one z per batch row)
+        seconds += cem.population * cem.generations * cem.shots * EVAL_S_PER_ITEM[task] * 1.25
+    return seconds / 60
 
 
 def expert_config(root: Path, qs: QuickstartConfig, task: str, method: str) -> ExperimentConfig:
@@ -66,7 +91,7 @@ def expert_config(root: Path, qs: QuickstartConfig, task: str, method: str) -> E
         "model": {"spec": qs.model, "dtype": "float32"},
         # one validation, at the end (its expert is the final z): the Table 1 evaluation follows anyway
         "rl": {**base.rl.model_dump(), "iterations": qs.iterations, "batch_size": qs.batch_size,
-               "eval_interval": qs.iterations, "eval_limit": 32, **({"lr": 2e-4} if method == "lora" else {})},
+               "eval_interval": qs.iterations, "eval_limit": 32, "lr": qs.lora_lr if method == "lora" else qs.svf_lr},
         "tracking": {"wandb": True, "project": "t2ray-quickstart"}})
 
 
@@ -118,24 +143,25 @@ def quickstart(root: Path = Path("runs/quickstart"), config: Path | None = None)
 
     t1, t2 = root / "table1", root / "table2"
     stages = [Stage("decompose the MLP matrices (SVD, cached per model)", 0.5, root / "decompose.done", decompose)]
-    stages += [Stage(f"train the {t} SVF expert (Ray Train, 2 workers, ZeRO-2)", 2.5, expert_path(c),
-                    lambda c=c: train(c)) for t, c in svf.items()]
-    stages += [Stage(f"train the {t} LoRA baseline (same loop, same budget)", 2.5, expert_path(c),
-                     lambda c=c: train(c)) for t, c in lora.items()]
+    stages += [Stage(f"train the {t} SVF expert (Ray Train, 2 workers, ZeRO-2)", train_minutes(t, qs),
+                     expert_path(c), lambda c=c: train(c)) for t, c in svf.items()]
+    stages += [Stage(f"train the {t} LoRA baseline (same loop, same budget)", train_minutes(t, qs),
+                     expert_path(c), lambda c=c: train(c)) for t, c in lora.items()]
     for t in TRAINED:
-        stages.append(Stage(f"Table 1: base on {t}", 0.5, t1 / f"base-{t}.json",
+        minutes = eval_minutes(t, qs.eval_limit)
+        stages.append(Stage(f"Table 1: base on {t}", minutes, t1 / f"base-{t}.json",
                             evaluation(t, t1 / f"base-{t}.json", qs.eval_limit)))
-        stages.append(Stage(f"Table 1: SVF on {t}", 0.5, t1 / f"svf-{t}.json",
+        stages.append(Stage(f"Table 1: SVF on {t}", minutes, t1 / f"svf-{t}.json",
                             evaluation(t, t1 / f"svf-{t}.json", qs.eval_limit, expert_path(svf[t]))))
         if t in lora:
-            stages.append(Stage(f"Table 1: LoRA on {t}", 0.5, t1 / f"lora-{t}.json",
+            stages.append(Stage(f"Table 1: LoRA on {t}", minutes, t1 / f"lora-{t}.json",
                                 evaluation(t, t1 / f"lora-{t}.json", qs.eval_limit, expert_path(lora[t]))))
     for t in UNSEEN:
         limit = qs.humaneval_limit if t == "humaneval" else qs.unseen_limit
-        stages.append(Stage(f"Table 2: base on {t}", 0.5, t2 / f"base-{t}.json",
+        stages.append(Stage(f"Table 2: base on {t}", eval_minutes(t, limit), t2 / f"base-{t}.json",
                             evaluation(t, t2 / f"base-{t}.json", limit)))
         for strategy in ("prompt", "classifier", "fewshot", "token"):
-            stages.append(Stage(f"Table 2: {strategy} on {t}", 1.5 if strategy == "fewshot" else 0.5,
+            stages.append(Stage(f"Table 2: {strategy} on {t}", eval_minutes(t, limit, strategy, qs.cem),
                                 t2 / f"{strategy}-{t}.json", adaptation(strategy, t, t2 / f"{strategy}-{t}.json")))
     run_stages(stages)
     report = build_report(root)

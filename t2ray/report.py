@@ -44,6 +44,24 @@ def _accuracy(r: dict) -> str:
     return f"{r['accuracy']:.1%}"
 
 
+def fewshot_reading(table2: dict) -> list[str]:
+    """Per unseen task: does few-shot CEM beat the best single-expert strategy (prompt / classifier dispatch)?
+    Said plainly, with the difference's standard error, since small test sets make most gaps noise."""
+    lines = []
+    for task in sorted({t for _, t in table2}):
+        singles = [(table2[(c, task)]["accuracy"], c) for c in ("prompt", "classifier") if (c, task) in table2]
+        if ("fewshot", task) not in table2 or not singles:
+            continue
+        few, n = table2[("fewshot", task)]["accuracy"], table2[("fewshot", task)]["n"]
+        best, name = max(singles)
+        gap, se = few - best, ((few * (1 - few) + best * (1 - best)) / max(n, 1)) ** 0.5
+        verdict = "beats" if gap > 0 else "ties" if gap == 0 else "trails"
+        noise = " — within noise" if abs(gap) <= 2 * se else ""
+        lines.append(f"- {task}: few-shot ({few:.1%}) {verdict} the best single-expert strategy, {name} "
+                     f"({best:.1%}), by {100 * gap:+.1f} points (± {100 * se:.1f} s.e., n = {n}){noise}.")
+    return lines
+
+
 def plot_accuracy_bars(results: dict, columns, path: Path, title: str) -> None:
     import matplotlib
 
@@ -138,6 +156,8 @@ def build_report(run_dir: str | Path) -> Path:
             tables[name] = _table(results, columns, _accuracy)
             sections += [f"## {title}", "", _markdown(*tables[name]), "", f"![{name}](report/{name}.png)", ""]
             plot_accuracy_bars(results, columns, out / f"{name}.png", title.split(" (")[0])
+            if name == "table2" and (reading := fewshot_reading(results)):
+                sections += ["Few-shot adaptation vs the best single expert:", "", *reading, ""]
     if table2:
         timed = {k: v for k, v in table2.items() if "pass1_s" in v}
         header3 = ["task", "strategy", "pass 1 (s)", "pass 2 (s)", "pass 1 ÷ pass 2"]

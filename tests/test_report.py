@@ -58,3 +58,16 @@ def test_report_refuses_an_empty_folder(tmp_path):
         build_report(tmp_path)
     with pytest.raises(FileNotFoundError):
         build_report(tmp_path / "missing")
+
+
+def test_fewshot_reading_says_beats_trails_and_noise():
+    from t2ray.report import fewshot_reading
+
+    table2 = {("prompt", "a"): {"accuracy": 0.2, "n": 100}, ("classifier", "a"): {"accuracy": 0.3, "n": 100},
+              ("fewshot", "a"): {"accuracy": 0.6, "n": 100},
+              ("prompt", "b"): {"accuracy": 0.5, "n": 8}, ("fewshot", "b"): {"accuracy": 0.375, "n": 8},
+              ("base", "c"): {"accuracy": 0.1, "n": 8}}
+    a, b = fewshot_reading(table2)  # task c has no few-shot result: no line
+    assert "a: few-shot (60.0%) beats the best single-expert strategy, classifier (30.0%), by +30.0" in a
+    assert not a.endswith("within noise.")
+    assert "b: few-shot (37.5%) trails" in b and "prompt (50.0%)" in b and b.endswith("within noise.")
