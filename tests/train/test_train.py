@@ -203,6 +203,7 @@ def test_zero3_two_workers_learn(zero3_killed_run, tiny_base):
     assert_learned(outcome.history)
     assert_svf_expert(outcome, cfg, tiny_base)
     moments = load_file(checkpoints(cfg.run_dir)[20] / "optimizer.safetensors")
+    assert float(moments.pop("step")) == 20  # Adam's count survived the killed worker's restart
     assert len(moments) == 12 and all(t.shape == (64,) for t in moments.values())
 
 
