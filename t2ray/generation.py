@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import inspect
-
 from dataclasses import dataclass
 from typing import Sequence
 

@@ -28,6 +28,7 @@ UNSEEN = ("math-hard", "code-hard", "reasoning-hard", "humaneval")
 ROLLOUT_AND_UPDATE_S = {"math": (5.0, 1.0), "code": (11.0, 1.75), "reasoning": (5.0, 1.0), "cls": (10.0, 3.75)}
 EVAL_S_PER_ITEM = {"math": 0.42, "code": 0.63, "reasoning": 0.34, "math-hard": 1.2, "code-hard": 1.9,
                    "reasoning-hard": 0.4, "humaneval": 6.0}
+TABLE1_LABELS = {"base": "base", "svf": "SVF", "lora": "LoRA"}
 STRATEGY_FACTOR = {"base": 1.0, "prompt": 1.6, "classifier": 1.6, "fewshot": 1.1, "token": 1.9}
 
 
@@ -148,14 +149,11 @@ def quickstart(root: Path = Path("runs/quickstart"), config: Path | None = None)
     stages += [Stage(f"train the {t} LoRA baseline (same loop, same budget)", train_minutes(t, qs),
                      expert_path(c), lambda c=c: train(c)) for t, c in lora.items()]
     for t in TRAINED:
-        minutes = eval_minutes(t, qs.eval_limit)
-        stages.append(Stage(f"Table 1: base on {t}", minutes, t1 / f"base-{t}.json",
-                            evaluation(t, t1 / f"base-{t}.json", qs.eval_limit)))
-        stages.append(Stage(f"Table 1: SVF on {t}", minutes, t1 / f"svf-{t}.json",
-                            evaluation(t, t1 / f"svf-{t}.json", qs.eval_limit, expert_path(svf[t]))))
-        if t in lora:
-            stages.append(Stage(f"Table 1: LoRA on {t}", minutes, t1 / f"lora-{t}.json",
-                                evaluation(t, t1 / f"lora-{t}.json", qs.eval_limit, expert_path(lora[t]))))
+        columns = {"base": None, "svf": expert_path(svf[t]), **({"lora": expert_path(lora[t])} if t in lora else {})}
+        for column, expert in columns.items():
+            out = t1 / f"{column}-{t}.json"
+            stages.append(Stage(f"Table 1: {TABLE1_LABELS[column]} on {t}", eval_minutes(t, qs.eval_limit), out,
+                                evaluation(t, out, qs.eval_limit, expert)))
     for t in UNSEEN:
         limit = qs.humaneval_limit if t == "humaneval" else qs.unseen_limit
         stages.append(Stage(f"Table 2: base on {t}", eval_minutes(t, limit), t2 / f"base-{t}.json",
