@@ -9,7 +9,7 @@ from t2ray.svf import apply_experts
 
 
 def load_adapted(model_spec: str, *, expert: str | Path | None = None, mix: str | None = None,
-                 mixture: str | Path | None = None, allow_transfer: bool = False, dtype: str = "float32"):
+                 mixture: str | Path | None = None, allow_transfer: bool = False, dtype: str = "auto"):
     """(model, tokenizer, label). At most one of expert / mix / mixture; an expert folder is a LoRA expert."""
     if sum(x is not None for x in (expert, mix, mixture)) > 1:
         raise ExpertError("give at most one of --expert, --mix, --mixture")

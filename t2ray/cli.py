@@ -83,7 +83,8 @@ def eval_(model: str = typer.Option("smollm2-135m", help="model spec"),
           mix: Optional[str] = typer.Option(None, help="mixture as FILE:weight,FILE:weight"),
           mixture: Optional[Path] = typer.Option(None, help="mixture file (.json)"),
           split: str = typer.Option("test"), limit: Optional[int] = typer.Option(None, min=1),
-          batch_size: int = typer.Option(16, min=1), seed: int = 0,
+          batch_size: int = typer.Option(64, min=1, help="rows generated together (wider is faster per token)"),
+          seed: int = 0, dtype: str = typer.Option("auto", help="auto (bf16 where native) | float32 | bfloat16"),
           allow_transfer: bool = typer.Option(False, help="apply experts of another base model with equal shapes"),
           out: Optional[Path] = typer.Option(None, help="write the full result JSON here")):
     """Accuracy of the base model, an expert, or a mixture on a task split."""
@@ -92,7 +93,8 @@ def eval_(model: str = typer.Option("smollm2-135m", help="model spec"),
     from t2ray.tasks import get_task
 
     the_task = get_task(task, seed=seed)
-    net, tokenizer, label = load_adapted(model, expert=expert, mix=mix, mixture=mixture, allow_transfer=allow_transfer)
+    net, tokenizer, label = load_adapted(model, expert=expert, mix=mix, mixture=mixture, allow_transfer=allow_transfer,
+                                         dtype=dtype)
     result = evaluate(net, tokenizer, the_task, split=split, limit=limit, batch_size=batch_size, seed=seed, adapter=label)
     if out:
         result.save(out)
@@ -120,6 +122,8 @@ def adapt(config: Optional[Path] = typer.Option(None, help="adapt YAML (the opti
           task: Optional[str] = typer.Option(None, help="task name or task YAML"),
           expert: Optional[list[Path]] = typer.Option(None, help="expert file; repeat for the library"),
           model: Optional[str] = typer.Option(None, help="model spec (default smollm2-135m)"),
+          dtype: Optional[str] = typer.Option(None, help="auto (bf16 where native) | float32 | bfloat16"),
+          batch_size: Optional[int] = typer.Option(None, min=1, help="rows generated together (default 64)"),
           classifier_expert: Optional[Path] = typer.Option(None, help="cls expert (strategy classifier)"),
           mode: Optional[str] = typer.Option(None, help="pass-1 classification: score | generate"),
           split: Optional[str] = typer.Option(None, help="train | valid | test (default test)"),
@@ -139,7 +143,7 @@ def adapt(config: Optional[Path] = typer.Option(None, help="adapt YAML (the opti
     from t2ray.config import AdaptConfig, deep_merge, read_yaml
 
     given = {"strategy": strategy, "task": task, "experts": [str(e) for e in expert] if expert else None,
-             "model": {"spec": model} if model else None,
+             "model": {"spec": model, "dtype": dtype}, "batch_size": batch_size,
              "classifier_expert": str(classifier_expert) if classifier_expert else None, "classify_mode": mode,
              "split": split, "limit": limit, "allow_transfer": allow_transfer,
              "cem": dict(shots=shots, population=population, generations=generations, elite_ratio=elite_ratio,

@@ -19,7 +19,8 @@ class Strict(BaseModel):
 
 class ModelConfig(Strict):
     spec: str = Field("smollm2-135m", description="smollm2-135m | tiny-llama | folder | hub id")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="compute dtype of the frozen weights: auto = bfloat16 where the CPU/GPU does it natively")
 
 
 class LoRAConfig(Strict):
@@ -32,19 +33,24 @@ class RLConfig(Strict):
     objective: Literal["reinforce", "sft"] = Field("reinforce", description="sft: next-token loss on references")
     iterations: int = Field(30, ge=1)
     batch_size: int = Field(16, ge=1, description="prompts per iteration, over all workers (paper: 256)")
-    num_samples: int = Field(1, ge=1, description="completions per prompt (>1 enables the group baseline)")
+    samples_per_prompt: int = Field(
+        1, ge=1, description="k completions per prompt: a wide rollout batch from few prompts, and the group/rloo "
+                             "baselines (the paper: 1)")
+    micro_batch_size: int = Field(16, ge=1, description="rows per fwd+bwd in the update (gradients accumulate)")
     temperature: float = Field(1.0, ge=0, description="0 = greedy, as the original")
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int | None = Field(None, ge=1, description="None = the task's own budget")
     lr: float = Field(2e-3, gt=0)
     grad_clip: float = Field(1e-3, gt=0)
     kl_coef: float = Field(0.0, ge=0, description="KL(ref‖π) to the base model (z = 1, no weight copy)")
-    baseline: Literal["none", "mean", "group"] = "none"
+    baseline: Literal["none", "mean", "group", "rloo"] = Field(
+        "none", description="none: the paper's raw ±1; mean: batch mean; group: the prompt's samples' mean; "
+                            "rloo: the mean of the prompt's other k−1 samples")
     normalize_rewards: bool = False
     reward_clip: float | None = Field(None, gt=0)
     eval_interval: int = Field(10, ge=1)
     eval_limit: int | None = Field(64, ge=1, description="valid items per evaluation (None = all)")
-    eval_batch_size: int = Field(32, ge=1)
+    eval_batch_size: int = Field(64, ge=1, description="rows per generate call in validation")
     rollout_engine: Literal["hf", "replica", "vllm"] = Field(
         "hf", description="hf: the training model generates; replica/vllm: a Ray actor that receives only z")
 
@@ -62,6 +68,7 @@ class DeepSpeedConfig(Strict):
             "train_batch_size": train_batch,
             "train_micro_batch_size_per_gpu": max(1, train_batch // world_size),
             "gradient_accumulation_steps": 1,
+            "managed_gradient_accumulation": False,  # the loop runs micro-batches and calls step() once per batch
             "gradient_clipping": grad_clip,
             "optimizer": {"type": "Adam", "params": {"lr": lr, "torch_adam": True}},  # no fused-Adam compile on CPU
             "zero_optimization": {
@@ -104,6 +111,13 @@ class ExperimentConfig(Strict):
     def _rollout_engine_needs_svf(self):
         if self.rl.rollout_engine != "hf" and self.method != "svf":
             raise ValueError("rl.rollout_engine replica/vllm syncs z-vectors: it needs method: svf")
+        return self
+
+    @model_validator(mode="after")
+    def _baseline_has_samples(self):
+        if self.rl.baseline in ("group", "rloo") and self.rl.samples_per_prompt < 2:
+            raise ValueError(f"rl.baseline {self.rl.baseline} compares a prompt's samples: it needs "
+                             "rl.samples_per_prompt ≥ 2")
         return self
 
     @model_validator(mode="after")
@@ -156,7 +170,7 @@ class AdaptConfig(Strict):
     classify_mode: Literal["score", "generate"] = "score"
     split: Literal["train", "valid", "test"] = "test"
     limit: int | None = Field(None, ge=1)
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(64, ge=1, description="rows generated together (bounded by memory and context)")
     allow_transfer: bool = False
     cem: CEMConfig = CEMConfig()
     routing: RoutingConfig = RoutingConfig()

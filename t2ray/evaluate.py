@@ -46,7 +46,7 @@ def grade_all(task: Task, examples: list[Example], completions: list[str]) -> li
         return list(pool.map(lambda pair: safe_grade(task, *pair), zip(examples, completions)))
 
 
-def evaluate(model, tokenizer, task: Task, *, split: str = "test", limit: int | None = None, batch_size: int = 16,
+def evaluate(model, tokenizer, task: Task, *, split: str = "test", limit: int | None = None, batch_size: int = 64,
              seed: int = 0, adapter: str = "base", progress: bool = True) -> EvalResult:
     """Greedy generation on `split` (first `limit` items) and lenient grading."""
     examples = task.examples(split)[:limit]

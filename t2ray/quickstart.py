@@ -89,7 +89,7 @@ def expert_config(root: Path, qs: QuickstartConfig, task: str, method: str) -> E
     name = f"{method}-{task}"
     return ExperimentConfig.model_validate({
         **base.model_dump(), "name": name, "method": method, "storage_path": str(root),
-        "model": {"spec": qs.model, "dtype": "float32"},
+        "model": {"spec": qs.model},
         # one validation, at the end (its expert is the final z): the Table 1 evaluation follows anyway
         "rl": {**base.rl.model_dump(), "iterations": qs.iterations, "batch_size": qs.batch_size,
                "eval_interval": qs.iterations, "eval_limit": 32, "lr": qs.lora_lr if method == "lora" else qs.svf_lr},
@@ -118,7 +118,7 @@ def quickstart(root: Path = Path("runs/quickstart"), config: Path | None = None)
     def evaluation(task: str, out: Path, limit: int, expert: Path | None = None) -> Callable[[], None]:
         def run() -> None:
             model, tokenizer, label = load_adapted(qs.model, expert=expert)
-            result = evaluate(model, tokenizer, get_task(task), limit=limit, batch_size=32, adapter=label)
+            result = evaluate(model, tokenizer, get_task(task), limit=limit, adapter=label)
             result.save(out)
             typer.echo(f"    {label} on {task}: {result.accuracy:.1%} ({result.correct}/{result.n})")
         return run

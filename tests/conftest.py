@@ -43,7 +43,7 @@ def tiny_base(t2ray_cache):
     """(model, tokenizer) of tiny-llama seed 0, loaded once. Never mutate it: use `tiny`."""
     from t2ray.models import load_model
 
-    return load_model("tiny-llama", seed=0)
+    return load_model("tiny-llama", seed=0, dtype="float32")  # unit tests check fp32 identities exactly
 
 
 @pytest.fixture
@@ -78,7 +78,7 @@ def smollm2(t2ray_cache):
     """
     from t2ray.models import load_model
 
-    return load_model("smollm2-135m")
+    return load_model("smollm2-135m", dtype="float32")
 
 
 @pytest.fixture

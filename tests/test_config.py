@@ -26,10 +26,10 @@ def write(path: Path, text: str) -> Path:
 def test_defaults_are_the_papers():
     cfg = ExperimentConfig()
     assert cfg.method == "svf" and cfg.task == "math" and cfg.seed == 0
-    assert cfg.model.spec == "smollm2-135m" and cfg.model.dtype == "float32"
+    assert cfg.model.spec == "smollm2-135m" and cfg.model.dtype == "auto"
     rl = cfg.rl
     assert (rl.objective, rl.lr, rl.grad_clip, rl.kl_coef, rl.baseline) == ("reinforce", 2e-3, 1e-3, 0.0, "none")
-    assert rl.eval_interval == 10 and rl.num_samples == 1 and rl.temperature == 1.0
+    assert rl.eval_interval == 10 and rl.samples_per_prompt == 1 and rl.temperature == 1.0
     assert rl.normalize_rewards is False and rl.reward_clip is None
     assert cfg.svf.max_mult == 1.0 and cfg.svf.init_mean == 0.1 and cfg.svf.init_std == 0.01
     assert cfg.svf.target_modules == "mlp"
@@ -58,7 +58,7 @@ rl:
   batch_size: 4
   lr: 1.0e-2
   baseline: group
-  num_samples: 2
+  samples_per_prompt: 2
 deepspeed: {zero_stage: 3, param_persistence_threshold: 1000}
 scaling: {num_workers: 2, cpus_per_worker: 0.5}
 storage_path: %s
@@ -66,7 +66,7 @@ storage_path: %s
     cfg = load_experiment(path)
     assert (cfg.name, cfg.task, cfg.method, cfg.model.spec) == ("my-run", "code", "lora", "tiny-llama")
     assert cfg.lora.r == 4 and cfg.lora.alpha == 32  # sibling default kept
-    assert (cfg.rl.iterations, cfg.rl.batch_size, cfg.rl.lr, cfg.rl.baseline, cfg.rl.num_samples) == \
+    assert (cfg.rl.iterations, cfg.rl.batch_size, cfg.rl.lr, cfg.rl.baseline, cfg.rl.samples_per_prompt) == \
         (7, 4, 1e-2, "group", 2)
     assert cfg.rl.grad_clip == 1e-3  # untouched default
     assert cfg.deepspeed.zero_stage == 3 and cfg.deepspeed.param_persistence_threshold == 1000
@@ -259,3 +259,10 @@ def test_with_absolute_paths_resolves_local_files_only(tmp_path, monkeypatch):
     assert local.model.spec == str(tmp_path / "my-model")
     named = ExperimentConfig(task="math", model={"spec": "HuggingFaceTB/SmolLM2-135M-Instruct"}).with_absolute_paths()
     assert (named.task, named.model.spec) == ("math", "HuggingFaceTB/SmolLM2-135M-Instruct")
+
+
+@pytest.mark.parametrize("baseline", ["group", "rloo"])
+def test_group_baselines_need_several_samples_per_prompt(baseline):
+    with pytest.raises(ValueError, match=f"rl.baseline {baseline} .*samples_per_prompt ≥ 2"):
+        ExperimentConfig.model_validate({"rl": {"baseline": baseline}})
+    assert ExperimentConfig.model_validate({"rl": {"baseline": baseline, "samples_per_prompt": 4}}).rl.batch_size == 16

@@ -87,7 +87,7 @@ class PrefixScorer:
             out[i] = logits[label_ids].float().cpu()
         return out
 
-    def classify(self, questions: list[str], *, state: str = "base", batch_size: int = 16) -> list[str]:
+    def classify(self, questions: list[str], *, state: str = "base", batch_size: int = 64) -> list[str]:
         labels = []
         for start in range(0, len(questions), batch_size):
             best = self.scores(questions[start:start + batch_size], state=state).argmax(-1)
@@ -96,7 +96,7 @@ class PrefixScorer:
 
 
 @torch.no_grad()
-def classify(model, tokenizer, questions: list[str], *, mode: str = "score", batch_size: int = 16) -> list[str]:
+def classify(model, tokenizer, questions: list[str], *, mode: str = "score", batch_size: int = 64) -> list[str]:
     """One label per question, after the reply is started with 'Classification: \\boxed{' (small models
     otherwise answer the question instead of classifying it). `score`: one forward pass comparing the labels'
     first-token logits (no generation); `generate`: the model writes the label (the paper's boxed answer)."""

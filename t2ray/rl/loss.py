@@ -4,19 +4,27 @@ from __future__ import annotations
 import torch
 
 
-def advantages(rewards: torch.Tensor, num_samples: int = 1, *, baseline: str = "none", normalize: bool = False,
-               clip: float | None = None) -> torch.Tensor:
-    """Turn rewards (N = prompts × num_samples, sample-major per prompt) into per-sequence weights."""
+BASELINES = ("none", "mean", "group", "rloo")
+
+
+def advantages(rewards: torch.Tensor, samples_per_prompt: int = 1, *, baseline: str = "none",
+               normalize: bool = False, clip: float | None = None) -> torch.Tensor:
+    """Turn rewards (N = prompts × samples_per_prompt, a prompt's samples adjacent) into per-sequence weights."""
     adv = rewards.float()
     if clip is not None:
         adv = adv.clamp(-clip, clip)
+    groups = adv.view(-1, samples_per_prompt)
     if baseline == "mean":
         adv = adv - adv.mean()
     elif baseline == "group":  # each prompt's own samples are its baseline
-        groups = adv.view(-1, num_samples)
         adv = (groups - groups.mean(1, keepdim=True)).view(-1)
+    elif baseline == "rloo":  # A_i = r_i − mean of the prompt's *other* k−1 samples (unbiased; Ahmadian 2024)
+        if samples_per_prompt < 2:
+            raise ValueError("baseline rloo needs rl.samples_per_prompt ≥ 2")
+        others = (groups.sum(1, keepdim=True) - groups) / (samples_per_prompt - 1)
+        adv = (groups - others).view(-1)
     elif baseline != "none":
-        raise ValueError(f"unknown baseline {baseline!r}: none | mean | group")
+        raise ValueError(f"unknown baseline {baseline!r}: {' | '.join(BASELINES)}")
     if normalize and adv.numel() > 1:
         adv = adv / (adv.std() + 1e-6)
     return adv

@@ -96,7 +96,7 @@ class ZApplier:
 class ReplicaEngine:
     """A separate HF model that receives only z (the CPU twin of the vLLM engine; runs inside a Ray actor)."""
 
-    def __init__(self, model_spec: str, svf: SVFConfig | dict, dtype: str = "float32"):
+    def __init__(self, model_spec: str, svf: SVFConfig | dict, dtype: str = "auto"):
         from t2ray.models import load_model
 
         self.model, self.tokenizer = load_model(model_spec, dtype=dtype)

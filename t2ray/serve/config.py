@@ -26,7 +26,7 @@ class Strict(BaseModel):
 
 class ModelSection(Strict):
     spec: str = Field("smollm2-135m", description="smollm2-135m | tiny-llama | folder | hub id")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 where computed natively
     device: str = Field("cpu", description="cpu | cuda (give the replicas num_gpus too)")
     seed: int = Field(0, description="tiny-llama only: which random weights")
     allow_transfer: bool = Field(False, description="accept experts of another base model with equal shapes")

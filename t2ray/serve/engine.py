@@ -83,7 +83,7 @@ class ExpertLibrary:
     """Base model + experts + the z-state of the model. Not thread-safe: call from one thread."""
 
     def __init__(self, model_spec: str, experts: dict[str, str], *, classifier: str | None = None,
-                 dtype: str = "float32", device: str = "cpu", seed: int = 0, allow_transfer: bool = False,
+                 dtype: str = "auto", device: str = "cpu", seed: int = 0, allow_transfer: bool = False,
                  mode: str = "auto", materialize_after: int = 4, lru_size: int = 2, z_cache_size: int = 256):
         self.model, self.tokenizer = load_model(model_spec, dtype=dtype, device=device, seed=seed)
         self.model_spec = model_spec

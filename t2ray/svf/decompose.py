@@ -92,17 +92,19 @@ def select_targets(model: nn.Module, target_modules: str | list[str] = "mlp", la
 
 
 def model_fingerprint(model: nn.Module, sample: int = 65536, gather: Gather = no_gather) -> str:
-    """Names, shapes, dtypes and a strided sample of every base weight -> short hex id.
+    """Names, shapes and a strided sample of every base weight -> short hex id.
 
-    Sampling keeps it O(seconds) even for 70B models while any real change of weights shows up.
+    Sampling keeps it O(seconds) even for 70B models while any real change of weights shows up. The sample is
+    hashed in a canonical form (rounded to bf16) so that one checkpoint loaded in fp32 or bf16 has one identity:
+    an expert trained in one compute dtype applies in the other.
     """
     digest = hashlib.blake2b(digest_size=12)
     for name, tensor in sorted(base_state(model).items()):
         with gather([tensor]):
             flat = tensor.detach().reshape(-1)
             step = max(1, flat.numel() // sample)
-            digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-            digest.update(flat[::step].to(torch.float32).cpu().numpy().tobytes())
+            digest.update(f"{name}:{tuple(tensor.shape)}".encode())
+            digest.update(flat[::step].to(torch.bfloat16).to(torch.float32).cpu().numpy().tobytes())
     return digest.hexdigest()
 
 

@@ -16,9 +16,12 @@ from t2ray.svf.decompose import Factors
 
 def adapted_weight(w: torch.Tensor, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """W' = W + W V diag(c·z − 1) Vᵀ (tall, q = V) or W + U diag(c·z − 1) Uᵀ W (wide, q = U): O(m·n·r)."""
-    d = (z * s.sum() / (z * s).sum() - 1).to(w.dtype)  # c·z − 1: exactly 0 for z = 1 (or any constant z)
-    q = q.to(w.dtype)
-    return w + (((w @ q) * d) @ q.T if w.shape[0] >= w.shape[1] else (q * d) @ (q.T @ w))
+    # Built once per z, so in fp32 whatever the weights' dtype: W' is rounded once, not every partial product.
+    exact = w.float()
+    d = z.float() * s.sum() / (z.float() * s).sum() - 1  # c·z − 1: exactly 0 for z = 1 (or any constant z)
+    q = q.float()
+    delta = ((exact @ q) * d) @ q.T if w.shape[0] >= w.shape[1] else (q * d) @ (q.T @ exact)
+    return (exact + delta).to(w.dtype)
 
 
 class SVFLinear(nn.Module):

@@ -19,13 +19,16 @@ CHECKPOINT_STATE = "state.json"
 
 
 class DeepSpeedStepper:
-    """`step(loss)` through DeepSpeed (it all-reduces z's gradients, clips and runs Adam on its shard)."""
+    """`backward` per micro-batch, one `step` through DeepSpeed (it all-reduces z's gradients, clips and runs Adam
+    on its shard). The config sets managed_gradient_accumulation off: step() is the accumulation boundary."""
 
     def __init__(self, engine, params):
         self.engine, self.params = engine, params
 
-    def step(self, loss: torch.Tensor) -> float:
-        self.engine.backward(loss)
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss, scale_wrt_gas=False)  # the loop already weighs each micro-batch's share
+
+    def step(self) -> float:
         self.engine.step()
         # DeepSpeed writes the new values through its flat buffers, behind autograd's back: the parameters'
         # version counters do not move, so SVF layers would keep serving generation the W' cached for the
@@ -81,7 +84,7 @@ class DeepSpeedStepper:
 
             with deepspeed.zero.GatheredParameters(self.params):  # ZeRO-3: whole while the graph is built
                 zero = sum((p * 0.0).sum() for p in self.params)
-            self.engine.backward(zero)
+            self.backward(zero)
             self.engine.step()
         finally:
             for group, lr in zip(groups, lrs):

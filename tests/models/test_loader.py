@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from t2ray.models import MODEL_ALIASES, ModelError, cache_root, load_model, load_tokenizer
+from t2ray.models import MODEL_ALIASES, ModelError, cache_root, compute_dtype, load_model, load_tokenizer
 
 
 def logits(model, ids):
@@ -68,7 +68,7 @@ def test_saved_folder_loads_with_equal_logits(tiny_base, tmp_path):
     folder = tmp_path / "tiny-saved"
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
-    loaded, loaded_tok = load_model(str(folder))
+    loaded, loaded_tok = load_model(str(folder), dtype="float32")
     ids = ids_for(tok)
     assert torch.equal(logits(loaded, ids), logits(model, ids))
     assert loaded_tok.padding_side == "left" and loaded_tok.pad_token_id == tok.pad_token_id
@@ -132,3 +132,19 @@ def test_smollm2_bfloat16(smollm2):
     ids = tok(["The capital of France is"], return_tensors="pt")["input_ids"]
     out16, ref = logits(model16, ids)[0, -1].float(), logits(smollm2[0], ids)[0, -1]
     assert out16.argmax() == ref.argmax()
+
+
+def test_auto_dtype_is_bf16_only_where_computed_natively(monkeypatch):
+    from t2ray.models import loader
+
+    assert compute_dtype("float32") == "float32" and compute_dtype("bfloat16") == "bfloat16"
+    for native, expected in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(loader, "native_bf16", lambda device="cpu", native=native: native)
+        assert compute_dtype("auto") == expected
+    with pytest.raises(ModelError, match="unknown dtype 'fp8'"):
+        compute_dtype("fp8")
+
+
+def test_auto_load_uses_the_compute_dtype(t2ray_cache):
+    model, _ = load_model("tiny-llama", dtype="auto")
+    assert model.dtype == {"bfloat16": torch.bfloat16, "float32": torch.float32}[compute_dtype("auto")]

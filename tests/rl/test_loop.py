@@ -94,13 +94,18 @@ def _quadratic_loss(params):
     return sum(((p - torch.arange(p.numel(), dtype=p.dtype)) ** 2).sum() for p in params)
 
 
+def take_step(stepper, loss):
+    stepper.backward(loss)
+    return stepper.step()
+
+
 def test_stepper_optimizer_state_round_trip():
     torch.manual_seed(0)
     a = [torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(3))]
     first = Stepper(a, lr=0.05, grad_clip=10.0)
     assert first.optimizer_state() == {}  # nothing before the first step
     for _ in range(3):
-        norm = first.step(_quadratic_loss(a))
+        norm = take_step(first, _quadratic_loss(a))
         assert norm > 0
     state = first.optimizer_state()
     assert set(state) == {f"{k}.{i}" for k in ("step", "exp_avg", "exp_avg_sq") for i in (0, 1)}
@@ -112,23 +117,23 @@ def test_stepper_optimizer_state_round_trip():
     second.load_optimizer_state(state)
     for key, value in second.optimizer_state().items():
         assert torch.equal(value, state[key]), key
-    first.step(_quadratic_loss(a))
-    second.step(_quadratic_loss(b))
+    take_step(first, _quadratic_loss(a))
+    take_step(second, _quadratic_loss(b))
     for pa, pb in zip(a, b):
         assert torch.equal(pa, pb)
 
     # without the state the next step differs (Adam's first step is lr·sign(g))
     c = [torch.nn.Parameter(p.detach().clone()) for p in b]
     third = Stepper(c, lr=0.05, grad_clip=10.0)
-    first.step(_quadratic_loss(a))
-    third.step(_quadratic_loss(c))
+    take_step(first, _quadratic_loss(a))
+    take_step(third, _quadratic_loss(c))
     assert not all(torch.equal(pa, pc) for pa, pc in zip(a, c))
 
 
 def test_stepper_clips_the_gradient_norm():
     p = torch.nn.Parameter(torch.zeros(4))
     stepper = Stepper([p], lr=1.0, grad_clip=1e-3)
-    norm = stepper.step((p * torch.tensor([3.0, 4.0, 0.0, 0.0])).sum())
+    norm = take_step(stepper, (p * torch.tensor([3.0, 4.0, 0.0, 0.0])).sum())
     assert norm == pytest.approx(5.0)  # the pre-clip norm is reported
     assert torch.allclose(p.grad.norm(), torch.tensor(1e-3), rtol=1e-3)
 
@@ -195,3 +200,50 @@ def test_train_loop_resumes_from_a_state_and_reports_kl(tmp_path, tokenizer):
     assert "valid_accuracy" in state.history[-1] and "valid_accuracy" not in state.history[2]
     # z starts near-uniform (p = 0.1 + 0.01·N): almost the base model; one lr-0.3 Adam step moves it away
     assert abs(state.history[2]["kl"]) < 1e-5 < state.history[3]["kl"]  # (float rounding may give −1e-8)
+
+
+# ---------------------------------------------------------------- rl_step: samples per prompt, micro-batches
+
+def one_rl_step(task_path, tokenizer, **rl):
+    """One rl_step on a fresh fp32 tiny-llama; returns (metrics, z's gradient per module, rollout texts)."""
+    from t2ray.models import load_model
+    from t2ray.rl.adapters import SVFAdapter
+    from t2ray.rl.loop import rl_step
+    from t2ray.rl.rollout import InProcessEngine
+    from t2ray.tasks import get_task
+
+    cfg = learnable_config(task_path, **rl)
+    task = get_task(cfg.task, seed=cfg.seed)
+    model, _ = load_model("tiny-llama", seed=cfg.seed, dtype="float32")
+    adapter = SVFAdapter(model, cfg.svf, seed=cfg.seed, progress=False)
+    stepper = Stepper(adapter.parameters(), lr=1e-12, grad_clip=1e9)  # keep the gradients, barely move z
+    engine = InProcessEngine(adapter.model, tokenizer)
+    texts = []
+    generate = engine.generate
+    engine.generate = lambda *a, **k: texts.append(out := generate(*a, **k)) or out
+    shard = iteration_batch(task.examples("train"), cfg.rl.batch_size, cfg.seed, 0, 0, 1)
+    metrics = rl_step(adapter.model, tokenizer, task, adapter, stepper, shard, cfg, seed=0, engine=engine, version=0)
+    grads = {i: p.grad.clone() for i, p in enumerate(adapter.parameters())}
+    return metrics, grads, texts[0].texts
+
+
+def test_micro_batches_accumulate_the_whole_batch_gradient(tmp_path, tokenizer):
+    task = write_learnable_task(tmp_path)
+    # temperature 1 on the near-uniform tiny model: varied completion lengths, so micro-batches trim padding
+    common = dict(batch_size=4, samples_per_prompt=2, temperature=1.0, baseline="rloo", kl_coef=0.1)
+    whole, whole_grads, whole_texts = one_rl_step(task, tokenizer, micro_batch_size=8, **common)
+    split, split_grads, split_texts = one_rl_step(task, tokenizer, micro_batch_size=3, **common)
+    assert whole_texts == split_texts and whole["samples"] == split["samples"] == 8
+    assert whole["loss"] == pytest.approx(split["loss"], rel=1e-4, abs=1e-6)
+    assert whole["kl"] == pytest.approx(split["kl"], rel=1e-4, abs=1e-9)
+    for i in whole_grads:
+        assert torch.allclose(whole_grads[i], split_grads[i], rtol=1e-4, atol=1e-7), i
+    assert any(float(g.abs().max()) > 0 for g in whole_grads.values())
+
+
+def test_samples_per_prompt_widen_the_rollout_with_different_samples(tmp_path, tokenizer):
+    metrics, _, texts = one_rl_step(write_learnable_task(tmp_path), tokenizer, batch_size=3, samples_per_prompt=4,
+                                    temperature=1.0, baseline="group")
+    assert metrics["samples"] == 12 and len(texts) == 12
+    copies = [texts[i:i + 4] for i in range(0, 12, 4)]  # a prompt's samples are adjacent
+    assert all(len(set(group)) > 1 for group in copies), copies  # sampled copies of one prompt differ

@@ -164,3 +164,13 @@ def test_reference_is_the_untouched_base_model(svf_tiny, tiny_base):
     assert torch.equal(ref, base)
     assert not torch.allclose(adapted, base)
     assert all(layer.enabled for layer in svf_layers(adapter.model).values())  # reference() restored the adapter
+
+
+def test_advantages_rloo_leaves_each_sample_out():
+    r = torch.tensor([1.0, -1.0, -1.0, 1.0, 1.0, 1.0])  # 2 prompts × 3 samples
+    adv = advantages(r, 3, baseline="rloo")
+    # sample 0: 1 − mean(−1, −1) = 2; samples 1, 2: −1 − mean(1, −1) = −1; an all-right prompt teaches nothing
+    assert adv.tolist() == [2.0, -1.0, -1.0, 0.0, 0.0, 0.0]
+    assert torch.allclose(adv, advantages(r, 3, baseline="group") * 3 / 2)  # RLOO = group baseline × k/(k−1)
+    with pytest.raises(ValueError, match="rloo needs rl.samples_per_prompt ≥ 2"):
+        advantages(r, 1, baseline="rloo")
