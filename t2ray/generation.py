@@ -66,13 +66,16 @@ def eos_token_ids(model, tokenizer) -> set[int]:
 
 @torch.no_grad()
 def rollout(model, tokenizer, prompts: Sequence[Messages | str], *, max_new_tokens: int = 64,
-            temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, reply_prefix: str = "") -> Rollouts:
-    """Generate one completion per prompt in a single batch (greedy when temperature == 0)."""
+            temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, reply_prefix: str = "",
+            ignore_eos: bool = False) -> Rollouts:
+    """Generate one completion per prompt in a single batch (greedy when temperature == 0); `ignore_eos`
+    always generates max_new_tokens (equal work per row, for benchmarks)."""
     batch = encode_prompts(tokenizer, prompts, model, max_new_tokens, reply_prefix).to(model.device)
     torch.manual_seed(seed)
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else \
         dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-    out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
+    out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                         min_new_tokens=max_new_tokens if ignore_eos else None, **sampling)
     completion = out[:, batch["input_ids"].shape[1]:]
     mask = completion_mask(completion, eos_token_ids(model, tokenizer))
     texts = tokenizer.batch_decode(completion * mask + tokenizer.pad_token_id * (1 - mask), skip_special_tokens=True)

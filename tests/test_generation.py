@@ -22,6 +22,24 @@ def test_batched_greedy_equals_one_by_one(tiny, tokenizer):
     assert batched == single
 
 
+def test_length_sorted_batches_keep_the_prompt_order(tiny, tokenizer):
+    prompts = ["a much longer prompt that forces left padding of the short one", "hi", "a medium prompt here",
+               "x", "another fairly long prompt, with several words in it"]
+    batched = generate(tiny, tokenizer, prompts, max_new_tokens=5, batch_size=2)
+    assert batched == [generate(tiny, tokenizer, [p], max_new_tokens=5)[0] for p in prompts]
+
+
+def test_ignore_eos_generates_every_token(tiny, tokenizer):
+    eos = tokenizer.eos_token_id
+    ids = tokenizer([render(tokenizer, "hi")], return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():  # point EOS's output row along the last hidden state: EOS becomes the greedy choice
+        hidden = tiny(input_ids=ids, output_hidden_states=True).hidden_states[-1][0, -1]
+        tiny.lm_head.weight[eos] = 100 * hidden / hidden.norm()
+    assert int(rollout(tiny, tokenizer, ["hi"], max_new_tokens=6).completion_mask.sum()) == 1
+    roll = rollout(tiny, tokenizer, ["hi", "hello there"], max_new_tokens=6, ignore_eos=True)
+    assert roll.completion_ids.shape == (2, 6)
+
+
 def test_generation_is_deterministic_for_a_seed(tiny, tokenizer):
     prompts = ["tell me a story"] * 4
     a = generate(tiny, tokenizer, prompts, max_new_tokens=8, temperature=1.0, seed=3)
@@ -76,3 +94,30 @@ def test_prompt_longer_than_context_is_refused(tiny, tokenizer):
     long_prompt = "word " * (tiny.config.max_position_embeddings + 10)
     with pytest.raises(PromptTooLongError, match="exceeds the model's context"):
         generate(tiny, tokenizer, [long_prompt], max_new_tokens=4)
+
+
+@pytest.mark.slow
+def test_bf16_decodes_like_fp32_on_smollm2(smollm2):
+    """bf16 (what dtype auto picks on bf16 hardware) vs fp32 on the real model: the fp32 greedy answers,
+    teacher-forced through the bf16 model, are bf16's greedy choice at the large majority of positions, and the
+    chosen tokens' log-probabilities agree within a few hundredths of a nat on average."""
+    import copy
+
+    from t2ray.tasks import get_task
+
+    model32, tokenizer = smollm2
+    model16 = copy.deepcopy(model32).to(torch.bfloat16)
+    task = get_task("math")
+    prompts = [task.messages(ex) for ex in task.examples("test")[:16]]
+    roll = rollout(model32, tokenizer, prompts, max_new_tokens=32)
+    args = (roll.prompt_ids, roll.prompt_mask, roll.completion_ids, roll.completion_mask)
+    with torch.no_grad():
+        logits32, logits16 = completion_logits(model32, *args).float(), completion_logits(model16, *args).float()
+    mask = roll.completion_mask.bool()
+    agree = (logits16.argmax(-1) == roll.completion_ids)[mask].float().mean()
+    assert (logits32.argmax(-1) == roll.completion_ids)[mask].all()  # fp32 reproduces its own greedy tokens
+    assert agree >= 0.95, f"bf16 picks fp32's greedy token at only {agree:.1%} of positions"
+    logp32 = torch.log_softmax(logits32, -1).gather(-1, roll.completion_ids[..., None])[..., 0][mask]
+    logp16 = torch.log_softmax(logits16, -1).gather(-1, roll.completion_ids[..., None])[..., 0][mask]
+    assert (logp16 - logp32).abs().mean() < 0.05
+    assert (logp16 - logp32).abs().max() < 1.0

@@ -134,6 +134,28 @@ def test_per_row_z_with_left_padding_equals_separate_runs(tiny, tokenizer, mode)
         torch.testing.assert_close(batched[i, -n:], alone, atol=5e-5, rtol=1e-5)
 
 
+def test_per_row_z_in_bf16_equals_separate_runs(tiny, tokenizer):
+    """The compute dtype `auto` picks on bf16 hardware: a batch of per-row z (factored) gives each row what a
+    materialised W' of that row's z gives alone, up to bf16 rounding."""
+    ids, mask, positions = left_padded(tokenizer, PROMPTS)
+    model = tiny.to(torch.bfloat16)
+    patch_model(model, SVFConfig(target_modules="all"), progress=False)
+    assert all(layer.svf_q.dtype == torch.bfloat16 for layer in svf_layers(model).values())
+    zs = z_dict(model, seed=5, batch=(3,))
+    set_z(model, zs)
+    batched = logits(model, ids, attention_mask=mask, position_ids=positions).float()
+    for i, text in enumerate(PROMPTS):
+        set_z(model, {k: v[i] for k, v in zs.items()})
+        alone_ids = tokenizer([text], return_tensors="pt")["input_ids"]
+        alone = logits(model, alone_ids)[0].float()
+        n = alone_ids.shape[1]
+        # logits here span about ±1.3 (see tests/rl/learnable.py); bf16 keeps 8 bits of mantissa
+        torch.testing.assert_close(batched[i, -n:], alone, atol=3e-2, rtol=0)
+        other = {k: v[(i + 1) % 3] for k, v in zs.items()}
+        set_z(model, other)
+        assert (logits(model, alone_ids)[0].float() - alone).abs().max() > 3e-2  # the rows' z really differ
+
+
 def test_per_row_z_differs_between_rows(tiny):
     ids = token_ids(n=1).expand(2, -1)
     patch_model(tiny, SVFConfig(mode="factored"), progress=False)

