@@ -27,7 +27,7 @@ PROMPTS = ["hello there", "What is 12 + 7? Reply with the number.", "x", "Write 
 def lib(tiny_experts):
     torch.set_num_threads(1)
     return ExpertLibrary("tiny-llama", {n: str(tiny_experts[n]) for n in ("math", "code", "reasoning")},
-                         classifier=str(tiny_experts["cls"]), mode="factored")
+                         classifier=str(tiny_experts["cls"]), mode="factored", dtype="float32")  # exact checks
 
 
 def ref_of(weights: dict[str, float] | None) -> MixtureRef:
@@ -39,7 +39,7 @@ def ref_of(weights: dict[str, float] | None) -> MixtureRef:
 def reference(paths, weights, prompt: str, max_tokens: int):
     """Greedy tokens from generation.rollout, and the logits after the prompt, on a model set up by
     apply_experts (the library's own path)."""
-    model, tokenizer = load_model("tiny-llama")
+    model, tokenizer = load_model("tiny-llama", dtype="float32")
     if weights:
         apply_experts(model, [load_expert(paths[n]) for n in weights], list(weights.values()))
     out = rollout(model, tokenizer, [prompt], max_new_tokens=max_tokens)
@@ -94,7 +94,7 @@ def test_experts_change_the_model(lib):
 
 def test_materialized_lru_equals_factored(tiny_experts, torch_threads):
     lib = ExpertLibrary("tiny-llama", {n: str(tiny_experts[n]) for n in ("math", "code", "reasoning")},
-                        mode="auto", materialize_after=3, lru_size=2)
+                        mode="auto", materialize_after=3, lru_size=2, dtype="float32")
     math, code, reasoning = ref_of({"math": 1.0}), ref_of({"code": 1.0}), ref_of({"reasoning": 1.0})
 
     def run(ref):
