@@ -6,7 +6,9 @@ python, e.g. `make vllm-cpu` then):
 
 FILE: a JSON list of already chat-rendered prompts (used as raw text). The engine loads once; then for each round
 and batch size: greedy generation of exactly --max-new-tokens per row (EOS ignored), and one JSON line on stdout
-{"batch", "round", "seconds", "tokens", "tokens_per_s"}. vLLM's own logs go to stderr. vLLM-CPU keeps one core
+{"batch", "round", "seconds", "tokens", "tokens_per_s"}. With --stdin it prints {"ready": true} once loaded and
+then runs one batch per JSON line {"batch": B} read from stdin (bench/generation.py interleaves its rounds with
+t2ray's that way), until stdin closes. vLLM's own logs go to stderr. vLLM-CPU keeps one core
 for its front end by default (2 cores: 1 computes); VLLM_CPU_NUM_OF_RESERVED_CPU=0 in the environment changes that.
 """
 from __future__ import annotations
@@ -30,6 +32,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--stdin", action="store_true", help="take batch sizes from stdin, one JSON line each")
     parser.add_argument("--kv-cache-gb", type=float, default=1.0, help="CPU only: the KV cache to reserve")
     args = parser.parse_args()
 
@@ -45,15 +48,24 @@ def main() -> None:
     llm = LLM(model=str(resolve(args.model)), dtype=args.dtype, enforce_eager=True, **memory)
     params = SamplingParams(max_tokens=args.max_new_tokens, temperature=0.0, ignore_eos=True)
     llm.generate(prompts[:1], params, use_tqdm=False)  # warm-up: first-call allocations stay out of round 0
+
+    def run(batch: int, round_: int) -> None:
+        rows = [prompts[i % len(prompts)] for i in range(batch)]
+        start = time.perf_counter()
+        outs = llm.generate(rows, params, use_tqdm=False)
+        seconds = time.perf_counter() - start
+        tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+        print(json.dumps({"batch": batch, "round": round_, "seconds": round(seconds, 4), "tokens": tokens,
+                          "tokens_per_s": round(tokens / seconds, 1)}), flush=True)
+
+    if args.stdin:
+        print(json.dumps({"ready": True}), flush=True)
+        for i, line in enumerate(sys.stdin):
+            run(int(json.loads(line)["batch"]), i)
+        return
     for round_ in range(args.rounds):
         for batch in batches:
-            rows = [prompts[i % len(prompts)] for i in range(batch)]
-            start = time.perf_counter()
-            outs = llm.generate(rows, params, use_tqdm=False)
-            seconds = time.perf_counter() - start
-            tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-            print(json.dumps({"batch": batch, "round": round_, "seconds": round(seconds, 4), "tokens": tokens,
-                              "tokens_per_s": round(tokens / seconds, 1)}), flush=True)
+            run(batch, round_)
 
 
 if __name__ == "__main__":
