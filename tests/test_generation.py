@@ -121,3 +121,30 @@ def test_bf16_decodes_like_fp32_on_smollm2(smollm2):
     logp16 = torch.log_softmax(logits16, -1).gather(-1, roll.completion_ids[..., None])[..., 0][mask]
     assert (logp16 - logp32).abs().mean() < 0.05
     assert (logp16 - logp32).abs().max() < 1.0
+
+
+def test_shared_prompt_logits_and_gradients_equal_the_full_forward(tiny, tokenizer):
+    """k samples per prompt: the prompt runs once and its cache serves the k completions — same logits, and the
+    same z gradient (it flows through the shared prefix), as running every row whole."""
+    from t2ray.svf import SVFConfig, patch_model, use_trainable
+
+    patch_model(tiny, SVFConfig(target_modules="all"), progress=False)
+    params = use_trainable(tiny)
+    k = 3
+    prompts = [p for p in ["one", "a longer second prompt"] for _ in range(k)]
+    roll = rollout(tiny, tokenizer, prompts, max_new_tokens=5, temperature=1.0, seed=1)
+    args = (roll.prompt_ids, roll.prompt_mask, roll.completion_ids, roll.completion_mask)
+    grads = []
+    for samples in (1, k):
+        logits = completion_logits(tiny, *args, samples_per_prompt=samples)
+        (logits.float().log_softmax(-1).amax(-1) * roll.completion_mask).sum().backward()
+        grads.append([p.grad.clone() for p in params])
+        for p in params:
+            p.grad = None
+        if samples == 1:
+            whole = logits.detach()
+    torch.testing.assert_close(logits.detach(), whole, atol=1e-5, rtol=1e-5)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+    with pytest.raises(ValueError, match="not groups of 2 copies"):
+        completion_logits(tiny, *args, samples_per_prompt=2)

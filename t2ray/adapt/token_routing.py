@@ -30,14 +30,14 @@ import math
 import random
 import time
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from t2ray.experts import Expert, ExpertError, mix_z
-from t2ray.generation import Messages, cache_kwarg, completion_mask, encode_prompts, eos_token_ids, output_cache
+from t2ray.generation import Messages, StepHook, decode, encode_prompts, eos_token_ids
 
 __all__ = [
     "Router", "Mixer", "SVFMixer", "LoRAMixer", "RoutedGeneration", "generate_routed", "greedy_decode",
@@ -258,58 +258,19 @@ class RoutedGeneration:
     forward_tokens: int = 0          # tokens run through the model (prefill + decode); shows the recompute cost
 
 
-StepHook = Callable[[int, torch.Tensor, torch.Tensor], None]  # (token index, generated (B, i), done (B,))
-
-
 @torch.no_grad()
 def greedy_decode(model, tokenizer, prompts: Sequence[Messages | str], *, max_new_tokens: int = 64,
                   before_step: StepHook | None = None, recompute_prefix: bool = False, stop_at_eos: bool = True):
-    """Greedy decoding of a left-padded batch; ``before_step`` runs before the forward that picks each token.
-
-    With the KV cache (default) token i is produced by one forward of token i − 1 (the prefill for i = 0);
-    with ``recompute_prefix`` every token re-runs the whole prompt + generated prefix without a cache.
-    Rows stop at EOS (their later tokens are padding); decoding ends when every row has stopped.
-    ``stop_at_eos=False`` always generates ``max_new_tokens`` (benchmarks: equal work for every variant).
-    Returns (completion_ids (B, N), completion_mask (B, N), forward_tokens).
-    """
+    """Greedy decoding of chat prompts through the shared decode loop (``t2ray.generation.decode``);
+    ``before_step`` runs before the forward that picks each token; ``stop_at_eos=False`` always generates
+    ``max_new_tokens`` (benchmarks: equal work for every variant).
+    Returns (completion_ids (B, N), completion_mask (B, N), forward_tokens)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    batch = encode_prompts(tokenizer, prompts, model, max_new_tokens)
-    device = model.device
-    prompt_ids = batch["input_ids"].to(device)
-    prompt_mask = batch["attention_mask"].to(device)
-    eos = torch.tensor(sorted(eos_token_ids(model, tokenizer)), device=device)
-    pad = tokenizer.pad_token_id
-    rows = prompt_ids.shape[0]
-    generated = torch.empty(rows, 0, dtype=torch.long, device=device)
-    done = torch.zeros(rows, dtype=torch.bool, device=device)
-    mask = prompt_mask
-    cache, forward_tokens = None, 0
-    cache_arg = cache_kwarg(model)
-    for i in range(max_new_tokens):
-        if before_step is not None:
-            before_step(i, generated, done)
-        if recompute_prefix or cache is None:
-            ids = torch.cat([prompt_ids, generated], 1)
-            positions = (mask.cumsum(1) - 1).clamp(min=0)
-            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=not recompute_prefix,
-                        logits_to_keep=1)
-            forward_tokens += ids.numel()
-        else:
-            positions = mask.sum(1, keepdim=True) - 1  # every row's next position (left padding)
-            out = model(input_ids=generated[:, -1:], attention_mask=mask, position_ids=positions,
-                        use_cache=True, logits_to_keep=1, **{cache_arg: cache})
-            forward_tokens += rows
-        cache = None if recompute_prefix else output_cache(out)
-        token = out.logits[:, -1].argmax(-1)
-        token = torch.where(done, torch.full_like(token, pad), token)
-        generated = torch.cat([generated, token[:, None]], 1)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-        if stop_at_eos:
-            done |= torch.isin(token, eos)
-        if bool(done.all()):
-            break
-    return generated, completion_mask(generated, set(eos.tolist())), forward_tokens
+    batch = encode_prompts(tokenizer, prompts, model, max_new_tokens).to(model.device)
+    return decode(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=max_new_tokens,
+                  eos_ids=eos_token_ids(model, tokenizer), pad_id=tokenizer.pad_token_id, before_step=before_step,
+                  recompute_prefix=recompute_prefix, stop_at_eos=stop_at_eos)
 
 
 def _decode(tokenizer, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:

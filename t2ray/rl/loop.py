@@ -126,12 +126,14 @@ def rl_step(model, tokenizer, task: Task, adapter: TrainableAdapter, stepper, sh
         rewards, rl.samples_per_prompt, baseline=rl.baseline, normalize=rl.normalize_rewards,
         clip=rl.reward_clip).to(dev)
     tokens = cmask.sum().clamp(min=1)
+    k = rl.samples_per_prompt
+    micro = max(k, rl.micro_batch_size // k * k)  # whole prompts per micro-batch: their prompt forward is shared
     loss_sum, kl_sum = torch.zeros((), device=dev), torch.zeros((), device=dev)
-    for start in range(0, len(expanded), rl.micro_batch_size):
+    for start in range(0, len(expanded), micro):
         # Each micro-batch's loss is its share of the whole batch's, so the accumulated gradient is the batch's.
-        rows = slice(start, start + rl.micro_batch_size)
+        rows = slice(start, start + micro)
         m_ids, m_mask, m_cids, m_cmask = trim_padding(ids[rows], mask[rows], cids[rows], cmask[rows])
-        logits = completion_logits(model, m_ids, m_mask, m_cids, m_cmask)
+        logits = completion_logits(model, m_ids, m_mask, m_cids, m_cmask, samples_per_prompt=k)
         logp = gather_logprobs(logits, m_cids, m_cmask)
         if adv is None:
             loss = -logp.sum() / tokens  # token-mean NLL of the reference replies
@@ -139,7 +141,7 @@ def rl_step(model, tokenizer, task: Task, adapter: TrainableAdapter, stepper, sh
             loss = reinforce_loss(logp, adv[rows], len(expanded))  # DeepSpeed averages gradients over workers
         if rl.kl_coef > 0:
             with torch.no_grad(), adapter.reference():
-                ref_logits = completion_logits(model, m_ids, m_mask, m_cids, m_cmask)
+                ref_logits = completion_logits(model, m_ids, m_mask, m_cids, m_cmask, samples_per_prompt=k)
             kl = kl_to_reference(logits, ref_logits, m_cmask) * m_cmask.sum() / tokens  # token-weighted share
             loss = loss + rl.kl_coef * kl
             kl_sum += kl.detach()
