@@ -19,7 +19,8 @@ def load_adapted(model_spec: str, *, expert: str | Path | None = None, mix: str 
     if expert is not None and Path(expert).is_dir():
         from t2ray.lora import load_lora_expert
 
-        return load_lora_expert(model, expert, allow_transfer=allow_transfer), tokenizer, f"lora:{Path(expert).name}"
+        peft = load_lora_expert(model, expert, allow_transfer=allow_transfer)
+        return peft, tokenizer, f"lora:{peft.t2ray_expert_name}"
     # Files are validated here; whether they fit this model is checked once, by apply_experts.
     if mixture is not None:
         spec, experts = load_mixture(mixture)

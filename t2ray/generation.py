@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -125,15 +126,31 @@ def decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_ne
         forward_tokens
 
 
+@contextmanager
+def announce_tokens(model, tokens: int):
+    """Tell the layers that can run two ways (SVF: rebuild W' for the current z, or run factored) how many tokens
+    the call inside the block runs, so that each picks the cheaper way."""
+    layers = [m for m in model.modules() if hasattr(m, "expected_tokens")]
+    for layer in layers:
+        layer.expected_tokens = tokens
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.expected_tokens = None
+
+
 def rollout(model, tokenizer, prompts: Sequence[Messages | str], *, max_new_tokens: int = 64,
             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, reply_prefix: str = "",
             ignore_eos: bool = False) -> Rollouts:
     """Generate one completion per prompt in a single batch (greedy when temperature == 0); `ignore_eos`
     always generates max_new_tokens (equal work per row, for benchmarks)."""
     batch = encode_prompts(tokenizer, prompts, model, max_new_tokens, reply_prefix).to(model.device)
-    completion, mask, _ = decode(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=max_new_tokens,
-                                 eos_ids=eos_token_ids(model, tokenizer), pad_id=tokenizer.pad_token_id,
-                                 temperature=temperature, top_p=top_p, seed=seed, stop_at_eos=not ignore_eos)
+    rows, width = batch["input_ids"].shape
+    with announce_tokens(model, rows * (width + max_new_tokens)):
+        completion, mask, _ = decode(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=max_new_tokens,
+                                     eos_ids=eos_token_ids(model, tokenizer), pad_id=tokenizer.pad_token_id,
+                                     temperature=temperature, top_p=top_p, seed=seed, stop_at_eos=not ignore_eos)
     texts = tokenizer.batch_decode(completion * mask + tokenizer.pad_token_id * (1 - mask), skip_special_tokens=True)
     return Rollouts(batch["input_ids"], batch["attention_mask"], completion, mask, texts)
 

@@ -134,4 +134,4 @@ def test_eval_takes_a_lora_expert_folder(tmp_path):
     folder = adapter.save(tmp_path / "expert", adapter.state(), name="math-lora", task="math", training={}, metrics={})
     result = invoke("eval", "--model", "tiny-llama", "--task", "math", "--limit", "2", "--expert", folder)
     assert result.exit_code == 0, result.output
-    assert '"adapter": "lora:expert"' in result.output
+    assert '"adapter": "lora:math-lora"' in result.output  # the expert's name, not its folder's (always expert/)

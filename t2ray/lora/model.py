@@ -62,4 +62,6 @@ def load_lora_expert(model: nn.Module, folder: str | Path, *, allow_transfer: bo
         raise ExpertError(f"LoRA expert {folder} was trained for base model {meta.get('base_model')} "
                           f"(fingerprint {meta.get('fingerprint')}), not this one ({fingerprint}); "
                           "pass --allow-transfer to apply it anyway")
-    return PeftModel.from_pretrained(model, folder)
+    peft = PeftModel.from_pretrained(model, folder)
+    peft.t2ray_expert_name = meta.get("name") or folder.name  # what reports call it (the folder is always expert/)
+    return peft

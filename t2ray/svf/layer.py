@@ -16,12 +16,11 @@ from t2ray.svf.decompose import Factors
 
 def adapted_weight(w: torch.Tensor, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """W' = W + W V diag(c·z − 1) Vᵀ (tall, q = V) or W + U diag(c·z − 1) Uᵀ W (wide, q = U): O(m·n·r)."""
-    # Built once per z, so in fp32 whatever the weights' dtype: W' is rounded once, not every partial product.
-    exact = w.float()
-    d = z.float() * s.sum() / (z.float() * s).sum() - 1  # c·z − 1: exactly 0 for z = 1 (or any constant z)
-    q = q.float()
-    delta = ((exact @ q) * d) @ q.T if w.shape[0] >= w.shape[1] else (q * d) @ (q.T @ exact)
-    return (exact + delta).to(w.dtype)
+    # In the weights' dtype: in bf16 the change (≈ 1 % of W) is rounded to bf16 too, far below W's own rounding,
+    # and the build (O(m·n·r), the cost of ~max(m, n) tokens) runs at bf16 speed.
+    d = (z.float() * s.sum() / (z.float() * s).sum() - 1).to(w.dtype)  # c·z − 1: exactly 0 for z = 1
+    q = q.to(w.dtype)
+    return w + (((w @ q) * d) @ q.T if w.shape[0] >= w.shape[1] else (q * d) @ (q.T @ w))
 
 
 class SVFLinear(nn.Module):
@@ -40,6 +39,7 @@ class SVFLinear(nn.Module):
         self.enabled = True
         self.z_override: torch.Tensor | None = None  # (r,), (B, r) or (B, T, r): mixtures, per-row, per-token
         self._weight_cache: tuple[tuple, torch.Tensor] | None = None
+        self.expected_tokens: int | None = None  # how many tokens the current call runs (generation.announce_tokens)
 
     @property
     def q(self) -> torch.Tensor:
@@ -73,10 +73,20 @@ class SVFLinear(nn.Module):
     def _cacheable(self) -> bool:
         return not hasattr(self.base_layer.weight, "ds_id")  # ZeRO-3 partitions it: never keep a whole copy
 
-    def _cached_weight(self, z: torch.Tensor) -> torch.Tensor:
+    def _cache_key(self) -> tuple:
         source = self.z_override if self.z_override is not None else self.svf_p
         weight = self.base_layer.weight  # an optimizer step, an in-place edit or a .to() invalidates the cache
-        key = (source is self.svf_p, source._version, weight._version, weight.dtype, weight.device)
+        return source is self.svf_p, source._version, weight._version, weight.dtype, weight.device
+
+    def _rebuild_not_worth_it(self) -> bool:
+        """Building W' costs what about max(m, n) tokens cost on the factored path (SPEC §3): a shorter call (an RL
+        rollout right after a step, a small batch) runs factored instead of rebuilding a stale W'."""
+        if self.expected_tokens is None or self.expected_tokens >= max(self.base_layer.weight.shape):
+            return False
+        return self._weight_cache is None or self._weight_cache[0] != self._cache_key()
+
+    def _cached_weight(self, z: torch.Tensor) -> torch.Tensor:
+        key = self._cache_key()
         if self._weight_cache is not None and self._weight_cache[0] == key:
             return self._weight_cache[1]
         weight = self.adapted_weight(z.detach())
@@ -112,7 +122,7 @@ class SVFLinear(nn.Module):
         # Training always takes the factored path: z's gradient costs ~4·T·min(m,n)² per matrix there, while
         # rebuilding W' under autograd costs 3·m·n·r + T·m·n (about twice as much for T ≈ 1000 tokens).
         training = torch.is_grad_enabled() and z.requires_grad
-        if self.mode == "factored" or z.dim() > 1 or training:
+        if self.mode == "factored" or z.dim() > 1 or training or self._rebuild_not_worth_it():
             return self._factored(x, z)
         return F.linear(x, self._cached_weight(z), self.base_layer.bias)
 

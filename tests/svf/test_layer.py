@@ -307,3 +307,24 @@ def test_materialized_state_switches_back_without_a_rebuild():
     with torch.no_grad():
         assert torch.equal(layer(x), y_first)
     assert layer._weight_cache[1] is first[1][1]  # served from the kept W'
+
+
+def test_a_short_call_runs_factored_instead_of_rebuilding_a_stale_w_prime():
+    """Building W' costs about max(m, n) tokens of the factored path: fewer announced tokens run factored (no
+    rebuild), more rebuild it, and a fresh W' is always used. Outputs agree either way."""
+    from t2ray.generation import announce_tokens
+
+    layer = make_layer((48, 32), mode="materialized")
+    layer.set_z(random_z(layer.rank, seed=1))
+    x = torch.randn(2, 3, 32)
+    with torch.no_grad(), announce_tokens(layer, 47):
+        short = layer(x)
+    assert layer._weight_cache is None  # not built for 47 tokens (< max(m, n) = 48)
+    with torch.no_grad(), announce_tokens(layer, 48):
+        long = layer(x)
+    assert layer._weight_cache is not None
+    torch.testing.assert_close(short, long, atol=1e-5, rtol=1e-5)
+    built = layer._weight_cache[1]
+    with torch.no_grad(), announce_tokens(layer, 1):
+        layer(x)
+    assert layer._weight_cache[1] is built and layer.expected_tokens is None  # a fresh W' is reused; reset after
