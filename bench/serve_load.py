@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import httpx  # noqa: E402
 
 from common import command_line, stamp, write_section  # noqa: E402
+from t2ray.models import compute_dtype  # noqa: E402
 
 URL = "http://127.0.0.1:8000"
 SCENARIOS = ("base", "expert", "mixed", "auto")
@@ -194,7 +195,7 @@ def main() -> None:
     lines = [
         f"`{command_line()}` — {stamp()}",
         "",
-        f"{args.model} (fp32, CPU), Ray Serve on 127.0.0.1: one Dispatcher + one ExpertModel replica (2 CPUs, "
+        f"{args.model} ({compute_dtype('auto')}: the serve config's dtype auto, CPU), Ray Serve on 127.0.0.1: one Dispatcher + one ExpertModel replica (2 CPUs, "
         f"{args.threads} torch thread{'s' if args.threads > 1 else ''}) on a 2-core machine shared with other "
         f"jobs (load average {load_start:.1f} at the start, {load_end:.1f} at the end). "
         f"SVF on the MLP of every layer, 3 experts ({'given' if args.expert else 'random, z near the init'}). "
