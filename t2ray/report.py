@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 TABLE1_COLUMNS = ("base", "lora", "svf")
@@ -24,9 +25,65 @@ def _load(folder: Path) -> dict[tuple[str, str], dict]:
     return out
 
 
-def _table(results: dict, columns: tuple[str, ...], value) -> tuple[list[str], list[list[str]]]:
+Z95 = 1.959964  # two-sided 95 %
+
+
+def wilson_interval(correct: int, n: int) -> tuple[float, float]:
+    """95 % Wilson score interval of an accuracy: honest at 0/n and n/n, where p ± 2·s.e. is not."""
+    if n == 0:
+        return 0.0, 1.0
+    p, z2 = correct / n, Z95 ** 2
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = Z95 * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def paired_difference(result: dict, base: dict) -> tuple[float, float, float, int] | None:
+    """Accuracy minus the base model's on the items both answered (same ids): the mean of d_i ∈ {−1, 0, 1} with a
+    95 % normal interval. Pairing takes the items' own difficulty out of the noise."""
+    mine = {r["id"]: int(bool(r["correct"])) for r in result.get("records", [])}
+    theirs = {r["id"]: int(bool(r["correct"])) for r in base.get("records", [])}
+    d = [mine[i] - theirs[i] for i in sorted(mine.keys() & theirs.keys())]
+    if len(d) < 2:
+        return None
+    mean = sum(d) / len(d)
+    half = Z95 * math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d))
+    return mean, mean - half, mean + half, len(d)
+
+
+def _cell(results: dict, column: str, task: str) -> str:
+    """`acc [95 % Wilson]`, and for a non-base column `Δ paired difference vs base [95 %]`, * when it excludes 0."""
+    r = results[(column, task)]
+    low, high = wilson_interval(r["correct"], r["n"])
+    text = f"{r['accuracy']:.1%} [{low:.0%}–{high:.0%}]"
+    diff = paired_difference(r, results[("base", task)]) if column != "base" and ("base", task) in results else None
+    if diff:
+        mean, low, high, _ = diff
+        text += f"; Δ {100 * mean:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]{'*' if low > 0 or high < 0 else ''}"
+    return text
+
+
+def significance_reading(results: dict, columns: tuple[str, ...]) -> list[str]:
+    """Per task and column: the paired difference vs base, said plainly as significant or within noise."""
+    lines = []
+    for task in sorted({t for _, t in results}):
+        for column in columns:
+            if column == "base" or (column, task) not in results or ("base", task) not in results:
+                continue
+            diff = paired_difference(results[(column, task)], results[("base", task)])
+            if diff is None:
+                continue
+            mean, low, high, n = diff
+            verdict = ("significantly better than" if low > 0 else "significantly worse than" if high < 0
+                       else "not distinguishable from")
+            lines.append(f"- {task}, {column}: {100 * mean:+.1f} points vs base (95 % [{100 * low:+.1f}, "
+                         f"{100 * high:+.1f}], n = {n} paired items): {verdict} the base model.")
+    return lines
+
+
+def _table(results: dict, columns: tuple[str, ...]) -> tuple[list[str], list[list[str]]]:
     tasks = sorted({task for _, task in results})
-    rows = [[task] + [value(results[(c, task)]) if (c, task) in results else "–" for c in columns] for task in tasks]
+    rows = [[task] + [_cell(results, c, task) if (c, task) in results else "–" for c in columns] for task in tasks]
     return ["task", *columns], rows
 
 
@@ -38,10 +95,6 @@ def _markdown(header: list[str], rows: list[list[str]]) -> str:
 def _write_csv(path: Path, header, rows) -> None:
     with path.open("w", newline="") as f:
         csv.writer(f).writerows([header, *rows])
-
-
-def _accuracy(r: dict) -> str:
-    return f"{r['accuracy']:.1%}"
 
 
 def fewshot_reading(table2: dict) -> list[str]:
@@ -153,8 +206,11 @@ def build_report(run_dir: str | Path) -> Path:
             ("table1", table1, TABLE1_COLUMNS, "Table 1 — trained tasks: base vs LoRA vs SVF (test accuracy)"),
             ("table2", table2, TABLE2_COLUMNS, "Table 2 — unseen tasks: two-pass strategies (test accuracy)")):
         if results:
-            tables[name] = _table(results, columns, _accuracy)
-            sections += [f"## {title}", "", _markdown(*tables[name]), "", f"![{name}](report/{name}.png)", ""]
+            tables[name] = _table(results, columns)
+            sections += [f"## {title}", "", _markdown(*tables[name]), "",
+                         "Cells: accuracy [95 % Wilson interval]; Δ: the paired difference vs base on the same items, "
+                         "in points [95 % interval]; * where that interval excludes 0.", "",
+                         *significance_reading(results, columns), "", f"![{name}](report/{name}.png)", ""]
             plot_accuracy_bars(results, columns, out / f"{name}.png", title.split(" (")[0])
             if name == "table2" and (reading := fewshot_reading(results)):
                 sections += ["Few-shot adaptation vs the best single expert:", "", *reading, ""]

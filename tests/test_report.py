@@ -71,3 +71,34 @@ def test_fewshot_reading_says_beats_trails_and_noise():
     assert "a: few-shot (60.0%) beats the best single-expert strategy, classifier (30.0%), by +30.0" in a
     assert not a.endswith("within noise.")
     assert "b: few-shot (37.5%) trails" in b and "prompt (50.0%)" in b and b.endswith("within noise.")
+
+
+def test_wilson_interval_is_honest_at_the_edges():
+    from t2ray.report import wilson_interval
+
+    low, high = wilson_interval(0, 10)
+    assert low == 0.0 and high == pytest.approx(0.2775, abs=1e-3)  # p ± 2·s.e. would claim [0, 0]
+    low, high = wilson_interval(64, 128)
+    assert (low, high) == (pytest.approx(0.4145, abs=1e-3), pytest.approx(0.5855, abs=1e-3))
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_paired_difference_and_its_reading():
+    from t2ray.report import paired_difference, significance_reading
+
+    def result(correct):
+        return {"accuracy": sum(correct) / len(correct), "n": len(correct), "correct": sum(correct),
+                "records": [{"id": f"q{i}", "correct": c} for i, c in enumerate(correct)]}
+
+    base = result([False] * 60 + [True] * 40)
+    better = result([True] * 40 + [False] * 20 + [True] * 40)   # +40 points, every change in its favour
+    noisy = result([True] * 5 + [False] * 55 + [True] * 35 + [False] * 5)  # 5 gained, 5 lost: 0 points
+    mean, low, high, n = paired_difference(better, base)
+    assert (mean, n) == (pytest.approx(0.4), 100) and low > 0.3
+    mean, low, high, _ = paired_difference(noisy, base)
+    assert mean == 0 and low < 0 < high
+    assert paired_difference(better, {"records": []}) is None
+    lines = significance_reading({("base", "t"): base, ("svf", "t"): better, ("lora", "t"): noisy},
+                                 ("base", "lora", "svf"))
+    assert lines[0].startswith("- t, lora: +0.0 points") and lines[0].endswith("not distinguishable from the base model.")
+    assert lines[1].startswith("- t, svf: +40.0 points") and "significantly better than" in lines[1]
