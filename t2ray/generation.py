@@ -66,11 +66,12 @@ def eos_token_ids(model, tokenizer) -> set[int]:
 
 
 StepHook = Callable[[int, torch.Tensor, torch.Tensor], None]  # (token index, generated (B, i), done (B,))
+GREEDY_BELOW = 1e-5  # temperatures below this decode greedily: dividing logits by ~0 gives NaN probabilities
 
 
 def next_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None):
-    """Greedy below a tiny temperature (dividing by ~0 would give NaN probabilities), else nucleus sampling."""
-    if temperature < 1e-5:
+    """Greedy below GREEDY_BELOW, else nucleus sampling."""
+    if temperature < GREEDY_BELOW:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, -1)
     if top_p < 1.0:  # keep the smallest set of most likely tokens whose mass reaches top_p
@@ -92,7 +93,7 @@ def decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_ne
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     device = prompt_ids.device
-    generator = torch.Generator(device=device).manual_seed(seed) if temperature >= 1e-5 else None
+    generator = torch.Generator(device=device).manual_seed(seed) if temperature >= GREEDY_BELOW else None
     eos = torch.tensor(sorted(eos_ids), device=device)
     rows = prompt_ids.shape[0]
     generated = torch.empty(rows, 0, dtype=torch.long, device=device)

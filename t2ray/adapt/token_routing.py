@@ -265,8 +265,6 @@ def greedy_decode(model, tokenizer, prompts: Sequence[Messages | str], *, max_ne
     ``before_step`` runs before the forward that picks each token; ``stop_at_eos=False`` always generates
     ``max_new_tokens`` (benchmarks: equal work for every variant).
     Returns (completion_ids (B, N), completion_mask (B, N), forward_tokens)."""
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     batch = encode_prompts(tokenizer, prompts, model, max_new_tokens).to(model.device)
     return decode(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=max_new_tokens,
                   eos_ids=eos_token_ids(model, tokenizer), pad_id=tokenizer.pad_token_id, before_step=before_step,

@@ -217,14 +217,16 @@ def one_rl_step(task_path, tokenizer, **rl):
     model, _ = load_model("tiny-llama", seed=cfg.seed, dtype="float32")
     adapter = SVFAdapter(model, cfg.svf, seed=cfg.seed, progress=False)
     stepper = Stepper(adapter.parameters(), lr=1e-12, grad_clip=1e9)  # keep the gradients, barely move z
-    engine = InProcessEngine(adapter.model, tokenizer)
-    texts = []
-    generate = engine.generate
-    engine.generate = lambda *a, **k: texts.append(out := generate(*a, **k)) or out
+    class Recording(InProcessEngine):  # the real engine, keeping what it generated
+        def generate(self, *args, **kwargs):
+            self.last = super().generate(*args, **kwargs)
+            return self.last
+
+    engine = Recording(adapter.model, tokenizer)
     shard = iteration_batch(task.examples("train"), cfg.rl.batch_size, cfg.seed, 0, 0, 1)
     metrics = rl_step(adapter.model, tokenizer, task, adapter, stepper, shard, cfg, seed=0, engine=engine, version=0)
     grads = {i: p.grad.clone() for i, p in enumerate(adapter.parameters())}
-    return metrics, grads, texts[0].texts
+    return metrics, grads, engine.last.texts
 
 
 def test_micro_batches_accumulate_the_whole_batch_gradient(tmp_path, tokenizer):
