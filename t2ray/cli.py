@@ -34,6 +34,16 @@ def user_errors(fn):
     return wrapper
 
 
+@app.callback()
+def console_options(verbose: bool = typer.Option(False, "--verbose", "-v",
+                                                 help="also show Ray, Train, DeepSpeed and transformers logs "
+                                                      "(or T2RAY_VERBOSE=1)")):
+    """Transformer² self-adaptive LLMs on Ray."""
+    from t2ray.console import set_verbosity, verbose as verbose_env
+
+    set_verbosity(verbose or verbose_env())
+
+
 def drop_unset(options: dict) -> dict:
     """Only the options given on the command line, so that they override a YAML and nothing else."""
     kept = {k: drop_unset(v) if isinstance(v, dict) else v for k, v in options.items() if v is not None}

@@ -46,6 +46,9 @@ class RLConfig(Strict):
     baseline: Literal["none", "mean", "group", "rloo"] = Field(
         "none", description="none: the paper's raw ±1; mean: batch mean; group: the prompt's samples' mean; "
                             "rloo: the mean of the prompt's other k−1 samples")
+    reward: Literal["task", "named-option"] = Field(
+        "task", description="task: its own ±1 grade; named-option (multiple choice): 0, not −1, for naming the right "
+                            "option's text under a wrong letter")
     normalize_rewards: bool = False
     reward_clip: float | None = Field(None, gt=0)
     eval_interval: int = Field(10, ge=1)

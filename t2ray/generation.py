@@ -81,41 +81,58 @@ def next_token(logits: torch.Tensor, temperature: float, top_p: float, generator
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+RETIRE_SHARE = 4  # retire_rows compacts the batch once a quarter of its rows are done (a copy of the KV cache)
+
+
 @torch.no_grad()
 def decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_new_tokens: int, eos_ids: set[int],
            pad_id: int, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, stop_at_eos: bool = True,
-           before_step: StepHook | None = None, recompute_prefix: bool = False):
+           before_step: StepHook | None = None, recompute_prefix: bool = False, samples_per_prompt: int = 1,
+           retire_rows: bool = False):
     """The decode loop every path shares (rollouts, evaluation, CEM, token routing): a left-padded batch, a KV
-    cache, the LM head on the last position only, rows retired at EOS (later tokens are padding) and the loop
+    cache, the LM head on the last position only, rows done at EOS (later tokens are padding) and the loop
     ended when every row is done. ``before_step`` runs before the forward that picks each token (token-level
     routing sets z there); ``recompute_prefix`` re-runs prompt + prefix without a cache (the original router).
+    ``samples_per_prompt`` = k: rows come in adjacent groups of k identical prompts (RL's k samples) and the model
+    treats every row alike, so each prompt is prefilled once and its KV cache copied to its k rows.
+    ``retire_rows``: done rows leave the batch (and the KV cache), so a long tail of one rambling row no longer
+    costs a full-width step; only for a model that treats every row alike (not one z per row).
     Returns (completion_ids (B, N), completion_mask (B, N), tokens run through the model)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if retire_rows and (before_step is not None or recompute_prefix):
+        raise ValueError("retire_rows needs rows the loop owns: no before_step hook, no recompute_prefix")
     device = prompt_ids.device
     generator = torch.Generator(device=device).manual_seed(seed) if temperature >= GREEDY_BELOW else None
     eos = torch.tensor(sorted(eos_ids), device=device)
     rows = prompt_ids.shape[0]
     generated = torch.empty(rows, 0, dtype=torch.long, device=device)
     done = torch.zeros(rows, dtype=torch.bool, device=device)
+    live = torch.arange(rows, device=device)  # the batch's rows among all rows (every row unless retire_rows)
     mask, cache, forward_tokens = prompt_mask, None, 0
     cache_arg = cache_kwarg(model)
     for i in range(max_new_tokens):
         if before_step is not None:
             before_step(i, generated, done)
         if recompute_prefix or cache is None:
-            ids = torch.cat([prompt_ids, generated], 1)
+            share = 1 if recompute_prefix else samples_per_prompt
+            ids = torch.cat([prompt_ids, generated], 1)[::share]
             positions = (mask.cumsum(1) - 1).clamp(min=0)
-            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=not recompute_prefix,
-                        logits_to_keep=1)
+            out = model(input_ids=ids, attention_mask=mask[::share], position_ids=positions[::share],
+                        use_cache=not recompute_prefix, logits_to_keep=1)
             forward_tokens += ids.numel()
+            logits = out.logits[:, -1].repeat_interleave(share, 0)
+            cache = None if recompute_prefix else output_cache(out)
+            if share > 1:
+                cache.batch_repeat_interleave(share)
         else:
             positions = mask.sum(1, keepdim=True) - 1  # every row's next position (left padding)
-            out = model(input_ids=generated[:, -1:], attention_mask=mask, position_ids=positions,
+            out = model(input_ids=generated[live, -1:], attention_mask=mask, position_ids=positions,
                         use_cache=True, logits_to_keep=1, **{cache_arg: cache})
-            forward_tokens += rows
-        cache = None if recompute_prefix else output_cache(out)
-        token = next_token(out.logits[:, -1], temperature, top_p, generator)
+            forward_tokens += len(live)
+            logits, cache = out.logits[:, -1], output_cache(out)
+        token = torch.full((rows,), pad_id, dtype=torch.long, device=device)
+        token[live] = next_token(logits, temperature, top_p, generator)
         token = torch.where(done, torch.full_like(token, pad_id), token)
         generated = torch.cat([generated, token[:, None]], 1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
@@ -123,6 +140,11 @@ def decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_ne
             done |= torch.isin(token, eos)
             if bool(done.all()):
                 break
+            finished = done[live]
+            if retire_rows and int(finished.sum()) * RETIRE_SHARE >= len(live):
+                keep = (~finished).nonzero().squeeze(1)
+                cache.batch_select_indices(keep)
+                mask, live = mask[keep], live[keep]
     return generated, completion_mask(generated, set(eos_ids)) if stop_at_eos else torch.ones_like(generated), \
         forward_tokens
 
@@ -143,15 +165,23 @@ def announce_tokens(model, tokens: int):
 
 def rollout(model, tokenizer, prompts: Sequence[Messages | str], *, max_new_tokens: int = 64,
             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, reply_prefix: str = "",
-            ignore_eos: bool = False) -> Rollouts:
+            ignore_eos: bool = False, samples_per_prompt: int = 1, row_uniform: bool = True) -> Rollouts:
     """Generate one completion per prompt in a single batch (greedy when temperature == 0); `ignore_eos`
-    always generates max_new_tokens (equal work per row, for benchmarks)."""
+    always generates max_new_tokens (equal work per row, for benchmarks). With `samples_per_prompt` = k the
+    prompts come as adjacent groups of k equal ones, each prefilled once. `row_uniform`: every row sees the same
+    weights, so rows done early leave the batch; False when the model holds one z per row."""
+    if samples_per_prompt > 1 and not row_uniform:
+        raise ValueError("samples_per_prompt > 1 shares a prompt's prefill: it needs row_uniform weights")
+    k = samples_per_prompt
+    if k < 1 or len(prompts) % k or any(prompts[i] != prompts[i - i % k] for i in range(len(prompts))):
+        raise ValueError(f"samples_per_prompt={k}: the prompts must come in adjacent groups of {k} equal ones")
     batch = encode_prompts(tokenizer, prompts, model, max_new_tokens, reply_prefix).to(model.device)
     rows, width = batch["input_ids"].shape
-    with announce_tokens(model, rows * (width + max_new_tokens)):
+    with announce_tokens(model, rows // k * width + rows * max_new_tokens):
         completion, mask, _ = decode(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=max_new_tokens,
                                      eos_ids=eos_token_ids(model, tokenizer), pad_id=tokenizer.pad_token_id,
-                                     temperature=temperature, top_p=top_p, seed=seed, stop_at_eos=not ignore_eos)
+                                     temperature=temperature, top_p=top_p, seed=seed, stop_at_eos=not ignore_eos,
+                                     samples_per_prompt=k, retire_rows=row_uniform)
     texts = tokenizer.batch_decode(completion * mask + tokenizer.pad_token_id * (1 - mask), skip_special_tokens=True)
     return Rollouts(batch["input_ids"], batch["attention_mask"], completion, mask, texts)
 

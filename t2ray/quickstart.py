@@ -9,13 +9,14 @@ resumes). Budgets are sized for ≤ 25 minutes on 2 CPU cores; experiments/quick
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import typer
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from t2ray.config import CEMConfig, ExperimentConfig, Strict, load_experiment, read_yaml
 
@@ -24,28 +25,47 @@ TRAINED = ("math", "code", "reasoning")
 UNSEEN = ("math-hard", "code-hard", "reasoning-hard", "humaneval")
 
 
-# Seconds measured on 2 CPU cores with SmolLM2 (make demo, 2026-11-26): they turn budgets into the minutes shown.
-ROLLOUT_AND_UPDATE_S = {"math": (5.0, 1.0), "code": (11.0, 1.75), "reasoning": (5.0, 1.0), "cls": (10.0, 3.75)}
-EVAL_S_PER_ITEM = {"math": 0.42, "code": 0.63, "reasoning": 0.34, "math-hard": 1.2, "code-hard": 1.9,
-                   "reasoning-hard": 0.4, "humaneval": 6.0}
+# Seconds measured on the 2-core machine with SmolLM2 in bf16 (make demo, 2026-11-30): they turn budgets into the
+# minutes announced before each stage.
+DECOMPOSE_S = 20
+TRAIN_START_S = 45           # one Ray Train run: worker start-up, model + DeepSpeed set-up, final validation, save
+ITERATION_S = {"math": 10.0, "code": 22.0, "reasoning": 12.0, "cls": 8.0}  # per iteration of 16 prompts
+EVAL_S_PER_ITEM = {"math": 0.17, "code": 0.25, "reasoning": 0.2, "math-hard": 0.5, "code-hard": 0.8,
+                   "reasoning-hard": 0.2, "humaneval": 2.0}
+DISPATCH_S_PER_ITEM = 0.05
 TABLE1_LABELS = {"base": "base", "svf": "SVF", "lora": "LoRA"}
-STRATEGY_FACTOR = {"base": 1.0, "prompt": 1.6, "classifier": 1.6, "fewshot": 1.1, "token": 1.9}
+STRATEGY_FACTOR = {"base": 1.0, "prompt": 1.1, "classifier": 1.1, "fewshot": 1.0, "token": 1.5}
 
 
 class QuickstartConfig(Strict):
-    """Defaults: the whole pipeline in ≤ 25 min on 2 CPU cores, so every budget is small and the tables are
-    noisy; experiments/quickstart.yaml is a larger budget (about an hour) with steadier numbers."""
+    """Defaults: the whole pipeline in ≤ 25 min on 2 CPU cores; experiments/quickstart.yaml is a larger budget."""
     model: str = "smollm2-135m"
-    iterations: int = Field(5, ge=1, description="RL iterations per expert (LoRA gets the same budget)")
-    batch_size: int = Field(4, ge=2, description="prompts per RL iteration, over the 2 workers")
-    # Few, small steps barely move z at the paper's lr (2e-3): 5 steps at 6e-3 go about as far as 15 at 2e-3.
-    svf_lr: float = Field(6e-3, gt=0)
-    lora_lr: float = Field(6e-4, gt=0, description="LoRA's own lr, scaled like SVF's from its 2e-4")
-    eval_limit: int = Field(32, ge=1, description="test items per trained-task evaluation")
-    unseen_limit: int = Field(8, ge=1, description="test items per unseen-task evaluation")
-    humaneval_limit: int = Field(2, ge=1, description="HumanEval problems (384-token answers: ~6 s each)")
-    cem: CEMConfig = CEMConfig(population=4, generations=2, shots=2)
+    iterations: dict[str, int] = Field(
+        {"math": 10, "code": 10, "reasoning": 10, "cls": 6},
+        description="RL iterations per expert (LoRA gets the same budget); one number sets every expert's")
+    batch_size: int = Field(16, ge=2, description="prompts per RL iteration, over the 2 workers")
+    svf_lr: float = Field(4e-3, gt=0)
+    lora_lr: float = Field(4e-4, gt=0, description="LoRA's own lr, scaled like SVF's from its 2e-4")
+    eval_limit: int = Field(128, ge=1, description="test items per trained-task evaluation (Table 1)")
+    unseen_limit: int = Field(64, ge=1, description="test items per unseen-task evaluation (Table 2)")
+    humaneval_limit: int = Field(16, ge=1, description="HumanEval problems (384-token answers)")
+    cem: CEMConfig = CEMConfig(population=8, generations=3, shots=4)
     lora: bool = Field(True, description="train the LoRA baselines for Table 1")
+
+    @field_validator("iterations", mode="before")
+    @classmethod
+    def _every_expert(cls, value):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return {task: value for task in (*TRAINED, "cls")}
+        return value
+
+    @field_validator("iterations")
+    @classmethod
+    def _known_experts(cls, value: dict[str, int]) -> dict[str, int]:
+        experts = (*TRAINED, "cls")
+        if set(value) != set(experts) or min(value.values()) < 1:
+            raise ValueError(f"iterations: a number ≥ 1, or one per expert {list(experts)}; got {value}")
+        return value
 
 
 @dataclass
@@ -53,13 +73,16 @@ class Stage:
     name: str
     minutes: float                # expected wall time on 2 CPU cores
     output: Path
-    run: Callable[[], None]
+    run: Callable[[], str | None]  # may return a one-line outcome for the stage's closing line
 
 
 def run_stages(stages: list[Stage]) -> None:
+    """One line per stage with its estimate; its progress bar (drawn by this process) while it runs; then one
+    line with its measured time and outcome."""
     left = [s for s in stages if not s.output.exists()]
     typer.secho(f"quickstart: {len(stages)} stages, {len(left)} to run, about {sum(s.minutes for s in left):.0f} min "
                 "on 2 CPU cores", bold=True)
+    start_all = time.perf_counter()
     for i, stage in enumerate(stages, 1):
         tag = f"[{i}/{len(stages)}] {stage.name}"
         if stage.output.exists():
@@ -67,20 +90,24 @@ def run_stages(stages: list[Stage]) -> None:
             continue
         typer.secho(f"{tag} (about {stage.minutes:.1f} min)", fg="cyan")
         start = time.perf_counter()
-        stage.run()
-        typer.echo(f"{tag}: {time.perf_counter() - start:.0f} s")
+        outcome = stage.run()
+        typer.echo(f"{tag}: {(time.perf_counter() - start) / 60:.1f} min" + (f" — {outcome}" if outcome else ""))
+    typer.secho(f"quickstart: all stages done, {(time.perf_counter() - start_all) / 60:.1f} min", bold=True)
 
 
-def train_minutes(task: str, qs: QuickstartConfig) -> float:
-    """Ray Train start-up + iterations (a rollout, then an update per prompt on each worker) + one validation."""
-    rollout, update = ROLLOUT_AND_UPDATE_S[task]
-    return (25 + qs.iterations * (rollout + update * qs.batch_size / 2) + 10) / 60
+def unseen_limit(qs: QuickstartConfig, task: str) -> int:
+    return qs.humaneval_limit if task == "humaneval" else qs.unseen_limit
+
+
+def train_minutes(cfg: ExperimentConfig) -> float:
+    """Start-up + iterations (time scales with the prompts per iteration)."""
+    return (TRAIN_START_S + cfg.rl.iterations * ITERATION_S[cfg.task] * cfg.rl.batch_size / 16) / 60
 
 
 def eval_minutes(task: str, limit: int, strategy: str = "base", cem: CEMConfig | None = None) -> float:
     seconds = 5 + limit * EVAL_S_PER_ITEM[task] * STRATEGY_FACTOR[strategy]
     if strategy == "fewshot" and cem is not None:  # every candidate answers every shot (one z per batch row)
-        seconds += cem.population * cem.generations * cem.shots * EVAL_S_PER_ITEM[task] * 1.25
+        seconds += cem.population * cem.generations * cem.shots * EVAL_S_PER_ITEM[task] * 1.4
     return seconds / 60
 
 
@@ -91,8 +118,9 @@ def expert_config(root: Path, qs: QuickstartConfig, task: str, method: str) -> E
         **base.model_dump(), "name": name, "method": method, "storage_path": str(root),
         "model": {"spec": qs.model},
         # one validation, at the end (its expert is the final z): the Table 1 evaluation follows anyway
-        "rl": {**base.rl.model_dump(), "iterations": qs.iterations, "batch_size": qs.batch_size,
-               "eval_interval": qs.iterations, "eval_limit": 32, "lr": qs.lora_lr if method == "lora" else qs.svf_lr},
+        "rl": {**base.rl.model_dump(), "iterations": qs.iterations[task], "batch_size": qs.batch_size,
+               "eval_interval": qs.iterations[task], "eval_limit": 32,
+               "lr": qs.lora_lr if method == "lora" else qs.svf_lr},
         "tracking": {"wandb": True, "project": "t2ray-quickstart"}})
 
 
@@ -101,11 +129,11 @@ def expert_path(cfg: ExperimentConfig) -> Path:
 
 
 def quickstart(root: Path = Path("runs/quickstart"), config: Path | None = None) -> Path:
-    from t2ray.adapt.two_pass import run_adapt
+    from t2ray.adapt.two_pass import dispatch_quality, run_adapt
     from t2ray.adapters import load_adapted
     from t2ray.config import AdaptConfig
     from t2ray.evaluate import evaluate
-    from t2ray.report import build_report
+    from t2ray.report import build_report, console_summary
     from t2ray.tasks import get_task
     from t2ray.train import train
 
@@ -114,55 +142,72 @@ def quickstart(root: Path = Path("runs/quickstart"), config: Path | None = None)
     root.mkdir(parents=True, exist_ok=True)
     svf = {t: expert_config(root, qs, t, "svf") for t in (*TRAINED, "cls")}
     lora = {t: expert_config(root, qs, t, "lora") for t in TRAINED} if qs.lora else {}
+    limits = {**{t: qs.eval_limit for t in TRAINED}, **{t: unseen_limit(qs, t) for t in UNSEEN}}
 
-    def evaluation(task: str, out: Path, limit: int, expert: Path | None = None) -> Callable[[], None]:
-        def run() -> None:
-            model, tokenizer, label = load_adapted(qs.model, expert=expert)
-            result = evaluate(model, tokenizer, get_task(task), limit=limit, adapter=label)
-            result.save(out)
-            typer.echo(f"    {label} on {task}: {result.accuracy:.1%} ({result.correct}/{result.n})")
+    def training(cfg: ExperimentConfig) -> Callable[[], str]:
+        def run() -> str:
+            outcome = train(cfg)
+            last = outcome.history[-1] if outcome.history else {}
+            return f"valid accuracy {outcome.best_valid:.1%}, last rollouts {last.get('accuracy', float('nan')):.1%}"
         return run
 
-    def adaptation(strategy: str, task: str, out: Path) -> Callable[[], None]:
-        def run() -> None:
+    def evaluation(task: str, out: Path, expert: Path | None = None) -> Callable[[], str]:
+        def run() -> str:
+            model, tokenizer, label = load_adapted(qs.model, expert=expert)
+            result = evaluate(model, tokenizer, get_task(task), limit=limits[task], adapter=label)
+            result.save(out)
+            return f"{label}: {result.accuracy:.1%} ({result.correct}/{result.n})"
+        return run
+
+    def adaptation(strategy: str, task: str, out: Path) -> Callable[[], str]:
+        def run() -> str:
             cfg = AdaptConfig(strategy=strategy, task=task, model={"spec": qs.model},
                               experts=[str(expert_path(svf[t])) for t in TRAINED],
-                              classifier_expert=str(expert_path(svf["cls"])),
-                              limit=qs.humaneval_limit if task == "humaneval" else qs.unseen_limit, cem=qs.cem)
+                              classifier_expert=str(expert_path(svf["cls"])), limit=limits[task], cem=qs.cem)
             result = run_adapt(cfg, progress=True)
             result.save(out)
-            typer.echo(f"    {strategy} on {task}: {result.eval.accuracy:.1%}; pass 1 {result.pass1_s:.1f} s, "
-                       f"pass 2 {result.pass2_s:.1f} s")
+            return (f"{result.eval.accuracy:.1%} ({result.eval.correct}/{result.eval.n}); pass 1 {result.pass1_s:.1f} s, "
+                    f"pass 2 {result.pass2_s:.1f} s")
         return run
 
-    def decompose() -> None:
+    def decompose() -> str:
         from t2ray.models import load_model
         from t2ray.svf import patch_model
 
-        patch_model(load_model(qs.model)[0], svf["math"].svf)  # workers then hit the SVD cache
+        layers = patch_model(load_model(qs.model)[0], svf["math"].svf)  # workers then hit the SVD cache
         (root / "decompose.done").touch()
+        return f"{len(layers)} matrices"
+
+    def dispatch() -> str:
+        quality = dispatch_quality(qs.model, expert_path(svf["cls"]), limits)
+        (root / "dispatch.json").write_text(json.dumps(quality, indent=2))
+        return ", ".join(f"{s} {quality[s]['accuracy']:.1%}" for s in ("prompt", "classifier"))
 
     t1, t2 = root / "table1", root / "table2"
-    stages = [Stage("decompose the MLP matrices (SVD, cached per model)", 0.5, root / "decompose.done", decompose)]
-    stages += [Stage(f"train the {t} SVF expert (Ray Train, 2 workers, ZeRO-2)", train_minutes(t, qs),
-                     expert_path(c), lambda c=c: train(c)) for t, c in svf.items()]
-    stages += [Stage(f"train the {t} LoRA baseline (same loop, same budget)", train_minutes(t, qs),
-                     expert_path(c), lambda c=c: train(c)) for t, c in lora.items()]
+    stages = [Stage("decompose the MLP matrices (SVD, cached per model)", DECOMPOSE_S / 60, root / "decompose.done",
+                    decompose)]
+    stages += [Stage(f"train the {t} SVF expert (Ray Train, 2 workers, ZeRO-2)", train_minutes(c), expert_path(c),
+                     training(c)) for t, c in svf.items()]
+    stages += [Stage(f"train the {t} LoRA baseline (same loop, same budget)", train_minutes(c), expert_path(c),
+                     training(c)) for t, c in lora.items()]
     for t in TRAINED:
         columns = {"base": None, "svf": expert_path(svf[t]), **({"lora": expert_path(lora[t])} if t in lora else {})}
         for column, expert in columns.items():
             out = t1 / f"{column}-{t}.json"
-            stages.append(Stage(f"Table 1: {TABLE1_LABELS[column]} on {t}", eval_minutes(t, qs.eval_limit), out,
-                                evaluation(t, out, qs.eval_limit, expert)))
+            stages.append(Stage(f"Table 1: {TABLE1_LABELS[column]} on {t} ({limits[t]} test items)",
+                                eval_minutes(t, limits[t]), out, evaluation(t, out, expert)))
+    stages.append(Stage(f"dispatch quality: pass 1 of prompt and classifier on {sum(limits.values())} test queries",
+                        DISPATCH_S_PER_ITEM * sum(limits.values()) / 60, root / "dispatch.json", dispatch))
     for t in UNSEEN:
-        limit = qs.humaneval_limit if t == "humaneval" else qs.unseen_limit
-        stages.append(Stage(f"Table 2: base on {t}", eval_minutes(t, limit), t2 / f"base-{t}.json",
-                            evaluation(t, t2 / f"base-{t}.json", limit)))
+        out = t2 / f"base-{t}.json"
+        stages.append(Stage(f"Table 2: base on {t} ({limits[t]} test items)", eval_minutes(t, limits[t]), out,
+                            evaluation(t, out)))
         for strategy in ("prompt", "classifier", "fewshot", "token"):
-            stages.append(Stage(f"Table 2: {strategy} on {t}", eval_minutes(t, limit, strategy, qs.cem),
-                                t2 / f"{strategy}-{t}.json", adaptation(strategy, t, t2 / f"{strategy}-{t}.json")))
+            out = t2 / f"{strategy}-{t}.json"
+            stages.append(Stage(f"Table 2: {strategy} on {t}", eval_minutes(t, limits[t], strategy, qs.cem), out,
+                                adaptation(strategy, t, out)))
     run_stages(stages)
     report = build_report(root)
-    typer.echo(report.read_text())
-    typer.secho(f"report: {report}", bold=True)
+    typer.echo(console_summary(report))
+    typer.secho(f"report: {report} (plots in {report.parent / 'report'})", bold=True)
     return report

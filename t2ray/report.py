@@ -14,6 +14,7 @@ from pathlib import Path
 
 TABLE1_COLUMNS = ("base", "lora", "svf")
 TABLE2_COLUMNS = ("base", "prompt", "classifier", "fewshot", "token")
+DISPATCH_STRATEGIES = ("prompt", "classifier")
 
 
 def _load(folder: Path) -> dict[tuple[str, str], dict]:
@@ -98,21 +99,27 @@ def _write_csv(path: Path, header, rows) -> None:
 
 
 def fewshot_reading(table2: dict) -> list[str]:
-    """Per unseen task: does few-shot CEM beat the best single-expert strategy (prompt / classifier dispatch)?
-    Said plainly, with the difference's standard error, since small test sets make most gaps noise."""
+    """Per unseen task: few-shot CEM vs the best single-expert strategy (prompt / classifier dispatch), as a paired
+    difference on the same items, said plainly as significant or not."""
     lines = []
     for task in sorted({t for _, t in table2}):
         singles = [(table2[(c, task)]["accuracy"], c) for c in ("prompt", "classifier") if (c, task) in table2]
         if ("fewshot", task) not in table2 or not singles:
             continue
-        few, n = table2[("fewshot", task)]["accuracy"], table2[("fewshot", task)]["n"]
-        best, name = max(singles)
-        gap, se = few - best, ((few * (1 - few) + best * (1 - best)) / max(n, 1)) ** 0.5
-        verdict = "beats" if gap > 0 else "ties" if gap == 0 else "trails"
-        noise = " — within noise" if abs(gap) <= 2 * se else ""
-        lines.append(f"- {task}: few-shot ({few:.1%}) {verdict} the best single-expert strategy, {name} "
-                     f"({best:.1%}), by {100 * gap:+.1f} points (± {100 * se:.1f} s.e., n = {n}){noise}.")
+        _, name = max(singles)
+        diff = paired_difference(table2[("fewshot", task)], table2[(name, task)])
+        if diff is None:
+            continue
+        mean, low, high, n = diff
+        verdict = "significantly better" if low > 0 else "significantly worse" if high < 0 else "not distinguishable"
+        lines.append(f"- {task}: few-shot vs {name}, the better single-expert strategy: {100 * mean:+.1f} points "
+                     f"(95 % [{100 * low:+.1f}, {100 * high:+.1f}], n = {n} paired items): {verdict}.")
     return lines
+
+
+def console_summary(report: Path) -> str:
+    """The report as the console prints it: the text without the image links."""
+    return "\n".join(line for line in report.read_text().splitlines() if not line.startswith("!["))
 
 
 def plot_accuracy_bars(results: dict, columns, path: Path, title: str) -> None:
@@ -191,6 +198,70 @@ def plot_cem_alpha(table2: dict, path: Path) -> bool:
     return True
 
 
+def dispatch_tables(dispatch: dict) -> list[tuple[str, list[str], list[list[str]]]]:
+    """Per strategy: the confusion matrix (rows: true category, columns: pass 1's label) with per-class accuracy."""
+    tables = []
+    for strategy in DISPATCH_STRATEGIES:
+        c = dispatch[strategy]
+        labels = c["labels"]
+        header = ["true category", *labels, "per-class accuracy"]
+        rows = [[true, *map(str, row), f"{c['per_class'][true]:.1%}"]
+                for true, row in zip(labels, c["counts"]) if true in c["per_class"]]
+        tables.append((strategy, header, rows))
+    return tables
+
+
+def plot_confusion(dispatch: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, len(DISPATCH_STRATEGIES), figsize=(4.2 * len(DISPATCH_STRATEGIES), 3.6), dpi=110)
+    for ax, strategy in zip(np.atleast_1d(axes), DISPATCH_STRATEGIES):
+        c = dispatch[strategy]
+        rows = [k for k, label in enumerate(c["labels"]) if label in c["per_class"]]
+        counts = np.asarray(c["counts"], dtype=float)[rows]
+        share = counts / counts.sum(1, keepdims=True)  # row-normalised: each true category sums to 1
+        ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+        for i in range(share.shape[0]):
+            for j in range(share.shape[1]):
+                ax.text(j, i, f"{share[i, j]:.2f}\n({int(counts[i, j])})", ha="center", va="center", fontsize=8,
+                        color="white" if share[i, j] > 0.6 else "black")
+        ax.set_xticks(range(len(c["labels"])), c["labels"])
+        ax.set_yticks(range(len(rows)), [c["labels"][k] for k in rows])
+        ax.set(xlabel="pass 1 label", ylabel="true category", title=f"{strategy}: accuracy {c['accuracy']:.1%}")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_cem_fitness(table2: dict, path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    found = {task: r["history"] for (c, task), r in table2.items() if c == "fewshot" and r.get("history")}
+    if not found:
+        return False
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=110)
+    for k, (task, history) in enumerate(sorted(found.items())):
+        gens = [h["generation"] for h in history]
+        ax.plot(gens, [h["best_accuracy"] for h in history], "o-", color=f"C{k}", label=f"{task}: best")
+        ax.plot(gens, [h["mean_accuracy"] for h in history], "--", color=f"C{k}", alpha=0.6,
+                label=f"{task}: population mean")
+    ax.set(xlabel="CEM generation", ylabel="accuracy on the shots", ylim=(-0.02, 1.02),
+           title="few-shot CEM fitness per generation")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
 def build_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -224,6 +295,19 @@ def build_report(run_dir: str | Path) -> Path:
                      "Few-shot pass 1 is the CEM search, run once per task (not per query).", ""]
         if plot_cem_alpha(table2, out / "cem_alpha.png"):
             sections += ["![CEM α](report/cem_alpha.png)", ""]
+        if plot_cem_fitness(table2, out / "cem_fitness.png"):
+            sections += ["![CEM fitness](report/cem_fitness.png)", ""]
+    if (run_dir / "dispatch.json").exists():
+        dispatch = json.loads((run_dir / "dispatch.json").read_text())
+        sections += ["## Dispatch quality — pass 1's category vs the true one", "",
+                     "Over the test queries of the trained and unseen tasks (" + ", ".join(
+                         f"{t}: {c}" for t, c in dispatch["categories"].items()) + ").", ""]
+        for strategy, header, rows in dispatch_tables(dispatch):
+            tables[f"dispatch_{strategy}"] = (header, rows)
+            sections += [f"**{strategy}** (accuracy {dispatch[strategy]['accuracy']:.1%}, "
+                         f"n = {dispatch[strategy]['n']})", "", _markdown(header, rows), ""]
+        plot_confusion(dispatch, out / "dispatch_confusion.png")
+        sections += ["![dispatch confusion](report/dispatch_confusion.png)", ""]
     if plot_learning_curves(run_dir, out / "learning_curves.png"):
         sections += ["## Learning curves", "", "![learning curves](report/learning_curves.png)", ""]
     for name, (header, rows) in tables.items():

@@ -148,3 +148,47 @@ def test_shared_prompt_logits_and_gradients_equal_the_full_forward(tiny, tokeniz
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
     with pytest.raises(ValueError, match="not groups of 2 copies"):
         completion_logits(tiny, *args, samples_per_prompt=2)
+
+
+def test_shared_prompt_prefill_samples_like_a_prefill_per_row(tiny, tokenizer):
+    """k samples of a prompt prefilled once: the same tokens as prefilling each copy (same seed), fewer FLOPs."""
+    prompts = ["hi"] * 3 + ["a longer prompt that is left padded against the short one"] * 3
+    for temperature in (0.0, 1.0):
+        shared = rollout(tiny, tokenizer, prompts, max_new_tokens=6, temperature=temperature, seed=5,
+                         samples_per_prompt=3)
+        each = rollout(tiny, tokenizer, prompts, max_new_tokens=6, temperature=temperature, seed=5)
+        assert torch.equal(shared.completion_ids, each.completion_ids)
+        assert shared.texts == each.texts
+    assert len(set(shared.texts[:3])) > 1  # sampled copies still differ
+
+
+def test_shared_prompt_prefill_needs_adjacent_equal_prompts(tiny, tokenizer):
+    with pytest.raises(ValueError, match="adjacent groups of 2"):
+        rollout(tiny, tokenizer, ["a", "b", "a", "b"], max_new_tokens=2, samples_per_prompt=2)
+    with pytest.raises(ValueError, match="adjacent groups of 2"):
+        rollout(tiny, tokenizer, ["a", "a", "b"], max_new_tokens=2, samples_per_prompt=2)
+
+
+def test_retired_rows_leave_the_batch_without_changing_any_row(tiny, tokenizer):
+    """Rows done early leave the batch and its KV cache: every row's tokens stay what the full-width loop makes."""
+    from t2ray.generation import decode, encode_prompts
+
+    torch.manual_seed(0)
+    with torch.no_grad():  # a random init this wide decodes one token for every row: make rows differ
+        for weight in tiny.parameters():
+            if weight.dim() == 2:
+                weight.normal_(0, 0.3)
+    prompts = ["hi", "a much longer prompt that is left padded", "third one", "x y z", "five", "six and more"]
+    batch = encode_prompts(tokenizer, prompts, tiny, 8)
+    args = dict(max_new_tokens=8, pad_id=tokenizer.pad_token_id)
+    free, _, _ = decode(tiny, batch["input_ids"], batch["attention_mask"], eos_ids=set(), **args)
+    eos = {int(free[0, 1]), int(free[2, 3])}  # tokens some rows emit early: those rows end there
+    full, full_mask, full_tokens = decode(tiny, batch["input_ids"], batch["attention_mask"], eos_ids=eos, **args)
+    kept, kept_mask, kept_tokens = decode(tiny, batch["input_ids"], batch["attention_mask"], eos_ids=eos,
+                                          retire_rows=True, **args)
+    assert torch.equal(full * full_mask, kept * kept_mask) and torch.equal(full_mask, kept_mask)
+    assert 0 < int(full_mask.sum(1).min()) < int(full_mask.sum(1).max())  # rows really ended at different steps
+    assert kept_tokens < full_tokens
+    with pytest.raises(ValueError, match="retire_rows"):
+        decode(tiny, batch["input_ids"], batch["attention_mask"], eos_ids=eos, retire_rows=True,
+               before_step=lambda *a: None, **args)

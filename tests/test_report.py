@@ -60,17 +60,61 @@ def test_report_refuses_an_empty_folder(tmp_path):
         build_report(tmp_path / "missing")
 
 
-def test_fewshot_reading_says_beats_trails_and_noise():
+def records(correct: list[int]) -> list[dict]:
+    return [{"id": f"q{i}", "correct": bool(c)} for i, c in enumerate(correct)]
+
+
+def test_fewshot_reading_pairs_fewshot_with_the_better_single_strategy():
     from t2ray.report import fewshot_reading
 
-    table2 = {("prompt", "a"): {"accuracy": 0.2, "n": 100}, ("classifier", "a"): {"accuracy": 0.3, "n": 100},
-              ("fewshot", "a"): {"accuracy": 0.6, "n": 100},
-              ("prompt", "b"): {"accuracy": 0.5, "n": 8}, ("fewshot", "b"): {"accuracy": 0.375, "n": 8},
-              ("base", "c"): {"accuracy": 0.1, "n": 8}}
+    table2 = {("prompt", "a"): {"accuracy": 0.2, "records": records([1] * 20 + [0] * 80)},
+              ("classifier", "a"): {"accuracy": 0.3, "records": records([1] * 30 + [0] * 70)},
+              ("fewshot", "a"): {"accuracy": 0.6, "records": records([1] * 60 + [0] * 40)},
+              ("prompt", "b"): {"accuracy": 0.5, "records": records([1, 0] * 4)},
+              ("fewshot", "b"): {"accuracy": 0.375, "records": records([1, 0, 0, 1, 0, 0, 1, 0])},
+              ("base", "c"): {"accuracy": 0.1, "records": records([0] * 8)}}
     a, b = fewshot_reading(table2)  # task c has no few-shot result: no line
-    assert "a: few-shot (60.0%) beats the best single-expert strategy, classifier (30.0%), by +30.0" in a
-    assert not a.endswith("within noise.")
-    assert "b: few-shot (37.5%) trails" in b and "prompt (50.0%)" in b and b.endswith("within noise.")
+    assert a.startswith("- a: few-shot vs classifier") and "+30.0 points" in a and a.endswith("significantly better.")
+    assert "n = 100 paired items" in a
+    assert b.startswith("- b: few-shot vs prompt") and "-12.5 points" in b and b.endswith("not distinguishable.")
+
+
+def test_confusion_counts_per_class_accuracy_and_refuses_bad_input():
+    from t2ray.adapt.dispatch import confusion
+
+    c = confusion(["math", "math", "code", "reasoning"], ["math", "other", "code", "math"])
+    assert c["labels"] == ["code", "math", "reasoning", "other"]
+    assert c["counts"] == [[1, 0, 0, 0], [0, 1, 0, 1], [0, 1, 0, 0], [0, 0, 0, 0]]
+    assert c["per_class"] == {"code": 1.0, "math": 0.5, "reasoning": 0.0} and c["accuracy"] == 0.5
+    assert confusion(["math"], ["gibberish"])["counts"][1][3] == 1  # an unparsable label counts as other
+    with pytest.raises(ValueError, match="2 true categories but 1"):
+        confusion(["math", "code"], ["math"])
+    with pytest.raises(ValueError, match="unknown true categories"):
+        confusion(["poetry"], ["math"])
+
+
+def test_report_shows_dispatch_confusion_and_cem_fitness(run_dir, tmp_path):
+    """A real pass 1 (tiny-llama, its own classifier expert) and a real CEM search feed the report."""
+    import shutil
+
+    from t2ray.adapt.two_pass import dispatch_quality
+
+    root = tmp_path / "run"
+    shutil.copytree(run_dir, root)
+    quality = dispatch_quality("tiny-llama", root / "math.safetensors", {"math": 3, "code": 2, "humaneval": 1})
+    assert quality["prompt"]["n"] == quality["classifier"]["n"] == 6
+    assert quality["categories"] == {"math": "math", "code": "code", "humaneval": "code"}
+    assert sum(map(sum, quality["classifier"]["counts"])) == 6
+    (root / "dispatch.json").write_text(json.dumps(quality))
+    experts = [str(root / f"{t}.safetensors") for t in ("math", "code", "reasoning")]
+    cfg = AdaptConfig(strategy="fewshot", task="math-hard", model={"spec": "tiny-llama"}, experts=experts, limit=2,
+                      cem={"population": 2, "generations": 2, "shots": 2})
+    run_adapt(cfg, progress=False).save(root / "table2" / "fewshot-math-hard.json")
+    report = build_report(root).read_text()
+    assert "## Dispatch quality" in report and "**classifier**" in report and "per-class accuracy" in report
+    for name in ("dispatch_confusion.png", "cem_fitness.png", "dispatch_prompt.csv", "dispatch_classifier.csv"):
+        assert (root / "report" / name).stat().st_size > 0
+    assert "few-shot vs prompt" in report
 
 
 def test_wilson_interval_is_honest_at_the_edges():

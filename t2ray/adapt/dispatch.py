@@ -107,3 +107,21 @@ def classify(model, tokenizer, questions: list[str], *, mode: str = "score", bat
     if mode != "score":
         raise ValueError(f"unknown classification mode {mode!r}: score | generate")
     return PrefixScorer(model, tokenizer).classify(questions, batch_size=batch_size)
+
+
+def confusion(true: list[str], predicted: list[str]) -> dict:
+    """Pass 1's dispatch quality: counts[i][j] = queries of true category i labelled j (labels: CATEGORIES),
+    per-class accuracy (recall) over the categories that occur, and the overall accuracy."""
+    if len(true) != len(predicted):
+        raise ValueError(f"{len(true)} true categories but {len(predicted)} predictions")
+    unknown = sorted(set(true) - set(CATEGORIES))
+    if unknown:
+        raise ValueError(f"unknown true categories {unknown}: expected {list(CATEGORIES)}")
+    index = {label: k for k, label in enumerate(CATEGORIES)}
+    counts = [[0] * len(CATEGORIES) for _ in CATEGORIES]
+    for t, p in zip(true, predicted):
+        counts[index[t]][index.get(p, index["other"])] += 1
+    per_class = {label: row[k] / sum(row) for k, (label, row) in enumerate(zip(CATEGORIES, counts)) if sum(row)}
+    correct = sum(counts[k][k] for k in range(len(CATEGORIES)))
+    return {"labels": list(CATEGORIES), "counts": counts, "per_class": per_class, "n": len(true),
+            "accuracy": correct / max(1, len(true))}

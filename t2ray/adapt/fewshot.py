@@ -54,7 +54,7 @@ class ShotFitness:
             set_z(self.model, {m: t[start:stop] for m, t in z.items()})
             idx = [i % k for i in range(start, stop)]
             texts += rollout(self.model, self.tokenizer, [self.messages[i] for i in idx],
-                             max_new_tokens=self.task.max_new_tokens).texts
+                             max_new_tokens=self.task.max_new_tokens, row_uniform=False).texts
             logliks.append(answer_loglik(self.model, self.tokenizer, [self.messages[i] for i in idx],
                                          [self.references[i] for i in idx], batch_size=stop - start))
         correct = [ok for ok, _ in grade_all(self.task, self.shots * len(alphas), texts)]

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-from t2ray.adapt.dispatch import classify
+from t2ray.adapt.dispatch import classify, confusion
 from t2ray.config import AdaptConfig
 from t2ray.evaluate import EvalResult, grade_all
 from t2ray.experts import Expert, Mixture, load_expert, mix_z, save_mixture
@@ -117,6 +117,28 @@ def run_adapt(cfg: AdaptConfig, *, progress: bool = True) -> AdaptResult:
                             n=len(examples), correct=correct, seconds=pass1 + pass2, adapter=cfg.strategy,
                             records=records)
     return AdaptResult(cfg.strategy, evaluation, pass1, pass2, choices, alpha, history, [e.name for e in experts])
+
+
+def dispatch_quality(model_spec: str, classifier_expert: str | Path, limits: dict[str, int], *, dtype: str = "auto",
+                     mode: str = "score", allow_transfer: bool = False) -> dict:
+    """Pass 1 alone, scored: the confusion of the prompt strategy (the base model classifies) and the classifier
+    expert against each query's true category, over the first `limits[task]` test queries of each task."""
+    model, tokenizer = load_model(model_spec, dtype=dtype)
+    questions, true, owner = [], [], []
+    for name, limit in limits.items():
+        task = get_task(name)
+        examples = task.examples("test")[:limit]
+        questions += [ex.prompt for ex in examples]
+        true += [task.category] * len(examples)
+        owner += [name] * len(examples)
+    predicted = {"prompt": classify(model, tokenizer, questions, mode=mode)}
+    apply_experts(model, [load_expert(classifier_expert)], allow_transfer=allow_transfer)
+    set_mode(model, "materialized")
+    predicted["classifier"] = classify(model, tokenizer, questions, mode=mode)
+    by_task = {name: {strategy: sum(l == t for l, t, o in zip(labels, true, owner) if o == name) / max(1, owner.count(name))
+                      for strategy, labels in predicted.items()} for name in limits}
+    return {**{strategy: confusion(true, labels) for strategy, labels in predicted.items()},
+            "by_task": by_task, "categories": {name: get_task(name).category for name in limits}}
 
 
 def route_tokens(model, tokenizer, experts: list[Expert], task: Task, messages, cfg: AdaptConfig) -> list[str]:

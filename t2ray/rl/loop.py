@@ -15,6 +15,7 @@ from t2ray.rl.adapters import TrainableAdapter
 from t2ray.rl.loss import advantages, kl_to_reference, reinforce_loss
 from t2ray.rl.rollout import InProcessEngine, RolloutEngine, current_z
 from t2ray.tasks.base import Example, Task
+from t2ray.tasks.graders import named_option_reward
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]  # sums a tensor over workers (identity in one process)
 
@@ -75,12 +76,26 @@ def iteration_batch(examples: list[Example], batch_size: int, seed: int, iterati
     return picked[rank::world_size]
 
 
-def safe_rewards(task: Task, examples: list[Example], completions: list[str]) -> tuple[torch.Tensor, int]:
+def reward_function(task: Task, kind: str = "task"):
+    """(example, completion) -> reward, as rl.reward names it."""
+    if kind == "task":
+        return task.reward
+    if kind == "named-option":
+        if getattr(task, "grader", None) != "choice":
+            raise ValueError(f"rl.reward named-option is for multiple-choice tasks; {task.name!r} is graded by "
+                             f"{getattr(task, 'grader', 'its own code')!r}")
+        return lambda ex, text: named_option_reward(text, ex.answer, ex.choices)
+    raise ValueError(f"unknown rl.reward {kind!r}: task | named-option")
+
+
+def safe_rewards(task: Task, examples: list[Example], completions: list[str],
+                 kind: str = "task") -> tuple[torch.Tensor, int]:
     """±1 (or task-defined) rewards; a grader that raises scores the sample as wrong and is counted."""
+    reward = reward_function(task, kind)
     rewards, errors = [], 0
     for ex, text in zip(examples, completions):
         try:
-            rewards.append(float(task.reward(ex, text)))
+            rewards.append(float(reward(ex, text)))
         except Exception:  # noqa: BLE001 — user graders may raise anything; training must go on
             rewards.append(-1.0)
             errors += 1
@@ -116,9 +131,9 @@ def rl_step(model, tokenizer, task: Task, adapter: TrainableAdapter, stepper, sh
         model.eval()
         sync_bytes = engine.sync(current_z(model), version)  # z only, never weights
         roll = engine.generate(prompts, max_new_tokens=max_new, temperature=rl.temperature, top_p=rl.top_p,
-                               seed=seed)
+                               seed=seed, samples_per_prompt=rl.samples_per_prompt)
         ids, mask, cids, cmask = roll.prompt_ids, roll.prompt_mask, roll.completion_ids, roll.completion_mask
-        rewards, errors = safe_rewards(task, expanded, roll.texts)
+        rewards, errors = safe_rewards(task, expanded, roll.texts, rl.reward)
     t1 = time.perf_counter()
     dev = next(model.parameters()).device
     ids, mask, cids, cmask = (t.to(dev) for t in (ids, mask, cids, cmask))

@@ -58,7 +58,7 @@ def current_z(model) -> dict[str, torch.Tensor]:
 class RolloutEngine(Protocol):
     def sync(self, z: dict[str, torch.Tensor], version: int) -> int: ...   # returns bytes sent
     def generate(self, prompts: Sequence[Messages | str], *, max_new_tokens: int, temperature: float,
-                 top_p: float, seed: int) -> Rollouts: ...
+                 top_p: float, seed: int, samples_per_prompt: int = 1) -> Rollouts: ...
 
 
 class InProcessEngine:
@@ -70,9 +70,9 @@ class InProcessEngine:
     def sync(self, z, version) -> int:
         return 0
 
-    def generate(self, prompts, *, max_new_tokens, temperature, top_p, seed) -> Rollouts:
+    def generate(self, prompts, *, max_new_tokens, temperature, top_p, seed, samples_per_prompt=1) -> Rollouts:
         return rollout(self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens,
-                       temperature=temperature, top_p=top_p, seed=seed)
+                       temperature=temperature, top_p=top_p, seed=seed, samples_per_prompt=samples_per_prompt)
 
 
 class ZApplier:
@@ -120,9 +120,9 @@ class ReplicaEngine:
     def version(self) -> int:
         return self.applier.version
 
-    def generate(self, prompts, *, max_new_tokens, temperature, top_p, seed) -> Rollouts:
+    def generate(self, prompts, *, max_new_tokens, temperature, top_p, seed, samples_per_prompt=1) -> Rollouts:
         return rollout(self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens,
-                       temperature=temperature, top_p=top_p, seed=seed)
+                       temperature=temperature, top_p=top_p, seed=seed, samples_per_prompt=samples_per_prompt)
 
 
 # vLLM fuses these HF projections of Llama-family models into one weight, rows in this order.
@@ -179,7 +179,8 @@ class VLLMEngine:
         self.llm.apply_model(partial(apply_z_in_worker, message))
         return len(message)
 
-    def generate(self, prompts, *, max_new_tokens, temperature, top_p, seed) -> Rollouts:
+    def generate(self, prompts, *, max_new_tokens, temperature, top_p, seed, samples_per_prompt=1) -> Rollouts:
+        # vLLM's prefix cache shares the k copies' prompt blocks by itself
         from vllm import SamplingParams
 
         from t2ray.generation import completion_mask, render

@@ -162,19 +162,9 @@ def choice_letter(completion: str, choices: Sequence[str]) -> str | None:
         if m:
             return m.group(1)
     # the option text itself (first one mentioned wins; longer options first on ties)
-    low = text.casefold()
-    best: tuple[int, int, str] | None = None
-    for lab, opt in zip(labels, choices):
-        o = normalize_text(opt)
-        if not o:
-            continue
-        m = re.search(r"(?<!\w)" + re.escape(o) + r"(?!\w)", low)
-        if m:
-            key = (m.start(), -len(o), lab)
-            if best is None or key < best:
-                best = key
-    if best is not None:
-        return best[2]
+    named = named_options(text, choices)
+    if named:
+        return min(named, key=lambda lab: (named[lab], -len(normalize_text(choices[labels.index(lab)])), lab))
     m = re.match(r"^\W*([" + letters + r"])\s", text)  # "B elephant"
     if m:
         return m.group(1)
@@ -182,6 +172,27 @@ def choice_letter(completion: str, choices: Sequence[str]) -> str | None:
     if m:
         return m.group(1)
     return None
+
+
+def named_options(completion: str, choices: Sequence[str]) -> dict[str, int]:
+    """The options whose text the completion mentions: letter -> where it first does."""
+    low = completion.casefold()
+    found = {}
+    for lab, opt in zip(choice_labels(len(choices)), choices):
+        o = normalize_text(opt)
+        m = re.search(r"(?<!\w)" + re.escape(o) + r"(?!\w)", low) if o else None
+        if m:
+            found[lab] = m.start()
+    return found
+
+
+def named_option_reward(completion: str, answer: str, choices: Sequence[str]) -> float:
+    """A training reward for multiple choice (SPEC §5: a small model often names the right option's text under
+    the wrong letter): +1 when graded right, 0 when it names the right option's text and no other option's,
+    −1 otherwise. The evaluation keeps grade_choice."""
+    if grade_choice(completion, answer, choices):
+        return 1.0
+    return 0.0 if set(named_options(completion, choices)) == {resolve_choice_answer(answer, choices)} else -1.0
 
 
 def resolve_choice_answer(answer: str, choices: Sequence[str]) -> str:

@@ -18,11 +18,12 @@ class ActorEngine:
 
         return ray.get(self.handle.receive.remote(encode_z(z, version)))
 
-    def generate(self, prompts, *, max_new_tokens, temperature, top_p, seed):
+    def generate(self, prompts, *, max_new_tokens, temperature, top_p, seed, samples_per_prompt=1):
         import ray
 
         return ray.get(self.handle.generate.remote(list(prompts), max_new_tokens=max_new_tokens,
-                                                   temperature=temperature, top_p=top_p, seed=seed))
+                                                   temperature=temperature, top_p=top_p, seed=seed,
+                                                   samples_per_prompt=samples_per_prompt))
 
 
 def start_engine(cfg) -> ActorEngine | None:

@@ -3,15 +3,17 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from t2ray.config import ExperimentConfig
+from t2ray.console import VERBOSE_ENV, ray_log_options
 
 FORWARDED_ENV = ("HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "WANDB_MODE", "WANDB_API_KEY", "T2RAY_CACHE",
-                 "DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR")
+                 "DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", VERBOSE_ENV)
 
 
 class TrainError(RuntimeError):
@@ -39,7 +41,7 @@ def ensure_ray(address: str | None = None) -> None:
     # and Ray refuses a second one that names the same variables.
     in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
     env = {} if in_job else {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-    ray.init(address=address, runtime_env={"env_vars": env} if env else None, log_to_driver=True)
+    ray.init(address=address, runtime_env={"env_vars": env} if env else None, **ray_log_options())
 
 
 def check_resources(cfg: ExperimentConfig) -> None:
@@ -64,6 +66,12 @@ def check_task(cfg: ExperimentConfig) -> None:
         raise TrainError(f"task {cfg.task!r} has no training split: {err}") from None
     if not train:
         raise TrainError(f"task {cfg.task!r} has an empty training split")
+    from t2ray.rl.loop import reward_function
+
+    try:
+        reward_function(task, cfg.rl.reward)
+    except ValueError as err:
+        raise TrainError(str(err)) from None
 
 
 def read_history(run_dir: Path) -> list[dict]:
@@ -98,8 +106,9 @@ def make_trainer(cfg: ExperimentConfig, worker, loop_config: dict, callbacks: li
     )
 
 
-def train(cfg: ExperimentConfig, *, address: str | None = None) -> TrainOutcome:
-    """Run (or resume: same storage_path and name) an expert's training on Ray Train."""
+def train(cfg: ExperimentConfig, *, address: str | None = None, progress: bool = True) -> TrainOutcome:
+    """Run (or resume: same storage_path and name) an expert's training on Ray Train; `progress`: the driver
+    draws a bar from the workers' reports."""
     cfg = cfg.with_absolute_paths()
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")  # report() waits on this poll
     check_task(cfg)
@@ -108,11 +117,14 @@ def train(cfg: ExperimentConfig, *, address: str | None = None) -> TrainOutcome:
     resolve(cfg.model.spec, cfg.seed)  # build local model caches once here, not in every worker at the same time
     ensure_ray(address)
     check_resources(cfg)
+    from t2ray.train.progress import DriverProgress
     from t2ray.train.worker import train_worker
 
     run_dir = cfg.run_dir
-    trainer = make_trainer(cfg, train_worker, {"experiment": cfg.model_dump(mode="json")})
-    result = trainer.fit()
+    with DriverProgress(cfg.name, cfg.rl.iterations) if progress else nullcontext() as bar:
+        trainer = make_trainer(cfg, train_worker, {"experiment": cfg.model_dump(mode="json")},
+                               callbacks=[bar.callback] if bar else None)
+        result = trainer.fit()
     if result.error:
         raise TrainError(f"training {cfg.name} failed: {result.error}")
     expert = run_dir / ("expert" if cfg.method == "lora" else "expert.safetensors")

@@ -209,24 +209,16 @@ def train_worker(loop_config: dict) -> None:
 
     run_dir = cfg.run_dir
     tracker = None
-    bar = None
     if rank == 0:
-        from ray.experimental.tqdm_ray import tqdm
-
         from t2ray.train.tracking import Tracker
 
         run_dir.mkdir(parents=True, exist_ok=True)
         tracker = Tracker(run_dir, cfg.name, cfg.model_dump(), cfg.tracking.wandb, cfg.tracking.project)
-        bar = tqdm(total=cfg.rl.iterations, desc=f"train {cfg.name}", position=0)
-        bar.update(state.iteration)
 
     def on_iteration(st, metrics: dict) -> None:
         is_eval = "valid_accuracy" in metrics
         if rank == 0:
-            tracker.log(metrics)
-            bar.set_description(f"train {cfg.name} reward={metrics['reward']:+.2f} acc={metrics['accuracy']:.2f} "
-                                f"{metrics['seconds']:.1f}s/it")
-            bar.update(1)
+            tracker.log(metrics)  # the driver draws the progress bar from the reports (t2ray.train.progress)
         if is_eval:
             optimizer = stepper.optimizer_state()  # collective: all ranks
             with tempfile.TemporaryDirectory() as tmp:
@@ -248,7 +240,6 @@ def train_worker(loop_config: dict) -> None:
         adapter.save(run_dir / "expert", best, name=cfg.name, task=cfg.task,
                      training=cfg.model_dump(mode="json"), metrics=metrics)
         tracker.finish(state.history, f"{cfg.name}: {cfg.method} on {cfg.task}")
-        bar.close()
     del hf_ds
     if dist.is_initialized():
         dist.barrier()

@@ -249,3 +249,22 @@ def test_samples_per_prompt_widen_the_rollout_with_different_samples(tmp_path, t
     assert metrics["samples"] == 12 and len(texts) == 12
     copies = [texts[i:i + 4] for i in range(0, 12, 4)]  # a prompt's samples are adjacent
     assert all(len(set(group)) > 1 for group in copies), copies  # sampled copies of one prompt differ
+
+
+def test_named_option_reward_credits_the_right_text_under_a_wrong_letter():
+    from t2ray.tasks import get_task
+    from t2ray.tasks.graders import resolve_choice_answer
+
+    task = get_task("reasoning")
+    ex = next(e for e in task.examples("train") if len(e.choices) == 4)
+    right = "ABCD".index(resolve_choice_answer(ex.answer, ex.choices))
+    wrong = (right + 1) % 4
+    texts = [f"{'ABCD'[right]}. {ex.choices[right]}",                       # graded right: +1
+             f"{'ABCD'[wrong]}. {ex.choices[right]}",                       # right text, wrong letter: 0
+             f"{'ABCD'[wrong]}. {ex.choices[wrong]}",                       # wrong: −1
+             f"{ex.choices[wrong]} or {ex.choices[right]}"]                 # names two options: −1
+    r, errors = safe_rewards(task, [ex] * 4, texts, "named-option")
+    assert r.tolist() == [1.0, 0.0, -1.0, -1.0] and errors == 0
+    assert safe_rewards(task, [ex] * 4, texts)[0].tolist() == [1.0, -1.0, -1.0, -1.0]
+    with pytest.raises(ValueError, match="multiple-choice"):
+        safe_rewards(get_task("math"), [], [], "named-option")
