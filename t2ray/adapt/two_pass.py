@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tqdm.auto import tqdm
 
 from t2ray.adapt.dispatch import classify, confusion
 from t2ray.config import AdaptConfig
@@ -52,18 +53,25 @@ def expert_category(expert: Expert) -> str:
         return expert.task
 
 
-def grouped_generate(model, tokenizer, task: Task, messages, groups: list[dict | None], batch_size: int):
+def pass2_bar(task: Task, total: int, progress: bool):
+    return tqdm(total=total, desc=f"pass 2 {task.name}", unit="prompt", disable=not progress)
+
+
+def grouped_generate(model, tokenizer, task: Task, messages, groups: list[dict | None], batch_size: int,
+                     progress: bool = False):
     """Pass 2 where queries use a few distinct mixtures: one materialised W' per mixture, not per query."""
     texts: list[str | None] = [None] * len(messages)
     keys = {}
     for i, z in enumerate(groups):
         keys.setdefault(id(z), (z, []))[1].append(i)
-    for z, rows in keys.values():
-        set_z(model, z)
-        out = generate(model, tokenizer, [messages[i] for i in rows], max_new_tokens=task.max_new_tokens,
-                       batch_size=batch_size)
-        for i, text in zip(rows, out):
-            texts[i] = text
+    with pass2_bar(task, len(messages), progress) as bar:
+        for z, rows in keys.values():
+            set_z(model, z)
+            out = generate(model, tokenizer, [messages[i] for i in rows], max_new_tokens=task.max_new_tokens,
+                           batch_size=batch_size)
+            for i, text in zip(rows, out):
+                texts[i] = text
+            bar.update(len(rows))
     return texts
 
 
@@ -103,10 +111,10 @@ def run_adapt(cfg: AdaptConfig, *, progress: bool = True) -> AdaptResult:
 
     t1 = time.perf_counter()
     if groups is None:
-        texts = route_tokens(model, tokenizer, experts, task, messages, cfg)
+        texts = route_tokens(model, tokenizer, experts, task, messages, cfg, progress=progress)
     else:
         set_mode(model, "materialized")
-        texts = grouped_generate(model, tokenizer, task, messages, groups, cfg.batch_size)
+        texts = grouped_generate(model, tokenizer, task, messages, groups, cfg.batch_size, progress=progress)
     pass2 = time.perf_counter() - t1
 
     grades = grade_all(task, examples, texts)
@@ -141,7 +149,8 @@ def dispatch_quality(model_spec: str, classifier_expert: str | Path, limits: dic
             "by_task": by_task, "categories": {name: get_task(name).category for name in limits}}
 
 
-def route_tokens(model, tokenizer, experts: list[Expert], task: Task, messages, cfg: AdaptConfig) -> list[str]:
+def route_tokens(model, tokenizer, experts: list[Expert], task: Task, messages, cfg: AdaptConfig,
+                 progress: bool = False) -> list[str]:
     """Pass 2 with token-level routing: centroids of each expert's training task, re-routed every k tokens."""
     from t2ray.adapt.token_routing import Router, SVFMixer, generate_routed
 
@@ -152,10 +161,13 @@ def route_tokens(model, tokenizer, experts: list[Expert], task: Task, messages, 
                                temperature=cfg.routing.temperature)
     mixer = SVFMixer(model, experts, allow_transfer=cfg.allow_transfer)
     texts: list[str] = []
-    for start in range(0, len(messages), cfg.batch_size):
-        texts += generate_routed(model, tokenizer, messages[start:start + cfg.batch_size], mixer, router,
-                                 every=cfg.routing.every, max_new_tokens=task.max_new_tokens,
-                                 recompute_prefix=cfg.routing.recompute_prefix).texts
+    with pass2_bar(task, len(messages), progress) as bar:
+        for start in range(0, len(messages), cfg.batch_size):
+            chunk = messages[start:start + cfg.batch_size]
+            texts += generate_routed(model, tokenizer, chunk, mixer, router, every=cfg.routing.every,
+                                     max_new_tokens=task.max_new_tokens,
+                                     recompute_prefix=cfg.routing.recompute_prefix).texts
+            bar.update(len(chunk))
     return texts
 
 

@@ -39,7 +39,11 @@ def test_quickstart_runs_every_stage_then_resumes(ray_cluster, tmp_path):
             assert saved["n"] == n, (column, task)
     report = (root / "report.md").read_text()
     assert all(f"Table {i}" in report for i in (1, 2, 3)) and (root / "report" / "learning_curves.png").exists()
-    assert "Table 1" in result.output  # the tables are printed too
+    assert "## Dispatch quality" in report and json.loads((root / "dispatch.json").read_text())["classifier"]["n"] == \
+        3 * 3 + 3 * 2 + 1  # every trained and unseen task's test queries went through pass 1
+    assert (root / "report" / "dispatch_confusion.png").exists() and (root / "report" / "cem_fitness.png").exists()
+    assert "Table 1" in result.output and "per-class accuracy" in result.output  # the tables are printed too
+    assert "quickstart: all stages done" in result.output
 
     again = runner.invoke(app, ["quickstart", "--root", str(root), "--config", str(config)])
     assert again.exit_code == 0, again.output
