@@ -14,7 +14,7 @@ from t2ray.quickstart import TRAINED, UNSEEN
 pytestmark = pytest.mark.slow
 
 BUDGET = """model: tiny-llama
-iterations: 2
+experts: {math: {iterations: 2}, code: {iterations: 2}, reasoning: {iterations: 2, batch_size: 4}, cls: {iterations: 2}}
 eval_limit: 3
 unseen_limit: 2
 humaneval_limit: 1
