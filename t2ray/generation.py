@@ -65,7 +65,8 @@ def eos_token_ids(model, tokenizer) -> set[int]:
     return ids | {tokenizer.eos_token_id}
 
 
-StepHook = Callable[[int, torch.Tensor, torch.Tensor], None]  # (token index, generated (B, i), done (B,))
+# (token index, generated (B, i), done (B,), live: which of the B rows this step's batch holds, in its order)
+StepHook = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 GREEDY_BELOW = 1e-5  # temperatures below this decode greedily: dividing logits by ~0 gives NaN probabilities
 
 
@@ -96,12 +97,13 @@ def decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_ne
     ``samples_per_prompt`` = k: rows come in adjacent groups of k identical prompts (RL's k samples) and the model
     treats every row alike, so each prompt is prefilled once and its KV cache copied to its k rows.
     ``retire_rows``: done rows leave the batch (and the KV cache), so a long tail of one rambling row no longer
-    costs a full-width step; only for a model that treats every row alike (not one z per row).
+    costs a full-width step; a model holding one z per row must then be given the `live` rows' z by
+    ``before_step``.
     Returns (completion_ids (B, N), completion_mask (B, N), tokens run through the model)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if retire_rows and (before_step is not None or recompute_prefix):
-        raise ValueError("retire_rows needs rows the loop owns: no before_step hook, no recompute_prefix")
+    if retire_rows and recompute_prefix:
+        raise ValueError("retire_rows needs the KV cache: not with recompute_prefix")
     device = prompt_ids.device
     generator = torch.Generator(device=device).manual_seed(seed) if temperature >= GREEDY_BELOW else None
     eos = torch.tensor(sorted(eos_ids), device=device)
@@ -113,7 +115,7 @@ def decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_ne
     cache_arg = cache_kwarg(model)
     for i in range(max_new_tokens):
         if before_step is not None:
-            before_step(i, generated, done)
+            before_step(i, generated, done, live)
         if recompute_prefix or cache is None:
             share = 1 if recompute_prefix else samples_per_prompt
             ids = torch.cat([prompt_ids, generated], 1)[::share]
@@ -165,13 +167,11 @@ def announce_tokens(model, tokens: int):
 
 def rollout(model, tokenizer, prompts: Sequence[Messages | str], *, max_new_tokens: int = 64,
             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, reply_prefix: str = "",
-            ignore_eos: bool = False, samples_per_prompt: int = 1, row_uniform: bool = True) -> Rollouts:
-    """Generate one completion per prompt in a single batch (greedy when temperature == 0); `ignore_eos`
-    always generates max_new_tokens (equal work per row, for benchmarks). With `samples_per_prompt` = k the
-    prompts come as adjacent groups of k equal ones, each prefilled once. `row_uniform`: every row sees the same
-    weights, so rows done early leave the batch; False when the model holds one z per row."""
-    if samples_per_prompt > 1 and not row_uniform:
-        raise ValueError("samples_per_prompt > 1 shares a prompt's prefill: it needs row_uniform weights")
+            ignore_eos: bool = False, samples_per_prompt: int = 1, before_step: StepHook | None = None) -> Rollouts:
+    """Generate one completion per prompt in a single batch (greedy when temperature == 0), rows done early
+    leaving the batch; `ignore_eos` always generates max_new_tokens (equal work per row, for benchmarks). With
+    `samples_per_prompt` = k the prompts come as adjacent groups of k equal ones, each prefilled once (the model
+    must treat them alike). A model holding one z per row needs `before_step` to give it the live rows' z."""
     k = samples_per_prompt
     if k < 1 or len(prompts) % k or any(prompts[i] != prompts[i - i % k] for i in range(len(prompts))):
         raise ValueError(f"samples_per_prompt={k}: the prompts must come in adjacent groups of {k} equal ones")
@@ -181,7 +181,7 @@ def rollout(model, tokenizer, prompts: Sequence[Messages | str], *, max_new_toke
         completion, mask, _ = decode(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=max_new_tokens,
                                      eos_ids=eos_token_ids(model, tokenizer), pad_id=tokenizer.pad_token_id,
                                      temperature=temperature, top_p=top_p, seed=seed, stop_at_eos=not ignore_eos,
-                                     samples_per_prompt=k, retire_rows=row_uniform)
+                                     samples_per_prompt=k, retire_rows=True, before_step=before_step)
     texts = tokenizer.batch_decode(completion * mask + tokenizer.pad_token_id * (1 - mask), skip_special_tokens=True)
     return Rollouts(batch["input_ids"], batch["attention_mask"], completion, mask, texts)
 

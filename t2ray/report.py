@@ -122,11 +122,27 @@ def console_summary(report: Path) -> str:
     return "\n".join(line for line in report.read_text().splitlines() if not line.startswith("!["))
 
 
-def plot_accuracy_bars(results: dict, columns, path: Path, title: str) -> None:
+def _pyplot():
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, ax, path: Path, *, legend: bool = True) -> None:
+    """Write and close a figure (line plots get the shared small legend and grid)."""
+    if legend:
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    _pyplot().close(fig)
+
+
+def plot_accuracy_bars(results: dict, columns, path: Path, title: str) -> None:
+    plt = _pyplot()
     import numpy as np
 
     tasks = sorted({t for _, t in results})
@@ -139,16 +155,11 @@ def plot_accuracy_bars(results: dict, columns, path: Path, title: str) -> None:
     ax.set(ylabel="accuracy", ylim=(0, 1), title=title)
     ax.legend(fontsize=8, ncol=len(columns))
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(fig, ax, path, legend=False)
 
 
 def plot_learning_curves(run_dir: Path, path: Path) -> bool:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     runs = sorted(p.parent for p in run_dir.glob("*/metrics.jsonl"))
     if not runs:
@@ -162,19 +173,12 @@ def plot_learning_curves(run_dir: Path, path: Path) -> bool:
                 label=run.name)
     ax.set(xlabel="iteration", ylabel="accuracy (line: rollouts, dots: valid)", ylim=(0, 1),
            title="RL training of the experts")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(fig, ax, path)
     return True
 
 
 def plot_cem_alpha(table2: dict, path: Path) -> bool:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     import numpy as np
 
     found = {task: r for (c, task), r in table2.items() if c == "fewshot" and r.get("alpha") is not None}
@@ -192,9 +196,7 @@ def plot_cem_alpha(table2: dict, path: Path) -> bool:
     ax.set_xticks(range(len(found)), sorted(found))
     ax.set(ylabel="α (stacked)", title="few-shot CEM mixing weights per unseen task")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(fig, ax, path, legend=False)
     return True
 
 
@@ -212,10 +214,7 @@ def dispatch_tables(dispatch: dict) -> list[tuple[str, list[str], list[list[str]
 
 
 def plot_confusion(dispatch: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     import numpy as np
 
     fig, axes = plt.subplots(1, len(DISPATCH_STRATEGIES), figsize=(4.2 * len(DISPATCH_STRATEGIES), 3.6), dpi=110)
@@ -232,16 +231,11 @@ def plot_confusion(dispatch: dict, path: Path) -> None:
         ax.set_xticks(range(len(c["labels"])), c["labels"])
         ax.set_yticks(range(len(rows)), [c["labels"][k] for k in rows])
         ax.set(xlabel="pass 1 label", ylabel="true category", title=f"{strategy}: accuracy {c['accuracy']:.1%}")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(fig, ax, path, legend=False)
 
 
 def plot_cem_fitness(table2: dict, path: Path) -> bool:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     found = {task: r["history"] for (c, task), r in table2.items() if c == "fewshot" and r.get("history")}
     if not found:
@@ -254,11 +248,7 @@ def plot_cem_fitness(table2: dict, path: Path) -> bool:
                 label=f"{task}: population mean")
     ax.set(xlabel="CEM generation", ylabel="accuracy on the shots", ylim=(-0.02, 1.02),
            title="few-shot CEM fitness per generation")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(fig, ax, path)
     return True
 
 
@@ -282,6 +272,10 @@ def build_report(run_dir: str | Path) -> Path:
                          "Cells: accuracy [95 % Wilson interval]; Δ: the paired difference vs base on the same items, "
                          "in points [95 % interval]; * where that interval excludes 0.", "",
                          *significance_reading(results, columns), "", f"![{name}](report/{name}.png)", ""]
+            if name == "table1":
+                sections += ["Adapters evaluated: " + "; ".join(
+                    f"{column} on {task} = `{r['adapter']}`" for (column, task), r in sorted(results.items())
+                    if column != "base" and r.get("adapter")), ""]
             plot_accuracy_bars(results, columns, out / f"{name}.png", title.split(" (")[0])
             if name == "table2" and (reading := fewshot_reading(results)):
                 sections += ["Few-shot adaptation vs the best single expert:", "", *reading, ""]

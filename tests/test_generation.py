@@ -191,4 +191,31 @@ def test_retired_rows_leave_the_batch_without_changing_any_row(tiny, tokenizer):
     assert kept_tokens < full_tokens
     with pytest.raises(ValueError, match="retire_rows"):
         decode(tiny, batch["input_ids"], batch["attention_mask"], eos_ids=eos, retire_rows=True,
-               before_step=lambda *a: None, **args)
+               recompute_prefix=True, **args)
+
+
+def test_retired_rows_keep_their_own_z_through_the_hook(tiny, tokenizer):
+    """One z per row (CEM candidates): with done rows leaving the batch, the hook hands the live rows' z to the
+    model, and every row decodes exactly what it decodes alone with its z."""
+    from t2ray.adapt.fewshot import live_rows_z
+    from t2ray.svf import patch_model, set_mode, set_z, svf_layers
+
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for weight in tiny.parameters():
+            if weight.dim() == 2:
+                weight.normal_(0, 0.3)
+    patch_model(tiny, progress=False)
+    set_mode(tiny, "factored")
+    prompts = ["hi", "hi", "third one", "x y z"]
+    z = {name: 1 + 0.5 * torch.randn(len(prompts), layer.rank) for name, layer in svf_layers(tiny).items()}
+    set_z(tiny, z)
+    free = rollout(tiny, tokenizer, prompts, max_new_tokens=8, ignore_eos=True, before_step=live_rows_z(tiny, z))
+    eos = {int(free.completion_ids[0, 1]), int(free.completion_ids[2, 2])}
+    tiny.generation_config.eos_token_id = sorted(eos)
+    batched = rollout(tiny, tokenizer, prompts, max_new_tokens=8, before_step=live_rows_z(tiny, z))
+    assert 0 < int(batched.completion_mask.sum(1).min()) < int(batched.completion_mask.sum(1).max())
+    for row, prompt in enumerate(prompts):
+        set_z(tiny, {name: t[row:row + 1] for name, t in z.items()})
+        alone = rollout(tiny, tokenizer, [prompt], max_new_tokens=8)
+        assert alone.texts[0] == batched.texts[row], row

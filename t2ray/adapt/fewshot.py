@@ -26,6 +26,17 @@ def pick_shots(task: Task, k: int, seed: int = 0) -> list[Example]:
     return picked
 
 
+def live_rows_z(model, batch_z: dict[str, torch.Tensor]):
+    """A decode hook that keeps one z per row in step with the rows still decoding (done rows leave the batch)."""
+    rows = {"n": -1}
+
+    def hook(i, generated, done, live) -> None:
+        if len(live) != rows["n"]:  # the first step, or rows retired (the batch only shrinks)
+            set_z(model, {m: t[live] for m, t in batch_z.items()})
+            rows["n"] = len(live)
+    return hook
+
+
 class ShotFitness:
     """Callable: alphas (P, K) or (P, K, M) -> [(accuracy, mean log-lik of reference answers)] per candidate."""
 
@@ -51,10 +62,11 @@ class ShotFitness:
         texts, logliks = [], []
         for start in range(0, rows, self.batch_size):
             stop = min(rows, start + self.batch_size)
-            set_z(self.model, {m: t[start:stop] for m, t in z.items()})
+            batch_z = {m: t[start:stop] for m, t in z.items()}
             idx = [i % k for i in range(start, stop)]
             texts += rollout(self.model, self.tokenizer, [self.messages[i] for i in idx],
-                             max_new_tokens=self.task.max_new_tokens, row_uniform=False).texts
+                             max_new_tokens=self.task.max_new_tokens, before_step=live_rows_z(self.model, batch_z)).texts
+            set_z(self.model, batch_z)  # every row again, for the log-likelihoods
             logliks.append(answer_loglik(self.model, self.tokenizer, [self.messages[i] for i in idx],
                                          [self.references[i] for i in idx], batch_size=stop - start))
         correct = [ok for ok, _ in grade_all(self.task, self.shots * len(alphas), texts)]

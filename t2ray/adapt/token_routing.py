@@ -268,7 +268,7 @@ def greedy_decode(model, tokenizer, prompts: Sequence[Messages | str], *, max_ne
     batch = encode_prompts(tokenizer, prompts, model, max_new_tokens).to(model.device)
     return decode(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=max_new_tokens,
                   eos_ids=eos_token_ids(model, tokenizer), pad_id=tokenizer.pad_token_id, before_step=before_step,
-                  recompute_prefix=recompute_prefix, stop_at_eos=stop_at_eos)
+                  recompute_prefix=recompute_prefix, stop_at_eos=stop_at_eos, retire_rows=not recompute_prefix)
 
 
 def _decode(tokenizer, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
@@ -296,21 +296,24 @@ def generate_routed(model, tokenizer, prompts: Sequence[Messages | str], mixer: 
     trace: list[torch.Tensor] = []
     steps: list[int] = []
     calls_before = router.calls
-    state: dict[str, torch.Tensor] = {}
+    state: dict = {"rows": -1}  # the last weights routed (B, K) and the batch rows the mixer holds
 
-    def route(i: int, generated: torch.Tensor, done: torch.Tensor) -> None:
-        if i % every:
+    def route(i: int, generated: torch.Tensor, done: torch.Tensor, live: torch.Tensor) -> None:
+        if i % every == 0:
+            active = (~done).nonzero().flatten().tolist()
+            texts = [base_texts[b] + tokenizer.decode(generated[b].tolist(), skip_special_tokens=True)
+                     for b in active]
+            fresh = router.weights(texts)
+            weights = state.get("weights")
+            weights = fresh.new_zeros(len(prompts), router.num_experts) if weights is None else weights.clone()
+            weights[active] = fresh  # finished rows keep their last weights (they are no longer routed)
+            state["weights"] = weights
+            trace.append(weights)
+            steps.append(i)
+        elif len(live) == state["rows"]:
             return
-        active = (~done).nonzero().flatten().tolist()
-        texts = [base_texts[b] + tokenizer.decode(generated[b].tolist(), skip_special_tokens=True) for b in active]
-        fresh = router.weights(texts)
-        weights = state.get("weights")
-        weights = fresh.new_zeros(len(prompts), router.num_experts) if weights is None else weights.clone()
-        weights[active] = fresh  # finished rows keep their last weights (they are no longer routed)
-        state["weights"] = weights
-        trace.append(weights)
-        steps.append(i)
-        mixer.set_weights(weights)
+        mixer.set_weights(state["weights"][live])  # the rows of this step's batch (done rows may have left it)
+        state["rows"] = len(live)
 
     try:
         ids, mask, forward_tokens = greedy_decode(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
