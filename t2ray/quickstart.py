@@ -18,7 +18,7 @@ from typing import Callable
 import typer
 from pydantic import Field, field_validator
 
-from t2ray.config import CEMConfig, ExperimentConfig, Strict, load_experiment, read_yaml
+from t2ray.config import CEMConfig, ExperimentConfig, RoutingConfig, Strict, load_experiment, read_yaml
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 TRAINED = ("math", "code", "reasoning")
@@ -27,14 +27,17 @@ UNSEEN = ("math-hard", "code-hard", "reasoning-hard", "humaneval")
 
 # Seconds measured on the 2-core machine with SmolLM2 in bf16 (make demo, 2026-11-30): they turn budgets into the
 # minutes announced before each stage.
-DECOMPOSE_S = 20
-TRAIN_START_S = 40           # one Ray Train run: worker start-up, model + DeepSpeed set-up, final validation, save
-ITERATION_S = {"math": 10.0, "code": 25.0, "reasoning": 16.0, "cls": 8.0}  # per iteration of 16 prompts
-EVAL_S_PER_ITEM = {"math": 0.15, "code": 0.2, "reasoning": 0.15, "math-hard": 0.4, "code-hard": 0.6,
-                   "reasoning-hard": 0.15, "humaneval": 2.0}
-DISPATCH_S_PER_ITEM = 0.05
+DECOMPOSE_S = 10
+TRAIN_START_S = 42           # one Ray Train run: worker start-up, model + DeepSpeed set-up, final validation, save
+# per iteration of 16 prompts (reasoning: × 4 samples; cls: ~300-token prompts)
+ITERATION_S = {"math": 10.0, "code": 27.0, "reasoning": 16.0, "cls": 28.0}
+# per test item, the whole stage (model load, generation, grading) of the base model
+EVAL_S_PER_ITEM = {"math": 0.19, "code": 0.38, "reasoning": 0.2, "math-hard": 0.38, "code-hard": 0.56,
+                   "reasoning-hard": 0.2, "humaneval": 2.5}
+DISPATCH_S_PER_ITEM = 0.3    # both strategies' pass 1 (the classification prompt is ~270 tokens)
 TABLE1_LABELS = {"base": "base", "svf": "SVF", "lora": "LoRA"}
-STRATEGY_FACTOR = {"base": 1.0, "prompt": 1.1, "classifier": 1.1, "fewshot": 1.0, "token": 1.5}
+STRATEGY_FACTOR = {"base": 1.0, "prompt": 1.6, "classifier": 1.6, "fewshot": 0.9, "token": 1.8}
+CEM_ROW_FACTOR = 1.5         # a CEM row (one z per row, plus the reference's log-likelihood) vs a base-model item
 
 
 EXPERTS = (*TRAINED, "cls")
@@ -46,11 +49,11 @@ class ExpertBudget(Strict):
     lr: float = Field(gt=0, description="the SVF expert's; LoRA's is lora_lr_ratio × this")
 
 
-# Measured (bench/RESULTS.md, make_demo): at these budgets the math and code experts gain +15 and +28 points.
-DEFAULT_BUDGETS = {"math": {"iterations": 10, "batch_size": 16, "lr": 4e-3},
+# Measured (bench/RESULTS.md, make_demo): short hot SVF runs vary run to run (math at 10 × 16: +16, +25, −1 points).
+DEFAULT_BUDGETS = {"math": {"iterations": 12, "batch_size": 16, "lr": 4e-3},
                    "code": {"iterations": 8, "batch_size": 8, "lr": 6e-3},
                    "reasoning": {"iterations": 8, "batch_size": 8, "lr": 6e-3},
-                   "cls": {"iterations": 6, "batch_size": 16, "lr": 4e-3}}
+                   "cls": {"iterations": 4, "batch_size": 8, "lr": 4e-3}}  # ~300-token prompts: costly steps
 
 
 class QuickstartConfig(Strict):
@@ -63,7 +66,9 @@ class QuickstartConfig(Strict):
     eval_limit: int = Field(128, ge=1, description="test items per trained-task evaluation (Table 1)")
     unseen_limit: int = Field(64, ge=1, description="test items per unseen-task evaluation (Table 2)")
     humaneval_limit: int = Field(16, ge=1, description="HumanEval problems (384-token answers)")
-    cem: CEMConfig = CEMConfig(population=8, generations=3, shots=4)
+    cem: CEMConfig = CEMConfig(population=6, generations=3, shots=3)
+    routing: RoutingConfig = Field(RoutingConfig(every=4), description="token-level: re-embed every 4 tokens "
+                                   "(2 was Belofsky's best; each routing step embeds every unfinished row)")
     lora: bool = Field(True, description="train the LoRA baselines for Table 1")
 
     @field_validator("experts", mode="before")
@@ -114,7 +119,7 @@ def train_minutes(cfg: ExperimentConfig) -> float:
 def eval_minutes(task: str, limit: int, strategy: str = "base", cem: CEMConfig | None = None) -> float:
     seconds = 5 + limit * EVAL_S_PER_ITEM[task] * STRATEGY_FACTOR[strategy]
     if strategy == "fewshot" and cem is not None:  # every candidate answers every shot (one z per batch row)
-        seconds += cem.population * cem.generations * cem.shots * EVAL_S_PER_ITEM[task] * 1.4
+        seconds += cem.population * cem.generations * cem.shots * EVAL_S_PER_ITEM[task] * CEM_ROW_FACTOR
     return seconds / 60
 
 
@@ -170,7 +175,8 @@ def quickstart(root: Path = Path("runs/quickstart"), config: Path | None = None)
         def run() -> str:
             cfg = AdaptConfig(strategy=strategy, task=task, model={"spec": qs.model},
                               experts=[str(expert_path(svf[t])) for t in TRAINED],
-                              classifier_expert=str(expert_path(svf["cls"])), limit=limits[task], cem=qs.cem)
+                              classifier_expert=str(expert_path(svf["cls"])), limit=limits[task], cem=qs.cem,
+                              routing=qs.routing)
             result = run_adapt(cfg, progress=True)
             result.save(out)
             return (f"{result.eval.accuracy:.1%} ({result.eval.correct}/{result.eval.n}); pass 1 {result.pass1_s:.1f} s, "
@@ -185,8 +191,10 @@ def quickstart(root: Path = Path("runs/quickstart"), config: Path | None = None)
         (root / "decompose.done").touch()
         return f"{len(layers)} matrices"
 
+    dispatched = {t: min(limits[t], qs.unseen_limit) for t in limits}  # pass 1 alone: the first 64 of each task
+
     def dispatch() -> str:
-        quality = dispatch_quality(qs.model, expert_path(svf["cls"]), limits)
+        quality = dispatch_quality(qs.model, expert_path(svf["cls"]), dispatched)
         (root / "dispatch.json").write_text(json.dumps(quality, indent=2))
         return ", ".join(f"{s} {quality[s]['accuracy']:.1%}" for s in ("prompt", "classifier"))
 
@@ -203,8 +211,9 @@ def quickstart(root: Path = Path("runs/quickstart"), config: Path | None = None)
             out = t1 / f"{column}-{t}.json"
             stages.append(Stage(f"Table 1: {TABLE1_LABELS[column]} on {t} ({limits[t]} test items)",
                                 eval_minutes(t, limits[t]), out, evaluation(t, out, expert)))
-    stages.append(Stage(f"dispatch quality: pass 1 of prompt and classifier on {sum(limits.values())} test queries",
-                        DISPATCH_S_PER_ITEM * sum(limits.values()) / 60, root / "dispatch.json", dispatch))
+    stages.append(Stage(f"dispatch quality: pass 1 of prompt and classifier on {sum(dispatched.values())} test "
+                        "queries", DISPATCH_S_PER_ITEM * sum(dispatched.values()) / 60, root / "dispatch.json",
+                        dispatch))
     for t in UNSEEN:
         out = t2 / f"base-{t}.json"
         stages.append(Stage(f"Table 2: base on {t} ({limits[t]} test items)", eval_minutes(t, limits[t]), out,
