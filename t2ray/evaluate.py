@@ -7,8 +7,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from t2ray.generation import generate
-from t2ray.tasks.base import Example, Task
+from t2ray.generation import continuation_logliks, generate
+from t2ray.tasks.base import Example, Task, choice_labels
+from t2ray.tasks.graders import resolve_choice_answer
 
 
 @dataclass
@@ -21,6 +22,7 @@ class EvalResult:
     seconds: float
     adapter: str = "base"
     records: list[dict] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)  # e.g. acc_norm beside accuracy (= acc)
 
     def summary(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "records"}
@@ -61,3 +63,40 @@ def evaluate(model, tokenizer, task: Task, *, split: str = "test", limit: int | 
                for ex, text, (ok, err) in zip(examples, completions, grades)]
     return EvalResult(task=task.name, split=split, accuracy=correct / max(1, len(examples)), n=len(examples),
                       correct=correct, seconds=time.perf_counter() - start, adapter=adapter, records=records)
+
+
+def evaluate_choices(model, tokenizer, task: Task, *, split: str = "test", limit: int | None = None,
+                     batch_size: int = 32, adapter: str = "base", progress: bool = True) -> EvalResult:
+    """Multiple choice by log-likelihood, as lm-evaluation-harness's `acc` and `acc_norm`: every choice, after a
+    space, continues the item's context; `acc` picks the highest Σ log p, `acc_norm` the highest per character
+    of the choice. No generation, so small models get a signal where they cannot yet answer in format."""
+    from tqdm.auto import tqdm
+
+    examples = task.examples(split)[:limit]
+    missing = [ex.id for ex in examples if not ex.choices or not ex.context]
+    if missing:
+        raise ValueError(f"{task.name}: log-likelihood evaluation needs multiple-choice items with a context "
+                         f"(arc-easy, arc-challenge); {missing[0]} has none")
+    start = time.perf_counter()
+    pairs = [(ex.context, " " + choice) for ex in examples for choice in ex.choices]
+    scores: list[float] = []
+    with tqdm(total=len(pairs), desc=f"loglik {task.name}/{split}", unit="choice", disable=not progress) as bar:
+        for first in range(0, len(pairs), 8 * batch_size):
+            chunk = pairs[first:first + 8 * batch_size]
+            scores += continuation_logliks(model, tokenizer, chunk, batch_size=batch_size)
+            bar.update(len(chunk))
+    records, at = [], 0
+    for ex in examples:
+        lls = scores[at:at + len(ex.choices)]
+        at += len(ex.choices)
+        letters, gold = choice_labels(len(ex.choices)), resolve_choice_answer(ex.answer, ex.choices)
+        pick = letters[max(range(len(lls)), key=lls.__getitem__)]
+        pick_norm = letters[max(range(len(lls)), key=lambda k: lls[k] / len(ex.choices[k]))]
+        records.append({"id": ex.id, "prompt": ex.context, "answer": ex.answer, "logliks": lls, "completion": pick,
+                        "correct": pick == gold, "correct_norm": pick_norm == gold})
+    correct = sum(r["correct"] for r in records)
+    n = max(1, len(records))
+    return EvalResult(task=task.name, split=split, accuracy=correct / n, n=len(records), correct=correct,
+                      seconds=time.perf_counter() - start, adapter=adapter, records=records,
+                      metrics={"acc_norm": sum(r["correct_norm"] for r in records) / n})
+

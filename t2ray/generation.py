@@ -285,3 +285,41 @@ def answer_loglik(model, tokenizer, prompts: Sequence[Messages | str], answers: 
                               ans["input_ids"].to(model.device), ans["attention_mask"].to(model.device))
         scores.append(logp.sum(1).cpu() / ans["attention_mask"].sum(1).clamp(min=1))
     return torch.cat(scores)
+
+
+def split_continuation(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """lm-evaluation-harness's token split of a (context, continuation) pair: trailing spaces of the context move
+    to the continuation, and the continuation's tokens are those of context + continuation after the context's
+    own (so a merge across the boundary counts as continuation)."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    if not context:
+        raise ValueError("a log-likelihood context must not be empty")
+    whole = tokenizer(context + continuation, add_special_tokens=False).input_ids
+    head = tokenizer(context, add_special_tokens=False).input_ids
+    return head, whole[len(head):]
+
+
+@torch.no_grad()
+def continuation_logliks(model, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int = 32) -> list[float]:
+    """Σ log p(continuation | context) per pair, on raw text (no chat template: what lm-eval scores), batched by
+    length with right padding."""
+    encoded = [split_continuation(tokenizer, context, continuation) for context, continuation in pairs]
+    order = sorted(range(len(encoded)), key=lambda i: -sum(map(len, encoded[i])))
+    out = [0.0] * len(encoded)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        inputs = [(encoded[i][0] + encoded[i][1])[:-1] for i in rows]  # the last token is only predicted
+        ids = torch.full((len(rows), max(map(len, inputs))), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, row in enumerate(inputs):
+            ids[j, :len(row)], mask[j, :len(row)] = torch.tensor(row), 1
+        logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits
+        for j, i in enumerate(rows):
+            target = torch.tensor(encoded[i][1], device=logits.device)
+            end = len(inputs[j])
+            logp = logits[j, end - len(target):end].float().log_softmax(-1)
+            out[i] = float(logp.gather(-1, target[:, None]).sum())
+    return out
+

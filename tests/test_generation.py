@@ -219,3 +219,27 @@ def test_retired_rows_keep_their_own_z_through_the_hook(tiny, tokenizer):
         set_z(tiny, {name: t[row:row + 1] for name, t in z.items()})
         alone = rollout(tiny, tokenizer, [prompt], max_new_tokens=8)
         assert alone.texts[0] == batched.texts[row], row
+
+
+def test_split_continuation_moves_trailing_spaces_like_lm_eval(tokenizer):
+    from t2ray.generation import split_continuation
+
+    head, tail = split_continuation(tokenizer, "Question: Is ice cold?\nAnswer: ", "yes")
+    assert head == tokenizer("Question: Is ice cold?\nAnswer:", add_special_tokens=False).input_ids
+    assert tokenizer.decode(tail) == " yes"
+    with pytest.raises(ValueError, match="empty"):
+        split_continuation(tokenizer, " ", "x")
+
+
+def test_continuation_logliks_batched_equal_one_at_a_time(tiny, tokenizer):
+    from t2ray.generation import continuation_logliks, split_continuation
+
+    pairs = [("Question: What is frozen water?\nAnswer:", " ice"), ("Q: 2+2?\nA:", " four, of course"),
+             ("Question: What is frozen water?\nAnswer:", " steam")]
+    batched = continuation_logliks(tiny, tokenizer, pairs, batch_size=3)
+    for (context, continuation), score in zip(pairs, batched):
+        head, tail = split_continuation(tokenizer, context, continuation)
+        with torch.no_grad():
+            logp = tiny(input_ids=torch.tensor([head + tail])).logits[0].float().log_softmax(-1)
+        direct = sum(float(logp[len(head) - 1 + k, t]) for k, t in enumerate(tail))
+        assert score == pytest.approx(direct, abs=1e-4)

