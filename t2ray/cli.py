@@ -96,16 +96,17 @@ def eval_(model: str = typer.Option("smollm2-135m", help="model spec"),
           batch_size: int = typer.Option(64, min=1, help="rows generated together (wider is faster per token)"),
           seed: int = 0, dtype: str = typer.Option("auto", help="auto (bf16 where native) | float32 | bfloat16"),
           allow_transfer: bool = typer.Option(False, help="apply experts of another base model with equal shapes"),
-          mode: str = typer.Option("generate", help="generate (greedy answer, graded) | loglik (multiple choice: "
-                                                    "lm-eval's acc and acc_norm)"),
+          mode: str = typer.Option("generate", help="generate (chat prompt, greedy, graded) | completion (the "
+                                                    "bare 'Question: …\\nAnswer:' continued, as lm-eval) | loglik "
+                                                    "(multiple choice: lm-eval's acc and acc_norm)"),
           out: Optional[Path] = typer.Option(None, help="write the full result JSON here")):
     """Accuracy of the base model, an expert, or a mixture on a task split."""
     from t2ray.adapters import load_adapted
     from t2ray.evaluate import evaluate, evaluate_choices
     from t2ray.tasks import get_task
 
-    if mode not in ("generate", "loglik"):
-        raise ValueError(f"--mode {mode!r}: generate | loglik")
+    if mode not in ("generate", "completion", "loglik"):
+        raise ValueError(f"--mode {mode!r}: generate | completion | loglik")
     the_task = get_task(task, seed=seed)
     net, tokenizer, label = load_adapted(model, expert=expert, mix=mix, mixture=mixture, allow_transfer=allow_transfer,
                                          dtype=dtype)
@@ -114,7 +115,7 @@ def eval_(model: str = typer.Option("smollm2-135m", help="model spec"),
                                   adapter=label)
     else:
         result = evaluate(net, tokenizer, the_task, split=split, limit=limit, batch_size=batch_size, seed=seed,
-                          adapter=label)
+                          adapter=label, completion=mode == "completion")
     if out:
         result.save(out)
     emit(result.summary())

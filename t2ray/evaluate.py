@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from t2ray.generation import continuation_logliks, generate
+from t2ray.generation import RawText, continuation_logliks, generate
 from t2ray.tasks.base import Example, Task, choice_labels
 from t2ray.tasks.graders import resolve_choice_answer
 
@@ -48,14 +48,23 @@ def grade_all(task: Task, examples: list[Example], completions: list[str]) -> li
         return list(pool.map(lambda pair: safe_grade(task, *pair), zip(examples, completions)))
 
 
+COMPLETION_STOP = ("Question:", "</s>", "<|im_end|>")  # lm-eval's gsm8k `until`
+
+
 def evaluate(model, tokenizer, task: Task, *, split: str = "test", limit: int | None = None, batch_size: int = 64,
-             seed: int = 0, adapter: str = "base", progress: bool = True) -> EvalResult:
-    """Greedy generation on `split` (first `limit` items) and lenient grading."""
+             seed: int = 0, adapter: str = "base", progress: bool = True, completion: bool = False) -> EvalResult:
+    """Greedy generation on `split` (first `limit` items) and lenient grading. `completion`: the model continues
+    each item's bare context ("Question: …\nAnswer:", no chat template) and the text is cut at COMPLETION_STOP,
+    as lm-evaluation-harness's generation tasks do; the task's grader then grades it."""
     examples = task.examples(split)[:limit]
+    if completion and any(ex.context is None for ex in examples):
+        raise ValueError(f"{task.name}: completion mode needs items with a context (gsm8k, arc-easy, arc-challenge)")
+    prompts = [RawText(ex.context) if completion else task.messages(ex) for ex in examples]
     start = time.perf_counter()
-    completions = generate(model, tokenizer, [task.messages(ex) for ex in examples],
-                           max_new_tokens=task.max_new_tokens, batch_size=batch_size, seed=seed,
-                           progress=progress, desc=f"eval {task.name}/{split}")
+    completions = generate(model, tokenizer, prompts, max_new_tokens=task.max_new_tokens, batch_size=batch_size,
+                           seed=seed, progress=progress, desc=f"eval {task.name}/{split}")
+    if completion:
+        completions = [min((text.split(stop)[0] for stop in COMPLETION_STOP), key=len) for text in completions]
     grades = grade_all(task, examples, completions)
     correct = sum(ok for ok, _ in grades)
     records = [{"id": ex.id, "prompt": ex.prompt, "answer": ex.answer, "completion": text, "correct": ok,

@@ -27,8 +27,14 @@ class Rollouts:
     texts: list[str]
 
 
+class RawText(str):
+    """A prompt that is already the model's input text: no chat template (what lm-eval's generation tasks feed)."""
+
+
 def render(tokenizer, prompt: Messages | str) -> str:
-    """A chat prompt ready for generation (plain strings are treated as one user message)."""
+    """A chat prompt ready for generation (plain strings are treated as one user message; RawText as is)."""
+    if isinstance(prompt, RawText):
+        return str(prompt)
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 

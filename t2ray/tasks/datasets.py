@@ -208,8 +208,9 @@ def gsm8k_example(row: Mapping[str, Any], ex_id: str) -> tuple[Example, str]:
     rationale = str(row["answer"]).rsplit("####", 1)[0]
     rationale = re.sub(r"<<[^<>]*>>", "", rationale).strip()
     reference = (rationale + "\n" if rationale else "") + f"The answer is {final}."
-    ex = Example(id=ex_id, prompt=f"{str(row['question']).strip()}\n{GSM8K_SUFFIX}",
-                 answer=final, category="math")
+    question = str(row["question"]).strip()
+    ex = Example(id=ex_id, prompt=f"{question}\n{GSM8K_SUFFIX}", answer=final, category="math",
+                 context=f"Question: {question}\nAnswer:")  # lm-eval's gsm8k doc_to_text
     return ex, reference
 
 
