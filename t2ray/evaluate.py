@@ -51,6 +51,11 @@ def grade_all(task: Task, examples: list[Example], completions: list[str]) -> li
 COMPLETION_STOP = ("Question:", "</s>", "<|im_end|>")  # lm-eval's gsm8k `until`
 
 
+def cut_at_stop(text: str, stops: tuple[str, ...] = COMPLETION_STOP) -> str:
+    """The text before the first stop string (lm-eval's `until`)."""
+    return min((text.split(stop)[0] for stop in stops), key=len)
+
+
 def evaluate(model, tokenizer, task: Task, *, split: str = "test", limit: int | None = None, batch_size: int = 64,
              seed: int = 0, adapter: str = "base", progress: bool = True, completion: bool = False) -> EvalResult:
     """Greedy generation on `split` (first `limit` items) and lenient grading. `completion`: the model continues
@@ -64,7 +69,7 @@ def evaluate(model, tokenizer, task: Task, *, split: str = "test", limit: int | 
     completions = generate(model, tokenizer, prompts, max_new_tokens=task.max_new_tokens, batch_size=batch_size,
                            seed=seed, progress=progress, desc=f"eval {task.name}/{split}")
     if completion:
-        completions = [min((text.split(stop)[0] for stop in COMPLETION_STOP), key=len) for text in completions]
+        completions = [cut_at_stop(text) for text in completions]
     grades = grade_all(task, examples, completions)
     correct = sum(ok for ok, _ in grades)
     records = [{"id": ex.id, "prompt": ex.prompt, "answer": ex.answer, "completion": text, "correct": ok,

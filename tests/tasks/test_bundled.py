@@ -106,3 +106,14 @@ def test_cli_eval_prints_an_accuracy_offline(name, monkeypatch):
     if name.startswith("arc"):
         loglik = CliRunner().invoke(app, [*args, "--mode", "loglik"])
         assert loglik.exit_code == 0 and '"acc_norm"' in loglik.output, loglik.output
+
+
+def test_completion_mode_continues_the_bare_context(make_tiny, tokenizer):
+    from t2ray.evaluate import cut_at_stop, evaluate
+
+    assert cut_at_stop("The answer is 4.\n\nQuestion: next one") == "The answer is 4.\n\n"
+    assert cut_at_stop("12</s>Question:") == "12" and cut_at_stop("no stop") == "no stop"
+    result = evaluate(make_tiny(), tokenizer, get_task("gsm8k"), limit=2, progress=False, completion=True)
+    assert result.n == 2 and all("Question:" not in r["completion"] for r in result.records)
+    with pytest.raises(ValueError, match="completion mode needs"):
+        evaluate(make_tiny(), tokenizer, get_task("math-500"), limit=1, progress=False, completion=True)
