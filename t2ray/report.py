@@ -60,7 +60,8 @@ def _cell(results: dict, column: str, task: str) -> str:
     diff = paired_difference(r, results[("base", task)]) if column != "base" and ("base", task) in results else None
     if diff:
         mean, low, high, _ = diff
-        text += f"; Δ {100 * mean:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]{'*' if low > 0 or high < 0 else ''}"
+        text += ("; Δ +0.0 (no item differs)" if low == high == 0 else
+                 f"; Δ {100 * mean:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]{'*' if low > 0 or high < 0 else ''}")
     return text
 
 
@@ -75,6 +76,9 @@ def significance_reading(results: dict, columns: tuple[str, ...]) -> list[str]:
             if diff is None:
                 continue
             mean, low, high, n = diff
+            if low == high == 0:
+                lines.append(f"- {task}, {column}: graded like the base model on every one of the {n} items.")
+                continue
             verdict = ("significantly better than" if low > 0 else "significantly worse than" if high < 0
                        else "not distinguishable from")
             lines.append(f"- {task}, {column}: {100 * mean:+.1f} points vs base (95 % [{100 * low:+.1f}, "
@@ -111,6 +115,10 @@ def fewshot_reading(table2: dict) -> list[str]:
         if diff is None:
             continue
         mean, low, high, n = diff
+        if low == high == 0:
+            lines.append(f"- {task}: few-shot and {name}, the better single-expert strategy, are graded alike on "
+                         f"every one of the {n} items.")
+            continue
         verdict = "significantly better" if low > 0 else "significantly worse" if high < 0 else "not distinguishable"
         lines.append(f"- {task}: few-shot vs {name}, the better single-expert strategy: {100 * mean:+.1f} points "
                      f"(95 % [{100 * low:+.1f}, {100 * high:+.1f}], n = {n} paired items): {verdict}.")
@@ -235,20 +243,29 @@ def plot_confusion(dispatch: dict, path: Path) -> None:
 
 
 def plot_cem_fitness(table2: dict, path: Path) -> bool:
+    """Per generation: the best candidate's and the population's accuracy on the shots, and the best candidate's
+    mean log-likelihood of the reference answers (CEM's tie-break, which moves while few shots are right)."""
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
 
     found = {task: r["history"] for (c, task), r in table2.items() if c == "fewshot" and r.get("history")}
     if not found:
         return False
-    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=110)
+    fig, (acc, ll) = plt.subplots(1, 2, figsize=(10, 3.6), dpi=110)
     for k, (task, history) in enumerate(sorted(found.items())):
         gens = [h["generation"] for h in history]
-        ax.plot(gens, [h["best_accuracy"] for h in history], "o-", color=f"C{k}", label=f"{task}: best")
-        ax.plot(gens, [h["mean_accuracy"] for h in history], "--", color=f"C{k}", alpha=0.6,
-                label=f"{task}: population mean")
-    ax.set(xlabel="CEM generation", ylabel="accuracy on the shots", ylim=(-0.02, 1.02),
-           title="few-shot CEM fitness per generation")
-    _save(fig, ax, path)
+        acc.plot(gens, [h["best_accuracy"] for h in history], "o-", color=f"C{k}", label=f"{task}: best")
+        acc.plot(gens, [h["mean_accuracy"] for h in history], "--", color=f"C{k}", alpha=0.6,
+                 label=f"{task}: population mean")
+        ll.plot(gens, [h["best_loglik"] for h in history], "o-", color=f"C{k}", label=task)
+    acc.set(xlabel="CEM generation", ylabel="accuracy on the shots", ylim=(-0.02, 1.02),
+            title="few-shot CEM fitness per generation")
+    ll.set(xlabel="CEM generation", ylabel="mean log-likelihood of the references", title="the best candidate's tie-break")
+    for ax in (acc, ll):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    _save(fig, acc, path, legend=False)
     return True
 
 

@@ -114,7 +114,7 @@ def test_report_shows_dispatch_confusion_and_cem_fitness(run_dir, tmp_path):
     assert "## Dispatch quality" in report and "**classifier**" in report and "per-class accuracy" in report
     for name in ("dispatch_confusion.png", "cem_fitness.png", "dispatch_prompt.csv", "dispatch_classifier.csv"):
         assert (root / "report" / name).stat().st_size > 0
-    assert "few-shot vs prompt" in report
+    assert "- math-hard: few-shot vs prompt" in report or "- math-hard: few-shot and prompt" in report
 
 
 def test_wilson_interval_is_honest_at_the_edges():
@@ -146,3 +146,13 @@ def test_paired_difference_and_its_reading():
                                  ("base", "lora", "svf"))
     assert lines[0].startswith("- t, lora: +0.0 points") and lines[0].endswith("not distinguishable from the base model.")
     assert lines[1].startswith("- t, svf: +40.0 points") and "significantly better than" in lines[1]
+
+
+def test_no_differing_item_is_said_plainly():
+    from t2ray.report import _cell, significance_reading
+
+    same = {("base", "t"): {"accuracy": 0.0, "correct": 0, "n": 3, "records": records([0, 0, 0])},
+            ("prompt", "t"): {"accuracy": 0.0, "correct": 0, "n": 3, "records": records([0, 0, 0])}}
+    assert _cell(same, "prompt", "t").endswith("Δ +0.0 (no item differs)")
+    assert significance_reading(same, ("base", "prompt")) == [
+        "- t, prompt: graded like the base model on every one of the 3 items."]
