@@ -64,7 +64,7 @@ lm-eval:
 	test -x $(LMEVAL_VENV)/bin/python || $(PY) -m venv $(LMEVAL_VENV)
 	$(LMEVAL_VENV)/bin/python -m pip install -q --upgrade pip
 	$(LMEVAL_VENV)/bin/python -m pip install -q $(TORCH_SPEC)
-	$(LMEVAL_VENV)/bin/python -m pip install -q lm-eval==0.4.13
+	$(LMEVAL_VENV)/bin/python -m pip install -q "lm-eval[hf]==0.4.13"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
