@@ -5,7 +5,7 @@ decompose → train the math/code/reasoning SVF experts, the classifier expert a
 classifier / few-shot / token-level on the unseen tasks, real HumanEval included) → Table 3 → report.md.
 
 Every stage writes its output under runs/quickstart and is skipped when that output exists (re-running
-resumes). Budgets are sized for ≤ 25 minutes on 2 CPU cores; experiments/quickstart.yaml overrides them.
+resumes). The default budgets take about 42 minutes on 2 CPU cores; experiments/quickstart.yaml overrides them.
 """
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ DEFAULT_BUDGETS = {"math": {"iterations": 12, "batch_size": 16, "lr": 4e-3},
 
 
 class QuickstartConfig(Strict):
-    """Defaults: the whole pipeline in ≤ 25 min on 2 CPU cores; experiments/quickstart.yaml is a larger budget."""
+    """Defaults: the whole pipeline in about 42 min on 2 CPU cores; experiments/quickstart.yaml is a larger budget."""
     model: str = "smollm2-135m"
     experts: dict[str, ExpertBudget] = Field(
         DEFAULT_BUDGETS, validate_default=True,
