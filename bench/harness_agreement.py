@@ -35,16 +35,18 @@ from t2ray.tasks import get_task  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 LM_EVAL_PYTHON = ROOT / ".venv-lmeval" / "bin" / "python"
 TASKS = {"arc-easy": "t2ray_arc_easy", "arc-challenge": "t2ray_arc_challenge", "gsm8k": "t2ray_gsm8k"}
-# lm-eval's own ARC settings (lm_eval/tasks/arc/arc_easy.yaml), pointed at local rows
-TASK_YAML = """task: {task}
+# Both tasks read the exported rows as lm-eval's "json" dataset; the rest is lm-eval's own settings.
+LOCAL_ROWS = """task: {task}
 dataset_path: json
 dataset_name: null
 dataset_kwargs:
   data_files:
     test: {rows}
 test_split: test
-output_type: multiple_choice
 doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+"""
+# lm_eval/tasks/arc/arc_easy.yaml
+TASK_YAML = LOCAL_ROWS + """output_type: multiple_choice
 doc_to_target: "{{{{choices.label.index(answerKey)}}}}"
 doc_to_choice: "{{{{choices.text}}}}"
 metric_list:
@@ -57,16 +59,8 @@ metric_list:
 """
 
 
-# lm-eval's gsm8k settings (lm_eval/tasks/gsm8k/gsm8k.yaml), 0-shot, pointed at local rows
-GSM8K_YAML = """task: {task}
-dataset_path: json
-dataset_name: null
-dataset_kwargs:
-  data_files:
-    test: {rows}
-test_split: test
-output_type: generate_until
-doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+# lm_eval/tasks/gsm8k/gsm8k.yaml, 0-shot
+GSM8K_YAML = LOCAL_ROWS + """output_type: generate_until
 doc_to_target: "{{{{answer}}}}"
 num_fewshot: 0
 generation_kwargs:
