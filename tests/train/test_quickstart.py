@@ -40,7 +40,7 @@ def test_quickstart_runs_every_stage_then_resumes(ray_cluster, tmp_path):
     report = (root / "report.md").read_text()
     assert all(f"Table {i}" in report for i in (1, 2, 3)) and (root / "report" / "learning_curves.png").exists()
     assert "## Dispatch quality" in report and json.loads((root / "dispatch.json").read_text())["classifier"]["n"] == \
-        3 * 3 + 3 * 2 + 1  # every trained and unseen task's test queries went through pass 1
+        6 * 2 + 1  # the first unseen_limit (2) test queries of every trained and unseen task, HumanEval's 1
     assert (root / "report" / "dispatch_confusion.png").exists() and (root / "report" / "cem_fitness.png").exists()
     assert "Table 1" in result.output and "per-class accuracy" in result.output  # the tables are printed too
     assert "quickstart: all stages done" in result.output
