@@ -148,9 +148,8 @@ def decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_ne
             done |= torch.isin(token, eos)
             if bool(done.all()):
                 break
-            finished = done[live]
-            if retire_rows and int(finished.sum()) * RETIRE_SHARE >= len(live):
-                keep = (~finished).nonzero().squeeze(1)
+            if retire_rows and int(done[live].sum()) * RETIRE_SHARE >= len(live):
+                keep = (~done[live]).nonzero().squeeze(1)
                 cache.batch_select_indices(keep)
                 mask, live = mask[keep], live[keep]
     return generated, completion_mask(generated, set(eos_ids)) if stop_at_eos else torch.ones_like(generated), \

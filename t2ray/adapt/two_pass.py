@@ -132,21 +132,18 @@ def dispatch_quality(model_spec: str, classifier_expert: str | Path, limits: dic
     """Pass 1 alone, scored: the confusion of the prompt strategy (the base model classifies) and the classifier
     expert against each query's true category, over the first `limits[task]` test queries of each task."""
     model, tokenizer = load_model(model_spec, dtype=dtype)
-    questions, true, owner = [], [], []
+    questions, true = [], []
     for name, limit in limits.items():
         task = get_task(name)
         examples = task.examples("test")[:limit]
         questions += [ex.prompt for ex in examples]
         true += [task.category] * len(examples)
-        owner += [name] * len(examples)
     predicted = {"prompt": classify(model, tokenizer, questions, mode=mode)}
     apply_experts(model, [load_expert(classifier_expert)], allow_transfer=allow_transfer)
     set_mode(model, "materialized")
     predicted["classifier"] = classify(model, tokenizer, questions, mode=mode)
-    by_task = {name: {strategy: sum(l == t for l, t, o in zip(labels, true, owner) if o == name) / max(1, owner.count(name))
-                      for strategy, labels in predicted.items()} for name in limits}
     return {**{strategy: confusion(true, labels) for strategy, labels in predicted.items()},
-            "by_task": by_task, "categories": {name: get_task(name).category for name in limits}}
+            "categories": {name: get_task(name).category for name in limits}}
 
 
 def route_tokens(model, tokenizer, experts: list[Expert], task: Task, messages, cfg: AdaptConfig,

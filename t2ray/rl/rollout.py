@@ -180,7 +180,7 @@ class VLLMEngine:
         return len(message)
 
     def generate(self, prompts, *, max_new_tokens, temperature, top_p, seed, samples_per_prompt=1) -> Rollouts:
-        # vLLM's prefix cache shares the k copies' prompt blocks by itself
+        # samples_per_prompt: vLLM's own prefix caching (when enabled) shares the k copies' prompt blocks
         from vllm import SamplingParams
 
         from t2ray.generation import completion_mask, render

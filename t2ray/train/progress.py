@@ -7,13 +7,13 @@ import threading
 
 from tqdm.auto import tqdm
 
-try:
-    from ray.train import UserCallback as _UserCallback
+try:  # the Train V2 controller-side callback; t2ray.tune.trials builds on it too
+    from ray.train import UserCallback
 except ImportError:  # pragma: no cover - Ray < 2.45
-    from ray.train.v2.api.callback import UserCallback as _UserCallback
+    from ray.train.v2.api.callback import UserCallback
 
 
-class ReportToQueue(_UserCallback):
+class ReportToQueue(UserCallback):
     """Runs on the Train controller: forwards rank 0's metrics of every report."""
 
     def __init__(self, queue):

@@ -18,6 +18,7 @@ import tempfile
 import threading
 from pathlib import Path
 
+from t2ray.train.progress import UserCallback
 from t2ray.tune.config import Sweep
 
 TRIAL_META = "t2ray_trial.json"
@@ -39,13 +40,7 @@ def trial_experiment(sweep: Sweep, values: dict, name: str):
     return ExperimentConfig.model_validate(data)
 
 
-try:
-    from ray.train import UserCallback as _UserCallback
-except ImportError:  # pragma: no cover - Ray < 2.45
-    from ray.train.v2.api.callback import UserCallback as _UserCallback
-
-
-class ForwardToTune(_UserCallback):
+class ForwardToTune(UserCallback):
     """Runs on the Train controller: forwards rank 0's metrics (and the checkpoint, if any) to the trial; the
     first item also carries the controller's handle, so a trial that Tune stops can abort its Train run."""
 
