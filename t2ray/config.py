@@ -49,8 +49,12 @@ class RLConfig(Strict):
     reward: Literal["task", "named-option"] = Field(
         "task", description="task: its own ±1 grade; named-option (multiple choice): 0, not −1, for naming the right "
                             "option's text under a wrong letter")
-    normalize_rewards: bool = False
-    reward_clip: float | None = Field(None, gt=0)
+    logprobs_at_temperature: bool = Field(
+        False, description="the loss's log π at the sampling temperature (logits / T, as OpenRLHF and TRL do); "
+                           "off: π at T = 1, the policy that greedy evaluation and serving use (the paper)")
+    normalize_rewards: bool = Field(False, description="z-score the advantages over the batch (after the baseline); "
+                                                      "all zero when every reward is equal")
+    reward_clip: float | None = Field(None, gt=0, description="clip the advantages to ±this, after normalisation")
     eval_interval: int = Field(10, ge=1)
     eval_limit: int | None = Field(64, ge=1, description="valid items per evaluation (None = all)")
     eval_batch_size: int = Field(64, ge=1, description="rows per generate call in validation")
@@ -73,7 +77,10 @@ class DeepSpeedConfig(Strict):
             "gradient_accumulation_steps": 1,
             "managed_gradient_accumulation": False,  # the loop runs micro-batches and calls step() once per batch
             "gradient_clipping": grad_clip,
-            "optimizer": {"type": "Adam", "params": {"lr": lr, "torch_adam": True}},  # no fused-Adam compile on CPU
+            # Adam, not DeepSpeed's default AdamW (weight decay 0.01): the same objective as the one-process Stepper.
+            # torch_adam: no fused-Adam compile on CPU.
+            "optimizer": {"type": "Adam", "params": {"lr": lr, "torch_adam": True, "adam_w_mode": False,
+                                                     "weight_decay": 0.0}},
             "zero_optimization": {
                 "stage": self.zero_stage,
                 **({"stage3_param_persistence_threshold": self.param_persistence_threshold}
@@ -128,6 +135,9 @@ class ExperimentConfig(Strict):
         if self.rl.batch_size < self.scaling.num_workers:
             raise ValueError(f"rl.batch_size ({self.rl.batch_size}) must be ≥ scaling.num_workers "
                              f"({self.scaling.num_workers}): every worker needs at least one prompt")
+        if self.deepspeed.enabled and self.rl.batch_size % self.scaling.num_workers:
+            raise ValueError(f"rl.batch_size ({self.rl.batch_size}) must be a multiple of scaling.num_workers "
+                             f"({self.scaling.num_workers}): DeepSpeed gives every worker the same number of prompts")
         return self
 
     @property

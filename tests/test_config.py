@@ -151,6 +151,11 @@ def test_batch_smaller_than_workers_is_refused():
         load_experiment(overrides=["rl.batch_size=2", "scaling.num_workers=4"])
     cfg = load_experiment(overrides=["rl.batch_size=4", "scaling.num_workers=4"])  # equal is fine
     assert cfg.rl.batch_size == cfg.scaling.num_workers == 4
+    # DeepSpeed asserts train_batch = micro-batch × workers inside every worker, after the model loaded (and Ray
+    # Train retried it max_failures times): refused here, in one line
+    with pytest.raises(ValidationError, match=r"rl.batch_size \(5\) must be a multiple of scaling.num_workers \(2\)"):
+        load_experiment(overrides=["rl.batch_size=5", "scaling.num_workers=2"])
+    assert load_experiment(overrides=["rl.batch_size=5", "scaling.num_workers=2", "deepspeed.enabled=false"])
 
 
 # ---------------------------------------------------------------- --set overrides

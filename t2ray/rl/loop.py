@@ -47,16 +47,16 @@ class Stepper:
         out = {}
         for i, p in enumerate(self.params):
             for key, value in self.optimizer.state.get(p, {}).items():
-                out[f"{key}.{i}"] = value.detach().clone().cpu().reshape(-1) if value.dim() else value.reshape(1)
+                out[f"{key}.{i}"] = value.detach().cpu().clone().reshape(-1)  # a copy: the step count too
         return out
 
     def load_optimizer_state(self, state: dict[str, torch.Tensor]) -> None:
         for i, p in enumerate(self.params):
             if f"exp_avg.{i}" in state:
-                self.optimizer.state[p] = {
+                self.optimizer.state[p] = {  # the moments where the parameter lives (a GPU run resumes on GPU)
                     "step": state[f"step.{i}"].reshape(()).clone(),
-                    "exp_avg": state[f"exp_avg.{i}"].view_as(p).clone(),
-                    "exp_avg_sq": state[f"exp_avg_sq.{i}"].view_as(p).clone(),
+                    "exp_avg": state[f"exp_avg.{i}"].view_as(p).to(p.device, p.dtype, copy=True),
+                    "exp_avg_sq": state[f"exp_avg_sq.{i}"].view_as(p).to(p.device, p.dtype, copy=True),
                 }
 
 
@@ -135,12 +135,27 @@ def rl_step(model, tokenizer, task: Task, adapter: TrainableAdapter, stepper, sh
         ids, mask, cids, cmask = roll.prompt_ids, roll.prompt_mask, roll.completion_ids, roll.completion_mask
         rewards, errors = safe_rewards(task, expanded, roll.texts, rl.reward)
     t1 = time.perf_counter()
+    model.train()  # dropout (LoRA's lora_dropout) applies to the update, not to rollouts or evaluations
+    try:
+        metrics = _update(model, adapter, stepper, expanded, cfg, ids, mask, cids, cmask, rewards)
+    finally:
+        model.eval()
+    return {**metrics, "reward": float(rewards.mean()), "accuracy": float((rewards > 0).float().mean()),
+            "reward_errors": errors, "completion_tokens": int(cmask.sum()), "sync_bytes": sync_bytes,
+            "rollout_s": t1 - t0, "update_s": time.perf_counter() - t1, "samples": len(expanded)}
+
+
+def _update(model, adapter: TrainableAdapter, stepper, expanded: list[Example], cfg: ExperimentConfig,
+            ids, mask, cids, cmask, rewards) -> dict[str, float]:
+    """The loss over micro-batches, one optimizer step: {loss, kl, grad_norm}."""
+    rl = cfg.rl
     dev = next(model.parameters()).device
     ids, mask, cids, cmask = (t.to(dev) for t in (ids, mask, cids, cmask))
     adv = None if rl.objective == "sft" else advantages(
         rewards, rl.samples_per_prompt, baseline=rl.baseline, normalize=rl.normalize_rewards,
         clip=rl.reward_clip).to(dev)
     tokens = cmask.sum().clamp(min=1)
+    sampled_at_temperature = rl.logprobs_at_temperature and rl.objective == "reinforce" and rl.temperature > 0
     k = rl.samples_per_prompt
     micro = max(k, rl.micro_batch_size // k * k)  # whole prompts per micro-batch: their prompt forward is shared
     loss_sum, kl_sum = torch.zeros((), device=dev), torch.zeros((), device=dev)
@@ -149,7 +164,8 @@ def rl_step(model, tokenizer, task: Task, adapter: TrainableAdapter, stepper, sh
         rows = slice(start, start + micro)
         m_ids, m_mask, m_cids, m_cmask = trim_padding(ids[rows], mask[rows], cids[rows], cmask[rows])
         logits = completion_logits(model, m_ids, m_mask, m_cids, m_cmask, samples_per_prompt=k)
-        logp = gather_logprobs(logits, m_cids, m_cmask)
+        # π_T, the distribution the rollouts were sampled from, when asked; the KL stays between the T = 1 policies
+        logp = gather_logprobs(logits / rl.temperature if sampled_at_temperature else logits, m_cids, m_cmask)
         if adv is None:
             loss = -logp.sum() / tokens  # token-mean NLL of the reference replies
         else:
@@ -163,10 +179,7 @@ def rl_step(model, tokenizer, task: Task, adapter: TrainableAdapter, stepper, sh
         stepper.backward(loss)
         loss_sum += loss.detach()
     grad_norm = stepper.step()
-    return {"loss": float(loss_sum), "reward": float(rewards.mean()), "accuracy": float((rewards > 0).float().mean()),
-            "kl": float(kl_sum), "grad_norm": float(grad_norm or 0.0), "reward_errors": errors,
-            "completion_tokens": int(cmask.sum()), "sync_bytes": sync_bytes, "rollout_s": t1 - t0,
-            "update_s": time.perf_counter() - t1, "samples": len(expanded)}
+    return {"loss": float(loss_sum), "kl": float(kl_sum), "grad_norm": float(grad_norm or 0.0)}
 
 
 def sharded_accuracy(model, tokenizer, task: Task, examples: list[Example], rank: int, world_size: int,

@@ -9,10 +9,10 @@ BASELINES = ("none", "mean", "group", "rloo")
 
 def advantages(rewards: torch.Tensor, samples_per_prompt: int = 1, *, baseline: str = "none",
                normalize: bool = False, clip: float | None = None) -> torch.Tensor:
-    """Turn rewards (N = prompts × samples_per_prompt, a prompt's samples adjacent) into per-sequence weights."""
+    """Turn rewards (N = prompts × samples_per_prompt, a prompt's samples adjacent) into per-sequence weights, in
+    this order: the baseline, then `normalize` (a z-score; all zero when every advantage is equal: no signal), then
+    `clip` (to ±clip, as PPO-style trainers clip advantages: after normalisation, where it can bite)."""
     adv = rewards.float()
-    if clip is not None:
-        adv = adv.clamp(-clip, clip)
     groups = adv.view(-1, samples_per_prompt)
     if baseline == "mean":
         adv = adv - adv.mean()
@@ -26,8 +26,10 @@ def advantages(rewards: torch.Tensor, samples_per_prompt: int = 1, *, baseline: 
     elif baseline != "none":
         raise ValueError(f"unknown baseline {baseline!r}: {' | '.join(BASELINES)}")
     if normalize and adv.numel() > 1:
-        adv = adv / (adv.std() + 1e-6)
-    return adv
+        centred = adv - adv.mean()
+        std = centred.std()
+        adv = centred / std if std > 1e-6 else torch.zeros_like(adv)
+    return adv.clamp(-clip, clip) if clip is not None else adv
 
 
 def reinforce_loss(token_logp: torch.Tensor, adv: torch.Tensor, batch_size: int) -> torch.Tensor:

@@ -1,6 +1,9 @@
 """The plain-PyTorch RL loop (t2ray.rl.loop): rewards, batches, the optimizer state, and learning on tiny-llama."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -130,6 +133,48 @@ def test_stepper_optimizer_state_round_trip():
     assert not all(torch.equal(pa, pc) for pa, pc in zip(a, c))
 
 
+def test_saved_optimizer_state_is_a_snapshot():
+    """The step count used to be saved as a view of Adam's live tensor: a later step rewrote the saved value."""
+    p = torch.nn.Parameter(torch.randn(4))
+    stepper = Stepper([p], lr=0.05, grad_clip=10.0)
+    take_step(stepper, _quadratic_loss([p]))
+    saved = stepper.optimizer_state()
+    before = {k: v.clone() for k, v in saved.items()}
+    take_step(stepper, _quadratic_loss([p]))
+    assert all(torch.equal(saved[k], before[k]) for k in saved) and float(saved["step.0"][0]) == 1.0
+
+
+def test_deepspeed_adam_takes_the_steppers_steps(tmp_path):
+    """DeepSpeed built from DeepSpeedConfig.to_dict runs the same Adam (no AdamW weight decay) as the one-process
+    Stepper: identical parameters after three steps. A subprocess: DeepSpeed initialises torch.distributed."""
+    script = tmp_path / "ds_vs_stepper.py"
+    script.write_text('''
+import os, torch, deepspeed
+from t2ray.config import DeepSpeedConfig
+from t2ray.rl.loop import Stepper
+torch.manual_seed(0)
+start = torch.randn(6) * 3
+a, b = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+model = torch.nn.Module()
+model.z = b
+config = DeepSpeedConfig(zero_stage=2).to_dict(train_batch=1, world_size=1, grad_clip=10.0, lr=0.1)
+engine, *_ = deepspeed.initialize(model=model, model_parameters=[b], config=config)
+inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+assert type(inner) is torch.optim.Adam, type(inner)
+assert all(group["weight_decay"] == 0.0 for group in inner.param_groups)
+stepper = Stepper([a], lr=0.1, grad_clip=10.0)
+for _ in range(3):
+    stepper.backward(((a - 1.0) ** 2).sum()); stepper.step()
+    engine.backward(((b - 1.0) ** 2).sum()); engine.step()
+print("max diff", float((a - b).abs().max()))
+assert torch.allclose(a, b, atol=1e-6)
+''')
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29500 + os.getpid() % 1000)}
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "max diff" in done.stdout, done.stdout[-2000:] + done.stderr[-3000:]
+
+
 def test_stepper_clips_the_gradient_norm():
     p = torch.nn.Parameter(torch.zeros(4))
     stepper = Stepper([p], lr=1.0, grad_clip=1e-3)
@@ -204,8 +249,11 @@ def test_train_loop_resumes_from_a_state_and_reports_kl(tmp_path, tokenizer):
 
 # ---------------------------------------------------------------- rl_step: samples per prompt, micro-batches
 
-def one_rl_step(task_path, tokenizer, **rl):
-    """One rl_step on a fresh fp32 tiny-llama; returns (metrics, z's gradient per module, rollout texts)."""
+def one_rl_step(task_path, tokenizer, on_model=None, lora_dropout=None, **rl):
+    """One rl_step on a fresh fp32 tiny-llama (SVF, or LoRA with `lora_dropout`); returns (metrics, the adapter's
+    gradient per parameter, rollout texts). `on_model(model)` runs before the step (to attach hooks)."""
+    from t2ray.config import LoRAConfig
+    from t2ray.lora import LoRAAdapter
     from t2ray.models import load_model
     from t2ray.rl.adapters import SVFAdapter
     from t2ray.rl.loop import rl_step
@@ -215,7 +263,10 @@ def one_rl_step(task_path, tokenizer, **rl):
     cfg = learnable_config(task_path, **rl)
     task = get_task(cfg.task, seed=cfg.seed)
     model, _ = load_model("tiny-llama", seed=cfg.seed, dtype="float32")
-    adapter = SVFAdapter(model, cfg.svf, seed=cfg.seed, progress=False)
+    adapter = SVFAdapter(model, cfg.svf, seed=cfg.seed, progress=False) if lora_dropout is None else \
+        LoRAAdapter(model, LoRAConfig(dropout=lora_dropout), cfg.svf, seed=cfg.seed)
+    if on_model is not None:
+        on_model(adapter.model)
     stepper = Stepper(adapter.parameters(), lr=1e-12, grad_clip=1e9)  # keep the gradients, barely move z
     class Recording(InProcessEngine):  # the real engine, keeping what it generated
         def generate(self, *args, **kwargs):
@@ -249,6 +300,37 @@ def test_samples_per_prompt_widen_the_rollout_with_different_samples(tmp_path, t
     assert metrics["samples"] == 12 and len(texts) == 12
     copies = [texts[i:i + 4] for i in range(0, 12, 4)]  # a prompt's samples are adjacent
     assert all(len(set(group)) > 1 for group in copies), copies  # sampled copies of one prompt differ
+
+
+def test_lora_dropout_applies_to_the_update_only(tmp_path, tokenizer):
+    """rl_step used to leave the model in eval mode for the update: LoRA's dropout never applied."""
+    modes = []
+
+    def record(model):
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Dropout) and "lora_dropout" in name:
+                module.register_forward_pre_hook(lambda mod, args: modes.append(mod.training))
+        record.model = model
+
+    one_rl_step(write_learnable_task(tmp_path), tokenizer, on_model=record, lora_dropout=0.5, batch_size=2,
+                temperature=1.0)
+    assert False in modes and True in modes        # rollouts in eval mode, the loss's forward in train mode
+    assert modes.index(True) > modes.index(False)  # in that order
+    assert not record.model.training               # and back to eval for whatever comes next
+
+
+def test_logprobs_at_the_sampling_temperature_are_a_choice(tmp_path, tokenizer):
+    task = write_learnable_task(tmp_path)
+    common = dict(batch_size=4, temperature=2.0, baseline="none")  # raw ±1: a loss even when all fail
+    plain, plain_grads, plain_texts = one_rl_step(task, tokenizer, **common)
+    scaled, scaled_grads, scaled_texts = one_rl_step(task, tokenizer, logprobs_at_temperature=True, **common)
+    assert plain_texts == scaled_texts                              # the same rollouts…
+    # …scored under π_T instead of π (close on the near-uniform tiny model, but not equal)
+    assert abs(plain["loss"] - scaled["loss"]) > 1e-3
+    assert any(not torch.allclose(plain_grads[i], scaled_grads[i]) for i in plain_grads)
+    at_one = dict(common, temperature=1.0)
+    assert one_rl_step(task, tokenizer, **at_one)[0]["loss"] == pytest.approx(
+        one_rl_step(task, tokenizer, logprobs_at_temperature=True, **at_one)[0]["loss"], rel=1e-6)
 
 
 def test_named_option_reward_credits_the_right_text_under_a_wrong_letter():

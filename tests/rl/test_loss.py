@@ -33,21 +33,27 @@ def test_advantages_group_baseline_per_prompt():
     assert not torch.allclose(adv, advantages(r, 3, baseline="mean"))
 
 
-def test_advantages_normalize():
+def test_advantages_normalize_is_a_z_score_after_the_baseline():
     r = torch.tensor([1.0, -1.0, 1.0, 1.0])
     adv = advantages(r, baseline="mean", normalize=True)
     assert abs(float(adv.std()) - 1.0) < 1e-4
     assert torch.allclose(adv, advantages(r, baseline="mean") / advantages(r, baseline="mean").std(), atol=1e-5)
+    # baseline none: normalising centres too (it used to divide the raw ±1 by their std, keeping their sign)
+    assert torch.allclose(advantages(r, normalize=True), adv) and abs(float(advantages(r, normalize=True).sum())) < 1e-5
     assert torch.equal(advantages(torch.tensor([3.0]), normalize=True), torch.tensor([3.0]))  # one sample: unchanged
-    assert torch.isfinite(advantages(torch.zeros(4), normalize=True)).all()  # zero std does not blow up
 
 
-def test_advantages_clip_before_baseline():
-    r = torch.tensor([5.0, -3.0, 0.5])
-    assert torch.allclose(advantages(r, clip=1.0), torch.tensor([1.0, -1.0, 0.5]))
-    clipped_mean = (1.0 - 1.0 + 0.5) / 3
-    assert torch.allclose(advantages(r, clip=1.0, baseline="mean"),
-                          torch.tensor([1.0, -1.0, 0.5]) - clipped_mean)
+@pytest.mark.parametrize("baseline", ["none", "mean"])
+def test_equal_rewards_normalise_to_no_signal(baseline):
+    for value in (1.0, -1.0, 0.0):  # it used to give ±1e6 with baseline none
+        assert torch.equal(advantages(torch.full((4,), value), baseline=baseline, normalize=True), torch.zeros(4))
+
+
+def test_advantages_clip_after_normalisation():
+    r = torch.tensor([1.0, -1.0, -1.0, -1.0])   # one success among four: z-scores +1.5, −0.5 ×3
+    adv = advantages(r, normalize=True, clip=1.0)
+    assert torch.allclose(adv, torch.tensor([1.0, -0.5, -0.5, -0.5]), atol=1e-5)  # clip ≥ 1 bites on ±1 rewards
+    assert torch.allclose(advantages(torch.tensor([5.0, -3.0, 0.5]), clip=1.0), torch.tensor([1.0, -1.0, 0.5]))
 
 
 def test_advantages_unknown_baseline():
