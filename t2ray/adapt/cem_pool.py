@@ -6,7 +6,7 @@ import numpy as np
 
 class CEMActor:
     def __init__(self, model_spec: str, expert_paths: list[str], task_spec: str, shots: int, seed: int,
-                 allow_transfer: bool = False, threads: int = 1):
+                 dtype: str = "auto", allow_transfer: bool = False, threads: int = 1):
         import torch
 
         from t2ray.adapt.fewshot import ShotFitness, pick_shots
@@ -15,14 +15,10 @@ class CEMActor:
         from t2ray.tasks import get_task
 
         torch.set_num_threads(threads)  # one core per actor: actors share the machine's cores
-        model, tokenizer = load_model(model_spec)
+        model, tokenizer = load_model(model_spec, dtype=dtype)
         task = get_task(task_spec, seed=seed)
-        experts = [load_expert(p) for p in expert_paths]
-        if allow_transfer:
-            from t2ray.svf import apply_experts
-
-            apply_experts(model, experts[:1], allow_transfer=True)
-        self.fitness = ShotFitness(model, tokenizer, experts, task, pick_shots(task, shots, seed))
+        self.fitness = ShotFitness(model, tokenizer, [load_expert(p) for p in expert_paths], task,
+                                   pick_shots(task, shots, seed), allow_transfer=allow_transfer)
 
     def evaluate(self, alphas: np.ndarray) -> list[tuple[float, float]]:
         return self.fitness(alphas)

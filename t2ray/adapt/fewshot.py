@@ -41,10 +41,10 @@ class ShotFitness:
     """Callable: alphas (P, K) or (P, K, M) -> [(accuracy, mean log-lik of reference answers)] per candidate."""
 
     def __init__(self, model, tokenizer, experts: list[Expert], task: Task, shots: list[Example],
-                 batch_size: int = 64):
+                 batch_size: int = 64, allow_transfer: bool = False):
         self.model, self.tokenizer, self.experts, self.task, self.shots = model, tokenizer, experts, task, shots
         self.batch_size = batch_size
-        apply_experts(model, experts[:1])  # patches the experts' modules (and checks they fit this model)
+        apply_experts(model, experts, allow_transfer=allow_transfer)  # patches their modules, checks each fits
         set_mode(model, "factored")
         self.messages = [task.messages(ex) for ex in shots]
         self.references = [task.reference_completion(ex) for ex in shots]

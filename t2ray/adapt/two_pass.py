@@ -182,11 +182,11 @@ def search_alpha(cfg: AdaptConfig, model, tokenizer, experts: list[Expert], task
         from t2ray.adapt.cem_pool import ActorPoolFitness
 
         fitness = pool = ActorPoolFitness(c.actors, model_spec=cfg.model.spec, expert_paths=cfg.experts,
-                                          task_spec=cfg.task, shots=c.shots, seed=c.seed,
+                                          task_spec=cfg.task, shots=c.shots, seed=c.seed, dtype=cfg.model.dtype,
                                           allow_transfer=cfg.allow_transfer)
     else:
         fitness = ShotFitness(model, tokenizer, experts, task, pick_shots(task, c.shots, c.seed),
-                              batch_size=cfg.batch_size)
+                              batch_size=cfg.batch_size, allow_transfer=cfg.allow_transfer)
 
     def scored(alphas):
         scores = fitness(alphas)

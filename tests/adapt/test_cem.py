@@ -87,3 +87,19 @@ def test_batched_fitness_equals_one_candidate_at_a_time(tiny, tokenizer):
     for (acc_t, ll_t), (acc_a, ll_a) in zip(together, alone):
         assert acc_t == acc_a and ll_t == pytest.approx(ll_a, abs=1e-4)
     assert together[0][1] != pytest.approx(together[2][1], abs=1e-6)  # different experts, different scores
+
+
+def test_fitness_checks_every_expert_and_honours_allow_transfer(tiny, tokenizer):
+    """CEM used to check only the first expert and to refuse cross-model transfer even when it was allowed."""
+    import dataclasses
+
+    from t2ray.experts import ExpertError
+
+    same, other = random_experts(tiny, 2)
+    foreign = dataclasses.replace(other, base_model="other-llama", fingerprint="ab" * 12)
+    task = get_task("math")
+    shots = pick_shots(task, 2)
+    with pytest.raises(ExpertError, match="allow-transfer"):  # the second expert was never checked
+        ShotFitness(tiny, tokenizer, [same, foreign], task, shots, batch_size=4)
+    fitness = ShotFitness(tiny, tokenizer, [same, foreign], task, shots, batch_size=4, allow_transfer=True)
+    assert len(fitness(np.array([[0.5, 0.5]]))) == 1
