@@ -53,6 +53,13 @@ def _replica_gone_errors() -> tuple[type[BaseException], ...]:
 
 
 REPLICA_GONE = _replica_gone_errors()
+try:
+    from ray.serve.exceptions import BackPressureError
+
+    BACKPRESSURE: tuple[type[BaseException], ...] = (BackPressureError,)
+except ImportError:  # older Ray
+    BACKPRESSURE = ()
+INTERNAL_ERROR = RequestError(500, "internal error; the server log has the details", type="server_error")
 
 
 def token_routing_available() -> str | None:
@@ -250,6 +257,17 @@ async def _http_error(request: Request, exc: StarletteHTTPException):
                                      code=kind).body(), status_code=exc.status_code)
 
 
+def api_key(settings: dict[str, Any]) -> str:
+    """The bearer token requests need ("" = none), from this node's environment, without surrounding whitespace.
+    A required key that is unset or blank here is an error: never serve open because one node lacks the secret."""
+    env = settings.get("api_key_env")
+    key = (os.environ.get(env) or "").strip() if env else ""
+    if settings["require_api_key"] and not key:
+        raise RuntimeError(f"api key required but ${env} is unset or blank where the Dispatcher runs: set it on "
+                           "every node (or require_api_key: false)")
+    return key
+
+
 @serve.deployment(name="Dispatcher")
 @serve.ingress(api)
 class Dispatcher:
@@ -258,8 +276,7 @@ class Dispatcher:
     def __init__(self, expert_model, settings: dict[str, Any]):
         self.replicas = expert_model
         self.s = settings
-        env = settings.get("api_key_env")
-        self.api_key = os.environ.get(env) if env else None
+        self.api_key = api_key(settings)
         self.created = int(time.time())
         self.experts: dict[str, dict] = settings["experts"]
         self.mixtures: dict[str, dict] = settings["mixtures"]
@@ -289,6 +306,9 @@ class Dispatcher:
         for attempt in range(self.s["retries"] + 1):
             try:
                 return await getattr(self.replicas, method).remote(*args)
+            except BACKPRESSURE:
+                raise RequestError(503, "the server is overloaded (its request queue is full); retry shortly",
+                                   type="server_error", code="server_overloaded") from None
             except REPLICA_GONE:
                 if attempt == self.s["retries"]:
                     raise RequestError(503, "the model replica died and its replacement did not answer in time; "
@@ -468,9 +488,11 @@ class Dispatcher:
                     chunk = chat_chunk(rid, model, {}) if chat else completion_chunk(rid, model, "")
                     yield sse({**chunk, "choices": [], "usage": usage(final["prompt_tokens"],
                                                                       final["completion_tokens"])})
-            except Exception as err:  # the client already has a 200: report the failure in the stream
+            except RequestError as err:
+                yield sse(err.body())
+            except Exception:  # the client already has a 200: report the failure in the stream, details in the log
                 logger.exception("stream failed")
-                yield sse(RequestError(500, f"generation failed: {type(err).__name__}: {err}").body())
+                yield sse(INTERNAL_ERROR.body())
             yield sse("[DONE]")
 
         return StreamingResponse(sse_events(), media_type="text/event-stream",
@@ -479,12 +501,18 @@ class Dispatcher:
     async def _handle(self, request: Request, kind: type, chat: bool):
         try:
             self._check_auth(request)
-            body = parse_body(await request.body(), kind)
+            limit = self.gen["max_body_bytes"]
+            if int(request.headers.get("content-length") or 0) > limit:
+                raise RequestError(413, f"the request body exceeds {limit} bytes", code="request_too_large")
+            raw = await request.body()
+            if len(raw) > limit:
+                raise RequestError(413, f"the request body exceeds {limit} bytes", code="request_too_large")
+            body = parse_body(raw, kind)
             if chat:
                 messages = body.plain_messages()
                 if body.stream:
                     return await self._stream(body, body.question(), True, messages=messages)
-                text, final, report = await self._one(body, body.question(), messages=messages)
+                text, final, report = await self._in_time(self._one(body, body.question(), messages=messages))
                 return JSONResponse(chat_response(new_id("chatcmpl"), body.model, text, final, report))
             prompts = body.prompts()
             if len(prompts) > self.gen["max_prompts"]:
@@ -494,13 +522,20 @@ class Dispatcher:
                 if len(prompts) > 1:
                     raise bad_request("stream: true takes a single prompt", param="prompt")
                 return await self._stream(body, prompts[0], False, prompt=prompts[0])
-            results = await asyncio.gather(*(self._one(body, p, prompt=p) for p in prompts))
+            results = await self._in_time(asyncio.gather(*(self._one(body, p, prompt=p) for p in prompts)))
             return JSONResponse(completion_response(new_id("cmpl"), body.model, list(results)))
         except RequestError as err:
             return self._error(err)
-        except Exception as err:  # keep serving: an unexpected failure is a 500 in OpenAI's shape
+        except Exception:  # keep serving: a 500 in OpenAI's shape; the details (remote tracebacks) go to the log
             logger.exception("request failed")
-            return self._error(RequestError(500, f"internal error: {type(err).__name__}: {err}"))
+            return self._error(INTERNAL_ERROR)
+
+    async def _in_time(self, work):
+        try:
+            return await asyncio.wait_for(work, timeout=self.gen["request_timeout_s"])
+        except asyncio.TimeoutError:
+            raise RequestError(504, f"no answer within {self.gen['request_timeout_s']:g} s; retry, or ask for fewer "
+                                    "tokens", type="server_error", code="timeout") from None
 
     # ---------------------------------------------------------------- routes
 
@@ -530,12 +565,13 @@ class Dispatcher:
 
     @api.get("/healthz")
     async def healthz(self):
+        """Healthy or not, nothing more: it needs no key, so it names no model, path or error."""
         try:
-            info = await asyncio.wait_for(self._call("ping"), timeout=30)
-            return {"status": "ok", "model": info["model"], "models": self.model_ids()}
-        except Exception as err:
-            return JSONResponse(RequestError(503, f"no model replica answered: {type(err).__name__}: {err}",
-                                             type="server_error").body(), status_code=503)
+            await asyncio.wait_for(self._call("ping"), timeout=30)
+            return {"status": "ok"}
+        except Exception:
+            logger.exception("health check: no model replica answered")
+            return JSONResponse({"status": "unhealthy"}, status_code=503)
 
 
 # ============================================================================ building the application
@@ -582,6 +618,8 @@ def plan(cfg: ServeArgs) -> tuple[dict, dict]:
     settings = {"base_id": cfg.model.spec, "experts": meta, "mixtures": mixtures, "categories": categories,
                 "auto": cfg.auto.model_dump(), "generation": cfg.generation.model_dump(),
                 "api_key_env": cfg.api_key_env, "retries": cfg.retries,
+                "require_api_key": cfg.require_api_key if cfg.require_api_key is not None else
+                bool(cfg.api_key_env and os.environ.get(cfg.api_key_env)),
                 "has_classifier": cfg.classifier_expert is not None}
     return engine, settings
 

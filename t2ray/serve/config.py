@@ -71,6 +71,8 @@ class GenerationSection(Strict):
     temperature: float = Field(1.0, ge=0, le=2, description="OpenAI's default; 0 = greedy")
     top_p: float = Field(1.0, gt=0, le=1)
     max_prompts: int = Field(16, ge=1, description="/v1/completions: most prompts in one request")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="a larger request body is a 413")
+    request_timeout_s: float = Field(300.0, gt=0, description="a non-streaming request not answered by then is a 504")
 
     @model_validator(mode="after")
     def _default_within_limit(self):
@@ -98,6 +100,8 @@ class ReplicaSection(Strict):
     autoscaling_config: dict[str, Any] | None = Field(None, description="Serve's AutoscalingConfig fields")
     ray_actor_options: dict[str, Any] = Field(default_factory=dict, description="num_cpus, num_gpus, memory, ...")
     max_ongoing_requests: int | None = Field(None, ge=1)
+    max_queued_requests: int | None = Field(None, ge=1, description="requests waiting for this deployment beyond "
+                                            "which callers get a 503 at once (Serve's backpressure)")
     health_check_period_s: float | None = Field(None, gt=0)
     health_check_timeout_s: float | None = Field(None, gt=0)
 
@@ -122,12 +126,14 @@ class ServeArgs(Strict):
     auto: AutoSection = AutoSection()
     generation: GenerationSection = GenerationSection()
     batching: BatchingSection = BatchingSection()
-    expert_model: ReplicaSection = ReplicaSection(num_replicas=1, max_ongoing_requests=64,
+    expert_model: ReplicaSection = ReplicaSection(num_replicas=1, max_ongoing_requests=64, max_queued_requests=256,
                                                   health_check_period_s=5, health_check_timeout_s=30)
     dispatcher: ReplicaSection = ReplicaSection(num_replicas=1, max_ongoing_requests=512,
                                                 ray_actor_options={"num_cpus": 0})
     api_key_env: str | None = Field("T2RAY_API_KEY", description="when this env var is set (in the cluster), "
                                     "requests need `Authorization: Bearer <its value>`")
+    require_api_key: bool | None = Field(None, description="the Dispatcher refuses to start without the key; None: "
+                                         "required when api_key_env is set where the application is built")
     retries: int = Field(2, ge=0, description="a request whose replica died is re-sent this many times")
 
     @field_validator("experts", "mixtures")

@@ -22,6 +22,9 @@ class RequestError(Exception):
     def to_dict(self) -> dict[str, Any]:
         return {"status": self.status, **self.body()}
 
+    def __reduce__(self):  # picklable (Ray ships it between processes): Exception's default would lose the status
+        return RequestError.from_dict, (self.to_dict(),)
+
     @classmethod
     def from_dict(cls, d: dict) -> "RequestError":
         e = d["error"]

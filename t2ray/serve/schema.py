@@ -1,5 +1,7 @@
 """The OpenAI-compatible request bodies (what the official `openai` client sends), strictly typed, and the
-response/chunk builders. Unknown OpenAI fields are ignored; wrong types are a 400 naming the field."""
+response/chunk builders. Wrong types are a 400 naming the field; OpenAI fields that would change the answer and
+that t2ray does not implement (tools, response_format, logprobs, …) are a 400 naming the field, not silently
+ignored; other unknown fields are ignored."""
 from __future__ import annotations
 
 import json
@@ -63,6 +65,17 @@ class StreamOptions(Loose):
     include_usage: bool = False
 
 
+# Fields of OpenAI's API that change what comes back; accepted only at their no-op value.
+UNSUPPORTED_FIELDS: dict[str, tuple] = {
+    "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
+    "parallel_tool_calls": (None,), "response_format": (None, {"type": "text"}), "logprobs": (None, False),
+    "top_logprobs": (None, 0), "logit_bias": (None, {}), "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0), "echo": (None, False), "suffix": (None, ""), "best_of": (None, 1),
+    "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,)}
+SEED_RANGE = (-2**63, 2**64 - 1)  # what torch.Generator.manual_seed takes
+MIN_SAMPLING_TEMPERATURE = 1e-5   # below it sampling is greedy (logits / T would overflow to inf, then NaN)
+
+
 class CommonRequest(Loose):
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -72,7 +85,7 @@ class CommonRequest(Loose):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     user: str | None = None
     ignore_eos: bool = Field(False, description="vLLM's extension: always generate max_tokens (benchmarks)")
     t2ray: T2RayOptions | None = None
@@ -137,6 +150,20 @@ class CompletionRequest(CommonRequest):
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
 
 
+def _lone_surrogate(value: Any, path: str = "") -> str | None:
+    """The path of the first string holding a lone UTF-16 surrogate (valid JSON, not text a tokenizer takes)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "body"
+    elif isinstance(value, dict):
+        return next((p for k, v in value.items() if (p := _lone_surrogate(v, f"{path}.{k}".lstrip(".")))), None)
+    elif isinstance(value, list):
+        return next((p for i, v in enumerate(value) if (p := _lone_surrogate(v, f"{path}.{i}"))), None)
+    return None
+
+
 def parse_body(raw: bytes, model: type[BaseModel]) -> Any:
     """JSON bytes -> a validated request; a RequestError (400) that names the first bad field otherwise."""
     try:
@@ -146,6 +173,13 @@ def parse_body(raw: bytes, model: type[BaseModel]) -> Any:
                           "object.") from None
     if not isinstance(data, dict):
         raise bad_request(f"the request body must be a JSON object, got {type(data).__name__}")
+    for field, no_op in UNSUPPORTED_FIELDS.items():
+        if field in data and data[field] not in no_op:
+            raise bad_request(f"{field} is not supported by t2ray (it would change the answer); leave it out",
+                              param=field, code="unsupported_parameter")
+    bad_text = _lone_surrogate(data)
+    if bad_text:
+        raise bad_request(f"{bad_text}: text with a lone UTF-16 surrogate (not valid Unicode)", param=bad_text)
     try:
         return model.model_validate(data)
     except ValidationError as err:

@@ -2,6 +2,7 @@
 validation; the shipped Serve config."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -175,6 +176,74 @@ def test_bad_bodies_name_the_field(body, param):
     with pytest.raises(RequestError) as err:
         parse_body(body, ChatRequest)
     assert err.value.status == 400 and err.value.param == param
+
+
+@pytest.mark.parametrize("field, value", [
+    ("tools", [{"type": "function", "function": {"name": "f"}}]), ("tool_choice", "auto"),
+    ("response_format", {"type": "json_object"}), ("logprobs", True), ("top_logprobs", 2),
+    ("logit_bias", {"42": 5}), ("presence_penalty", 0.5), ("best_of", 2),
+])
+def test_fields_that_would_change_the_answer_are_refused_by_name(field, value):
+    body = {"model": "auto", "messages": [{"role": "user", "content": "x"}], field: value}
+    with pytest.raises(RequestError) as err:
+        parse_body(json.dumps(body).encode(), ChatRequest)
+    assert err.value.status == 400 and err.value.param == field and err.value.code == "unsupported_parameter"
+    no_op = {"tools": [], "tool_choice": "none", "response_format": {"type": "text"}, "logprobs": False,
+             "top_logprobs": 0, "logit_bias": {}, "presence_penalty": 0, "best_of": 1}[field]
+    assert parse_body(json.dumps({**body, field: no_op}).encode(), ChatRequest).model == "auto"
+
+
+def test_seed_bounds_and_lone_surrogates_are_400s():
+    base = '{"model": "m", "messages": [{"role": "user", "content": %s}]%s}'
+    for seed in (2**64, -(2**63) - 1):
+        with pytest.raises(RequestError) as err:
+            parse_body((base % ('"x"', f', "seed": {seed}')).encode(), ChatRequest)
+        assert err.value.param == "seed"
+    assert parse_body((base % ('"x"', f', "seed": {2**64 - 1}')).encode(), ChatRequest).seed == 2**64 - 1
+    with pytest.raises(RequestError) as err:
+        parse_body((base % ('"a\\ud800b"', "")).encode(), ChatRequest)
+    assert err.value.param == "messages.0.content" and "surrogate" in err.value.message
+
+
+def test_tiny_temperature_is_greedy_not_nan(lib):
+    greedy = run_to_completion(lib, [GenRequest(MixtureRef(), prompt="Once upon a time", max_tokens=6,
+                                                temperature=0)])[0]
+    for temperature in (1e-38, 1e-6):
+        tiny = run_to_completion(lib, [GenRequest(MixtureRef(), prompt="Once upon a time", max_tokens=6,
+                                                  temperature=temperature, seed=2**64 - 1)])[0]
+        assert tiny["text"] == greedy["text"]
+
+
+def test_sampling_generator_lives_with_the_logits(lib):
+    item = lib.prepare(GenRequest(MixtureRef(), prompt="x", max_tokens=2, temperature=1.0, seed=1))
+    assert item.generator.device == lib.model.device  # a CPU generator failed every sampled request on CUDA
+
+
+def test_dispatcher_never_serves_open_when_a_key_is_required(tiny_experts, monkeypatch):
+    """A key set where the app is built but missing (or blank) where the Dispatcher runs used to turn auth off."""
+    from t2ray.serve.app import api_key, plan
+
+    from .conftest import tiny_args
+
+    monkeypatch.setenv("T2RAY_API_KEY", "  s3cret \n")
+    _, settings = plan(ServeArgs.model_validate(tiny_args(tiny_experts)).resolved())
+    assert settings["require_api_key"]
+    assert api_key(settings) == "s3cret"  # whitespace from a file or a shell is not part of the secret
+    for missing in ("", "   "):
+        monkeypatch.setenv("T2RAY_API_KEY", missing)
+        with pytest.raises(RuntimeError, match="api key required"):
+            api_key(settings)
+    monkeypatch.delenv("T2RAY_API_KEY")
+    open_settings = plan(ServeArgs.model_validate(tiny_args(tiny_experts)).resolved())[1]
+    assert not open_settings["require_api_key"] and api_key(open_settings) == ""
+
+
+def test_replica_queue_is_bounded_through_the_yaml(tiny_experts):
+    from .conftest import tiny_args
+
+    args = ServeArgs.model_validate(tiny_args(tiny_experts, expert_model={"max_queued_requests": 8}))
+    assert args.expert_model.options()["max_queued_requests"] == 8
+    assert ServeArgs.model_fields["expert_model"].default.options()["max_queued_requests"] == 256  # by default
 
 
 def test_good_bodies_parse():

@@ -183,6 +183,14 @@ OK = {"model": "auto", "messages": CHAT, "max_tokens": 2}
     ("/v1/completions", {"model": "math", "prompt": LONG, "max_tokens": 2}, 400, "context"),
     ("/v1/completions", {"model": "math", "prompt": [], "max_tokens": 2}, 400, "prompt"),
     ("/v1/embeddings", {"model": "math", "input": "x"}, 404, "Not Found"),
+    ("/v1/chat/completions", {**OK, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400,
+     "tools is not supported"),
+    ("/v1/chat/completions", {**OK, "response_format": {"type": "json_object"}}, 400, "response_format"),
+    ("/v1/chat/completions", {**OK, "logprobs": True}, 400, "logprobs is not supported"),
+    ("/v1/chat/completions", {**OK, "seed": 2**64}, 400, "seed"),
+    ("/v1/chat/completions", b'{"model": "auto", "messages": [{"role": "user", "content": "a\\ud800b"}]}', 400,
+     "surrogate"),
+    ("/v1/chat/completions", {**OK, "messages": [{"role": "user", "content": "x" * (1 << 20)}]}, 413, "exceeds"),
 ])
 def test_bad_input_is_a_4xx_in_openai_shape(http, path, body, status, fragment):
     kwargs = {"content": body, "headers": {"Content-Type": "application/json"}} if isinstance(body, bytes) \
@@ -202,8 +210,11 @@ def test_wrong_or_missing_token_is_401(endpoint, client):
 
 
 def test_still_serving_after_bad_input(http, client):
-    assert http.get("/healthz").json()["status"] == "ok"
+    assert httpx.get(f"{URL}/healthz").json() == {"status": "ok"}  # no key, and no model ids or paths told
     assert client.chat.completions.create(model="base", messages=CHAT, max_tokens=2).choices
+    tiny = client.chat.completions.create(model="base", messages=CHAT, max_tokens=4, temperature=1e-38, seed=3)
+    greedy = client.chat.completions.create(model="base", messages=CHAT, max_tokens=4, temperature=0)
+    assert tiny.choices[0].message.content == greedy.choices[0].message.content  # greedy, not NaN
 
 
 # ----------------------------------------------------------------------------- load and recovery
