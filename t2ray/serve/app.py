@@ -132,8 +132,9 @@ class ExpertModel:
             events = await self._run(batch.step)
             out = []
             for i, event in enumerate(events):
-                if finished[i]:
-                    out.append(StopIteration)  # this row's stream has ended
+                if finished[i] or items[i].cancelled:
+                    finished[i] = True
+                    out.append(StopIteration)  # this row's stream has ended, or nobody reads it
                     continue
                 event = event or {"text": "", "finish_reason": None}
                 finished[i] = event["finish_reason"] is not None
@@ -147,8 +148,11 @@ class ExpertModel:
         except RequestError as err:
             yield {"error": err.to_dict()}
             return
-        async for event in self._generate_batch(item):
-            yield event
+        try:
+            async for event in self._generate_batch(item):
+                yield event
+        finally:  # ended, or the caller left (cancelled or closed): a row still decoding stops at the next step
+            item.cancelled = True
 
     async def complete(self, request: GenRequest) -> dict[str, Any]:
         text, final = "", None
@@ -255,6 +259,16 @@ async def _http_error(request: Request, exc: StarletteHTTPException):
     kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
     return JSONResponse(RequestError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
                                      code=kind).body(), status_code=exc.status_code)
+
+
+async def closing_stream(events, replica_stream):
+    """`events`, and the replica's stream cancelled when they stop being read (the client disconnected)."""
+    try:
+        async for event in events:
+            yield event
+    finally:
+        if replica_stream is not None:
+            replica_stream.cancel()
 
 
 def api_key(settings: dict[str, Any]) -> str:
@@ -475,7 +489,7 @@ class Dispatcher:
                         async for e in stream:
                             yield e
 
-                async for event in all_events():
+                async for event in closing_stream(all_events(), stream):
                     if event["text"]:
                         yield sse(chat_chunk(rid, model, {"content": event["text"]}) if chat
                                   else completion_chunk(rid, model, event["text"]))

@@ -78,6 +78,10 @@ class GenItem:
     emitted: int = 0
     finish_reason: str | None = None
     generator: torch.Generator | None = None
+    cancelled: bool = False  # set when the caller left: the row stops at the next decode step
+    text: str = ""           # decoded so far, incrementally (the two offsets below)
+    prefix_offset: int = 0   # tokens [prefix_offset, read_offset) are decoded again as context for the next ones
+    read_offset: int = 0
 
 
 class ExpertLibrary:
@@ -111,7 +115,8 @@ class ExpertLibrary:
         self._lock = threading.RLock()  # requests are prepared on the event loop, the model runs on a worker thread
         self._active: tuple | None = None
         self._scorer: PrefixScorer | None = None
-        self.stats = {"materialized_builds": 0, "batches": {"base": 0, "factored": 0, "materialized": 0}}
+        self.stats = {"materialized_builds": 0, "batches": {"base": 0, "factored": 0, "materialized": 0},
+                      "decoding_rows": 0, "cancelled_rows": 0}
 
     # ------------------------------------------------------------------ mixtures -> z
 
@@ -280,6 +285,7 @@ class DecodeBatch:
         self.key = single.key if single is not None else None
         self._rows_z = None if single is not None else self._stack([it.z for it in items])
         lib.stats["batches"][self.mode] += 1
+        lib.stats["decoding_rows"] += len(items)
         self.stops = [it.request.stop for it in items]
 
     def _stack(self, zs: list[dict[str, torch.Tensor] | None]) -> dict[str, torch.Tensor]:
@@ -330,21 +336,30 @@ class DecodeBatch:
                 tokens[j] = torch.multinomial(probs, 1, generator=self.items[row].generator)[0]
         return tokens
 
+    def _new_text(self, it: GenItem) -> str:
+        """The text the latest token adds, decoding only the last few tokens (re-decoding everything each step was
+        O(n²) in the answer's length). A token that ends inside a UTF-8 character waits for the rest of it."""
+        tok = self.lib.tokenizer
+        ids = it.generated if it.generated[-1] not in self.lib.eos else it.generated[:-1]
+        before = tok.decode(ids[it.prefix_offset:it.read_offset], skip_special_tokens=True)
+        after = tok.decode(ids[it.prefix_offset:], skip_special_tokens=True)
+        if len(after) > len(before) and (not after.endswith("\ufffd") or it.finish_reason is not None):
+            it.prefix_offset, it.read_offset = it.read_offset, len(ids)
+            return after[len(before):]
+        return ""
+
     def _event(self, row: int) -> dict[str, Any]:
-        it, tok = self.items[row], self.lib.tokenizer
-        ids = [t for t in it.generated if t not in self.lib.eos]
-        text = tok.decode(ids, skip_special_tokens=True)
+        it = self.items[row]
+        it.text += self._new_text(it)
+        text = it.text
         stops = self.stops[row]
         if stops:
             hits = [i for i in (text.find(s, max(0, it.emitted - len(s))) for s in stops) if i >= 0]
             if hits:
                 text, it.finish_reason = text[:min(hits)], "stop"
         end = len(text)
-        if it.finish_reason is None:
-            if stops:
-                end -= max(len(s) for s in stops) - 1  # a stop string may be starting
-            while end > it.emitted and text[end - 1] == "\ufffd":
-                end -= 1  # an incomplete UTF-8 character: wait for its next byte
+        if it.finish_reason is None and stops:
+            end -= max(len(s) for s in stops) - 1  # a stop string may be starting
         delta = text[it.emitted:max(end, it.emitted)]
         it.emitted = max(end, it.emitted)
         event = {"text": delta, "finish_reason": it.finish_reason}
@@ -363,6 +378,10 @@ class DecodeBatch:
         keep = []
         for j, row in enumerate(self.active):
             it = self.items[row]
+            if it.cancelled:  # nobody reads this row any more: it leaves the batch (and its KV cache) now
+                it.finish_reason = "cancelled"
+                self.lib.stats["cancelled_rows"] += 1
+                continue
             token = int(tokens[j])
             it.generated.append(token)
             if token in self.lib.eos and not it.request.ignore_eos:
@@ -372,6 +391,7 @@ class DecodeBatch:
             events[row] = self._event(row)
             if it.finish_reason is None:
                 keep.append(j)
+        self.lib.stats["decoding_rows"] -= len(self.active) - len(keep)
         if keep:
             self._advance(tokens, keep)
         self.active = [self.active[j] for j in keep]

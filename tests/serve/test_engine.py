@@ -140,6 +140,56 @@ def test_sampling_is_seeded_and_stops_are_honoured(lib):
     assert isinstance(c["text"], str)
 
 
+def test_streamed_text_is_decoded_incrementally(lib):
+    """The streamed deltas add up to the full decode, multi-byte characters whole, while the tokenizer decodes
+    O(1) tokens per step (re-decoding the whole answer each step was O(n²))."""
+    decoded = []
+    decode = lib.tokenizer.decode
+
+    def counting(ids, **kwargs):
+        decoded.append(len(ids))
+        return decode(ids, **kwargs)
+
+    req = GenRequest(MixtureRef(), prompt="Ünïcödé → 日本語 ✓", max_tokens=48, temperature=1.0, seed=5,
+                     ignore_eos=True)
+    item = lib.prepare(req)
+    batch = DecodeBatch(lib, [item])
+    batch.prefill()
+    lib.tokenizer.decode = counting
+    try:
+        deltas = []
+        while not batch.done:
+            deltas += [ev["text"] for ev in batch.step() if ev is not None]
+    finally:
+        lib.tokenizer.decode = decode
+    ids = [t for t in item.generated if t not in lib.eos]
+    assert "".join(deltas) == decode(ids, skip_special_tokens=True) and len(ids) == 48
+    assert sum(decoded) < 8 * len(ids)       # a few tokens per step, not the whole prefix
+
+
+def test_cancelled_rows_leave_the_batch_at_the_next_step(lib):
+    def request(seed):
+        return GenRequest(MixtureRef(), prompt=f"Tell me about {seed}", max_tokens=32, temperature=1.0, seed=seed,
+                          ignore_eos=True)
+
+    alone = run_to_completion(lib, [request(1), request(3)])
+    items = [lib.prepare(request(s)) for s in (1, 2, 3)]
+    batch = DecodeBatch(lib, items)
+    batch.prefill()
+    before = lib.stats["decoding_rows"]
+    texts = ["", "", ""]
+    for step in range(32):
+        if step == 2:
+            items[1].cancelled = True  # its caller left
+        for i, ev in enumerate(batch.step()):
+            texts[i] += ev["text"] if ev else ""
+        if step == 2:
+            assert batch.active == [0, 2] and lib.stats["decoding_rows"] == before - 1
+    assert items[1].finish_reason == "cancelled" and len(items[1].generated) == 2
+    assert [texts[0], texts[2]] == [a["text"] for a in alone]  # the others are untouched
+    assert lib.stats["decoding_rows"] == before - 3
+
+
 def test_request_errors(lib):
     with pytest.raises(RequestError) as err:
         lib.prepare(GenRequest(MixtureRef(), prompt="word " * 1200, max_tokens=4))

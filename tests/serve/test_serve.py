@@ -220,6 +220,44 @@ def test_still_serving_after_bad_input(http, client):
 # ----------------------------------------------------------------------------- load and recovery
 
 
+def replica_stats(seconds: float = 2.0) -> dict[int, dict]:
+    """Latest stats of each ExpertModel replica seen by pinging for `seconds` (pings land on random replicas)."""
+    handle = serve.get_deployment_handle("ExpertModel", app_name=APP)
+    seen, deadline = {}, time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        info = handle.ping.remote().result()
+        seen[info["pid"]] = info["stats"]
+    return seen
+
+
+def test_fifty_dropped_streams_stop_decoding(endpoint):
+    """Clients that hang up after the first chunk: their rows leave the batch instead of generating to max_tokens."""
+    cancelled_before = sum(s["cancelled_rows"] for s in replica_stats(1.0).values())
+
+    async def open_then_drop(client, i):
+        body = {"model": "base", "prompt": f"Story number {i}:", "max_tokens": 64, "stream": True, "ignore_eos": True}
+        async with client.stream("POST", "/v1/completions", json=body) as resp:
+            async for line in resp.aiter_lines():
+                if line.startswith("data:"):
+                    return  # hang up
+
+    async def drop_all():
+        async with httpx.AsyncClient(base_url=endpoint, headers={"Authorization": f"Bearer {KEY}"},
+                                     timeout=120) as client:
+            await asyncio.gather(*(open_then_drop(client, i) for i in range(50)))
+
+    asyncio.run(drop_all())
+    dropped = time.monotonic()
+    idle = None
+    while time.monotonic() - dropped < 10:
+        stats = replica_stats(0.5)
+        if all(s["decoding_rows"] == 0 for s in stats.values()):
+            idle = time.monotonic() - dropped
+            break
+    assert idle is not None and idle < 2.0, idle
+    assert sum(s["cancelled_rows"] for s in replica_stats(1.0).values()) > cancelled_before
+
+
 def random_weights(rng: random.Random) -> dict[str, float]:
     names = rng.sample(["math", "code", "reasoning"], rng.randint(1, 3))
     return {n: round(rng.uniform(0.05, 1.0), 3) for n in names}
