@@ -122,7 +122,8 @@ class SVFLinear(nn.Module):
         # Training always takes the factored path: z's gradient costs ~4·T·min(m,n)² per matrix there, while
         # rebuilding W' under autograd costs 3·m·n·r + T·m·n (about twice as much for T ≈ 1000 tokens).
         training = torch.is_grad_enabled() and z.requires_grad
-        if self.mode == "factored" or z.dim() > 1 or training or self._rebuild_not_worth_it():
+        # ZeRO-3 (not cacheable): W' would be rebuilt on every forward, the factored path costs less.
+        if self.mode == "factored" or z.dim() > 1 or training or not self._cacheable or self._rebuild_not_worth_it():
             return self._factored(x, z)
         return F.linear(x, self._cached_weight(z), self.base_layer.bias)
 

@@ -328,3 +328,18 @@ def test_a_short_call_runs_factored_instead_of_rebuilding_a_stale_w_prime():
     with torch.no_grad(), announce_tokens(layer, 1):
         layer(x)
     assert layer._weight_cache[1] is built and layer.expected_tokens is None  # a fresh W' is reused; reset after
+
+
+def test_a_weight_zero3_partitions_runs_factored_instead_of_rebuilding_w_prime_every_call(monkeypatch):
+    """ZeRO-3 marks the weights it partitions (ds_id); W' of such a weight cannot be kept, so materialized mode
+    used to rebuild it on every forward. It runs the factored path, with the same result."""
+    layer, reference = make_layer(SHAPES["tall"]), make_layer(SHAPES["tall"], mode="factored")
+    layer.base_layer.weight.ds_id = 7
+    builds = []
+    build = layer.adapted_weight
+    monkeypatch.setattr(layer, "adapted_weight", lambda z: builds.append(1) or build(z))
+    x = torch.randn(3, SHAPES["tall"][1])
+    with torch.no_grad():
+        for _ in range(3):
+            torch.testing.assert_close(layer(x), reference(x), atol=1e-5, rtol=1e-5)
+    assert builds == [] and layer._weight_cache is None
