@@ -628,7 +628,8 @@ def plan(cfg: ServeArgs) -> tuple[dict, dict]:
     engine = {"model_spec": cfg.model.spec, "experts": engine_experts, "classifier": cfg.classifier_expert,
               "dtype": cfg.model.dtype, "device": cfg.model.device, "seed": cfg.model.seed,
               "allow_transfer": cfg.model.allow_transfer, "mode": cfg.batching.mode,
-              "materialize_after": cfg.batching.materialize_after, "lru_size": cfg.batching.lru_size}
+              "materialize_after": cfg.batching.materialize_after, "lru_size": cfg.batching.lru_size,
+              "lru_bytes": cfg.batching.lru_bytes}
     settings = {"base_id": cfg.model.spec, "experts": meta, "mixtures": mixtures, "categories": categories,
                 "auto": cfg.auto.model_dump(), "generation": cfg.generation.model_dump(),
                 "api_key_env": cfg.api_key_env, "retries": cfg.retries,

@@ -90,6 +90,8 @@ class BatchingSection(Strict):
         "auto", description="auto: factored (z per row) for mixed batches, materialised W' for hot single mixtures")
     materialize_after: int = Field(4, ge=1, description="requests for one mixture before its W' is built")
     lru_size: int = Field(2, ge=0, description="materialised W' kept (one copy of the adapted weights each)")
+    lru_bytes: int | None = Field(None, ge=1, description="and at most this many bytes of them (None: lru_size "
+                                  "alone); a W' larger than this is used but not kept")
     torch_threads: int | None = Field(None, ge=1, description="torch threads per replica (None = the CPUs it got)")
 
 

@@ -89,7 +89,8 @@ class ExpertLibrary:
 
     def __init__(self, model_spec: str, experts: dict[str, str], *, classifier: str | None = None,
                  dtype: str = "auto", device: str = "cpu", seed: int = 0, allow_transfer: bool = False,
-                 mode: str = "auto", materialize_after: int = 4, lru_size: int = 2, z_cache_size: int = 256):
+                 mode: str = "auto", materialize_after: int = 4, lru_size: int = 2, lru_bytes: int | None = None,
+                 z_cache_size: int = 256):
         self.model, self.tokenizer = load_model(model_spec, dtype=dtype, device=device, seed=seed)
         self.model_spec = model_spec
         self.experts: dict[str, Expert] = {name: load_expert(path) for name, path in experts.items()}
@@ -107,7 +108,7 @@ class ExpertLibrary:
         self.context = context_length(self.model)
         self.eos = eos_token_ids(self.model, self.tokenizer)
         self.cache_kwarg = cache_kwarg(self.model)
-        self.mode, self.materialize_after, self.lru_size = mode, materialize_after, lru_size
+        self.mode, self.materialize_after, self.lru_size, self.lru_bytes = mode, materialize_after, lru_size, lru_bytes
         self._z_cache: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
         self._z_cache_size = z_cache_size
         self._weights: OrderedDict[tuple, dict[str, tuple]] = OrderedDict()  # key -> layer -> (z, W' cache)
@@ -116,7 +117,7 @@ class ExpertLibrary:
         self._active: tuple | None = None
         self._scorer: PrefixScorer | None = None
         self.stats = {"materialized_builds": 0, "batches": {"base": 0, "factored": 0, "materialized": 0},
-                      "decoding_rows": 0, "cancelled_rows": 0}
+                      "decoding_rows": 0, "cancelled_rows": 0, "materialize_failures": 0}
 
     # ------------------------------------------------------------------ mixtures -> z
 
@@ -176,21 +177,50 @@ class ExpertLibrary:
             set_z(self.model, z)
             self._active = ("factored", token)
 
-    def use_materialized(self, key: tuple, z: dict[str, torch.Tensor]) -> None:
-        """W' for this mixture, from the LRU or built now (and kept when the LRU has room)."""
+    def entry_bytes(self, z: dict[str, torch.Tensor]) -> int:
+        """What one materialised mixture holds: a copy of every adapted matrix."""
+        return sum(layer.base_layer.weight.numel() * layer.base_layer.weight.element_size()
+                   for name, layer in self.layers.items() if name in z)
+
+    def _make_room(self, nbytes: int) -> bool:
+        """Evict (least recently used first) BEFORE a build, so a new W' never sits beside a full LRU; False when
+        the entry cannot be kept at all (no LRU, or larger than the byte budget)."""
+        if self.lru_size == 0 or (self.lru_bytes is not None and nbytes > self.lru_bytes):
+            self._weights.clear()
+            return False
+        held = nbytes * len(self._weights)  # entries of one library are the same size (the experts' modules)
+        while self._weights and (len(self._weights) >= self.lru_size or
+                                 (self.lru_bytes is not None and held + nbytes > self.lru_bytes)):
+            self._weights.popitem(last=False)
+            held -= nbytes
+        return True
+
+    def use_materialized(self, key: tuple, z: dict[str, torch.Tensor]) -> bool:
+        """W' for this mixture, from the LRU or built now (and kept when the budget allows). False when building
+        ran out of memory: the LRU is emptied and the model left in factored mode for this mixture."""
         if self._active == ("materialized", key):
-            return
-        set_mode(self.model, "materialized")
+            return True
         entry = self._weights.get(key)
         if entry is None:
-            set_z(self.model, z)
-            entry = {name: layer.materialized_state() for name, layer in self.layers.items() if name in z}
+            keep = self._make_room(self.entry_bytes(z))
+            set_mode(self.model, "materialized")
+            try:
+                set_z(self.model, z)
+                entry = {name: layer.materialized_state() for name, layer in self.layers.items() if name in z}
+            except (MemoryError, torch.OutOfMemoryError):
+                self._weights.clear()
+                set_z(self.model, None)  # drop the half-built W'
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                self.stats["materialize_failures"] += 1
+                self._active = None
+                self.use_factored(z, key)
+                return False
             self.stats["materialized_builds"] += 1
-            if self.lru_size > 0:
+            if keep:
                 self._weights[key] = entry
-                while len(self._weights) > self.lru_size:
-                    self._weights.popitem(last=False)
         else:
+            set_mode(self.model, "materialized")
             self._weights.move_to_end(key)
             for name, layer in self.layers.items():
                 if name in entry:
@@ -200,6 +230,7 @@ class ExpertLibrary:
                     layer.enabled = False
                     layer.set_z(None)
         self._active = ("materialized", key)
+        return True
 
     def invalidate(self) -> None:
         self._active = None
@@ -297,7 +328,8 @@ class DecodeBatch:
         if self.mode == "base":
             self.lib.use_base()
         elif self.mode == "materialized":
-            self.lib.use_materialized(self.key, self.items[0].z)
+            if not self.lib.use_materialized(self.key, self.items[0].z):
+                self.mode = "factored"  # out of memory for its W': this batch decodes factored
         elif self._rows_z is None:
             self.lib.use_factored(self.items[0].z, self.key)
         else:

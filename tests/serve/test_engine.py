@@ -124,6 +124,45 @@ def test_materialized_lru_equals_factored(tiny_experts, torch_threads):
     same(code_again, code_cold)
 
 
+def test_lru_evicts_before_it_builds_and_keeps_to_its_byte_budget(tiny_experts, torch_threads, monkeypatch):
+    lib = ExpertLibrary("tiny-llama", {n: str(tiny_experts[n]) for n in ("math", "code", "reasoning")},
+                        mode="materialized", lru_size=3, dtype="float32")
+    one = lib.entry_bytes(lib.z_of(ref_of({"math": 1.0})))
+    lib.lru_bytes = int(1.5 * one)  # room for one W' by bytes, three by count
+    held_during_builds = []
+    for layer in lib.layers.values():
+        build = layer.materialized_state
+        monkeypatch.setattr(layer, "materialized_state",
+                            lambda build=build: held_during_builds.append(len(lib._weights)) or build())
+
+    for weights in ({"math": 1.0}, {"math": 0.5, "code": 0.5}, {"code": 1.0}):
+        run_batch(lib, [GenRequest(ref_of(weights), prompt="x", max_tokens=2, temperature=0)])
+        assert len(lib._weights) == 1                       # the budget, not the count, binds
+    assert max(held_during_builds) == 0                     # the old entry was gone before the new W' was built
+    lib.lru_bytes = one // 2                                # larger than the budget: used, not kept
+    assert run_batch(lib, [GenRequest(ref_of({"reasoning": 1.0}), prompt="x", max_tokens=2, temperature=0)])[2] \
+        == "materialized" and len(lib._weights) == 0
+
+
+def test_out_of_memory_building_w_prime_falls_back_to_factored(tiny_experts, torch_threads, monkeypatch):
+    lib = ExpertLibrary("tiny-llama", {n: str(tiny_experts[n]) for n in ("math", "code", "reasoning")},
+                        mode="materialized", lru_size=2, dtype="float32")
+    requests = [GenRequest(ref_of({"math": 0.7, "code": 0.3}), prompt=p, max_tokens=5, temperature=0)
+                for p in PROMPTS[:2]]
+    expected = run_batch(lib, requests)
+    lib._weights.clear()
+    lib.invalidate()
+    layer = next(iter(lib.layers.values()))
+
+    def out_of_memory():
+        raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    monkeypatch.setattr(layer, "materialized_state", out_of_memory)
+    ids, _, mode = run_batch(lib, requests)
+    assert mode == "factored" and ids == expected[0] and lib.stats["materialize_failures"] == 1
+    assert not lib._weights
+
+
 def test_sampling_is_seeded_and_stops_are_honoured(lib):
     req = GenRequest(MixtureRef(), prompt="Once upon a time", max_tokens=12, temperature=1.0, top_p=0.9, seed=7)
     a, b = run_to_completion(lib, [req, req])
