@@ -73,6 +73,7 @@ def eos_token_ids(model, tokenizer) -> set[int]:
 
 # (token index, generated (B, i), done (B,), live: which of the B rows this step's batch holds, in its order)
 StepHook = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+AllDone = Callable[[bool], bool]  # this rank's rows are done -> every rank's are (a collective; ZeRO-3)
 GREEDY_BELOW = 1e-5  # temperatures below this decode greedily: dividing logits by ~0 gives NaN probabilities
 
 
@@ -95,7 +96,7 @@ RETIRE_SHARE = 4  # retire_rows compacts the batch once a quarter of its rows ar
 def decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_new_tokens: int, eos_ids: set[int],
            pad_id: int, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, stop_at_eos: bool = True,
            before_step: StepHook | None = None, recompute_prefix: bool = False, samples_per_prompt: int = 1,
-           retire_rows: bool = False):
+           retire_rows: bool = False, all_done: AllDone | None = None):
     """The decode loop every path shares (rollouts, evaluation, CEM, token routing): a left-padded batch, a KV
     cache, the LM head on the last position only, rows done at EOS (later tokens are padding) and the loop
     ended when every row is done. ``before_step`` runs before the forward that picks each token (token-level
@@ -105,6 +106,8 @@ def decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_ne
     ``retire_rows``: done rows leave the batch (and the KV cache), so a long tail of one rambling row no longer
     costs a full-width step; a model holding one z per row must then be given the `live` rows' z by
     ``before_step``.
+    ``all_done(mine)``: under ZeRO-3 every forward is a collective (it gathers the weights), so every rank steps
+    until all ranks' rows are done (HF's ``synced_gpus``); it returns whether they are. No row retires then.
     Returns (completion_ids (B, N), completion_mask (B, N), tokens run through the model)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -146,9 +149,10 @@ def decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_ne
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
         if stop_at_eos:
             done |= torch.isin(token, eos)
-            if bool(done.all()):
+            finished = bool(done.all())
+            if all_done(finished) if all_done is not None else finished:
                 break
-            if retire_rows and int(done[live].sum()) * RETIRE_SHARE >= len(live):
+            if retire_rows and all_done is None and int(done[live].sum()) * RETIRE_SHARE >= len(live):
                 keep = (~done[live]).nonzero().squeeze(1)
                 cache.batch_select_indices(keep)
                 mask, live = mask[keep], live[keep]
@@ -172,7 +176,8 @@ def announce_tokens(model, tokens: int):
 
 def rollout(model, tokenizer, prompts: Sequence[Messages | str], *, max_new_tokens: int = 64,
             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, reply_prefix: str = "",
-            ignore_eos: bool = False, samples_per_prompt: int = 1, before_step: StepHook | None = None) -> Rollouts:
+            ignore_eos: bool = False, samples_per_prompt: int = 1, before_step: StepHook | None = None,
+            all_done: AllDone | None = None) -> Rollouts:
     """Generate one completion per prompt in a single batch (greedy when temperature == 0), rows done early
     leaving the batch; `ignore_eos` always generates max_new_tokens (equal work per row, for benchmarks). With
     `samples_per_prompt` = k the prompts come as adjacent groups of k equal ones, each prefilled once (the model
@@ -186,14 +191,16 @@ def rollout(model, tokenizer, prompts: Sequence[Messages | str], *, max_new_toke
         completion, mask, _ = decode(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=max_new_tokens,
                                      eos_ids=eos_token_ids(model, tokenizer), pad_id=tokenizer.pad_token_id,
                                      temperature=temperature, top_p=top_p, seed=seed, stop_at_eos=not ignore_eos,
-                                     samples_per_prompt=k, retire_rows=True, before_step=before_step)
+                                     samples_per_prompt=k, retire_rows=True, before_step=before_step,
+                                     all_done=all_done)
     texts = tokenizer.batch_decode(completion * mask + tokenizer.pad_token_id * (1 - mask), skip_special_tokens=True)
     return Rollouts(batch["input_ids"], batch["attention_mask"], completion, mask, texts)
 
 
 def generate(model, tokenizer, prompts: Sequence[Messages | str], *, max_new_tokens: int = 64,
              temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 64, seed: int = 0,
-             progress: bool = False, desc: str = "generate", reply_prefix: str = "") -> list[str]:
+             progress: bool = False, desc: str = "generate", reply_prefix: str = "",
+             all_done: AllDone | None = None) -> list[str]:
     """Batched generation; deterministic for a given seed. Returns the completion texts in order.
 
     Wide batches are what make CPU and GPU decoding fast (a decode step costs about the same for 8 rows as for
@@ -204,7 +211,8 @@ def generate(model, tokenizer, prompts: Sequence[Messages | str], *, max_new_tok
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
             out = rollout(model, tokenizer, [prompts[i] for i in rows], max_new_tokens=max_new_tokens,
-                          temperature=temperature, top_p=top_p, seed=seed + start, reply_prefix=reply_prefix)
+                          temperature=temperature, top_p=top_p, seed=seed + start, reply_prefix=reply_prefix,
+                          all_done=all_done)
             for i, text in zip(rows, out.texts):
                 texts[i] = text
             bar.update(len(rows))

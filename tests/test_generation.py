@@ -194,6 +194,30 @@ def test_retired_rows_leave_the_batch_without_changing_any_row(tiny, tokenizer):
                recompute_prefix=True, **args)
 
 
+def test_zero3_lockstep_keeps_stepping_until_every_rank_is_done(tiny, tokenizer):
+    """Under ZeRO-3 each forward gathers the weights from every rank: a rank whose rows are all done must keep
+    stepping (full width, no retirement) while another rank still decodes, or the other rank waits forever."""
+    from t2ray.generation import decode, encode_prompts
+
+    batch = encode_prompts(tokenizer, ["hi", "another prompt"], tiny, 6)
+    args = dict(max_new_tokens=6, pad_id=tokenizer.pad_token_id)
+    alone, alone_mask, _ = decode(tiny, batch["input_ids"], batch["attention_mask"], eos_ids=set(), **args)
+    eos = {int(alone[0, 0]), int(alone[1, 0])}  # both rows of this rank end at the first token
+    asked = []
+
+    def other_rank_done_after_four_steps(mine: bool) -> bool:  # what all_reduce answers when rank 1 decodes on
+        asked.append(mine)
+        return len(asked) >= 4
+
+    ids, mask, tokens = decode(tiny, batch["input_ids"], batch["attention_mask"], eos_ids=eos, retire_rows=True,
+                               all_done=other_rank_done_after_four_steps, **args)
+    assert ids.shape[1] == 4 and asked == [True] * 4          # stepped on with the other rank, every step asked
+    assert mask.sum(1).tolist() == [1, 1]                     # its own rows still ended at their EOS
+    assert tokens == int(batch["input_ids"].numel()) + 3 * 2  # full width throughout: no row retired
+    alone_ids, *_ = decode(tiny, batch["input_ids"], batch["attention_mask"], eos_ids=eos, **args)
+    assert alone_ids.shape[1] == 1                            # alone, it would have stopped at once
+
+
 def test_retired_rows_keep_their_own_z_through_the_hook(tiny, tokenizer):
     """One z per row (CEM candidates): with done rows leaving the batch, the hook hands the live rows' z to the
     model, and every row decodes exactly what it decodes alone with its z."""

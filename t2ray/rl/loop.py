@@ -10,7 +10,7 @@ import torch
 
 from t2ray.config import ExperimentConfig
 from t2ray.evaluate import grade_all
-from t2ray.generation import completion_logits, encode_prompts, gather_logprobs, generate
+from t2ray.generation import AllDone, completion_logits, encode_prompts, gather_logprobs, generate
 from t2ray.rl.adapters import TrainableAdapter
 from t2ray.rl.loss import advantages, kl_to_reference, reinforce_loss
 from t2ray.rl.rollout import InProcessEngine, RolloutEngine, current_z
@@ -183,24 +183,28 @@ def _update(model, adapter: TrainableAdapter, stepper, expanded: list[Example], 
 
 
 def sharded_accuracy(model, tokenizer, task: Task, examples: list[Example], rank: int, world_size: int,
-                     reduce: Reduce, batch_size: int, seed: int) -> float:
-    """Greedy accuracy over `examples`, each worker grading its shard; counts summed over workers."""
+                     reduce: Reduce, batch_size: int, seed: int, all_done: AllDone | None = None) -> float:
+    """Greedy accuracy over `examples`, each worker grading its shard; counts summed over workers. With `all_done`
+    (ZeRO-3 lockstep) every shard is padded to the same length, so every rank runs as many generate batches."""
     shard = examples[rank::world_size]
+    real = len(shard)
+    if all_done is not None:
+        shard += (shard[-1:] or examples[-1:]) * (-(-len(examples) // world_size) - real)  # repeats, not graded
     texts = generate(model, tokenizer, [task.messages(ex) for ex in shard], max_new_tokens=task.max_new_tokens,
-                     batch_size=batch_size, seed=seed)
-    correct = sum(ok for ok, _ in grade_all(task, shard, texts))
-    counts = reduce(torch.tensor([float(correct), float(len(shard))]))
+                     batch_size=batch_size, seed=seed, all_done=all_done)
+    correct = sum(ok for ok, _ in grade_all(task, shard[:real], texts[:real]))
+    counts = reduce(torch.tensor([float(correct), float(real)]))
     return float(counts[0] / counts[1].clamp(min=1))
 
 
 def train_loop(cfg: ExperimentConfig, model, tokenizer, task: Task, adapter: TrainableAdapter, stepper, *,
                rank: int = 0, world_size: int = 1, reduce: Reduce = lambda t: t, state: LoopState | None = None,
                on_iteration: Callable[[LoopState, dict], None] | None = None,
-               engine: RolloutEngine | None = None) -> LoopState:
+               engine: RolloutEngine | None = None, all_done: AllDone | None = None) -> LoopState:
     """Run RL iterations from `state.iteration` to cfg.rl.iterations; evaluate on valid every eval_interval
     (and at the end); keep the best-on-valid adapter state."""
     state = state or LoopState()
-    engine = engine or InProcessEngine(model, tokenizer)
+    engine = engine or InProcessEngine(model, tokenizer, all_done)
     train = task.examples("train")
     valid = task.examples("valid")[: cfg.rl.eval_limit]
     reduce_mean = lambda x: float(reduce(torch.tensor([x, 1.0]))[0] / world_size)  # noqa: E731
@@ -215,7 +219,7 @@ def train_loop(cfg: ExperimentConfig, model, tokenizer, task: Task, adapter: Tra
         state.iteration = it + 1
         if state.iteration % cfg.rl.eval_interval == 0 or state.iteration == cfg.rl.iterations:
             metrics["valid_accuracy"] = sharded_accuracy(model, tokenizer, task, valid, rank, world_size, reduce,
-                                                         cfg.rl.eval_batch_size, cfg.seed)
+                                                         cfg.rl.eval_batch_size, cfg.seed, all_done)
             if metrics["valid_accuracy"] > state.best_valid:
                 state.best_valid, state.best_iteration = metrics["valid_accuracy"], state.iteration
                 state.best_state = adapter.state()

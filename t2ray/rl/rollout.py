@@ -64,15 +64,16 @@ class RolloutEngine(Protocol):
 class InProcessEngine:
     """Generate with the training model itself: nothing to sync."""
 
-    def __init__(self, model, tokenizer):
-        self.model, self.tokenizer = model, tokenizer
+    def __init__(self, model, tokenizer, all_done=None):
+        self.model, self.tokenizer, self.all_done = model, tokenizer, all_done  # all_done: ZeRO-3 lockstep
 
     def sync(self, z, version) -> int:
         return 0
 
     def generate(self, prompts, *, max_new_tokens, temperature, top_p, seed, samples_per_prompt=1) -> Rollouts:
         return rollout(self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens,
-                       temperature=temperature, top_p=top_p, seed=seed, samples_per_prompt=samples_per_prompt)
+                       temperature=temperature, top_p=top_p, seed=seed, samples_per_prompt=samples_per_prompt,
+                       all_done=self.all_done)
 
 
 class ZApplier:

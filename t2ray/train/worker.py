@@ -113,6 +113,12 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def every_rank_done(mine: bool) -> bool:
+    """ZeRO-3 generation lockstep: True when no rank has a row still decoding (a collective, once per step)."""
+    device = "cuda" if torch.cuda.is_available() and dist.get_backend() == "nccl" else "cpu"
+    return float(all_reduce_max(torch.tensor([0.0 if mine else 1.0], device=device))) == 0.0
+
+
 def z_spread_across_ranks(adapter) -> float:
     """max − min over workers of a checksum of the trained parameters: 0 when every rank holds the same z."""
     checksum = sum(float(p.detach().double().sum()) for p in adapter.parameters())
@@ -231,7 +237,8 @@ def train_worker(loop_config: dict) -> None:
     from t2ray.train.engines import start_engine
 
     state = train_loop(cfg, adapter.model, tokenizer, task, adapter, stepper, rank=rank, world_size=world,
-                       reduce=all_reduce_sum, state=state, on_iteration=on_iteration, engine=start_engine(cfg))
+                       reduce=all_reduce_sum, state=state, on_iteration=on_iteration, engine=start_engine(cfg),
+                       all_done=every_rank_done if cfg.deepspeed.zero_stage == 3 and world > 1 else None)
     spread = z_spread_across_ranks(adapter)
     if rank == 0:
         best = state.best_state or adapter.state()
