@@ -224,6 +224,21 @@ def test_deepspeed_to_dict():
     assert DeepSpeedConfig(zero_stage=0).to_dict(3, 4, 1.0, 1.0)["train_micro_batch_size_per_gpu"] == 1
 
 
+def test_zero3_threshold_is_raised_so_trained_tensors_stay_whole():
+    """A threshold below the largest z (or LoRA matrix) partitioned it: each rank then checkpointed an empty shard."""
+    import torch
+
+    from t2ray.train.worker import keep_trainable_whole
+
+    params = [torch.nn.Parameter(torch.zeros(n)) for n in (576, 1536)]
+    low = DeepSpeedConfig(zero_stage=3, param_persistence_threshold=1000).to_dict(4, 2, 1.0, 1e-3)
+    assert keep_trainable_whole(low, params) == 1537
+    assert low["zero_optimization"]["stage3_param_persistence_threshold"] == 1537
+    high = DeepSpeedConfig(zero_stage=3).to_dict(4, 2, 1.0, 1e-3)  # 16384 by default: nothing to do
+    assert keep_trainable_whole(high, params) is None and high["zero_optimization"][
+        "stage3_param_persistence_threshold"] == 16384
+
+
 # ---------------------------------------------------------------- the shipped experiments
 
 def experiment_files() -> list[Path]:

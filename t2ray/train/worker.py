@@ -113,6 +113,18 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def keep_trainable_whole(ds_config: dict, params) -> int | None:
+    """ZeRO-3 partitions every parameter with at least `stage3_param_persistence_threshold` values; the trained
+    ones (z, LoRA's A/B) must stay whole, as the loop reads and checkpoints them on each rank. Raises the threshold
+    above the largest of them (frozen weights larger than that stay partitioned); returns the new value, or None."""
+    zero = ds_config["zero_optimization"]
+    needed = max(p.numel() for p in params) + 1
+    if zero.get("stage3_param_persistence_threshold", 0) >= needed:
+        return None
+    zero["stage3_param_persistence_threshold"] = needed
+    return needed
+
+
 def every_rank_done(mine: bool) -> bool:
     """ZeRO-3 generation lockstep: True when no rank has a row still decoding (a collective, once per step)."""
     device = "cuda" if torch.cuda.is_available() and dist.get_backend() == "nccl" else "cpu"
@@ -193,6 +205,11 @@ def train_worker(loop_config: dict) -> None:
         hf_ds = HfDeepSpeedConfig(ds_config)
     model, tokenizer = load_model(cfg.model.spec, dtype=cfg.model.dtype, device=device, seed=cfg.seed)
     adapter = build_adapter(cfg, model, deepspeed.zero.GatheredParameters if hf_ds is not None else None)
+    if hf_ds is not None:
+        raised = keep_trainable_whole(ds_config, adapter.parameters())
+        if raised and rank == 0:
+            print(f"t2ray: ZeRO-3 param_persistence_threshold raised to {raised}: every trained tensor stays whole "
+                  "on each rank (a partitioned one would be checkpointed as empty shards)")
     state = LoopState()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:  # before deepspeed.initialize (see restore_adapter_and_state)
