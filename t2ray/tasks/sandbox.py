@@ -105,12 +105,6 @@ def _bwrap_binary() -> str | None:
         return shutil.which("bwrap")
 
 
-def _drop_to_nobody() -> None:  # preexec: root ignores RLIMIT_NPROC, nobody does not
-    os.setgroups([])
-    os.setgid(NOBODY)
-    os.setuid(NOBODY)
-
-
 def _world_reachable(path: str) -> bool:
     """Every directory up to `path` searchable by others (what `nobody` needs to run the interpreter)."""
     parts = os.path.realpath(path).split(os.sep)
@@ -247,13 +241,15 @@ def run_python(
                                 marker_fd=marker_fd)
         with open(os.path.join(box, "_runner.py"), "w", encoding="utf-8") as fh:
             fh.write(runner)
-        preexec = env = cwd = None
+        identity: dict = {}
+        env = cwd = None
         if mode == "bwrap":
             for path in (workdir, box):
                 os.chmod(path, 0o755)
             python, host_dirs = _interpreter()
             cmd = _bwrap_command(_bwrap_binary() or "bwrap", box, python, host_dirs)
-            preexec = _drop_to_nobody if os.geteuid() == 0 else None
+            if os.geteuid() == 0:  # root ignores RLIMIT_NPROC, nobody does not (set between fork and exec: thread-safe)
+                identity = {"user": NOBODY, "group": NOBODY, "extra_groups": []}
             env = {"PATH": "/usr/bin:/bin"}  # bwrap is the sandbox's pid 1: its /proc/1/environ must hold no secret
         else:  # unsafe: opted in, a plain subprocess in the temp dir
             cmd = [sys.executable, "-s", "-S", "-B", os.path.join(box, "_runner.py")]
@@ -268,7 +264,7 @@ def run_python(
                 proc = subprocess.Popen(
                     cmd, cwd=cwd, env=env, stdout=out_f, stderr=err_f, pass_fds=opened,
                     stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-                    start_new_session=True, preexec_fn=preexec)
+                    start_new_session=True, **identity)
             except OSError as exc:
                 return SandboxResult(False, "error", None, f"could not start the sandbox: {exc}", "",
                                      time.monotonic() - start)
