@@ -120,6 +120,8 @@ def test_stepper_optimizer_state_round_trip():
     second.load_optimizer_state(state)
     for key, value in second.optimizer_state().items():
         assert torch.equal(value, state[key]), key
+    # the moments land where the parameters live (on a GPU run they used to stay on the CPU: a device mismatch)
+    assert all(st["exp_avg"].device == p.device for p, st in second.optimizer.state.items())
     take_step(first, _quadratic_loss(a))
     take_step(second, _quadratic_loss(b))
     for pa, pb in zip(a, b):

@@ -399,3 +399,27 @@ def test_t2ray_serve_run_config(endpoint, tiny_experts, tmp_path):
         assert resp.model_extra["t2ray"]["mixture"]["label"] == "expert:reasoning"
     finally:
         serve.delete("cli")
+
+
+def test_a_full_replica_queue_answers_503_in_openai_shape(endpoint, tiny_experts):
+    """Backpressure: a replica that takes 2 requests at a time and queues 1 more turns the rest away at once."""
+    from t2ray.serve.app import build_app
+
+    args = tiny_args(tiny_experts, batching={"max_batch_size": 1, "batch_wait_timeout_s": 0.0, "torch_threads": 1},
+                     expert_model={"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25},
+                                   "max_ongoing_requests": 2, "max_queued_requests": 1})
+    serve.run(build_app(args), name="tight", route_prefix="/tight")
+    try:
+        async def flood():
+            async with httpx.AsyncClient(base_url=f"{URL}/tight", headers={"Authorization": f"Bearer {KEY}"},
+                                         timeout=120) as client:
+                body = {"model": "base", "prompt": "Count:", "max_tokens": 48, "ignore_eos": True}
+                return await asyncio.gather(*(client.post("/v1/completions", json=body) for _ in range(24)))
+
+        responses = asyncio.run(flood())
+        statuses = [r.status_code for r in responses]
+        turned_away = [r.json()["error"] for r in responses if r.status_code == 503]
+        assert turned_away and 200 in statuses and set(statuses) <= {200, 503}, statuses
+        assert all(e["code"] == "server_overloaded" and e["type"] == "server_error" for e in turned_away)
+    finally:
+        serve.delete("tight")
