@@ -10,6 +10,7 @@ from pathlib import Path
 from t2ray.generation import RawText, continuation_logliks, generate
 from t2ray.tasks.base import Example, Task, choice_labels
 from t2ray.tasks.graders import resolve_choice_answer
+from t2ray.tasks.sandbox import SandboxUnavailable
 
 
 @dataclass
@@ -38,6 +39,8 @@ def safe_grade(task: Task, example: Example, completion: str) -> tuple[bool, str
     """Grade without letting a grader crash the run: an exception counts as wrong and is recorded."""
     try:
         return bool(task.grade(example, completion)), None
+    except SandboxUnavailable:  # no OS sandbox for model-written code: a set-up problem, not a wrong answer
+        raise
     except Exception as err:  # noqa: BLE001 — user graders may raise anything
         return False, f"{type(err).__name__}: {err}"
 

@@ -16,6 +16,7 @@ from t2ray.rl.loss import advantages, kl_to_reference, reinforce_loss
 from t2ray.rl.rollout import InProcessEngine, RolloutEngine, current_z
 from t2ray.tasks.base import Example, Task
 from t2ray.tasks.graders import named_option_reward
+from t2ray.tasks.sandbox import SandboxUnavailable
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]  # sums a tensor over workers (identity in one process)
 
@@ -96,6 +97,8 @@ def safe_rewards(task: Task, examples: list[Example], completions: list[str],
     for ex, text in zip(examples, completions):
         try:
             rewards.append(float(reward(ex, text)))
+        except SandboxUnavailable:  # every code reward would be −1: stop, and say why
+            raise
         except Exception:  # noqa: BLE001 — user graders may raise anything; training must go on
             rewards.append(-1.0)
             errors += 1

@@ -193,6 +193,16 @@ def test_without_an_os_sandbox_untrusted_code_is_refused_unless_opted_in(monkeyp
         monkeypatch.delenv(sandbox.UNSAFE_ENV, raising=False)
         with pytest.raises(SandboxUnavailable, match="T2RAY_UNSAFE_SANDBOX=1"):
             run_python("print(1)")
+        from t2ray.evaluate import safe_grade
+        from t2ray.rl.loop import safe_rewards
+        from t2ray.tasks import get_task
+
+        task = get_task("code")  # graded by running code: a set-up error, not a wrong answer (nor a −1 reward)
+        example = task.examples("test")[0]
+        with pytest.raises(SandboxUnavailable):
+            safe_grade(task, example, task.reference_completion(example))
+        with pytest.raises(SandboxUnavailable):
+            safe_rewards(task, [example], [task.reference_completion(example)])
         monkeypatch.setenv(sandbox.UNSAFE_ENV, "1")
         r = run_python("print(1)", require_completion=True)
         assert r.passed and r.stdout.strip() == "1"
