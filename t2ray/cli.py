@@ -232,7 +232,8 @@ def quickstart(root: Path = typer.Option(Path("runs/quickstart"), help="where ev
 
 @app.command("plan")
 @user_errors
-def plan_(model: str = typer.Option("llama3-8b", help="smollm2-135m | llama3-8b | mistral-7b | llama3-70b"),
+def plan_(model: str = typer.Option("llama3-8b", help="a preset (smollm2-135m | llama3-8b | mistral-7b | "
+                                                     "llama3-70b), a model folder, a config.json or a hub id"),
           gpus: int = typer.Option(1, min=1), gpu_mem_gb: float = typer.Option(80, min=1),
           zero: int = typer.Option(2, min=0, max=3), modules: str = typer.Option("mlp", help="mlp | attn | all"),
           dtype: str = "bfloat16", micro_batch: int = 8, seq_len: int = 1024,

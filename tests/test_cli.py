@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -101,6 +102,22 @@ def test_plan_fits_and_does_not_fit():
     assert big.exit_code == 0
     no = invoke("plan", "--model", "llama3-70b", "--gpus", "2", "--gpu-mem-gb", "80", "--zero", "2")
     assert no.exit_code == 1 and "does NOT fit" in no.output
+
+
+def test_plan_reads_the_users_model_from_a_folder_a_config_or_the_hub_cache(tmp_path):
+    from t2ray.models.loader import resolve
+
+    folder = resolve("smollm2-135m")  # the embedded model: a folder with its config.json
+    by_folder = invoke("plan", "--model", str(folder), "--gpus", "1", "--gpu-mem-gb", "24")
+    by_file = invoke("plan", "--model", str(Path(folder) / "config.json"), "--gpus", "1", "--gpu-mem-gb", "24")
+    assert by_folder.exit_code == 0 and "51,840 z values" in by_folder.output  # 30 layers × 3 MLP × 576
+    assert by_file.output.replace(str(Path(folder) / "config.json"), str(folder)) == by_folder.output
+    bad = tmp_path / "config.json"
+    bad.write_text('{"model_type": "bert"}')
+    refused = invoke("plan", "--model", str(bad))
+    assert refused.exit_code == 2 and "missing num_hidden_layers" in refused.output
+    offline = invoke("plan", "--model", "no-such-org/no-such-model")
+    assert offline.exit_code == 2 and "neither in the hub cache nor reachable" in offline.output
 
 
 def test_tasks_lists_builtins():
