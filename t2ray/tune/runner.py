@@ -53,9 +53,9 @@ def make_searcher(sweep: Sweep):
         # It takes the concurrency limit itself (TuneConfig's applies only to Searchers).
         return BasicVariantGenerator(random_state=c.search.seed, max_concurrent=concurrency(sweep))
     if c.search.alg == "optuna":
-        from ray.tune.search.optuna import OptunaSearch
+        from t2ray.tune.searchers import OptunaOnEvaluations
 
-        return OptunaSearch(seed=c.search.seed)
+        return OptunaOnEvaluations(seed=c.search.seed)
     from ray.tune.search.hyperopt import HyperOptSearch
 
     return HyperOptSearch(random_state_seed=c.search.seed, n_initial_points=max(1, min(20, c.num_samples // 2)))

@@ -148,3 +148,20 @@ def test_cem_sweep_interrupted_then_resumed(cluster, tmp_path, torch_threads):
     mixture, loaded = load_mixture(sweep.dir / "best-mixture.json")
     assert len(loaded) == 2 and mixture.metadata["trial"] == outcome.best["trial_id"]
     assert list((sweep.dir).glob("wandb/offline-run-*")), "the wandb callback wrote no offline run"
+
+
+def test_cem_sweep_with_the_shipped_optuna_searcher_completes(cluster, tmp_path, torch_threads):
+    """The shipped CEM sweep searches with Optuna: its trials report every generation without valid_accuracy
+    (Optuna used to raise KeyError 'valid_accuracy' at the first one)."""
+    from t2ray.tune import load_sweep, run_sweep
+
+    shipped = yaml.safe_load((Path(__file__).resolve().parents[2] / "experiments/sweeps/cem-smollm2.yaml").read_text())
+    task = write_task(tmp_path / "task")
+    base = write_adapt_base(tmp_path, str(task), make_experts(tmp_path / "experts", n=2))
+    path = write_sweep(tmp_path, base.name, name="optuna-cem", kind="cem", num_samples=3, max_concurrent_trials=1,
+                       search=shipped["search"], metric=shipped["metric"],
+                       space={"cem.population": {"choice": [4, 6]}, "cem.init_std": {"uniform": [0.2, 0.8]}})
+    outcome = run_sweep(load_sweep(path))
+    assert shipped["search"]["alg"] == "optuna" and outcome.complete
+    assert len(outcome.trials) == 3 and all(t["status"] == "TERMINATED" for t in outcome.trials), outcome.trials
+    assert all(t["valid_accuracy"] is not None for t in outcome.trials) and outcome.best_config.exists()
