@@ -7,14 +7,11 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-export RAY_AUTH_MODE ?= disabled
-export WANDB_MODE ?= offline
-export WANDB_SILENT ?= true
+# The CLI sets its own defaults (t2ray/console.py, ENV_DEFAULTS: wandb offline, Ray without token auth, ...);
+# these are for the tests and this machine: never the hub, fast worker-failure detection, DeepSpeed on CPU.
 export HF_HUB_OFFLINE ?= 1
-export TOKENIZERS_PARALLELISM ?= false
 export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S ?= 0.1
 export DS_ACCELERATOR ?= cpu
-export RAY_DEDUP_LOGS ?= 1
 
 .PHONY: install demo test test-fast bench clean vllm-cpu lm-eval
 

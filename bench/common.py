@@ -10,6 +10,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from t2ray.console import apply_env_defaults
+
+apply_env_defaults()  # a benchmark runs with the CLI's defaults (wandb offline, local Ray without token auth)
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
 

@@ -39,8 +39,9 @@ def console_options(verbose: bool = typer.Option(False, "--verbose", "-v",
                                                  help="also show Ray, Train, DeepSpeed and transformers logs "
                                                       "(or T2RAY_VERBOSE=1)")):
     """Transformer² self-adaptive LLMs on Ray."""
-    from t2ray.console import set_verbosity, verbose as verbose_env
+    from t2ray.console import apply_env_defaults, set_verbosity, verbose as verbose_env
 
+    apply_env_defaults()
     set_verbosity(verbose or verbose_env())
 
 

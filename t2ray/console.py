@@ -11,6 +11,19 @@ FRAMEWORK_LOGGERS = ("ray", "ray.train", "ray.tune", "ray.data", "deepspeed", "D
                      "wandb")
 
 
+# What every t2ray command assumes unless the user's environment says otherwise (the CLI sets them, once, before
+# anything else; Ray's workers inherit them): experiment tracking offline (wandb needs no account), a local Ray
+# cluster without token auth (the one t2ray starts, or `ray start` without it), tokenizers without fork warnings.
+ENV_DEFAULTS = {"WANDB_MODE": "offline", "RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def apply_env_defaults() -> dict[str, str]:
+    """Set ENV_DEFAULTS where the environment has no value; returns what was set."""
+    added = {name: value for name, value in ENV_DEFAULTS.items() if name not in os.environ}
+    os.environ.update(added)
+    return added
+
+
 def verbose() -> bool:
     return os.environ.get(VERBOSE_ENV, "0") == "1"
 

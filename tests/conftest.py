@@ -1,6 +1,6 @@
 """Shared fixtures: an isolated T2RAY_CACHE per session, a fresh tiny-llama per test, SmolLM2 once per session.
 
-Environment: offline Hugging Face hub, no tokenizer thread pools. The session's ``$T2RAY_CACHE`` is a
+Environment: offline Hugging Face hub, and the CLI's own defaults (t2ray.console.ENV_DEFAULTS). The session's ``$T2RAY_CACHE`` is a
 temporary folder (so SVD caches and outputs never touch the user's), with ``models/`` linked to the real
 model cache: the converted SmolLM2 safetensors stay reachable, and a first conversion lands in the real
 cache for later sessions.
@@ -12,7 +12,10 @@ import os
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+from t2ray.console import apply_env_defaults  # noqa: E402
+
+apply_env_defaults()  # what the CLI sets for every command (wandb offline, Ray without token auth, ...)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
