@@ -100,7 +100,20 @@ def runtime_env(working_dir: Path, *, requirements: Path | None = None, installe
     return out
 
 
-def entrypoint_for(config: Path, working_dir: Path, overrides: list[str]) -> tuple[str, str]:
+def t2ray_command(address: str) -> str:
+    """How the job calls t2ray: on a head on this machine, this installation's own executable (that head's PATH
+    may not hold the virtual env: `.venv/bin/ray start` without activating it); elsewhere `t2ray` on its PATH."""
+    import socket
+    import sys
+    from urllib.parse import urlparse
+
+    own = Path(sys.executable).with_name("t2ray")
+    local = urlparse(address if "://" in address else f"http://{address}").hostname in (
+        "127.0.0.1", "localhost", "::1", socket.gethostname())
+    return shlex.quote(str(own)) if local and own.exists() else "t2ray"
+
+
+def entrypoint_for(config: Path, working_dir: Path, overrides: list[str], t2ray: str = "t2ray") -> tuple[str, str]:
     """(kind, the command the job runs): `t2ray train` for an experiment, `t2ray tune` for a sweep; the file
     path is taken relative to the uploaded working dir."""
     from t2ray.config import load_experiment, read_yaml
@@ -116,10 +129,10 @@ def entrypoint_for(config: Path, working_dir: Path, overrides: list[str]) -> tup
         from t2ray.tune import load_sweep
 
         load_sweep(config, overrides)  # validate here: a bad sweep fails before it reaches the cluster
-        kind, command = "sweep", "t2ray tune"
+        kind, command = "sweep", f"{t2ray} tune"
     else:
         load_experiment(config, overrides)
-        kind, command = "experiment", "t2ray train"
+        kind, command = "experiment", f"{t2ray} train"
     parts = [command, shlex.quote(rel.as_posix())] + [f"--set {shlex.quote(o)}" for o in overrides]
     return kind, " ".join(parts)
 
@@ -189,7 +202,7 @@ def submit(config: Path, *, address: str | None = None, working_dir: Path | None
     working_dir = Path(working_dir or Path.cwd()).resolve()
     if not working_dir.is_dir():
         raise FileNotFoundError(f"{working_dir}: working dir not found")
-    kind, entry = entrypoint_for(Path(config), working_dir, list(overrides or []))
+    kind, entry = entrypoint_for(Path(config), working_dir, list(overrides or []), t2ray_command(address))
     env_ = runtime_env(working_dir, requirements=requirements, installer=installer, env=env)
     client = connect(address)
 
@@ -282,7 +295,9 @@ def check_finished(job_id: str, state: str, *, address: str | None = None, log_l
     """Raise JobError with the tail of its logs when a job ended in FAILED."""
     if state == "FAILED":
         info = status(job_id, address=address, log_lines=log_lines)
-        raise JobError(f"job {job_id} FAILED: {info['message']}\n--- last {log_lines} log lines ---\n"
-                       f"{info.get('logs_tail', '')}")
+        tail_ = info.get("logs_tail", "")
+        hint = ("\nthe cluster cannot find the t2ray command: install t2ray on its nodes (or in its image), or "
+                "activate t2ray's virtual env before `ray start`") if "t2ray: not found" in tail_ else ""
+        raise JobError(f"job {job_id} FAILED: {info['message']}{hint}\n--- last {log_lines} log lines ---\n{tail_}")
     if state == "STOPPED":
         raise JobError(f"job {job_id} was STOPPED")

@@ -121,7 +121,10 @@ def head(tmp_path_factory, t2ray_cache):
     the processes it started are stopped at the end (never `ray stop`, which stops every cluster of the user)."""
     gcs, dash = free_port(), free_port()
     temp = Path(f"/tmp/t2rj{os.getpid()}")
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled",
+    # Started as `.venv/bin/ray start` from a shell whose PATH lacks the venv: the job's `t2ray` used to be
+    # "not found" (exit 127); a head on this machine runs this installation's own t2ray.
+    path = ":".join(p for p in os.environ["PATH"].split(":") if Path(p).resolve() != Path(sys.executable).parent.resolve())
+    env = {**os.environ, "PATH": path, "RAY_AUTH_MODE": "disabled",
            "RAY_ADDRESS": "", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "DS_ACCELERATOR": "cpu",
            "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
     ray = str(Path(sys.executable).with_name("ray"))
@@ -199,7 +202,8 @@ def test_submit_trains_an_expert_and_its_logs_are_retrievable(head, workdir):
     assert "ray job submit --address " + head in result.output  # the equivalent Ray CLI line
     summary = first_json(result.stdout)
     job_id = summary["job_id"]
-    assert summary["entrypoint"].startswith("t2ray train tiny.yaml --set rl.iterations=2")
+    own_t2ray = str(Path(sys.executable).with_name("t2ray"))  # a local head: this installation's t2ray
+    assert summary["entrypoint"].startswith(f"{own_t2ray} train tiny.yaml --set rl.iterations=2")
     assert summary["runtime_env"]["env_vars"]["T2RAY_TEST_MARK"] == "42"
     assert (runs / "tiny" / "expert.safetensors").is_file()  # trained on the cluster, 1 worker, 2 iterations
 
