@@ -34,11 +34,13 @@ CALIBRATED_MODEL = "smollm2-135m"
 DECOMPOSE_S = 10
 TRAIN_START_S = 42           # one Ray Train run: worker start-up, model + DeepSpeed set-up, final validation, save
 # per iteration of 16 prompts (reasoning: × 4 samples; cls: ~300-token prompts)
-ITERATION_S = {"math": 10.0, "code": 27.0, "reasoning": 16.0, "cls": 28.0}
+ITERATION_S = {"math": 10.0, "code": 27.0, "reasoning": 16.0, "cls": 28.0,
+               # experiments/paper-smollm2.yaml (256-token rollouts for gsm8k/mbpp), 2026-11-30
+               "gsm8k": 78.0, "mbpp": 94.0, "arc-easy": 15.0, "cls-benchmarks": 30.0}
 ITERATION_S_PER_TOKEN = 0.4  # other tasks: per rollout token (an iteration of 16 prompts)
 # per test item, the whole stage (model load, generation, grading) of the base model
 EVAL_S_PER_ITEM = {"math": 0.19, "code": 0.38, "reasoning": 0.2, "math-hard": 0.38, "code-hard": 0.56,
-                   "reasoning-hard": 0.2, "humaneval": 2.5}
+                   "reasoning-hard": 0.2, "humaneval": 2.5, "gsm8k": 0.9, "mbpp": 2.8, "arc-easy": 0.25}
 EVAL_S_PER_TOKEN = 0.0065    # other tasks: per token of the task's answer budget (max_new_tokens)
 DISPATCH_S_PER_ITEM = 0.3    # both strategies' pass 1 (the classification prompt is ~270 tokens)
 TABLE1_LABELS = {"base": "base", "svf": "SVF", "lora": "LoRA"}
