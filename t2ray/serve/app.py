@@ -128,18 +128,26 @@ class ExpertModel:
         batch: DecodeBatch = await self._run(DecodeBatch, self.lib, items)
         await self._run(batch.prefill)
         finished = [False] * len(items)
-        while not all(finished):
-            events = await self._run(batch.step)
-            out = []
-            for i, event in enumerate(events):
-                if finished[i] or items[i].cancelled:
-                    finished[i] = True
-                    out.append(StopIteration)  # this row's stream has ended, or nobody reads it
-                    continue
-                event = event or {"text": "", "finish_reason": None}
-                finished[i] = event["finish_reason"] is not None
-                out.append(event)
-            yield out
+        try:
+            while not all(finished):
+                events = await self._step_events(batch, items, finished)
+                yield events
+        finally:  # every row ended or every reader left: nothing of this batch decodes any more
+            batch.close()
+
+    async def _step_events(self, batch: DecodeBatch, items: list, finished: list[bool]) -> list:
+        """One decode step, as one event per caller (StopIteration for a row that ended or lost its reader)."""
+        events = await self._run(batch.step)
+        out = []
+        for i, event in enumerate(events):
+            if finished[i] or items[i].cancelled:
+                finished[i] = True
+                out.append(StopIteration)  # this row's stream has ended, or nobody reads it
+                continue
+            event = event or {"text": "", "finish_reason": None}
+            finished[i] = event["finish_reason"] is not None
+            out.append(event)
+        return out
 
     async def stream(self, request: GenRequest):
         """Events {text, finish_reason, ...} as tokens are generated; the first is {"error": ...} on a bad request."""

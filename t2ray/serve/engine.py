@@ -449,6 +449,14 @@ class DecodeBatch:
     def done(self) -> bool:
         return not self.active
 
+    def close(self) -> None:
+        """Stop decoding: rows still active (every reader gone) leave; the library's counts stay true."""
+        self.lib.stats["decoding_rows"] -= len(self.active)
+        self.lib.stats["cancelled_rows"] += len(self.active)
+        for row in self.active:
+            self.items[row].finish_reason = self.items[row].finish_reason or "cancelled"
+        self.active = []
+
 
 def run_to_completion(lib: ExpertLibrary, requests: list[GenRequest]) -> list[dict[str, Any]]:
     """Generate for `requests` as one batch in this thread (tests, benchmarks): text + the final event."""
