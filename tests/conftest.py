@@ -17,6 +17,11 @@ from t2ray.console import apply_env_defaults  # noqa: E402
 
 apply_env_defaults()  # what the CLI sets for every command (wandb offline, Ray without token auth, ...)
 
+from t2ray.tasks import sandbox  # noqa: E402
+
+if sandbox._probe() is not None:  # a machine without user namespaces: grade in plain subprocesses (opted in here);
+    os.environ.setdefault(sandbox.UNSAFE_ENV, "1")  # tests/tasks/test_sandbox_escapes.py then skips, saying why
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
