@@ -303,9 +303,14 @@ def test_tiny_temperature_is_greedy_not_nan(lib):
         assert tiny["text"] == greedy["text"]
 
 
-def test_sampling_generator_lives_with_the_logits(lib):
-    item = lib.prepare(GenRequest(MixtureRef(), prompt="x", max_tokens=2, temperature=1.0, seed=1))
-    assert item.generator.device == lib.model.device  # a CPU generator failed every sampled request on CUDA
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_sampled_requests_run_on_cuda(tiny_experts):
+    """A CPU torch.Generator failed every request with temperature > 0 on a CUDA replica."""
+    cuda = ExpertLibrary("tiny-llama", {"math": str(tiny_experts["math"])}, device="cuda", dtype="float32")
+    out = run_to_completion(cuda, [GenRequest(ref_of({"math": 1.0}), prompt="x", max_tokens=4, temperature=1.0,
+                                              seed=1)])[0]
+    assert out["completion_tokens"] == 4 or out["finish_reason"] == "stop"
 
 
 def test_dispatcher_never_serves_open_when_a_key_is_required(tiny_experts, monkeypatch):
