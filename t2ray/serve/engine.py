@@ -24,10 +24,10 @@ import torch
 
 from t2ray.adapt.dispatch import PrefixScorer, classification_ids, classify
 from t2ray.experts import Expert, ExpertError, check_expert, load_expert, mix_z
-from t2ray.generation import PromptTooLongError, cache_kwarg, context_length, eos_token_ids, output_cache, render
+from t2ray.generation import (GREEDY_BELOW, PromptTooLongError, cache_kwarg, context_length, eos_token_ids,
+                              output_cache, render)
 from t2ray.models import load_model
 from t2ray.serve.errors import RequestError, bad_request, not_found
-from t2ray.serve.schema import MIN_SAMPLING_TEMPERATURE
 from t2ray.svf import SVFConfig, base_model_info, patch_model, set_mode, set_z, svf_layers
 
 CLASSIFIER = "__classifier__"
@@ -262,7 +262,7 @@ class ExpertLibrary:
         z = self.z_of(request.mixture)
         self.note_request(request.mixture)
         item = GenItem(request, ids, z)
-        if request.temperature >= MIN_SAMPLING_TEMPERATURE:
+        if request.temperature >= GREEDY_BELOW:
             item.generator = torch.Generator(device=self.model.device)  # where the logits it samples live
             item.generator.manual_seed(request.seed if request.seed is not None else
                                        int(torch.randint(0, 2**31 - 1, ()).item()))
@@ -358,7 +358,7 @@ class DecodeBatch:
         tokens = self.logits.argmax(-1)
         for j, row in enumerate(self.active):
             req = self.items[row].request
-            if req.temperature >= MIN_SAMPLING_TEMPERATURE:
+            if req.temperature >= GREEDY_BELOW:
                 logits = self.logits[j] / req.temperature
                 probs = torch.softmax(logits, -1)
                 if req.top_p < 1:

@@ -73,7 +73,6 @@ UNSUPPORTED_FIELDS: dict[str, tuple] = {
     "frequency_penalty": (None, 0, 0.0), "echo": (None, False), "suffix": (None, ""), "best_of": (None, 1),
     "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,)}
 SEED_RANGE = (-2**63, 2**64 - 1)  # what torch.Generator.manual_seed takes
-MIN_SAMPLING_TEMPERATURE = 1e-5   # below it sampling is greedy (logits / T would overflow to inf, then NaN)
 
 
 class CommonRequest(Loose):
