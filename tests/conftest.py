@@ -7,8 +7,15 @@ cache for later sessions.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -101,3 +108,79 @@ def torch_threads():
     torch.set_num_threads(int(os.environ.get("T2RAY_TEST_THREADS", "1")))
     yield
     torch.set_num_threads(previous)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pids_using(folder: Path) -> list[int]:
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if str(folder) in (proc / "cmdline").read_bytes().decode(errors="ignore"):
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return [p for p in pids if p != os.getpid()]
+
+
+@contextlib.contextmanager
+def ray_head(env: dict[str, str], log_dir: Path, num_cpus: int = 2):
+    """`ray start --head` as a user types it (`env` is its whole environment), with the dashboard on 127.0.0.1 and
+    every port free and explicit (other Ray clusters on this machine hold the defaults: 52365, 10001...). Yields
+    (dashboard address, GCS address). Started in its own session so that exactly the processes it started are
+    stopped at the end (never `ray stop`, which stops every cluster of the user)."""
+    from t2ray import jobs
+
+    gcs, dash = _free_port(), _free_port()
+    temp = Path(f"/tmp/t2rh{os.getpid()}-{gcs}")
+    ray = str(Path(sys.executable).with_name("ray"))
+    log_path = log_dir / "ray-start.log"
+    log = log_path.open("w")
+    ports = [f"--{flag}={_free_port()}" for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                    "runtime-env-agent-port", "metrics-export-port",
+                                                    "ray-client-server-port")]
+    proc = subprocess.Popen([ray, "start", "--head", f"--port={gcs}", "--dashboard-host=127.0.0.1",
+                             f"--dashboard-port={dash}", f"--num-cpus={num_cpus}", "--include-dashboard=true", *ports,
+                             f"--temp-dir={temp}", "--block"], env=env, start_new_session=True,
+                            stdout=log, stderr=subprocess.STDOUT)
+    address = f"http://127.0.0.1:{dash}"
+    deadline = time.monotonic() + 180
+    try:
+        while True:
+            try:
+                jobs.list_jobs(address=address)
+                break
+            except jobs.JobError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"the Ray head did not come up: {log_path.read_text()[-2000:]}")
+                time.sleep(1)
+        yield address, f"127.0.0.1:{gcs}"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # `ray start --block` stops what it started ...
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # ... and whatever is left of its session is ours to end
+        for pid in _pids_using(temp):  # a process that left the group but still runs from this head's temp dir
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        log.close()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def free_port():
+    """free_port() -> a TCP port on 127.0.0.1 that nothing listens on."""
+    return _free_port
+
+
+@pytest.fixture(scope="session")
+def ray_head_starter():
+    """ray_head_starter(env, log_dir) -> a context manager: a local Ray head (see `ray_head`)."""
+    return ray_head

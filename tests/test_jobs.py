@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,12 +34,6 @@ runner = CliRunner()
 
 def invoke(*args, **kwargs):
     return runner.invoke(app, list(map(str, args)), **kwargs)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -103,7 +93,7 @@ def test_entrypoint_and_equivalent_ray_cli_line(workdir, monkeypatch):
     assert "is relative" in jobs.storage_warning(workdir / "tiny.yaml", ["storage_path=runs"])
 
 
-def test_unreachable_address_is_a_clear_error(workdir):
+def test_unreachable_address_is_a_clear_error(workdir, free_port):
     address = f"http://127.0.0.1:{free_port()}"
     result = invoke("submit", workdir / "tiny.yaml", "--address", address, "--working-dir", workdir)
     assert result.exit_code == 2
@@ -116,70 +106,19 @@ def test_unreachable_address_is_a_clear_error(workdir):
 
 
 @pytest.fixture(scope="module")
-def head(tmp_path_factory, t2ray_cache):
-    """`ray start --head` with the dashboard on 127.0.0.1 (free ports), in its own session so that exactly
-    the processes it started are stopped at the end (never `ray stop`, which stops every cluster of the user)."""
-    gcs, dash = free_port(), free_port()
-    temp = Path(f"/tmp/t2rj{os.getpid()}")
-    # Started as `.venv/bin/ray start` from a shell whose PATH lacks the venv: the job's `t2ray` used to be
-    # "not found" (exit 127); a head on this machine runs this installation's own t2ray.
+def head(tmp_path_factory, t2ray_cache, ray_head_starter):
+    """A local head with its dashboard, started as `.venv/bin/ray start` from a shell whose PATH lacks the venv:
+    the job's `t2ray` used to be "not found" (exit 127); a head on this machine runs this installation's t2ray."""
     path = ":".join(p for p in os.environ["PATH"].split(":") if Path(p).resolve() != Path(sys.executable).parent.resolve())
     env = {**os.environ, "PATH": path, "RAY_AUTH_MODE": "disabled",
            "RAY_ADDRESS": "", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "DS_ACCELERATOR": "cpu",
            "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
-    ray = str(Path(sys.executable).with_name("ray"))
-    log_path = tmp_path_factory.mktemp("ray-head") / "ray-start.log"
-    log = log_path.open("w")
-    # Every port free and explicit: other Ray clusters on this machine hold the defaults (52365, 10001...).
-    ports = [f"--{flag}={free_port()}" for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                    "runtime-env-agent-port", "metrics-export-port",
-                                                    "ray-client-server-port")]
-    proc = subprocess.Popen([ray, "start", "--head", f"--port={gcs}", "--dashboard-host=127.0.0.1",
-                             f"--dashboard-port={dash}", "--num-cpus=2", "--include-dashboard=true", *ports,
-                             f"--temp-dir={temp}", "--block"], env=env, start_new_session=True,
-                            stdout=log, stderr=subprocess.STDOUT)
-    address = f"http://127.0.0.1:{dash}"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            jobs.list_jobs(address=address)
-            break
-        except jobs.JobError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"the Ray head did not come up: {log_path.read_text()[-2000:]}")
-            time.sleep(1)
-    yield address
-    os.killpg(proc.pid, signal.SIGTERM)  # `ray start --block` stops what it started ...
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # ... and whatever is left of its session is ours to end
-    except ProcessLookupError:
-        pass
-    for pid in _pids_using(temp):  # a process that left the group but still runs from this head's temp dir
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    log.close()
-    shutil.rmtree(temp, ignore_errors=True)
+    with ray_head_starter(env, tmp_path_factory.mktemp("ray-head")) as (dashboard, _):
+        yield dashboard
 
 
 def first_json(text: str) -> dict:
     return json.JSONDecoder().raw_decode(text[text.index("{"):])[0]
-
-
-def _pids_using(folder: Path) -> list[int]:
-    pids = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            if str(folder) in (proc / "cmdline").read_bytes().decode(errors="ignore"):
-                pids.append(int(proc.name))
-        except OSError:
-            continue
-    return [p for p in pids if p != os.getpid()]
 
 
 def wait_for(job_id, address, states, timeout=240):

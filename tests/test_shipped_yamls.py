@@ -1,0 +1,201 @@
+"""Every shipped YAML under experiments/ runs as a user types it: the command line from the README or from the
+file's own header, in a shell that exports nothing (PATH with the activated venv, HOME, and the test's temp
+dirs), each command starting its own local Ray as it does on a laptop (`t2ray submit`: a `ray start --head`).
+Tiny budgets are appended as `--set` overrides (or repeated flags, the last one wins); the search algorithm,
+scheduler, strategy and model of each file stay as shipped.
+
+The module runs top to bottom in one working directory, as a user would: the experts trained first are the ones
+that the adapt, CEM-sweep and serve files name (runs/smollm2-*/, and runs/quickstart/svf-*/ for serving)."""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import openai
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+# One RL iteration of 2 prompts, one validation of 2 items at its end, short rollouts.
+TINY_RL = ["rl.iterations=1", "rl.batch_size=2", "rl.eval_interval=1", "rl.eval_limit=2", "rl.max_new_tokens=8"]
+
+
+def sets(*pairs: str) -> list[str]:
+    return [word for pair in pairs for word in ("--set", pair)]
+
+
+def header_command(path: Path, verb: str, about: str | None = None) -> str:
+    """The `t2ray <verb> <about>` line of the file's header comment (`about`: by default the file itself)."""
+    about = path.relative_to(ROOT).as_posix() if about is None else about
+    for line in path.read_text().splitlines():
+        if line.startswith("#") and f"t2ray {verb} {about}" in line:
+            return line.lstrip("# ").split("  ")[0].split(";")[0].strip()
+    raise AssertionError(f"{path.name}: no `t2ray {verb} {about}` line in its header")
+
+
+def readme_line(line: str) -> str:
+    assert line in README, f"README.md no longer has `{line}`"
+    return line
+
+
+@dataclass
+class Shell:
+    """A bare shell in a working directory holding a copy of the repository's experiments/."""
+    env: dict[str, str]
+    cwd: Path
+
+    def run(self, line: str, *extra: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        done = subprocess.run([*shlex.split(line), *extra], cwd=self.cwd, env=self.env, capture_output=True,
+                              text=True, timeout=timeout)
+        assert done.returncode == 0, (f"`{line} {' '.join(extra)}` exited {done.returncode}\n--- stdout\n"
+                                      f"{done.stdout[-2000:]}\n--- stderr\n{done.stderr[-4000:]}")
+        return done
+
+    def last_json(self, done: subprocess.CompletedProcess) -> dict:
+        text = done.stdout
+        return json.JSONDecoder().raw_decode(text[text.rindex("\n{") + 1 if "\n{" in text else text.index("{"):])[0]
+
+
+@pytest.fixture(scope="module")
+def shell(tmp_path_factory, t2ray_cache) -> Shell:
+    work, home = tmp_path_factory.mktemp("work"), tmp_path_factory.mktemp("home")
+    shutil.copytree(ROOT / "experiments", work / "experiments")  # a clone's files (uploaded whole by submit)
+    venv_bin = str(Path(sys.executable).parent)
+    env = {"PATH": f"{venv_bin}:{os.environ['PATH']}", "HOME": str(home), "T2RAY_CACHE": str(t2ray_cache)}
+    return Shell(env, work)
+
+
+def expert_of(shell: Shell, run: str) -> Path:
+    path = shell.cwd / "runs" / run / "expert.safetensors"
+    assert path.is_file(), f"{path} was not written"
+    return path
+
+
+@pytest.mark.parametrize("name", ["math", "reasoning", "cls"])
+def test_train_a_smollm2_expert_as_its_header_says(shell, name):
+    yaml_path = ROOT / "experiments" / f"smollm2-{name}.yaml"
+    done = shell.run(header_command(yaml_path, "train"), *sets(*TINY_RL))
+    summary = shell.last_json(done)
+    assert summary["iterations"] == 1 and 0.0 <= summary["best_valid_accuracy"] <= 1.0
+    assert Path(summary["expert"]) == expert_of(shell, f"smollm2-{name}")
+    assert "Reporting training result" not in done.stdout + done.stderr  # no Train log flood without --verbose
+
+
+def test_submit_the_code_expert_to_a_local_head(shell, ray_head_starter, tmp_path):
+    """`t2ray submit --address http://127.0.0.1:8265 experiments/…` (README) to a `ray start --head` typed in the
+    same bare shell: the job trains experiments/smollm2-code.yaml on the cluster, in the uploaded working dir."""
+    with ray_head_starter(shell.env, tmp_path) as (dashboard, _):
+        line = readme_line("t2ray submit --address http://127.0.0.1:8265 experiments/smollm2-math.yaml "
+                           "--requirements req.txt --uv --wait")
+        line = line.replace("http://127.0.0.1:8265", dashboard).replace("smollm2-math", "smollm2-code")
+        line = line.replace(" --requirements req.txt --uv", "")  # no package index here: nothing to install
+        runs = shell.cwd / "runs"
+        done = shell.run(line, *sets(*TINY_RL, f"storage_path={runs}"))
+        assert "SUCCEEDED" in done.stdout + done.stderr
+    expert_of(shell, "smollm2-code")
+
+
+@pytest.mark.parametrize("name", ["llama3-8b-svf", "llama3-70b-svf"])
+def test_the_cluster_experiments_plan_and_train_on_a_stand_in(shell, name):
+    """The GPU-cluster files: their header's `t2ray plan` line, then the file itself trained on tiny-llama on
+    CPU workers (their ZeRO stage, layers and RL settings as shipped; storage under this working dir)."""
+    yaml_path = ROOT / "experiments" / f"{name}.yaml"
+    assert "fits" in shell.run(header_command(yaml_path, "plan", about="--model")).stdout
+    layers = {"llama3-70b-svf": ["svf.layers=0-1"]}.get(name, [])  # tiny-llama has 2 layers, not 80
+    done = shell.run(f"t2ray train experiments/{name}.yaml", *sets(
+        *TINY_RL, "model.spec=tiny-llama", "model.dtype=float32", "scaling.use_gpu=false", "scaling.num_workers=2",
+        "scaling.cpus_per_worker=1", "rl.eval_batch_size=2", f"storage_path={shell.cwd / 'runs'}", *layers))
+    assert shell.last_json(done)["iterations"] == 1
+    expert_of(shell, yaml.safe_load(yaml_path.read_text())["name"])
+
+
+def test_rl_sweep_as_shipped_random_search_and_asha(shell):
+    """experiments/sweeps/rl-smollm2.yaml: random search, ASHA, Ray Train trials; then `t2ray train …/best.yaml`."""
+    sweep = yaml.safe_load((ROOT / "experiments/sweeps/rl-smollm2.yaml").read_text())
+    assert sweep["search"]["alg"] == "random" and sweep["scheduler"]["type"] == "asha"
+    done = shell.run(readme_line("t2ray tune experiments/sweeps/rl-smollm2.yaml"), *sets(
+        "num_samples=2", "overrides.rl.iterations=2", "overrides.rl.eval_interval=1", "overrides.rl.eval_limit=2",
+        "overrides.rl.batch_size=2", "overrides.rl.max_new_tokens=8", "scheduler.grace_period=1"), timeout=900)
+    summary = shell.last_json(done)
+    assert summary["finished"] == 2, summary
+    best = shell.cwd / "runs/sweeps/rl-smollm2/best.yaml"
+    assert best.is_file() and (best.parent / "results.csv").is_file()
+    trained = shell.run(readme_line("t2ray train runs/sweeps/rl-smollm2/best.yaml"),
+                        *sets("rl.iterations=1", f"storage_path={shell.cwd / 'runs/best'}"))
+    assert shell.last_json(trained)["iterations"] == 1
+
+
+def test_fewshot_adapt_yaml_as_the_readme_types_it(shell):
+    """experiments/sweeps/fewshot-smollm2.yaml names the three experts trained above; the README's line, with a
+    tiny CEM appended (flags override the YAML)."""
+    done = shell.run(readme_line("t2ray adapt --config experiments/sweeps/fewshot-smollm2.yaml --limit 64"),
+                     "--limit", "2", "--population", "2", "--generations", "1", "--shots", "2")
+    summary = shell.last_json(done)
+    assert summary["strategy"] == "fewshot" and summary["n"] == 2 and len(summary["alpha"]) == 3
+
+
+@pytest.mark.parametrize("line", [
+    "t2ray tune experiments/sweeps/cem-smollm2.yaml",                                        # optuna, as shipped
+    "t2ray tune experiments/sweeps/cem-smollm2.yaml --set num_samples=16 --set search.alg=hyperopt"])
+def test_cem_sweep_with_optuna_and_hyperopt(shell, line):
+    """The shipped CEM sweep (Optuna, FIFO) and the README's HyperOpt variant: trials report every generation
+    without the metric (Optuna raised KeyError 'valid_accuracy'; wandb without a key stopped it at once)."""
+    assert line in README or line == header_command(ROOT / "experiments/sweeps/cem-smollm2.yaml", "tune")
+    alg = "hyperopt" if "hyperopt" in line else "optuna"
+    done = shell.run(line, *sets("num_samples=2", f"name=cem-{alg}", "space.cem.population.choice=[2,3]",
+                                 "space.cem.generations.choice=[1]", "space.cem.shots.choice=[2]",
+                                 "overrides.limit=4"))
+    summary = shell.last_json(done)
+    assert summary["finished"] == 2, summary
+    sweep_dir = shell.cwd / "runs/sweeps" / f"cem-{alg}"
+    assert (sweep_dir / "best.yaml").is_file() and (sweep_dir / "best-mixture.json").is_file()
+    assert list(sweep_dir.glob("wandb/offline-run-*")), "wandb (on in the file) wrote no offline run"
+
+
+def test_serve_start_one_request_stop(shell):
+    """`t2ray serve experiments/serve-smollm2.yaml` with the experts where the file expects them (make demo's
+    runs/quickstart/svf-*): it prints where it serves, the official client gets an answer, Ctrl-C stops it."""
+    for name in ("math", "code", "reasoning", "cls"):
+        target = shell.cwd / "runs/quickstart" / f"svf-{name}" / "expert.safetensors"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(expert_of(shell, f"smollm2-{name}"), target)
+    line = readme_line("t2ray serve experiments/serve-smollm2.yaml")
+    proc = subprocess.Popen(shlex.split(line), cwd=shell.cwd, env=shell.env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        seen = []
+        for out in proc.stdout:  # the JSON object printed once the endpoint is up
+            seen.append(out)
+            if out.rstrip() == "}" and any('"openai_base_url"' in s for s in seen):
+                break
+        else:
+            pytest.fail(f"`{line}` ended before serving:\n{''.join(seen)[-4000:]}")
+        printed = "".join(seen)
+        info = json.loads(printed[printed.rindex("\n{") + 1:])
+        client = openai.OpenAI(base_url=info["openai_base_url"]["t2ray"], api_key="none", max_retries=0, timeout=300)
+        answer = client.chat.completions.create(model="math", max_tokens=4,
+                                                messages=[{"role": "user", "content": "What is 2 + 3?"}])
+        assert answer.choices[0].message.content and answer.model_extra["t2ray"]["mixture"]["label"] == "expert:math"
+    finally:
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        rest = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, rest[-3000:]
+
+
+@pytest.mark.parametrize("name", ["quickstart", "paper-smollm2", "paper-llama3-8b"])
+def test_quickstart_configs_check_as_their_header_says(shell, name):
+    """The hours-long pipeline files: their header's `--check` line validates every stage's config and prints
+    the plan (their stages run end to end on tiny-llama in tests/train/test_quickstart.py)."""
+    rel = f"experiments/{name}.yaml"
+    done = shell.run(header_command(ROOT / rel, "quickstart", about=f"--config {rel} --check"))
+    assert f"quickstart --check: {rel} is valid; nothing was run" in done.stdout
