@@ -135,6 +135,21 @@ def test_rl_sweep_as_shipped_random_search_and_asha(shell):
     assert shell.last_json(trained)["iterations"] == 1
 
 
+def test_pbt_sweep_as_shipped_exploits_checkpoints(shell):
+    """experiments/sweeps/pbt-smollm2.yaml: PBT perturbs at every validation (each a z checkpoint): the lower trial
+    continues from the upper one's checkpoint with perturbed settings; the sweep finishes and writes best.yaml."""
+    done = shell.run(readme_line("t2ray tune experiments/sweeps/pbt-smollm2.yaml"), *sets(
+        "num_samples=2", "overrides.rl.iterations=3", "overrides.rl.eval_interval=1", "overrides.rl.eval_limit=2",
+        "overrides.rl.batch_size=2", "overrides.rl.max_new_tokens=8",
+        "scheduler.quantile_fraction=0.5"), timeout=900)  # of 2 trials, the lower one exploits the upper one
+    summary = shell.last_json(done)
+    assert summary["finished"] == 2 and summary["errored"] == 0, summary
+    sweep_dir = shell.cwd / "runs/sweeps/pbt-smollm2"
+    assert (sweep_dir / "best.yaml").is_file()
+    exploits = (sweep_dir / "tune/pbt_global.txt").read_text().splitlines()  # Tune's log of each clone
+    assert exploits and list((sweep_dir / "tune").glob("pbt_policy_*.txt")), "no trial exploited a checkpoint"
+
+
 def test_fewshot_adapt_yaml_as_the_readme_types_it(shell):
     """experiments/sweeps/fewshot-smollm2.yaml names the three experts trained above; the README's line, with a
     tiny CEM appended (flags override the YAML)."""
