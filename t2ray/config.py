@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from t2ray.svf.config import SVFConfig
 
@@ -94,6 +94,22 @@ class ScalingConfig(Strict):
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="the workers' placement group over nodes; STRICT_SPREAD: one worker per node")
+    resources: dict[str, float] = Field({}, description="custom resources each worker needs besides its CPUs/GPU, "
+                                        "e.g. {trainer: 1} to keep workers on nodes started with that resource")
+
+    @field_validator("resources")
+    @classmethod
+    def _custom_only(cls, value):
+        for name, amount in value.items():
+            if name in ("CPU", "GPU", "memory") or not amount > 0:
+                raise ValueError(f"resources.{name}: a custom resource with a positive amount (CPUs and GPUs have "
+                                 "their own keys)")
+        return value
+
+    def per_worker(self) -> dict[str, float]:
+        return {"CPU": self.cpus_per_worker, **self.resources}
 
 
 class TrackingConfig(Strict):

@@ -127,12 +127,30 @@ def _pids_using(folder: Path) -> list[int]:
     return [p for p in pids if p != os.getpid()]
 
 
+def _stop_session(proc: subprocess.Popen) -> None:
+    """Stop a `ray start --block` and its session (its leader may be gone while what it started still runs)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)  # `ray start --block` stops what it started ...
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)  # ... and whatever is left of its session is ours to end
+
+
 @contextlib.contextmanager
-def ray_head(env: dict[str, str], log_dir: Path, num_cpus: int = 2):
+def ray_head(env: dict[str, str], log_dir: Path, num_cpus: int = 2, worker_nodes: tuple[dict, ...] = ()):
     """`ray start --head` as a user types it (`env` is its whole environment), with the dashboard on 127.0.0.1 and
-    every port free and explicit (other Ray clusters on this machine hold the defaults: 52365, 10001...). Yields
-    (dashboard address, GCS address). Started in its own session so that exactly the processes it started are
-    stopped at the end (never `ray stop`, which stops every cluster of the user)."""
+    every port free and explicit (other Ray clusters on this machine hold the defaults: 52365, 10001...), then one
+    `ray start --address=…` per entry of `worker_nodes` ({"num_cpus": 2, "resources": {"trainer": 2}}): more
+    raylets on this machine, each a node of the cluster. Yields (dashboard address, GCS address). Each node runs
+    in its own session so that exactly the processes it started are stopped at the end (never `ray stop`, which
+    stops every cluster of the user)."""
+    import json
+
+    from ray.util.state import list_nodes
+
     from t2ray import jobs
 
     gcs, dash = _free_port(), _free_port()
@@ -140,13 +158,15 @@ def ray_head(env: dict[str, str], log_dir: Path, num_cpus: int = 2):
     ray = str(Path(sys.executable).with_name("ray"))
     log_path = log_dir / "ray-start.log"
     log = log_path.open("w")
-    ports = [f"--{flag}={_free_port()}" for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                    "runtime-env-agent-port", "metrics-export-port",
-                                                    "ray-client-server-port")]
-    proc = subprocess.Popen([ray, "start", "--head", f"--port={gcs}", "--dashboard-host=127.0.0.1",
-                             f"--dashboard-port={dash}", f"--num-cpus={num_cpus}", "--include-dashboard=true", *ports,
-                             f"--temp-dir={temp}", "--block"], env=env, start_new_session=True,
-                            stdout=log, stderr=subprocess.STDOUT)
+
+    def ports(*flags: str) -> list[str]:
+        return [f"--{flag}={_free_port()}" for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                        "runtime-env-agent-port", "metrics-export-port", *flags)]
+
+    procs = [subprocess.Popen([ray, "start", "--head", f"--port={gcs}", "--dashboard-host=127.0.0.1",
+                               f"--dashboard-port={dash}", f"--num-cpus={num_cpus}", "--include-dashboard=true",
+                               *ports("ray-client-server-port"), f"--temp-dir={temp}", "--block"], env=env,
+                              start_new_session=True, stdout=log, stderr=subprocess.STDOUT)]
     address = f"http://127.0.0.1:{dash}"
     deadline = time.monotonic() + 180
     try:
@@ -155,23 +175,33 @@ def ray_head(env: dict[str, str], log_dir: Path, num_cpus: int = 2):
                 jobs.list_jobs(address=address)
                 break
             except jobs.JobError:
-                if proc.poll() is not None or time.monotonic() > deadline:
+                if procs[0].poll() is not None or time.monotonic() > deadline:
                     pytest.fail(f"the Ray head did not come up: {log_path.read_text()[-2000:]}")
                 time.sleep(1)
+        for i, node in enumerate(worker_nodes):  # each in its own temp dir (its sockets, its session)
+            procs.append(subprocess.Popen(
+                [ray, "start", f"--address=127.0.0.1:{gcs}", f"--num-cpus={node.get('num_cpus', 1)}",
+                 f"--resources={json.dumps(node.get('resources', {}))}", *ports("node-manager-port",
+                                                                                 "object-manager-port"),
+                 f"--temp-dir={temp}-w{i}", "--block"],
+                env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT))
+        while worker_nodes:
+            alive = [n for n in list_nodes(address=address) if n.state == "ALIVE"]
+            if len(alive) == 1 + len(worker_nodes):
+                break
+            if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+                pytest.fail(f"the worker nodes did not join: {log_path.read_text()[-2000:]}")
+            time.sleep(1)
         yield address, f"127.0.0.1:{gcs}"
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # `ray start --block` stops what it started ...
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # ... and whatever is left of its session is ours to end
-        for pid in _pids_using(temp):  # a process that left the group but still runs from this head's temp dir
+        for proc in reversed(procs):
+            _stop_session(proc)
+        for pid in _pids_using(temp):  # a process that left its group but still runs from our temp dirs (prefix)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         log.close()
-        shutil.rmtree(temp, ignore_errors=True)
+        for folder in (temp, *(Path(f"{temp}-w{i}") for i in range(len(worker_nodes)))):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -139,11 +139,19 @@ def test_unknown_key_through_set_names_the_key():
     ("rl.baseline=median", "rl.baseline"),
     ("name=has space", "name"),
     ("scaling.num_workers=0", "scaling.num_workers"),
+    ("scaling.placement_strategy=ANYWHERE", "scaling.placement_strategy"),
+    ("scaling.resources={CPU: 2}", "scaling.resources"),
+    ("scaling.resources={trainer: 0}", "scaling.resources"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ValidationError) as err:
         load_experiment(overrides=[override])
     assert key in str(err.value)
+
+
+def test_custom_resources_join_the_cpus_of_each_worker():
+    cfg = load_experiment(overrides=["scaling.resources={trainer: 1}", "scaling.placement_strategy=STRICT_SPREAD"])
+    assert cfg.scaling.per_worker() == {"CPU": 1, "trainer": 1}
 
 
 def test_batch_smaller_than_workers_is_refused():

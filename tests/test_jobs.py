@@ -1,5 +1,7 @@
 """Job submission: the runtime_env and `ray job submit` line (no cluster), then `t2ray submit`/`jobs` against a
-real local Ray head with its dashboard on 127.0.0.1 (one head for the module, started and stopped here)."""
+real local multi-node cluster started as users start one: `ray start --head` (dashboard on 127.0.0.1, 1 CPU), then
+`ray start --address=…` twice for two worker nodes with 2 CPUs and the `trainer` resource each (one cluster for the
+module, started and stopped here)."""
 from __future__ import annotations
 
 import json
@@ -113,7 +115,8 @@ def head(tmp_path_factory, t2ray_cache, ray_head_starter):
     env = {**os.environ, "PATH": path, "RAY_AUTH_MODE": "disabled",
            "RAY_ADDRESS": "", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "DS_ACCELERATOR": "cpu",
            "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
-    with ray_head_starter(env, tmp_path_factory.mktemp("ray-head")) as (dashboard, _):
+    nodes = ({"num_cpus": 2, "resources": {"trainer": 2}},) * 2
+    with ray_head_starter(env, tmp_path_factory.mktemp("ray-head"), num_cpus=1, worker_nodes=nodes) as (dashboard, _):
         yield dashboard
 
 
@@ -173,3 +176,21 @@ def test_failing_job_shows_its_log_tail_and_stop_works(head, workdir):
     assert stopped.exit_code == 0, stopped.output
     assert json.loads(stopped.stdout)["status"] == "STOPPED"
     assert invoke("jobs", "status", "no-such-job", "--address", head).exit_code == 2
+
+
+@pytest.mark.slow
+def test_a_job_spreads_over_the_worker_nodes(head, workdir):
+    """The job's Train workers run on the two worker nodes (STRICT_SPREAD over `trainer`), from its uploaded dir."""
+    experiment = workdir / "tiny.yaml"
+    data = yaml.safe_load(experiment.read_text())
+    data["scaling"].update(num_workers=2, placement_strategy="STRICT_SPREAD", resources={"trainer": 1})
+    experiment.write_text(yaml.safe_dump(data, sort_keys=False))
+    runs = workdir / "runs"
+    done = invoke("submit", experiment, "--address", head, "--working-dir", workdir, "--set", "rl.iterations=2",
+                  "--set", f"storage_path={runs}", "--wait")
+    assert done.exit_code == 0, done.output
+    placed = [json.loads(line) for line in (runs / "tiny" / "workers.jsonl").read_text().splitlines()]
+    assert len(placed) == 2 and len({p["node_id"] for p in placed}) == 2, placed  # one worker per worker node
+    assert (runs / "tiny" / "expert.safetensors").is_file()
+    job_id = first_json(done.stdout)["job_id"]
+    assert json.loads(invoke("jobs", "status", job_id, "--address", head).stdout)["status"] == "SUCCEEDED"

@@ -25,6 +25,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+import ray
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -117,7 +118,7 @@ class ExpertModel:
 
     async def ping(self) -> dict[str, Any]:
         return {"ok": True, "context": self.lib.context, "model": self.lib.model_spec, "stats": self.lib.stats,
-                "pid": os.getpid()}
+                "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}
 
     # ---------------------------------------------------------------- generation (pass 2)
 

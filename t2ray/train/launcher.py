@@ -45,15 +45,26 @@ def ensure_ray(address: str | None = None) -> None:
 
 
 def check_resources(cfg: ExperimentConfig) -> None:
+    """Refuse what the cluster can never place (Ray Train would wait for it forever)."""
     import ray
 
+    s = cfg.scaling
     total = ray.cluster_resources()
-    kind, need = ("GPU", cfg.scaling.num_workers) if cfg.scaling.use_gpu else \
-        ("CPU", cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)
+    kind, need = ("GPU", s.num_workers) if s.use_gpu else ("CPU", s.num_workers * s.cpus_per_worker)
     have = total.get(kind, 0)
     if need > have:
-        raise TrainError(f"{cfg.scaling.num_workers} workers need {need:g} {kind}s but the cluster has {have:g}; "
+        raise TrainError(f"{s.num_workers} workers need {need:g} {kind}s but the cluster has {have:g}; "
                          f"lower scaling.num_workers or scaling.cpus_per_worker")
+    for name, amount in s.resources.items():
+        if s.num_workers * amount > total.get(name, 0):
+            raise TrainError(f"{s.num_workers} workers need {s.num_workers * amount:g} of resource {name!r} but the "
+                             f"cluster has {total.get(name, 0):g} (nodes started with --resources='{{\"{name}\": N}}')")
+    if s.placement_strategy == "STRICT_SPREAD":
+        worker = s.per_worker() | ({"GPU": 1} if s.use_gpu else {})
+        hosts = [n for n in ray.nodes() if n["Alive"] and all(n["Resources"].get(k, 0) >= v for k, v in worker.items())]
+        if len(hosts) < s.num_workers:
+            raise TrainError(f"placement STRICT_SPREAD puts each of the {s.num_workers} workers on its own node, but "
+                             f"only {len(hosts)} node(s) can hold one ({worker}); use SPREAD or PACK, or add nodes")
 
 
 def check_task(cfg: ExperimentConfig) -> None:
@@ -97,7 +108,8 @@ def make_trainer(cfg: ExperimentConfig, worker, loop_config: dict, callbacks: li
         worker,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                                     resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+                                     resources_per_worker=cfg.scaling.per_worker(),
+                                     placement_strategy=cfg.scaling.placement_strategy),
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
         run_config=RunConfig(name=cfg.name, storage_path=str(run_dir.parent),
                              failure_config=FailureConfig(max_failures=cfg.max_failures),

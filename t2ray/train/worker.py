@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -174,6 +175,18 @@ def restore_optimizer(folder: Path, stepper) -> None:
         stepper.load_optimizer_state(load_file(folder / CHECKPOINT_OPTIMIZER))
 
 
+def record_placement(run_dir: Path, rank: int, world: int, resumed_at: int) -> None:
+    """One line per rank and (re)start in run_dir/workers.jsonl: which node ran it, from which iteration."""
+    import ray
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    line = {"rank": rank, "world_size": world, "node_id": ray.get_runtime_context().get_node_id(),
+            "node_ip": ray.util.get_node_ip_address(), "pid": os.getpid(), "resumed_at": resumed_at,
+            "time": time.time()}
+    with open(run_dir / "workers.jsonl", "a") as f:  # one short append per rank: whole lines on a shared disk
+        f.write(json.dumps(line) + "\n")
+
+
 def train_worker(loop_config: dict) -> None:
     import ray.train
 
@@ -231,6 +244,7 @@ def train_worker(loop_config: dict) -> None:
             restore_optimizer(Path(folder), stepper)
 
     run_dir = cfg.run_dir
+    record_placement(run_dir, rank, world, state.iteration)
     tracker = None
     if rank == 0:
         from t2ray.train.tracking import Tracker

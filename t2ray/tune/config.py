@@ -348,6 +348,8 @@ class Sweep:
             if any(self.values_of("scaling.use_gpu")):
                 need["GPU"] = need.get("GPU", 0) + workers
             need["CPU"] = need.get("CPU", 0) + workers * self.max_of("scaling.cpus_per_worker")
+            for name, amount in self.values_of("scaling.resources")[0].items():  # custom ones (fixed, not searched)
+                need[name] = need.get(name, 0) + workers * amount
         else:
             actors = self.max_of("cem.actors")
             if actors > 1:

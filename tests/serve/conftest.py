@@ -1,7 +1,11 @@
 """Tiny experts for serving tests: tiny-llama (seed 0) patched on its MLP, random p, saved with tasks."""
 from __future__ import annotations
 
+import asyncio
+import random
 from pathlib import Path
+
+import httpx
 
 import pytest
 import torch
@@ -52,3 +56,34 @@ def tiny_args(paths: dict[str, Path], **overrides) -> dict:
     for key, value in overrides.items():
         args[key] = value
     return args
+
+
+def random_weights(rng: random.Random) -> dict[str, float]:
+    names = rng.sample(["math", "code", "reasoning"], rng.randint(1, 3))
+    return {n: round(rng.uniform(0.05, 1.0), 3) for n in names}
+
+
+async def run_load(url: str, key: str, n: int, concurrency: int, on_done=None) -> list[tuple[dict, int, dict | None]]:
+    """n chat requests to `url`, each with its own random mixture, at most `concurrency` in flight; a request that got
+    no HTTP answer is (plan, 0, {"error": ...})."""
+    rng = random.Random(0)
+    plans = [random_weights(rng) for _ in range(n)]
+    results: list = [None] * n
+    gate = asyncio.Semaphore(concurrency)
+    done = 0
+    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=180) as c:
+        async def one(i: int):
+            nonlocal done
+            async with gate:
+                body = {"model": "auto", "messages": [{"role": "user", "content": f"question {i}"}],
+                        "max_tokens": 4, "t2ray": {"weights": plans[i]}}
+                try:
+                    r = await c.post("/v1/chat/completions", json=body)
+                    results[i] = (plans[i], r.status_code, r.json())
+                except httpx.HTTPError as err:
+                    results[i] = (plans[i], 0, {"error": repr(err)})
+                done += 1
+                if on_done is not None:
+                    await on_done(done)
+        await asyncio.gather(*(one(i) for i in range(n)))
+    return results

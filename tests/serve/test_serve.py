@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import random
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ import httpx
 import pytest
 import yaml
 
-from .conftest import tiny_args
+from .conftest import run_load, tiny_args
 
 openai = pytest.importorskip("openai")
 ray = pytest.importorskip("ray")
@@ -258,39 +257,9 @@ def test_fifty_dropped_streams_stop_decoding(endpoint):
     assert sum(s["cancelled_rows"] for s in replica_stats(1.0).values()) > cancelled_before
 
 
-def random_weights(rng: random.Random) -> dict[str, float]:
-    names = rng.sample(["math", "code", "reasoning"], rng.randint(1, 3))
-    return {n: round(rng.uniform(0.05, 1.0), 3) for n in names}
-
-
-async def run_load(n: int, concurrency: int, on_done=None) -> list[tuple[dict, int, dict | None]]:
-    """n chat requests, each with its own random mixture, at most `concurrency` in flight."""
-    rng = random.Random(0)
-    plans = [random_weights(rng) for _ in range(n)]
-    results: list = [None] * n
-    gate = asyncio.Semaphore(concurrency)
-    done = 0
-    async with httpx.AsyncClient(base_url=URL, headers={"Authorization": f"Bearer {KEY}"}, timeout=180) as c:
-        async def one(i: int):
-            nonlocal done
-            async with gate:
-                body = {"model": "auto", "messages": [{"role": "user", "content": f"question {i}"}],
-                        "max_tokens": 4, "t2ray": {"weights": plans[i]}}
-                try:
-                    r = await c.post("/v1/chat/completions", json=body)
-                    results[i] = (plans[i], r.status_code, r.json())
-                except httpx.HTTPError as err:
-                    results[i] = (plans[i], 0, {"error": repr(err)})
-                done += 1
-                if on_done is not None:
-                    await on_done(done)
-        await asyncio.gather(*(one(i) for i in range(n)))
-    return results
-
-
 def test_200_requests_at_concurrency_16_each_with_its_mixture(endpoint):
     start = time.perf_counter()
-    results = asyncio.run(run_load(200, 16))
+    results = asyncio.run(run_load(URL, KEY, 200, 16))
     elapsed = time.perf_counter() - start
     errors = [(s, b) for _, s, b in results if s != 200]
     assert not errors, errors[:3]
@@ -332,7 +301,7 @@ def test_replica_killed_under_load_recovers(endpoint, http):
             await asyncio.to_thread(ray.kill, handle, no_restart=True)
             killed["at"] = time.time()
 
-    results = asyncio.run(run_load(200, 16, on_done=kill_once))
+    results = asyncio.run(run_load(URL, KEY, 200, 16, on_done=kill_once))
     failed = [(s, b) for _, s, b in results if s != 200]
     assert killed, "the replica was never killed"
     assert len(failed) <= 2, failed  # ≤ 1 % of 200

@@ -1,0 +1,79 @@
+"""Ray Tune across nodes: a 4-trial RL sweep whose Train workers need the `trainer` resource (the two worker nodes
+only); a worker node running trials is killed mid-sweep: Tune restarts the failed trials (FailureConfig) on the
+remaining capacity, each resuming its own Train run from its checkpoint, and the sweep completes with best.yaml."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tune.helpers import write_experiment, write_sweep, write_task  # tests/tune/helpers.py
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+
+def placements(run_dir: Path) -> list[dict]:
+    path = run_dir / "workers.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def registered_checkpoint(run_dir: Path) -> bool:
+    """A checkpoint whose report the Train controller has taken (two iterations later: report() waits on it)."""
+    try:
+        saved = [json.loads((f / "state.json").read_text())["iteration"] for f in run_dir.glob("checkpoint_*")
+                 if (f / "state.json").exists()]
+        rows = (run_dir / "metrics.jsonl").read_text().splitlines()
+        return bool(saved) and json.loads(rows[-1])["iteration"] >= min(saved) + 2
+    except (OSError, ValueError, KeyError, IndexError):  # files being written
+        return False
+
+
+def test_a_node_killed_mid_sweep(three_nodes, tmp_path):
+    from t2ray.tune import load_sweep, run_sweep
+
+    task = write_task(tmp_path / "task")
+    base = write_experiment(tmp_path, str(task), iterations=8, eval_interval=2)
+    data = yaml.safe_load(base.read_text())
+    data["scaling"]["resources"] = {"trainer": 1}
+    base.write_text(yaml.safe_dump(data, sort_keys=False))
+    path = write_sweep(tmp_path, base.name, name="nodes", num_samples=4, max_failures=2,
+                       space={"rl.lr": {"choice": [0.1, 0.2, 0.3, 0.4]}}, search={"alg": "random", "seed": 0},
+                       scheduler={"type": "fifo"}, metric="valid_accuracy", mode="max")
+    sweep = load_sweep(path)
+    trials = sweep.dir / "trials"
+    events: dict[str, object] = {}
+    stop = threading.Event()
+
+    def kill_a_node_running_a_trial():
+        while not stop.is_set():
+            running = [run for run in trials.glob("*")
+                       if registered_checkpoint(run) and not (run / "expert.safetensors").exists()]
+            placed = [p for run in running for p in placements(run)]
+            if placed:
+                node_id = placed[-1]["node_id"]
+                events["runs"] = [run.name for run in running if node_id in {p["node_id"] for p in placements(run)}]
+                events["killed"] = three_nodes.kill(three_nodes.node_of(node_id))
+                return
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=kill_a_node_running_a_trial, daemon=True)
+    killer.start()
+    try:
+        outcome = run_sweep(sweep)
+    finally:
+        stop.set()
+        killer.join(timeout=10)
+    assert "killed" in events, "no node was killed (every trial ended before its first checkpoint?)"
+    summary = outcome.summary()
+    assert summary["finished"] == 4 and summary["errored"] == 0 and outcome.complete, summary
+    assert outcome.best_config is not None and Path(outcome.best_config).is_file()
+    # the trials that lost their node started again from their own checkpoint, not from iteration 1
+    for name in events["runs"]:
+        restarts = [p["resumed_at"] for p in placements(trials / name)][1:]
+        assert restarts and all(at > 0 for at in restarts), (name, placements(trials / name))
+        assert (trials / name / "expert.safetensors").exists()
+    print(f"\nnode killed mid-sweep: {len(events['runs'])} trial(s) on it restarted from their checkpoints")
