@@ -1,16 +1,20 @@
 """Ray Train across nodes: 2 DeepSpeed workers (ZeRO-2) on 2 different nodes (placement STRICT_SPREAD or SPREAD,
 custom resource `trainer`), checkpoints on storage every node sees; one worker node killed mid-run (its raylet and
 every process on it): the run restarts on the remaining capacity from the last checkpoint, redoes at most one
-checkpoint interval, and ends with the same z as a run that was never interrupted."""
+checkpoint interval, and ends with the same z as a run that was never interrupted. And the driver killed: the same
+command resumes."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from t2ray.config import ExperimentConfig
@@ -125,3 +129,29 @@ def test_a_worker_node_killed_mid_run_resumes_from_the_checkpoint_with_the_same_
                 "resumed_from_iteration": resumed_at, "iterations_redone": redone}
     print(f"\nnode loss during training: {recovery}")
     (tmp_path / "recovery.json").write_text(json.dumps(recovery))
+
+
+def test_the_driver_killed_then_the_same_command_resumes(three_nodes, learn_task, tmp_path):
+    """`t2ray train` SIGKILLed after the first checkpoint (its Train controller and workers go with it); the same
+    command, typed again, continues from that checkpoint."""
+    cfg = spread_config(tmp_path / "shared", learn_task, "driver-killed", placement_strategy="SPREAD")
+    experiment = tmp_path / "experiment.yaml"
+    experiment.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    command = [str(Path(sys.executable).with_name("t2ray")), "train", str(experiment),
+               "--address", three_nodes.cluster.address]
+    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and driver.poll() is None:
+        saved, rows = checkpointed(cfg.run_dir), logged(cfg.run_dir)
+        if saved and rows and rows[-1]["iteration"] >= saved[0] + 2:
+            break
+        time.sleep(0.05)
+    assert driver.poll() is None, "the run ended before its first checkpoint was registered"
+    driver.kill()
+    driver.wait()
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    placed = placements(cfg.run_dir)
+    assert placed[-1]["resumed_at"] >= INTERVAL, placed  # the second driver's workers started from the checkpoint
+    iterations = [m["iteration"] for m in logged(cfg.run_dir)]
+    assert set(iterations) == set(range(1, 16)) and iterations.count(1) == 1, iterations
