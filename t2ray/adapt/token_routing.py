@@ -40,7 +40,8 @@ from t2ray.experts import Expert, ExpertError, mix_z
 from t2ray.generation import Messages, StepHook, decode, encode_prompts, eos_token_ids
 
 __all__ = [
-    "Router", "Mixer", "SVFMixer", "LoRAMixer", "RoutedGeneration", "generate_routed", "greedy_decode",
+    "Router", "Mixer", "SVFMixer", "LoRAMixer", "RoutedGeneration", "generate_routed", "generate_weighted",
+    "greedy_decode",
     "routing_text", "routing_weights",
 ]
 
@@ -274,6 +275,25 @@ def greedy_decode(model, tokenizer, prompts: Sequence[Messages | str], *, max_ne
 def _decode(tokenizer, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
     pad = tokenizer.pad_token_id
     return tokenizer.batch_decode(ids * mask + pad * (1 - mask), skip_special_tokens=True)
+
+
+@torch.no_grad()
+def generate_weighted(model, tokenizer, prompts: Sequence[Messages | str], mixer: Mixer, weights: torch.Tensor, *,
+                      max_new_tokens: int = 64) -> list[str]:
+    """Greedy generation with fixed expert weights per row (B, K) — all zero: the base model on that row."""
+    rows = {"n": -1}
+
+    def keep_rows(i: int, generated: torch.Tensor, done: torch.Tensor, live: torch.Tensor) -> None:
+        if len(live) != rows["n"]:  # the first step, or rows retired (the batch only shrinks)
+            mixer.set_weights(weights[live])
+            rows["n"] = len(live)
+
+    try:
+        ids, mask, _ = greedy_decode(model, tokenizer, list(prompts), max_new_tokens=max_new_tokens,
+                                     before_step=keep_rows)
+    finally:
+        mixer.reset()
+    return _decode(tokenizer, ids, mask)
 
 
 @torch.no_grad()

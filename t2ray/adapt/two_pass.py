@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from t2ray.adapt.dispatch import classify, confusion
 from t2ray.config import AdaptConfig
 from t2ray.evaluate import EvalResult, grade_all
-from t2ray.experts import Expert, Mixture, load_expert, mix_z, save_mixture
+from t2ray.experts import Expert, ExpertError, Mixture, load_expert, mix_z, save_mixture
 from t2ray.generation import generate
 from t2ray.models import load_model
 from t2ray.svf import apply_experts, disabled, set_mode, set_z
@@ -45,12 +45,17 @@ class AdaptResult:
         return path
 
 
+def category_of(task: str | None) -> str | None:
+    """The category of the task an expert was trained on (its name when the task is not known here)."""
+    try:
+        return get_task(task).category if task else None
+    except ValueError:
+        return task
+
+
 def expert_category(expert: Expert) -> str:
     """The category an expert serves, from the task it was trained on."""
-    try:
-        return get_task(expert.task).category if expert.task else expert.name
-    except ValueError:
-        return expert.task
+    return category_of(expert.task) or expert.name
 
 
 def pass2_bar(task: Task, total: int, progress: bool):
@@ -75,10 +80,22 @@ def grouped_generate(model, tokenizer, task: Task, messages, groups: list[dict |
     return texts
 
 
+def lora_library(cfg: AdaptConfig) -> bool:
+    """True when the experts are LoRA adapter folders, False for SVF files; a mix is refused in one line."""
+    paths = [*cfg.experts, *([cfg.classifier_expert] if cfg.strategy == "classifier" else [])]
+    kinds = {Path(p).is_dir() for p in paths}
+    if len(kinds) > 1:
+        raise ExpertError("experts: give SVF expert files or LoRA adapter folders, not both (one rescales W's "
+                          "singular values, the other adds a low-rank ΔW: they do not mix)")
+    return kinds == {True}
+
+
 def run_adapt(cfg: AdaptConfig, *, progress: bool = True) -> AdaptResult:
     task = get_task(cfg.task)
     examples = task.examples(cfg.split)[:cfg.limit]
     messages = [task.messages(ex) for ex in examples]
+    if lora_library(cfg):
+        return run_adapt_lora(cfg, task, examples, messages, progress=progress)
     experts = [load_expert(p) for p in cfg.experts]
     model, tokenizer = load_model(cfg.model.spec, dtype=cfg.model.dtype)
     apply_experts(model, experts[:1], allow_transfer=cfg.allow_transfer)  # patch + check the library fits
@@ -111,12 +128,19 @@ def run_adapt(cfg: AdaptConfig, *, progress: bool = True) -> AdaptResult:
 
     t1 = time.perf_counter()
     if groups is None:
-        texts = route_tokens(model, tokenizer, experts, task, messages, cfg, progress=progress)
+        from t2ray.adapt.token_routing import SVFMixer
+
+        texts = route_tokens(model, tokenizer, SVFMixer(model, experts, allow_transfer=cfg.allow_transfer),
+                             [e.task for e in experts], task, messages, cfg, progress=progress)
     else:
         set_mode(model, "materialized")
         texts = grouped_generate(model, tokenizer, task, messages, groups, cfg.batch_size, progress=progress)
     pass2 = time.perf_counter() - t1
+    return graded(cfg, task, examples, texts, choices, pass1, pass2, [e.name for e in experts], alpha, history)
 
+
+def graded(cfg: AdaptConfig, task: Task, examples, texts: list[str], choices: list[str], pass1: float, pass2: float,
+           names: list[str], alpha: list | None = None, history: list[dict] | None = None) -> AdaptResult:
     grades = grade_all(task, examples, texts)
     correct = sum(ok for ok, _ in grades)
     records = [{"id": ex.id, "prompt": ex.prompt, "answer": ex.answer, "completion": t, "correct": ok, "choice": c}
@@ -124,7 +148,58 @@ def run_adapt(cfg: AdaptConfig, *, progress: bool = True) -> AdaptResult:
     evaluation = EvalResult(task=task.name, split=cfg.split, accuracy=correct / max(1, len(examples)),
                             n=len(examples), correct=correct, seconds=pass1 + pass2, adapter=cfg.strategy,
                             records=records)
-    return AdaptResult(cfg.strategy, evaluation, pass1, pass2, choices, alpha, history, [e.name for e in experts])
+    return AdaptResult(cfg.strategy, evaluation, pass1, pass2, choices, alpha, history or [], names)
+
+
+def run_adapt_lora(cfg: AdaptConfig, task: Task, examples, messages, *, progress: bool) -> AdaptResult:
+    """Two-pass adaptation over LoRA adapters (Belofsky's setting). Every strategy is per-row adapter weights through
+    LoRAMixer, the exact Σ_k w_k ΔW_k: prompt / classifier put one adapter on each row (none: the base model),
+    token re-routes every k tokens. The classifier is a LoRA adapter trained on the cls task, mixed in as adapter K."""
+    import torch
+
+    from t2ray.adapt.token_routing import LoRAMixer, generate_weighted
+    from t2ray.lora.layer import read_lora_expert, set_lora_weights
+
+    if cfg.strategy == "fewshot":
+        raise ExpertError("strategy fewshot over LoRA adapters is not supported yet (prompt, classifier and token "
+                          "are); search mixing weights over SVF experts")
+    adapters = [read_lora_expert(p) for p in cfg.experts]
+    tasks = [a.meta.get("task") for a in adapters]
+    classifier = [read_lora_expert(cfg.classifier_expert)] if cfg.strategy == "classifier" else []
+    model, tokenizer = load_model(cfg.model.spec, dtype=cfg.model.dtype)
+    mixer = LoRAMixer(model, adapters + classifier, allow_transfer=cfg.allow_transfer)
+    k = len(adapters)
+
+    t0 = time.perf_counter()
+    weights, choices = None, ["token-routed"] * len(examples)
+    if cfg.strategy != "token":
+        questions = [ex.prompt for ex in examples]
+        set_lora_weights(model, [0.0] * k + [1.0] * len(classifier))  # the classifier adapter alone, or the base
+        try:
+            labels = classify(model, tokenizer, questions, mode=cfg.classify_mode)
+        finally:
+            mixer.reset()
+        index = {category_of(t): i for i, t in enumerate(tasks)}
+        weights = torch.zeros(len(examples), k + len(classifier))
+        for row, label in enumerate(labels):
+            if label in index:
+                weights[row, index[label]] = 1.0
+        choices = [adapters[index[label]].name if label in index else "base" for label in labels]
+    pass1 = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    if weights is None:
+        texts = route_tokens(model, tokenizer, mixer, tasks, task, messages, cfg, progress=progress)
+    else:
+        texts = []
+        with pass2_bar(task, len(messages), progress) as bar:
+            for start in range(0, len(messages), cfg.batch_size):
+                rows = slice(start, start + cfg.batch_size)
+                texts += generate_weighted(model, tokenizer, messages[rows], mixer, weights[rows],
+                                           max_new_tokens=task.max_new_tokens)
+                bar.update(len(messages[rows]))
+    pass2 = time.perf_counter() - t1
+    return graded(cfg, task, examples, texts, choices, pass1, pass2, [a.name for a in adapters])
 
 
 def dispatch_quality(model_spec: str, classifier_expert: str | Path, limits: dict[str, int], *, dtype: str = "auto",
@@ -146,17 +221,17 @@ def dispatch_quality(model_spec: str, classifier_expert: str | Path, limits: dic
             "categories": {name: get_task(name).category for name in limits}}
 
 
-def route_tokens(model, tokenizer, experts: list[Expert], task: Task, messages, cfg: AdaptConfig,
+def route_tokens(model, tokenizer, mixer, tasks: list[str | None], task: Task, messages, cfg: AdaptConfig,
                  progress: bool = False) -> list[str]:
-    """Pass 2 with token-level routing: centroids of each expert's training task, re-routed every k tokens."""
-    from t2ray.adapt.token_routing import Router, SVFMixer, generate_routed
+    """Pass 2 with token-level routing: centroids of each expert's training task (`tasks`, in the mixer's order),
+    re-routed every k tokens."""
+    from t2ray.adapt.token_routing import Router, generate_routed
 
-    missing = [e.name for e in experts if not e.task]
+    missing = [cfg.experts[i] for i, t in enumerate(tasks) if not t]
     if missing:
         raise ValueError(f"token routing needs each expert's training task for its centroid; {missing} have none")
-    router = Router.from_tasks([get_task(e.task) for e in experts], examples_per_task=cfg.routing.examples_per_task,
+    router = Router.from_tasks([get_task(t) for t in tasks], examples_per_task=cfg.routing.examples_per_task,
                                temperature=cfg.routing.temperature)
-    mixer = SVFMixer(model, experts, allow_transfer=cfg.allow_transfer)
     texts: list[str] = []
     with pass2_bar(task, len(messages), progress) as bar:
         for start in range(0, len(messages), cfg.batch_size):

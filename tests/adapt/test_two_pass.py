@@ -47,6 +47,69 @@ def test_dispatch_strategies_end_to_end(library, strategy):
 
 
 @pytest.fixture(scope="module")
+def lora_library(tmp_path_factory):
+    """Four tiny LoRA adapters (math/code/reasoning/cls on the MLP), as PEFT folders with t2ray's metadata."""
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = load_model("tiny-llama")
+    info = base_model_info(model)
+    folder = tmp_path_factory.mktemp("lora_library")
+    paths = {}
+    for seed, task in enumerate(("math", "code", "reasoning", "cls")):
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(load_model("tiny-llama")[0], LoraConfig(
+            r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"], init_lora_weights=False))
+        with torch.no_grad():  # PEFT's non-default init is small: make ΔW visible in the answers
+            for name, p in peft_model.named_parameters():
+                if "lora_B" in name:
+                    p.mul_(50)
+        paths[task] = folder / f"lora-{task}"
+        peft_model.save_pretrained(paths[task])
+        (paths[task] / "t2ray_expert.json").write_text(json.dumps(
+            {"name": f"lora-{task}", "task": task, "base_model": info.model_id, "fingerprint": info.fingerprint}))
+    return paths
+
+
+@pytest.mark.parametrize("strategy", ["prompt", "classifier", "token"])
+def test_lora_adapters_take_every_dispatch_strategy(lora_library, strategy):
+    """`t2ray adapt --expert runs/…/lora-math/expert …`: LoRA folders (Belofsky's setting) instead of SVF files."""
+    result = run_adapt(config(lora_library, strategy), progress=False)
+    assert result.eval.n == 3 and result.expert_names == ["lora-math", "lora-code", "lora-reasoning"]
+    assert set(result.choices) <= {"lora-math", "lora-code", "lora-reasoning", "base", "token-routed"}
+    assert all(r["completion"] is not None for r in result.eval.records)
+
+
+def test_lora_one_hot_rows_answer_as_the_adapter_alone(lora_library, tokenizer):
+    """Pass 2 with one adapter per row (and a row on the base model) equals each adapter applied by PEFT."""
+    from peft import PeftModel
+
+    from t2ray.adapt.token_routing import LoRAMixer, generate_weighted
+    from t2ray.generation import generate
+
+    prompts = [[{"role": "user", "content": f"What is {i} + {i}?"}] for i in range(3)]
+    model = load_model("tiny-llama")[0]
+    mixer = LoRAMixer(model, [lora_library["math"], lora_library["code"]])
+    texts = generate_weighted(model, tokenizer, prompts, mixer, torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]),
+                              max_new_tokens=5)
+    assert len(set(texts)) == 3, texts  # the adapters change the answers
+    for row, folder in enumerate([lora_library["math"], lora_library["code"], None]):
+        reference = load_model("tiny-llama")[0]
+        if folder is not None:
+            reference = PeftModel.from_pretrained(reference, folder)
+        assert texts[row] == generate(reference, tokenizer, [prompts[row]], max_new_tokens=5)[0]
+
+
+def test_svf_files_and_lora_folders_do_not_mix(library, lora_library):
+    from t2ray.experts import ExpertError
+
+    mixed = config(library, "token").model_copy(update={"experts": [str(library["math"]), str(lora_library["code"])]})
+    with pytest.raises(ExpertError, match="SVF expert files or LoRA adapter folders, not both"):
+        run_adapt(mixed, progress=False)
+    with pytest.raises(ExpertError, match="fewshot over LoRA adapters is not supported yet"):
+        run_adapt(config(lora_library, "fewshot"), progress=False)
+
+
+@pytest.fixture(scope="module")
 def ray_cluster():
     ray.init(num_cpus=2, include_dashboard=False)
     yield
