@@ -160,7 +160,7 @@ def adapt(config: Optional[Path] = typer.Option(None, help="adapt YAML (the opti
           out: Optional[Path] = typer.Option(None, help="write the full result JSON here"),
           mixture_out: Optional[Path] = typer.Option(None, help="fewshot: save the found α as a mixture file")):
     """Two-pass self-adaptation on a task split: pass 1 picks the expert mixture, pass 2 answers."""
-    from t2ray.adapt.two_pass import run_adapt, save_found_mixture
+    from t2ray.adapt.two_pass import lora_library, run_adapt, save_found_mixture
     from t2ray.config import AdaptConfig, deep_merge, read_yaml
 
     given = {"strategy": strategy, "task": task, "experts": [str(e) for e in expert] if expert else None,
@@ -171,6 +171,9 @@ def adapt(config: Optional[Path] = typer.Option(None, help="adapt YAML (the opti
                          per_module=per_module, actors=actors, seed=seed),
              "routing": dict(every=every, recompute_prefix=recompute_prefix)}
     cfg = AdaptConfig.model_validate(deep_merge(read_yaml(config) if config else {}, drop_unset(given)))
+    if mixture_out and lora_library(cfg):
+        raise ValueError("--mixture-out: mixture files name SVF experts; the α found over LoRA adapters is in the "
+                         "printed summary (and --out)")
     if cfg.cem.actors > 1:
         from t2ray.train.launcher import ensure_ray
 

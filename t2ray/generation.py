@@ -77,6 +77,18 @@ AllDone = Callable[[bool], bool]  # this rank's rows are done -> every rank's ar
 GREEDY_BELOW = 1e-5  # temperatures below this decode greedily: dividing logits by ~0 gives NaN probabilities
 
 
+def on_live_rows(select: Callable[[torch.Tensor], None]) -> StepHook:
+    """A decode hook calling select(live) — the batch rows still decoding — whenever that set changes (the first
+    step, then as rows retire: the batch only shrinks), so per-row mixtures stay in step with the rows."""
+    rows = {"n": -1}
+
+    def hook(i: int, generated: torch.Tensor, done: torch.Tensor, live: torch.Tensor) -> None:
+        if len(live) != rows["n"]:
+            select(live)
+            rows["n"] = len(live)
+    return hook
+
+
 def next_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None):
     """Greedy below GREEDY_BELOW, else nucleus sampling."""
     if temperature < GREEDY_BELOW:

@@ -6,8 +6,8 @@ import numpy as np
 import torch
 
 from t2ray.evaluate import grade_all
-from t2ray.experts import Expert, mix_z
-from t2ray.generation import answer_loglik, rollout
+from t2ray.experts import Expert, ExpertError, mix_z
+from t2ray.generation import answer_loglik, on_live_rows, rollout
 from t2ray.svf import apply_experts, set_mode, set_z
 from t2ray.tasks.base import Example, Task, TaskError
 
@@ -28,48 +28,71 @@ def pick_shots(task: Task, k: int, seed: int = 0) -> list[Example]:
 
 def live_rows_z(model, batch_z: dict[str, torch.Tensor]):
     """A decode hook that keeps one z per row in step with the rows still decoding (done rows leave the batch)."""
-    rows = {"n": -1}
-
-    def hook(i, generated, done, live) -> None:
-        if len(live) != rows["n"]:  # the first step, or rows retired (the batch only shrinks)
-            set_z(model, {m: t[live] for m, t in batch_z.items()})
-            rows["n"] = len(live)
-    return hook
+    return on_live_rows(lambda live: set_z(model, {m: t[live] for m, t in batch_z.items()}))
 
 
 class ShotFitness:
-    """Callable: alphas (P, K) or (P, K, M) -> [(accuracy, mean log-lik of reference answers)] per candidate."""
+    """Callable: alphas (P, K) or (P, K, M) -> [(accuracy, mean log-lik of reference answers)] per candidate.
+    Every (candidate, shot) is one batch row with its own mixture: here a z per row (SVF experts, factored mode);
+    LoRAShotFitness: adapter weights per row."""
 
     def __init__(self, model, tokenizer, experts: list[Expert], task: Task, shots: list[Example],
                  batch_size: int = 64, allow_transfer: bool = False):
-        self.model, self.tokenizer, self.experts, self.task, self.shots = model, tokenizer, experts, task, shots
-        self.batch_size = batch_size
         apply_experts(model, experts, allow_transfer=allow_transfer)  # patches their modules, checks each fits
         set_mode(model, "factored")
+        self.experts = experts
+        self._on(model, tokenizer, task, shots, batch_size)
+
+    def _on(self, model, tokenizer, task: Task, shots: list[Example], batch_size: int) -> None:
+        self.model, self.tokenizer, self.task, self.shots, self.batch_size = model, tokenizer, task, shots, batch_size
         self.messages = [task.messages(ex) for ex in shots]
         self.references = [task.reference_completion(ex) for ex in shots]
 
-    def row_z(self, alphas: np.ndarray) -> dict[str, torch.Tensor]:
+    def row_mixtures(self, alphas: np.ndarray) -> dict[str, torch.Tensor]:
         """z per (candidate, shot) row: (P·k, r) per module."""
         per_candidate = [mix_z(self.experts, a.tolist()) for a in alphas]
         k = len(self.shots)
         return {m: torch.stack([z[m] for z in per_candidate]).repeat_interleave(k, 0) for m in per_candidate[0]}
 
+    def select(self, mixtures: dict[str, torch.Tensor], rows: torch.Tensor) -> None:
+        """Put these rows' mixtures on the model, one per batch row."""
+        set_z(self.model, {m: t[rows] for m, t in mixtures.items()})
+
     @torch.no_grad()
     def __call__(self, alphas: np.ndarray) -> list[tuple[float, float]]:
         k, rows = len(self.shots), len(alphas) * len(self.shots)
-        z = self.row_z(alphas)
+        mixtures = self.row_mixtures(alphas)
         texts, logliks = [], []
         for start in range(0, rows, self.batch_size):
             stop = min(rows, start + self.batch_size)
-            batch_z = {m: t[start:stop] for m, t in z.items()}
+            batch = torch.arange(start, stop)
             idx = [i % k for i in range(start, stop)]
             texts += rollout(self.model, self.tokenizer, [self.messages[i] for i in idx],
-                             max_new_tokens=self.task.max_new_tokens, before_step=live_rows_z(self.model, batch_z)).texts
-            set_z(self.model, batch_z)  # every row again, for the log-likelihoods
+                             max_new_tokens=self.task.max_new_tokens,
+                             before_step=on_live_rows(lambda live: self.select(mixtures, batch[live]))).texts
+            self.select(mixtures, batch)  # every row again, for the log-likelihoods
             logliks.append(answer_loglik(self.model, self.tokenizer, [self.messages[i] for i in idx],
                                          [self.references[i] for i in idx], batch_size=stop - start))
         correct = [ok for ok, _ in grade_all(self.task, self.shots * len(alphas), texts)]
         ll = torch.cat(logliks)
         return [(float(np.mean(correct[c * k:(c + 1) * k])), float(ll[c * k:(c + 1) * k].mean()))
                 for c in range(len(alphas))]
+
+
+class LoRAShotFitness(ShotFitness):
+    """The same fitness over LoRA adapters (LoraHub's setting): a candidate's α are the weights of its rows'
+    adapters in LoRAMixer's exact Σ_k α_k ΔW_k; one α per adapter (per-module α is an SVF setting)."""
+
+    def __init__(self, model, tokenizer, mixer, task: Task, shots: list[Example], batch_size: int = 64):
+        self.mixer = mixer
+        self._on(model, tokenizer, task, shots, batch_size)
+
+    def row_mixtures(self, alphas: np.ndarray) -> torch.Tensor:
+        weights = torch.as_tensor(np.asarray(alphas), dtype=torch.float32)
+        if weights.ndim != 2 or weights.shape[1] != self.mixer.num_experts:
+            raise ExpertError(f"LoRA adapters take one α per adapter: (P, {self.mixer.num_experts}), got "
+                              f"{tuple(weights.shape)} (cem.per_module is for SVF experts)")
+        return weights.repeat_interleave(len(self.shots), 0)
+
+    def select(self, mixtures: torch.Tensor, rows: torch.Tensor) -> None:
+        self.mixer.set_weights(mixtures[rows])

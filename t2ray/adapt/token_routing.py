@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from t2ray.experts import Expert, ExpertError, mix_z
-from t2ray.generation import Messages, StepHook, decode, encode_prompts, eos_token_ids
+from t2ray.generation import Messages, StepHook, decode, encode_prompts, eos_token_ids, on_live_rows
 
 __all__ = [
     "Router", "Mixer", "SVFMixer", "LoRAMixer", "RoutedGeneration", "generate_routed", "generate_weighted",
@@ -281,16 +281,9 @@ def _decode(tokenizer, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
 def generate_weighted(model, tokenizer, prompts: Sequence[Messages | str], mixer: Mixer, weights: torch.Tensor, *,
                       max_new_tokens: int = 64) -> list[str]:
     """Greedy generation with fixed expert weights per row (B, K) — all zero: the base model on that row."""
-    rows = {"n": -1}
-
-    def keep_rows(i: int, generated: torch.Tensor, done: torch.Tensor, live: torch.Tensor) -> None:
-        if len(live) != rows["n"]:  # the first step, or rows retired (the batch only shrinks)
-            mixer.set_weights(weights[live])
-            rows["n"] = len(live)
-
     try:
         ids, mask, _ = greedy_decode(model, tokenizer, list(prompts), max_new_tokens=max_new_tokens,
-                                     before_step=keep_rows)
+                                     before_step=on_live_rows(lambda live: mixer.set_weights(weights[live])))
     finally:
         mixer.reset()
     return _decode(tokenizer, ids, mask)

@@ -154,15 +154,16 @@ def graded(cfg: AdaptConfig, task: Task, examples, texts: list[str], choices: li
 def run_adapt_lora(cfg: AdaptConfig, task: Task, examples, messages, *, progress: bool) -> AdaptResult:
     """Two-pass adaptation over LoRA adapters (Belofsky's setting). Every strategy is per-row adapter weights through
     LoRAMixer, the exact Σ_k w_k ΔW_k: prompt / classifier put one adapter on each row (none: the base model),
-    token re-routes every k tokens. The classifier is a LoRA adapter trained on the cls task, mixed in as adapter K."""
+    token re-routes every k tokens, fewshot searches one α per adapter with CEM (LoraHub's setting). The classifier
+    is a LoRA adapter trained on the cls task, mixed in as adapter K."""
     import torch
 
     from t2ray.adapt.token_routing import LoRAMixer, generate_weighted
     from t2ray.lora.layer import read_lora_expert, set_lora_weights
 
-    if cfg.strategy == "fewshot":
-        raise ExpertError("strategy fewshot over LoRA adapters is not supported yet (prompt, classifier and token "
-                          "are); search mixing weights over SVF experts")
+    if cfg.strategy == "fewshot" and (cfg.cem.per_module or cfg.cem.actors > 1):
+        raise ExpertError("few-shot CEM over LoRA adapters takes one α per adapter in this process (LoraHub's "
+                          "setting): set cem.per_module false and cem.actors 1")
     adapters = [read_lora_expert(p) for p in cfg.experts]
     tasks = [a.meta.get("task") for a in adapters]
     classifier = [read_lora_expert(cfg.classifier_expert)] if cfg.strategy == "classifier" else []
@@ -171,8 +172,17 @@ def run_adapt_lora(cfg: AdaptConfig, task: Task, examples, messages, *, progress
     k = len(adapters)
 
     t0 = time.perf_counter()
-    weights, choices = None, ["token-routed"] * len(examples)
-    if cfg.strategy != "token":
+    weights, choices, alpha, history = None, ["token-routed"] * len(examples), None, []
+    if cfg.strategy == "fewshot":
+        from t2ray.adapt.fewshot import LoRAShotFitness, pick_shots
+
+        fitness = LoRAShotFitness(model, tokenizer, mixer, task, pick_shots(task, cfg.cem.shots, cfg.cem.seed),
+                                  batch_size=cfg.batch_size)
+        found = run_cem(cfg, fitness, (k,), progress=progress)
+        alpha, history = found.alpha.tolist(), found.history
+        weights = torch.tensor(alpha, dtype=torch.float32).expand(len(examples), k)
+        choices = ["mixture"] * len(examples)
+    elif cfg.strategy != "token":
         questions = [ex.prompt for ex in examples]
         set_lora_weights(model, [0.0] * k + [1.0] * len(classifier))  # the classifier adapter alone, or the base
         try:
@@ -199,7 +209,7 @@ def run_adapt_lora(cfg: AdaptConfig, task: Task, examples, messages, *, progress
                                            max_new_tokens=task.max_new_tokens)
                 bar.update(len(messages[rows]))
     pass2 = time.perf_counter() - t1
-    return graded(cfg, task, examples, texts, choices, pass1, pass2, [a.name for a in adapters])
+    return graded(cfg, task, examples, texts, choices, pass1, pass2, [a.name for a in adapters], alpha, history)
 
 
 def dispatch_quality(model_spec: str, classifier_expert: str | Path, limits: dict[str, int], *, dtype: str = "auto",
@@ -247,21 +257,27 @@ def search_alpha(cfg: AdaptConfig, model, tokenizer, experts: list[Expert], task
                  observe=None):
     """CEM over α on k shots: in this process, or on `cfg.cem.actors` Ray actors. `observe(alphas, scores)`, if
     given, sees every generation's population (e.g. to report it to Tune)."""
-    from t2ray.adapt.cem import cem_search
     from t2ray.adapt.fewshot import ShotFitness, pick_shots
 
     c = cfg.cem
     shape = (len(experts), len(experts[0].modules)) if c.per_module else (len(experts),)
-    pool = None
     if c.actors > 1:
         from t2ray.adapt.cem_pool import ActorPoolFitness
 
-        fitness = pool = ActorPoolFitness(c.actors, model_spec=cfg.model.spec, expert_paths=cfg.experts,
-                                          task_spec=cfg.task, shots=c.shots, seed=c.seed, dtype=cfg.model.dtype,
-                                          allow_transfer=cfg.allow_transfer)
+        fitness = ActorPoolFitness(c.actors, model_spec=cfg.model.spec, expert_paths=cfg.experts,
+                                   task_spec=cfg.task, shots=c.shots, seed=c.seed, dtype=cfg.model.dtype,
+                                   allow_transfer=cfg.allow_transfer)
     else:
         fitness = ShotFitness(model, tokenizer, experts, task, pick_shots(task, c.shots, c.seed),
                               batch_size=cfg.batch_size, allow_transfer=cfg.allow_transfer)
+    return run_cem(cfg, fitness, shape, progress=progress, observe=observe)
+
+
+def run_cem(cfg: AdaptConfig, fitness, shape: tuple[int, ...], *, progress: bool = True, observe=None):
+    """CEM over α of `shape` with cfg.cem's settings; a fitness with shutdown() (Ray actors) is shut down after."""
+    from t2ray.adapt.cem import cem_search
+
+    c = cfg.cem
 
     def scored(alphas):
         scores = fitness(alphas)
@@ -274,8 +290,8 @@ def search_alpha(cfg: AdaptConfig, model, tokenizer, experts: list[Expert], task
                           generations=c.generations, init_std=c.init_std, normalize=c.normalize, seed=c.seed,
                           progress=progress)
     finally:
-        if pool is not None:
-            pool.shutdown()
+        if hasattr(fitness, "shutdown"):
+            fitness.shutdown()
 
 
 def save_found_mixture(result: AdaptResult, cfg: AdaptConfig, path: str | Path) -> Path:

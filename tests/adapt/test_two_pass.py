@@ -105,8 +105,16 @@ def test_svf_files_and_lora_folders_do_not_mix(library, lora_library):
     mixed = config(library, "token").model_copy(update={"experts": [str(library["math"]), str(lora_library["code"])]})
     with pytest.raises(ExpertError, match="SVF expert files or LoRA adapter folders, not both"):
         run_adapt(mixed, progress=False)
-    with pytest.raises(ExpertError, match="fewshot over LoRA adapters is not supported yet"):
-        run_adapt(config(lora_library, "fewshot"), progress=False)
+    with pytest.raises(ExpertError, match="one α per adapter"):
+        run_adapt(config(lora_library, "fewshot", cem={"per_module": True}), progress=False)
+
+
+def test_lora_fewshot_finds_one_alpha_per_adapter(lora_library):
+    """LoraHub's setting: CEM over the adapters' weights on k shots, then every query answered with that mixture."""
+    result = run_adapt(config(lora_library, "fewshot", cem={"population": 4, "generations": 2, "shots": 2}),
+                       progress=False)
+    assert len(result.alpha) == 3 and len(result.history) == 2 and result.choices == ["mixture"] * 3
+    assert result.eval.n == 3
 
 
 @pytest.fixture(scope="module")
@@ -164,3 +172,20 @@ def test_prefix_cached_scores_equal_the_whole_prompt(tiny, tokenizer):
     torch.testing.assert_close(scorer.scores(questions), whole, atol=1e-4, rtol=1e-4)
     labels = [scorer.labels[k] for k in whole.argmax(-1).tolist()]
     assert classify(tiny, tokenizer, questions, mode="score", batch_size=3) == labels  # batches of 3 + 1
+
+
+def test_cli_adapt_token_over_lora_folders_prints_an_accuracy(lora_library, tmp_path):
+    """The issue's command: `t2ray adapt --strategy token … --expert <LoRA folder> …` answered "Is a directory"."""
+    from typer.testing import CliRunner
+
+    from t2ray.cli import app
+
+    experts = [w for t in ("math", "code", "reasoning") for w in ("--expert", str(lora_library[t]))]
+    done = CliRunner().invoke(app, ["adapt", "--strategy", "token", "--task", "math", "--limit", "2", "--every", "2",
+                                    "--model", "tiny-llama", *experts])
+    assert done.exit_code == 0, done.output
+    summary = json.loads(done.stdout[done.stdout.index("{"):])
+    assert summary["n"] == 2 and 0.0 <= summary["accuracy"] <= 1.0
+    refused = CliRunner().invoke(app, ["adapt", "--strategy", "fewshot", "--task", "math", "--model", "tiny-llama",
+                                       *experts, "--mixture-out", str(tmp_path / "m.json")])
+    assert refused.exit_code == 2 and "mixture files name SVF experts" in refused.output
