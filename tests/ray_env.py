@@ -1,4 +1,9 @@
-"""The environment of the local Ray clusters the tests start (imported by tests/train and tests/multinode)."""
+"""The environment of the local Ray clusters the tests start, and what their kill tests wait for (imported by
+tests/train and tests/multinode)."""
+import contextlib
+import json
+import os
+from pathlib import Path
 
 # Before a cluster starts: Ray's processes (the Train controller, the workers) inherit this environment.
 RUN_ENV = {
@@ -20,3 +25,53 @@ RUN_ENV = {
 # a closed local port makes every query fail (ServerUnavailable), which the cleaner skips: it then stays idle,
 # as it should while our controller is alive.
 NO_STATE_API = "http://127.0.0.1:1"
+
+
+@contextlib.contextmanager
+def cluster_env():
+    """RUN_ENV (where unset) and the closed State API address around a cluster's life; restored after."""
+    import ray
+
+    for key, value in RUN_ENV.items():
+        os.environ.setdefault(key, value)
+    os.environ.pop("RAY_ADDRESS", None)
+    previous_api = os.environ.get("RAY_API_SERVER_ADDRESS")
+    os.environ["RAY_API_SERVER_ADDRESS"] = NO_STATE_API
+    if ray.is_initialized():
+        ray.shutdown()
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        if previous_api is None:
+            os.environ.pop("RAY_API_SERVER_ADDRESS", None)
+        else:
+            os.environ["RAY_API_SERVER_ADDRESS"] = previous_api
+
+
+def logged(run_dir: Path) -> list[dict]:
+    """Every row of a run's metrics.jsonl in order (a resumed or restarted run appends)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def checkpointed(run_dir: Path) -> list[int]:
+    """The iterations of the run's checkpoint folders written so far."""
+    return sorted(json.loads((f / "state.json").read_text())["iteration"]
+                  for f in Path(run_dir).glob("checkpoint_*") if (f / "state.json").exists())
+
+
+def checkpoint_registered(run_dir: Path) -> bool:
+    """A checkpoint the Train controller has taken: its folder appears while Ray still registers it; two
+    iterations later the controller has the report (report() waits on its poll), so a restart gets it."""
+    try:
+        saved, rows = checkpointed(run_dir), logged(run_dir)
+        return bool(saved) and bool(rows) and rows[-1]["iteration"] >= saved[0] + 2
+    except (OSError, ValueError, KeyError):  # files being written
+        return False
+
+
+def placements(run_dir: Path) -> list[dict]:
+    """The run's workers.jsonl: one line per rank and (re)start (node, pid, the iteration it resumed at)."""
+    path = Path(run_dir) / "workers.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []

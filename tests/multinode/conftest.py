@@ -5,7 +5,6 @@ custom resources `trainer: 2` and `replica: 1` each, so that placement is contro
 raylet and every process on it at once (`Cluster.remove_node`), never one worker process."""
 from __future__ import annotations
 
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ _TESTS = str(Path(__file__).resolve().parents[1])
 if _TESTS not in sys.path:
     sys.path.insert(0, _TESTS)
 
-from ray_env import NO_STATE_API, RUN_ENV  # noqa: E402  (tests/ray_env.py)
+from ray_env import cluster_env  # noqa: E402  (tests/ray_env.py)
 
 WORKER_NODE = {"num_cpus": 2, "resources": {"trainer": 2, "replica": 1}}  # Train workers; one Serve replica
 
@@ -43,11 +42,6 @@ class Nodes:
         self.workers.append(node)
         return node
 
-    def alive(self) -> int:
-        import ray
-
-        return sum(n["Alive"] for n in ray.nodes())
-
 
 @pytest.fixture(scope="module")
 def three_nodes(t2ray_cache):
@@ -55,26 +49,16 @@ def three_nodes(t2ray_cache):
     import ray
     from ray.cluster_utils import Cluster
 
-    for key, value in RUN_ENV.items():
-        os.environ.setdefault(key, value)
-    os.environ.pop("RAY_ADDRESS", None)
-    previous_api = os.environ.get("RAY_API_SERVER_ADDRESS")
-    os.environ["RAY_API_SERVER_ADDRESS"] = NO_STATE_API
-    if ray.is_initialized():
-        ray.shutdown()
-    cluster = Cluster(initialize_head=True, shutdown_at_exit=True,
-                      head_node_args={"num_cpus": 1, "include_dashboard": False})
-    nodes = Nodes(cluster)
-    try:
-        for _ in range(2):
-            nodes.add()
-        cluster.wait_for_nodes()
-        ray.init(address=cluster.address)
-        yield nodes
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-        if previous_api is None:
-            os.environ.pop("RAY_API_SERVER_ADDRESS", None)
-        else:
-            os.environ["RAY_API_SERVER_ADDRESS"] = previous_api
+    with cluster_env():
+        cluster = Cluster(initialize_head=True, shutdown_at_exit=True,
+                          head_node_args={"num_cpus": 1, "include_dashboard": False})
+        nodes = Nodes(cluster)
+        try:
+            for _ in range(2):
+                nodes.add()
+            cluster.wait_for_nodes()
+            ray.init(address=cluster.address)
+            yield nodes
+        finally:
+            ray.shutdown()
+            cluster.shutdown()

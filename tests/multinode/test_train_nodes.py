@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from t2ray.config import ExperimentConfig
 from t2ray.train import TrainError, train
 
+from ray_env import checkpoint_registered, logged, placements  # tests/ray_env.py
 from rl.learnable import LEARNABLE_RL, write_learnable_task
 
 pytestmark = pytest.mark.slow
@@ -40,20 +41,6 @@ def spread_config(storage: Path, task: Path, name: str, batch_size: int = 8, **s
         "scaling": {"num_workers": 2, "cpus_per_worker": 1, "placement_strategy": "STRICT_SPREAD",
                     "resources": {"trainer": 1}, **scaling},
         "tracking": {"wandb": False}, "storage_path": str(storage), "max_failures": 2, "checkpoint_keep": 3})
-
-
-def placements(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "workers.jsonl").read_text().splitlines()]
-
-
-def logged(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
-def checkpointed(run_dir: Path) -> list[int]:
-    return sorted(json.loads((f / "state.json").read_text())["iteration"]
-                  for f in run_dir.glob("checkpoint_*") if (f / "state.json").exists())
 
 
 @pytest.fixture(scope="module")
@@ -87,12 +74,7 @@ def test_a_worker_node_killed_mid_run_resumes_from_the_checkpoint_with_the_same_
 
     def kill_a_node_after_the_first_checkpoint():
         while not stop.is_set():
-            try:
-                saved, rows = checkpointed(cfg.run_dir), logged(cfg.run_dir)
-                ready = saved and rows and rows[-1]["iteration"] >= saved[0] + 2  # the controller has registered it
-            except (OSError, ValueError, KeyError):  # files being written
-                ready = False
-            if ready:
+            if checkpoint_registered(cfg.run_dir):
                 rank1 = next(p for p in placements(cfg.run_dir) if p["rank"] == 1)
                 events["killed"] = three_nodes.kill(three_nodes.node_of(rank1["node_id"]))
                 return
@@ -142,8 +124,7 @@ def test_the_driver_killed_then_the_same_command_resumes(three_nodes, learn_task
     driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and driver.poll() is None:
-        saved, rows = checkpointed(cfg.run_dir), logged(cfg.run_dir)
-        if saved and rows and rows[-1]["iteration"] >= saved[0] + 2:
+        if checkpoint_registered(cfg.run_dir):
             break
         time.sleep(0.05)
     assert driver.poll() is None, "the run ended before its first checkpoint was registered"

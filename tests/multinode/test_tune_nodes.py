@@ -3,7 +3,6 @@ only); a worker node running trials is killed mid-sweep: Tune restarts the faile
 remaining capacity, each resuming its own Train run from its checkpoint, and the sweep completes with best.yaml."""
 from __future__ import annotations
 
-import json
 import threading
 import time
 from pathlib import Path
@@ -11,32 +10,17 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ray_env import checkpoint_registered, placements  # tests/ray_env.py
 from tune.helpers import write_experiment, write_sweep, write_task  # tests/tune/helpers.py
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
-
-
-def placements(run_dir: Path) -> list[dict]:
-    path = run_dir / "workers.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def registered_checkpoint(run_dir: Path) -> bool:
-    """A checkpoint whose report the Train controller has taken (two iterations later: report() waits on it)."""
-    try:
-        saved = [json.loads((f / "state.json").read_text())["iteration"] for f in run_dir.glob("checkpoint_*")
-                 if (f / "state.json").exists()]
-        rows = (run_dir / "metrics.jsonl").read_text().splitlines()
-        return bool(saved) and json.loads(rows[-1])["iteration"] >= min(saved) + 2
-    except (OSError, ValueError, KeyError, IndexError):  # files being written
-        return False
 
 
 def test_a_node_killed_mid_sweep(three_nodes, tmp_path):
     from t2ray.tune import load_sweep, run_sweep
 
     task = write_task(tmp_path / "task")
-    base = write_experiment(tmp_path, str(task), iterations=8, eval_interval=2)
+    base = write_experiment(tmp_path, str(task), iterations=6, eval_interval=2)
     data = yaml.safe_load(base.read_text())
     data["scaling"]["resources"] = {"trainer": 1}
     base.write_text(yaml.safe_dump(data, sort_keys=False))
@@ -51,7 +35,7 @@ def test_a_node_killed_mid_sweep(three_nodes, tmp_path):
     def kill_a_node_running_a_trial():
         while not stop.is_set():
             running = [run for run in trials.glob("*")
-                       if registered_checkpoint(run) and not (run / "expert.safetensors").exists()]
+                       if checkpoint_registered(run) and not (run / "expert.safetensors").exists()]
             placed = [p for run in running for p in placements(run)]
             if placed:
                 node_id = placed[-1]["node_id"]

@@ -25,6 +25,7 @@ from t2ray.svf.decompose import svd_cache_dir, svd_factors
 from t2ray.train import TrainError, train
 from t2ray.train.decompose import decompose_distributed, missing_targets
 
+from ray_env import checkpoint_registered, logged
 from rl.learnable import LEARNABLE_RL, mean, rewards, write_learnable_task
 
 # the module, not the function the package re-exports under the same name
@@ -51,11 +52,6 @@ def make_config(tmp_path: Path, task: Path, name: str, **overrides) -> Experimen
         "max_failures": 0, "checkpoint_keep": 2,
     }
     return ExperimentConfig.model_validate(deep_merge(base, overrides))
-
-
-def logged(run_dir: Path) -> list[dict]:
-    """Every row of metrics.jsonl in order (a resumed or restarted run appends)."""
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
 def checkpoints(run_dir: Path) -> dict[int, Path]:
@@ -170,15 +166,8 @@ def zero3_killed_run(ray_cluster, learn_task, tmp_path_factory):
     stop = threading.Event()
 
     def kill_once_after_first_checkpoint():
-        # The checkpoint folder appears while Ray still registers it; two iterations later the controller has
-        # taken that report (report() waits on its poll), so a restart is given the checkpoint.
         while not stop.is_set():
-            try:
-                saved = checkpoints(cfg.run_dir)
-                done = bool(saved) and logged(cfg.run_dir)[-1]["iteration"] >= min(saved) + 2
-            except (OSError, ValueError, IndexError, KeyError):  # files being written
-                done = False
-            if done:
+            if checkpoint_registered(cfg.run_dir):
                 workers = _train_workers()
                 if workers:
                     victim = workers[-1]
