@@ -139,7 +139,7 @@ def test_pbt_sweep_as_shipped_exploits_checkpoints(shell):
     """experiments/sweeps/pbt-smollm2.yaml: PBT perturbs at every validation (each a z checkpoint): the lower trial
     continues from the upper one's checkpoint with perturbed settings; the sweep finishes and writes best.yaml."""
     done = shell.run(readme_line("t2ray tune experiments/sweeps/pbt-smollm2.yaml"), *sets(
-        "num_samples=2", "overrides.rl.iterations=2", "overrides.rl.eval_interval=1", "overrides.rl.eval_limit=2",
+        "num_samples=2", "overrides.rl.iterations=3", "overrides.rl.eval_interval=1", "overrides.rl.eval_limit=2",
         "overrides.rl.batch_size=2", "overrides.rl.max_new_tokens=8",
         "scheduler.quantile_fraction=0.5"), timeout=900)  # of 2 trials, the lower one exploits the upper one
     summary = shell.last_json(done)

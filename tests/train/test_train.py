@@ -312,7 +312,7 @@ def test_cli_train_console_shows_the_driver_bar_not_framework_logs(learn_task, t
 
     import yaml
 
-    from .conftest import RUN_ENV
+    from ray_env import RUN_ENV
 
     cfg = make_config(tmp_path, learn_task, "console", rl={"iterations": 3, "eval_interval": 3})
     path = tmp_path / "console.yaml"
