@@ -3,6 +3,8 @@ tests/train and tests/multinode)."""
 import contextlib
 import json
 import os
+import threading
+import time
 from pathlib import Path
 
 # Before a cluster starts: Ray's processes (the Train controller, the workers) inherit this environment.
@@ -75,3 +77,21 @@ def placements(run_dir: Path) -> list[dict]:
     """The run's workers.jsonl: one line per rank and (re)start (node, pid, the iteration it resumed at)."""
     path = Path(run_dir) / "workers.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def while_watching(call, strike, interval: float = 0.05):
+    """call() while a thread tries strike() every `interval` s until it returns True (it acted: a kill) or call()
+    returns; the thread is stopped either way. Returns call()'s result."""
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set() and not strike():
+            time.sleep(interval)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        return call()
+    finally:
+        stop.set()
+        thread.join(timeout=10)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from safetensors.torch import load_file
 from t2ray.config import ExperimentConfig
 from t2ray.train import TrainError, train
 
-from ray_env import checkpoint_registered, logged, placements  # tests/ray_env.py
+from ray_env import checkpoint_registered, logged, placements, while_watching  # tests/ray_env.py
 from rl.learnable import LEARNABLE_RL, write_learnable_task
 
 pytestmark = pytest.mark.slow
@@ -70,23 +69,14 @@ def test_a_worker_node_killed_mid_run_resumes_from_the_checkpoint_with_the_same_
     # SPREAD: one worker per node while there are two; after the loss both fit on the surviving node (trainer: 2)
     cfg = spread_config(tmp_path / "shared", learn_task, "node-loss", placement_strategy="SPREAD")
     events: dict[str, float] = {}
-    stop = threading.Event()
 
-    def kill_a_node_after_the_first_checkpoint():
-        while not stop.is_set():
-            if checkpoint_registered(cfg.run_dir):
-                rank1 = next(p for p in placements(cfg.run_dir) if p["rank"] == 1)
-                events["killed"] = three_nodes.kill(three_nodes.node_of(rank1["node_id"]))
-                return
-            time.sleep(0.05)
+    def kill_a_node_after_the_first_checkpoint() -> bool:
+        if checkpoint_registered(cfg.run_dir):
+            rank1 = next(p for p in placements(cfg.run_dir) if p["rank"] == 1)
+            events["killed"] = three_nodes.kill(three_nodes.node_of(rank1["node_id"]))
+        return "killed" in events
 
-    killer = threading.Thread(target=kill_a_node_after_the_first_checkpoint, daemon=True)
-    killer.start()
-    try:
-        outcome = train(cfg, progress=False)
-    finally:
-        stop.set()
-        killer.join(timeout=10)
+    outcome = while_watching(lambda: train(cfg, progress=False), kill_a_node_after_the_first_checkpoint)
     assert "killed" in events, "no node was killed (the run ended before its first checkpoint was registered?)"
 
     placed = placements(cfg.run_dir)

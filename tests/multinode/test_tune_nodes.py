@@ -3,14 +3,12 @@ only); a worker node running trials is killed mid-sweep: Tune restarts the faile
 remaining capacity, each resuming its own Train run from its checkpoint, and the sweep completes with best.yaml."""
 from __future__ import annotations
 
-import threading
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from ray_env import checkpoint_registered, placements  # tests/ray_env.py
+from ray_env import checkpoint_registered, placements, while_watching  # tests/ray_env.py
 from tune.helpers import write_experiment, write_sweep, write_task  # tests/tune/helpers.py
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -30,27 +28,18 @@ def test_a_node_killed_mid_sweep(three_nodes, tmp_path):
     sweep = load_sweep(path)
     trials = sweep.dir / "trials"
     events: dict[str, object] = {}
-    stop = threading.Event()
 
-    def kill_a_node_running_a_trial():
-        while not stop.is_set():
-            running = [run for run in trials.glob("*")
-                       if checkpoint_registered(run) and not (run / "expert.safetensors").exists()]
-            placed = [p for run in running for p in placements(run)]
-            if placed:
-                node_id = placed[-1]["node_id"]
-                events["runs"] = [run.name for run in running if node_id in {p["node_id"] for p in placements(run)}]
-                events["killed"] = three_nodes.kill(three_nodes.node_of(node_id))
-                return
-            time.sleep(0.1)
+    def kill_a_node_running_a_trial() -> bool:
+        running = [run for run in trials.glob("*")
+                   if checkpoint_registered(run) and not (run / "expert.safetensors").exists()]
+        placed = [p for run in running for p in placements(run)]
+        if placed:
+            node_id = placed[-1]["node_id"]
+            events["runs"] = [run.name for run in running if node_id in {p["node_id"] for p in placements(run)}]
+            events["killed"] = three_nodes.kill(three_nodes.node_of(node_id))
+        return bool(placed)
 
-    killer = threading.Thread(target=kill_a_node_running_a_trial, daemon=True)
-    killer.start()
-    try:
-        outcome = run_sweep(sweep)
-    finally:
-        stop.set()
-        killer.join(timeout=10)
+    outcome = while_watching(lambda: run_sweep(sweep), kill_a_node_running_a_trial, interval=0.1)
     assert "killed" in events, "no node was killed (every trial ended before its first checkpoint?)"
     summary = outcome.summary()
     assert summary["finished"] == 4 and summary["errored"] == 0 and outcome.complete, summary

@@ -10,8 +10,6 @@ import importlib
 import json
 import os
 import signal
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -25,7 +23,7 @@ from t2ray.svf.decompose import svd_cache_dir, svd_factors
 from t2ray.train import TrainError, train
 from t2ray.train.decompose import decompose_distributed, missing_targets
 
-from ray_env import checkpoint_registered, logged
+from ray_env import checkpoint_registered, logged, while_watching
 from rl.learnable import LEARNABLE_RL, mean, rewards, write_learnable_task
 
 # the module, not the function the package re-exports under the same name
@@ -163,26 +161,15 @@ def zero3_killed_run(ray_cluster, learn_task, tmp_path_factory):
     cfg = make_config(tmp, learn_task, "zero3", max_failures=1, rl={"eval_interval": 5},
                       deepspeed={"zero_stage": 3, "param_persistence_threshold": 1000})
     killed: list[int] = []
-    stop = threading.Event()
 
-    def kill_once_after_first_checkpoint():
-        while not stop.is_set():
-            if checkpoint_registered(cfg.run_dir):
-                workers = _train_workers()
-                if workers:
-                    victim = workers[-1]
-                    os.kill(victim.pid, signal.SIGKILL)
-                    killed.append(victim.pid)
-                    return
-            time.sleep(0.02)
+    def kill_a_worker_after_the_first_checkpoint() -> bool:
+        workers = _train_workers() if checkpoint_registered(cfg.run_dir) else []
+        if workers:
+            os.kill(workers[-1].pid, signal.SIGKILL)
+            killed.append(workers[-1].pid)
+        return bool(workers)
 
-    killer = threading.Thread(target=kill_once_after_first_checkpoint, daemon=True)
-    killer.start()
-    try:
-        outcome = train(cfg)
-    finally:
-        stop.set()
-        killer.join(timeout=5)
+    outcome = while_watching(lambda: train(cfg), kill_a_worker_after_the_first_checkpoint, interval=0.02)
     return cfg, outcome, killed
 
 
