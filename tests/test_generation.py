@@ -221,7 +221,7 @@ def test_zero3_lockstep_keeps_stepping_until_every_rank_is_done(tiny, tokenizer)
 def test_retired_rows_keep_their_own_z_through_the_hook(tiny, tokenizer):
     """One z per row (CEM candidates): with done rows leaving the batch, the hook hands the live rows' z to the
     model, and every row decodes exactly what it decodes alone with its z."""
-    from t2ray.adapt.fewshot import live_rows_z
+    from t2ray.generation import on_live_rows
     from t2ray.svf import patch_model, set_mode, set_z, svf_layers
 
     torch.manual_seed(0)
@@ -234,10 +234,14 @@ def test_retired_rows_keep_their_own_z_through_the_hook(tiny, tokenizer):
     prompts = ["hi", "hi", "third one", "x y z"]
     z = {name: 1 + 0.5 * torch.randn(len(prompts), layer.rank) for name, layer in svf_layers(tiny).items()}
     set_z(tiny, z)
-    free = rollout(tiny, tokenizer, prompts, max_new_tokens=8, ignore_eos=True, before_step=live_rows_z(tiny, z))
+
+    def live_rows_z():
+        return on_live_rows(lambda live: set_z(tiny, {m: t[live] for m, t in z.items()}))
+
+    free = rollout(tiny, tokenizer, prompts, max_new_tokens=8, ignore_eos=True, before_step=live_rows_z())
     eos = {int(free.completion_ids[0, 1]), int(free.completion_ids[2, 2])}
     tiny.generation_config.eos_token_id = sorted(eos)
-    batched = rollout(tiny, tokenizer, prompts, max_new_tokens=8, before_step=live_rows_z(tiny, z))
+    batched = rollout(tiny, tokenizer, prompts, max_new_tokens=8, before_step=live_rows_z())
     assert 0 < int(batched.completion_mask.sum(1).min()) < int(batched.completion_mask.sum(1).max())
     for row, prompt in enumerate(prompts):
         set_z(tiny, {name: t[row:row + 1] for name, t in z.items()})

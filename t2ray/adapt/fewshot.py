@@ -26,11 +26,6 @@ def pick_shots(task: Task, k: int, seed: int = 0) -> list[Example]:
     return picked
 
 
-def live_rows_z(model, batch_z: dict[str, torch.Tensor]):
-    """A decode hook that keeps one z per row in step with the rows still decoding (done rows leave the batch)."""
-    return on_live_rows(lambda live: set_z(model, {m: t[live] for m, t in batch_z.items()}))
-
-
 class ShotFitness:
     """Callable: alphas (P, K) or (P, K, M) -> [(accuracy, mean log-lik of reference answers)] per candidate.
     Every (candidate, shot) is one batch row with its own mixture: here a z per row (SVF experts, factored mode);
