@@ -90,9 +90,10 @@ def decompose(model: str = typer.Option("smollm2-135m", help="model spec"),
 @user_errors
 def eval_(model: str = typer.Option("smollm2-135m", help="model spec"),
           task: str = typer.Option(..., help="task name or path to a task YAML"),
-          expert: Optional[Path] = typer.Option(None, help="expert file (.safetensors)"),
-          mix: Optional[str] = typer.Option(None, help="mixture as FILE:weight,FILE:weight"),
-          mixture: Optional[Path] = typer.Option(None, help="mixture file (.json)"),
+          expert: Optional[Path] = typer.Option(None, help="expert file (.safetensors) or LoRA expert folder"),
+          mix: Optional[str] = typer.Option(None, help="mixture as PATH:weight,PATH:weight (SVF expert files or "
+                                                       "LoRA adapter folders)"),
+          mixture: Optional[Path] = typer.Option(None, help="mixture file (.json), e.g. from adapt --mixture-out"),
           split: str = typer.Option("test"), limit: Optional[int] = typer.Option(None, min=1),
           batch_size: int = typer.Option(64, min=1, help="rows generated together (wider is faster per token)"),
           seed: int = 0, dtype: str = typer.Option("auto", help="auto (bf16 where native) | float32 | bfloat16"),
@@ -160,7 +161,7 @@ def adapt(config: Optional[Path] = typer.Option(None, help="adapt YAML (the opti
           out: Optional[Path] = typer.Option(None, help="write the full result JSON here"),
           mixture_out: Optional[Path] = typer.Option(None, help="fewshot: save the found α as a mixture file")):
     """Two-pass self-adaptation on a task split: pass 1 picks the expert mixture, pass 2 answers."""
-    from t2ray.adapt.two_pass import lora_library, run_adapt, save_found_mixture
+    from t2ray.adapt.two_pass import run_adapt, save_found_mixture
     from t2ray.config import AdaptConfig, deep_merge, read_yaml
 
     given = {"strategy": strategy, "task": task, "experts": [str(e) for e in expert] if expert else None,
@@ -171,9 +172,6 @@ def adapt(config: Optional[Path] = typer.Option(None, help="adapt YAML (the opti
                          per_module=per_module, actors=actors, seed=seed),
              "routing": dict(every=every, recompute_prefix=recompute_prefix)}
     cfg = AdaptConfig.model_validate(deep_merge(read_yaml(config) if config else {}, drop_unset(given)))
-    if mixture_out and lora_library(cfg):
-        raise ValueError("--mixture-out: mixture files name SVF experts; the α found over LoRA adapters is in the "
-                         "printed summary (and --out)")
     if cfg.cem.actors > 1:
         from t2ray.train.launcher import ensure_ray
 

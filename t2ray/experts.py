@@ -8,7 +8,8 @@ parameters of length ``r = min(m, n)``; the singular-value scales are
 Files:
 - expert: ``.safetensors``; one tensor per module, all metadata JSON-encoded under
   the single header key ``"t2ray"``.
-- mixture: JSON listing expert files and their weights ``alpha``.
+- mixture: JSON listing expert files and their weights ``alpha`` — or LoRA adapter folders (PEFT's format,
+  read by ``t2ray.lora.layer``) and one weight per adapter; one mixture names one kind.
 
 Compatibility rules (applied by :func:`check_expert`, hence by every loader):
 - Same base model (fingerprints equal): the expert's modules must be a *subset* of
@@ -319,6 +320,28 @@ def check_expert(expert: Expert, base: BaseModelInfo, *, allow_transfer: bool = 
 # ----------------------------------------------------------------------------- mixing
 
 
+MIXED_KINDS = ("give SVF expert files or LoRA adapter folders, not both (one rescales W's singular values, the "
+               "other adds a low-rank ΔW: they do not mix)")
+
+
+def library_kind(paths: Sequence[str | Path]) -> str:
+    """'lora' when every path is a LoRA adapter folder, 'svf' otherwise (expert files); a mix is refused."""
+    folders = {Path(p).is_dir() for p in paths}
+    if len(folders) > 1:
+        raise ExpertError(MIXED_KINDS)
+    return "lora" if folders == {True} else "svf"
+
+
+def read_library(paths: Sequence[str | Path], base: BaseModelInfo | None = None, *, allow_transfer: bool = False):
+    """The experts at `paths`: SVF Experts, or LoRAExpertFiles when the paths are adapter folders (whose fit to the
+    model is checked when they are patched in)."""
+    if library_kind(paths) == "lora":
+        from t2ray.lora.layer import read_lora_expert  # lazy: t2ray.lora imports this module
+
+        return [read_lora_expert(p) for p in paths]
+    return [load_expert(p, base, allow_transfer=allow_transfer) for p in paths]
+
+
 def one_hot(index: int, num_experts: int) -> list[float]:
     """α that selects expert ``index`` out of ``num_experts``."""
     if not 0 <= index < num_experts:
@@ -430,8 +453,8 @@ def save_mixture(mixture: Mixture, path) -> Path:
     return path
 
 
-def load_mixture(path, base: BaseModelInfo | None = None, *, allow_transfer: bool = False) -> tuple[Mixture, list[Expert]]:
-    """Read a mixture JSON and load + validate its experts.
+def load_mixture(path, base: BaseModelInfo | None = None, *, allow_transfer: bool = False) -> tuple[Mixture, list]:
+    """Read a mixture JSON and load + validate its experts (SVF Experts, or LoRAExpertFiles for adapter folders).
 
     Relative expert paths resolve against the mixture's folder; the returned Mixture holds
     the resolved paths.
@@ -462,14 +485,16 @@ def load_mixture(path, base: BaseModelInfo | None = None, *, allow_transfer: boo
     if not isinstance(doc.get("metadata", {}), dict):
         raise bad("metadata must be an object")
     resolved = [Path(f) if Path(f).is_absolute() else path.parent / f for f in files]
-    experts = []
     for stored, file in zip(files, resolved):
-        if not file.is_file():
-            raise ExpertError(f"{path.name}: expert file '{stored}' not found (looked at {file}); "
+        if not file.exists():
+            raise ExpertError(f"{path.name}: expert '{stored}' not found (looked at {file}); "
                               "fix the path or keep experts next to the mixture")
-        experts.append(load_expert(file, base, allow_transfer=allow_transfer))
     try:
-        _alpha_matrix(doc.get("alpha"), len(experts), _common_modules(experts))
+        experts = read_library(resolved, base, allow_transfer=allow_transfer)
+        lora = not isinstance(experts[0], Expert)
+        alpha = _alpha_matrix(doc.get("alpha"), len(experts), None if lora else _common_modules(experts))
+        if lora and alpha.ndim != 1:
+            raise ExpertError("alpha over LoRA adapters is one weight per adapter, not per module")
     except ExpertError as e:
         raise ExpertError(f"{path.name}: {e}") from None
     mixture = Mixture(

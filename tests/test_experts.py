@@ -317,7 +317,7 @@ def test_malformed_mixture_json(tmp_path):
 def test_mixture_with_missing_expert_file(tmp_path):
     f = save_expert(make_expert(), tmp_path / "a.safetensors")
     path = save_mixture(Mixture(experts=[str(f), str(tmp_path / "gone.safetensors")], alpha=[1, 1]), tmp_path / "m.json")
-    with pytest.raises(ExpertError, match=r"m.json: expert file 'gone.safetensors' not found"):
+    with pytest.raises(ExpertError, match=r"m.json: expert 'gone.safetensors' not found"):
         load_mixture(path)
 
 

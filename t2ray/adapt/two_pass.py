@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from t2ray.adapt.dispatch import classify, confusion
 from t2ray.config import AdaptConfig
 from t2ray.evaluate import EvalResult, grade_all
-from t2ray.experts import Expert, ExpertError, Mixture, load_expert, mix_z, save_mixture
+from t2ray.experts import Expert, ExpertError, Mixture, library_kind, load_expert, mix_z, save_mixture
 from t2ray.generation import generate
 from t2ray.models import load_model
 from t2ray.svf import apply_experts, disabled, set_mode, set_z
@@ -82,12 +82,7 @@ def grouped_generate(model, tokenizer, task: Task, messages, groups: list[dict |
 
 def lora_library(cfg: AdaptConfig) -> bool:
     """True when the experts are LoRA adapter folders, False for SVF files; a mix is refused in one line."""
-    paths = [*cfg.experts, *([cfg.classifier_expert] if cfg.strategy == "classifier" else [])]
-    kinds = {Path(p).is_dir() for p in paths}
-    if len(kinds) > 1:
-        raise ExpertError("experts: give SVF expert files or LoRA adapter folders, not both (one rescales W's "
-                          "singular values, the other adds a low-rank ΔW: they do not mix)")
-    return kinds == {True}
+    return library_kind([*cfg.experts, *([cfg.classifier_expert] if cfg.strategy == "classifier" else [])]) == "lora"
 
 
 def run_adapt(cfg: AdaptConfig, *, progress: bool = True) -> AdaptResult:

@@ -186,6 +186,57 @@ def test_cli_adapt_token_over_lora_folders_prints_an_accuracy(lora_library, tmp_
     assert done.exit_code == 0, done.output
     summary = json.loads(done.stdout[done.stdout.index("{"):])
     assert summary["n"] == 2 and 0.0 <= summary["accuracy"] <= 1.0
-    refused = CliRunner().invoke(app, ["adapt", "--strategy", "fewshot", "--task", "math", "--model", "tiny-llama",
-                                       *experts, "--mixture-out", str(tmp_path / "m.json")])
-    assert refused.exit_code == 2 and "mixture files name SVF experts" in refused.output
+
+
+def test_lora_fewshot_mixture_file_evaluates_from_the_cli(lora_library, tmp_path):
+    """`adapt --mixture-out` over LoRA folders writes a mixture `eval --mixture` reads (relative folder paths)."""
+    from typer.testing import CliRunner
+
+    from t2ray.cli import app
+
+    experts = [w for t in ("math", "code", "reasoning") for w in ("--expert", str(lora_library[t]))]
+    found = tmp_path / "found.json"
+    done = CliRunner().invoke(app, ["adapt", "--strategy", "fewshot", "--task", "math", "--model", "tiny-llama",
+                                    "--limit", "2", "--population", "4", "--generations", "2", "--shots", "2",
+                                    *experts, "--mixture-out", str(found)])
+    assert done.exit_code == 0, done.output
+    alpha = json.loads(done.stdout[done.stdout.index("{"):])["alpha"]
+    mixture, adapters = load_mixture(found)
+    assert mixture.alpha == alpha and [a.name for a in adapters] == ["lora-math", "lora-code", "lora-reasoning"]
+    evaluated = CliRunner().invoke(app, ["eval", "--model", "tiny-llama", "--task", "math", "--limit", "2",
+                                         "--mixture", str(found)])
+    assert evaluated.exit_code == 0, evaluated.output
+    summary = json.loads(evaluated.stdout[evaluated.stdout.index("{"):])
+    assert summary["n"] == 2 and summary["adapter"] == "lora-mixture:fewshot-math"
+
+
+def test_eval_mix_of_one_lora_folder_is_the_peft_adapter(lora_library, tokenizer):
+    """--mix FOLDER:1 (t2ray's mixture layer) computes what --expert FOLDER (PEFT) does, and changes the answers."""
+    from t2ray.adapters import load_adapted
+    from t2ray.evaluate import evaluate
+    from t2ray.tasks import get_task
+
+    mixed, _, label = load_adapted("tiny-llama", mix=f"{lora_library['math']}:1", dtype="float32")
+    peft, _, peft_label = load_adapted("tiny-llama", expert=lora_library["math"], dtype="float32")
+    assert (label, peft_label) == ("lora-mix:lora-math=1", "lora:lora-math")
+    batch = tokenizer(["What is 2 + 2?", "Name a prime."], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        torch.testing.assert_close(mixed(**batch).logits, peft(**batch).logits, atol=1e-4, rtol=1e-4)
+    task = get_task("math")
+    base = load_adapted("tiny-llama", dtype="float32")[0]
+    answers = [[r["completion"] for r in evaluate(m, tokenizer, task, limit=2).records] for m in (mixed, base)]
+    assert answers[0] != answers[1]
+
+
+def test_lora_mixtures_refuse_what_they_cannot_mean(library, lora_library, tmp_path):
+    from t2ray.adapters import load_adapted
+    from t2ray.experts import ExpertError
+
+    with pytest.raises(ExpertError, match="not both"):
+        load_adapted("tiny-llama", mix=f"{library['math']}:0.5,{lora_library['code']}:0.5")
+    per_module = tmp_path / "per-module.json"
+    per_module.write_text(json.dumps({"format_version": 1, "kind": "t2ray-mixture", "name": "m",
+                                      "experts": [str(lora_library["math"]), str(lora_library["code"])],
+                                      "alpha": [[0.5, 0.5], [0.5, 0.5]]}))
+    with pytest.raises(ExpertError, match="per-module.json: alpha over LoRA adapters is one weight per adapter"):
+        load_mixture(per_module)
