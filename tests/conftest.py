@@ -86,6 +86,35 @@ def make_tiny(t2ray_cache):
 
 
 @pytest.fixture(scope="session")
+def lora_library(tmp_path_factory, t2ray_cache) -> dict[str, Path]:
+    """Four tiny-llama LoRA adapters (math/code/reasoning/cls on the MLP, r=4), as PEFT folders with t2ray's metadata
+    (name lora-<task>, the task, the base model's fingerprint), and ΔW large enough to change greedy answers."""
+    import json
+
+    from peft import LoraConfig, get_peft_model
+
+    from t2ray.models import load_model
+    from t2ray.svf import base_model_info
+
+    info = base_model_info(load_model("tiny-llama")[0])
+    folder = tmp_path_factory.mktemp("lora_library")
+    paths = {}
+    for seed, task in enumerate(("math", "code", "reasoning", "cls")):
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(load_model("tiny-llama")[0], LoraConfig(
+            r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"], init_lora_weights=False))
+        with torch.no_grad():  # PEFT's non-default init is small: make ΔW visible in the answers
+            for name, p in peft_model.named_parameters():
+                if "lora_B" in name:
+                    p.mul_(50)
+        paths[task] = folder / f"lora-{task}"
+        peft_model.save_pretrained(paths[task])
+        (paths[task] / "t2ray_expert.json").write_text(json.dumps(
+            {"name": f"lora-{task}", "task": task, "base_model": info.model_id, "fingerprint": info.fingerprint}))
+    return paths
+
+
+@pytest.fixture(scope="session")
 def smollm2(t2ray_cache):
     """(model, tokenizer) of the real SmolLM2-135M-Instruct, loaded once per session.
 

@@ -217,9 +217,12 @@ class LoRAMixer:
 
     Give adapter folders to patch the model here, or patch it beforehand with ``patch_lora_mixture``.
     ``reset()`` returns to the base model (the layers stay patched; ``unpatch_lora_mixture`` removes them).
+    ``mixed``: the weights given cover the first `mixed` patched adapters; the rest (e.g. a serving replica's
+    classifier adapter) stay at weight 0.
     """
 
-    def __init__(self, model: nn.Module, adapters: Sequence | None = None, *, allow_transfer: bool = False):
+    def __init__(self, model: nn.Module, adapters: Sequence | None = None, *, allow_transfer: bool = False,
+                 mixed: int | None = None):
         from t2ray.lora.layer import LoRAMixtureError, lora_mixture_layers, patch_lora_mixture
 
         if adapters is not None:
@@ -228,7 +231,10 @@ class LoRAMixer:
         if not layers:
             raise LoRAMixtureError("LoRAMixer: the model has no LoRA mixture layers; pass adapter folders")
         self.model = model
-        self.num_experts = next(iter(layers.values())).num_experts
+        self.patched = next(iter(layers.values())).num_experts
+        self.num_experts = self.patched if mixed is None else mixed
+        if not 1 <= self.num_experts <= self.patched:
+            raise LoRAMixtureError(f"LoRAMixer: mixed={mixed} but {self.patched} adapters are patched")
 
     def set_weights(self, weights: torch.Tensor) -> None:
         from t2ray.lora.layer import set_lora_weights
@@ -237,7 +243,7 @@ class LoRAMixer:
         if weights.ndim not in (2, 3) or weights.shape[-1] != self.num_experts:
             raise ValueError(f"weights must be (B, {self.num_experts}) or (B, T, {self.num_experts}), "
                              f"got {tuple(weights.shape)}")
-        set_lora_weights(self.model, weights)
+        set_lora_weights(self.model, F.pad(weights, (0, self.patched - self.num_experts)))
 
     def reset(self) -> None:
         from t2ray.lora.layer import set_lora_weights

@@ -160,7 +160,7 @@ def run_adapt_lora(cfg: AdaptConfig, task: Task, examples, messages, *, progress
         raise ExpertError("few-shot CEM over LoRA adapters takes one α per adapter in this process (LoraHub's "
                           "setting): set cem.per_module false and cem.actors 1")
     adapters = [read_lora_expert(p) for p in cfg.experts]
-    tasks = [a.meta.get("task") for a in adapters]
+    tasks = [a.task for a in adapters]
     classifier = [read_lora_expert(cfg.classifier_expert)] if cfg.strategy == "classifier" else []
     model, tokenizer = load_model(cfg.model.spec, dtype=cfg.model.dtype)
     mixer = LoRAMixer(model, adapters + classifier, allow_transfer=cfg.allow_transfer)

@@ -59,6 +59,11 @@ class LoRAExpertFile:
     modules: dict[str, LoRAFactors]
     meta: dict  # t2ray_expert.json, or {} for a plain PEFT adapter
 
+    @property
+    def task(self) -> str | None:
+        """The task it was trained on (t2ray's metadata), as an SVF Expert's ``task``."""
+        return self.meta.get("task")
+
 
 def _pattern_value(patterns: dict, module: str, default):
     """PEFT's rank_pattern / alpha_pattern lookup (peft.utils.other.get_pattern_key)."""

@@ -114,7 +114,7 @@ class ExpertModel:
         if self._fatal:
             raise RuntimeError(f"replica unusable after {self._fatal}")
         if not self.lib.layers and self.lib.experts:
-            raise RuntimeError("experts loaded but the model is not SVF-patched")
+            raise RuntimeError("experts loaded but the model is not patched")
 
     async def ping(self) -> dict[str, Any]:
         return {"ok": True, "context": self.lib.context, "model": self.lib.model_spec, "stats": self.lib.stats,
@@ -200,7 +200,7 @@ class ExpertModel:
     # ---------------------------------------------------------------- token-level routing
 
     def _routing_parts(self):
-        from t2ray.adapt.token_routing import Router, SVFMixer
+        from t2ray.adapt.token_routing import LoRAMixer, Router, SVFMixer
         from t2ray.tasks import get_task
 
         if self._router is None:
@@ -211,7 +211,10 @@ class ExpertModel:
                                   f"{untasked[0]} has none", param="t2ray.strategy")
             router = Router.from_tasks([get_task(e.task) for e in experts], temperature=self.routing["temperature"],
                                        examples_per_task=self.routing["examples_per_task"])
-            self._router = (router, SVFMixer(self.lib.model, experts))
+            # the replica's library lists the public experts first (then mixture-only ones and the classifier)
+            mixer = (LoRAMixer(self.lib.model, mixed=len(experts)) if self.lib.lora else
+                     SVFMixer(self.lib.model, experts))
+            self._router = (router, mixer)
         return self._router
 
     def _route(self, requests: list[GenRequest]) -> list[dict[str, Any]]:
@@ -603,12 +606,11 @@ class Dispatcher:
 def plan(cfg: ServeArgs) -> tuple[dict, dict]:
     """(engine kwargs for the replicas, settings for the dispatcher) from validated, resolved args."""
     from t2ray.adapt.two_pass import expert_category
-    from t2ray.experts import load_expert, load_mixture
+    from t2ray.experts import library_kind, load_mixture, read_library
 
     engine_experts = dict(cfg.experts)
     meta = {}
-    for name, path in cfg.experts.items():
-        expert = load_expert(path)  # validates the file (clear ExpertError otherwise)
+    for name, expert in zip(cfg.experts, read_library(list(cfg.experts.values()))):  # validated (clear errors)
         meta[name] = {"task": expert.task, "category": expert_category(expert)}
     mixtures = {}
     by_path = {str(Path(p).resolve()): n for n, p in cfg.experts.items()}
@@ -629,6 +631,7 @@ def plan(cfg: ServeArgs) -> tuple[dict, dict]:
             alpha = spec.alpha
             report = {n: a for n, a in zip(names, alpha)}
         mixtures[name] = {"experts": names, "alpha": alpha, "report": report}
+    library_kind([*engine_experts.values(), *([cfg.classifier_expert] if cfg.classifier_expert else [])])
     categories = {}
     for name, m in meta.items():
         if m["category"] != "other":  # SPEC §1: `other` goes to the base model unless the config says otherwise

@@ -122,7 +122,8 @@ class ReplicaSection(Strict):
 class ServeArgs(Strict):
     """The `args` of the t2ray Serve application."""
     model: ModelSection = ModelSection()
-    experts: dict[str, str] = Field(default_factory=dict, description="model id -> expert .safetensors")
+    experts: dict[str, str] = Field(default_factory=dict, description="model id -> expert .safetensors, or LoRA "
+                                    "adapter folders (all experts of one server are of one kind)")
     mixtures: dict[str, MixtureSection] = Field(default_factory=dict, description="model id -> mixture")
     classifier_expert: str | None = Field(None, description="cls expert for the classifier strategy")
     auto: AutoSection = AutoSection()
@@ -181,10 +182,10 @@ class ServeArgs(Strict):
         checked to exist, so replicas started anywhere in the cluster find them."""
         root = Path(root or Path.cwd())
 
-        def absolute(path: str, what: str) -> str:
+        def absolute(path: str, what: str, folder_ok: bool = True) -> str:
             p = Path(path).expanduser()
             p = p if p.is_absolute() else root / p
-            if not p.is_file():
+            if not (p.is_file() or (folder_ok and p.is_dir())):
                 raise FileNotFoundError(f"{what} {path!r} not found (looked at {p}); train it first "
                                         "(e.g. `t2ray quickstart` / `t2ray train`) or fix the path")
             return str(p.resolve())
@@ -193,7 +194,7 @@ class ServeArgs(Strict):
         data["experts"] = {n: absolute(p, f"expert {n!r}:") for n, p in self.experts.items()}
         for name, mix in data["mixtures"].items():
             if mix["file"]:
-                mix["file"] = absolute(mix["file"], f"mixture {name!r}: file")
+                mix["file"] = absolute(mix["file"], f"mixture {name!r}: file", folder_ok=False)
         if self.classifier_expert:
             data["classifier_expert"] = absolute(self.classifier_expert, "classifier_expert")
         return ServeArgs.model_validate(data)

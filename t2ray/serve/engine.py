@@ -1,13 +1,17 @@
 """What one ExpertModel replica does, in plain PyTorch (no Ray; unit-testable in one process).
 
 The replica loads the base model and every expert once, patches the union of the experts' modules, and then
-applies any mixture per request without touching the weights:
+applies any mixture per request without touching the weights. SVF experts:
 
 - a batch whose rows use *different* mixtures runs in the factored mode with one z per row, ``(B, r)``
   per module (SPEC §3: no weight copies), rows of the base model get z = 1 (exactly W);
 - a batch where every row uses the *same* hot mixture runs in the materialised mode: W' is built once and
   kept in a small LRU (one copy of the adapted weights per entry), so later batches cost what the base costs;
 - a batch of base-model rows runs with the SVF layers disabled (the untouched weights).
+
+LoRA experts (adapter folders) are all held by one LoRA mixture layer per module: a mixture is a weight per
+adapter, (K,) for the batch or (B, K) per row — Σ_k w_k ΔW_k exactly, at the cost of two rank-space matmuls
+whatever the mix, so nothing is ever materialised.
 
 Generation is a step-wise decode loop with a KV cache, so a replica can stream text per step and drop rows
 as they finish; greedy decoding gives the tokens `generation.rollout` gives (tested).
@@ -23,7 +27,7 @@ from typing import Any
 import torch
 
 from t2ray.adapt.dispatch import PrefixScorer, classification_ids, classify
-from t2ray.experts import Expert, ExpertError, check_expert, load_expert, mix_z
+from t2ray.experts import ExpertError, check_expert, library_kind, mix_z, read_library
 from t2ray.generation import (GREEDY_BELOW, PromptTooLongError, cache_kwarg, context_length, eos_token_ids,
                               output_cache, render)
 from t2ray.models import load_model
@@ -72,7 +76,7 @@ class GenItem:
     """A prepared request inside a batch (token ids, its z, its decoding state)."""
     request: GenRequest
     prompt_ids: list[int]
-    z: dict[str, torch.Tensor] | None
+    z: Any                                         # its adapter state (ExpertLibrary.z_of); None: base model
     enqueued: float = field(default_factory=time.perf_counter)
     generated: list[int] = field(default_factory=list)
     emitted: int = 0
@@ -93,18 +97,25 @@ class ExpertLibrary:
                  z_cache_size: int = 256):
         self.model, self.tokenizer = load_model(model_spec, dtype=dtype, device=device, seed=seed)
         self.model_spec = model_spec
-        self.experts: dict[str, Expert] = {name: load_expert(path) for name, path in experts.items()}
-        if classifier:
-            self.experts[CLASSIFIER] = load_expert(classifier)
-        if self.experts:
-            modules = list(dict.fromkeys(m for e in self.experts.values() for m in e.modules))
-            patch_model(self.model, SVFConfig(target_modules=modules), progress=False)
-            info = base_model_info(self.model)
-            for name, expert in self.experts.items():
-                check_expert(expert, info, allow_transfer=allow_transfer, source=experts.get(name, classifier))
-        self.layers = svf_layers(self.model)
-        set_z(self.model, None)
-        self.ones = {m: torch.ones(layer.rank, device=layer.s.device) for m, layer in self.layers.items()}
+        paths = {**experts, **({CLASSIFIER: classifier} if classifier else {})}
+        self.lora = bool(paths) and library_kind(list(paths.values())) == "lora"
+        self.experts = dict(zip(paths, read_library(list(paths.values()))))  # SVF Experts or LoRAExpertFiles
+        if self.lora:
+            from t2ray.lora.layer import lora_mixture_layers, patch_lora_mixture
+
+            patch_lora_mixture(self.model, list(self.experts.values()), allow_transfer=allow_transfer)
+            self.column = {name: k for k, name in enumerate(self.experts)}  # adapter -> its weight's index
+            self.layers = lora_mixture_layers(self.model)
+        else:
+            if self.experts:
+                modules = list(dict.fromkeys(m for e in self.experts.values() for m in e.modules))
+                patch_model(self.model, SVFConfig(target_modules=modules), progress=False)
+                info = base_model_info(self.model)
+                for name, expert in self.experts.items():
+                    check_expert(expert, info, allow_transfer=allow_transfer, source=paths[name])
+            self.layers = svf_layers(self.model)
+            self.ones = {m: torch.ones(layer.rank, device=layer.s.device) for m, layer in self.layers.items()}
+        self._set(None)
         self.context = context_length(self.model)
         self.eos = eos_token_ids(self.model, self.tokenizer)
         self.cache_kwarg = cache_kwarg(self.model)
@@ -122,8 +133,8 @@ class ExpertLibrary:
     # ------------------------------------------------------------------ mixtures -> z
 
     def z_of(self, ref: MixtureRef, *, internal: bool = False) -> dict[str, torch.Tensor] | None:
-        """z' = Σ α_k z_k per module (cached per mixture); None for the base model. Requests cannot name the
-        classifier expert (`internal` is for pass 1)."""
+        """The adapter state of a mixture (cached): SVF z' = Σ α_k z_k per module, LoRA one weight per adapter (K,);
+        None for the base model. Requests cannot name the classifier expert (`internal` is for pass 1)."""
         if ref.is_base:
             return None
         with self._lock:
@@ -137,13 +148,20 @@ class ExpertLibrary:
         if ref.key in self._z_cache:
             self._z_cache.move_to_end(ref.key)
             return self._z_cache[ref.key]
-        experts = [self.experts[n] for n in ref.experts]
-        try:
-            alpha = [list(a) if isinstance(a, tuple) else a for a in ref.alpha]
-            z = experts[0].z() if len(experts) == 1 and alpha == [1.0] else mix_z(experts, alpha)
-        except ExpertError as err:
-            raise bad_request(str(err), param="t2ray.weights") from None
-        z = {m: v.detach().to(self.ones[m].device) for m, v in z.items()}
+        alpha = [list(a) if isinstance(a, tuple) else a for a in ref.alpha]
+        if self.lora:
+            if any(isinstance(a, list) for a in alpha):
+                raise bad_request("LoRA experts are mixed with one weight per adapter, not per module",
+                                  param="t2ray.weights")
+            z = torch.zeros(len(self.column), device=self.model.device)
+            z[[self.column[n] for n in ref.experts]] = torch.tensor(alpha, dtype=z.dtype, device=z.device)
+        else:
+            experts = [self.experts[n] for n in ref.experts]
+            try:
+                z = experts[0].z() if len(experts) == 1 and alpha == [1.0] else mix_z(experts, alpha)
+            except ExpertError as err:
+                raise bad_request(str(err), param="t2ray.weights") from None
+            z = {m: v.detach().to(self.ones[m].device) for m, v in z.items()}
         self._z_cache[ref.key] = z
         if len(self._z_cache) > self._z_cache_size:
             self._z_cache.popitem(last=False)
@@ -157,7 +175,7 @@ class ExpertLibrary:
                     self._hits.pop(next(iter(self._hits)))
 
     def should_materialize(self, key: tuple) -> bool:
-        if self.mode == "factored":
+        if self.mode == "factored" or self.lora:
             return False
         if self.mode == "materialized":
             return True
@@ -165,17 +183,38 @@ class ExpertLibrary:
 
     # ------------------------------------------------------------------ model states
 
+    def _set(self, z) -> None:
+        """The model's adapter state: None = the base model; SVF z per module, or LoRA weights (K,) / (B, K)."""
+        if self.lora:
+            from t2ray.lora.layer import set_lora_weights
+
+            set_lora_weights(self.model, z)
+        else:
+            set_z(self.model, z)
+
     def use_base(self) -> None:
         if self._active != ("base",):
-            set_z(self.model, None)
+            self._set(None)
             self._active = ("base",)
 
-    def use_factored(self, z: dict[str, torch.Tensor], token: Any) -> None:
-        """z per module: (r,) for every row alike, (B, r) for one z per row."""
+    def use_factored(self, z, token: Any) -> None:
+        """SVF: z per module, (r,) for every row alike or (B, r) for one z per row; LoRA: weights (K,) or (B, K)."""
         if self._active != ("factored", token):
-            set_mode(self.model, "factored")
-            set_z(self.model, z)
+            if not self.lora:
+                set_mode(self.model, "factored")
+            self._set(z)
             self._active = ("factored", token)
+
+    def stack_rows(self, zs: list) -> Any:
+        """One adapter state per row (None: the base model) as a batch state."""
+        if self.lora:
+            return torch.stack([z if z is not None else torch.zeros(len(self.column), device=self.model.device)
+                                for z in zs])
+        modules = [m for m in self.layers if any(z is not None and m in z for z in zs)]
+        return {m: torch.stack([z[m] if z is not None and m in z else self.ones[m] for z in zs]) for m in modules}
+
+    def select_rows(self, rows_z: Any, index: torch.Tensor) -> Any:
+        return rows_z[index] if self.lora else {m: z[index] for m, z in rows_z.items()}
 
     def entry_bytes(self, z: dict[str, torch.Tensor]) -> int:
         """What one materialised mixture holds: a copy of every adapted matrix."""
@@ -314,15 +353,10 @@ class DecodeBatch:
         else:
             self.mode = "factored"
         self.key = single.key if single is not None else None
-        self._rows_z = None if single is not None else self._stack([it.z for it in items])
+        self._rows_z = None if single is not None else lib.stack_rows([it.z for it in items])
         lib.stats["batches"][self.mode] += 1
         lib.stats["decoding_rows"] += len(items)
         self.stops = [it.request.stop for it in items]
-
-    def _stack(self, zs: list[dict[str, torch.Tensor] | None]) -> dict[str, torch.Tensor]:
-        modules = [m for m in self.lib.layers if any(z is not None and m in z for z in zs)]
-        return {m: torch.stack([z[m] if z is not None and m in z else self.lib.ones[m] for z in zs])
-                for m in modules}
 
     def _activate(self) -> None:
         if self.mode == "base":
@@ -436,7 +470,7 @@ class DecodeBatch:
             self.cache.batch_select_indices(index)
             self.attn, self.next_pos, tokens = self.attn[index], self.next_pos[index], tokens[index]
             if self._rows_z is not None:
-                self._rows_z = {m: z[index] for m, z in self._rows_z.items()}
+                self._rows_z = self.lib.select_rows(self._rows_z, index)
         self.attn = torch.cat([self.attn, torch.ones_like(self.attn[:, :1])], 1)
         self._activate()
         out = self.lib.model(input_ids=tokens[:, None].to(device), attention_mask=self.attn,

@@ -46,30 +46,6 @@ def test_dispatch_strategies_end_to_end(library, strategy):
     assert result.pass1_s > 0 and result.pass2_s > 0
 
 
-@pytest.fixture(scope="module")
-def lora_library(tmp_path_factory):
-    """Four tiny LoRA adapters (math/code/reasoning/cls on the MLP), as PEFT folders with t2ray's metadata."""
-    from peft import LoraConfig, get_peft_model
-
-    model, _ = load_model("tiny-llama")
-    info = base_model_info(model)
-    folder = tmp_path_factory.mktemp("lora_library")
-    paths = {}
-    for seed, task in enumerate(("math", "code", "reasoning", "cls")):
-        torch.manual_seed(seed)
-        peft_model = get_peft_model(load_model("tiny-llama")[0], LoraConfig(
-            r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"], init_lora_weights=False))
-        with torch.no_grad():  # PEFT's non-default init is small: make ΔW visible in the answers
-            for name, p in peft_model.named_parameters():
-                if "lora_B" in name:
-                    p.mul_(50)
-        paths[task] = folder / f"lora-{task}"
-        peft_model.save_pretrained(paths[task])
-        (paths[task] / "t2ray_expert.json").write_text(json.dumps(
-            {"name": f"lora-{task}", "task": task, "base_model": info.model_id, "fingerprint": info.fingerprint}))
-    return paths
-
-
 @pytest.mark.parametrize("strategy", ["prompt", "classifier", "token"])
 def test_lora_adapters_take_every_dispatch_strategy(lora_library, strategy):
     """`t2ray adapt --expert runs/…/lora-math/expert …`: LoRA folders (Belofsky's setting) instead of SVF files."""

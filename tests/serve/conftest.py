@@ -45,7 +45,7 @@ def tiny_args(paths: dict[str, Path], **overrides) -> dict:
         "experts": {n: str(paths[n]) for n in ("math", "code", "reasoning")},
         "classifier_expert": str(paths["cls"]),
         "mixtures": {"math-code": {"weights": {"math": 0.5, "code": 0.5}},
-                     "math-reasoning": {"file": str(paths["mixture"])}},
+                     **({"math-reasoning": {"file": str(paths["mixture"])}} if "mixture" in paths else {})},
         "generation": {"max_tokens_default": 8, "max_tokens_limit": 64},
         "batching": {"max_batch_size": 16, "batch_wait_timeout_s": 0.01, "torch_threads": 1},
         "expert_model": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}, "max_ongoing_requests": 64,

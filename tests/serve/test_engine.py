@@ -9,14 +9,12 @@ import pytest
 import torch
 import yaml
 
-from t2ray.experts import load_expert
+from t2ray.adapters import load_adapted
 from t2ray.generation import rollout
-from t2ray.models import load_model
 from t2ray.serve.config import ServeArgs, read_serve_config, t2ray_applications
 from t2ray.serve.engine import DecodeBatch, ExpertLibrary, GenRequest, MixtureRef, run_to_completion
 from t2ray.serve.errors import RequestError
 from t2ray.serve.schema import ChatRequest, CompletionRequest, parse_body
-from t2ray.svf import apply_experts
 
 from .conftest import tiny_args
 
@@ -37,12 +35,19 @@ def ref_of(weights: dict[str, float] | None) -> MixtureRef:
     return MixtureRef("mix", tuple(weights), tuple(weights.values()))
 
 
+@pytest.fixture(scope="module")
+def lora_lib(lora_library):
+    """The same library over LoRA adapter folders (one LoRA mixture layer per module, a weight per adapter)."""
+    torch.set_num_threads(1)
+    return ExpertLibrary("tiny-llama", {n: str(lora_library[n]) for n in ("math", "code", "reasoning")},
+                         classifier=str(lora_library["cls"]), mode="materialized", dtype="float32")
+
+
 def reference(paths, weights, prompt: str, max_tokens: int):
-    """Greedy tokens from generation.rollout, and the logits after the prompt, on a model set up by
-    apply_experts (the library's own path)."""
-    model, tokenizer = load_model("tiny-llama", dtype="float32")
-    if weights:
-        apply_experts(model, [load_expert(paths[n]) for n in weights], list(weights.values()))
+    """Greedy tokens from generation.rollout, and the logits after the prompt, on a model set up as `t2ray eval
+    --mix` sets it up (apply_experts for SVF files, the LoRA mixture layer with fixed weights for folders)."""
+    model, tokenizer, _ = load_adapted("tiny-llama", dtype="float32", mix=",".join(
+        f"{paths[n]}:{w}" for n, w in weights.items()) if weights else None)
     out = rollout(model, tokenizer, [prompt], max_new_tokens=max_tokens)
     with torch.no_grad():
         logits = model(out.prompt_ids).logits[0, -1]
@@ -62,9 +67,12 @@ def run_batch(lib, requests):
     return [it.generated for it in items], logits, batch.mode
 
 
-def test_mixed_batch_rows_match_each_mixture_alone(lib, tiny_experts, torch_threads):
-    """One batch, a different mixture per row (z per row, factored), rows leaving at different steps: every
-    row's logits at every step equal those of that request run alone, and the library's reference."""
+@pytest.mark.parametrize("kind", ["svf", "lora"])
+def test_mixed_batch_rows_match_each_mixture_alone(kind, request, torch_threads):
+    """One batch, a different mixture per row (SVF: z per row, factored; LoRA: adapter weights per row), rows leaving
+    at different steps: every row's logits at every step equal those of that request run alone, and `eval --mix`'s."""
+    lib, paths = (request.getfixturevalue(f) for f in (("lib", "tiny_experts") if kind == "svf" else
+                                                          ("lora_lib", "lora_library")))
     mixtures = [None, {"math": 1.0}, {"math": 0.3, "code": 0.7}, {"reasoning": 1.0}]
     budgets = [10, 3, 7, 10]  # rows leave the batch at different steps (cache, mask and z rows shrink)
     requests = [GenRequest(ref_of(w), messages=[{"role": "user", "content": p}], max_tokens=n, temperature=0)
@@ -76,7 +84,7 @@ def test_mixed_batch_rows_match_each_mixture_alone(lib, tiny_experts, torch_thre
         assert ids[i] == alone_ids[0] and len(logits[i]) == n
         for step, (a, b) in enumerate(zip(logits[i], alone_logits[0])):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=f"row {i} step {step}")
-        ref_ids, ref_logits = reference(tiny_experts, w, p, n)
+        ref_ids, ref_logits = reference(paths, w, p, n)
         assert ids[i] == ref_ids
         torch.testing.assert_close(logits[i][0], ref_logits, atol=1e-4, rtol=1e-4)
 
@@ -239,6 +247,21 @@ def test_request_errors(lib):
     with pytest.raises(RequestError) as err:
         lib.prepare(GenRequest(ref_of({"math": -1.0, "code": 1.0}), prompt="x", max_tokens=4))
     assert err.value.status == 400
+
+
+def test_lora_library_mixes_per_adapter_and_never_materialises(lora_lib, lora_library, tiny_experts):
+    """A hot LoRA mixture decodes factored even in materialized mode (its cost does not depend on the mix);
+    per-module α is refused; the classifier adapter classifies; SVF files and LoRA folders in one library are not."""
+    from t2ray.experts import ExpertError
+
+    hot = GenRequest(ref_of({"math": 1.0}), prompt="x", max_tokens=2, temperature=0)
+    assert run_batch(lora_lib, [hot, hot])[2] == "factored"
+    with pytest.raises(RequestError, match="one weight per adapter") as err:
+        lora_lib.prepare(GenRequest(MixtureRef("m", ("math",), ((0.5, 0.5),)), prompt="x", max_tokens=2))
+    assert err.value.status == 400
+    assert len(lora_lib.classify(["What is 2 + 2?", "Write a function"], use_classifier=True)) == 2
+    with pytest.raises(ExpertError, match="not both"):
+        ExpertLibrary("tiny-llama", {"math": str(tiny_experts["math"])}, classifier=str(lora_library["cls"]))
 
 
 def test_classify_base_and_classifier(lib):

@@ -370,6 +370,39 @@ def test_t2ray_serve_run_config(endpoint, tiny_experts, tmp_path):
         serve.delete("cli")
 
 
+def test_lora_experts_are_served_like_svf_experts(endpoint, lora_library, tmp_path):
+    """A server whose experts are LoRA adapter folders: model names, a mixture file over folders, `auto` with the
+    prompt / classifier / token strategies, explicit weights, and a different adapter mixture per row in a batch."""
+    from t2ray.experts import Mixture, save_mixture
+    from t2ray.serve.app import build_app
+
+    mixture = save_mixture(Mixture(experts=[str(lora_library["math"]), str(lora_library["code"])], alpha=[0.7, 0.3],
+                                   name="math-code"), tmp_path / "lora-math-code.json")
+    args = tiny_args(lora_library, mixtures={"math-code": {"file": str(mixture)}},
+                     expert_model={"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}, "max_ongoing_requests": 64})
+    serve.run(build_app(args), name="lora", route_prefix="/lora")
+    try:
+        client = openai.OpenAI(base_url=f"{URL}/lora/v1", api_key=KEY, max_retries=0, timeout=120)
+        assert {"math", "code", "reasoning", "math-code"} <= {m.id for m in client.models.list().data}
+        answers = {}
+        for model, t2ray in [("math", {}), ("math-code", {}), ("auto", {}), ("auto", {"strategy": "classifier"}),
+                             ("auto", {"weights": [0, 2, 1]}), ("auto", {"strategy": "token"})]:
+            resp = client.chat.completions.create(model=model, messages=CHAT, max_tokens=4, temperature=0,
+                                                  extra_body={"t2ray": t2ray})
+            answers[model, str(t2ray)] = resp.model_extra["t2ray"]
+        assert answers["math", "{}"]["mixture"] == {"label": "expert:math", "weights": {"math": 1.0}}
+        assert answers["math-code", "{}"]["mixture"]["weights"] == {"math": 0.7, "code": 0.3}
+        assert answers["auto", "{'strategy': 'classifier'}"]["strategy"] == "classifier"
+        assert answers["auto", "{'weights': [0, 2, 1]}"]["mixture"]["weights"] == {"code": 2.0, "reasoning": 1.0}
+        routed = answers["auto", "{'strategy': 'token'}"]["mixture"]
+        assert routed["label"] == "token-routed" and abs(sum(routed["weights"].values()) - 1) < 1e-4
+        results = asyncio.run(run_load(f"{URL}/lora", KEY, 24, 8))
+        assert all(status == 200 and body["t2ray"]["mixture"]["weights"] == plan for plan, status, body in results)
+        assert max(body["t2ray"]["batch_size"] for _, _, body in results) > 1  # mixtures differ within a batch
+    finally:
+        serve.delete("lora")
+
+
 def test_a_full_replica_queue_answers_503_in_openai_shape(endpoint, tiny_experts):
     """Backpressure: a replica that takes 2 requests at a time and queues 1 more turns the rest away at once."""
     from t2ray.serve.app import build_app
