@@ -2,7 +2,7 @@
 adapter, and the outputs of t2ray's exact mixture against PEFT's merges.
 
     .venv/bin/python bench/lora_mixing.py [--model smollm2-135m] [--dtype bfloat16] [--batch 8] [--tokens 32]
-        [--repeats 3] [--adapters DIR DIR DIR] [--threads 1] [--no-write]
+        [--repeats 3] [--adapters DIR DIR DIR] [--strength 0.03] [--peft-model-dtype] [--threads 1] [--no-write]
 
 Adapters: by default K = 3 seeded random LoRA adapters on t2ray's LoRA targets (the SVF default target modules,
 r = 16, alpha = 32 as LoRAConfig): A as PEFT initialises it, B ~ N(0, 1) rescaled so that ‖scale·B A‖_F is
@@ -11,6 +11,12 @@ PEFT writes them with ``save_pretrained`` (safetensors) and both libraries read 
 takes trained adapter folders instead (e.g. runs/quickstart/lora-{math,code,reasoning}/expert, in that order: row
 i is a test prompt of math / code / reasoning for i % 3 = 0 / 1 / 2 and uses adapter i % K).
 
+Variants (row i uses adapter i % K; "equal weights" = 1/K each): (a) the base model; (b) t2ray's LoRA mixer with
+one-hot rows; (c) PEFT's mixed-adapter batch, ``generate(..., adapter_names=[...])``; (d) PEFT's
+``add_weighted_adapter(..., combination_type="cat")`` of the K adapters at equal weights, served unmerged on every
+row; (e) t2ray's mixer at the same equal weights (the same mixture as (d)). Primed variants run the same thing
+through the other decode loop (below). The goal: (b) ≥ 1.0× (c) tokens/s, with identical greedy outputs.
+
 Every variant decodes greedily, the same chat prompts with the same left padding (``encode_prompts``), and exactly
 --tokens new tokens per row: EOS is ignored the same way everywhere — t2ray's loop with ``stop_at_eos=False``, HF
 ``generate`` with ``eos_token_id=None`` — so an EOS is an ordinary argmax token and decoding goes on after it (no
@@ -18,9 +24,10 @@ Every variant decodes greedily, the same chat prompts with the same left padding
 (what ``generate_weighted`` does; that function always stops at EOS and returns only texts, so the bench repeats
 its three lines) and also through HF ``generate``, the loop PEFT uses, so the layer cost is compared with the loop
 held equal. Tokens/s = rows × tokens / seconds of a whole batch (tokenizing and prefill included); variants run
-interleaved in a rotating order after one warm-up round; ratios use medians. PEFT runs as shipped: with a bf16
-base it keeps its LoRA weights and computes the LoRA path in fp32 (``autocast_adapter_dtype=True``); t2ray's
-mixture layer computes in the model's dtype.
+interleaved in a rotating order after one warm-up round; ratios use medians. PEFT runs as shipped: on a bf16
+base its loaded adapters keep float32 weights, so the mixed batch (c) runs the LoRA path in float32
+(``autocast_adapter_dtype=True``; ``--peft-model-dtype`` turns that off), while the ``cat`` merge it builds (d) is
+in the model's dtype; t2ray's mixture layer always computes in the model's dtype.
 
 Correctness: the greedy token ids of t2ray's one-hot rows against PEFT's mixed batch, row by row, in the bench
 dtype and in float32; and in float32 the last-token logits of t2ray's equal-weight mixture against PEFT's
@@ -92,14 +99,16 @@ def random_adapters(model, folder: Path, k: int, strength: float) -> list[Path]:
     return [folder / name for name in names]
 
 
-def build(model, folders: list[Path]):
-    """t2ray's mixture on one copy of `model`, PEFT with the K adapters and their equal-weight merges on another."""
+def build(model, folders: list[Path], peft_float32: bool = True):
+    """t2ray's mixture on one copy of `model`, PEFT with the K adapters and their equal-weight merges on another
+    (peft_float32: PEFT's default autocast_adapter_dtype, float32 adapter weights on a half-precision base)."""
     k = len(folders)
     mixed = copy.deepcopy(model)
     mixer = LoRAMixer(mixed, folders)
-    wrapped = PeftModel.from_pretrained(copy.deepcopy(model), folders[0], adapter_name="a0")
+    wrapped = PeftModel.from_pretrained(copy.deepcopy(model), folders[0], adapter_name="a0",
+                                        autocast_adapter_dtype=peft_float32)
     for i, folder in enumerate(folders[1:], 1):
-        wrapped.load_adapter(folder, adapter_name=f"a{i}")
+        wrapped.load_adapter(folder, adapter_name=f"a{i}", autocast_adapter_dtype=peft_float32)
     names = [f"a{i}" for i in range(k)]
     wrapped.add_weighted_adapter(names, [1 / k] * k, "cat", combination_type="cat")
     if len({wrapped.peft_config[n].r for n in names}) == 1:  # PEFT's linear merge needs equal ranks
@@ -163,6 +172,8 @@ def main() -> None:
     ap.add_argument("--adapters", nargs="+", type=Path, metavar="DIR",
                     help="PEFT LoRA adapter folders (at least 2) instead of random ones")
     ap.add_argument("--strength", type=float, default=0.03, help="random adapters: ‖ΔW‖_F / ‖W‖_F per matrix")
+    ap.add_argument("--peft-model-dtype", action="store_true",
+                    help="PEFT's loaded adapters in the model's dtype (autocast_adapter_dtype=False), not float32")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's own default)")
     ap.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
     args = ap.parse_args()
@@ -184,7 +195,7 @@ def main() -> None:
     folders = args.adapters or random_adapters(model, Path(tmp.name), 3, args.strength)
     k = len(folders)
     log(f"{k} adapters ({'given' if args.adapters else 'random, saved by PEFT'})")
-    mixed, mixer, wrapped = build(model, folders)
+    mixed, mixer, wrapped = build(model, folders, peft_float32=not args.peft_model_dtype)
     log("t2ray mixture patched, PEFT adapters loaded and merged")
 
     tasks = [get_task(name) for name in TASKS]
@@ -246,7 +257,6 @@ def main() -> None:
         if merge in wrapped32.peft_config:
             wrapped32.set_adapter(merge)
             merged[merge] = last_logits(wrapped32, tokenizer, prompts)
-    wrapped32.set_adapter("cat")
     log("float32 logits")
 
     tokens = args.batch * n
@@ -259,7 +269,13 @@ def main() -> None:
                     f"‖ΔW‖_F = {args.strength:g}·‖W‖_F per matrix; seeded, saved by PEFT)")
     matrices = len(lora_mixture_layers(mixed))
     rounds = f"{args.repeats} timed round{'s' * (args.repeats != 1)}"
-    peft_dtype = "" if args.dtype == "float32" else f" (its LoRA path in float32 on the {args.dtype} base)"
+    if args.peft_model_dtype:
+        peft_note = f"PEFT with `autocast_adapter_dtype=False` (its loaded adapters in {args.dtype})."
+    elif args.dtype == "float32":
+        peft_note = "PEFT as shipped."
+    else:
+        peft_note = (f"PEFT as shipped: its loaded adapters in float32, so (c) runs their LoRA path in float32 on "
+                     f"the {args.dtype} base; the `cat` merge it builds is {args.dtype}.")
     lines = [
         f"`{command_line()}` — {stamp()}",
         "",
@@ -269,7 +285,7 @@ def main() -> None:
         f"tokens with the chat template, left-padded alike for every variant), {n} new tokens per row, greedy, EOS "
         f"ignored alike (an ordinary token; `stop_at_eos=False` / `eos_token_id=None`). {rounds} after one warm-up "
         f"round, variants interleaved in a rotating order; tokens/s = rows × tokens / batch seconds (prefill "
-        f"included); ratios use medians. PEFT as shipped{peft_dtype}. torch {torch.__version__}, transformers "
+        f"included); ratios use medians. {peft_note} torch {torch.__version__}, transformers "
         f"{transformers.__version__}, peft {peft.__version__}, Python {platform.python_version()}.",
         "",
         "| variant | decode loop | s / batch (median) | s / batch (best) | tokens/s (median) | tokens/s (best) | "

@@ -3,10 +3,11 @@ and the built-in offline tasks.
 
 decompose → train the math/code/reasoning SVF experts, the classifier expert and the LoRA baselines
 (Ray Train, 2 workers, ZeRO-2) → Table 1 (base / LoRA / SVF on the trained tasks) → Table 2 (base / prompt /
-classifier / few-shot / token-level on the unseen tasks, real HumanEval included) → Table 3 → report.md.
+classifier / few-shot / token-level on the unseen tasks, real HumanEval included) → Table 2 over the LoRA adapters
+(base / each adapter / token routing every 1, 2, 4 tokens / few-shot α) → Table 3 → report.md.
 
 Every stage writes its output under the root folder and is skipped when that output exists (re-running resumes).
-The default budgets take about 42 minutes on 2 CPU cores; experiments/quickstart.yaml is a larger budget and
+The default budgets take about 49 minutes on 2 CPU cores (42 measured before the LoRA Table 2); experiments/quickstart.yaml is a larger budget and
 experiments/paper-{smollm2,llama3-8b}.yaml the paper's benchmarks (`--check` validates one and prints its stages).
 """
 from __future__ import annotations
@@ -15,10 +16,10 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import typer
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from t2ray.config import (CEMConfig, ExperimentConfig, ModelConfig, RoutingConfig, Strict, deep_merge, load_experiment,
                           read_yaml)
@@ -62,8 +63,17 @@ DEFAULT_BUDGETS = {"math": {"iterations": 12, "batch_size": 16, "lr": 4e-3},
                    "cls": {"iterations": 4, "batch_size": 8, "lr": 4e-3}}  # ~300-token prompts: costly steps
 
 
+class LoRATable2(Strict):
+    """Table 2 over the LoRA baselines (Belofsky 2023's comparison), when the quickstart trains them."""
+    enabled: bool = Field(True, description="base, each adapter alone (the best is reported), token routing every k "
+                                            "tokens, few-shot α, on the unseen tasks")
+    tasks: list[str] | None = Field(None, description="unseen tasks it runs on (None: all of them)")
+    limit: int = Field(16, ge=1, description="test items per task (at most Table 2's)")
+    every: list[Literal[1, 2, 4]] = Field([1, 2, 4], min_length=1, description="token routing: re-route every k")
+
+
 class QuickstartConfig(Strict):
-    """Defaults: the whole pipeline on the built-in tasks in about 42 min on 2 CPU cores. experiments/quickstart.yaml
+    """Defaults: the whole pipeline on the built-in tasks in about 49 min on 2 CPU cores. experiments/quickstart.yaml
     is a larger budget; experiments/paper-*.yaml run the paper's benchmarks."""
     model: ModelConfig = ModelConfig()
     trained: dict[str, str] = Field({c: c for c in CATEGORIES}, validate_default=True,
@@ -83,6 +93,8 @@ class QuickstartConfig(Strict):
     routing: RoutingConfig = Field(RoutingConfig(every=4), description="token-level: re-embed every 4 tokens "
                                    "(2 was Belofsky's best; each routing step embeds every unfinished row)")
     lora: bool = Field(True, description="train the LoRA baselines for Table 1")
+    # HumanEval is left out by default: 16 problems × 7 columns would cost ~10 min, and SmolLM2-135M solves none
+    lora_table2: LoRATable2 = LoRATable2(tasks=["math-hard", "code-hard", "reasoning-hard"])
 
     @field_validator("model", mode="before")
     @classmethod
@@ -120,6 +132,15 @@ class QuickstartConfig(Strict):
         for name in value:
             task_category(name)
         return value
+
+
+    @model_validator(mode="after")
+    def _lora_table2_on_unseen_tasks(self):
+        outside = [t for t in self.lora_table2.tasks or [] if t not in self.unseen]
+        if outside:
+            raise ValueError(f"lora_table2.tasks: {outside[0]!r} is not one of the unseen tasks {self.unseen}; set "
+                             "lora_table2.tasks (null: every unseen task)")
+        return self
 
 
 def task_category(name: str) -> str:
@@ -215,15 +236,68 @@ def expert_path(cfg: ExperimentConfig) -> Path:
     return cfg.run_dir / ("expert" if cfg.method == "lora" else "expert.safetensors")
 
 
+def evaluation(qs: QuickstartConfig, task: str, limit: int, out: Path, expert: Path | None = None) -> Callable[[], str]:
+    """A stage: the base model or one expert (SVF file or LoRA folder) on the first `limit` test items of `task`."""
+    def run() -> str:
+        from t2ray.adapters import load_adapted
+        from t2ray.evaluate import evaluate
+        from t2ray.tasks import get_task
+
+        model, tokenizer, label = load_adapted(qs.model.spec, expert=expert, dtype=qs.model.dtype)
+        result = evaluate(model, tokenizer, get_task(task), limit=limit, adapter=label)
+        result.save(out)
+        return f"{label}: {result.accuracy:.1%} ({result.correct}/{result.n})"
+    return run
+
+
+def adaptation(qs: QuickstartConfig, strategy: str, task: str, limit: int, out: Path, experts: list[Path],
+               classifier: Path | None = None, every: int | None = None) -> Callable[[], str]:
+    """A stage: a two-pass strategy over an expert library (SVF files or LoRA folders) on `task`."""
+    from t2ray.config import AdaptConfig
+
+    routing = qs.routing if every is None else qs.routing.model_copy(update={"every": every})
+    cfg = AdaptConfig(strategy=strategy, task=task, model=qs.model, experts=[str(e) for e in experts],
+                      classifier_expert=str(classifier) if classifier else None, limit=limit, cem=qs.cem,
+                      routing=routing)
+
+    def run() -> str:
+        from t2ray.adapt.two_pass import run_adapt
+
+        result = run_adapt(cfg, progress=True)
+        result.save(out)
+        return (f"{result.eval.accuracy:.1%} ({result.eval.correct}/{result.eval.n}); pass 1 {result.pass1_s:.1f} s, "
+                f"pass 2 {result.pass2_s:.1f} s")
+    return run
+
+
+def lora_table2_stages(qs: QuickstartConfig, folder: Path, adapters: dict[str, Path], limits: dict[str, int],
+                       estimate: Callable[[float], float | None]) -> list[Stage]:
+    """Table 2 over LoRA adapters (category -> folder), written to `folder` as COLUMN-TASK.json: each adapter alone
+    (single_<category>), token routing every k (token<k>), few-shot α (fewshot); the base is Table 2's own."""
+    stages = []
+    library = list(adapters.values())
+    for t in qs.lora_table2.tasks or qs.unseen:
+        n = min(qs.lora_table2.limit, limits[t])
+        for category, adapter in adapters.items():
+            out = folder / f"single_{category}-{t}.json"
+            stages.append(Stage(f"Table 2 (LoRA): the {category} adapter alone on {t} ({n} test items)",
+                                estimate(eval_minutes(t, n)), out, evaluation(qs, t, n, out, adapter)))
+        for every in qs.lora_table2.every:
+            out = folder / f"token{every}-{t}.json"
+            stages.append(Stage(f"Table 2 (LoRA): token routing every {every} on {t}",
+                                estimate(eval_minutes(t, n, "token")), out,
+                                adaptation(qs, "token", t, n, out, library, every=every)))
+        out = folder / f"fewshot-{t}.json"
+        stages.append(Stage(f"Table 2 (LoRA): few-shot α on {t}", estimate(eval_minutes(t, n, "fewshot", qs.cem)),
+                            out, adaptation(qs, "fewshot", t, n, out, library)))
+    return stages
+
+
 def quickstart(root: Path = Path("runs/quickstart"), config: Path | None = None, check: bool = False) -> Path | None:
     """Every stage not done yet under `root`, then the report. `check`: validate the config, build every stage's
     config and print the plan; run nothing."""
-    from t2ray.adapt.two_pass import dispatch_quality, run_adapt
-    from t2ray.adapters import load_adapted
-    from t2ray.config import AdaptConfig
-    from t2ray.evaluate import evaluate
+    from t2ray.adapt.two_pass import dispatch_quality
     from t2ray.report import build_report, console_summary
-    from t2ray.tasks import get_task
     from t2ray.train import train
 
     qs = QuickstartConfig.model_validate(read_yaml(config) if config else {})
@@ -247,26 +321,7 @@ def quickstart(root: Path = Path("runs/quickstart"), config: Path | None = None,
             return f"valid accuracy {outcome.best_valid:.1%}, last rollouts {last.get('accuracy', float('nan')):.1%}"
         return run
 
-    def evaluation(task: str, out: Path, expert: Path | None = None) -> Callable[[], str]:
-        def run() -> str:
-            model, tokenizer, label = load_adapted(spec, expert=expert, dtype=dtype)
-            result = evaluate(model, tokenizer, get_task(task), limit=limits[task], adapter=label)
-            result.save(out)
-            return f"{label}: {result.accuracy:.1%} ({result.correct}/{result.n})"
-        return run
-
-    def adaptation(strategy: str, task: str, out: Path) -> Callable[[], str]:
-        cfg = AdaptConfig(strategy=strategy, task=task, model=qs.model,
-                          experts=[str(expert_path(svf[c])) for c in CATEGORIES],
-                          classifier_expert=str(expert_path(svf["cls"])), limit=limits[task], cem=qs.cem,
-                          routing=qs.routing)
-
-        def run() -> str:
-            result = run_adapt(cfg, progress=True)
-            result.save(out)
-            return (f"{result.eval.accuracy:.1%} ({result.eval.correct}/{result.eval.n}); pass 1 {result.pass1_s:.1f} s, "
-                    f"pass 2 {result.pass2_s:.1f} s")
-        return run
+    svf_library = [expert_path(svf[c]) for c in CATEGORIES]
 
     def decompose() -> str:
         from t2ray.models import load_model
@@ -297,18 +352,22 @@ def quickstart(root: Path = Path("runs/quickstart"), config: Path | None = None,
         for column, expert in columns.items():
             out = t1 / f"{column}-{t}.json"
             stages.append(Stage(f"Table 1: {TABLE1_LABELS[column]} on {t} ({limits[t]} test items)",
-                                estimate(eval_minutes(t, limits[t])), out, evaluation(t, out, expert)))
+                                estimate(eval_minutes(t, limits[t])), out, evaluation(qs, t, limits[t], out, expert)))
     stages.append(Stage(f"dispatch quality: pass 1 of prompt and classifier on {sum(dispatched.values())} test "
                         "queries", estimate(DISPATCH_S_PER_ITEM * sum(dispatched.values()) / 60),
                         root / "dispatch.json", dispatch))
     for t in qs.unseen:
         out = t2 / f"base-{t}.json"
         stages.append(Stage(f"Table 2: base on {t} ({limits[t]} test items)", estimate(eval_minutes(t, limits[t])),
-                            out, evaluation(t, out)))
+                            out, evaluation(qs, t, limits[t], out)))
         for strategy in ("prompt", "classifier", "fewshot", "token"):
             out = t2 / f"{strategy}-{t}.json"
             stages.append(Stage(f"Table 2: {strategy} on {t}", estimate(eval_minutes(t, limits[t], strategy, qs.cem)),
-                                out, adaptation(strategy, t, out)))
+                                out, adaptation(qs, strategy, t, limits[t], out, svf_library,
+                                                expert_path(svf["cls"]))))
+    if lora and qs.lora_table2.enabled:
+        stages += lora_table2_stages(qs, root / "table2-lora", {c: expert_path(cfg) for c, cfg in lora.items()},
+                                     limits, estimate)
     run_stages(stages, check=check)
     if check:
         typer.secho(f"quickstart --check: {config or 'the default config'} is valid; nothing was run", bold=True)

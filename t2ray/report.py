@@ -3,6 +3,7 @@
 Layout read (what `t2ray quickstart` writes):
   RUN_DIR/table1/{base,lora,svf}-{task}.json     EvalResult JSON (trained tasks)
   RUN_DIR/table2/{strategy}-{task}.json          EvalResult / AdaptResult JSON (unseen tasks)
+  RUN_DIR/table2-lora/{column}-{task}.json       the same over the LoRA adapters: single_<category>, token<k>, fewshot
   RUN_DIR/*/metrics.jsonl                        training runs (learning curves)
 """
 from __future__ import annotations
@@ -15,6 +16,9 @@ from pathlib import Path
 TABLE1_COLUMNS = ("base", "lora", "svf")
 TABLE2_COLUMNS = ("base", "prompt", "classifier", "fewshot", "token")
 DISPATCH_STRATEGIES = ("prompt", "classifier")
+LORA_TABLE2_LEGEND = ("best single: the adapter with the best accuracy on that task, picked on the test items (an "
+                      "oracle, as Belofsky 2023's baseline); token k: routed every k tokens; fewshot: CEM's α per "
+                      "adapter. base: Table 2's base model on the same items.")
 
 
 def _load(folder: Path) -> dict[tuple[str, str], dict]:
@@ -123,6 +127,36 @@ def fewshot_reading(table2: dict) -> list[str]:
         lines.append(f"- {task}: few-shot vs {name}, the better single-expert strategy: {100 * mean:+.1f} points "
                      f"(95 % [{100 * low:+.1f}, {100 * high:+.1f}], n = {n} paired items): {verdict}.")
     return lines
+
+
+def _on_items(result: dict, ids: set) -> dict:
+    """The result restricted to the items `ids` (accuracy recounted), so every column of a table covers the same."""
+    records = [r for r in result.get("records", []) if r["id"] in ids]
+    correct = sum(bool(r["correct"]) for r in records)
+    return {**result, "records": records, "n": len(records), "correct": correct,
+            "accuracy": correct / max(1, len(records))}
+
+
+def lora_table2_results(lora: dict, table2: dict) -> tuple[dict, tuple[str, ...], list[str]]:
+    """(results keyed (column, task), columns, notes): base (Table 2's, on the LoRA items), the best single adapter,
+    token routing every k, few-shot α."""
+    results, notes = {}, []
+    for task in sorted({t for _, t in lora}):
+        singles = {c.removeprefix("single_"): r for (c, t), r in lora.items() if t == task and c.startswith("single_")}
+        if singles:
+            best = max(singles, key=lambda c: singles[c]["accuracy"])
+            results[("best single", task)] = singles[best]
+            notes.append(f"{task}: best single adapter = {best} (" + ", ".join(
+                f"{c} {r['accuracy']:.1%}" for c, r in sorted(singles.items())) + ")")
+        for (column, t), r in lora.items():
+            if t == task and not column.startswith("single_"):
+                results[(column, task)] = r
+        ids = {rec["id"] for (_, t), r in results.items() if t == task for rec in r.get("records", [])}
+        if ("base", task) in table2 and ids:
+            results[("base", task)] = _on_items(table2[("base", task)], ids)
+    tokens = sorted({c for c, _ in results if c.startswith("token")}, key=lambda c: int(c.removeprefix("token")))
+    columns = tuple(c for c in ("base", "best single", *tokens, "fewshot") if any(k == c for k, _ in results))
+    return results, columns, notes
 
 
 def console_summary(report: Path) -> str:
@@ -296,6 +330,15 @@ def build_report(run_dir: str | Path) -> Path:
             plot_accuracy_bars(results, columns, out / f"{name}.png", title.split(" (")[0])
             if name == "table2" and (reading := fewshot_reading(results)):
                 sections += ["Few-shot adaptation vs the best single expert:", "", *reading, ""]
+    lora = _load(run_dir / "table2-lora")
+    if lora:
+        results, columns, notes = lora_table2_results(lora, table2)
+        tables["table2_lora"] = _table(results, columns)
+        title = "Table 2 (LoRA) — unseen tasks: LoRA adapters routed per token, mixed by few-shot α (test accuracy)"
+        sections += [f"## {title}", "", _markdown(*tables["table2_lora"]), "", LORA_TABLE2_LEGEND, "",
+                     *[f"- {n}" for n in notes], "", *significance_reading(results, columns), "",
+                     "![table2_lora](report/table2_lora.png)", ""]
+        plot_accuracy_bars(results, columns, out / "table2_lora.png", title.split(" (test")[0])
     if table2:
         timed = {k: v for k, v in table2.items() if "pass1_s" in v}
         header3 = ["task", "strategy", "pass 1 (s)", "pass 2 (s)", "pass 1 ÷ pass 2"]

@@ -109,3 +109,31 @@ def test_quickstart_config_errors_are_one_clear_line(override, message, tmp_path
     config.write_text(yaml.safe_dump(override, sort_keys=False))
     result = CliRunner().invoke(app, ["quickstart", "--check", "--config", str(config)])
     assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, result.output
+
+
+def test_lora_table2_stages_run_and_the_report_shows_them(lora_library, tmp_path):
+    """The quickstart's Table 2 over LoRA adapters (each alone, token routing every 1 and 4, few-shot α) on tiny
+    adapters, then the report's LoRA table: the best single adapter named, every column on the same items as base."""
+    from t2ray.quickstart import evaluation, lora_table2_stages, run_stages
+    from t2ray.report import build_report
+
+    qs = QuickstartConfig.model_validate({"model": "tiny-llama", "unseen": ["math-hard"], "unseen_limit": 3,
+                                          "cem": {"population": 2, "generations": 1, "shots": 2},
+                                          "routing": {"examples_per_task": 4},
+                                          "lora_table2": {"limit": 2, "every": [1, 4]}})
+    root = tmp_path / "run"
+    evaluation(qs, "math-hard", 3, root / "table2" / "base-math-hard.json")()
+    stages = lora_table2_stages(qs, root / "table2-lora", {c: lora_library[c] for c in CATEGORIES},
+                                {"math-hard": 3}, lambda minutes: minutes)
+    assert [s.name for s in stages][-3:] == ["Table 2 (LoRA): token routing every 1 on math-hard",
+                                             "Table 2 (LoRA): token routing every 4 on math-hard",
+                                             "Table 2 (LoRA): few-shot α on math-hard"]
+    run_stages(stages)
+    assert json.loads((root / "table2-lora" / "fewshot-math-hard.json").read_text())["n"] == 2
+    report = build_report(root).read_text()
+    section = report[report.index("## Table 2 (LoRA)"):]
+    assert "| task | base | best single | token1 | token4 | fewshot |" in section
+    assert "math-hard: best single adapter = " in section and "- math-hard, token4: " in section
+    table = json.loads((root / "report" / "tables.json").read_text())["table2_lora"]
+    assert table["rows"][0][1].startswith(("0.0%", "50.0%", "100.0%"))  # base recounted on the LoRA rows' 2 items
+    assert (root / "report" / "table2_lora.png").exists()
