@@ -365,7 +365,7 @@ def _common_modules(experts: Sequence[Expert]) -> list[str]:
     return list(layout)
 
 
-def _alpha_matrix(alpha, num_experts: int, modules: list[str] | None) -> torch.Tensor:
+def alpha_matrix(alpha, num_experts: int, modules: list[str] | None = None) -> torch.Tensor:
     """Validate α and return it as a float32 (K, M) tensor ((K,) or (K, ?) if modules is None)."""
     K = num_experts
     M = len(modules) if modules is not None else None
@@ -400,7 +400,7 @@ def mix_z(experts: Sequence[Expert], alpha) -> dict[str, torch.Tensor]:
     """
     experts = list(experts)
     modules = _common_modules(experts)
-    a = _alpha_matrix(alpha, len(experts), modules)
+    a = alpha_matrix(alpha, len(experts), modules)
     zs = [e.z() for e in experts]
     mixed = {}
     for j, module in enumerate(modules):
@@ -437,7 +437,7 @@ def save_mixture(mixture: Mixture, path) -> Path:
     path = Path(path)
     if not mixture.experts:
         raise ExpertError(f"refusing to save mixture {path.name}: it lists no experts")
-    _alpha_matrix(mixture.alpha, len(mixture.experts), None)
+    alpha_matrix(mixture.alpha, len(mixture.experts), None)
     alpha = torch.as_tensor(mixture.alpha, dtype=torch.float64).tolist()  # plain floats for JSON
     doc = {
         "format_version": FORMAT_VERSION,
@@ -492,7 +492,7 @@ def load_mixture(path, base: BaseModelInfo | None = None, *, allow_transfer: boo
     try:
         experts = read_library(resolved, base, allow_transfer=allow_transfer)
         lora = not isinstance(experts[0], Expert)
-        alpha = _alpha_matrix(doc.get("alpha"), len(experts), None if lora else _common_modules(experts))
+        alpha = alpha_matrix(doc.get("alpha"), len(experts), None if lora else _common_modules(experts))
         if lora and alpha.ndim != 1:
             raise ExpertError("alpha over LoRA adapters is one weight per adapter, not per module")
     except ExpertError as e:

@@ -45,7 +45,9 @@ EVAL_S_PER_ITEM = {"math": 0.19, "code": 0.38, "reasoning": 0.2, "math-hard": 0.
 EVAL_S_PER_TOKEN = 0.0065    # other tasks: per token of the task's answer budget (max_new_tokens)
 DISPATCH_S_PER_ITEM = 0.3    # both strategies' pass 1 (the classification prompt is ~270 tokens)
 TABLE1_LABELS = {"base": "base", "svf": "SVF", "lora": "LoRA"}
-STRATEGY_FACTOR = {"base": 1.0, "prompt": 1.6, "classifier": 1.6, "fewshot": 0.9, "token": 1.8}
+STRATEGY_FACTOR = {"base": 1.0, "prompt": 1.6, "classifier": 1.6, "fewshot": 0.9, "token": 1.8,
+                   # LoRA adapters routed every k tokens (per-row weights in every layer), 16 items, 2026-11-30
+                   "lora-token1": 5.5, "lora-token2": 3.6, "lora-token4": 2.7}
 CEM_ROW_FACTOR = 1.5         # a CEM row (one z per row, plus the reference's log-likelihood) vs a base-model item
 
 
@@ -285,7 +287,7 @@ def lora_table2_stages(qs: QuickstartConfig, folder: Path, adapters: dict[str, P
         for every in qs.lora_table2.every:
             out = folder / f"token{every}-{t}.json"
             stages.append(Stage(f"Table 2 (LoRA): token routing every {every} on {t}",
-                                estimate(eval_minutes(t, n, "token")), out,
+                                estimate(eval_minutes(t, n, f"lora-token{every}")), out,
                                 adaptation(qs, "token", t, n, out, library, every=every)))
         out = folder / f"fewshot-{t}.json"
         stages.append(Stage(f"Table 2 (LoRA): few-shot α on {t}", estimate(eval_minutes(t, n, "fewshot", qs.cem)),

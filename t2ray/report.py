@@ -144,10 +144,11 @@ def lora_table2_results(lora: dict, table2: dict) -> tuple[dict, tuple[str, ...]
     for task in sorted({t for _, t in lora}):
         singles = {c.removeprefix("single_"): r for (c, t), r in lora.items() if t == task and c.startswith("single_")}
         if singles:
-            best = max(singles, key=lambda c: singles[c]["accuracy"])
-            results[("best single", task)] = singles[best]
-            notes.append(f"{task}: best single adapter = {best} (" + ", ".join(
-                f"{c} {r['accuracy']:.1%}" for c, r in sorted(singles.items())) + ")")
+            top = max(r["accuracy"] for r in singles.values())
+            best = [c for c in sorted(singles) if singles[c]["accuracy"] == top]
+            results[("best single", task)] = singles[best[0]]
+            notes.append(f"{task}: best single adapter = {' = '.join(best)}{' (tied)' if len(best) > 1 else ''} (" +
+                         ", ".join(f"{c} {r['accuracy']:.1%}" for c, r in sorted(singles.items())) + ")")
         for (column, t), r in lora.items():
             if t == task and not column.startswith("single_"):
                 results[(column, task)] = r

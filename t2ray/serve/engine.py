@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from t2ray.adapt.dispatch import PrefixScorer, classification_ids, classify
-from t2ray.experts import ExpertError, check_expert, library_kind, mix_z, read_library
+from t2ray.experts import ExpertError, alpha_matrix, check_expert, library_kind, mix_z, read_library
 from t2ray.generation import (GREEDY_BELOW, PromptTooLongError, cache_kwarg, context_length, eos_token_ids,
                               output_cache, render)
 from t2ray.models import load_model
@@ -132,7 +132,7 @@ class ExpertLibrary:
 
     # ------------------------------------------------------------------ mixtures -> z
 
-    def z_of(self, ref: MixtureRef, *, internal: bool = False) -> dict[str, torch.Tensor] | None:
+    def z_of(self, ref: MixtureRef, *, internal: bool = False) -> dict[str, torch.Tensor] | torch.Tensor | None:
         """The adapter state of a mixture (cached): SVF z' = Σ α_k z_k per module, LoRA one weight per adapter (K,);
         None for the base model. Requests cannot name the classifier expert (`internal` is for pass 1)."""
         if ref.is_base:
@@ -153,8 +153,12 @@ class ExpertLibrary:
             if any(isinstance(a, list) for a in alpha):
                 raise bad_request("LoRA experts are mixed with one weight per adapter, not per module",
                                   param="t2ray.weights")
+            try:
+                weights = alpha_matrix(alpha, len(alpha))  # finite, >= 0, not all zero
+            except ExpertError as err:
+                raise bad_request(str(err), param="t2ray.weights") from None
             z = torch.zeros(len(self.column), device=self.model.device)
-            z[[self.column[n] for n in ref.experts]] = torch.tensor(alpha, dtype=z.dtype, device=z.device)
+            z[[self.column[n] for n in ref.experts]] = weights.to(z.device)
         else:
             experts = [self.experts[n] for n in ref.experts]
             try:

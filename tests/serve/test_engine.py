@@ -259,6 +259,8 @@ def test_lora_library_mixes_per_adapter_and_never_materialises(lora_lib, lora_li
     with pytest.raises(RequestError, match="one weight per adapter") as err:
         lora_lib.prepare(GenRequest(MixtureRef("m", ("math",), ((0.5, 0.5),)), prompt="x", max_tokens=2))
     assert err.value.status == 400
+    with pytest.raises(RequestError, match="negative"):
+        lora_lib.prepare(GenRequest(ref_of({"math": -1.0, "code": 1.0}), prompt="x", max_tokens=2))
     assert len(lora_lib.classify(["What is 2 + 2?", "Write a function"], use_classifier=True)) == 2
     with pytest.raises(ExpertError, match="not both"):
         ExpertLibrary("tiny-llama", {"math": str(tiny_experts["math"])}, classifier=str(lora_library["cls"]))
