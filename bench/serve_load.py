@@ -202,7 +202,7 @@ def main() -> None:
         f"Closed loop: {args.concurrency} requests in flight, {len(results['base']['lat'])} timed requests per "
         f"scenario in {args.rounds} interleaved rounds after a warm-up; each request = a chat prompt from the "
         f"math/code/reasoning test splits + exactly {args.max_tokens} greedy tokens (`ignore_eos`); "
-        f"@serve.batch up to {args.max_batch_size} rows. Startup (Ray, Serve, model, experts) {startup:.0f} s. "
+        f"continuous batching up to {args.max_batch_size} rows (mean batch: the rows decoding beside a request, per token). Startup (Ray, Serve, model, experts) {startup:.0f} s. "
         f"torch {torch.__version__}, Python {platform.python_version()}.",
         "",
         "| scenario | requests | req/s | tokens/s | p50 s | p99 s | mean batch | weights | pass 1 ms (mean) |",

@@ -138,7 +138,8 @@ class QuickstartConfig(Strict):
 
     @model_validator(mode="after")
     def _lora_table2_on_unseen_tasks(self):
-        outside = [t for t in self.lora_table2.tasks or [] if t not in self.unseen]
+        runs = self.lora and self.lora_table2.enabled
+        outside = [t for t in (self.lora_table2.tasks or []) if t not in self.unseen] if runs else []
         if outside:
             raise ValueError(f"lora_table2.tasks: {outside[0]!r} is not one of the unseen tasks {self.unseen}; set "
                              "lora_table2.tasks (null: every unseen task)")

@@ -4,10 +4,11 @@
 
     client ──HTTP──▶ Dispatcher ──handle──▶ ExpertModel replica × N
                      auth, schema,          base model + every expert loaded once;
-                     model → mixture        @serve.batch: rows with different mixtures
-                     (pass 1: fixed,        in one forward (z per row), hot single
-                     prompt, classifier,    mixtures from an LRU of materialised W';
-                     token)                 classify (pass 1 forward), check_health
+                     model → mixture        one decode loop: requests join the running
+                     (pass 1: fixed,        batch at the next step; rows with different
+                     prompt, classifier,    mixtures in one forward (z per row), a hot
+                     token)                 single mixture from an LRU of materialised
+                                            W'; classify (pass 1 forward), check_health
 """
 
 import asyncio
@@ -18,6 +19,7 @@ import os
 import signal
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -30,7 +32,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from t2ray.serve.config import IMPORT_PATH, ServeArgs, read_serve_config
-from t2ray.serve.engine import DecodeBatch, ExpertLibrary, GenRequest, MixtureRef
+from t2ray.serve.engine import DecodeBatch, ExpertLibrary, GenItem, GenRequest, MixtureRef
 from t2ray.serve.errors import RequestError, bad_request, not_found
 from t2ray.serve.schema import (
     ChatRequest, CompletionRequest, chat_chunk, chat_response, completion_chunk, completion_response, new_id,
@@ -95,8 +97,11 @@ class ExpertModel:
         self.public_experts = public_experts
         self._router = None
         self._fatal: str | None = None
-        self._generate_batch.set_max_batch_size(batching["max_batch_size"])
-        self._generate_batch.set_batch_wait_timeout_s(batching["batch_wait_timeout_s"])
+        self.max_batch_size, self.prefill_tokens = batching["max_batch_size"], batching["prefill_tokens_per_step"]
+        self._waiting: deque[tuple[GenItem, asyncio.Queue]] = deque()  # admitted first come, first served
+        self._readers: dict[int, asyncio.Queue] = {}                      # id(item) -> where its events go
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task | None = None
         self._classify_batch.set_max_batch_size(batching["classify_batch_size"])
         self._routed_batch.set_max_batch_size(batching["max_batch_size"])
         self._routed_batch.set_batch_wait_timeout_s(batching["batch_wait_timeout_s"])
@@ -122,33 +127,71 @@ class ExpertModel:
 
     # ---------------------------------------------------------------- generation (pass 2)
 
-    # Two batches in flight: a group of requests that arrives while a batch decodes starts at once, its steps
-    # interleaved with the running batch's (on CPU a step costs about the same split in two forwards).
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02, max_concurrent_batches=2)
-    async def _generate_batch(self, items: list):
-        batch: DecodeBatch = await self._run(DecodeBatch, self.lib, items)
-        await self._run(batch.prefill)
-        finished = [False] * len(items)
-        try:
-            while not all(finished):
-                events = await self._step_events(batch, items, finished)
-                yield events
-        finally:  # every row ended or every reader left: nothing of this batch decodes any more
-            batch.close()
-
-    async def _step_events(self, batch: DecodeBatch, items: list, finished: list[bool]) -> list:
-        """One decode step, as one event per caller (StopIteration for a row that ended or lost its reader)."""
-        events = await self._run(batch.step)
-        out = []
-        for i, event in enumerate(events):
-            if finished[i] or items[i].cancelled:
-                finished[i] = True
-                out.append(StopIteration)  # this row's stream has ended, or nobody reads it
+    # Continuous batching: one decode loop per replica. A request waits only for the next step: the loop prefills
+    # the waiting requests (first come, first served, within max_batch_size rows and prefill_tokens_per_step prompt
+    # tokens), merges them into the running batch, and steps every row once; rows leave as they finish.
+    def _admit(self, running: int) -> list[tuple[GenItem, asyncio.Queue]]:
+        """The waiting requests that join at this step; their readers are registered."""
+        joining, tokens = [], 0
+        while self._waiting and running + len(joining) < self.max_batch_size:
+            item, queue = self._waiting[0]
+            if item.cancelled:  # its caller left while it waited
+                self._waiting.popleft()
                 continue
-            event = event or {"text": "", "finish_reason": None}
-            finished[i] = event["finish_reason"] is not None
-            out.append(event)
-        return out
+            if joining and tokens + len(item.prompt_ids) > self.prefill_tokens:
+                break  # the rest join at a later step: a long prefill would stall every running row
+            tokens += len(item.prompt_ids)
+            joining.append(self._waiting.popleft())
+            self._readers[id(item)] = queue
+        return joining
+
+    def _fail(self, items: list[GenItem], err: BaseException) -> None:
+        """Their readers get the error (raised in `stream`, so the Dispatcher sees the replica fail)."""
+        for item in items:
+            queue = self._readers.pop(id(item), None)
+            if queue is not None:
+                queue.put_nowait(err)
+
+    async def _decode_loop(self) -> None:
+        batch: DecodeBatch | None = None
+        while True:
+            if batch is None and not self._waiting:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            joining = [item for item, _ in self._admit(len(batch.active) if batch is not None else 0)]
+            new = None
+            if joining:
+                try:
+                    new = await self._run(DecodeBatch, self.lib, joining)
+                    await self._run(new.prefill)
+                except Exception as err:  # the joining rows fail; the running ones go on
+                    if new is not None:
+                        new.close()
+                    self._fail(joining, err)
+                    new = None
+            if batch is None and new is None:
+                continue
+            try:
+                if batch is None:
+                    batch = new
+                elif new is not None:
+                    await self._run(batch.merge, new)
+                events = await self._run(batch.step)
+            except Exception as err:
+                self._fail([batch.items[row] for row in batch.active] + joining, err)
+                batch.close()
+                batch = None
+                continue
+            for item, event in zip(batch.items, events):
+                if event is not None:
+                    self._readers[id(item)].put_nowait(event)
+                    if event["finish_reason"] is not None:
+                        del self._readers[id(item)]
+                elif item.finish_reason == "cancelled":  # it left without an event: its reader had gone
+                    self._readers.pop(id(item), None)
+            if batch.done:
+                batch = None
 
     async def stream(self, request: GenRequest):
         """Events {text, finish_reason, ...} as tokens are generated; the first is {"error": ...} on a bad request."""
@@ -157,9 +200,19 @@ class ExpertModel:
         except RequestError as err:
             yield {"error": err.to_dict()}
             return
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = asyncio.get_running_loop().create_task(self._decode_loop())
+        queue: asyncio.Queue = asyncio.Queue()
+        self._waiting.append((item, queue))
+        self._wake.set()
         try:
-            async for event in self._generate_batch(item):
+            while True:
+                event = await queue.get()
+                if isinstance(event, BaseException):
+                    raise event
                 yield event
+                if event["finish_reason"] is not None:
+                    return
         finally:  # ended, or the caller left (cancelled or closed): a row still decoding stops at the next step
             item.cancelled = True
 

@@ -83,8 +83,11 @@ class GenerationSection(Strict):
 
 
 class BatchingSection(Strict):
-    max_batch_size: int = Field(16, ge=1, description="rows per @serve.batch call (mixtures may differ per row)")
-    batch_wait_timeout_s: float = Field(0.02, ge=0, description="how long a batch waits to fill")
+    max_batch_size: int = Field(16, ge=1, description="rows decoding together (mixtures may differ per row); a request "
+                                "joins the running batch at its next step")
+    prefill_tokens_per_step: int = Field(2048, ge=1, description="prompt tokens prefilled before one decode step (the "
+                                         "rest join at later steps, so running rows are not stalled)")
+    batch_wait_timeout_s: float = Field(0.02, ge=0, description="how long a token-routed batch waits to fill")
     classify_batch_size: int = Field(32, ge=1, description="pass-1 questions per forward pass")
     mode: Literal["auto", "factored", "materialized"] = Field(
         "auto", description="auto: factored (z per row) for mixed batches, materialised W' for hot single mixtures")
@@ -174,7 +177,7 @@ class ServeArgs(Strict):
         inflight = self.expert_model.max_ongoing_requests
         if inflight is not None and inflight < 2 * self.batching.max_batch_size:
             raise ValueError(f"expert_model.max_ongoing_requests ({inflight}) < 2 × batching.max_batch_size "
-                             f"({self.batching.max_batch_size}; two batches run at once): batches could never fill")
+                             f"({self.batching.max_batch_size}): a full batch and as many requests waiting to join it")
         return self
 
     def resolved(self, root: Path | None = None) -> "ServeArgs":

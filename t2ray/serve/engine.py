@@ -13,8 +13,10 @@ LoRA experts (adapter folders) are all held by one LoRA mixture layer per module
 adapter, (K,) for the batch or (B, K) per row — Σ_k w_k ΔW_k exactly, at the cost of two rank-space matmuls
 whatever the mix, so nothing is ever materialised.
 
-Generation is a step-wise decode loop with a KV cache, so a replica can stream text per step and drop rows
-as they finish; greedy decoding gives the tokens `generation.rollout` gives (tested).
+Generation is a step-wise decode loop with a KV cache, so a replica can stream text per step, drop rows as they
+finish and admit new ones at any step (continuous batching: `DecodeBatch.merge` left-pads the caches to one length);
+the adapter mode is chosen again whenever the rows change. Greedy decoding gives the tokens `generation.rollout`
+gives, alone or joined to a running batch (tested).
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from transformers.cache_utils import DynamicLayer
 
 from t2ray.adapt.dispatch import PrefixScorer, classification_ids, classify
 from t2ray.experts import ExpertError, alpha_matrix, check_expert, library_kind, mix_z, read_library
@@ -78,6 +82,8 @@ class GenItem:
     prompt_ids: list[int]
     z: Any                                         # its adapter state (ExpertLibrary.z_of); None: base model
     enqueued: float = field(default_factory=time.perf_counter)
+    started: float = 0.0     # when its prefill began (queue time = started - enqueued)
+    rows_decoding: int = 0   # Σ over its steps of the rows decoding with it (÷ its tokens: its mean batch size)
     generated: list[int] = field(default_factory=list)
     emitted: int = 0
     finish_reason: str | None = None
@@ -342,34 +348,45 @@ class ExpertLibrary:
 
 
 class DecodeBatch:
-    """Step-wise generation for a batch of prepared items (left padding, KV cache, rows dropped as they end)."""
+    """Step-wise generation for a batch of prepared items (left padding, KV cache, rows dropped as they end, rows of
+    another batch merged in)."""
 
     def __init__(self, lib: ExpertLibrary, items: list[GenItem]):
-        self.lib, self.items = lib, items
+        self.lib, self.items = lib, list(items)
         self.active = list(range(len(items)))
-        self.started = time.perf_counter()
-        refs = {it.request.mixture.key for it in items}
-        single = items[0].request.mixture if len(refs) == 1 else None
-        if single is not None and single.is_base:
-            self.mode = "base"
-        elif single is not None and lib.should_materialize(single.key):
-            self.mode = "materialized"
-        else:
-            self.mode = "factored"
-        self.key = single.key if single is not None else None
-        self._rows_z = None if single is not None else lib.stack_rows([it.z for it in items])
-        lib.stats["batches"][self.mode] += 1
+        now = time.perf_counter()
+        for it in items:
+            it.started = now
+        self.mode: str | None = None
+        self._choose_mode()
         lib.stats["decoding_rows"] += len(items)
-        self.stops = [it.request.stop for it in items]
+
+    def _choose_mode(self) -> None:
+        """For the rows decoding now: one mixture -> the base model, its materialised W' (hot) or its z; several ->
+        one adapter state per row (factored)."""
+        items = [self.items[row] for row in self.active]
+        single = items[0].request.mixture if len({it.request.mixture.key for it in items}) == 1 else None
+        if single is not None and single.is_base:
+            mode = "base"
+        elif single is not None and self.lib.should_materialize(single.key):
+            mode = "materialized"
+        else:
+            mode = "factored"
+        self.key = single.key if single is not None else None
+        self._rows_z = None if single is not None else self.lib.stack_rows([it.z for it in items])
+        if mode != self.mode:
+            self.lib.stats["batches"][mode] += 1  # a stretch of steps in one mode
+            self.mode = mode
 
     def _activate(self) -> None:
+        z = self.items[self.active[0]].z
         if self.mode == "base":
             self.lib.use_base()
         elif self.mode == "materialized":
-            if not self.lib.use_materialized(self.key, self.items[0].z):
+            if not self.lib.use_materialized(self.key, z):
                 self.mode = "factored"  # out of memory for its W': this batch decodes factored
         elif self._rows_z is None:
-            self.lib.use_factored(self.items[0].z, self.key)
+            self.lib.use_factored(z, self.key)
         else:
             self.lib.use_factored(self._rows_z, id(self._rows_z))
 
@@ -389,8 +406,9 @@ class DecodeBatch:
         out = self.lib.model(input_ids=ids.to(device), attention_mask=self.attn, position_ids=positions,
                              use_cache=True, logits_to_keep=1)
         self.cache, self.logits = output_cache(out), out.logits[:, -1].float()
+        if any(type(layer) is not DynamicLayer for layer in self.cache.layers):
+            raise RuntimeError("continuous batching needs a plain dynamic KV cache (no sliding-window layers)")
         self.next_pos = self.attn.sum(1)
-        self.first_token_at = time.perf_counter()
 
     def _pick(self) -> torch.Tensor:
         tokens = self.logits.argmax(-1)
@@ -422,7 +440,7 @@ class DecodeBatch:
         it = self.items[row]
         it.text += self._new_text(it)
         text = it.text
-        stops = self.stops[row]
+        stops = it.request.stop
         if stops:
             hits = [i for i in (text.find(s, max(0, it.emitted - len(s))) for s in stops) if i >= 0]
             if hits:
@@ -436,8 +454,8 @@ class DecodeBatch:
         if it.finish_reason is not None:
             now = time.perf_counter()
             event.update(prompt_tokens=len(it.prompt_ids), completion_tokens=len(it.generated),
-                         queue_ms=1000 * (self.started - it.enqueued), generate_ms=1000 * (now - self.started),
-                         batch_size=len(self.items), mode=self.mode)
+                         queue_ms=1000 * (it.started - it.enqueued), generate_ms=1000 * (now - it.started),
+                         batch_size=round(it.rows_decoding / len(it.generated), 1), mode=self.mode)
         return event
 
     @torch.no_grad()
@@ -454,6 +472,7 @@ class DecodeBatch:
                 continue
             token = int(tokens[j])
             it.generated.append(token)
+            it.rows_decoding += len(self.active)
             if token in self.lib.eos and not it.request.ignore_eos:
                 it.finish_reason = "stop"
             elif len(it.generated) >= it.request.max_tokens:
@@ -464,17 +483,47 @@ class DecodeBatch:
         self.lib.stats["decoding_rows"] -= len(self.active) - len(keep)
         if keep:
             self._advance(tokens, keep)
-        self.active = [self.active[j] for j in keep]
+        else:
+            self.active = []
         return events
+
+    def _trim(self) -> None:
+        """Drop the leading cache columns that are padding on every remaining row (they were a finished row's)."""
+        first = int(self.attn.any(0).int().argmax())
+        if first > 0:
+            self.attn = self.attn[:, first:]
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[..., first:, :], layer.values[..., first:, :]
+
+    def merge(self, other: "DecodeBatch") -> None:
+        """The rows of `other` (prefilled, not stepped) join this batch at its next step: KV caches and masks
+        left-padded to one length (positions are explicit, so padding changes nothing), their first logits kept for
+        the next pick, the mode chosen again for the union."""
+        if self.done:
+            raise ValueError("merge into a finished batch: start from the joining batch instead")
+        pad_mine, pad_theirs = (max(0, b.attn.shape[1] - a.attn.shape[1]) for a, b in ((self, other), (other, self)))
+        for mine, theirs in zip(self.cache.layers, other.cache.layers):
+            mine.keys = torch.cat([F.pad(mine.keys, (0, 0, pad_mine, 0)), F.pad(theirs.keys, (0, 0, pad_theirs, 0))])
+            mine.values = torch.cat([F.pad(mine.values, (0, 0, pad_mine, 0)),
+                                     F.pad(theirs.values, (0, 0, pad_theirs, 0))])
+        self.attn = torch.cat([F.pad(self.attn, (pad_mine, 0)), F.pad(other.attn, (pad_theirs, 0))])
+        self.next_pos = torch.cat([self.next_pos, other.next_pos])
+        self.logits = torch.cat([self.logits, other.logits])
+        offset = len(self.items)
+        self.items += other.items
+        self.active += [offset + row for row in other.active]
+        other.active = []  # its rows (and their decoding count) now belong to this batch
+        self._choose_mode()
 
     def _advance(self, tokens: torch.Tensor, keep: list[int]) -> None:
         device = self.lib.model.device
-        if len(keep) < len(self.active):  # rows finished: shrink the batch (cache, mask, positions, z rows)
+        if len(keep) < len(self.active):  # rows finished: shrink the batch (cache, mask, positions), re-choose the mode
             index = torch.tensor(keep, device=device)
             self.cache.batch_select_indices(index)
             self.attn, self.next_pos, tokens = self.attn[index], self.next_pos[index], tokens[index]
-            if self._rows_z is not None:
-                self._rows_z = self.lib.select_rows(self._rows_z, index)
+            self._trim()
+            self.active = [self.active[j] for j in keep]
+            self._choose_mode()
         self.attn = torch.cat([self.attn, torch.ones_like(self.attn[:, :1])], 1)
         self._activate()
         out = self.lib.model(input_ids=tokens[:, None].to(device), attention_mask=self.attn,

@@ -89,6 +89,43 @@ def test_mixed_batch_rows_match_each_mixture_alone(kind, request, torch_threads)
         torch.testing.assert_close(logits[i][0], ref_logits, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["svf", "lora"])
+def test_rows_joining_a_running_batch_decode_as_if_alone(kind, request, torch_threads):
+    """Continuous batching: two requests decode, two more (longer prompts, other mixtures) join after 2 steps and one
+    more after 5, rows leave at different steps; every row's tokens and logits equal that request run alone."""
+    lib = request.getfixturevalue("lib" if kind == "svf" else "lora_lib")
+    def chat(text, weights, n):
+        return GenRequest(ref_of(weights), messages=[{"role": "user", "content": text}], max_tokens=n, temperature=0)
+
+    schedule = {0: [chat("hi", {"math": 1.0}, 9), chat("x", None, 3)],
+                2: [chat(PROMPTS[1] + " Explain every step carefully.", {"code": 0.5, "reasoning": 0.5}, 6),
+                    chat(PROMPTS[3], {"math": 1.0}, 4)],
+                5: [chat(PROMPTS[0], {"reasoning": 1.0}, 5)]}
+    requests = [r for group in schedule.values() for r in group]
+    logits: dict[int, list] = {i: [] for i in range(len(requests))}
+    batch, step, order = None, 0, []
+    while step == 0 or not batch.done or step <= max(schedule):
+        if step in schedule:
+            joining = DecodeBatch(lib, [lib.prepare(r) for r in schedule[step]])
+            joining.prefill()
+            order += schedule[step]
+            batch = joining if batch is None else (batch.merge(joining) or batch)
+        for j, row in enumerate(batch.active):
+            logits[row].append(batch.logits[j].clone())
+        batch.step()
+        step += 1
+    # Σ of the rows decoding at each of its steps: 2 rows, 4 after the join at step 2 (the base row ends), 3, 4 after
+    # the join at step 5, then rows leave one by one
+    assert [it.rows_decoding for it in batch.items] == [2 + 2 + 4 + 3 + 3 + 4 + 3 + 3 + 2, 2 + 2 + 4,
+                                                         4 + 3 + 3 + 4 + 3 + 3, 4 + 3 + 3 + 4, 4 + 3 + 3 + 2 + 1]
+    for row, r in enumerate(order):
+        alone_ids, alone_logits, _ = run_batch(lib, [r])
+        assert batch.items[row].generated == alone_ids[0], f"row {row}"
+        for k, (a, b) in enumerate(zip(logits[row], alone_logits[0])):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=f"row {row} step {k}")
+    assert lib.stats["decoding_rows"] == 0
+
+
 def test_experts_change_the_model(lib):
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     outs = []

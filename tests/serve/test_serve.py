@@ -257,6 +257,26 @@ def test_fifty_dropped_streams_stop_decoding(endpoint):
     assert sum(s["cancelled_rows"] for s in replica_stats(1.0).values()) > cancelled_before
 
 
+def test_a_request_joins_the_running_batch(endpoint):
+    """Continuous batching through HTTP: requests sent while 16 long ones decode do not wait for them to end — they
+    decode beside them (mean batch > 1) and finish first."""
+    async def scenario():
+        async with httpx.AsyncClient(base_url=endpoint, headers={"Authorization": f"Bearer {KEY}"},
+                                     timeout=120) as client:
+            long = [asyncio.create_task(client.post("/v1/completions", json={
+                "model": "base", "prompt": f"Count {i}:", "max_tokens": 64, "ignore_eos": True})) for i in range(16)]
+            await asyncio.sleep(0.3)  # they are decoding now
+            short = await asyncio.gather(*(client.post("/v1/chat/completions", json={
+                "model": "math", "messages": CHAT, "max_tokens": 4, "ignore_eos": True}) for _ in range(2)))
+            still_running = sum(not task.done() for task in long)
+            return short, still_running, await asyncio.gather(*long)
+
+    short, still_running, long = asyncio.run(scenario())
+    assert all(r.status_code == 200 for r in [*short, *long])
+    assert all(r.json()["t2ray"]["batch_size"] > 1 and r.json()["usage"]["completion_tokens"] == 4 for r in short)
+    assert still_running > 0, "the short requests waited for the long ones to end"
+
+
 def test_200_requests_at_concurrency_16_each_with_its_mixture(endpoint):
     start = time.perf_counter()
     results = asyncio.run(run_load(URL, KEY, 200, 16))
