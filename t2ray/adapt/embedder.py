@@ -20,6 +20,9 @@ default; a word cut at the left edge is dropped whole). Why the tail rather than
 """
 from __future__ import annotations
 
+import contextlib
+import io
+
 import importlib.util
 import threading
 from functools import lru_cache
@@ -56,7 +59,8 @@ class Embedder:
 
     def __init__(self, model_dir: str | Path | None = None, *, window: int | None = None, batch_size: int = 32,
                  device: str = "cpu"):
-        from sentence_transformers import SentenceTransformer  # heavy import: only when an embedder is built
+        with contextlib.redirect_stdout(io.StringIO()):  # transformers' integrations print a wandb line on import
+            from sentence_transformers import SentenceTransformer  # heavy import: only when an embedder is built
 
         model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
         try:
