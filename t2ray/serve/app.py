@@ -184,12 +184,13 @@ class ExpertModel:
                 batch = None
                 continue
             for item, event in zip(batch.items, events):
-                if event is not None:
-                    self._readers[id(item)].put_nowait(event)
-                    if event["finish_reason"] is not None:
-                        del self._readers[id(item)]
-                elif item.finish_reason == "cancelled":  # it left without an event: its reader had gone
+                if event is None and item.finish_reason != "cancelled":
+                    continue  # it had finished before this step
+                queue = self._readers.get(id(item))
+                if event is None or event["finish_reason"] is not None:  # ended (a cancelled row: its reader left)
                     self._readers.pop(id(item), None)
+                if event is not None and queue is not None:
+                    queue.put_nowait(event)
             if batch.done:
                 batch = None
 
