@@ -135,9 +135,14 @@ def wait_for(job_id, address, states, timeout=240):
 
 
 @pytest.mark.slow
-def test_submit_trains_an_expert_and_its_logs_are_retrievable(head, workdir):
+def test_submit_trains_on_both_worker_nodes_and_its_logs_are_retrievable(head, workdir):
+    """A job trains an expert from its uploaded dir, its Train workers on the two worker nodes (STRICT_SPREAD over
+    `trainer`); the caller's --env reaches it; status, logs and list find it."""
+    data = yaml.safe_load((workdir / "tiny.yaml").read_text())
+    data["scaling"].update(num_workers=2, placement_strategy="STRICT_SPREAD", resources={"trainer": 1})
+    (workdir / "spread.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     runs = workdir / "runs"
-    result = invoke("submit", workdir / "tiny.yaml", "--address", head, "--working-dir", workdir,
+    result = invoke("submit", workdir / "spread.yaml", "--address", head, "--working-dir", workdir,
                     "--set", "rl.iterations=2", "--set", f"storage_path={runs}", "--env", "T2RAY_TEST_MARK=42",
                     "--wait")
     assert result.exit_code == 0, result.output
@@ -145,9 +150,11 @@ def test_submit_trains_an_expert_and_its_logs_are_retrievable(head, workdir):
     summary = first_json(result.stdout)
     job_id = summary["job_id"]
     own_t2ray = str(Path(sys.executable).with_name("t2ray"))  # a local head: this installation's t2ray
-    assert summary["entrypoint"].startswith(f"{own_t2ray} train tiny.yaml --set rl.iterations=2")
+    assert summary["entrypoint"].startswith(f"{own_t2ray} train spread.yaml --set rl.iterations=2")
     assert summary["runtime_env"]["env_vars"]["T2RAY_TEST_MARK"] == "42"
-    assert (runs / "tiny" / "expert.safetensors").is_file()  # trained on the cluster, 1 worker, 2 iterations
+    assert (runs / "tiny" / "expert.safetensors").is_file()  # trained on the cluster, 2 workers, 2 iterations
+    placed = [json.loads(line) for line in (runs / "tiny" / "workers.jsonl").read_text().splitlines()]
+    assert len(placed) == 2 and len({p["node_id"] for p in placed}) == 2, placed  # one worker per worker node
 
     status = invoke("jobs", "status", job_id, "--address", head)
     assert status.exit_code == 0 and json.loads(status.stdout)["status"] == "SUCCEEDED"
@@ -176,21 +183,3 @@ def test_failing_job_shows_its_log_tail_and_stop_works(head, workdir):
     assert stopped.exit_code == 0, stopped.output
     assert json.loads(stopped.stdout)["status"] == "STOPPED"
     assert invoke("jobs", "status", "no-such-job", "--address", head).exit_code == 2
-
-
-@pytest.mark.slow
-def test_a_job_spreads_over_the_worker_nodes(head, workdir):
-    """The job's Train workers run on the two worker nodes (STRICT_SPREAD over `trainer`), from its uploaded dir."""
-    experiment = workdir / "tiny.yaml"
-    data = yaml.safe_load(experiment.read_text())
-    data["scaling"].update(num_workers=2, placement_strategy="STRICT_SPREAD", resources={"trainer": 1})
-    experiment.write_text(yaml.safe_dump(data, sort_keys=False))
-    runs = workdir / "runs"
-    done = invoke("submit", experiment, "--address", head, "--working-dir", workdir, "--set", "rl.iterations=2",
-                  "--set", f"storage_path={runs}", "--wait")
-    assert done.exit_code == 0, done.output
-    placed = [json.loads(line) for line in (runs / "tiny" / "workers.jsonl").read_text().splitlines()]
-    assert len(placed) == 2 and len({p["node_id"] for p in placed}) == 2, placed  # one worker per worker node
-    assert (runs / "tiny" / "expert.safetensors").is_file()
-    job_id = first_json(done.stdout)["job_id"]
-    assert json.loads(invoke("jobs", "status", job_id, "--address", head).stdout)["status"] == "SUCCEEDED"

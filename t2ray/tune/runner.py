@@ -140,9 +140,59 @@ def trainable(sweep: Sweep):
     return tune.with_resources(fn, resources or {"memory": 2**20})
 
 
+def progress_callback(sweep: Sweep):
+    """The sweep's bar, drawn by the driver from Tune's own events (Tune's status tables only with --verbose):
+    trials ended of those expected, how many run, the best metric so far."""
+    from ray.tune import Callback
+    from tqdm.auto import tqdm
+
+    metric, best_of = sweep.config.metric, (max if sweep.config.mode == "max" else min)
+
+    class SweepProgress(Callback):
+        def __init__(self):
+            self.bar, self.best = None, None
+
+        def __getstate__(self):  # pickled with the Tuner (a resumed sweep draws a new bar)
+            return {**self.__dict__, "bar": None}
+
+        def _draw(self, trials) -> None:
+            if self.bar is None:
+                self.bar = tqdm(total=sweep.expected_trials, desc=f"tune {sweep.config.name}", unit="trial",
+                                dynamic_ncols=True)
+            self.bar.n = sum(str(t.status) in ("TERMINATED", "ERROR") for t in trials)
+            running = sum(str(t.status) == "RUNNING" for t in trials)
+            best = "" if self.best is None else f", best {metric} {self.best:.3f}"
+            self.bar.set_postfix_str(f"{running} running{best}", refresh=False)
+            self.bar.refresh()
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if _finite(result.get(metric)):
+                value = float(result[metric])
+                self.best = value if self.best is None else best_of(self.best, value)
+            self._draw(trials)
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self._draw(trials)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._draw(trials)
+
+        on_trial_error = on_trial_complete
+
+        def on_experiment_end(self, trials, **info):
+            self._draw(trials)
+            self.bar.close()
+            self.bar = None
+
+    return SweepProgress()
+
+
 def callbacks(sweep: Sweep) -> list:
+    from t2ray.console import verbose
+
+    found = [] if verbose() else [progress_callback(sweep)]
     if not sweep.config.wandb:
-        return []
+        return found
     from ray.air.integrations.wandb import WandbLoggerCallback
 
     class WandbCallback(WandbLoggerCallback):
@@ -159,7 +209,7 @@ def callbacks(sweep: Sweep) -> list:
 
     mode = os.environ.get("WANDB_MODE", "offline")
     (sweep.dir / "wandb").mkdir(parents=True, exist_ok=True)
-    return [WandbCallback(project=sweep.config.project, group=sweep.config.name, mode=mode, dir=str(sweep.dir),
+    return found + [WandbCallback(project=sweep.config.project, group=sweep.config.name, mode=mode, dir=str(sweep.dir),
                           excludes=["alpha", "t2ray_run"],
                           upload_timeout=60 if mode in ("offline", "disabled") else 600)]
 
@@ -176,6 +226,7 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, fresh: bool = False) 
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     from ray import tune
 
+    from t2ray.console import verbose
     from t2ray.train.launcher import ensure_ray
 
     tune_dir = sweep.dir / TUNE_DIR
@@ -211,7 +262,8 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, fresh: bool = False) 
                                         max_concurrent_trials=limit, time_budget_s=c.time_budget_s,
                                         reuse_actors=True),
             run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(sweep.dir), callbacks=callbacks(sweep),
-                                      failure_config=tune.FailureConfig(max_failures=c.max_failures), verbose=1),
+                                      failure_config=tune.FailureConfig(max_failures=c.max_failures),
+                                      verbose=1 if verbose() else 0),
         )
     grid = tuner.fit()
     outcome = export_results(sweep, grid)

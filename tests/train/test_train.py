@@ -289,28 +289,3 @@ def test_distributed_resumes_matrix_by_matrix(ray_cluster, tiny, tmp_path, monke
     summary = decompose_distributed(tiny, "mlp", None, fingerprint=fingerprint, workers=2)
     assert summary["matrices"] == 6 and summary["computed"] == 4
     assert missing_targets(tiny, mlp, svd_cache_dir(fingerprint, torch.float32)) == []
-
-
-def test_cli_train_console_shows_the_driver_bar_not_framework_logs(learn_task, tmp_path):
-    """`t2ray train` as a user types it (its own Ray, in a subprocess): t2ray's own progress bar, drawn by the
-    driver from the reports, reaches the last iteration; no worker, controller, DeepSpeed or loading output."""
-    import subprocess
-    import sys
-
-    import yaml
-
-    from ray_env import RUN_ENV
-
-    cfg = make_config(tmp_path, learn_task, "console", rl={"iterations": 3, "eval_interval": 3})
-    path = tmp_path / "console.yaml"
-    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    env = {**os.environ, **RUN_ENV}
-    env.pop("T2RAY_VERBOSE", None)
-    proc = subprocess.run([str(Path(sys.executable).with_name("t2ray")), "train", str(path)], capture_output=True,
-                          text=True, env=env, timeout=600)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
-    assert "train console" in out and "3/3" in out and json.loads(proc.stdout)["iterations"] == 3
-    for flood in ("Reporting training result", "RayTrainWorker", "TrainController", "DeepSpeed", "Loading weights",
-                  "Started a local Ray instance"):
-        assert flood not in out, flood
