@@ -31,6 +31,18 @@ def interleaved(variants: dict[str, Callable[[], object]], repeats: int, warmup:
     return times
 
 
+def timed(call: Callable[[], object]) -> float:
+    """Seconds one call takes."""
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
+def medians_after_warmup(rounds: list[dict[str, float]]) -> dict[str, float]:
+    """Per measure, the median over every round but the first (the warm-up)."""
+    return {key: statistics.median(r[key] for r in rounds[1:]) for key in rounds[0]}
+
+
 def best(times: list[float]) -> float:
     return min(times)
 
@@ -55,3 +67,13 @@ def write_section(heading: str, text: str) -> None:
     block = f"{section}\n\n{text.strip()}\n\n"
     new = pattern.sub(lambda _: block, old) if pattern.search(old) else old.rstrip() + "\n\n" + block
     RESULTS.write_text(new.rstrip() + "\n")
+
+
+def publish(heading: str, lines: list[str], write: bool) -> str:
+    """Print a result's lines and, unless told not to, make them the '## heading' section of RESULTS.md."""
+    text = "\n".join(lines)
+    print(text)
+    if write:
+        write_section(heading, text)
+        print("\nwritten to bench/RESULTS.md", file=sys.stderr)
+    return text

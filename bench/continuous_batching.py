@@ -14,16 +14,14 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from common import command_line, stamp, write_section  # noqa: E402
+from common import command_line, medians_after_warmup, stamp, timed, write_section  # noqa: E402
 from t2ray.serve.engine import DecodeBatch, ExpertLibrary, GenRequest, MixtureRef  # noqa: E402
 from t2ray.tasks import get_task  # noqa: E402
 
@@ -45,30 +43,20 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     lib = ExpertLibrary("smollm2-135m", {})
-    times = {k: [] for k in ("a", "b", "c", "d")}
+    rounds = []
     for r in range(args.repeats + 1):  # round 0 warms up
         running = DecodeBatch(lib, [lib.prepare(q) for q in requests(args.rows, 0, args.tokens)])
         running.prefill()
         for _ in range(args.tokens):
             running.step()
-        start = time.perf_counter()
-        running.step()
-        a = time.perf_counter() - start
+        a = timed(running.step)
         joining = DecodeBatch(lib, [lib.prepare(q) for q in requests(args.joining, 100 + r, args.tokens)])
-        start = time.perf_counter()
-        joining.prefill()
-        b = time.perf_counter() - start
-        start = time.perf_counter()
-        running.merge(joining)
-        c = time.perf_counter() - start
-        start = time.perf_counter()
-        running.step()
-        d = time.perf_counter() - start
+        b = timed(joining.prefill)
+        c = timed(lambda: running.merge(joining))
+        d = timed(running.step)
         running.close()
-        if r:
-            for key, value in zip("abcd", (a, b, c, d)):
-                times[key].append(value)
-    med = {k: statistics.median(v) for k, v in times.items()}
+        rounds.append(dict(zip("abcd", (a, b, c, d))))
+    med = medians_after_warmup(rounds)
     cache_len = running.attn.shape[1]
     load = os.getloadavg()[0]
     text = "\n".join([

@@ -52,7 +52,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import best, command_line, interleaved, median, stamp, write_section  # noqa: E402
+from common import best, command_line, interleaved, median, publish, stamp  # noqa: E402
 from t2ray.console import set_verbosity  # noqa: E402
 
 set_verbosity(False)  # before transformers is imported: it reads its verbosity then
@@ -315,11 +315,7 @@ def main() -> None:
         f"max |t2ray (e) − PEFT `cat` merge| = {cat_diff:.3g}; max |t2ray (e) − PEFT `linear` merge| = {linear}. "
         f"Scale: max |mixture − base model| = {float((ours - base_logits).abs().max()):.3g}.",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if not args.no_write:
-        write_section("lora_mixing", text)
-        print("\nwritten to bench/RESULTS.md", file=sys.stderr)
+    publish("lora_mixing", lines, not args.no_write)
     tmp.cleanup()
 
 

@@ -21,17 +21,15 @@ import argparse
 import os
 import platform
 import random
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from common import command_line, stamp, write_section  # noqa: E402
+from common import command_line, medians_after_warmup, stamp, timed, write_section  # noqa: E402
 from serve_load import prompts, random_experts  # noqa: E402
 from t2ray.serve.engine import DecodeBatch, ExpertLibrary, GenRequest, MixtureRef  # noqa: E402
 
@@ -56,7 +54,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="pass1_cost_") as tmp:
         lib = ExpertLibrary("smollm2-135m", random_experts("smollm2-135m", Path(tmp)))
     pool, rng = prompts(64), random.Random(0)
-    times = {k: [] for k in "sfpo"}
+    rounds = []
     for r in range(args.repeats + 1):  # round 0 warms up
         offset = (r * (args.rows + 1)) % (len(pool) - args.rows - 1)
         batch = pool[offset:offset + args.rows + 1]
@@ -64,31 +62,21 @@ def main() -> None:
         running.prefill()
         for _ in range(8):
             running.step()
-        start = time.perf_counter()
-        running.step()
-        s = time.perf_counter() - start
+        s = timed(running.step)
         joining = DecodeBatch(lib, [lib.prepare(q) for q in mixed_requests(batch[-1:], rng, 64)])
-        start = time.perf_counter()
-        joining.prefill()
-        f = time.perf_counter() - start
+        f = timed(joining.prefill)
         joining.close()
         running.close()
         questions = [messages[-1]["content"] for messages in batch[:-1]]
-        start = time.perf_counter()
-        lib.classify(questions, use_classifier=False)
-        p = time.perf_counter() - start
+        p = timed(lambda: lib.classify(questions, use_classifier=False))
         single = DecodeBatch(lib, [lib.prepare(GenRequest(MixtureRef(), messages=batch[0], max_tokens=8,
                                                           temperature=0, ignore_eos=True))])
         single.prefill()
         single.step()
-        start = time.perf_counter()
-        single.step()
-        o = time.perf_counter() - start
+        o = timed(single.step)
         single.close()
-        if r:
-            for key, value in zip("sfpo", (s, f, p, o)):
-                times[key].append(value)
-    med = {k: statistics.median(v) for k, v in times.items()}
+        rounds.append(dict(zip("sfpo", (s, f, p, o))))
+    med = medians_after_warmup(rounds)
     n = args.rows
     rows = []
     for tokens in (32, 128, 512):

@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import httpx  # noqa: E402
 
-from common import command_line, stamp, write_section  # noqa: E402
+from common import command_line, publish, stamp  # noqa: E402
 from t2ray.models import compute_dtype  # noqa: E402
 
 URL = "http://127.0.0.1:8000"
@@ -313,11 +313,7 @@ def main() -> None:
         f"| (d) pass 1 (classification forward), mean per request | {summary['auto']['pass1']:.0f} ms |",
         f"| (d) categories chosen | {', '.join(f'{k}: {v}' for k, v in sorted(cats.items()))} |",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if not args.no_write:
-        write_section("serve_load", text)
-        print("\nwritten to bench/RESULTS.md", file=sys.stderr)
+    publish("serve_load", lines, not args.no_write)
 
 
 if __name__ == "__main__":

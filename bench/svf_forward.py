@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from common import write_section  # noqa: E402
+from common import publish  # noqa: E402
 
 from t2ray.models import load_model  # noqa: E402
 from t2ray.svf import SVFConfig, patch_model, set_mode, set_z, svf_layers  # noqa: E402
@@ -179,11 +179,7 @@ def main() -> None:
         f"{median[REBUILD]:.3f} s, {cpu[REBUILD]:.3f} s ({cpu[REBUILD] / cpu[base_name]:.2f} × a base forward's CPU) |",
         f"| model load / patch (SVD or cache hit) | {load_s:.1f} s / {patch_s:.1f} s |",
     ]
-    table = "\n".join(lines)
-    print(table)
-    if not args.no_write:
-        write_section("svf_forward", table)
-        print("\nwritten to bench/RESULTS.md", file=sys.stderr)
+    publish("svf_forward", lines, not args.no_write)
 
 
 if __name__ == "__main__":

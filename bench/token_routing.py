@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from common import best, command_line, interleaved, median, stamp, write_section  # noqa: E402
+from common import best, command_line, interleaved, median, publish, stamp  # noqa: E402
 from t2ray.adapt.token_routing import Router, SVFMixer, generate_routed, greedy_decode, routing_text  # noqa: E402
 from t2ray.experts import Expert  # noqa: E402
 from t2ray.generation import encode_prompts  # noqa: E402
@@ -192,11 +192,7 @@ def main() -> None:
         "current weights (these random experts are near-identical, so here the mixture barely moves the argmax).",
         f"- Setup (load, 2 × SVF patch from the SVD cache, router centroids): {setup_s:.0f} s.",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if not args.no_write:
-        write_section("token_routing", text)
-        print("\nwritten to bench/RESULTS.md", file=sys.stderr)
+    publish("token_routing", lines, not args.no_write)
 
 
 if __name__ == "__main__":

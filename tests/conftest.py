@@ -19,6 +19,9 @@ import time
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+# tests/ on the path: shared helpers (ray_env.py, rl/learnable.py, tune/helpers.py) import by their own names
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from t2ray.console import apply_env_defaults  # noqa: E402
 
@@ -32,6 +35,8 @@ if sandbox._probe() is not None:  # a machine without user namespaces: grade in 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from ray_env import env_var  # noqa: E402  (tests/ray_env.py)
+
 
 def _real_cache_root() -> Path:
     return Path(os.environ.get("T2RAY_CACHE", Path.home() / ".cache" / "t2ray"))
@@ -44,13 +49,8 @@ def t2ray_cache(tmp_path_factory) -> Path:
     real_models.mkdir(parents=True, exist_ok=True)
     root = tmp_path_factory.mktemp("t2ray_cache")
     (root / "models").symlink_to(real_models.resolve(), target_is_directory=True)
-    previous = os.environ.get("T2RAY_CACHE")
-    os.environ["T2RAY_CACHE"] = str(root)
-    yield root
-    if previous is None:
-        os.environ.pop("T2RAY_CACHE", None)
-    else:
-        os.environ["T2RAY_CACHE"] = previous
+    with env_var("T2RAY_CACHE", str(root)):
+        yield root
 
 
 @pytest.fixture(scope="session")

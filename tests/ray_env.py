@@ -1,5 +1,7 @@
 """The environment of the local Ray clusters the tests start, and what their kill tests wait for (imported by
 tests/train and tests/multinode)."""
+from __future__ import annotations
+
 import contextlib
 import json
 import os
@@ -29,6 +31,24 @@ RUN_ENV = {
 NO_STATE_API = "http://127.0.0.1:1"
 
 
+def _set_env(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+
+
+@contextlib.contextmanager
+def env_var(name: str, value: str | None):
+    """`name` set to `value` (None: unset) for a while; its previous value (or absence) restored after."""
+    previous = os.environ.get(name)
+    _set_env(name, value)
+    try:
+        yield
+    finally:
+        _set_env(name, previous)
+
+
 @contextlib.contextmanager
 def cluster_env():
     """RUN_ENV (where unset) and the closed State API address around a cluster's life; restored after."""
@@ -37,18 +57,13 @@ def cluster_env():
     for key, value in RUN_ENV.items():
         os.environ.setdefault(key, value)
     os.environ.pop("RAY_ADDRESS", None)
-    previous_api = os.environ.get("RAY_API_SERVER_ADDRESS")
-    os.environ["RAY_API_SERVER_ADDRESS"] = NO_STATE_API
-    if ray.is_initialized():
-        ray.shutdown()
-    try:
-        yield
-    finally:
-        ray.shutdown()
-        if previous_api is None:
-            os.environ.pop("RAY_API_SERVER_ADDRESS", None)
-        else:
-            os.environ["RAY_API_SERVER_ADDRESS"] = previous_api
+    with env_var("RAY_API_SERVER_ADDRESS", NO_STATE_API):
+        if ray.is_initialized():
+            ray.shutdown()
+        try:
+            yield
+        finally:
+            ray.shutdown()
 
 
 def logged(run_dir: Path) -> list[dict]:

@@ -5,18 +5,12 @@ custom resources `trainer: 2` and `replica: 1` each, so that placement is contro
 raylet and every process on it at once (`Cluster.remove_node`), never one worker process."""
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 
-_TESTS = str(Path(__file__).resolve().parents[1])
-if _TESTS not in sys.path:
-    sys.path.insert(0, _TESTS)
-
-from ray_env import cluster_env  # noqa: E402  (tests/ray_env.py)
+from ray_env import cluster_env  # tests/ray_env.py (tests/ is on the path: tests/conftest.py)
 
 WORKER_NODE = {"num_cpus": 2, "resources": {"trainer": 2, "replica": 1}}  # Train workers; one Serve replica
 

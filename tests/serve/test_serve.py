@@ -7,7 +7,6 @@ One application for the module: tiny-llama with tiny experts, two ExpertModel re
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import pytest
 import yaml
 
 from .conftest import run_load, tiny_args
+from ray_env import env_var  # tests/ray_env.py
 
 openai = pytest.importorskip("openai")
 ray = pytest.importorskip("ray")
@@ -37,25 +37,20 @@ def endpoint(tiny_experts):
     """Ray (2 CPUs) + Serve on 127.0.0.1:8000 + the t2ray app; torn down after the module."""
     from t2ray.serve.app import build_app
 
-    previous = os.environ.get("T2RAY_API_KEY")
-    os.environ["T2RAY_API_KEY"] = KEY  # inherited by the Ray workers started below
-    ray.init(address="local", num_cpus=2, log_to_driver=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": 8000})
-        args = tiny_args(tiny_experts, expert_model={
-            "num_replicas": 2, "ray_actor_options": {"num_cpus": 0.5}, "max_ongoing_requests": 64,
-            "health_check_period_s": 2, "health_check_timeout_s": 30})
-        serve.run(build_app(args), name=APP, route_prefix="/")
-        yield URL
-    finally:
+    with env_var("T2RAY_API_KEY", KEY):  # inherited by the Ray workers started below
+        ray.init(address="local", num_cpus=2, log_to_driver=False)
         try:
-            serve.shutdown()
+            serve.start(http_options={"host": "127.0.0.1", "port": 8000})
+            args = tiny_args(tiny_experts, expert_model={
+                "num_replicas": 2, "ray_actor_options": {"num_cpus": 0.5}, "max_ongoing_requests": 64,
+                "health_check_period_s": 2, "health_check_timeout_s": 30})
+            serve.run(build_app(args), name=APP, route_prefix="/")
+            yield URL
         finally:
-            ray.shutdown()
-            if previous is None:
-                os.environ.pop("T2RAY_API_KEY", None)
-            else:
-                os.environ["T2RAY_API_KEY"] = previous
+            try:
+                serve.shutdown()
+            finally:
+                ray.shutdown()
 
 
 @pytest.fixture(scope="module")

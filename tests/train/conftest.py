@@ -1,17 +1,9 @@
 """Real Ray Train + DeepSpeed on CPU: one local Ray cluster per test module (2 CPUs), shut down at its end."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-# tests/ on the path: the learnable task lives in tests/rl/learnable.py (shared with the single-process tests)
-_TESTS = str(Path(__file__).resolve().parents[1])
-if _TESTS not in sys.path:
-    sys.path.insert(0, _TESTS)
-
-from ray_env import cluster_env  # noqa: E402  (tests/ray_env.py)
+from ray_env import cluster_env  # tests/ray_env.py (tests/ is on the path: tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
