@@ -1,5 +1,5 @@
-"""The environment of the local Ray clusters the tests start, and what their kill tests wait for (imported by
-tests/train and tests/multinode)."""
+"""The environment of the local Ray clusters the tests start, what their kill tests wait for, and `env_var` (an
+environment variable set for a while); tests/conftest.py puts tests/ on the path, so any test imports it by name."""
 from __future__ import annotations
 
 import contextlib

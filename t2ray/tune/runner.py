@@ -9,6 +9,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from t2ray.console import verbose
 from t2ray.tune.config import Sweep, SweepError, dump_yaml, nest
 
 TUNE_DIR = "tune"  # the Tune experiment inside the sweep folder (Tuner.restore path)
@@ -188,8 +189,6 @@ def progress_callback(sweep: Sweep):
 
 
 def callbacks(sweep: Sweep) -> list:
-    from t2ray.console import verbose
-
     found = [] if verbose() else [progress_callback(sweep)]
     if not sweep.config.wandb:
         return found
@@ -209,9 +208,9 @@ def callbacks(sweep: Sweep) -> list:
 
     mode = os.environ.get("WANDB_MODE", "offline")
     (sweep.dir / "wandb").mkdir(parents=True, exist_ok=True)
-    return found + [WandbCallback(project=sweep.config.project, group=sweep.config.name, mode=mode, dir=str(sweep.dir),
-                          excludes=["alpha", "t2ray_run"],
-                          upload_timeout=60 if mode in ("offline", "disabled") else 600)]
+    return found + [WandbCallback(project=sweep.config.project, group=sweep.config.name, mode=mode,
+                                  dir=str(sweep.dir), excludes=["alpha", "t2ray_run"],
+                                  upload_timeout=60 if mode in ("offline", "disabled") else 600)]
 
 
 def _state_file(sweep: Sweep) -> Path:
@@ -226,7 +225,6 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, fresh: bool = False) 
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     from ray import tune
 
-    from t2ray.console import verbose
     from t2ray.train.launcher import ensure_ray
 
     tune_dir = sweep.dir / TUNE_DIR
