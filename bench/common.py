@@ -38,6 +38,25 @@ def timed(call: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
+def wait_healthy(url: str, proc, timeout: float = 300, *, name: str = "the server",
+                 details: Callable[[], str] = lambda: "") -> float:
+    """Seconds until GET `url` answers 200 (a server started as `proc`); ends the bench if `proc` exits first or
+    the time runs out, with `details()` (e.g. its log's tail) appended."""
+    import httpx
+
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if proc.poll() is not None:
+            raise SystemExit(f"{name} exited early with code {proc.returncode}{details()}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return time.monotonic() - start
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise SystemExit(f"{name} did not answer {url} within {timeout:.0f} s{details()}")
+
+
 def medians_after_warmup(rounds: list[dict[str, float]]) -> dict[str, float]:
     """Per measure, the median over every round but the first (the warm-up)."""
     return {key: statistics.median(r[key] for r in rounds[1:]) for key in rounds[0]}

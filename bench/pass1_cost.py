@@ -30,16 +30,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from common import command_line, medians_after_warmup, stamp, timed, write_section  # noqa: E402
-from serve_load import prompts, random_experts  # noqa: E402
+from serve_load import prompts, random_experts, random_mixture  # noqa: E402
 from t2ray.serve.engine import DecodeBatch, ExpertLibrary, GenRequest, MixtureRef  # noqa: E402
-
-EXPERTS = ("math", "code", "reasoning")
-
 
 def mixed_requests(pool: list, rng: random.Random, tokens: int) -> list[GenRequest]:
     """A different random mixture per request, as scenario (c) sends them."""
-    return [GenRequest(MixtureRef("mixed", EXPERTS, tuple(round(rng.uniform(0.05, 1.0), 4) for _ in EXPERTS)),
-                       messages=messages, max_tokens=tokens, temperature=0, ignore_eos=True) for messages in pool]
+    requests = []
+    for messages in pool:
+        weights = random_mixture(rng)
+        requests.append(GenRequest(MixtureRef("mixed", tuple(weights), tuple(weights.values())), messages=messages,
+                                   max_tokens=tokens, temperature=0, ignore_eos=True))
+    return requests
 
 
 def main() -> None:

@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import httpx  # noqa: E402
 
-from common import command_line, publish, stamp  # noqa: E402
+from common import command_line, publish, stamp, wait_healthy  # noqa: E402
 from t2ray.models import compute_dtype  # noqa: E402
 
 URL = "http://127.0.0.1:8000"
@@ -66,22 +66,15 @@ class VLLMServer:
              "--max-num-seqs", str(max_num_seqs), "--enable-lora", "--max-loras", str(len(adapters)),
              "--max-lora-rank", "16", "--lora-modules", *[f"{name}={path}" for name, path in adapters.items()]],
             stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 600
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"vLLM's server exited ({self.proc.returncode}): {self._tail()}")
-            try:
-                if httpx.get(f"{VLLM_URL}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(2)
-        self.close()
-        raise RuntimeError(f"vLLM's server did not answer /health within 600 s: {self._tail()}")
+        try:
+            wait_healthy(f"{VLLM_URL}/health", self.proc, 600, name="vLLM's server", details=self._tail)
+        except SystemExit:
+            self.close()
+            raise
 
     def _tail(self) -> str:
         self.log.seek(0)
-        return self.log.read()[-2000:]
+        return ": " + self.log.read()[-2000:]
 
     def close(self) -> None:
         self.proc.terminate()
@@ -103,7 +96,7 @@ def random_experts(model_spec: str, folder: Path) -> dict[str, str]:
     patch_model(model, SVFConfig(target_modules="mlp"), progress=False)
     info = base_model_info(model)
     paths = {}
-    for seed, task in enumerate(("math", "code", "reasoning")):
+    for seed, task in enumerate(ADAPTERS):
         g = torch.Generator().manual_seed(seed)
         params = {k: v + 0.3 * torch.randn(v.shape, generator=g) for k, v in trainable_params(model).items()}
         paths[task] = str(save_expert(Expert(name=task, params=params, base_model=info.model_id,
@@ -129,13 +122,17 @@ def body_for(scenario: str, messages, rng: random.Random, max_tokens: int) -> di
     if scenario == "expert":
         return {**body, "model": "math"}
     if scenario == "mixed":
-        weights = {n: round(rng.uniform(0.05, 1.0), 4) for n in ("math", "code", "reasoning")}
-        return {**body, "model": "auto", "t2ray": {"weights": weights}}
+        return {**body, "model": "auto", "t2ray": {"weights": random_mixture(rng)}}
     if scenario in ("lora", "vllm-lora"):
         return {**body, "model": rng.choice(ADAPTERS)}
     if scenario == "vllm-base":
         return {**body, "model": "base"}
     return {**body, "model": "auto"}
+
+
+def random_mixture(rng: random.Random) -> dict[str, float]:
+    """Scenario (c)'s weights: each expert's drawn in [0.05, 1]."""
+    return {name: round(rng.uniform(0.05, 1.0), 4) for name in ADAPTERS}
 
 
 def base_url(scenario: str) -> str:

@@ -20,32 +20,17 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import yaml
 from openai import OpenAI
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import command_line, stamp, write_section  # noqa: E402
+from common import command_line, stamp, wait_healthy, write_section  # noqa: E402
 
 QUESTIONS = {"auto": "What is 17 + 25? Reply with just the number.",
              "math": "What is 6 * 7? Reply with just the number.",
              "code": "Write a Python function `double(x)` that returns twice x.",
              "reasoning": "Which is heavier, a feather or a brick? Answer with one word.",
              "math-code": "What is 9 + 10? Reply with just the number."}
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 300) -> float:
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if proc.poll() is not None:
-            raise SystemExit(f"t2ray serve exited early with code {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                return time.monotonic() - start
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise SystemExit(f"no healthy server at {url} after {timeout:.0f} s")
 
 
 def main() -> None:
@@ -65,7 +50,7 @@ def main() -> None:
     proc = subprocess.Popen([t2ray, "serve", tmp.name, "--num-cpus", "2"], env=env, start_new_session=True)
     rows = []
     try:
-        startup = wait_healthy(url, proc)
+        startup = wait_healthy(f"{url}/healthz", proc, name="t2ray serve")
         client = OpenAI(base_url=f"{url}/v1", api_key="not-needed")
         models = [m.id for m in client.models.list().data]
         for model, question in QUESTIONS.items():

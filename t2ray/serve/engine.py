@@ -223,7 +223,6 @@ class ExpertLibrary:
         modules = [m for m in self.layers if any(z is not None and m in z for z in zs)]
         return {m: torch.stack([z[m] if z is not None and m in z else self.ones[m] for z in zs]) for m in modules}
 
-
     def entry_bytes(self, z: dict[str, torch.Tensor]) -> int:
         """What one materialised mixture holds: a copy of every adapted matrix."""
         return sum(layer.base_layer.weight.numel() * layer.base_layer.weight.element_size()
