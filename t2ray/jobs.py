@@ -4,10 +4,12 @@ runtime_env (pip/uv requirements, environment variables passed from the caller),
 `ray job submit` line. Status, logs and stop go through the same client."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shlex
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -239,7 +241,10 @@ def status(job_id: str, *, address: str | None = None, log_lines: int = 40) -> d
            "end_time": info.end_time and time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.end_time / 1000)),
            "driver_exit_code": getattr(info, "driver_exit_code", None)}
     if out["status"] == "FAILED":
-        out["logs_tail"] = tail(_call(lambda: client.get_job_logs(job_id), "job logs", job_id), log_lines)
+        try:
+            out["logs_tail"] = tail(client.get_job_logs(job_id), log_lines)
+        except Exception as err:  # noqa: BLE001 — the failure itself is known; its logs may be out of reach
+            out["logs_tail"] = f"(the logs could not be fetched: {str(err).strip()[:200] or type(err).__name__})"
     return out
 
 
@@ -249,19 +254,38 @@ def logs(job_id: str, *, address: str | None = None, lines: int | None = None) -
     return tail(text, lines) if lines else text
 
 
-def follow(job_id: str, *, address: str | None = None, out=None) -> str:
-    """Stream a job's logs until it ends; returns its final status."""
+def follow(job_id: str, *, address: str | None = None, out=None, poll: float = 1.0) -> str:
+    """Stream a job's logs until it ends; returns its final status. The stream is a websocket that the dashboard
+    proxies from the driver node's agent, and it can drop while the job runs on (a busy head closes it with code
+    1006): then the logs are polled from where the stream stopped, so neither output nor outcome is lost."""
     import asyncio
 
     client = connect(address)
     _call(lambda: client.get_job_info(job_id), "job status", job_id)
     write = out or (lambda s: print(s, end="", flush=True))
+    shown = 0
 
     async def stream():
+        nonlocal shown
         async for chunk in client.tail_job_logs(job_id):
             write(chunk)
+            shown += len(chunk)
 
-    _call(lambda: asyncio.run(stream()), "log streaming", job_id)
+    try:
+        asyncio.run(stream())
+    except Exception as err:  # noqa: BLE001 — aiohttp/RuntimeError: the stream is lost, not the job
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        print(f"warning: the log stream of job {job_id} dropped ({reason}); following it by polling",
+              file=sys.stderr, flush=True)
+        while True:
+            state = str(_call(lambda: client.get_job_status(job_id), "job status", job_id).value)
+            with contextlib.suppress(Exception):  # the agent may be briefly unreachable: the next poll catches up
+                text = client.get_job_logs(job_id)
+                write(text[shown:])
+                shown = max(shown, len(text))
+            if state in TERMINAL:
+                return state
+            time.sleep(poll)
     return wait(job_id, address=address, timeout=60)
 
 

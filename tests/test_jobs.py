@@ -4,9 +4,13 @@ real local multi-node cluster started as users start one: `ray start --head` (da
 module, started and stopped here)."""
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
+import shlex
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -183,3 +187,67 @@ def test_failing_job_shows_its_log_tail_and_stop_works(head, workdir):
     assert stopped.exit_code == 0, stopped.output
     assert json.loads(stopped.stdout)["status"] == "STOPPED"
     assert invoke("jobs", "status", "no-such-job", "--address", head).exit_code == 2
+
+
+@contextlib.contextmanager
+def log_stream_cutting_proxy(dashboard: str, after_s: float):
+    """A TCP proxy in front of the dashboard that passes HTTP through and aborts every log-tail websocket `after_s`
+    seconds in, without a close frame (what a client sees, code 1006, when a busy head drops the stream)."""
+    host, port = dashboard.removeprefix("http://").split(":")
+    loop = asyncio.new_event_loop()
+
+    async def pipe(reader, writer):
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    async def handle(client_r, client_w):
+        up_r, up_w = await asyncio.open_connection(host, int(port))
+        first = await client_r.read(65536)
+        up_w.write(first)
+        pipes = [asyncio.ensure_future(pipe(client_r, up_w)), asyncio.ensure_future(pipe(up_r, client_w))]
+        cut = b"/logs/tail" in first.split(b"\r\n", 1)[0]
+        try:
+            await asyncio.wait(pipes, timeout=after_s if cut else None, return_when=asyncio.ALL_COMPLETED)
+        finally:  # the cut (or the end, or the proxy's shutdown): both sides go at once
+            for task in pipes:
+                task.cancel()
+            client_w.transport.abort()
+            up_w.transport.abort()
+
+    async def shutdown():
+        server.close()
+        handlers = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        for task in handlers:
+            task.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
+
+    server = loop.run_until_complete(asyncio.start_server(handle, "127.0.0.1", 0))
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        asyncio.run_coroutine_threadsafe(shutdown(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+@pytest.mark.slow
+def test_follow_survives_a_dropped_log_stream(head):
+    """`--follow`/`--wait` stream the logs over a websocket; when it drops mid-job, the rest is polled: every line
+    shown once, and the job's real outcome (not exit 2)."""
+    from ray.job_submission import JobSubmissionClient
+
+    lines = 16
+    script = f"import time\nfor i in range({lines}):\n    print('line', i, flush=True)\n    time.sleep(0.5)"
+    job_id = JobSubmissionClient(head).submit_job(entrypoint=f"{sys.executable} -c {shlex.quote(script)}")
+    with log_stream_cutting_proxy(head, after_s=3) as proxy:
+        followed = invoke("jobs", "logs", job_id, "--address", proxy, "--follow")
+    assert followed.exit_code == 0, followed.output
+    assert f"the log stream of job {job_id} dropped" in followed.stderr
+    shown = [line for line in followed.stdout.splitlines() if line.startswith("line ")]
+    assert shown == [f"line {i}" for i in range(lines)]
+    assert first_json(followed.stdout[followed.stdout.index(f"line {lines - 1}"):])["status"] == "SUCCEEDED"
