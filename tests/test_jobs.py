@@ -20,20 +20,7 @@ from typer.testing import CliRunner
 
 from t2ray import jobs
 from t2ray.cli import app
-
-
-def _helpers():
-    """tests/tune/helpers.py (tests/ is not a package: load it by path)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("t2ray_test_tune_helpers",
-                                                  Path(__file__).parent / "tune" / "helpers.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-write_task, write_experiment = _helpers().write_task, _helpers().write_experiment
+from tune.helpers import write_experiment, write_task  # tests/tune/helpers.py
 
 runner = CliRunner()
 
