@@ -196,7 +196,20 @@ def callbacks(sweep: Sweep) -> list:
 
     class WandbCallback(WandbLoggerCallback):
         """Ray's callback, except that an interrupted sweep (Ctrl-C) ends promptly: the logging actors of trials
-        still running are told to finish too (Ray waits upload_timeout — 30 min — for them otherwise)."""
+        still running are told to finish too (Ray waits upload_timeout — 30 min — for them otherwise); and the
+        logging actors are not restartable: Ray's core prints an error line per trial for its max_restarts=-1
+        (ray#53727: such a restart fails anyway when its arguments are gone); a lost actor loses only its logs."""
+
+        def _start_logging_actor(self, trial, exclude_results, **wandb_init_kwargs):
+            if self._remote_logger_class is None:
+                import ray
+                from ray.air.integrations.wandb import WANDB_ENV_VAR
+                from ray.air.util.node import _force_on_current_node
+
+                key = {WANDB_ENV_VAR: os.environ[WANDB_ENV_VAR]} if WANDB_ENV_VAR in os.environ else {}
+                self._remote_logger_class = ray.remote(num_cpus=0, **_force_on_current_node(),
+                                                       runtime_env={"env_vars": key})(self._logger_actor_cls)
+            super()._start_logging_actor(trial, exclude_results, **wandb_init_kwargs)
 
         def on_experiment_end(self, trials, **info):
             for trial in list(getattr(self, "_trial_logging_actors", {})):
