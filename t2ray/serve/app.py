@@ -152,6 +152,31 @@ class ExpertModel:
             if queue is not None:
                 queue.put_nowait(err)
 
+    async def _prefill(self, joining: list[GenItem]) -> DecodeBatch | None:
+        """The joining rows' prompts in one forward; if that fails, they fail and the running rows go on."""
+        new = None
+        try:
+            new = await self._run(DecodeBatch, self.lib, joining)
+            await self._run(new.prefill)
+            return new
+        except Exception as err:
+            if new is not None:
+                new.close()
+            self._fail(joining, err)
+            return None
+
+    def _deliver(self, items: list[GenItem], events: list[dict | None]) -> None:
+        """Each row's event of this step to its reader; a row that ended is unregistered (a cancelled row's reader
+        has left: it gets nothing). `None`: the row had finished before this step."""
+        for item, event in zip(items, events):
+            if event is None and item.finish_reason != "cancelled":
+                continue
+            queue = self._readers.get(id(item))
+            if event is None or event["finish_reason"] is not None:
+                self._readers.pop(id(item), None)
+            if event is not None and queue is not None:
+                queue.put_nowait(event)
+
     async def _decode_loop(self) -> None:
         batch: DecodeBatch | None = None
         while True:
@@ -160,16 +185,7 @@ class ExpertModel:
                 await self._wake.wait()
                 continue
             joining = [item for item, _ in self._admit(len(batch.active) if batch is not None else 0)]
-            new = None
-            if joining:
-                try:
-                    new = await self._run(DecodeBatch, self.lib, joining)
-                    await self._run(new.prefill)
-                except Exception as err:  # the joining rows fail; the running ones go on
-                    if new is not None:
-                        new.close()
-                    self._fail(joining, err)
-                    new = None
+            new = await self._prefill(joining) if joining else None
             if batch is None and new is None:
                 continue
             try:
@@ -183,14 +199,7 @@ class ExpertModel:
                 batch.close()
                 batch = None
                 continue
-            for item, event in zip(batch.items, events):
-                if event is None and item.finish_reason != "cancelled":
-                    continue  # it had finished before this step
-                queue = self._readers.get(id(item))
-                if event is None or event["finish_reason"] is not None:  # ended (a cancelled row: its reader left)
-                    self._readers.pop(id(item), None)
-                if event is not None and queue is not None:
-                    queue.put_nowait(event)
+            self._deliver(batch.items, events)
             if batch.done:
                 batch = None
 
