@@ -6,8 +6,10 @@ On the replica's own objects (ExpertLibrary, DecodeBatch; SmolLM2, bf16 where na
 `bench/serve_load.py` uses), timed interleaved over --repeats rounds after a warm-up, medians:
   (s) one decode step of --rows rows, each with its own mixture (scenario (c): the factored path);
   (f) the prefill of one request joining that batch (its pass-2 prompt);
-  (p) pass 1 of --rows questions in one batch (the prompt strategy's scoring forward, the shared prefix of the
-      classification prompt cached: what `@serve.batch` runs when that many requests arrive together);
+  (p) pass 1 of --rows questions in one batch (the prompt strategy's scoring, the shared prefix of the
+      classification prompt cached: what `@serve.batch` runs when that many requests arrive together), its
+      questions grouped by length into forwards (`length_groups`);
+  (p1) the same questions in one forward, each padded to the longest (what (p) was before the grouping);
   (o) a decode step of a single row: an upper bound on what one forward costs beyond its tokens' arithmetic,
       the most that running pass 1 *inside* a decode step's forward could save per pass-1 batch (the tokens
       are the same either way; HF's eager attention would also have to pad the decode rows to the questions'
@@ -18,6 +20,7 @@ p/rows. Predicted (d) ÷ (c) = C / (C + p/rows), and at best with pass 1 fused, 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import random
@@ -31,6 +34,7 @@ import torch  # noqa: E402
 
 from common import command_line, medians_after_warmup, stamp, timed, write_section  # noqa: E402
 from serve_load import prompts, random_experts, random_mixture  # noqa: E402
+from t2ray.adapt.dispatch import PrefixScorer, classification_ids, length_groups  # noqa: E402
 from t2ray.serve.engine import DecodeBatch, ExpertLibrary, GenRequest, MixtureRef  # noqa: E402
 
 def mixed_requests(pool: list, rng: random.Random, tokens: int) -> list[GenRequest]:
@@ -54,8 +58,8 @@ def main() -> None:
     load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="pass1_cost_") as tmp:
         lib = ExpertLibrary("smollm2-135m", random_experts("smollm2-135m", Path(tmp)))
-    pool, rng = prompts(64), random.Random(0)
-    rounds = []
+    pool, rng, one_forward = prompts(64), random.Random(0), None
+    rounds, padding = [], {"p": [], "p1": []}
     for r in range(args.repeats + 1):  # round 0 warms up
         offset = (r * (args.rows + 1)) % (len(pool) - args.rows - 1)
         batch = pool[offset:offset + args.rows + 1]
@@ -70,13 +74,19 @@ def main() -> None:
         running.close()
         questions = [messages[-1]["content"] for messages in batch[:-1]]
         p = timed(lambda: lib.classify(questions, use_classifier=False))
+        one_forward = one_forward or PrefixScorer(lib.model, lib.tokenizer, forward_cost_tokens=math.inf)
+        p1 = timed(lambda: one_forward.classify(questions))  # lib.classify left the base model in place
+        lengths = [len(classification_ids(lib.tokenizer, q)) - len(one_forward.prefix_ids) for q in questions]
+        for arm, cost in (("p", PrefixScorer.FORWARD_COST_TOKENS), ("p1", math.inf)):
+            groups = length_groups(lengths, cost)
+            padding[arm].append(1 - sum(lengths) / sum(len(g) * max(lengths[i] for i in g) for g in groups))
         single = DecodeBatch(lib, [lib.prepare(GenRequest(MixtureRef(), messages=batch[0], max_tokens=8,
                                                           temperature=0, ignore_eos=True))])
         single.prefill()
         single.step()
         o = timed(single.step)
         single.close()
-        rounds.append(dict(zip("sfpo", (s, f, p, o))))
+        rounds.append({"s": s, "f": f, "p": p, "p1": p1, "o": o})
     med = medians_after_warmup(rounds)
     n = args.rows
     rows = []
@@ -96,6 +106,9 @@ def main() -> None:
         f"| (f) prefill of one joining request (pass 2's prompt) | {1000 * med['f']:.1f} |",
         f"| (p) pass 1 of {n} questions in one batch (prompt strategy, prefix cached) | {1000 * med['p']:.1f} |",
         f"| (p) ÷ {n}: pass 1 per request | {1000 * med['p'] / n:.1f} |",
+        f"| (p1) the same in one forward, padded to the longest | {1000 * med['p1']:.1f} |",
+        f"| **(p) ÷ (p1)**; padding share of the tokens, grouped vs one forward | **{med['p'] / med['p1']:.2f}**; "
+        f"{100 * sum(padding['p']) / len(padding['p']):.0f} % vs {100 * sum(padding['p1']) / len(padding['p1']):.0f} % |",
         f"| (o) decode step of one row (bounds what fusing pass 1 into a step saves per batch) | "
         f"{1000 * med['o']:.1f} |", "",
         f"Per request at {n} in flight, for T generated tokens: C = f + T·s/{n} (the replica's time for (c)), pass 1 "

@@ -3,6 +3,7 @@ code | math | reasoning | other, and the matching expert answers (other → the 
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 
@@ -33,17 +34,39 @@ def classification_ids(tokenizer, question: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False).input_ids
 
 
+def length_groups(lengths: list[int], forward_cost: float) -> list[list[int]]:
+    """Rows (indices into `lengths`) grouped into padded forwards at the least total cost, Σ over groups of
+    forward_cost + rows × longest, in tokens. Sorted by length, the best groups are contiguous runs: O(n²)."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    best, cut = [0.0] + [math.inf] * len(order), [0] * (len(order) + 1)  # best[j]: the j shortest rows' cost
+    for j in range(1, len(order) + 1):
+        for i in range(j):
+            cost = best[i] + forward_cost + (j - i) * lengths[order[j - 1]]
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], len(order)
+    while j:
+        groups.append(order[cut[j]:j])
+        j = cut[j]
+    return groups[::-1]
+
+
 class PrefixScorer:
     """Score mode with the classification prompt's shared prefix run once per model state ("base", an expert's
-    name...): each question then costs its own ~20 tokens instead of the whole ~270-token prompt.
+    name...): each question then costs its own ~20 tokens instead of the whole ~270-token prompt. Questions are
+    grouped by length into forwards (`length_groups`) so that short ones are not padded to the longest.
 
     The tokens are exactly those of the full prompt (tokenized whole, then the prefix checked); a question
     whose tokens do not start with the cached prefix is scored without the cache."""
 
     SLOT = "T2RAYQUESTIONSLOT"
+    # What one more forward costs in padded tokens: on the CPU a forward's fixed cost (~50 ms for SmolLM2-135M)
+    # is ~25 of its prefill tokens (bench/pass1_cost.py). math.inf: one forward for the whole batch.
+    FORWARD_COST_TOKENS = 25.0
 
-    def __init__(self, model, tokenizer):
+    def __init__(self, model, tokenizer, forward_cost_tokens: float = FORWARD_COST_TOKENS):
         self.model, self.tokenizer = model, tokenizer
+        self.forward_cost_tokens = forward_cost_tokens
         text = render(tokenizer, classification_messages(self.SLOT))
         before = tokenizer(text[:text.index(self.SLOT)], add_special_tokens=False).input_ids
         self.prefix_ids = before[:-1]  # its last token may merge with the question's first
@@ -57,6 +80,21 @@ class PrefixScorer:
             self._caches[state] = output_cache(self.model(input_ids=prefix, use_cache=True, logits_to_keep=1))
         return self._caches[state]
 
+    def _suffix_logits(self, suffixes: list[list[int]], state: str) -> torch.Tensor:
+        """(N, vocab) last logits of prefix + each suffix, in one forward over the cached prefix."""
+        P, width, device = len(self.prefix_ids), max(map(len, suffixes)), self.model.device
+        ids = torch.full((len(suffixes), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(suffixes), P + width), dtype=torch.long)
+        positions = torch.zeros((len(suffixes), width), dtype=torch.long)
+        mask[:, :P] = 1
+        for j, suffix in enumerate(suffixes):  # padding sits between the prefix and each suffix, masked
+            ids[j, width - len(suffix):] = torch.tensor(suffix)
+            mask[j, P + width - len(suffix):] = 1
+            positions[j, width - len(suffix):] = torch.arange(P, P + len(suffix))
+        cache = copy.deepcopy(self._prefix_cache(state))
+        cache.batch_repeat_interleave(len(suffixes))
+        return self.model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                          use_cache=True, logits_to_keep=1, **{cache_kwarg(self.model): cache}).logits[:, -1]
 
     @torch.no_grad()
     def scores(self, questions: list[str], *, state: str = "base") -> torch.Tensor:
@@ -66,22 +104,9 @@ class PrefixScorer:
         out = torch.empty(len(rows), len(self.labels))
         label_ids = self.label_ids.to(device)
         cached = [i for i, ids in enumerate(rows) if ids[:P] == self.prefix_ids and len(ids) > P]
-        if cached:
-            suffixes = [rows[i][P:] for i in cached]
-            width = max(map(len, suffixes))
-            ids = torch.full((len(cached), width), self.tokenizer.pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(cached), P + width), dtype=torch.long)
-            positions = torch.zeros((len(cached), width), dtype=torch.long)
-            mask[:, :P] = 1
-            for j, suffix in enumerate(suffixes):  # padding sits between the prefix and each suffix, masked
-                ids[j, width - len(suffix):] = torch.tensor(suffix)
-                mask[j, P + width - len(suffix):] = 1
-                positions[j, width - len(suffix):] = torch.arange(P, P + len(suffix))
-            cache = copy.deepcopy(self._prefix_cache(state))
-            cache.batch_repeat_interleave(len(cached))
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                           use_cache=True, logits_to_keep=1, **{cache_kwarg(model): cache}).logits[:, -1]
-            out[cached] = logits[:, label_ids].float().cpu()
+        for group in length_groups([len(rows[i]) - P for i in cached], self.forward_cost_tokens):
+            members = [cached[g] for g in group]
+            out[members] = self._suffix_logits([rows[i][P:] for i in members], state)[:, label_ids].float().cpu()
         for i in sorted(set(range(len(rows))) - set(cached)):  # no shared prefix: the whole prompt
             logits = model(input_ids=torch.tensor([rows[i]], device=device), logits_to_keep=1).logits[0, -1]
             out[i] = logits[label_ids].float().cpu()

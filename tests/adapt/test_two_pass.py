@@ -3,6 +3,8 @@ score-mode classifier against generate mode on SmolLM2."""
 from __future__ import annotations
 
 import json
+import math
+import random
 
 import pytest
 import ray
@@ -145,7 +147,9 @@ def test_prefix_cached_scores_equal_the_whole_prompt(tiny, tokenizer):
     with torch.no_grad():
         whole = torch.stack([tiny(input_ids=torch.tensor([classification_ids(tokenizer, q)])).logits[0, -1]
                              [scorer.label_ids] for q in questions])
-    torch.testing.assert_close(scorer.scores(questions), whole, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(scorer.scores(questions), whole, atol=1e-4, rtol=1e-4)  # grouped by length
+    one_forward = PrefixScorer(tiny, tokenizer, forward_cost_tokens=math.inf)
+    torch.testing.assert_close(one_forward.scores(questions), whole, atol=1e-4, rtol=1e-4)
     labels = [scorer.labels[k] for k in whole.argmax(-1).tolist()]
     assert classify(tiny, tokenizer, questions, mode="score", batch_size=3) == labels  # batches of 3 + 1
 
@@ -216,3 +220,30 @@ def test_lora_mixtures_refuse_what_they_cannot_mean(library, lora_library, tmp_p
                                       "alpha": [[0.5, 0.5], [0.5, 0.5]]}))
     with pytest.raises(ExpertError, match="per-module.json: alpha over LoRA adapters is one weight per adapter"):
         load_mixture(per_module)
+
+
+def test_length_groups_are_the_cheapest_partition():
+    """Any partition of the rows into padded forwards costs at least what length_groups' does (brute force)."""
+    from t2ray.adapt.dispatch import length_groups
+
+    def cost(groups, lengths, fixed):
+        return sum(fixed + len(g) * max(lengths[i] for i in g) for g in groups)
+
+    def partitions(items):
+        if not items:
+            yield []
+            return
+        first, rest = items[0], items[1:]
+        for part in partitions(rest):
+            yield [[first], *part]
+            for k in range(len(part)):
+                yield [*part[:k], [first, *part[k]], *part[k + 1:]]
+
+    rng = random.Random(0)
+    for _ in range(30):
+        lengths = [rng.randint(1, 60) for _ in range(rng.randint(1, 7))]
+        fixed = rng.choice([0.0, 5.0, 25.0, 1000.0])
+        groups = length_groups(lengths, fixed)
+        assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+        assert cost(groups, lengths, fixed) == min(cost(p, lengths, fixed) for p in partitions(list(range(len(lengths)))))
+    assert length_groups([30, 31, 80, 79], math.inf) == [[0, 1, 3, 2]] and length_groups([], 25.0) == []
