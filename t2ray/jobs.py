@@ -4,7 +4,6 @@ runtime_env (pip/uv requirements, environment variables passed from the caller),
 `ray job submit` line. Status, logs and stop go through the same client."""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -49,13 +48,21 @@ def connect(address: str | None = None):
                        "svc/t2ray-head-svc 8265:8265`. Or pass --address.") from None
 
 
+def _first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
 def _call(fn, what: str, job_id: str | None = None):
     try:
         return fn()
     except JobError:
         raise
     except Exception as err:  # noqa: BLE001 — the SDK raises RuntimeError for HTTP errors
-        text = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        text = _first_line(err)
         if job_id and ("does not exist" in text or "404" in text or "not found" in text.lower()):
             raise JobError(f"no job {job_id!r} on this cluster (t2ray jobs list shows the jobs)") from None
         raise JobError(f"{what} failed: {text}") from None
@@ -244,7 +251,7 @@ def status(job_id: str, *, address: str | None = None, log_lines: int = 40) -> d
         try:
             out["logs_tail"] = tail(client.get_job_logs(job_id), log_lines)
         except Exception as err:  # noqa: BLE001 — the failure itself is known; its logs may be out of reach
-            out["logs_tail"] = f"(the logs could not be fetched: {str(err).strip()[:200] or type(err).__name__})"
+            out["logs_tail"] = f"(the logs could not be fetched: {_first_line(err)})"
     return out
 
 
@@ -274,13 +281,18 @@ def follow(job_id: str, *, address: str | None = None, out=None, poll: float = 1
     try:
         asyncio.run(stream())
     except Exception as err:  # noqa: BLE001 — aiohttp/RuntimeError: the stream is lost, not the job
-        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        print(f"warning: the log stream of job {job_id} dropped ({reason}); following it by polling",
-              file=sys.stderr, flush=True)
+        _warn(f"the log stream of job {job_id} dropped ({_first_line(err)}); following it by polling")
+        unreachable = False
         while True:
             state = str(_call(lambda: client.get_job_status(job_id), "job status", job_id).value)
-            with contextlib.suppress(Exception):  # the agent may be briefly unreachable: the next poll catches up
+            try:
                 text = client.get_job_logs(job_id)
+            except Exception as fetch_err:  # noqa: BLE001 — the agent may be briefly unreachable: polls go on
+                if not unreachable:
+                    _warn(f"the logs of job {job_id} cannot be fetched now ({_first_line(fetch_err)}); "
+                          "still waiting for it to end")
+                unreachable = True
+            else:
                 write(text[shown:])
                 shown = max(shown, len(text))
             if state in TERMINAL:
