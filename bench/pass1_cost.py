@@ -27,6 +27,7 @@ import random
 import sys
 import tempfile
 from pathlib import Path
+from statistics import mean
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -108,7 +109,7 @@ def main() -> None:
         f"| (p) ÷ {n}: pass 1 per request | {1000 * med['p'] / n:.1f} |",
         f"| (p1) the same in one forward, padded to the longest | {1000 * med['p1']:.1f} |",
         f"| **(p) ÷ (p1)**; padding share of the tokens, grouped vs one forward | **{med['p'] / med['p1']:.2f}**; "
-        f"{100 * sum(padding['p']) / len(padding['p']):.0f} % vs {100 * sum(padding['p1']) / len(padding['p1']):.0f} % |",
+        f"{100 * mean(padding['p']):.0f} % vs {100 * mean(padding['p1']):.0f} % |",
         f"| (o) decode step of one row (bounds what fusing pass 1 into a step saves per batch) | "
         f"{1000 * med['o']:.1f} |", "",
         f"Per request at {n} in flight, for T generated tokens: C = f + T·s/{n} (the replica's time for (c)), pass 1 "

@@ -245,5 +245,6 @@ def test_length_groups_are_the_cheapest_partition():
         fixed = rng.choice([0.0, 5.0, 25.0, 1000.0])
         groups = length_groups(lengths, fixed)
         assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
-        assert cost(groups, lengths, fixed) == min(cost(p, lengths, fixed) for p in partitions(list(range(len(lengths)))))
+        every = partitions(list(range(len(lengths))))
+        assert cost(groups, lengths, fixed) == min(cost(p, lengths, fixed) for p in every)
     assert length_groups([30, 31, 80, 79], math.inf) == [[0, 1, 3, 2]] and length_groups([], 25.0) == []
