@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import random
 import shutil
 import signal
 import socket
@@ -139,10 +140,24 @@ def torch_threads():
     torch.set_num_threads(previous)
 
 
+_GIVEN_PORTS: set[int] = set()
+
+
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port nothing listens on, below Linux's ephemeral range (32768+): a port the kernel hands out for outgoing
+    connections could be taken by one of Ray's own before the server meant for it binds. Never the same one twice."""
+    rng = random.Random()
+    while True:
+        port = rng.randrange(20000, 32768)
+        if port in _GIVEN_PORTS:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _GIVEN_PORTS.add(port)
+        return port
 
 
 def _pids_using(folder: Path) -> list[int]:
