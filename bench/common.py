@@ -88,9 +88,9 @@ def write_section(heading: str, text: str) -> None:
     RESULTS.write_text(new.rstrip() + "\n")
 
 
-def publish(heading: str, lines: list[str], write: bool) -> str:
-    """Print a result's lines and, unless told not to, make them the '## heading' section of RESULTS.md."""
-    text = "\n".join(lines)
+def publish(heading: str, lines: list[str] | str, write: bool) -> str:
+    """Print a result (its lines, or its text) and, if `write`, make it the '## heading' section of RESULTS.md."""
+    text = lines if isinstance(lines, str) else "\n".join(lines)
     print(text)
     if write:
         write_section(heading, text)

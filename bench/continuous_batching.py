@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from common import command_line, medians_after_warmup, stamp, timed, write_section  # noqa: E402
+from common import command_line, medians_after_warmup, publish, stamp, timed  # noqa: E402
 from t2ray.serve.engine import DecodeBatch, ExpertLibrary, GenRequest, MixtureRef  # noqa: E402
 from t2ray.tasks import get_task  # noqa: E402
 
@@ -72,9 +72,7 @@ def main() -> None:
         f"{med['c'] / med['a']:.2f} |",
         f"| (d) decode step after the merge, {args.rows + args.joining} rows | {1000 * med['d']:.1f} | "
         f"{med['d'] / med['a']:.2f} |"])
-    print(text)
-    if not args.no_write:
-        write_section("continuous_batching_kv_cache", text)
+    publish("continuous_batching_kv_cache", text, not args.no_write)
 
 
 if __name__ == "__main__":

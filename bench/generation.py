@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from common import command_line, interleaved, stamp, write_section  # noqa: E402
+from common import command_line, interleaved, publish, stamp  # noqa: E402
 
 from t2ray.generation import encode_prompts, render, rollout  # noqa: E402
 from t2ray.models import compute_dtype, load_model, load_tokenizer  # noqa: E402
@@ -194,9 +194,7 @@ def main() -> None:
         lines += ["", f"One RL iteration on math (rollout of 24 tokens at T = 0.7 + update), seconds per rollout row: "
                       f"{before} {b_s:.2f} s, {after} {a_s:.2f} s: **{b_s / a_s:.1f}× faster per row**."]
     text = "\n".join(lines)
-    print(text)
-    if not args.no_write:
-        write_section("generation", text)
+    publish("generation", text, not args.no_write)
     if "vLLM-CPU" in names:
         print(f"t2ray/vllm tokens/s ratio: " + " ".join(f"B={b} {ratio(base, 'vLLM-CPU', b):.2f}"
                                                         for b in args.batches if b > 1))

@@ -26,7 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import command_line, stamp, write_section  # noqa: E402
+from common import command_line, publish, stamp  # noqa: E402
 from t2ray.evaluate import evaluate, evaluate_choices  # noqa: E402
 from t2ray.models import load_model  # noqa: E402
 from t2ray.models.loader import resolve  # noqa: E402
@@ -189,9 +189,7 @@ def main() -> None:
               for name, r in generation]
     lines += ["", f"Wall time: t2ray {t2ray_s:.0f} s, lm-eval {lm_eval_s:.0f} s (its start-up included)."]
     text = "\n".join(lines)
-    print(text)
-    if args.write:
-        write_section("harness_agreement", text)
+    publish("harness_agreement", text, args.write)
 
 
 if __name__ == "__main__":

@@ -33,10 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from common import command_line, medians_after_warmup, stamp, timed, write_section  # noqa: E402
+from common import command_line, medians_after_warmup, publish, stamp, timed  # noqa: E402
 from serve_load import prompts, random_experts, random_mixture  # noqa: E402
 from t2ray.adapt.dispatch import PrefixScorer, classification_ids, length_groups  # noqa: E402
 from t2ray.serve.engine import DecodeBatch, ExpertLibrary, GenRequest, MixtureRef  # noqa: E402
+
 
 def mixed_requests(pool: list, rng: random.Random, tokens: int) -> list[GenRequest]:
     """A different random mixture per request, as scenario (c) sends them."""
@@ -59,7 +60,8 @@ def main() -> None:
     load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="pass1_cost_") as tmp:
         lib = ExpertLibrary("smollm2-135m", random_experts("smollm2-135m", Path(tmp)))
-    pool, rng, one_forward = prompts(64), random.Random(0), None
+    one_forward = PrefixScorer(lib.model, lib.tokenizer, forward_cost_tokens=math.inf)  # (p1)
+    pool, rng = prompts(64), random.Random(0)
     rounds, padding = [], {"p": [], "p1": []}
     for r in range(args.repeats + 1):  # round 0 warms up
         offset = (r * (args.rows + 1)) % (len(pool) - args.rows - 1)
@@ -75,7 +77,6 @@ def main() -> None:
         running.close()
         questions = [messages[-1]["content"] for messages in batch[:-1]]
         p = timed(lambda: lib.classify(questions, use_classifier=False))
-        one_forward = one_forward or PrefixScorer(lib.model, lib.tokenizer, forward_cost_tokens=math.inf)
         p1 = timed(lambda: one_forward.classify(questions))  # lib.classify left the base model in place
         lengths = [len(classification_ids(lib.tokenizer, q)) - len(one_forward.prefix_ids) for q in questions]
         for arm, cost in (("p", PrefixScorer.FORWARD_COST_TOKENS), ("p1", math.inf)):
@@ -115,9 +116,7 @@ def main() -> None:
         f"Per request at {n} in flight, for T generated tokens: C = f + T·s/{n} (the replica's time for (c)), pass 1 "
         "adds p/rows; predicted (d) ÷ (c) without and with pass 1 fused into the decode step's forward:", "",
         "| T tokens | C ms | pass 1 ms | (d) ÷ (c) | fused, at best |", "|---:|---:|---:|---:|---:|", *rows])
-    print(text)
-    if not args.no_write:
-        write_section("pass1_cost", text)
+    publish("pass1_cost", text, not args.no_write)
 
 
 if __name__ == "__main__":

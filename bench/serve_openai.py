@@ -24,7 +24,7 @@ import yaml
 from openai import OpenAI
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import command_line, stamp, wait_healthy, write_section  # noqa: E402
+from common import command_line, publish, stamp, wait_healthy  # noqa: E402
 
 QUESTIONS = {"auto": "What is 17 + 25? Reply with just the number.",
              "math": "What is 6 * 7? Reply with just the number.",
@@ -93,9 +93,7 @@ client (`OpenAI(base_url=.../v1)`), unchanged. Ready (healthz 200) {startup:.0f}
 
 Server exit code after SIGINT: {code}.
 """
-    print(text)
-    if not args.no_write:
-        write_section("serve_openai", text)
+    publish("serve_openai", text, not args.no_write)
 
 
 if __name__ == "__main__":

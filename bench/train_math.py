@@ -22,7 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import command_line, stamp, write_section  # noqa: E402
+from common import command_line, publish, stamp  # noqa: E402
 from t2ray.adapters import load_adapted  # noqa: E402
 from t2ray.config import load_experiment  # noqa: E402
 from t2ray.evaluate import evaluate  # noqa: E402
@@ -114,9 +114,7 @@ greedy accuracy on the first {args.limit} items of the held-out math test split 
 
 Mean over seeds — {means}.
 """
-    print(text)
-    if not args.no_write:
-        write_section("train_smollm2_math", text)
+    publish("train_smollm2_math", text, not args.no_write)
 
 
 if __name__ == "__main__":

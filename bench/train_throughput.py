@@ -24,7 +24,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 
-from common import best, command_line, interleaved, median, stamp, write_section  # noqa: E402
+from common import best, command_line, interleaved, median, publish, stamp  # noqa: E402
 from t2ray.generation import rollout  # noqa: E402
 from t2ray.models import load_model  # noqa: E402
 from t2ray.rl.rollout import current_z, encode_z  # noqa: E402
@@ -122,9 +122,7 @@ interleaved rounds (median shown).
 | bytes synced per step: z only | {z_bytes:,} |
 | … ÷ all weights ({weight_bytes:,} bytes) | {z_bytes / weight_bytes:.2e} |
 """
-    print(text)
-    if not args.no_write:
-        write_section("train_throughput", text)
+    publish("train_throughput", text, not args.no_write)
 
 
 if __name__ == "__main__":

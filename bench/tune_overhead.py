@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import yaml  # noqa: E402
 
-from common import command_line, stamp, write_section  # noqa: E402
+from common import command_line, publish, stamp  # noqa: E402
 
 WORDS = ["cat", "dog", "sun", "tree", "rock", "fish", "bird", "rain",
          "star", "moon", "leaf", "wind", "fire", "snow", "sand", "wave"]
@@ -181,9 +181,7 @@ ASHA ÷ FIFO trial-iterations: **{ratio:.2f}**; best score equal: {same_score}; 
 {same_config}. Wall time shrinks less than iterations because each trial's fixed start-up cost (above) is paid by
 stopped trials too.
 """
-    print(text)
-    if not args.no_write:
-        write_section("tune_overhead", text)
+    publish("tune_overhead", text, not args.no_write)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from common import command_line, stamp, write_section  # noqa: E402
+from common import command_line, publish, stamp  # noqa: E402
 from t2ray.adapt.two_pass import run_adapt  # noqa: E402
 from t2ray.config import AdaptConfig  # noqa: E402
 from t2ray.experts import Expert, save_expert  # noqa: E402
@@ -87,9 +87,7 @@ Few-shot CEM (population {cem['population']}, {cem['generations']} generations, 
 1 actor {walls[1][1]:.1f} s, 2 actors {walls[2][1]:.1f} s → **2 actors ÷ 1 actor = {walls[2][1] / walls[1][1]:.2f}**
 (actor start-up included; 2 cores).
 """
-    print(text)
-    if not args.no_write:
-        write_section("two_pass", text)
+    publish("two_pass", text, not args.no_write)
 
 
 if __name__ == "__main__":
