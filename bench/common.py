@@ -1,4 +1,5 @@
 """Shared bench helpers: interleaved timing (noise hits every variant alike) and RESULTS.md sections."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -7,8 +8,8 @@ import shlex
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from t2ray.console import apply_env_defaults
 
@@ -24,7 +25,7 @@ def interleaved(variants: dict[str, Callable[[], object]], repeats: int, warmup:
             variants[name]()
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(repeats):
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             start = time.perf_counter()
             variants[name]()
             times[name].append(time.perf_counter() - start)
@@ -38,8 +39,9 @@ def timed(call: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def wait_healthy(url: str, proc, timeout: float = 300, *, name: str = "the server",
-                 details: Callable[[], str] = lambda: "") -> float:
+def wait_healthy(
+    url: str, proc, timeout: float = 300, *, name: str = "the server", details: Callable[[], str] = lambda: ""
+) -> float:
     """Seconds until GET `url` answers 200 (a server started as `proc`); ends the bench if `proc` exits first or
     the time runs out, with `details()` (e.g. its log's tail) appended."""
     import httpx

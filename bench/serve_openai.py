@@ -8,6 +8,7 @@ chat completion for each of auto / math / code / reasoning / math-code (the save
 text completion; prints each answer, the mixture the server reports and the latency; stops the server with
 SIGINT (as Ctrl-C would) and checks that it exits cleanly.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,11 +27,13 @@ from openai import OpenAI
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import command_line, publish, stamp, wait_healthy  # noqa: E402
 
-QUESTIONS = {"auto": "What is 17 + 25? Reply with just the number.",
-             "math": "What is 6 * 7? Reply with just the number.",
-             "code": "Write a Python function `double(x)` that returns twice x.",
-             "reasoning": "Which is heavier, a feather or a brick? Answer with one word.",
-             "math-code": "What is 9 + 10? Reply with just the number."}
+QUESTIONS = {
+    "auto": "What is 17 + 25? Reply with just the number.",
+    "math": "What is 6 * 7? Reply with just the number.",
+    "code": "Write a Python function `double(x)` that returns twice x.",
+    "reasoning": "Which is heavier, a feather or a brick? Answer with one word.",
+    "math-code": "What is 9 + 10? Reply with just the number.",
+}
 
 
 def main() -> None:
@@ -55,16 +58,30 @@ def main() -> None:
         models = [m.id for m in client.models.list().data]
         for model, question in QUESTIONS.items():
             start = time.perf_counter()
-            reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
-                                                   max_tokens=48, temperature=0)
+            reply = client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": question}], max_tokens=48, temperature=0
+            )
             used = (reply.model_extra or {}).get("t2ray", {})
-            rows.append((f"chat `{model}`", reply.choices[0].message.content, json.dumps(used.get("mixture")),
-                         time.perf_counter() - start))
+            rows.append(
+                (
+                    f"chat `{model}`",
+                    reply.choices[0].message.content,
+                    json.dumps(used.get("mixture")),
+                    time.perf_counter() - start,
+                )
+            )
         start = time.perf_counter()
-        stream = client.chat.completions.create(model="math", stream=True, max_tokens=24, temperature=0,
-                                                messages=[{"role": "user", "content": QUESTIONS["math"]}])
+        stream = client.chat.completions.create(
+            model="math",
+            stream=True,
+            max_tokens=24,
+            temperature=0,
+            messages=[{"role": "user", "content": QUESTIONS["math"]}],
+        )
         chunks = [c.choices[0].delta.content or "" for c in stream if c.choices]
-        rows.append(("chat `math`, stream", "".join(chunks) + f" ({len(chunks)} chunks)", "", time.perf_counter() - start))
+        rows.append(
+            ("chat `math`, stream", "".join(chunks) + f" ({len(chunks)} chunks)", "", time.perf_counter() - start)
+        )
         start = time.perf_counter()
         text = client.completions.create(model="code", prompt="def add(a, b):", max_tokens=24, temperature=0)
         rows.append(("completion `code`", text.choices[0].text, "", time.perf_counter() - start))
@@ -80,7 +97,9 @@ def main() -> None:
     def cell(text: str) -> str:
         return " ".join(str(text).split()).replace("|", "\\|")[:90]
 
-    table = "\n".join(f"| {call} | {cell(answer)} | {cell(mix)} | {seconds:.1f} |" for call, answer, mix, seconds in rows)
+    table = "\n".join(
+        f"| {call} | {cell(answer)} | {cell(mix)} | {seconds:.1f} |" for call, answer, mix, seconds in rows
+    )
     text = f"""`{command_line()}` — {stamp()}
 
 `t2ray serve {args.config}` (port {args.port}, 2 CPUs) with the quickstart's SVF experts; the official `openai`

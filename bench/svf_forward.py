@@ -7,6 +7,7 @@ in a rotating order, so machine noise hits all of them alike; ratios use the bes
 Also reports the decomposition's extra memory and the max |logit difference| at z = 1 (SPEC §3: exact up to
 fp32 rounding). Prints a markdown table and writes it to bench/RESULTS.md under "## svf_forward".
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,12 +27,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-
 from common import publish  # noqa: E402
 
 from t2ray.models import load_model  # noqa: E402
 from t2ray.svf import SVFConfig, patch_model, set_mode, set_z, svf_layers  # noqa: E402
-
 
 
 def forward(model, ids) -> torch.Tensor:
@@ -67,8 +66,9 @@ def main() -> None:
     n_z = sum(layer.rank for layer in layers.values())
 
     # ---- memory: the decomposition (q, s) against the base weights
-    decomposition_bytes = sum(l.q.numel() * l.q.element_size() + l.s.numel() * l.s.element_size()
-                              for l in layers.values())
+    decomposition_bytes = sum(
+        l.q.numel() * l.q.element_size() + l.s.numel() * l.s.element_size() for l in layers.values()
+    )
     target_bytes = sum(l.base_layer.weight.numel() * l.base_layer.weight.element_size() for l in layers.values())
     model_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
 
@@ -85,8 +85,11 @@ def main() -> None:
         max_diff[mode] = float((forward(model, ids) - ref).abs().max())
     logit_scale = float(ref.abs().max())
     half = args.batch // 2 or 1  # fp32 noise floor: the same base model, the batch run in two halves
-    noise_floor = float((torch.cat([forward(base, ids[:half]), forward(base, ids[half:])]) - ref).abs().max()) \
-        if args.batch > 1 else float("nan")
+    noise_floor = (
+        float((torch.cat([forward(base, ids[:half]), forward(base, ids[half:])]) - ref).abs().max())
+        if args.batch > 1
+        else float("nan")
+    )
     del ref
 
     # ---- throughput, interleaved: one model copy per variant, each set up once (W' built in the warm-up)
@@ -118,7 +121,7 @@ def main() -> None:
     cpu_times: dict[str, list[float]] = {name: [] for name in jobs}  # CPU seconds of this process, all threads
     names = list(jobs)
     for round_ in range(args.repeats + 1):  # round 0 warms up
-        order = names[round_ % len(names):] + names[:round_ % len(names)]
+        order = names[round_ % len(names) :] + names[: round_ % len(names)]
         for name in order:
             t0, c0 = time.perf_counter(), time.process_time()
             jobs[name]()
@@ -129,8 +132,11 @@ def main() -> None:
             print(f"  round {round_} {name}: {elapsed:.2f} s wall, {cpu:.2f} s CPU", file=sys.stderr)
 
     mat_layers = svf_layers(models["SVF materialized, one z (W' cached)"]).values()
-    w_cache_bytes = sum(l._weight_cache[1].numel() * l._weight_cache[1].element_size()
-                        for l in mat_layers if l._weight_cache is not None)
+    w_cache_bytes = sum(
+        l._weight_cache[1].numel() * l._weight_cache[1].element_size()
+        for l in mat_layers
+        if l._weight_cache is not None
+    )
     best = {name: min(ts) for name, ts in times.items()}
     median = {name: statistics.median(ts) for name, ts in times.items()}
     cpu = {name: statistics.median(ts) for name, ts in cpu_times.items()}
@@ -149,9 +155,15 @@ def main() -> None:
         f"in a rotating order; ratios use the best round (noise only adds time), medians shown alongside. "
         f"torch {torch.__version__}, Python {platform.python_version()}.",
         "",
-        *([f"**Contended machine** (load average {load[0]:.1f} on {os.cpu_count()} cores): wall times are noisy and "
-           "a multi-thread pool spins against other processes; rerun with `--threads 1` and read the CPU column.", ""]
-          if load[0] > (os.cpu_count() or 1) and torch.get_num_threads() > 1 else []),
+        *(
+            [
+                f"**Contended machine** (load average {load[0]:.1f} on {os.cpu_count()} cores): wall times are noisy and "
+                "a multi-thread pool spins against other processes; rerun with `--threads 1` and read the CPU column.",
+                "",
+            ]
+            if load[0] > (os.cpu_count() or 1) and torch.get_num_threads() > 1
+            else []
+        ),
         "Throughput ratios are base time / variant time (> 1: faster than base). CPU = this process's CPU "
         "seconds (median), which other processes' load disturbs less than wall time.",
         "",
@@ -160,9 +172,11 @@ def main() -> None:
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name in forwards:
-        lines.append(f"| {name} | {best[name]:.3f} | {median[name]:.3f} | {cpu[name]:.3f} | {tokens / best[name]:,.0f} | "
-                     f"{best[base_name] / best[name]:.3f} | {median[base_name] / median[name]:.3f} | "
-                     f"{cpu[base_name] / cpu[name]:.3f} |")
+        lines.append(
+            f"| {name} | {best[name]:.3f} | {median[name]:.3f} | {cpu[name]:.3f} | {tokens / best[name]:,.0f} | "
+            f"{best[base_name] / best[name]:.3f} | {median[base_name] / median[name]:.3f} | "
+            f"{cpu[base_name] / cpu[name]:.3f} |"
+        )
     lines += [
         "",
         "| measure | value |",

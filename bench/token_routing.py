@@ -13,6 +13,7 @@ so the decode-phase ratio — where routing costs are paid — is reported too. 
 shared 2-core machine a 2-thread pool spins against other processes and runs many times slower.
 Prints a markdown table and writes it to bench/RESULTS.md under "## token_routing".
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-
 from common import best, command_line, interleaved, median, publish, stamp  # noqa: E402
+
 from t2ray.adapt.token_routing import Router, SVFMixer, generate_routed, greedy_decode, routing_text  # noqa: E402
 from t2ray.experts import Expert  # noqa: E402
 from t2ray.generation import encode_prompts  # noqa: E402
@@ -45,10 +46,13 @@ def random_experts(model, n: int, spread: float) -> list[Expert]:
     experts = []
     for k in range(n):
         g = torch.Generator().manual_seed(1000 + k)
-        params = {name: layer.svf_p.detach() + spread * torch.randn(layer.rank, generator=g)
-                  for name, layer in svf_layers(model).items()}
-        experts.append(Expert(name=f"random{k}", params=params, base_model="smollm2-135m",
-                              fingerprint=model.t2ray_fingerprint))
+        params = {
+            name: layer.svf_p.detach() + spread * torch.randn(layer.rank, generator=g)
+            for name, layer in svf_layers(model).items()
+        }
+        experts.append(
+            Expert(name=f"random{k}", params=params, base_model="smollm2-135m", fingerprint=model.t2ray_fingerprint)
+        )
     return experts
 
 
@@ -94,11 +98,13 @@ def main() -> None:
     def routed(name: str, **kw):
         def run():
             before = router.seconds
-            out = generate_routed(routed_model, tokenizer, prompts, mixer, router, max_new_tokens=n,
-                                  stop_at_eos=False, **kw)
+            out = generate_routed(
+                routed_model, tokenizer, prompts, mixer, router, max_new_tokens=n, stop_at_eos=False, **kw
+            )
             routing_time.setdefault(name, []).append(router.seconds - before)
             calls[name] = out.router_calls
             outputs[name] = out.completion_ids
+
         return run
 
     def fixed():
@@ -117,8 +123,16 @@ def main() -> None:
     def hf_generate():
         batch = encode_prompts(tokenizer, prompts, fixed_model, n)
         with torch.no_grad():
-            fixed_model.generate(**batch, max_new_tokens=n, min_new_tokens=n, do_sample=False, temperature=None,
-                                 top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id)
+            fixed_model.generate(
+                **batch,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                pad_token_id=tokenizer.pad_token_id,
+            )
 
     A = "(a) one fixed expert, materialized W', KV cache"
     B = "(b) routing every 2 tokens, KV cache"
@@ -133,10 +147,19 @@ def main() -> None:
             start = time.perf_counter()
             fn()
             log(f"{name}: {time.perf_counter() - start:.2f} s")
+
         return run
 
-    variants = {A: fixed, B: routed(B, every=2), C: routed(C, every=1), D: routed(D, every=2, recompute_prefix=True),
-                A2: hf_generate, E: routed(E, every=n), PA: prefill_fixed, PE: prefill_factored}
+    variants = {
+        A: fixed,
+        B: routed(B, every=2),
+        C: routed(C, every=1),
+        D: routed(D, every=2, recompute_prefix=True),
+        A2: hf_generate,
+        E: routed(E, every=n),
+        PA: prefill_fixed,
+        PE: prefill_factored,
+    }
     variants = {name: logged(name, fn) for name, fn in variants.items()}
     for name in (A, B, A2, PE):  # warm-up: builds (a)'s W' once and touches every code path (d) shares with (b)
         variants[name]()
@@ -173,8 +196,10 @@ def main() -> None:
         else:
             router_cols = "– | –"
         rate = "–" if name in (PA, PE) else f"{tokens / med:,.0f}"
-        lines.append(f"| {name} | {med:.2f} | {best(times[name]):.2f} | {rate} | {med / base_med:.2f}× | "
-                     f"{best(times[name]) / base_best:.2f}× | {router_cols} |")
+        lines.append(
+            f"| {name} | {med:.2f} | {best(times[name]):.2f} | {rate} | {med / base_med:.2f}× | "
+            f"{best(times[name]) / base_best:.2f}× | {router_cols} |"
+        )
     per_call = median(routing_time[C]) / max(calls[C], 1)
     decode = {name: median(times[name]) - median(times[PA if name == A else PE]) for name in (A, E, B, C)}
     step = decode[A] / max(n - 1, 1)

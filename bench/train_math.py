@@ -8,6 +8,7 @@ timed end to end (Ray start-up, training, validation, checkpoints). Then the bas
 answer the first --limit items of the held-out test split greedily (in the compute dtype `auto` picks, for
 every expert alike). Runs and evaluations already on disk under --root are reused, so a bench resumes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,6 +24,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import command_line, publish, stamp  # noqa: E402
+
 from t2ray.adapters import load_adapted  # noqa: E402
 from t2ray.config import load_experiment  # noqa: E402
 from t2ray.evaluate import evaluate  # noqa: E402
@@ -35,8 +37,17 @@ METHOD_OVERRIDES = {"svf": [], "lora": ["rl.lr=2e-4"]}
 
 
 def timed_training(root: Path, method: str, seed: int, dtype: str) -> tuple[Path, float, dict]:
-    cfg = load_experiment(EXPERIMENT, [f"name=math-{method}-{dtype}-s{seed}", f"seed={seed}", f"method={method}",
-                                       f"model.dtype={dtype}", f"storage_path={root}", *METHOD_OVERRIDES[method]])
+    cfg = load_experiment(
+        EXPERIMENT,
+        [
+            f"name=math-{method}-{dtype}-s{seed}",
+            f"seed={seed}",
+            f"method={method}",
+            f"model.dtype={dtype}",
+            f"storage_path={root}",
+            *METHOD_OVERRIDES[method],
+        ],
+    )
     record = cfg.run_dir / "bench_timing.json"
     if record.exists():
         saved = json.loads(record.read_text())
@@ -69,8 +80,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--methods", nargs="+", default=["svf", "lora"], choices=sorted(METHOD_OVERRIDES))
-    ap.add_argument("--dtypes", nargs="+", default=["auto"], choices=["auto", "float32", "bfloat16"],
-                    help="training compute dtypes (auto: bf16 where native)")
+    ap.add_argument(
+        "--dtypes",
+        nargs="+",
+        default=["auto"],
+        choices=["auto", "float32", "bfloat16"],
+        help="training compute dtypes (auto: bf16 where native)",
+    )
     ap.add_argument("--limit", type=int, default=128, help="held-out test items (the split has 128)")
     ap.add_argument("--root", type=Path, default=Path("runs/bench-train-math"))
     ap.add_argument("--no-write", action="store_true")
@@ -94,11 +110,16 @@ def main() -> None:
                 minutes_by.setdefault(key, []).append(minutes)
                 sizes[method] = trained_values(expert)
                 s_per_it = last.get("seconds", float("nan"))
-                rows.append(f"| {method} | {compute_dtype(dtype)} | {seed} | {minutes:.1f} | {acc:.1%} | "
-                            f"{100 * (acc - base):+.1f} | {s_per_it:.1f} |")
+                rows.append(
+                    f"| {method} | {compute_dtype(dtype)} | {seed} | {minutes:.1f} | {acc:.1%} | "
+                    f"{100 * (acc - base):+.1f} | {s_per_it:.1f} |"
+                )
                 print(rows[-1], flush=True)
-    means = "; ".join(f"{k}: {100 * sum(g) / len(g):+.1f} points in {sum(minutes_by[k]) / len(g):.1f} min "
-                      f"({sizes[k.split()[0]]:,} trained values)" for k, g in gains.items())
+    means = "; ".join(
+        f"{k}: {100 * sum(g) / len(g):+.1f} points in {sum(minutes_by[k]) / len(g):.1f} min "
+        f"({sizes[k.split()[0]]:,} trained values)"
+        for k, g in gains.items()
+    )
     rl = load_experiment(EXPERIMENT).rl
     text = f"""`{command_line()}` — {stamp()}, load average {load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end
 

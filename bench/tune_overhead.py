@@ -8,6 +8,7 @@
 2. ASHA vs FIFO: one sweep (temperature × lr × model seed, 8 trials) run with each scheduler; trial-iterations
    used (Σ over trials of the iterations Tune saw), and the best trial and score each found.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,31 +28,72 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import yaml  # noqa: E402
-
 from common import command_line, publish, stamp  # noqa: E402
 
-WORDS = ["cat", "dog", "sun", "tree", "rock", "fish", "bird", "rain",
-         "star", "moon", "leaf", "wind", "fire", "snow", "sand", "wave"]
+WORDS = [
+    "cat",
+    "dog",
+    "sun",
+    "tree",
+    "rock",
+    "fish",
+    "bird",
+    "rain",
+    "star",
+    "moon",
+    "leaf",
+    "wind",
+    "fire",
+    "snow",
+    "sand",
+    "wave",
+]
 
 
 def write_files(root: Path, iterations: int) -> Path:
     """The has-e task (tests/rl/learnable.py) and a 1-worker tiny-llama experiment on it."""
     rows = [{"prompt": f"Say a word about the {w} number {i}.", "answer": "e"} for i in range(8) for w in WORDS]
     (root / "has-e.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (root / "has-e.yaml").write_text("name: has-e\ndata: has-e.jsonl\ngrader: regex\npattern: '(e)'\n"
-                                     "max_new_tokens: 3\nsplits: {train: 0.75, valid: 0.125, test: 0.125}\n")
-    exp = {"name": "bench", "task": str(root / "has-e.yaml"), "model": {"spec": "tiny-llama"},
-           "rl": {"iterations": iterations, "batch_size": 8, "temperature": 1.0, "lr": 0.3, "baseline": "none",
-                  "grad_clip": 1.0, "max_new_tokens": 3, "eval_interval": max(1, iterations // 2), "eval_limit": 8},
-           "scaling": {"num_workers": 1}, "tracking": {"wandb": False}, "storage_path": str(root / "runs")}
+    (root / "has-e.yaml").write_text(
+        "name: has-e\ndata: has-e.jsonl\ngrader: regex\npattern: '(e)'\n"
+        "max_new_tokens: 3\nsplits: {train: 0.75, valid: 0.125, test: 0.125}\n"
+    )
+    exp = {
+        "name": "bench",
+        "task": str(root / "has-e.yaml"),
+        "model": {"spec": "tiny-llama"},
+        "rl": {
+            "iterations": iterations,
+            "batch_size": 8,
+            "temperature": 1.0,
+            "lr": 0.3,
+            "baseline": "none",
+            "grad_clip": 1.0,
+            "max_new_tokens": 3,
+            "eval_interval": max(1, iterations // 2),
+            "eval_limit": 8,
+        },
+        "scaling": {"num_workers": 1},
+        "tracking": {"wandb": False},
+        "storage_path": str(root / "runs"),
+    }
     path = root / "bench.yaml"
     path.write_text(yaml.safe_dump(exp, sort_keys=False))
     return path
 
 
 def sweep_file(root: Path, name: str, space: dict, **fields) -> Path:
-    data = {"name": name, "kind": "rl", "base": "bench.yaml", "space": space, "metric": "reward", "mode": "max",
-            "storage_path": str(root / "sweeps"), "wandb": False, **fields}
+    data = {
+        "name": name,
+        "kind": "rl",
+        "base": "bench.yaml",
+        "space": space,
+        "metric": "reward",
+        "mode": "max",
+        "storage_path": str(root / "sweeps"),
+        "wandb": False,
+        **fields,
+    }
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
@@ -73,8 +115,9 @@ def plain_work(experiment: Path) -> tuple[float, float]:
     model, tokenizer = load_model(cfg.model.spec, seed=cfg.seed)
     adapter = SVFAdapter(model, cfg.svf, progress=False)
     t1 = time.perf_counter()
-    train_loop(cfg, model, tokenizer, get_task(cfg.task), adapter,
-               Stepper(adapter.parameters(), cfg.rl.lr, cfg.rl.grad_clip))
+    train_loop(
+        cfg, model, tokenizer, get_task(cfg.task), adapter, Stepper(adapter.parameters(), cfg.rl.lr, cfg.rl.grad_clip)
+    )
     return t1 - t0, time.perf_counter() - t1
 
 
@@ -109,8 +152,9 @@ def main() -> None:
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        fifo1 = sweep_file(root, "overhead", {"rl.lr": {"grid": [0.3 * 0.5 ** i for i in range(args.trials)]}},
-                           max_concurrent_trials=1)
+        fifo1 = sweep_file(
+            root, "overhead", {"rl.lr": {"grid": [0.3 * 0.5**i for i in range(args.trials)]}}, max_concurrent_trials=1
+        )
         start = time.perf_counter()
         overhead = run_sweep(load_sweep(fifo1))
         per_trial = (time.perf_counter() - start) / args.trials
@@ -120,10 +164,12 @@ def main() -> None:
         space = {"rl.temperature": {"grid": [1.0, 0.05]}, "rl.lr": {"grid": [0.3, 0.03]}, "seed": {"grid": [0, 1]}}
         runs = {}
         for scheduler in ("fifo", "asha"):
-            sched = {"type": "fifo"} if scheduler == "fifo" else {"type": "asha", "grace_period": 1,
-                                                                   "reduction_factor": 2}
-            path = sweep_file(root, f"cmp-{scheduler}", space, scheduler=sched, scope="last-5-avg",
-                              max_concurrent_trials=2)
+            sched = (
+                {"type": "fifo"} if scheduler == "fifo" else {"type": "asha", "grace_period": 1, "reduction_factor": 2}
+            )
+            path = sweep_file(
+                root, f"cmp-{scheduler}", space, scheduler=sched, scope="last-5-avg", max_concurrent_trials=2
+            )
             t0 = time.perf_counter()
             outcome = run_sweep(load_sweep(path))
             runs[scheduler] = (outcome, time.perf_counter() - t0)
@@ -174,8 +220,8 @@ metric mean reward of the last 5 iterations, 2 trials at a time; ASHA grace 1, r
 
 | scheduler | trial-iterations used | trials stopped early | wall time (s) | best trial (score, config) |
 |---|---:|---:|---:|---|
-| FIFO | {used(fifo)} | {sum(t['stopped_early'] for t in fifo.trials)} | {runs['fifo'][1]:.0f} | {best(fifo)} |
-| ASHA | {used(asha)} | {sum(t['stopped_early'] for t in asha.trials)} | {runs['asha'][1]:.0f} | {best(asha)} |
+| FIFO | {used(fifo)} | {sum(t["stopped_early"] for t in fifo.trials)} | {runs["fifo"][1]:.0f} | {best(fifo)} |
+| ASHA | {used(asha)} | {sum(t["stopped_early"] for t in asha.trials)} | {runs["asha"][1]:.0f} | {best(asha)} |
 
 ASHA ÷ FIFO trial-iterations: **{ratio:.2f}**; best score equal: {same_score}; same best configuration:
 {same_config}. Wall time shrinks less than iterations because each trial's fixed start-up cost (above) is paid by

@@ -7,6 +7,7 @@ Experts: DIR/svf-{math,code,reasoning}/expert.safetensors (+ svf-cls) when given
 random small perturbations of z (timing does not depend on what the experts learned; the output says which).
 Token-level routing vs a fixed expert is measured by bench/token_routing.py.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,8 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-
 from common import command_line, publish, stamp  # noqa: E402
+
 from t2ray.adapt.two_pass import run_adapt  # noqa: E402
 from t2ray.config import AdaptConfig  # noqa: E402
 from t2ray.experts import Expert, save_expert  # noqa: E402
@@ -39,8 +40,18 @@ def random_library(folder: Path) -> dict[str, str]:
     paths = {}
     for task in ("math", "code", "reasoning", "cls"):
         params = {k: v + 0.3 * torch.randn(v.shape, generator=g) for k, v in trainable_params(model).items()}
-        paths[task] = str(save_expert(Expert(name=f"random-{task}", params=params, base_model=info.model_id,
-                                             fingerprint=info.fingerprint, task=task), folder / f"{task}.safetensors"))
+        paths[task] = str(
+            save_expert(
+                Expert(
+                    name=f"random-{task}",
+                    params=params,
+                    base_model=info.model_id,
+                    fingerprint=info.fingerprint,
+                    task=task,
+                ),
+                folder / f"{task}.safetensors",
+            )
+        )
     return paths
 
 
@@ -53,12 +64,19 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         if args.experts:
-            paths = {t: str(args.experts / f"svf-{t}" / "expert.safetensors") for t in ("math", "code", "reasoning", "cls")}
+            paths = {
+                t: str(args.experts / f"svf-{t}" / "expert.safetensors") for t in ("math", "code", "reasoning", "cls")
+            }
             source = f"trained experts from {args.experts}"
         else:
             paths, source = random_library(Path(tmp)), "random z perturbations (timing only)"
-        base = dict(task=args.task, model={"spec": "smollm2-135m"}, limit=args.limit,
-                    experts=[paths[t] for t in ("math", "code", "reasoning")], classifier_expert=paths["cls"])
+        base = dict(
+            task=args.task,
+            model={"spec": "smollm2-135m"},
+            limit=args.limit,
+            experts=[paths[t] for t in ("math", "code", "reasoning")],
+            classifier_expert=paths["cls"],
+        )
         rows = []
         for strategy, mode in (("prompt", "score"), ("prompt", "generate"), ("classifier", "score")):
             r = run_adapt(AdaptConfig(strategy=strategy, classify_mode=mode, **base), progress=False)
@@ -83,7 +101,7 @@ mixture (classification), pass 2 = answering with it (generation, one materialis
 |---|---:|---:|---:|
 {chr(10).join(rows)}
 
-Few-shot CEM (population {cem['population']}, {cem['generations']} generations, {cem['shots']} shots), search time:
+Few-shot CEM (population {cem["population"]}, {cem["generations"]} generations, {cem["shots"]} shots), search time:
 1 actor {walls[1][1]:.1f} s, 2 actors {walls[2][1]:.1f} s → **2 actors ÷ 1 actor = {walls[2][1] / walls[1][1]:.2f}**
 (actor start-up included; 2 cores).
 """

@@ -11,6 +11,7 @@ then runs one batch per JSON line {"batch": B} read from stdin (bench/generation
 t2ray's that way), until stdin closes. vLLM's own logs go to stderr. vLLM-CPU keeps one core
 for its front end by default (2 cores: 1 computes); VLLM_CPU_NUM_OF_RESERVED_CPU=0 in the environment changes that.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,8 +56,18 @@ def main() -> None:
         outs = llm.generate(rows, params, use_tqdm=False)
         seconds = time.perf_counter() - start
         tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-        print(json.dumps({"batch": batch, "round": round_, "seconds": round(seconds, 4), "tokens": tokens,
-                          "tokens_per_s": round(tokens / seconds, 1)}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "batch": batch,
+                    "round": round_,
+                    "seconds": round(seconds, 4),
+                    "tokens": tokens,
+                    "tokens_per_s": round(tokens / seconds, 1),
+                }
+            ),
+            flush=True,
+        )
 
     if args.stdin:
         print(json.dumps({"ready": True}), flush=True)

@@ -2,6 +2,7 @@
 
 A mixture names SVF expert files (z' = Σ α_k z_k) or LoRA adapter folders (ΔW = Σ α_k ΔW_k, exact: no B_i A_j cross
 terms); one expert folder alone is loaded with PEFT."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,8 +12,15 @@ from t2ray.models import load_model
 from t2ray.svf import apply_experts
 
 
-def load_adapted(model_spec: str, *, expert: str | Path | None = None, mix: str | None = None,
-                 mixture: str | Path | None = None, allow_transfer: bool = False, dtype: str = "auto"):
+def load_adapted(
+    model_spec: str,
+    *,
+    expert: str | Path | None = None,
+    mix: str | None = None,
+    mixture: str | Path | None = None,
+    allow_transfer: bool = False,
+    dtype: str = "auto",
+):
     """(model, tokenizer, label). At most one of expert / mix / mixture; an expert folder is a LoRA expert."""
     if sum(x is not None for x in (expert, mix, mixture)) > 1:
         raise ExpertError("give at most one of --expert, --mix, --mixture")

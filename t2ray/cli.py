@@ -1,4 +1,5 @@
 """The `t2ray` command line: parse, call library code, print. No logic lives here."""
+
 from __future__ import annotations
 
 import json
@@ -6,7 +7,6 @@ import sys
 import time
 from functools import wraps
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -17,6 +17,7 @@ app.add_typer(experts_app, name="experts")
 
 def user_errors(fn):
     """Turn user mistakes (bad spec, file, shape...) into a one-line message and exit code 2, no traceback."""
+
     @wraps(fn)
     def wrapper(*args, **kwargs):
         from pydantic import ValidationError
@@ -31,15 +32,19 @@ def user_errors(fn):
         except (ValueError, FileNotFoundError, KeyError, RuntimeError) as err:
             typer.secho(f"error: {err}", err=True, fg="red")
         raise typer.Exit(2)
+
     return wrapper
 
 
 @app.callback()
-def console_options(verbose: bool = typer.Option(False, "--verbose", "-v",
-                                                 help="also show Ray, Train, DeepSpeed and transformers logs "
-                                                      "(or T2RAY_VERBOSE=1)")):
+def console_options(
+    verbose: bool = typer.Option(
+        False, "--verbose", "-v", help="also show Ray, Train, DeepSpeed and transformers logs (or T2RAY_VERBOSE=1)"
+    ),
+):
     """Transformer² self-adaptive LLMs on Ray."""
-    from t2ray.console import apply_env_defaults, set_verbosity, verbose as verbose_env
+    from t2ray.console import apply_env_defaults, set_verbosity
+    from t2ray.console import verbose as verbose_env
 
     apply_env_defaults()
     set_verbosity(verbose or verbose_env())
@@ -57,20 +62,25 @@ def emit(obj) -> None:
 
 @app.command()
 @user_errors
-def decompose(model: str = typer.Option("smollm2-135m", help="model spec"),
-              modules: str = typer.Option("mlp", help="mlp | attn | all | comma-separated module names"),
-              layers: Optional[str] = typer.Option(None, help="layer ranges, e.g. '0-14,20'"),
-              dtype: str = typer.Option("float32", help="SVD precision: float32 | float64"),
-              workers: int = typer.Option(1, min=1, help=">1: run the SVDs as Ray tasks (resumable per matrix)"),
-              address: Optional[str] = typer.Option(None, help="Ray cluster address for --workers")):
+def decompose(
+    model: str = typer.Option("smollm2-135m", help="model spec"),
+    modules: str = typer.Option("mlp", help="mlp | attn | all | comma-separated module names"),
+    layers: str | None = typer.Option(None, help="layer ranges, e.g. '0-14,20'"),
+    dtype: str = typer.Option("float32", help="SVD precision: float32 | float64"),
+    workers: int = typer.Option(1, min=1, help=">1: run the SVDs as Ray tasks (resumable per matrix)"),
+    address: str | None = typer.Option(None, help="Ray cluster address for --workers"),
+):
     """SVD of the target matrices, cached per base-model fingerprint (a re-run is a cache hit)."""
     import torch
 
     from t2ray.models import load_model
     from t2ray.svf import SVFConfig, model_fingerprint, patch_model
 
-    config = SVFConfig(target_modules=modules if modules in ("mlp", "attn", "all") else modules.split(","),
-                       layers=layers, svd_dtype=dtype)
+    config = SVFConfig(
+        target_modules=modules if modules in ("mlp", "attn", "all") else modules.split(","),
+        layers=layers,
+        svd_dtype=dtype,
+    )
     net, _ = load_model(model)
     start = time.perf_counter()
     if workers > 1:
@@ -79,29 +89,50 @@ def decompose(model: str = typer.Option("smollm2-135m", help="model spec"),
 
         ensure_ray(address)
         net.t2ray_fingerprint = model_fingerprint(net)
-        decompose_distributed(net, config.target_modules, config.layers, fingerprint=net.t2ray_fingerprint,
-                              workers=workers, dtype=getattr(torch, dtype))
+        decompose_distributed(
+            net,
+            config.target_modules,
+            config.layers,
+            fingerprint=net.t2ray_fingerprint,
+            workers=workers,
+            dtype=getattr(torch, dtype),
+        )
     layers_ = patch_model(net, config)
-    emit({"model": model, "fingerprint": net.t2ray_fingerprint, "matrices": len(layers_),
-          "z_values": sum(layer.rank for layer in layers_.values()), "seconds": round(time.perf_counter() - start, 2)})
+    emit(
+        {
+            "model": model,
+            "fingerprint": net.t2ray_fingerprint,
+            "matrices": len(layers_),
+            "z_values": sum(layer.rank for layer in layers_.values()),
+            "seconds": round(time.perf_counter() - start, 2),
+        }
+    )
 
 
 @app.command("eval")
 @user_errors
-def eval_(model: str = typer.Option("smollm2-135m", help="model spec"),
-          task: str = typer.Option(..., help="task name or path to a task YAML"),
-          expert: Optional[Path] = typer.Option(None, help="expert file (.safetensors) or LoRA expert folder"),
-          mix: Optional[str] = typer.Option(None, help="mixture as PATH:weight,PATH:weight (SVF expert files or "
-                                                       "LoRA adapter folders)"),
-          mixture: Optional[Path] = typer.Option(None, help="mixture file (.json), e.g. from adapt --mixture-out"),
-          split: str = typer.Option("test"), limit: Optional[int] = typer.Option(None, min=1),
-          batch_size: int = typer.Option(64, min=1, help="rows generated together (wider is faster per token)"),
-          seed: int = 0, dtype: str = typer.Option("auto", help="auto (bf16 where native) | float32 | bfloat16"),
-          allow_transfer: bool = typer.Option(False, help="apply experts of another base model with equal shapes"),
-          mode: str = typer.Option("generate", help="generate (chat prompt, greedy, graded) | completion (the "
-                                                    "bare 'Question: …\\nAnswer:' continued, as lm-eval) | loglik "
-                                                    "(multiple choice: lm-eval's acc and acc_norm)"),
-          out: Optional[Path] = typer.Option(None, help="write the full result JSON here")):
+def eval_(
+    model: str = typer.Option("smollm2-135m", help="model spec"),
+    task: str = typer.Option(..., help="task name or path to a task YAML"),
+    expert: Path | None = typer.Option(None, help="expert file (.safetensors) or LoRA expert folder"),
+    mix: str | None = typer.Option(
+        None, help="mixture as PATH:weight,PATH:weight (SVF expert files or LoRA adapter folders)"
+    ),
+    mixture: Path | None = typer.Option(None, help="mixture file (.json), e.g. from adapt --mixture-out"),
+    split: str = typer.Option("test"),
+    limit: int | None = typer.Option(None, min=1),
+    batch_size: int = typer.Option(64, min=1, help="rows generated together (wider is faster per token)"),
+    seed: int = 0,
+    dtype: str = typer.Option("auto", help="auto (bf16 where native) | float32 | bfloat16"),
+    allow_transfer: bool = typer.Option(False, help="apply experts of another base model with equal shapes"),
+    mode: str = typer.Option(
+        "generate",
+        help="generate (chat prompt, greedy, graded) | completion (the "
+        "bare 'Question: …\\nAnswer:' continued, as lm-eval) | loglik "
+        "(multiple choice: lm-eval's acc and acc_norm)",
+    ),
+    out: Path | None = typer.Option(None, help="write the full result JSON here"),
+):
     """Accuracy of the base model, an expert, or a mixture on a task split."""
     from t2ray.adapters import load_adapted
     from t2ray.evaluate import evaluate, evaluate_choices
@@ -110,14 +141,25 @@ def eval_(model: str = typer.Option("smollm2-135m", help="model spec"),
     if mode not in ("generate", "completion", "loglik"):
         raise ValueError(f"--mode {mode!r}: generate | completion | loglik")
     the_task = get_task(task, seed=seed)
-    net, tokenizer, label = load_adapted(model, expert=expert, mix=mix, mixture=mixture, allow_transfer=allow_transfer,
-                                         dtype=dtype)
+    net, tokenizer, label = load_adapted(
+        model, expert=expert, mix=mix, mixture=mixture, allow_transfer=allow_transfer, dtype=dtype
+    )
     if mode == "loglik":
-        result = evaluate_choices(net, tokenizer, the_task, split=split, limit=limit, batch_size=batch_size,
-                                  adapter=label)
+        result = evaluate_choices(
+            net, tokenizer, the_task, split=split, limit=limit, batch_size=batch_size, adapter=label
+        )
     else:
-        result = evaluate(net, tokenizer, the_task, split=split, limit=limit, batch_size=batch_size, seed=seed,
-                          adapter=label, completion=mode == "completion")
+        result = evaluate(
+            net,
+            tokenizer,
+            the_task,
+            split=split,
+            limit=limit,
+            batch_size=batch_size,
+            seed=seed,
+            adapter=label,
+            completion=mode == "completion",
+        )
     if out:
         result.save(out)
     emit(result.summary())
@@ -125,52 +167,79 @@ def eval_(model: str = typer.Option("smollm2-135m", help="model spec"),
 
 @app.command()
 @user_errors
-def train(experiment: Path = typer.Argument(..., help="experiment YAML"),
-          set_: list[str] = typer.Option([], "--set", help="override a key, e.g. --set rl.lr=1e-3"),
-          address: Optional[str] = typer.Option(None, help="Ray cluster address (default: start a local one)")):
+def train(
+    experiment: Path = typer.Argument(..., help="experiment YAML"),
+    set_: list[str] = typer.Option([], "--set", help="override a key, e.g. --set rl.lr=1e-3"),
+    address: str | None = typer.Option(None, help="Ray cluster address (default: start a local one)"),
+):
     """Train an SVF (or LoRA) expert with RL on Ray Train + DeepSpeed; re-running resumes."""
     from t2ray.config import load_experiment
     from t2ray.train import train as run_training
 
     outcome = run_training(load_experiment(experiment, set_), address=address)
-    emit({"run_dir": str(outcome.run_dir), "expert": str(outcome.expert_path), "best_valid_accuracy": outcome.best_valid,
-          "iterations": len(outcome.history)})
+    emit(
+        {
+            "run_dir": str(outcome.run_dir),
+            "expert": str(outcome.expert_path),
+            "best_valid_accuracy": outcome.best_valid,
+            "iterations": len(outcome.history),
+        }
+    )
 
 
 @app.command()
 @user_errors
-def adapt(config: Optional[Path] = typer.Option(None, help="adapt YAML (the options below override it)"),
-          strategy: Optional[str] = typer.Option(None, help="prompt | classifier | fewshot | token"),
-          task: Optional[str] = typer.Option(None, help="task name or task YAML"),
-          expert: Optional[list[Path]] = typer.Option(None, help="expert file; repeat for the library"),
-          model: Optional[str] = typer.Option(None, help="model spec (default smollm2-135m)"),
-          dtype: Optional[str] = typer.Option(None, help="auto (bf16 where native) | float32 | bfloat16"),
-          batch_size: Optional[int] = typer.Option(None, min=1, help="rows generated together (default 64)"),
-          classifier_expert: Optional[Path] = typer.Option(None, help="cls expert (strategy classifier)"),
-          mode: Optional[str] = typer.Option(None, help="pass-1 classification: score | generate"),
-          split: Optional[str] = typer.Option(None, help="train | valid | test (default test)"),
-          limit: Optional[int] = typer.Option(None, min=1),
-          shots: Optional[int] = typer.Option(None, help="fewshot: k examples (10)"),
-          population: Optional[int] = typer.Option(None, help="fewshot: CEM population (32)"),
-          generations: Optional[int] = typer.Option(None, help="fewshot: CEM generations (50)"),
-          elite_ratio: Optional[float] = None, per_module: Optional[bool] = None,
-          actors: Optional[int] = typer.Option(None, help="fewshot: Ray actors (1)"),
-          every: Optional[int] = typer.Option(None, help="token: re-route every k tokens (1, 2, 4; default 2)"),
-          recompute_prefix: Optional[bool] = typer.Option(None, help="token: the original's no-KV-cache mode"),
-          allow_transfer: Optional[bool] = None, seed: Optional[int] = None,
-          out: Optional[Path] = typer.Option(None, help="write the full result JSON here"),
-          mixture_out: Optional[Path] = typer.Option(None, help="fewshot: save the found α as a mixture file")):
+def adapt(
+    config: Path | None = typer.Option(None, help="adapt YAML (the options below override it)"),
+    strategy: str | None = typer.Option(None, help="prompt | classifier | fewshot | token"),
+    task: str | None = typer.Option(None, help="task name or task YAML"),
+    expert: list[Path] | None = typer.Option(None, help="expert file; repeat for the library"),
+    model: str | None = typer.Option(None, help="model spec (default smollm2-135m)"),
+    dtype: str | None = typer.Option(None, help="auto (bf16 where native) | float32 | bfloat16"),
+    batch_size: int | None = typer.Option(None, min=1, help="rows generated together (default 64)"),
+    classifier_expert: Path | None = typer.Option(None, help="cls expert (strategy classifier)"),
+    mode: str | None = typer.Option(None, help="pass-1 classification: score | generate"),
+    split: str | None = typer.Option(None, help="train | valid | test (default test)"),
+    limit: int | None = typer.Option(None, min=1),
+    shots: int | None = typer.Option(None, help="fewshot: k examples (10)"),
+    population: int | None = typer.Option(None, help="fewshot: CEM population (32)"),
+    generations: int | None = typer.Option(None, help="fewshot: CEM generations (50)"),
+    elite_ratio: float | None = None,
+    per_module: bool | None = None,
+    actors: int | None = typer.Option(None, help="fewshot: Ray actors (1)"),
+    every: int | None = typer.Option(None, help="token: re-route every k tokens (1, 2, 4; default 2)"),
+    recompute_prefix: bool | None = typer.Option(None, help="token: the original's no-KV-cache mode"),
+    allow_transfer: bool | None = None,
+    seed: int | None = None,
+    out: Path | None = typer.Option(None, help="write the full result JSON here"),
+    mixture_out: Path | None = typer.Option(None, help="fewshot: save the found α as a mixture file"),
+):
     """Two-pass self-adaptation on a task split: pass 1 picks the expert mixture, pass 2 answers."""
     from t2ray.adapt.two_pass import run_adapt, save_found_mixture
     from t2ray.config import AdaptConfig, deep_merge, read_yaml
 
-    given = {"strategy": strategy, "task": task, "experts": [str(e) for e in expert] if expert else None,
-             "model": {"spec": model, "dtype": dtype}, "batch_size": batch_size,
-             "classifier_expert": str(classifier_expert) if classifier_expert else None, "classify_mode": mode,
-             "split": split, "limit": limit, "allow_transfer": allow_transfer,
-             "cem": dict(shots=shots, population=population, generations=generations, elite_ratio=elite_ratio,
-                         per_module=per_module, actors=actors, seed=seed),
-             "routing": dict(every=every, recompute_prefix=recompute_prefix)}
+    given = {
+        "strategy": strategy,
+        "task": task,
+        "experts": [str(e) for e in expert] if expert else None,
+        "model": {"spec": model, "dtype": dtype},
+        "batch_size": batch_size,
+        "classifier_expert": str(classifier_expert) if classifier_expert else None,
+        "classify_mode": mode,
+        "split": split,
+        "limit": limit,
+        "allow_transfer": allow_transfer,
+        "cem": dict(
+            shots=shots,
+            population=population,
+            generations=generations,
+            elite_ratio=elite_ratio,
+            per_module=per_module,
+            actors=actors,
+            seed=seed,
+        ),
+        "routing": dict(every=every, recompute_prefix=recompute_prefix),
+    }
     cfg = AdaptConfig.model_validate(deep_merge(read_yaml(config) if config else {}, drop_unset(given)))
     if cfg.cem.actors > 1:
         from t2ray.train.launcher import ensure_ray
@@ -206,10 +275,13 @@ def experts_show(path: Path):
 
 @experts_app.command("import")
 @user_errors
-def experts_import(policy: Path = typer.Argument(..., help="official Transformer² policy_params.pt"),
-                   out: Path = typer.Option(..., help="expert file to write"),
-                   model: str = typer.Option("smollm2-135m"), name: Optional[str] = None,
-                   task: Optional[str] = None):
+def experts_import(
+    policy: Path = typer.Argument(..., help="official Transformer² policy_params.pt"),
+    out: Path = typer.Option(..., help="expert file to write"),
+    model: str = typer.Option("smollm2-135m"),
+    name: str | None = None,
+    task: str | None = None,
+):
     """Convert an official Transformer² policy_params.pt into a t2ray expert file."""
     from t2ray.experts import import_official, save_expert
     from t2ray.models import load_model
@@ -222,10 +294,11 @@ def experts_import(policy: Path = typer.Argument(..., help="official Transformer
 
 @app.command()
 @user_errors
-def quickstart(root: Path = typer.Option(Path("runs/quickstart"), help="where every stage writes (resumable)"),
-               config: Optional[Path] = typer.Option(None, help="overrides: experiments/quickstart.yaml, "
-                                                     "experiments/paper-*.yaml"),
-               check: bool = typer.Option(False, help="validate the config and print the stages; run nothing")):
+def quickstart(
+    root: Path = typer.Option(Path("runs/quickstart"), help="where every stage writes (resumable)"),
+    config: Path | None = typer.Option(None, help="overrides: experiments/quickstart.yaml, experiments/paper-*.yaml"),
+    check: bool = typer.Option(False, help="validate the config and print the stages; run nothing"),
+):
     """The paper's pipeline: experts, baselines, Tables 1–3, report (`make demo` runs it on SmolLM2)."""
     from t2ray.quickstart import quickstart as run
 
@@ -234,17 +307,34 @@ def quickstart(root: Path = typer.Option(Path("runs/quickstart"), help="where ev
 
 @app.command("plan")
 @user_errors
-def plan_(model: str = typer.Option("llama3-8b", help="a preset (smollm2-135m | llama3-8b | mistral-7b | "
-                                                     "llama3-70b), a model folder, a config.json or a hub id"),
-          gpus: int = typer.Option(1, min=1), gpu_mem_gb: float = typer.Option(80, min=1),
-          zero: int = typer.Option(2, min=0, max=3), modules: str = typer.Option("mlp", help="mlp | attn | all"),
-          dtype: str = "bfloat16", micro_batch: int = 8, seq_len: int = 1024,
-          rollout_engine: str = typer.Option("hf", help="hf (same process) | vllm (separate engine)")):
+def plan_(
+    model: str = typer.Option(
+        "llama3-8b",
+        help="a preset (smollm2-135m | llama3-8b | mistral-7b | llama3-70b), a model folder, a config.json or a hub id",
+    ),
+    gpus: int = typer.Option(1, min=1),
+    gpu_mem_gb: float = typer.Option(80, min=1),
+    zero: int = typer.Option(2, min=0, max=3),
+    modules: str = typer.Option("mlp", help="mlp | attn | all"),
+    dtype: str = "bfloat16",
+    micro_batch: int = 8,
+    seq_len: int = 1024,
+    rollout_engine: str = typer.Option("hf", help="hf (same process) | vllm (separate engine)"),
+):
     """Memory per GPU for SVF training, and whether it fits."""
     from t2ray.plan import plan as make_plan
 
-    result = make_plan(model, gpus=gpus, gpu_mem_gb=gpu_mem_gb, zero=zero, modules=modules, dtype=dtype,
-                       micro_batch=micro_batch, seq_len=seq_len, rollout_engine=rollout_engine)
+    result = make_plan(
+        model,
+        gpus=gpus,
+        gpu_mem_gb=gpu_mem_gb,
+        zero=zero,
+        modules=modules,
+        dtype=dtype,
+        micro_batch=micro_batch,
+        seq_len=seq_len,
+        rollout_engine=rollout_engine,
+    )
     typer.echo(f"{model}, {gpus}×{gpu_mem_gb:g} GB, ZeRO-{zero}, SVF on {modules} ({result.z_values:,} z values)")
     typer.echo(result.table())
     typer.secho("fits" if result.fits else "does NOT fit", fg="green" if result.fits else "red", bold=True)
@@ -267,51 +357,83 @@ app.add_typer(jobs_app, name="jobs")
 
 @app.command("tune")
 @user_errors
-def tune_(sweep: Path = typer.Argument(..., help="sweep YAML (experiments/sweeps/*.yaml)"),
-          set_: list[str] = typer.Option([], "--set", help="override a sweep key, e.g. --set num_samples=2 "
-                                                           "--set overrides.rl.iterations=4"),
-          address: Optional[str] = typer.Option(None, help="Ray cluster address (default: start a local one)"),
-          fresh: bool = typer.Option(False, help="delete this sweep's earlier trials instead of resuming them"),
-          check: bool = typer.Option(False, help="validate the sweep and print its space; run nothing")):
+def tune_(
+    sweep: Path = typer.Argument(..., help="sweep YAML (experiments/sweeps/*.yaml)"),
+    set_: list[str] = typer.Option(
+        [], "--set", help="override a sweep key, e.g. --set num_samples=2 --set overrides.rl.iterations=4"
+    ),
+    address: str | None = typer.Option(None, help="Ray cluster address (default: start a local one)"),
+    fresh: bool = typer.Option(False, help="delete this sweep's earlier trials instead of resuming them"),
+    check: bool = typer.Option(False, help="validate the sweep and print its space; run nothing"),
+):
     """Ray Tune sweep over an experiment (RL trials on Ray Train) or CEM settings; re-running resumes."""
     from t2ray.tune import load_sweep, run_sweep
 
     the_sweep = load_sweep(sweep, set_)
     if check:
         c = the_sweep.config
-        emit({"name": c.name, "kind": c.kind, "base": c.base, "sweep_dir": str(the_sweep.dir),
-              "space": {k: {d.kind: d.args} for k, d in c.space.items()}, "metric": c.metric, "mode": c.mode,
-              "search": c.search.alg, "scheduler": c.scheduler.type, "num_samples": c.num_samples,
-              "per_trial": the_sweep.need_per_trial()})
+        emit(
+            {
+                "name": c.name,
+                "kind": c.kind,
+                "base": c.base,
+                "sweep_dir": str(the_sweep.dir),
+                "space": {k: {d.kind: d.args} for k, d in c.space.items()},
+                "metric": c.metric,
+                "mode": c.mode,
+                "search": c.search.alg,
+                "scheduler": c.scheduler.type,
+                "num_samples": c.num_samples,
+                "per_trial": the_sweep.need_per_trial(),
+            }
+        )
         return
     outcome = run_sweep(the_sweep, address=address, fresh=fresh)
     emit(outcome.summary())
     if not outcome.complete:
-        typer.secho(f"sweep incomplete: {outcome.finished} of {outcome.expected} trials finished (interrupted or "
-                    "time budget); run the same command again to resume", err=True, fg="yellow")
+        typer.secho(
+            f"sweep incomplete: {outcome.finished} of {outcome.expected} trials finished (interrupted or "
+            "time budget); run the same command again to resume",
+            err=True,
+            fg="yellow",
+        )
 
 
 @app.command()
 @user_errors
-def submit(config: Path = typer.Argument(..., help="experiment YAML (`t2ray train`) or sweep YAML (`t2ray tune`)"),
-           address: Optional[str] = typer.Option(None, help="Ray dashboard address [default: $T2RAY_JOBS_ADDRESS "
-                                                            "or http://127.0.0.1:8265]"),
-           working_dir: Optional[Path] = typer.Option(None, help="uploaded to the cluster [default: current dir]"),
-           set_: list[str] = typer.Option([], "--set", help="override a key, e.g. --set rl.lr=1e-3"),
-           requirements: Optional[Path] = typer.Option(None, help="requirements.txt installed for the job"),
-           uv: bool = typer.Option(False, help="install the requirements with uv instead of pip"),
-           env: list[str] = typer.Option([], help="KEY=VALUE or KEY (taken from your environment); repeat. "
-                                                  "WANDB_API_KEY, HF_TOKEN... are passed when set"),
-           submission_id: Optional[str] = typer.Option(None, help="job id to use (default: Ray picks one)"),
-           entrypoint_num_cpus: Optional[float] = typer.Option(None, help="CPUs reserved for the job's driver"),
-           entrypoint_num_gpus: Optional[float] = typer.Option(None, help="GPUs reserved for the job's driver"),
-           wait: bool = typer.Option(False, help="stream the job's logs until it ends; exit 1 if it fails")):
+def submit(
+    config: Path = typer.Argument(..., help="experiment YAML (`t2ray train`) or sweep YAML (`t2ray tune`)"),
+    address: str | None = typer.Option(
+        None, help="Ray dashboard address [default: $T2RAY_JOBS_ADDRESS or http://127.0.0.1:8265]"
+    ),
+    working_dir: Path | None = typer.Option(None, help="uploaded to the cluster [default: current dir]"),
+    set_: list[str] = typer.Option([], "--set", help="override a key, e.g. --set rl.lr=1e-3"),
+    requirements: Path | None = typer.Option(None, help="requirements.txt installed for the job"),
+    uv: bool = typer.Option(False, help="install the requirements with uv instead of pip"),
+    env: list[str] = typer.Option(
+        [],
+        help="KEY=VALUE or KEY (taken from your environment); repeat. WANDB_API_KEY, HF_TOKEN... are passed when set",
+    ),
+    submission_id: str | None = typer.Option(None, help="job id to use (default: Ray picks one)"),
+    entrypoint_num_cpus: float | None = typer.Option(None, help="CPUs reserved for the job's driver"),
+    entrypoint_num_gpus: float | None = typer.Option(None, help="GPUs reserved for the job's driver"),
+    wait: bool = typer.Option(False, help="stream the job's logs until it ends; exit 1 if it fails"),
+):
     """Submit a training run or a sweep to a Ray cluster as a job (prints the equivalent `ray job submit`)."""
     from t2ray import jobs
 
-    done = jobs.submit(config, address=address, working_dir=working_dir, overrides=set_, requirements=requirements,
-                       installer="uv" if uv else "pip", env=jobs.parse_env(env), submission_id=submission_id,
-                       entrypoint_num_cpus=entrypoint_num_cpus, entrypoint_num_gpus=entrypoint_num_gpus)
+    done = jobs.submit(
+        config,
+        address=address,
+        working_dir=working_dir,
+        overrides=set_,
+        requirements=requirements,
+        installer="uv" if uv else "pip",
+        env=jobs.parse_env(env),
+        submission_id=submission_id,
+        entrypoint_num_cpus=entrypoint_num_cpus,
+        entrypoint_num_gpus=entrypoint_num_gpus,
+    )
     typer.echo(f"# same with the Ray CLI:\n{done.ray_command}", err=True)
     emit(done.summary())
     if wait:
@@ -319,7 +441,7 @@ def submit(config: Path = typer.Argument(..., help="experiment YAML (`t2ray trai
         _job_outcome(done.job_id, state, done.address)
 
 
-def _job_outcome(job_id: str, state: str, address: Optional[str]) -> None:
+def _job_outcome(job_id: str, state: str, address: str | None) -> None:
     from t2ray import jobs
 
     try:
@@ -332,8 +454,11 @@ def _job_outcome(job_id: str, state: str, address: Optional[str]) -> None:
 
 @jobs_app.command("status")
 @user_errors
-def jobs_status(job_id: str, address: Optional[str] = typer.Option(None, help="Ray dashboard address"),
-                lines: int = typer.Option(40, help="log lines shown for a failed job")):
+def jobs_status(
+    job_id: str,
+    address: str | None = typer.Option(None, help="Ray dashboard address"),
+    lines: int = typer.Option(40, help="log lines shown for a failed job"),
+):
     """A job's status (a failed job: its message and the tail of its logs, exit 1)."""
     from t2ray import jobs
 
@@ -346,9 +471,12 @@ def jobs_status(job_id: str, address: Optional[str] = typer.Option(None, help="R
 
 @jobs_app.command("logs")
 @user_errors
-def jobs_logs(job_id: str, address: Optional[str] = typer.Option(None, help="Ray dashboard address"),
-              tail: Optional[int] = typer.Option(None, min=1, help="only the last N lines"),
-              follow: bool = typer.Option(False, help="stream until the job ends")):
+def jobs_logs(
+    job_id: str,
+    address: str | None = typer.Option(None, help="Ray dashboard address"),
+    tail: int | None = typer.Option(None, min=1, help="only the last N lines"),
+    follow: bool = typer.Option(False, help="stream until the job ends"),
+):
     """A job's logs (driver output: the training progress, metrics, errors)."""
     from t2ray import jobs
 
@@ -361,8 +489,11 @@ def jobs_logs(job_id: str, address: Optional[str] = typer.Option(None, help="Ray
 
 @jobs_app.command("stop")
 @user_errors
-def jobs_stop(job_id: str, address: Optional[str] = typer.Option(None, help="Ray dashboard address"),
-              wait_s: float = typer.Option(60, "--wait", help="seconds to wait for STOPPED (0: don't wait)")):
+def jobs_stop(
+    job_id: str,
+    address: str | None = typer.Option(None, help="Ray dashboard address"),
+    wait_s: float = typer.Option(60, "--wait", help="seconds to wait for STOPPED (0: don't wait)"),
+):
     """Stop a running job."""
     from t2ray import jobs
 
@@ -371,7 +502,7 @@ def jobs_stop(job_id: str, address: Optional[str] = typer.Option(None, help="Ray
 
 @jobs_app.command("list")
 @user_errors
-def jobs_list(address: Optional[str] = typer.Option(None, help="Ray dashboard address")):
+def jobs_list(address: str | None = typer.Option(None, help="Ray dashboard address")):
     """Jobs on the cluster."""
     from t2ray import jobs
 
@@ -380,9 +511,11 @@ def jobs_list(address: Optional[str] = typer.Option(None, help="Ray dashboard ad
 
 @app.command("serve")
 @user_errors
-def serve_(config: Path = typer.Argument(..., help="Serve config YAML, e.g. experiments/serve-smollm2.yaml"),
-           address: Optional[str] = typer.Option(None, help="Ray cluster address (default: start a local one)"),
-           num_cpus: Optional[int] = typer.Option(None, min=1, help="CPUs of a local Ray cluster (default: all)")):
+def serve_(
+    config: Path = typer.Argument(..., help="Serve config YAML, e.g. experiments/serve-smollm2.yaml"),
+    address: str | None = typer.Option(None, help="Ray cluster address (default: start a local one)"),
+    num_cpus: int | None = typer.Option(None, min=1, help="CPUs of a local Ray cluster (default: all)"),
+):
     """Serve the base model and its SVF experts behind an OpenAI-compatible endpoint (Ray Serve); Ctrl-C stops."""
     from t2ray.serve.app import run_config
 

@@ -2,6 +2,7 @@
 
 Defaults are the paper's (SPEC §2) unless a comment says why not. YAML files only override.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,7 +21,8 @@ class Strict(BaseModel):
 class ModelConfig(Strict):
     spec: str = Field("smollm2-135m", description="smollm2-135m | tiny-llama | folder | hub id")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="compute dtype of the frozen weights: auto = bfloat16 where the CPU/GPU does it natively")
+        "auto", description="compute dtype of the frozen weights: auto = bfloat16 where the CPU/GPU does it natively"
+    )
 
 
 class LoRAConfig(Strict):
@@ -34,8 +36,11 @@ class RLConfig(Strict):
     iterations: int = Field(30, ge=1)
     batch_size: int = Field(16, ge=1, description="prompts per iteration, over all workers (paper: 256)")
     samples_per_prompt: int = Field(
-        1, ge=1, description="k completions per prompt: a wide rollout batch from few prompts, and the group/rloo "
-                             "baselines (the paper: 1)")
+        1,
+        ge=1,
+        description="k completions per prompt: a wide rollout batch from few prompts, and the group/rloo "
+        "baselines (the paper: 1)",
+    )
     micro_batch_size: int = Field(16, ge=1, description="rows per fwd+bwd in the update (gradients accumulate)")
     temperature: float = Field(1.0, ge=0, description="0 = greedy, as the original")
     top_p: float = Field(1.0, gt=0, le=1)
@@ -44,22 +49,31 @@ class RLConfig(Strict):
     grad_clip: float = Field(1e-3, gt=0)
     kl_coef: float = Field(0.0, ge=0, description="KL(ref‖π) to the base model (z = 1, no weight copy)")
     baseline: Literal["none", "mean", "group", "rloo"] = Field(
-        "none", description="none: the paper's raw ±1; mean: batch mean; group: the prompt's samples' mean; "
-                            "rloo: the mean of the prompt's other k−1 samples")
+        "none",
+        description="none: the paper's raw ±1; mean: batch mean; group: the prompt's samples' mean; "
+        "rloo: the mean of the prompt's other k−1 samples",
+    )
     reward: Literal["task", "named-option"] = Field(
-        "task", description="task: its own ±1 grade; named-option (multiple choice): 0, not −1, for naming the right "
-                            "option's text under a wrong letter")
+        "task",
+        description="task: its own ±1 grade; named-option (multiple choice): 0, not −1, for naming the right "
+        "option's text under a wrong letter",
+    )
     logprobs_at_temperature: bool = Field(
-        False, description="the loss's log π at the sampling temperature (logits / T, as OpenRLHF and TRL do); "
-                           "off: π at T = 1, the policy that greedy evaluation and serving use (the paper)")
-    normalize_rewards: bool = Field(False, description="z-score the advantages over the batch (after the baseline); "
-                                                      "all zero when every reward is equal")
+        False,
+        description="the loss's log π at the sampling temperature (logits / T, as OpenRLHF and TRL do); "
+        "off: π at T = 1, the policy that greedy evaluation and serving use (the paper)",
+    )
+    normalize_rewards: bool = Field(
+        False,
+        description="z-score the advantages over the batch (after the baseline); all zero when every reward is equal",
+    )
     reward_clip: float | None = Field(None, gt=0, description="clip the advantages to ±this, after normalisation")
     eval_interval: int = Field(10, ge=1)
     eval_limit: int | None = Field(64, ge=1, description="valid items per evaluation (None = all)")
     eval_batch_size: int = Field(64, ge=1, description="rows per generate call in validation")
     rollout_engine: Literal["hf", "replica", "vllm"] = Field(
-        "hf", description="hf: the training model generates; replica/vllm: a Ray actor that receives only z")
+        "hf", description="hf: the training model generates; replica/vllm: a Ray actor that receives only z"
+    )
 
 
 class DeepSpeedConfig(Strict):
@@ -67,8 +81,11 @@ class DeepSpeedConfig(Strict):
     zero_stage: Literal[0, 1, 2, 3] = 2
     offload_optimizer: bool = False
     param_persistence_threshold: int = Field(
-        16384, ge=0, description="ZeRO-3 keeps tensors smaller than this whole: every z-vector (≤ 8192 even for "
-                                 "70B), while the big frozen weights are partitioned")
+        16384,
+        ge=0,
+        description="ZeRO-3 keeps tensors smaller than this whole: every z-vector (≤ 8192 even for "
+        "70B), while the big frozen weights are partitioned",
+    )
 
     def to_dict(self, train_batch: int, world_size: int, grad_clip: float, lr: float) -> dict[str, Any]:
         return {
@@ -79,13 +96,19 @@ class DeepSpeedConfig(Strict):
             "gradient_clipping": grad_clip,
             # Adam, not DeepSpeed's default AdamW (weight decay 0.01): the same objective as the one-process Stepper.
             # torch_adam: no fused-Adam compile on CPU.
-            "optimizer": {"type": "Adam", "params": {"lr": lr, "torch_adam": True, "adam_w_mode": False,
-                                                     "weight_decay": 0.0}},
+            "optimizer": {
+                "type": "Adam",
+                "params": {"lr": lr, "torch_adam": True, "adam_w_mode": False, "weight_decay": 0.0},
+            },
             "zero_optimization": {
                 "stage": self.zero_stage,
-                **({"stage3_param_persistence_threshold": self.param_persistence_threshold}
-                   if self.zero_stage == 3 else {}),
-                **({"offload_optimizer": {"device": "cpu"}} if self.offload_optimizer else {})},
+                **(
+                    {"stage3_param_persistence_threshold": self.param_persistence_threshold}
+                    if self.zero_stage == 3
+                    else {}
+                ),
+                **({"offload_optimizer": {"device": "cpu"}} if self.offload_optimizer else {}),
+            },
             "steps_per_print": 10**9,
         }
 
@@ -95,17 +118,22 @@ class ScalingConfig(Strict):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
-        "PACK", description="the workers' placement group over nodes; STRICT_SPREAD: one worker per node")
-    resources: dict[str, float] = Field({}, description="custom resources each worker needs besides its CPUs/GPU, "
-                                        "e.g. {trainer: 1} to keep workers on nodes started with that resource")
+        "PACK", description="the workers' placement group over nodes; STRICT_SPREAD: one worker per node"
+    )
+    resources: dict[str, float] = Field(
+        {},
+        description="custom resources each worker needs besides its CPUs/GPU, "
+        "e.g. {trainer: 1} to keep workers on nodes started with that resource",
+    )
 
     @field_validator("resources")
     @classmethod
     def _custom_only(cls, value):
         for name, amount in value.items():
             if name in ("CPU", "GPU", "memory") or not amount > 0:
-                raise ValueError(f"resources.{name}: a custom resource with a positive amount (CPUs and GPUs have "
-                                 "their own keys)")
+                raise ValueError(
+                    f"resources.{name}: a custom resource with a positive amount (CPUs and GPUs have their own keys)"
+                )
         return value
 
     def per_worker(self) -> dict[str, float]:
@@ -142,33 +170,43 @@ class ExperimentConfig(Strict):
     @model_validator(mode="after")
     def _baseline_has_samples(self):
         if self.rl.baseline in ("group", "rloo") and self.rl.samples_per_prompt < 2:
-            raise ValueError(f"rl.baseline {self.rl.baseline} compares a prompt's samples: it needs "
-                             "rl.samples_per_prompt ≥ 2")
+            raise ValueError(
+                f"rl.baseline {self.rl.baseline} compares a prompt's samples: it needs rl.samples_per_prompt ≥ 2"
+            )
         return self
 
     @model_validator(mode="after")
     def _batch_fits_workers(self):
         if self.rl.batch_size < self.scaling.num_workers:
-            raise ValueError(f"rl.batch_size ({self.rl.batch_size}) must be ≥ scaling.num_workers "
-                             f"({self.scaling.num_workers}): every worker needs at least one prompt")
+            raise ValueError(
+                f"rl.batch_size ({self.rl.batch_size}) must be ≥ scaling.num_workers "
+                f"({self.scaling.num_workers}): every worker needs at least one prompt"
+            )
         if self.deepspeed.enabled and self.rl.batch_size % self.scaling.num_workers:
-            raise ValueError(f"rl.batch_size ({self.rl.batch_size}) must be a multiple of scaling.num_workers "
-                             f"({self.scaling.num_workers}): DeepSpeed gives every worker the same number of prompts")
+            raise ValueError(
+                f"rl.batch_size ({self.rl.batch_size}) must be a multiple of scaling.num_workers "
+                f"({self.scaling.num_workers}): DeepSpeed gives every worker the same number of prompts"
+            )
         return self
 
     @property
     def run_dir(self) -> Path:
         return Path(self.storage_path).expanduser().resolve() / self.name
 
-    def with_absolute_paths(self) -> "ExperimentConfig":
+    def with_absolute_paths(self) -> ExperimentConfig:
         """Relative paths resolved against this process's directory: Ray workers run elsewhere."""
+
         def absolute(spec: str, is_path: bool) -> str:  # a hub id or a built-in name stays as it is
             return str(Path(spec).expanduser().resolve()) if is_path else spec
+
         task, model = Path(self.task).expanduser(), Path(self.model.spec).expanduser()
-        return self.model_copy(update={
-            "storage_path": str(self.run_dir.parent),
-            "task": absolute(self.task, task.suffix in (".yaml", ".yml") and task.is_file()),
-            "model": self.model.model_copy(update={"spec": absolute(self.model.spec, model.is_dir())})})
+        return self.model_copy(
+            update={
+                "storage_path": str(self.run_dir.parent),
+                "task": absolute(self.task, task.suffix in (".yaml", ".yml") and task.is_file()),
+                "model": self.model.model_copy(update={"spec": absolute(self.model.spec, model.is_dir())}),
+            }
+        )
 
 
 class CEMConfig(Strict):
@@ -229,8 +267,9 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 def deep_merge(base: dict, update: dict) -> dict:
     merged = dict(base)
     for key, value in update.items():
-        merged[key] = deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) \
-            else value
+        merged[key] = (
+            deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        )
     return merged
 
 

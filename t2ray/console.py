@@ -1,14 +1,14 @@
 """What a t2ray command prints: its own stage lines and driver-side progress bars; the frameworks' logs (Ray's
 actor and worker output, Train's per-report lines, DeepSpeed, transformers' loading bars) only with --verbose.
 Errors are never hidden: they come back to the driver as exceptions and are printed by the CLI."""
+
 from __future__ import annotations
 
 import logging
 import os
 
 VERBOSE_ENV = "T2RAY_VERBOSE"
-FRAMEWORK_LOGGERS = ("ray", "ray.train", "ray.tune", "ray.data", "deepspeed", "DeepSpeed", "torch.distributed",
-                     "wandb")
+FRAMEWORK_LOGGERS = ("ray", "ray.train", "ray.tune", "ray.data", "deepspeed", "DeepSpeed", "torch.distributed", "wandb")
 
 
 # What every t2ray command assumes unless the user's environment says otherwise (the CLI sets them, once, before
@@ -34,8 +34,12 @@ def set_verbosity(loud: bool) -> None:
     os.environ[VERBOSE_ENV] = "1" if loud else "0"
     if loud:
         return
-    for name, value in (("WANDB_SILENT", "true"), ("RAY_DEDUP_LOGS", "1"), ("TRANSFORMERS_VERBOSITY", "error"),
-                        ("HF_HUB_DISABLE_PROGRESS_BARS", "1")):  # the last: transformers' "Loading weights" bar
+    for name, value in (
+        ("WANDB_SILENT", "true"),
+        ("RAY_DEDUP_LOGS", "1"),
+        ("TRANSFORMERS_VERBOSITY", "error"),
+        ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+    ):  # the last: transformers' "Loading weights" bar
         os.environ.setdefault(name, value)
     for name in FRAMEWORK_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)

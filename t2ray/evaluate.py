@@ -1,4 +1,5 @@
 """Accuracy of a (possibly adapted) model on a task split; JSON results."""
+
 from __future__ import annotations
 
 import json
@@ -59,8 +60,19 @@ def cut_at_stop(text: str, stops: tuple[str, ...] = COMPLETION_STOP) -> str:
     return min((text.split(stop)[0] for stop in stops), key=len)
 
 
-def evaluate(model, tokenizer, task: Task, *, split: str = "test", limit: int | None = None, batch_size: int = 64,
-             seed: int = 0, adapter: str = "base", progress: bool = True, completion: bool = False) -> EvalResult:
+def evaluate(
+    model,
+    tokenizer,
+    task: Task,
+    *,
+    split: str = "test",
+    limit: int | None = None,
+    batch_size: int = 64,
+    seed: int = 0,
+    adapter: str = "base",
+    progress: bool = True,
+    completion: bool = False,
+) -> EvalResult:
     """Greedy generation on `split` (first `limit` items) and lenient grading. `completion`: the model continues
     each item's bare context ("Question: …\nAnswer:", no chat template) and the text is cut at COMPLETION_STOP,
     as lm-evaluation-harness's generation tasks do; the task's grader then grades it."""
@@ -69,21 +81,54 @@ def evaluate(model, tokenizer, task: Task, *, split: str = "test", limit: int | 
         raise ValueError(f"{task.name}: completion mode needs items with a context (gsm8k, arc-easy, arc-challenge)")
     prompts = [RawText(ex.context) if completion else task.messages(ex) for ex in examples]
     start = time.perf_counter()
-    completions = generate(model, tokenizer, prompts, max_new_tokens=task.max_new_tokens, batch_size=batch_size,
-                           seed=seed, progress=progress, desc=f"eval {task.name}/{split}")
+    completions = generate(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=task.max_new_tokens,
+        batch_size=batch_size,
+        seed=seed,
+        progress=progress,
+        desc=f"eval {task.name}/{split}",
+    )
     if completion:
         completions = [cut_at_stop(text) for text in completions]
     grades = grade_all(task, examples, completions)
     correct = sum(ok for ok, _ in grades)
-    records = [{"id": ex.id, "prompt": ex.prompt, "answer": ex.answer, "completion": text, "correct": ok,
-                **({"grader_error": err} if err else {})}
-               for ex, text, (ok, err) in zip(examples, completions, grades)]
-    return EvalResult(task=task.name, split=split, accuracy=correct / max(1, len(examples)), n=len(examples),
-                      correct=correct, seconds=time.perf_counter() - start, adapter=adapter, records=records)
+    records = [
+        {
+            "id": ex.id,
+            "prompt": ex.prompt,
+            "answer": ex.answer,
+            "completion": text,
+            "correct": ok,
+            **({"grader_error": err} if err else {}),
+        }
+        for ex, text, (ok, err) in zip(examples, completions, grades)
+    ]
+    return EvalResult(
+        task=task.name,
+        split=split,
+        accuracy=correct / max(1, len(examples)),
+        n=len(examples),
+        correct=correct,
+        seconds=time.perf_counter() - start,
+        adapter=adapter,
+        records=records,
+    )
 
 
-def evaluate_choices(model, tokenizer, task: Task, *, split: str = "test", limit: int | None = None,
-                     batch_size: int = 32, adapter: str = "base", progress: bool = True) -> EvalResult:
+def evaluate_choices(
+    model,
+    tokenizer,
+    task: Task,
+    *,
+    split: str = "test",
+    limit: int | None = None,
+    batch_size: int = 32,
+    adapter: str = "base",
+    progress: bool = True,
+) -> EvalResult:
     """Multiple choice by log-likelihood, as lm-evaluation-harness's `acc` and `acc_norm`: every choice, after a
     space, continues the item's context; `acc` picks the highest Σ log p, `acc_norm` the highest per character
     of the choice. No generation, so small models get a signal where they cannot yet answer in format."""
@@ -92,28 +137,46 @@ def evaluate_choices(model, tokenizer, task: Task, *, split: str = "test", limit
     examples = task.examples(split)[:limit]
     missing = [ex.id for ex in examples if not ex.choices or not ex.context]
     if missing:
-        raise ValueError(f"{task.name}: log-likelihood evaluation needs multiple-choice items with a context "
-                         f"(arc-easy, arc-challenge); {missing[0]} has none")
+        raise ValueError(
+            f"{task.name}: log-likelihood evaluation needs multiple-choice items with a context "
+            f"(arc-easy, arc-challenge); {missing[0]} has none"
+        )
     start = time.perf_counter()
     pairs = [(ex.context, " " + choice) for ex in examples for choice in ex.choices]
     scores: list[float] = []
     with tqdm(total=len(pairs), desc=f"loglik {task.name}/{split}", unit="choice", disable=not progress) as bar:
         for first in range(0, len(pairs), 8 * batch_size):
-            chunk = pairs[first:first + 8 * batch_size]
+            chunk = pairs[first : first + 8 * batch_size]
             scores += continuation_logliks(model, tokenizer, chunk, batch_size=batch_size)
             bar.update(len(chunk))
     records, at = [], 0
     for ex in examples:
-        lls = scores[at:at + len(ex.choices)]
+        lls = scores[at : at + len(ex.choices)]
         at += len(ex.choices)
         letters, gold = choice_labels(len(ex.choices)), resolve_choice_answer(ex.answer, ex.choices)
         pick = letters[max(range(len(lls)), key=lls.__getitem__)]
         pick_norm = letters[max(range(len(lls)), key=lambda k: lls[k] / len(ex.choices[k]))]
-        records.append({"id": ex.id, "prompt": ex.context, "answer": ex.answer, "logliks": lls, "completion": pick,
-                        "correct": pick == gold, "correct_norm": pick_norm == gold})
+        records.append(
+            {
+                "id": ex.id,
+                "prompt": ex.context,
+                "answer": ex.answer,
+                "logliks": lls,
+                "completion": pick,
+                "correct": pick == gold,
+                "correct_norm": pick_norm == gold,
+            }
+        )
     correct = sum(r["correct"] for r in records)
     n = max(1, len(records))
-    return EvalResult(task=task.name, split=split, accuracy=correct / n, n=len(records), correct=correct,
-                      seconds=time.perf_counter() - start, adapter=adapter, records=records,
-                      metrics={"acc_norm": sum(r["correct_norm"] for r in records) / n})
-
+    return EvalResult(
+        task=task.name,
+        split=split,
+        accuracy=correct / n,
+        n=len(records),
+        correct=correct,
+        seconds=time.perf_counter() - start,
+        adapter=adapter,
+        records=records,
+        metrics={"acc_norm": sum(r["correct_norm"] for r in records) / n},
+    )

@@ -29,9 +29,10 @@ import json
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from safetensors.torch import load as _st_load
@@ -128,7 +129,9 @@ def _to_json(obj: Any, what: str, path: Path) -> str:
     try:
         return json.dumps(obj, allow_nan=False)
     except (TypeError, ValueError) as e:
-        raise ExpertError(f"{path.name}: {what} is not JSON-serialisable ({e}); pass plain numbers, strings, lists and dicts") from None
+        raise ExpertError(
+            f"{path.name}: {what} is not JSON-serialisable ({e}); pass plain numbers, strings, lists and dicts"
+        ) from None
 
 
 def _read_bytes(path: Path, what: str = "expert file") -> bytes:
@@ -161,7 +164,9 @@ def save_expert(expert: Expert, path) -> Path:
             raise ExpertError(f"{where}: module {module} must be a non-empty 1-D float tensor")
         p = p.detach().to("cpu", torch.float32).contiguous().clone()
         if not torch.isfinite(p).all():
-            raise ExpertError(f"{where}: module {module} has NaN/inf values; fix training (lower lr / clip) before saving")
+            raise ExpertError(
+                f"{where}: module {module} has NaN/inf values; fix training (lower lr / clip) before saving"
+            )
         tensors[module] = p
     meta = expert.metadata()
     header = _to_json(meta, "expert metadata (training/metrics)", path)
@@ -195,12 +200,16 @@ def _parse_file_header(data: bytes, path: Path) -> tuple[dict, dict]:
     if data_len != len(data) - 8 - n:
         raise ExpertError(corrupt)
     if not isinstance(st_meta, dict) or HEADER_KEY not in st_meta:
-        raise ExpertError(f"{path.name}: safetensors file without a '{HEADER_KEY}' header, so not a t2ray expert; "
-                          "import official Transformer² files with `t2ray experts import`")
+        raise ExpertError(
+            f"{path.name}: safetensors file without a '{HEADER_KEY}' header, so not a t2ray expert; "
+            "import official Transformer² files with `t2ray experts import`"
+        )
     try:
         meta = json.loads(st_meta[HEADER_KEY])
     except (TypeError, ValueError):
-        raise ExpertError(f"{path.name}: the '{HEADER_KEY}' header is not valid JSON; the file was edited or damaged") from None
+        raise ExpertError(
+            f"{path.name}: the '{HEADER_KEY}' header is not valid JSON; the file was edited or damaged"
+        ) from None
     _validate_metadata(meta, index, path)
     return index, meta
 
@@ -215,8 +224,10 @@ def _validate_metadata(meta: Any, index: dict, path: Path) -> None:
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise bad(f"format_version {version!r} is not a positive integer")
     if version > FORMAT_VERSION:
-        raise ExpertError(f"{path.name}: expert format version {version} is newer than this t2ray supports "
-                          f"({FORMAT_VERSION}); upgrade t2ray")
+        raise ExpertError(
+            f"{path.name}: expert format version {version} is newer than this t2ray supports "
+            f"({FORMAT_VERSION}); upgrade t2ray"
+        )
     if not isinstance(meta.get("name"), str) or not meta["name"]:
         raise bad("missing name")
     base = meta.get("base_model")
@@ -224,17 +235,24 @@ def _validate_metadata(meta: Any, index: dict, path: Path) -> None:
         raise bad("base_model must have string 'id' and 'fingerprint'")
     param = meta.get("parametrisation")
     if not isinstance(param, dict) or param.get("kind") != "sigmoid" or not _finite_positive(param.get("max_mult")):
-        raise ExpertError(f"{path.name}: unknown parametrisation {param!r} (this t2ray knows "
-                          "{'kind': 'sigmoid', 'max_mult': > 0}); upgrade t2ray or re-save the expert")
+        raise ExpertError(
+            f"{path.name}: unknown parametrisation {param!r} (this t2ray knows "
+            "{'kind': 'sigmoid', 'max_mult': > 0}); upgrade t2ray or re-save the expert"
+        )
     if meta.get("task") is not None and not isinstance(meta["task"], str):
         raise bad("task must be a string or null")
     for key in ("training", "metrics"):
         if not isinstance(meta.get(key, {}), dict):
             raise bad(f"{key} must be an object")
     modules = meta.get("modules")
-    if (not isinstance(modules, list) or not modules
-            or not all(isinstance(x, list) and len(x) == 2 and isinstance(x[0], str) and type(x[1]) is int and x[1] > 0
-                       for x in modules)):
+    if (
+        not isinstance(modules, list)
+        or not modules
+        or not all(
+            isinstance(x, list) and len(x) == 2 and isinstance(x[0], str) and type(x[1]) is int and x[1] > 0
+            for x in modules
+        )
+    ):
         raise bad("modules must be a non-empty list of [name, length] pairs")
     names = [m for m, _ in modules]
     if len(set(names)) != len(names):
@@ -244,8 +262,9 @@ def _validate_metadata(meta: Any, index: dict, path: Path) -> None:
         if entry is None:
             raise bad(f"module {module} is declared but has no tensor")
         if entry.get("dtype") not in _FLOAT_DTYPES or entry.get("shape") != [length]:
-            raise bad(f"tensor {module} must be 1-D float of length {length}, "
-                      f"got {entry.get('dtype')} {entry.get('shape')}")
+            raise bad(
+                f"tensor {module} must be 1-D float of length {length}, got {entry.get('dtype')} {entry.get('shape')}"
+            )
     extra = [k for k in index if k not in set(names)]
     if extra:
         raise bad(f"tensor {extra[0]} is not in the module list")
@@ -259,12 +278,16 @@ def load_expert(path, base: BaseModelInfo | None = None, *, allow_transfer: bool
     try:
         tensors = _st_load(data)
     except Exception:  # safetensors raises its own error type for any malformed byte
-        raise ExpertError(f"{path.name}: not a valid expert file (corrupt or truncated); re-save or re-download it") from None
+        raise ExpertError(
+            f"{path.name}: not a valid expert file (corrupt or truncated); re-save or re-download it"
+        ) from None
     params = {}
     for module, _ in meta["modules"]:
         p = tensors[module].to(torch.float32)
         if not torch.isfinite(p).all():
-            raise ExpertError(f"{path.name}: module {module} contains NaN/inf values; the expert is unusable, retrain or re-save it")
+            raise ExpertError(
+                f"{path.name}: module {module} contains NaN/inf values; the expert is unusable, retrain or re-save it"
+            )
         params[module] = p
     expert = Expert(
         name=meta["name"],
@@ -289,29 +312,39 @@ def expert_info(path) -> dict:
     return meta
 
 
-def check_expert(expert: Expert, base: BaseModelInfo, *, allow_transfer: bool = False, source: str | None = None) -> None:
+def check_expert(
+    expert: Expert, base: BaseModelInfo, *, allow_transfer: bool = False, source: str | None = None
+) -> None:
     """Raise ExpertError unless ``expert`` can be applied to ``base`` (rules: module docstring)."""
     label = f"expert '{expert.name}'" + (f" ({source})" if source else "")
     lengths = {m: int(p.numel()) for m, p in expert.params.items()}
     if expert.fingerprint == base.fingerprint:
         for module, length in lengths.items():
             if module not in base.module_ranks:
-                raise ExpertError(f"{label}: module {module} is not adapted in {base.model_id}; "
-                                  "adapt the same modules the expert was trained on")
+                raise ExpertError(
+                    f"{label}: module {module} is not adapted in {base.model_id}; "
+                    "adapt the same modules the expert was trained on"
+                )
             if base.module_ranks[module] != length:
-                raise ExpertError(f"{label}: module {module} has length {length}, {base.model_id} has "
-                                  f"{base.module_ranks[module]}; the file does not belong to this model")
+                raise ExpertError(
+                    f"{label}: module {module} has length {length}, {base.model_id} has "
+                    f"{base.module_ranks[module]}; the file does not belong to this model"
+                )
         return
     if not allow_transfer:
-        raise ExpertError(f"{label} was trained for base model {expert.base_model} (fingerprint {_short(expert.fingerprint)}), "
-                          f"not {base.model_id} (fingerprint {_short(base.fingerprint)}); "
-                          "pass --allow-transfer to apply it to a model with equal shapes")
+        raise ExpertError(
+            f"{label} was trained for base model {expert.base_model} (fingerprint {_short(expert.fingerprint)}), "
+            f"not {base.model_id} (fingerprint {_short(base.fingerprint)}); "
+            "pass --allow-transfer to apply it to a model with equal shapes"
+        )
     refuse = f"{label}: cannot transfer to {base.model_id}, module layouts differ"
     for module, rank in base.module_ranks.items():
         if module not in lengths:
             raise ExpertError(f"{refuse}: module {module} is missing from the expert")
         if lengths[module] != rank:
-            raise ExpertError(f"{refuse}: module {module} has length {lengths[module]} in the expert, {rank} in the model")
+            raise ExpertError(
+                f"{refuse}: module {module} has length {lengths[module]} in the expert, {rank} in the model"
+            )
     for module in lengths:
         if module not in base.module_ranks:
             raise ExpertError(f"{refuse}: module {module} is not adapted in the model")
@@ -320,8 +353,10 @@ def check_expert(expert: Expert, base: BaseModelInfo, *, allow_transfer: bool = 
 # ----------------------------------------------------------------------------- mixing
 
 
-MIXED_KINDS = ("give SVF expert files or LoRA adapter folders, not both (one rescales W's singular values, the "
-               "other adds a low-rank ΔW: they do not mix)")
+MIXED_KINDS = (
+    "give SVF expert files or LoRA adapter folders, not both (one rescales W's singular values, the "
+    "other adds a low-rank ΔW: they do not mix)"
+)
 
 
 def library_kind(paths: Sequence[str | Path]) -> str:
@@ -359,9 +394,11 @@ def _common_modules(experts: Sequence[Expert]) -> list[str]:
         other = {m: p.numel() for m, p in e.params.items()}
         for module in list(layout) + [m for m in other if m not in layout]:
             if layout.get(module) != other.get(module):
-                raise ExpertError(f"cannot mix experts '{first.name}' and '{e.name}': module {module} "
-                                  f"has length {layout.get(module)} vs {other.get(module)} (None = absent); "
-                                  "mix experts with identical module layouts")
+                raise ExpertError(
+                    f"cannot mix experts '{first.name}' and '{e.name}': module {module} "
+                    f"has length {layout.get(module)} vs {other.get(module)} (None = absent); "
+                    "mix experts with identical module layouts"
+                )
     return list(layout)
 
 
@@ -464,7 +501,9 @@ def load_mixture(path, base: BaseModelInfo | None = None, *, allow_transfer: boo
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ExpertError(f"{path.name}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}; fix the file") from None
+        raise ExpertError(
+            f"{path.name}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}; fix the file"
+        ) from None
 
     def bad(what: str) -> ExpertError:
         return ExpertError(f"{path.name}: invalid mixture: {what}; re-save it with t2ray")
@@ -475,8 +514,10 @@ def load_mixture(path, base: BaseModelInfo | None = None, *, allow_transfer: boo
     if type(version) is not int or version < 1:
         raise bad(f"format_version {version!r} is not a positive integer")
     if version > FORMAT_VERSION:
-        raise ExpertError(f"{path.name}: mixture format version {version} is newer than this t2ray supports "
-                          f"({FORMAT_VERSION}); upgrade t2ray")
+        raise ExpertError(
+            f"{path.name}: mixture format version {version} is newer than this t2ray supports "
+            f"({FORMAT_VERSION}); upgrade t2ray"
+        )
     files = doc.get("experts")
     if not isinstance(files, list) or not files or not all(isinstance(f, str) and f for f in files):
         raise bad("'experts' must be a non-empty list of file paths")
@@ -487,8 +528,10 @@ def load_mixture(path, base: BaseModelInfo | None = None, *, allow_transfer: boo
     resolved = [Path(f) if Path(f).is_absolute() else path.parent / f for f in files]
     for stored, file in zip(files, resolved):
         if not file.exists():
-            raise ExpertError(f"{path.name}: expert '{stored}' not found (looked at {file}); "
-                              "fix the path or keep experts next to the mixture")
+            raise ExpertError(
+                f"{path.name}: expert '{stored}' not found (looked at {file}); "
+                "fix the path or keep experts next to the mixture"
+            )
     try:
         experts = read_library(resolved, base, allow_transfer=allow_transfer)
         lora = not isinstance(experts[0], Expert)
@@ -522,7 +565,9 @@ def parse_mix_spec(spec: str) -> tuple[list[str], list[float]]:
         try:
             w = float(weight)
         except ValueError:
-            raise ExpertError(f"mix spec {spec!r}: weight {weight.strip()!r} of {path} is not a number; {usage}") from None
+            raise ExpertError(
+                f"mix spec {spec!r}: weight {weight.strip()!r} of {path} is not a number; {usage}"
+            ) from None
         if not math.isfinite(w) or w < 0:
             raise ExpertError(f"mix spec {spec!r}: weight of {path} must be a finite number >= 0, got {weight.strip()}")
         paths.append(path)
@@ -564,26 +609,36 @@ def import_official(path, base: BaseModelInfo, *, name: str, task: str | None = 
         obj = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as e:  # UnpicklingError for disallowed objects; various errors for damaged files
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ExpertError(f"{path.name}: cannot load as a plain tensor file with weights_only=True ({first_line}); "
-                          "only official policy_params.pt files of tensors can be imported") from None
+        raise ExpertError(
+            f"{path.name}: cannot load as a plain tensor file with weights_only=True ({first_line}); "
+            "only official policy_params.pt files of tensors can be imported"
+        ) from None
     found = _tensor_dicts(obj)
     if len(found) != 1:
         what = "no dict of tensors" if not found else f"{len(found)} dicts of tensors"
-        raise ExpertError(f"{path.name}: expected one dict of '<module>.weight' -> tensor, found {what}; "
-                          "pass the policy_params.pt saved by the official trainer")
+        raise ExpertError(
+            f"{path.name}: expected one dict of '<module>.weight' -> tensor, found {what}; "
+            "pass the policy_params.pt saved by the official trainer"
+        )
     by_module = {}
     for key, t in found[0].items():
         module = key[: -len(".weight")] if isinstance(key, str) and key.endswith(".weight") else key
         if not isinstance(module, str) or module not in base.module_ranks:
-            raise ExpertError(f"{path.name}: parameter {key!r} is not an adapted module of {base.model_id}; "
-                              "adapt the same modules as the official run (MLP matrices by default)")
+            raise ExpertError(
+                f"{path.name}: parameter {key!r} is not an adapted module of {base.model_id}; "
+                "adapt the same modules as the official run (MLP matrices by default)"
+            )
         if t.ndim != 1 or not t.is_floating_point() or t.numel() != base.module_ranks[module]:
-            raise ExpertError(f"{path.name}: parameter {key} has shape {tuple(t.shape)} ({t.dtype}), "
-                              f"{base.model_id} needs a float vector of length {base.module_ranks[module]}; "
-                              "was it trained on another model?")
+            raise ExpertError(
+                f"{path.name}: parameter {key} has shape {tuple(t.shape)} ({t.dtype}), "
+                f"{base.model_id} needs a float vector of length {base.module_ranks[module]}; "
+                "was it trained on another model?"
+            )
         p = t.detach().to(torch.float32).contiguous()
         if not torch.isfinite(p).all():
-            raise ExpertError(f"{path.name}: parameter {key} contains NaN/inf values; the run diverged, use another checkpoint")
+            raise ExpertError(
+                f"{path.name}: parameter {key} contains NaN/inf values; the run diverged, use another checkpoint"
+            )
         by_module[module] = p
     params = {m: by_module[m] for m in base.module_ranks if m in by_module}  # base order
     return Expert(
@@ -593,11 +648,13 @@ def import_official(path, base: BaseModelInfo, *, name: str, task: str | None = 
         fingerprint=base.fingerprint,
         max_mult=max_mult,
         task=task,
-        training={"imported_from": {
-            "format": OFFICIAL_FORMAT,
-            "file": path.name,
-            "modules": len(params),
-            "base_modules": len(base.module_ranks),
-            "subset": len(params) < len(base.module_ranks),
-        }},
+        training={
+            "imported_from": {
+                "format": OFFICIAL_FORMAT,
+                "file": path.name,
+                "modules": len(params),
+                "base_modules": len(base.module_ranks),
+                "subset": len(params) < len(base.module_ranks),
+            }
+        },
     )

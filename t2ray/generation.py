@@ -1,10 +1,11 @@
 """Where tasks meet models: chat prompts, batched generation, and log-likelihood scoring."""
+
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -20,10 +21,10 @@ class PromptTooLongError(ValueError):
 class Rollouts:
     """Token-level view of generations, as RL needs it (left-padded prompts, right-padded completions)."""
 
-    prompt_ids: torch.Tensor        # (N, P)
-    prompt_mask: torch.Tensor       # (N, P)
-    completion_ids: torch.Tensor    # (N, C)
-    completion_mask: torch.Tensor   # (N, C): 1 up to and including the first EOS
+    prompt_ids: torch.Tensor  # (N, P)
+    prompt_mask: torch.Tensor  # (N, P)
+    completion_ids: torch.Tensor  # (N, C)
+    completion_mask: torch.Tensor  # (N, C): 1 up to and including the first EOS
     texts: list[str]
 
 
@@ -45,14 +46,20 @@ def context_length(model) -> int:
 
 def encode_prompts(tokenizer, prompts: Sequence[Messages | str], model, max_new_tokens: int, reply_prefix: str = ""):
     """Left-padded batch of chat prompts; `reply_prefix` starts the assistant's reply (e.g. a forced format)."""
-    batch = tokenizer([render(tokenizer, p) + reply_prefix for p in prompts], return_tensors="pt", padding=True,
-                      add_special_tokens=False)
+    batch = tokenizer(
+        [render(tokenizer, p) + reply_prefix for p in prompts],
+        return_tensors="pt",
+        padding=True,
+        add_special_tokens=False,
+    )
     limit = context_length(model)
     lengths = batch["attention_mask"].sum(1)
     if int(lengths.max()) + max_new_tokens > limit:
         i = int(lengths.argmax())
-        raise PromptTooLongError(f"prompt {i} has {int(lengths[i])} tokens; with max_new_tokens={max_new_tokens} "
-                                 f"it exceeds the model's context of {limit}")
+        raise PromptTooLongError(
+            f"prompt {i} has {int(lengths[i])} tokens; with max_new_tokens={max_new_tokens} "
+            f"it exceeds the model's context of {limit}"
+        )
     return batch
 
 
@@ -86,6 +93,7 @@ def on_live_rows(select: Callable[[torch.Tensor], None]) -> StepHook:
         if len(live) != rows["n"]:
             select(live)
             rows["n"] = len(live)
+
     return hook
 
 
@@ -105,10 +113,24 @@ RETIRE_SHARE = 4  # retire_rows compacts the batch once a quarter of its rows ar
 
 
 @torch.no_grad()
-def decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_new_tokens: int, eos_ids: set[int],
-           pad_id: int, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, stop_at_eos: bool = True,
-           before_step: StepHook | None = None, recompute_prefix: bool = False, samples_per_prompt: int = 1,
-           retire_rows: bool = False, all_done: AllDone | None = None):
+def decode(
+    model,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    eos_ids: set[int],
+    pad_id: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    stop_at_eos: bool = True,
+    before_step: StepHook | None = None,
+    recompute_prefix: bool = False,
+    samples_per_prompt: int = 1,
+    retire_rows: bool = False,
+    all_done: AllDone | None = None,
+):
     """The decode loop every path shares (rollouts, evaluation, CEM, token routing): a left-padded batch, a KV
     cache, the LM head on the last position only, rows done at EOS (later tokens are padding) and the loop
     ended when every row is done. ``before_step`` runs before the forward that picks each token (token-level
@@ -141,8 +163,13 @@ def decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_ne
             share = 1 if recompute_prefix else samples_per_prompt
             ids = torch.cat([prompt_ids, generated], 1)[::share]
             positions = (mask.cumsum(1) - 1).clamp(min=0)
-            out = model(input_ids=ids, attention_mask=mask[::share], position_ids=positions[::share],
-                        use_cache=not recompute_prefix, logits_to_keep=1)
+            out = model(
+                input_ids=ids,
+                attention_mask=mask[::share],
+                position_ids=positions[::share],
+                use_cache=not recompute_prefix,
+                logits_to_keep=1,
+            )
             forward_tokens += ids.numel()
             logits = out.logits[:, -1].repeat_interleave(share, 0)
             cache = None if recompute_prefix else output_cache(out)
@@ -150,8 +177,14 @@ def decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_ne
                 cache.batch_repeat_interleave(share)
         else:
             positions = mask.sum(1, keepdim=True) - 1  # every row's next position (left padding)
-            out = model(input_ids=generated[live, -1:], attention_mask=mask, position_ids=positions,
-                        use_cache=True, logits_to_keep=1, **{cache_arg: cache})
+            out = model(
+                input_ids=generated[live, -1:],
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=True,
+                logits_to_keep=1,
+                **{cache_arg: cache},
+            )
             forward_tokens += len(live)
             logits, cache = out.logits[:, -1], output_cache(out)
         token = torch.full((rows,), pad_id, dtype=torch.long, device=device)
@@ -168,8 +201,11 @@ def decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_ne
                 keep = (~done[live]).nonzero().squeeze(1)
                 cache.batch_select_indices(keep)
                 mask, live = mask[keep], live[keep]
-    return generated, completion_mask(generated, set(eos_ids)) if stop_at_eos else torch.ones_like(generated), \
-        forward_tokens
+    return (
+        generated,
+        completion_mask(generated, set(eos_ids)) if stop_at_eos else torch.ones_like(generated),
+        forward_tokens,
+    )
 
 
 @contextmanager
@@ -186,10 +222,21 @@ def announce_tokens(model, tokens: int):
             layer.expected_tokens = None
 
 
-def rollout(model, tokenizer, prompts: Sequence[Messages | str], *, max_new_tokens: int = 64,
-            temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, reply_prefix: str = "",
-            ignore_eos: bool = False, samples_per_prompt: int = 1, before_step: StepHook | None = None,
-            all_done: AllDone | None = None) -> Rollouts:
+def rollout(
+    model,
+    tokenizer,
+    prompts: Sequence[Messages | str],
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    reply_prefix: str = "",
+    ignore_eos: bool = False,
+    samples_per_prompt: int = 1,
+    before_step: StepHook | None = None,
+    all_done: AllDone | None = None,
+) -> Rollouts:
     """Generate one completion per prompt in a single batch (greedy when temperature == 0), rows done early
     leaving the batch; `ignore_eos` always generates max_new_tokens (equal work per row, for benchmarks). With
     `samples_per_prompt` = k the prompts come as adjacent groups of k equal ones, each prefilled once (the model
@@ -200,19 +247,41 @@ def rollout(model, tokenizer, prompts: Sequence[Messages | str], *, max_new_toke
     batch = encode_prompts(tokenizer, prompts, model, max_new_tokens, reply_prefix).to(model.device)
     rows, width = batch["input_ids"].shape
     with announce_tokens(model, rows // k * width + rows * max_new_tokens):
-        completion, mask, _ = decode(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=max_new_tokens,
-                                     eos_ids=eos_token_ids(model, tokenizer), pad_id=tokenizer.pad_token_id,
-                                     temperature=temperature, top_p=top_p, seed=seed, stop_at_eos=not ignore_eos,
-                                     samples_per_prompt=k, retire_rows=True, before_step=before_step,
-                                     all_done=all_done)
+        completion, mask, _ = decode(
+            model,
+            batch["input_ids"],
+            batch["attention_mask"],
+            max_new_tokens=max_new_tokens,
+            eos_ids=eos_token_ids(model, tokenizer),
+            pad_id=tokenizer.pad_token_id,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            stop_at_eos=not ignore_eos,
+            samples_per_prompt=k,
+            retire_rows=True,
+            before_step=before_step,
+            all_done=all_done,
+        )
     texts = tokenizer.batch_decode(completion * mask + tokenizer.pad_token_id * (1 - mask), skip_special_tokens=True)
     return Rollouts(batch["input_ids"], batch["attention_mask"], completion, mask, texts)
 
 
-def generate(model, tokenizer, prompts: Sequence[Messages | str], *, max_new_tokens: int = 64,
-             temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 64, seed: int = 0,
-             progress: bool = False, desc: str = "generate", reply_prefix: str = "",
-             all_done: AllDone | None = None) -> list[str]:
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[Messages | str],
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    batch_size: int = 64,
+    seed: int = 0,
+    progress: bool = False,
+    desc: str = "generate",
+    reply_prefix: str = "",
+    all_done: AllDone | None = None,
+) -> list[str]:
     """Batched generation; deterministic for a given seed. Returns the completion texts in order.
 
     Wide batches are what make CPU and GPU decoding fast (a decode step costs about the same for 8 rows as for
@@ -221,10 +290,18 @@ def generate(model, tokenizer, prompts: Sequence[Messages | str], *, max_new_tok
     texts: list[str] = [""] * len(prompts)
     with tqdm(total=len(prompts), desc=desc, disable=not progress, unit="prompt") as bar:
         for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
-            out = rollout(model, tokenizer, [prompts[i] for i in rows], max_new_tokens=max_new_tokens,
-                          temperature=temperature, top_p=top_p, seed=seed + start, reply_prefix=reply_prefix,
-                          all_done=all_done)
+            rows = order[start : start + batch_size]
+            out = rollout(
+                model,
+                tokenizer,
+                [prompts[i] for i in rows],
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                seed=seed + start,
+                reply_prefix=reply_prefix,
+                all_done=all_done,
+            )
             for i, text in zip(rows, out.texts):
                 texts[i] = text
             bar.update(len(rows))
@@ -243,22 +320,28 @@ def output_cache(out):
     return cache if cache is not None else out.past_key_values
 
 
-def completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask_,
-                      samples_per_prompt: int = 1) -> torch.Tensor:
+def completion_logits(
+    model, prompt_ids, prompt_mask, completion_ids, completion_mask_, samples_per_prompt: int = 1
+) -> torch.Tensor:
     """Logits that predict each completion token, (N, C, V), in one forward pass over prompt + completion.
 
     With k samples per prompt (rows of one prompt adjacent and identical) the prompt runs once per prompt and its
     KV cache is shared by its k completions: the same activations, gradients flowing through the shared prefix,
     and k−1 of every k prompt forwards saved."""
     if samples_per_prompt > 1:
-        return shared_prompt_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask_,
-                                    samples_per_prompt)
+        return shared_prompt_logits(
+            model, prompt_ids, prompt_mask, completion_ids, completion_mask_, samples_per_prompt
+        )
     input_ids = torch.cat([prompt_ids, completion_ids], 1)
     attention = torch.cat([prompt_mask, completion_mask_], 1)
     positions = (attention.cumsum(1) - 1).clamp(min=0)  # left padding: positions start at each row's first token
     # the LM head (49k-vocab on SmolLM2: a fifth of the model's FLOPs) only where a completion token is predicted
-    logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
-                   logits_to_keep=completion_ids.shape[1] + 1).logits
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention,
+        position_ids=positions,
+        logits_to_keep=completion_ids.shape[1] + 1,
+    ).logits
     return logits[:, :-1]
 
 
@@ -266,8 +349,13 @@ def shared_prompt_logits(model, prompt_ids, prompt_mask, completion_ids, complet
     if prompt_ids.shape[0] % k or not torch.equal(prompt_ids[::k].repeat_interleave(k, 0), prompt_ids):
         raise ValueError(f"rows are not groups of {k} copies of one prompt")
     once_ids, once_mask = prompt_ids[::k], prompt_mask[::k]
-    out = model(input_ids=once_ids, attention_mask=once_mask, position_ids=(once_mask.cumsum(1) - 1).clamp(min=0),
-                use_cache=True, logits_to_keep=1)
+    out = model(
+        input_ids=once_ids,
+        attention_mask=once_mask,
+        position_ids=(once_mask.cumsum(1) - 1).clamp(min=0),
+        use_cache=True,
+        logits_to_keep=1,
+    )
     first = out.logits[:, -1:].repeat_interleave(k, 0)  # predicts completion token 0
     if completion_ids.shape[1] == 1:
         return first
@@ -276,8 +364,13 @@ def shared_prompt_logits(model, prompt_ids, prompt_mask, completion_ids, complet
     attention = torch.cat([prompt_mask, completion_mask_[:, :-1]], 1)
     start = prompt_mask.sum(1, keepdim=True)  # left padding: completion token j sits at position length + j
     positions = start + torch.arange(completion_ids.shape[1] - 1, device=start.device)
-    rest = model(input_ids=completion_ids[:, :-1], attention_mask=attention, position_ids=positions,
-                 use_cache=True, **{cache_kwarg(model): cache}).logits
+    rest = model(
+        input_ids=completion_ids[:, :-1],
+        attention_mask=attention,
+        position_ids=positions,
+        use_cache=True,
+        **{cache_kwarg(model): cache},
+    ).logits
     return torch.cat([first, rest], 1)
 
 
@@ -293,21 +386,28 @@ def token_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_ma
 
 
 @torch.no_grad()
-def answer_loglik(model, tokenizer, prompts: Sequence[Messages | str], answers: Sequence[str],
-                  batch_size: int = 64) -> torch.Tensor:
+def answer_loglik(
+    model, tokenizer, prompts: Sequence[Messages | str], answers: Sequence[str], batch_size: int = 64
+) -> torch.Tensor:
     """Mean token log-likelihood of each given answer as the assistant's reply (CEM tie-breaks, scoring)."""
     scores = []
     for start in range(0, len(prompts), batch_size):
-        chunk = list(prompts[start:start + batch_size])
+        chunk = list(prompts[start : start + batch_size])
         batch = encode_prompts(tokenizer, chunk, model, 0)
         tokenizer.padding_side = "right"
         try:
-            ans = tokenizer(list(answers[start:start + batch_size]), return_tensors="pt", padding=True,
-                            add_special_tokens=False)
+            ans = tokenizer(
+                list(answers[start : start + batch_size]), return_tensors="pt", padding=True, add_special_tokens=False
+            )
         finally:
             tokenizer.padding_side = "left"
-        logp = token_logprobs(model, batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device),
-                              ans["input_ids"].to(model.device), ans["attention_mask"].to(model.device))
+        logp = token_logprobs(
+            model,
+            batch["input_ids"].to(model.device),
+            batch["attention_mask"].to(model.device),
+            ans["input_ids"].to(model.device),
+            ans["attention_mask"].to(model.device),
+        )
         scores.append(logp.sum(1).cpu() / ans["attention_mask"].sum(1).clamp(min=1))
     return torch.cat(scores)
 
@@ -323,7 +423,7 @@ def split_continuation(tokenizer, context: str, continuation: str) -> tuple[list
         raise ValueError("a log-likelihood context must not be empty")
     whole = tokenizer(context + continuation, add_special_tokens=False).input_ids
     head = tokenizer(context, add_special_tokens=False).input_ids
-    return head, whole[len(head):]
+    return head, whole[len(head) :]
 
 
 @torch.no_grad()
@@ -334,17 +434,16 @@ def continuation_logliks(model, tokenizer, pairs: Sequence[tuple[str, str]], bat
     order = sorted(range(len(encoded)), key=lambda i: -sum(map(len, encoded[i])))
     out = [0.0] * len(encoded)
     for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
+        rows = order[start : start + batch_size]
         inputs = [(encoded[i][0] + encoded[i][1])[:-1] for i in rows]  # the last token is only predicted
         ids = torch.full((len(rows), max(map(len, inputs))), tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for j, row in enumerate(inputs):
-            ids[j, :len(row)], mask[j, :len(row)] = torch.tensor(row), 1
+            ids[j, : len(row)], mask[j, : len(row)] = torch.tensor(row), 1
         logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits
         for j, i in enumerate(rows):
             target = torch.tensor(encoded[i][1], device=logits.device)
             end = len(inputs[j])
-            logp = logits[j, end - len(target):end].float().log_softmax(-1)
+            logp = logits[j, end - len(target) : end].float().log_softmax(-1)
             out[i] = float(logp.gather(-1, target[:, None]).sum())
     return out
-

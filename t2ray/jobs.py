@@ -2,6 +2,7 @@
 working directory, runs `t2ray train EXPERIMENT.yaml` (or `t2ray tune SWEEP.yaml`) on the cluster with a
 runtime_env (pip/uv requirements, environment variables passed from the caller), and prints the equivalent
 `ray job submit` line. Status, logs and stop go through the same client."""
+
 from __future__ import annotations
 
 import json
@@ -15,12 +16,30 @@ from pathlib import Path
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # Passed to the job when set in the caller's environment (values never printed).
-FORWARDED_ENV = ("WANDB_API_KEY", "WANDB_MODE", "WANDB_PROJECT", "WANDB_ENTITY", "HF_TOKEN", "HF_HUB_OFFLINE",
-                 "TOKENIZERS_PARALLELISM", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+FORWARDED_ENV = (
+    "WANDB_API_KEY",
+    "WANDB_MODE",
+    "WANDB_PROJECT",
+    "WANDB_ENTITY",
+    "HF_TOKEN",
+    "HF_HUB_OFFLINE",
+    "TOKENIZERS_PARALLELISM",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
+)
 SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL", re.I)
 # Not uploaded with the working directory (Ray also honours .gitignore files).
-EXCLUDES = [".git", ".venv", "venv", "runs", "wandb", "**/__pycache__", "*.egg-info", ".pytest_cache",
-            "*.safetensors", "*.gguf"]
+EXCLUDES = [
+    ".git",
+    ".venv",
+    "venv",
+    "runs",
+    "wandb",
+    "**/__pycache__",
+    "*.egg-info",
+    ".pytest_cache",
+    "*.safetensors",
+    "*.gguf",
+]
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 AGENT_WAIT_S = 60  # how long a submission waits for a freshly started head's job agent
 
@@ -42,10 +61,12 @@ def connect(address: str | None = None):
         return JobSubmissionClient(address)
     except Exception as err:  # noqa: BLE001 — ConnectionError, ValueError, RuntimeError depending on the failure
         reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        raise JobError(f"cannot reach a Ray dashboard at {address} ({reason}). Is the cluster up? Locally: "
-                       "`ray start --head --dashboard-host 127.0.0.1`; cloud: `ray up cluster/aws-gpu.yaml` then "
-                       "`ray dashboard cluster/aws-gpu.yaml`; KubeRay: `kubectl port-forward "
-                       "svc/t2ray-head-svc 8265:8265`. Or pass --address.") from None
+        raise JobError(
+            f"cannot reach a Ray dashboard at {address} ({reason}). Is the cluster up? Locally: "
+            "`ray start --head --dashboard-host 127.0.0.1`; cloud: `ray up cluster/aws-gpu.yaml` then "
+            "`ray dashboard cluster/aws-gpu.yaml`; KubeRay: `kubectl port-forward "
+            "svc/t2ray-head-svc 8265:8265`. Or pass --address."
+        ) from None
 
 
 def _first_line(err: BaseException) -> str:
@@ -91,8 +112,14 @@ def read_requirements(path: Path) -> list[str]:
     return [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
 
 
-def runtime_env(working_dir: Path, *, requirements: Path | None = None, installer: str = "pip",
-                env: dict[str, str] | None = None, forward: bool = True) -> dict:
+def runtime_env(
+    working_dir: Path,
+    *,
+    requirements: Path | None = None,
+    installer: str = "pip",
+    env: dict[str, str] | None = None,
+    forward: bool = True,
+) -> dict:
     """The job's runtime_env: the uploaded working dir, packages to install, env vars from the caller."""
     if installer not in ("pip", "uv"):
         raise ValueError(f"installer must be pip or uv, got {installer!r}")
@@ -118,7 +145,11 @@ def t2ray_command(address: str) -> str:
 
     own = Path(sys.executable).with_name("t2ray")
     local = urlparse(address if "://" in address else f"http://{address}").hostname in (
-        "127.0.0.1", "localhost", "::1", socket.gethostname())
+        "127.0.0.1",
+        "localhost",
+        "::1",
+        socket.gethostname(),
+    )
     return shlex.quote(str(own)) if local and own.exists() else "t2ray"
 
 
@@ -131,8 +162,9 @@ def entrypoint_for(config: Path, working_dir: Path, overrides: list[str], t2ray:
     try:
         rel = config.relative_to(working_dir)
     except ValueError:
-        raise ValueError(f"{config} is not inside the working dir {working_dir}: it is uploaded with it "
-                         "(pass --working-dir)") from None
+        raise ValueError(
+            f"{config} is not inside the working dir {working_dir}: it is uploaded with it (pass --working-dir)"
+        ) from None
     raw = read_yaml(config)
     if "space" in raw:
         from t2ray.tune import load_sweep
@@ -153,8 +185,10 @@ def storage_warning(config: Path, overrides: list[str]) -> str | None:
     data = deep_merge(read_yaml(config), parse_overrides(overrides))
     path = data.get("storage_path", "runs" if "space" not in data else "runs/sweeps")
     if not Path(str(path)).expanduser().is_absolute():
-        return (f"storage_path {path!r} is relative: on the cluster it is inside the job's temporary working dir "
-                "(gone with it); use shared storage, e.g. --set storage_path=/mnt/shared/t2ray-runs")
+        return (
+            f"storage_path {path!r} is relative: on the cluster it is inside the job's temporary working dir "
+            "(gone with it); use shared storage, e.g. --set storage_path=/mnt/shared/t2ray-runs"
+        )
     return None
 
 
@@ -166,12 +200,17 @@ def _redacted(env: dict) -> dict:
     return out
 
 
-def ray_cli_line(address: str, env: dict, entrypoint: str, submission_id: str | None = None,
-                 entrypoint_num_cpus: float | None = None, entrypoint_num_gpus: float | None = None) -> str:
+def ray_cli_line(
+    address: str,
+    env: dict,
+    entrypoint: str,
+    submission_id: str | None = None,
+    entrypoint_num_cpus: float | None = None,
+    entrypoint_num_gpus: float | None = None,
+) -> str:
     """The same submission with the `ray job submit` CLI (secret env values redacted)."""
     rest = {k: v for k, v in _redacted(env).items() if k != "working_dir"}
-    parts = ["ray job submit", f"--address {shlex.quote(address)}",
-             f"--working-dir {shlex.quote(env['working_dir'])}"]
+    parts = ["ray job submit", f"--address {shlex.quote(address)}", f"--working-dir {shlex.quote(env['working_dir'])}"]
     if rest:
         parts.append(f"--runtime-env-json {shlex.quote(json.dumps(rest))}")
     if submission_id:
@@ -195,17 +234,32 @@ class Submitted:
     warning: str | None = None
 
     def summary(self) -> dict:
-        return {"job_id": self.job_id, "address": self.address, "kind": self.kind, "entrypoint": self.entrypoint,
-                "ray_command": self.ray_command, "runtime_env": _redacted(self.runtime_env),
-                "follow": f"t2ray jobs logs {self.job_id} --address {self.address} --follow",
-                **({"warning": self.warning} if self.warning else {})}
+        return {
+            "job_id": self.job_id,
+            "address": self.address,
+            "kind": self.kind,
+            "entrypoint": self.entrypoint,
+            "ray_command": self.ray_command,
+            "runtime_env": _redacted(self.runtime_env),
+            "follow": f"t2ray jobs logs {self.job_id} --address {self.address} --follow",
+            **({"warning": self.warning} if self.warning else {}),
+        }
 
 
-def submit(config: Path, *, address: str | None = None, working_dir: Path | None = None,
-           overrides: list[str] | None = None, requirements: Path | None = None, installer: str = "pip",
-           env: dict[str, str] | None = None, submission_id: str | None = None,
-           entrypoint_num_cpus: float | None = None, entrypoint_num_gpus: float | None = None,
-           metadata: dict[str, str] | None = None) -> Submitted:
+def submit(
+    config: Path,
+    *,
+    address: str | None = None,
+    working_dir: Path | None = None,
+    overrides: list[str] | None = None,
+    requirements: Path | None = None,
+    installer: str = "pip",
+    env: dict[str, str] | None = None,
+    submission_id: str | None = None,
+    entrypoint_num_cpus: float | None = None,
+    entrypoint_num_gpus: float | None = None,
+    metadata: dict[str, str] | None = None,
+) -> Submitted:
     """Validate the YAML here, then submit it as a Ray job that runs `t2ray train` / `t2ray tune` on the cluster."""
     address = address or default_address()
     working_dir = Path(working_dir or Path.cwd()).resolve()
@@ -219,19 +273,29 @@ def submit(config: Path, *, address: str | None = None, working_dir: Path | None
         deadline = time.monotonic() + AGENT_WAIT_S
         while True:
             try:
-                return client.submit_job(entrypoint=entry, runtime_env=env_, submission_id=submission_id,
-                                         entrypoint_num_cpus=entrypoint_num_cpus,
-                                         entrypoint_num_gpus=entrypoint_num_gpus,
-                                         metadata={"t2ray": kind, **(metadata or {})})
+                return client.submit_job(
+                    entrypoint=entry,
+                    runtime_env=env_,
+                    submission_id=submission_id,
+                    entrypoint_num_cpus=entrypoint_num_cpus,
+                    entrypoint_num_gpus=entrypoint_num_gpus,
+                    metadata={"t2ray": kind, **(metadata or {})},
+                )
             except RuntimeError as err:  # a head that just started has no job agent for a few seconds
                 if "No available agent" not in str(err) or time.monotonic() > deadline:
                     raise
                 time.sleep(2)
 
     job_id = _call(send, "job submission")
-    return Submitted(job_id, address, entry, kind,
-                     ray_cli_line(address, env_, entry, submission_id, entrypoint_num_cpus, entrypoint_num_gpus), env_,
-                     storage_warning(Path(config), list(overrides or [])))
+    return Submitted(
+        job_id,
+        address,
+        entry,
+        kind,
+        ray_cli_line(address, env_, entry, submission_id, entrypoint_num_cpus, entrypoint_num_gpus),
+        env_,
+        storage_warning(Path(config), list(overrides or [])),
+    )
 
 
 def tail(text: str, lines: int = 40) -> str:
@@ -242,11 +306,15 @@ def status(job_id: str, *, address: str | None = None, log_lines: int = 40) -> d
     """Status, message, timings; a failed job also carries the tail of its logs."""
     client = connect(address)
     info = _call(lambda: client.get_job_info(job_id), "job status", job_id)
-    out = {"job_id": job_id, "status": str(getattr(info.status, "value", info.status)), "message": info.message,
-           "entrypoint": info.entrypoint,
-           "start_time": info.start_time and time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.start_time / 1000)),
-           "end_time": info.end_time and time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.end_time / 1000)),
-           "driver_exit_code": getattr(info, "driver_exit_code", None)}
+    out = {
+        "job_id": job_id,
+        "status": str(getattr(info.status, "value", info.status)),
+        "message": info.message,
+        "entrypoint": info.entrypoint,
+        "start_time": info.start_time and time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.start_time / 1000)),
+        "end_time": info.end_time and time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.end_time / 1000)),
+        "driver_exit_code": getattr(info, "driver_exit_code", None),
+    }
     if out["status"] == "FAILED":
         try:
             out["logs_tail"] = tail(client.get_job_logs(job_id), log_lines)
@@ -289,8 +357,10 @@ def follow(job_id: str, *, address: str | None = None, out=None, poll: float = 1
                 text = client.get_job_logs(job_id)
             except Exception as fetch_err:  # noqa: BLE001 — the agent may be briefly unreachable: polls go on
                 if not unreachable:
-                    _warn(f"the logs of job {job_id} cannot be fetched now ({_first_line(fetch_err)}); "
-                          "still waiting for it to end")
+                    _warn(
+                        f"the logs of job {job_id} cannot be fetched now ({_first_line(fetch_err)}); "
+                        "still waiting for it to end"
+                    )
                 unreachable = True
             else:
                 write(text[shown:])
@@ -323,8 +393,14 @@ def stop(job_id: str, *, address: str | None = None, wait_s: float = 60) -> str:
 def list_jobs(*, address: str | None = None) -> list[dict]:
     client = connect(address)
     jobs = _call(client.list_jobs, "job listing")
-    return [{"job_id": j.submission_id or j.job_id, "status": str(getattr(j.status, "value", j.status)),
-             "entrypoint": j.entrypoint} for j in jobs]
+    return [
+        {
+            "job_id": j.submission_id or j.job_id,
+            "status": str(getattr(j.status, "value", j.status)),
+            "entrypoint": j.entrypoint,
+        }
+        for j in jobs
+    ]
 
 
 def check_finished(job_id: str, state: str, *, address: str | None = None, log_lines: int = 40) -> None:
@@ -332,8 +408,14 @@ def check_finished(job_id: str, state: str, *, address: str | None = None, log_l
     if state == "FAILED":
         info = status(job_id, address=address, log_lines=log_lines)
         tail_ = info.get("logs_tail", "")
-        hint = ("\nthe cluster cannot find the t2ray command: install t2ray on its nodes (or in its image), or "
-                "activate t2ray's virtual env before `ray start`") if "t2ray: not found" in tail_ else ""
+        hint = (
+            (
+                "\nthe cluster cannot find the t2ray command: install t2ray on its nodes (or in its image), or "
+                "activate t2ray's virtual env before `ray start`"
+            )
+            if "t2ray: not found" in tail_
+            else ""
+        )
         raise JobError(f"job {job_id} FAILED: {info['message']}{hint}\n--- last {log_lines} log lines ---\n{tail_}")
     if state == "STOPPED":
         raise JobError(f"job {job_id} was STOPPED")

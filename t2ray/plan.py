@@ -1,4 +1,5 @@
 """Capacity planner: memory per GPU for SVF training (weights, factors, activations, rollout engine)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ class Architecture:
     vocab: int
     heads: int
     kv_heads: int
-    tied: bool = False        # input and output embeddings share one matrix
+    tied: bool = False  # input and output embeddings share one matrix
     head_size: int | None = None  # when the config gives it (else hidden ÷ heads)
 
     @property
@@ -22,17 +23,26 @@ class Architecture:
         return self.head_size or self.hidden // self.heads
 
     @classmethod
-    def from_config(cls, config: dict, source: str) -> "Architecture":
+    def from_config(cls, config: dict, source: str) -> Architecture:
         """A Hugging Face decoder config (Llama, Mistral, Qwen, SmolLM…: the names those configs use)."""
         config = config.get("text_config", config)  # multimodal wrappers keep the LM's under text_config
-        names = {"layers": "num_hidden_layers", "hidden": "hidden_size", "mlp": "intermediate_size",
-                 "vocab": "vocab_size", "heads": "num_attention_heads"}
+        names = {
+            "layers": "num_hidden_layers",
+            "hidden": "hidden_size",
+            "mlp": "intermediate_size",
+            "vocab": "vocab_size",
+            "heads": "num_attention_heads",
+        }
         missing = [key for key in names.values() if not isinstance(config.get(key), int)]
         if missing:
             raise ValueError(f"{source}: not a decoder config t2ray can plan for (missing {', '.join(missing)})")
         values = {field: config[key] for field, key in names.items()}
-        return cls(**values, kv_heads=config.get("num_key_value_heads") or values["heads"],
-                   tied=bool(config.get("tie_word_embeddings", False)), head_size=config.get("head_dim"))
+        return cls(
+            **values,
+            kv_heads=config.get("num_key_value_heads") or values["heads"],
+            tied=bool(config.get("tie_word_embeddings", False)),
+            head_size=config.get("head_dim"),
+        )
 
     def linear_shapes(self, modules: str) -> list[tuple[int, int]]:
         """(out, in) of the adapted matrices in one layer."""
@@ -72,22 +82,26 @@ def architecture(model: str) -> Architecture:
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}: not valid JSON ({err})") from None
     if path.suffix == ".json" or "/" not in model or Path(model).is_absolute() or model.startswith("."):
-        raise ValueError(f"unknown model {model!r}: a preset ({', '.join(PRESETS)}), a model folder, a "
-                         "config.json, or a hub id such as meta-llama/Meta-Llama-3-8B-Instruct")
+        raise ValueError(
+            f"unknown model {model!r}: a preset ({', '.join(PRESETS)}), a model folder, a "
+            "config.json, or a hub id such as meta-llama/Meta-Llama-3-8B-Instruct"
+        )
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
         config = hf_hub_download(model, "config.json")
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as err:
-        raise ValueError(f"{model}: its config.json is neither in the hub cache nor reachable ({type(err).__name__})"
-                         "; pass a model folder or a config.json instead") from None
+        raise ValueError(
+            f"{model}: its config.json is neither in the hub cache nor reachable ({type(err).__name__})"
+            "; pass a model folder or a config.json instead"
+        ) from None
     return Architecture.from_config(json.loads(Path(config).read_text()), model)
 
 
 @dataclass
 class Plan:
-    rows: dict[str, float]      # GiB per GPU
+    rows: dict[str, float]  # GiB per GPU
     gpu_mem_gb: float
     z_values: int
 
@@ -102,13 +116,26 @@ class Plan:
     def table(self) -> str:
         lines = ["| component | GiB per GPU |", "|---|---|"]
         lines += [f"| {k} | {v:.2f} |" for k, v in self.rows.items()]
-        lines += [f"| **total** | **{self.total:.2f}** |",
-                  f"| usable (90 % of {self.gpu_mem_gb:g} GB) | {0.9 * self.gpu_mem_gb * 1e9 / GIB:.2f} |"]
+        lines += [
+            f"| **total** | **{self.total:.2f}** |",
+            f"| usable (90 % of {self.gpu_mem_gb:g} GB) | {0.9 * self.gpu_mem_gb * 1e9 / GIB:.2f} |",
+        ]
         return "\n".join(lines)
 
 
-def plan(model: str, *, gpus: int, gpu_mem_gb: float, zero: int, modules: str = "mlp", dtype: str = "bfloat16",
-         micro_batch: int = 8, seq_len: int = 1024, rollout_engine: str = "hf", rollout_batch: int = 32) -> Plan:
+def plan(
+    model: str,
+    *,
+    gpus: int,
+    gpu_mem_gb: float,
+    zero: int,
+    modules: str = "mlp",
+    dtype: str = "bfloat16",
+    micro_batch: int = 8,
+    seq_len: int = 1024,
+    rollout_engine: str = "hf",
+    rollout_batch: int = 32,
+) -> Plan:
     if gpus < 1 or zero not in (0, 1, 2, 3):
         raise ValueError("need gpus ≥ 1 and zero in 0..3")
     arch, b = architecture(model), BYTES[dtype]
@@ -127,8 +154,9 @@ def plan(model: str, *, gpus: int, gpu_mem_gb: float, zero: int, modules: str = 
     kv = 2 * arch.layers * arch.kv_heads * arch.head_dim * seq_len * rollout_batch * b
     if rollout_engine == "vllm":
         # a separate engine holds the full weights + factors (no ZeRO) and a KV cache for the rollout batch
-        rows["rollout engine (vLLM weights + factors + KV)"] = (arch.params * b + sum(r * r for r in ranks) * b
-                                                                + kv) / GIB
+        rows["rollout engine (vLLM weights + factors + KV)"] = (
+            arch.params * b + sum(r * r for r in ranks) * b + kv
+        ) / GIB
     elif rollout_engine == "hf":
         rows["rollout KV cache (HF generate)"] = kv / GIB
     else:

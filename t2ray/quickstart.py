@@ -10,19 +10,29 @@ Every stage writes its output under the root folder and is skipped when that out
 The default budgets take about 49 minutes on 2 CPU cores (42 measured before the LoRA Table 2); experiments/quickstart.yaml is a larger budget and
 experiments/paper-{smollm2,llama3-8b}.yaml the paper's benchmarks (`--check` validates one and prints its stages).
 """
+
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 import typer
 from pydantic import Field, field_validator, model_validator
 
-from t2ray.config import (CEMConfig, ExperimentConfig, ModelConfig, RoutingConfig, Strict, deep_merge, load_experiment,
-                          read_yaml)
+from t2ray.config import (
+    CEMConfig,
+    ExperimentConfig,
+    ModelConfig,
+    RoutingConfig,
+    Strict,
+    deep_merge,
+    load_experiment,
+    read_yaml,
+)
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 CATEGORIES = ("math", "code", "reasoning")
@@ -33,22 +43,48 @@ CALIBRATED_MODEL = "smollm2-135m"
 # Seconds measured on the 2-core machine with SmolLM2 in bf16 (make demo, 2026-11-30): they turn budgets into the
 # minutes announced before each stage. Other tasks fall back on a per-token rate.
 DECOMPOSE_S = 10
-TRAIN_START_S = 42           # one Ray Train run: worker start-up, model + DeepSpeed set-up, final validation, save
+TRAIN_START_S = 42  # one Ray Train run: worker start-up, model + DeepSpeed set-up, final validation, save
 # per iteration of 16 prompts (reasoning: × 4 samples; cls: ~300-token prompts)
-ITERATION_S = {"math": 10.0, "code": 27.0, "reasoning": 16.0, "cls": 28.0,
-               # experiments/paper-smollm2.yaml (256-token rollouts for gsm8k/mbpp), 2026-11-30
-               "gsm8k": 78.0, "mbpp": 94.0, "arc-easy": 15.0, "cls-benchmarks": 30.0}
+ITERATION_S = {
+    "math": 10.0,
+    "code": 27.0,
+    "reasoning": 16.0,
+    "cls": 28.0,
+    # experiments/paper-smollm2.yaml (256-token rollouts for gsm8k/mbpp), 2026-11-30
+    "gsm8k": 78.0,
+    "mbpp": 94.0,
+    "arc-easy": 15.0,
+    "cls-benchmarks": 30.0,
+}
 ITERATION_S_PER_TOKEN = 0.4  # other tasks: per rollout token (an iteration of 16 prompts)
 # per test item, the whole stage (model load, generation, grading) of the base model
-EVAL_S_PER_ITEM = {"math": 0.19, "code": 0.38, "reasoning": 0.2, "math-hard": 0.38, "code-hard": 0.56,
-                   "reasoning-hard": 0.2, "humaneval": 2.5, "gsm8k": 0.9, "mbpp": 2.8, "arc-easy": 0.25}
-EVAL_S_PER_TOKEN = 0.0065    # other tasks: per token of the task's answer budget (max_new_tokens)
-DISPATCH_S_PER_ITEM = 0.3    # both strategies' pass 1 (the classification prompt is ~270 tokens)
+EVAL_S_PER_ITEM = {
+    "math": 0.19,
+    "code": 0.38,
+    "reasoning": 0.2,
+    "math-hard": 0.38,
+    "code-hard": 0.56,
+    "reasoning-hard": 0.2,
+    "humaneval": 2.5,
+    "gsm8k": 0.9,
+    "mbpp": 2.8,
+    "arc-easy": 0.25,
+}
+EVAL_S_PER_TOKEN = 0.0065  # other tasks: per token of the task's answer budget (max_new_tokens)
+DISPATCH_S_PER_ITEM = 0.3  # both strategies' pass 1 (the classification prompt is ~270 tokens)
 TABLE1_LABELS = {"base": "base", "svf": "SVF", "lora": "LoRA"}
-STRATEGY_FACTOR = {"base": 1.0, "prompt": 1.6, "classifier": 1.6, "fewshot": 0.9, "token": 1.8,
-                   # LoRA adapters routed every k tokens (per-row weights in every layer), 16 items, 2026-11-30
-                   "lora-token1": 5.5, "lora-token2": 3.6, "lora-token4": 2.7}
-CEM_ROW_FACTOR = 1.5         # a CEM row (one z per row, plus the reference's log-likelihood) vs a base-model item
+STRATEGY_FACTOR = {
+    "base": 1.0,
+    "prompt": 1.6,
+    "classifier": 1.6,
+    "fewshot": 0.9,
+    "token": 1.8,
+    # LoRA adapters routed every k tokens (per-row weights in every layer), 16 items, 2026-11-30
+    "lora-token1": 5.5,
+    "lora-token2": 3.6,
+    "lora-token4": 2.7,
+}
+CEM_ROW_FACTOR = 1.5  # a CEM row (one z per row, plus the reference's log-likelihood) vs a base-model item
 
 
 class ExpertBudget(Strict):
@@ -59,16 +95,22 @@ class ExpertBudget(Strict):
 
 
 # Measured (bench/RESULTS.md, make_demo): short hot SVF runs vary run to run (math at 10 × 16: +16, +25, −1 points).
-DEFAULT_BUDGETS = {"math": {"iterations": 12, "batch_size": 16, "lr": 4e-3},
-                   "code": {"iterations": 8, "batch_size": 8, "lr": 6e-3},
-                   "reasoning": {"iterations": 8, "batch_size": 8, "lr": 6e-3},
-                   "cls": {"iterations": 4, "batch_size": 8, "lr": 4e-3}}  # ~300-token prompts: costly steps
+DEFAULT_BUDGETS = {
+    "math": {"iterations": 12, "batch_size": 16, "lr": 4e-3},
+    "code": {"iterations": 8, "batch_size": 8, "lr": 6e-3},
+    "reasoning": {"iterations": 8, "batch_size": 8, "lr": 6e-3},
+    "cls": {"iterations": 4, "batch_size": 8, "lr": 4e-3},
+}  # ~300-token prompts: costly steps
 
 
 class LoRATable2(Strict):
     """Table 2 over the LoRA baselines (Belofsky 2023's comparison), when the quickstart trains them."""
-    enabled: bool = Field(True, description="base, each adapter alone (the best is reported), token routing every k "
-                                            "tokens, few-shot α, on the unseen tasks")
+
+    enabled: bool = Field(
+        True,
+        description="base, each adapter alone (the best is reported), token routing every k "
+        "tokens, few-shot α, on the unseen tasks",
+    )
     tasks: list[str] | None = Field(None, description="unseen tasks it runs on (None: all of them)")
     limit: int = Field(16, ge=1, description="test items per task (at most Table 2's)")
     every: list[Literal[1, 2, 4]] = Field([1, 2, 4], min_length=1, description="token routing: re-route every k")
@@ -77,23 +119,35 @@ class LoRATable2(Strict):
 class QuickstartConfig(Strict):
     """Defaults: the whole pipeline on the built-in tasks in about 49 min on 2 CPU cores. experiments/quickstart.yaml
     is a larger budget; experiments/paper-*.yaml run the paper's benchmarks."""
+
     model: ModelConfig = ModelConfig()
-    trained: dict[str, str] = Field({c: c for c in CATEGORIES}, validate_default=True,
-                                    description="category → the task its expert trains on (Table 1)")
+    trained: dict[str, str] = Field(
+        {c: c for c in CATEGORIES},
+        validate_default=True,
+        description="category → the task its expert trains on (Table 1)",
+    )
     classifier_task: str = Field("cls", description="the classifier expert's task (category identification)")
-    unseen: list[str] = Field(["math-hard", "code-hard", "reasoning-hard", "humaneval"], min_length=1,
-                              description="Table 2's tasks: the experts never trained on them")
+    unseen: list[str] = Field(
+        ["math-hard", "code-hard", "reasoning-hard", "humaneval"],
+        min_length=1,
+        description="Table 2's tasks: the experts never trained on them",
+    )
     experts: dict[str, ExpertBudget] = Field(
-        DEFAULT_BUDGETS, validate_default=True,
-        description="RL budget per expert (math, code, reasoning, cls); keys given override only those keys")
+        DEFAULT_BUDGETS,
+        validate_default=True,
+        description="RL budget per expert (math, code, reasoning, cls); keys given override only those keys",
+    )
     training: dict = Field({}, description="merged over every expert's experiment YAML (scaling, deepspeed, rl…)")
     lora_lr_ratio: float = Field(0.1, gt=0, description="LoRA's lr ÷ SVF's (the paper's setups: 2e-4 vs 2e-3)")
     eval_limit: int = Field(128, ge=1, description="test items per trained-task evaluation (Table 1)")
     unseen_limit: int = Field(64, ge=1, description="test items per unseen-task evaluation (Table 2)")
     limits: dict[str, int] = Field({"humaneval": 16}, description="test items of these tasks, over the two above")
     cem: CEMConfig = CEMConfig(population=6, generations=3, shots=3)
-    routing: RoutingConfig = Field(RoutingConfig(every=4), description="token-level: re-embed every 4 tokens "
-                                   "(2 was Belofsky's best; each routing step embeds every unfinished row)")
+    routing: RoutingConfig = Field(
+        RoutingConfig(every=4),
+        description="token-level: re-embed every 4 tokens "
+        "(2 was Belofsky's best; each routing step embeds every unfinished row)",
+    )
     lora: bool = Field(True, description="train the LoRA baselines for Table 1")
     # HumanEval is left out by default: 16 problems × 7 columns would cost ~10 min, and SmolLM2-135M solves none
     lora_table2: LoRATable2 = LoRATable2(tasks=["math-hard", "code-hard", "reasoning-hard"])
@@ -135,14 +189,15 @@ class QuickstartConfig(Strict):
             task_category(name)
         return value
 
-
     @model_validator(mode="after")
     def _lora_table2_on_unseen_tasks(self):
         runs = self.lora and self.lora_table2.enabled
         outside = [t for t in (self.lora_table2.tasks or []) if t not in self.unseen] if runs else []
         if outside:
-            raise ValueError(f"lora_table2.tasks: {outside[0]!r} is not one of the unseen tasks {self.unseen}; set "
-                             "lora_table2.tasks (null: every unseen task)")
+            raise ValueError(
+                f"lora_table2.tasks: {outside[0]!r} is not one of the unseen tasks {self.unseen}; set "
+                "lora_table2.tasks (null: every unseen task)"
+            )
         return self
 
 
@@ -159,7 +214,7 @@ def task_category(name: str) -> str:
 @dataclass
 class Stage:
     name: str
-    minutes: float | None         # expected wall time on 2 CPU cores (None: no estimate for this model)
+    minutes: float | None  # expected wall time on 2 CPU cores (None: no estimate for this model)
     output: Path
     run: Callable[[], str | None]  # may return a one-line outcome for the stage's closing line
 
@@ -173,8 +228,11 @@ def run_stages(stages: list[Stage], check: bool = False) -> None:
     line with its measured time and outcome. `check`: the plan alone."""
     left = [s for s in stages if not s.output.exists()]
     known = [s.minutes for s in left if s.minutes is not None]
-    total = f"about {sum(known):.0f} min on 2 CPU cores" if len(known) == len(left) else \
-        f"no time estimate (calibrated for {CALIBRATED_MODEL} on 2 CPU cores)"
+    total = (
+        f"about {sum(known):.0f} min on 2 CPU cores"
+        if len(known) == len(left)
+        else f"no time estimate (calibrated for {CALIBRATED_MODEL} on 2 CPU cores)"
+    )
     typer.secho(f"quickstart: {len(stages)} stages, {len(left)} to run, {total}", bold=True)
     start_all = time.perf_counter()
     for i, stage in enumerate(stages, 1):
@@ -224,15 +282,27 @@ def expert_config(root: Path, qs: QuickstartConfig, expert: str, method: str) ->
     base = load_experiment(EXPERIMENTS / f"smollm2-{expert}.yaml").model_dump()
     budget = qs.experts[expert]
     task = qs.classifier_task if expert == "cls" else qs.trained[expert]
-    rl = {"iterations": budget.iterations, "batch_size": budget.batch_size,
-          # one validation, at the end (its expert is the final z): the Table 1 evaluation follows anyway
-          "eval_interval": budget.iterations, "eval_limit": 32,
-          "lr": budget.lr * (qs.lora_lr_ratio if method == "lora" else 1.0),
-          **({"max_new_tokens": budget.max_new_tokens} if budget.max_new_tokens else {})}
+    rl = {
+        "iterations": budget.iterations,
+        "batch_size": budget.batch_size,
+        # one validation, at the end (its expert is the final z): the Table 1 evaluation follows anyway
+        "eval_interval": budget.iterations,
+        "eval_limit": 32,
+        "lr": budget.lr * (qs.lora_lr_ratio if method == "lora" else 1.0),
+        **({"max_new_tokens": budget.max_new_tokens} if budget.max_new_tokens else {}),
+    }
     merged = deep_merge(deep_merge(base, {"rl": rl}), qs.training)
-    return ExperimentConfig.model_validate({
-        **merged, "name": f"{method}-{expert}", "task": task, "method": method, "storage_path": str(root),
-        "model": qs.model.model_dump(), "tracking": {"wandb": True, "project": "t2ray-quickstart"}})
+    return ExperimentConfig.model_validate(
+        {
+            **merged,
+            "name": f"{method}-{expert}",
+            "task": task,
+            "method": method,
+            "storage_path": str(root),
+            "model": qs.model.model_dump(),
+            "tracking": {"wandb": True, "project": "t2ray-quickstart"},
+        }
+    )
 
 
 def expert_path(cfg: ExperimentConfig) -> Path:
@@ -241,6 +311,7 @@ def expert_path(cfg: ExperimentConfig) -> Path:
 
 def evaluation(qs: QuickstartConfig, task: str, limit: int, out: Path, expert: Path | None = None) -> Callable[[], str]:
     """A stage: the base model or one expert (SVF file or LoRA folder) on the first `limit` test items of `task`."""
+
     def run() -> str:
         from t2ray.adapters import load_adapted
         from t2ray.evaluate import evaluate
@@ -250,31 +321,55 @@ def evaluation(qs: QuickstartConfig, task: str, limit: int, out: Path, expert: P
         result = evaluate(model, tokenizer, get_task(task), limit=limit, adapter=label)
         result.save(out)
         return f"{label}: {result.accuracy:.1%} ({result.correct}/{result.n})"
+
     return run
 
 
-def adaptation(qs: QuickstartConfig, strategy: str, task: str, limit: int, out: Path, experts: list[Path],
-               classifier: Path | None = None, every: int | None = None) -> Callable[[], str]:
+def adaptation(
+    qs: QuickstartConfig,
+    strategy: str,
+    task: str,
+    limit: int,
+    out: Path,
+    experts: list[Path],
+    classifier: Path | None = None,
+    every: int | None = None,
+) -> Callable[[], str]:
     """A stage: a two-pass strategy over an expert library (SVF files or LoRA folders) on `task`."""
     from t2ray.config import AdaptConfig
 
     routing = qs.routing if every is None else qs.routing.model_copy(update={"every": every})
-    cfg = AdaptConfig(strategy=strategy, task=task, model=qs.model, experts=[str(e) for e in experts],
-                      classifier_expert=str(classifier) if classifier else None, limit=limit, cem=qs.cem,
-                      routing=routing)
+    cfg = AdaptConfig(
+        strategy=strategy,
+        task=task,
+        model=qs.model,
+        experts=[str(e) for e in experts],
+        classifier_expert=str(classifier) if classifier else None,
+        limit=limit,
+        cem=qs.cem,
+        routing=routing,
+    )
 
     def run() -> str:
         from t2ray.adapt.two_pass import run_adapt
 
         result = run_adapt(cfg, progress=True)
         result.save(out)
-        return (f"{result.eval.accuracy:.1%} ({result.eval.correct}/{result.eval.n}); pass 1 {result.pass1_s:.1f} s, "
-                f"pass 2 {result.pass2_s:.1f} s")
+        return (
+            f"{result.eval.accuracy:.1%} ({result.eval.correct}/{result.eval.n}); pass 1 {result.pass1_s:.1f} s, "
+            f"pass 2 {result.pass2_s:.1f} s"
+        )
+
     return run
 
 
-def lora_table2_stages(qs: QuickstartConfig, folder: Path, adapters: dict[str, Path], limits: dict[str, int],
-                       estimate: Callable[[float], float | None]) -> list[Stage]:
+def lora_table2_stages(
+    qs: QuickstartConfig,
+    folder: Path,
+    adapters: dict[str, Path],
+    limits: dict[str, int],
+    estimate: Callable[[float], float | None],
+) -> list[Stage]:
     """Table 2 over LoRA adapters (category -> folder), written to `folder` as COLUMN-TASK.json: each adapter alone
     (single_<category>), token routing every k (token<k>), few-shot α (fewshot); the base is Table 2's own."""
     stages = []
@@ -283,16 +378,33 @@ def lora_table2_stages(qs: QuickstartConfig, folder: Path, adapters: dict[str, P
         n = min(qs.lora_table2.limit, limits[t])
         for category, adapter in adapters.items():
             out = folder / f"single_{category}-{t}.json"
-            stages.append(Stage(f"Table 2 (LoRA): the {category} adapter alone on {t} ({n} test items)",
-                                estimate(eval_minutes(t, n)), out, evaluation(qs, t, n, out, adapter)))
+            stages.append(
+                Stage(
+                    f"Table 2 (LoRA): the {category} adapter alone on {t} ({n} test items)",
+                    estimate(eval_minutes(t, n)),
+                    out,
+                    evaluation(qs, t, n, out, adapter),
+                )
+            )
         for every in qs.lora_table2.every:
             out = folder / f"token{every}-{t}.json"
-            stages.append(Stage(f"Table 2 (LoRA): token routing every {every} on {t}",
-                                estimate(eval_minutes(t, n, f"lora-token{every}")), out,
-                                adaptation(qs, "token", t, n, out, library, every=every)))
+            stages.append(
+                Stage(
+                    f"Table 2 (LoRA): token routing every {every} on {t}",
+                    estimate(eval_minutes(t, n, f"lora-token{every}")),
+                    out,
+                    adaptation(qs, "token", t, n, out, library, every=every),
+                )
+            )
         out = folder / f"fewshot-{t}.json"
-        stages.append(Stage(f"Table 2 (LoRA): few-shot α on {t}", estimate(eval_minutes(t, n, "fewshot", qs.cem)),
-                            out, adaptation(qs, "fewshot", t, n, out, library)))
+        stages.append(
+            Stage(
+                f"Table 2 (LoRA): few-shot α on {t}",
+                estimate(eval_minutes(t, n, "fewshot", qs.cem)),
+                out,
+                adaptation(qs, "fewshot", t, n, out, library),
+            )
+        )
     return stages
 
 
@@ -322,6 +434,7 @@ def quickstart(root: Path = Path("runs/quickstart"), config: Path | None = None,
             outcome = train(cfg)
             last = outcome.history[-1] if outcome.history else {}
             return f"valid accuracy {outcome.best_valid:.1%}, last rollouts {last.get('accuracy', float('nan')):.1%}"
+
         return run
 
     svf_library = [expert_path(svf[c]) for c in CATEGORIES]
@@ -342,35 +455,78 @@ def quickstart(root: Path = Path("runs/quickstart"), config: Path | None = None,
         return ", ".join(f"{s} {quality[s]['accuracy']:.1%}" for s in ("prompt", "classifier"))
 
     t1, t2 = root / "table1", root / "table2"
-    stages = [Stage("decompose the MLP matrices (SVD, cached per model)", estimate(DECOMPOSE_S / 60),
-                    root / "decompose.done", decompose)]
+    stages = [
+        Stage(
+            "decompose the MLP matrices (SVD, cached per model)",
+            estimate(DECOMPOSE_S / 60),
+            root / "decompose.done",
+            decompose,
+        )
+    ]
     workers = f"Ray Train, {svf['math'].scaling.num_workers} workers, ZeRO-{svf['math'].deepspeed.zero_stage}"
-    stages += [Stage(f"train the {e} SVF expert on {c.task} ({workers})", estimate(train_minutes(c)), expert_path(c),
-                     training(c)) for e, c in svf.items()]
-    stages += [Stage(f"train the {e} LoRA baseline on {c.task} (same loop, same budget)", estimate(train_minutes(c)),
-                     expert_path(c), training(c)) for e, c in lora.items()]
+    stages += [
+        Stage(
+            f"train the {e} SVF expert on {c.task} ({workers})", estimate(train_minutes(c)), expert_path(c), training(c)
+        )
+        for e, c in svf.items()
+    ]
+    stages += [
+        Stage(
+            f"train the {e} LoRA baseline on {c.task} (same loop, same budget)",
+            estimate(train_minutes(c)),
+            expert_path(c),
+            training(c),
+        )
+        for e, c in lora.items()
+    ]
     for category, t in qs.trained.items():
-        columns = {"base": None, "svf": expert_path(svf[category]),
-                   **({"lora": expert_path(lora[category])} if category in lora else {})}
+        columns = {
+            "base": None,
+            "svf": expert_path(svf[category]),
+            **({"lora": expert_path(lora[category])} if category in lora else {}),
+        }
         for column, expert in columns.items():
             out = t1 / f"{column}-{t}.json"
-            stages.append(Stage(f"Table 1: {TABLE1_LABELS[column]} on {t} ({limits[t]} test items)",
-                                estimate(eval_minutes(t, limits[t])), out, evaluation(qs, t, limits[t], out, expert)))
-    stages.append(Stage(f"dispatch quality: pass 1 of prompt and classifier on {sum(dispatched.values())} test "
-                        "queries", estimate(DISPATCH_S_PER_ITEM * sum(dispatched.values()) / 60),
-                        root / "dispatch.json", dispatch))
+            stages.append(
+                Stage(
+                    f"Table 1: {TABLE1_LABELS[column]} on {t} ({limits[t]} test items)",
+                    estimate(eval_minutes(t, limits[t])),
+                    out,
+                    evaluation(qs, t, limits[t], out, expert),
+                )
+            )
+    stages.append(
+        Stage(
+            f"dispatch quality: pass 1 of prompt and classifier on {sum(dispatched.values())} test queries",
+            estimate(DISPATCH_S_PER_ITEM * sum(dispatched.values()) / 60),
+            root / "dispatch.json",
+            dispatch,
+        )
+    )
     for t in qs.unseen:
         out = t2 / f"base-{t}.json"
-        stages.append(Stage(f"Table 2: base on {t} ({limits[t]} test items)", estimate(eval_minutes(t, limits[t])),
-                            out, evaluation(qs, t, limits[t], out)))
+        stages.append(
+            Stage(
+                f"Table 2: base on {t} ({limits[t]} test items)",
+                estimate(eval_minutes(t, limits[t])),
+                out,
+                evaluation(qs, t, limits[t], out),
+            )
+        )
         for strategy in ("prompt", "classifier", "fewshot", "token"):
             out = t2 / f"{strategy}-{t}.json"
-            stages.append(Stage(f"Table 2: {strategy} on {t}", estimate(eval_minutes(t, limits[t], strategy, qs.cem)),
-                                out, adaptation(qs, strategy, t, limits[t], out, svf_library,
-                                                expert_path(svf["cls"]))))
+            stages.append(
+                Stage(
+                    f"Table 2: {strategy} on {t}",
+                    estimate(eval_minutes(t, limits[t], strategy, qs.cem)),
+                    out,
+                    adaptation(qs, strategy, t, limits[t], out, svf_library, expert_path(svf["cls"])),
+                )
+            )
     if lora and qs.lora_table2.enabled:
-        stages += lora_table2_stages(qs, root / "table2-lora", {c: expert_path(cfg) for c, cfg in lora.items()},
-                                     limits, estimate)
+        stages += lora_table2_stages(
+            qs, root / "table2-lora", {c: expert_path(cfg) for c, cfg in lora.items()}, limits, estimate
+        )
     run_stages(stages, check=check)
     if check:
         typer.secho(f"quickstart --check: {config or 'the default config'} is valid; nothing was run", bold=True)

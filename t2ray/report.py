@@ -6,6 +6,7 @@ Layout read (what `t2ray quickstart` writes):
   RUN_DIR/table2-lora/{column}-{task}.json       the same over the LoRA adapters: single_<category>, token<k>, fewshot
   RUN_DIR/*/metrics.jsonl                        training runs (learning curves)
 """
+
 from __future__ import annotations
 
 import csv
@@ -16,9 +17,11 @@ from pathlib import Path
 TABLE1_COLUMNS = ("base", "lora", "svf")
 TABLE2_COLUMNS = ("base", "prompt", "classifier", "fewshot", "token")
 DISPATCH_STRATEGIES = ("prompt", "classifier")
-LORA_TABLE2_LEGEND = ("best single: the adapter with the best accuracy on that task, picked on the test items (an "
-                      "oracle, as Belofsky 2023's baseline); token k: routed every k tokens; fewshot: CEM's α per "
-                      "adapter. base: Table 2's base model on the same items.")
+LORA_TABLE2_LEGEND = (
+    "best single: the adapter with the best accuracy on that task, picked on the test items (an "
+    "oracle, as Belofsky 2023's baseline); token k: routed every k tokens; fewshot: CEM's α per "
+    "adapter. base: Table 2's base model on the same items."
+)
 
 
 def _load(folder: Path) -> dict[tuple[str, str], dict]:
@@ -37,7 +40,7 @@ def wilson_interval(correct: int, n: int) -> tuple[float, float]:
     """95 % Wilson score interval of an accuracy: honest at 0/n and n/n, where p ± 2·s.e. is not."""
     if n == 0:
         return 0.0, 1.0
-    p, z2 = correct / n, Z95 ** 2
+    p, z2 = correct / n, Z95**2
     centre = (p + z2 / (2 * n)) / (1 + z2 / n)
     half = Z95 * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
     return max(0.0, centre - half), min(1.0, centre + half)
@@ -64,8 +67,11 @@ def _cell(results: dict, column: str, task: str) -> str:
     diff = paired_difference(r, results[("base", task)]) if column != "base" and ("base", task) in results else None
     if diff:
         mean, low, high, _ = diff
-        text += ("; Δ +0.0 (no item differs)" if low == high == 0 else
-                 f"; Δ {100 * mean:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]{'*' if low > 0 or high < 0 else ''}")
+        text += (
+            "; Δ +0.0 (no item differs)"
+            if low == high == 0
+            else f"; Δ {100 * mean:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]{'*' if low > 0 or high < 0 else ''}"
+        )
     return text
 
 
@@ -83,10 +89,17 @@ def significance_reading(results: dict, columns: tuple[str, ...]) -> list[str]:
             if low == high == 0:
                 lines.append(f"- {task}, {column}: graded like the base model on every one of the {n} items.")
                 continue
-            verdict = ("significantly better than" if low > 0 else "significantly worse than" if high < 0
-                       else "not distinguishable from")
-            lines.append(f"- {task}, {column}: {100 * mean:+.1f} points vs base (95 % [{100 * low:+.1f}, "
-                         f"{100 * high:+.1f}], n = {n} paired items): {verdict} the base model.")
+            verdict = (
+                "significantly better than"
+                if low > 0
+                else "significantly worse than"
+                if high < 0
+                else "not distinguishable from"
+            )
+            lines.append(
+                f"- {task}, {column}: {100 * mean:+.1f} points vs base (95 % [{100 * low:+.1f}, "
+                f"{100 * high:+.1f}], n = {n} paired items): {verdict} the base model."
+            )
     return lines
 
 
@@ -120,12 +133,16 @@ def fewshot_reading(table2: dict) -> list[str]:
             continue
         mean, low, high, n = diff
         if low == high == 0:
-            lines.append(f"- {task}: few-shot and {name}, the better single-expert strategy, are graded alike on "
-                         f"every one of the {n} items.")
+            lines.append(
+                f"- {task}: few-shot and {name}, the better single-expert strategy, are graded alike on "
+                f"every one of the {n} items."
+            )
             continue
         verdict = "significantly better" if low > 0 else "significantly worse" if high < 0 else "not distinguishable"
-        lines.append(f"- {task}: few-shot vs {name}, the better single-expert strategy: {100 * mean:+.1f} points "
-                     f"(95 % [{100 * low:+.1f}, {100 * high:+.1f}], n = {n} paired items): {verdict}.")
+        lines.append(
+            f"- {task}: few-shot vs {name}, the better single-expert strategy: {100 * mean:+.1f} points "
+            f"(95 % [{100 * low:+.1f}, {100 * high:+.1f}], n = {n} paired items): {verdict}."
+        )
     return lines
 
 
@@ -133,8 +150,13 @@ def _on_items(result: dict, ids: set) -> dict:
     """The result restricted to the items `ids` (accuracy recounted), so every column of a table covers the same."""
     records = [r for r in result.get("records", []) if r["id"] in ids]
     correct = sum(bool(r["correct"]) for r in records)
-    return {**result, "records": records, "n": len(records), "correct": correct,
-            "accuracy": correct / max(1, len(records))}
+    return {
+        **result,
+        "records": records,
+        "n": len(records),
+        "correct": correct,
+        "accuracy": correct / max(1, len(records)),
+    }
 
 
 def lora_table2_results(lora: dict, table2: dict) -> tuple[dict, tuple[str, ...], list[str]]:
@@ -147,8 +169,11 @@ def lora_table2_results(lora: dict, table2: dict) -> tuple[dict, tuple[str, ...]
             top = max(r["accuracy"] for r in singles.values())
             best = [c for c in sorted(singles) if singles[c]["accuracy"] == top]
             results[("best single", task)] = singles[best[0]]
-            notes.append(f"{task}: best single adapter = {' = '.join(best)}{' (tied)' if len(best) > 1 else ''} (" +
-                         ", ".join(f"{c} {r['accuracy']:.1%}" for c, r in sorted(singles.items())) + ")")
+            notes.append(
+                f"{task}: best single adapter = {' = '.join(best)}{' (tied)' if len(best) > 1 else ''} ("
+                + ", ".join(f"{c} {r['accuracy']:.1%}" for c, r in sorted(singles.items()))
+                + ")"
+            )
         for (column, t), r in lora.items():
             if t == task and not column.startswith("single_"):
                 results[(column, task)] = r
@@ -211,11 +236,20 @@ def plot_learning_curves(run_dir: Path, path: Path) -> bool:
     for run in runs:
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
         evals = [r for r in rows if "valid_accuracy" in r]
-        line, = ax.plot([r["iteration"] for r in rows], [r["accuracy"] for r in rows], alpha=0.35)
-        ax.plot([r["iteration"] for r in evals], [r["valid_accuracy"] for r in evals], "o-", color=line.get_color(),
-                label=run.name)
-    ax.set(xlabel="iteration", ylabel="accuracy (line: rollouts, dots: valid)", ylim=(0, 1),
-           title="RL training of the experts")
+        (line,) = ax.plot([r["iteration"] for r in rows], [r["accuracy"] for r in rows], alpha=0.35)
+        ax.plot(
+            [r["iteration"] for r in evals],
+            [r["valid_accuracy"] for r in evals],
+            "o-",
+            color=line.get_color(),
+            label=run.name,
+        )
+    ax.set(
+        xlabel="iteration",
+        ylabel="accuracy (line: rollouts, dots: valid)",
+        ylim=(0, 1),
+        title="RL training of the experts",
+    )
     _save(fig, ax, path)
     return True
 
@@ -250,8 +284,11 @@ def dispatch_tables(dispatch: dict) -> list[tuple[str, list[str], list[list[str]
         c = dispatch[strategy]
         labels = c["labels"]
         header = ["true category", *labels, "per-class accuracy"]
-        rows = [[true, *map(str, row), f"{c['per_class'][true]:.1%}"]
-                for true, row in zip(labels, c["counts"]) if true in c["per_class"]]
+        rows = [
+            [true, *map(str, row), f"{c['per_class'][true]:.1%}"]
+            for true, row in zip(labels, c["counts"])
+            if true in c["per_class"]
+        ]
         tables.append((strategy, header, rows))
     return tables
 
@@ -269,8 +306,15 @@ def plot_confusion(dispatch: dict, path: Path) -> None:
         ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
         for i in range(share.shape[0]):
             for j in range(share.shape[1]):
-                ax.text(j, i, f"{share[i, j]:.2f}\n({int(counts[i, j])})", ha="center", va="center", fontsize=8,
-                        color="white" if share[i, j] > 0.6 else "black")
+                ax.text(
+                    j,
+                    i,
+                    f"{share[i, j]:.2f}\n({int(counts[i, j])})",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if share[i, j] > 0.6 else "black",
+                )
         ax.set_xticks(range(len(c["labels"])), c["labels"])
         ax.set_yticks(range(len(rows)), [c["labels"][k] for k in rows])
         ax.set(xlabel="pass 1 label", ylabel="true category", title=f"{strategy}: accuracy {c['accuracy']:.1%}")
@@ -290,12 +334,24 @@ def plot_cem_fitness(table2: dict, path: Path) -> bool:
     for k, (task, history) in enumerate(sorted(found.items())):
         gens = [h["generation"] for h in history]
         acc.plot(gens, [h["best_accuracy"] for h in history], "o-", color=f"C{k}", label=f"{task}: best")
-        acc.plot(gens, [h["mean_accuracy"] for h in history], "--", color=f"C{k}", alpha=0.6,
-                 label=f"{task}: population mean")
+        acc.plot(
+            gens,
+            [h["mean_accuracy"] for h in history],
+            "--",
+            color=f"C{k}",
+            alpha=0.6,
+            label=f"{task}: population mean",
+        )
         ll.plot(gens, [h["best_loglik"] for h in history], "o-", color=f"C{k}", label=task)
-    acc.set(xlabel="CEM generation", ylabel="accuracy on the shots", ylim=(-0.02, 1.02),
-            title="few-shot CEM fitness per generation")
-    ll.set(xlabel="CEM generation", ylabel="mean log-likelihood of the references", title="the best candidate's tie-break")
+    acc.set(
+        xlabel="CEM generation",
+        ylabel="accuracy on the shots",
+        ylim=(-0.02, 1.02),
+        title="few-shot CEM fitness per generation",
+    )
+    ll.set(
+        xlabel="CEM generation", ylabel="mean log-likelihood of the references", title="the best candidate's tie-break"
+    )
     for ax in (acc, ll):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=7)
@@ -316,18 +372,34 @@ def build_report(run_dir: str | Path) -> Path:
     sections = ["# t2ray report", ""]
     tables = {}
     for name, results, columns, title in (
-            ("table1", table1, TABLE1_COLUMNS, "Table 1 — trained tasks: base vs LoRA vs SVF (test accuracy)"),
-            ("table2", table2, TABLE2_COLUMNS, "Table 2 — unseen tasks: two-pass strategies (test accuracy)")):
+        ("table1", table1, TABLE1_COLUMNS, "Table 1 — trained tasks: base vs LoRA vs SVF (test accuracy)"),
+        ("table2", table2, TABLE2_COLUMNS, "Table 2 — unseen tasks: two-pass strategies (test accuracy)"),
+    ):
         if results:
             tables[name] = _table(results, columns)
-            sections += [f"## {title}", "", _markdown(*tables[name]), "",
-                         "Cells: accuracy [95 % Wilson interval]; Δ: the paired difference vs base on the same items, "
-                         "in points [95 % interval]; * where that interval excludes 0.", "",
-                         *significance_reading(results, columns), "", f"![{name}](report/{name}.png)", ""]
+            sections += [
+                f"## {title}",
+                "",
+                _markdown(*tables[name]),
+                "",
+                "Cells: accuracy [95 % Wilson interval]; Δ: the paired difference vs base on the same items, "
+                "in points [95 % interval]; * where that interval excludes 0.",
+                "",
+                *significance_reading(results, columns),
+                "",
+                f"![{name}](report/{name}.png)",
+                "",
+            ]
             if name == "table1":
-                sections += ["Adapters evaluated: " + "; ".join(
-                    f"{column} on {task} = `{r['adapter']}`" for (column, task), r in sorted(results.items())
-                    if column != "base" and r.get("adapter")), ""]
+                sections += [
+                    "Adapters evaluated: "
+                    + "; ".join(
+                        f"{column} on {task} = `{r['adapter']}`"
+                        for (column, task), r in sorted(results.items())
+                        if column != "base" and r.get("adapter")
+                    ),
+                    "",
+                ]
             plot_accuracy_bars(results, columns, out / f"{name}.png", title.split(" (")[0])
             if name == "table2" and (reading := fewshot_reading(results)):
                 sections += ["Few-shot adaptation vs the best single expert:", "", *reading, ""]
@@ -336,39 +408,68 @@ def build_report(run_dir: str | Path) -> Path:
         results, columns, notes = lora_table2_results(lora, table2)
         tables["table2_lora"] = _table(results, columns)
         title = "Table 2 (LoRA) — unseen tasks: LoRA adapters routed per token, mixed by few-shot α (test accuracy)"
-        sections += [f"## {title}", "", _markdown(*tables["table2_lora"]), "", LORA_TABLE2_LEGEND, "",
-                     *[f"- {n}" for n in notes], "", *significance_reading(results, columns), "",
-                     "![table2_lora](report/table2_lora.png)", ""]
+        sections += [
+            f"## {title}",
+            "",
+            _markdown(*tables["table2_lora"]),
+            "",
+            LORA_TABLE2_LEGEND,
+            "",
+            *[f"- {n}" for n in notes],
+            "",
+            *significance_reading(results, columns),
+            "",
+            "![table2_lora](report/table2_lora.png)",
+            "",
+        ]
         plot_accuracy_bars(results, columns, out / "table2_lora.png", title.split(" (test")[0])
     if table2:
         timed = {k: v for k, v in table2.items() if "pass1_s" in v}
         header3 = ["task", "strategy", "pass 1 (s)", "pass 2 (s)", "pass 1 ÷ pass 2"]
-        rows3 = [[t, c, f"{r['pass1_s']:.1f}", f"{r['pass2_s']:.1f}", f"{r['pass1_over_pass2']:.1%}"]
-                 for (c, t), r in sorted(timed.items(), key=lambda kv: (kv[0][1], kv[0][0]))]
+        rows3 = [
+            [t, c, f"{r['pass1_s']:.1f}", f"{r['pass2_s']:.1f}", f"{r['pass1_over_pass2']:.1%}"]
+            for (c, t), r in sorted(timed.items(), key=lambda kv: (kv[0][1], kv[0][0]))
+        ]
         tables["table3"] = (header3, rows3)
-        sections += ["## Table 3 — time of pass 1 vs pass 2", "", _markdown(header3, rows3), "",
-                     "Few-shot pass 1 is the CEM search, run once per task (not per query).", ""]
+        sections += [
+            "## Table 3 — time of pass 1 vs pass 2",
+            "",
+            _markdown(header3, rows3),
+            "",
+            "Few-shot pass 1 is the CEM search, run once per task (not per query).",
+            "",
+        ]
         if plot_cem_alpha(table2, out / "cem_alpha.png"):
             sections += ["![CEM α](report/cem_alpha.png)", ""]
         if plot_cem_fitness(table2, out / "cem_fitness.png"):
             sections += ["![CEM fitness](report/cem_fitness.png)", ""]
     if (run_dir / "dispatch.json").exists():
         dispatch = json.loads((run_dir / "dispatch.json").read_text())
-        sections += ["## Dispatch quality — pass 1's category vs the true one", "",
-                     "Over the test queries of the trained and unseen tasks (" + ", ".join(
-                         f"{t}: {c}" for t, c in dispatch["categories"].items()) + ").", ""]
+        sections += [
+            "## Dispatch quality — pass 1's category vs the true one",
+            "",
+            "Over the test queries of the trained and unseen tasks ("
+            + ", ".join(f"{t}: {c}" for t, c in dispatch["categories"].items())
+            + ").",
+            "",
+        ]
         for strategy, header, rows in dispatch_tables(dispatch):
             tables[f"dispatch_{strategy}"] = (header, rows)
-            sections += [f"**{strategy}** (accuracy {dispatch[strategy]['accuracy']:.1%}, "
-                         f"n = {dispatch[strategy]['n']})", "", _markdown(header, rows), ""]
+            sections += [
+                f"**{strategy}** (accuracy {dispatch[strategy]['accuracy']:.1%}, n = {dispatch[strategy]['n']})",
+                "",
+                _markdown(header, rows),
+                "",
+            ]
         plot_confusion(dispatch, out / "dispatch_confusion.png")
         sections += ["![dispatch confusion](report/dispatch_confusion.png)", ""]
     if plot_learning_curves(run_dir, out / "learning_curves.png"):
         sections += ["## Learning curves", "", "![learning curves](report/learning_curves.png)", ""]
     for name, (header, rows) in tables.items():
         _write_csv(out / f"{name}.csv", header, rows)
-    (out / "tables.json").write_text(json.dumps({k: {"header": h, "rows": r} for k, (h, r) in tables.items()},
-                                                indent=2))
+    (out / "tables.json").write_text(
+        json.dumps({k: {"header": h, "rows": r} for k, (h, r) in tables.items()}, indent=2)
+    )
     report = run_dir / "report.md"
     report.write_text("\n".join(sections))
     return report

@@ -5,6 +5,7 @@ temporary folder (so SVD caches and outputs never touch the user's), with ``mode
 model cache: the converted SmolLM2 safetensors stay reachable, and a first conversion lands in the real
 cache for later sessions.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -35,7 +36,6 @@ if sandbox._probe() is not None:  # a machine without user namespaces: grade in 
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
 from ray_env import env_var  # noqa: E402  (tests/ray_env.py)
 
 
@@ -102,16 +102,23 @@ def lora_library(tmp_path_factory, t2ray_cache) -> dict[str, Path]:
     paths = {}
     for seed, task in enumerate(("math", "code", "reasoning", "cls")):
         torch.manual_seed(seed)
-        peft_model = get_peft_model(load_model("tiny-llama")[0], LoraConfig(
-            r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"], init_lora_weights=False))
+        peft_model = get_peft_model(
+            load_model("tiny-llama")[0],
+            LoraConfig(
+                r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"], init_lora_weights=False
+            ),
+        )
         with torch.no_grad():  # PEFT's non-default init is small: make ΔW visible in the answers
             for name, p in peft_model.named_parameters():
                 if "lora_B" in name:
                     p.mul_(50)
         paths[task] = folder / f"lora-{task}"
         peft_model.save_pretrained(paths[task])
-        (paths[task] / "t2ray_expert.json").write_text(json.dumps(
-            {"name": f"lora-{task}", "task": task, "base_model": info.model_id, "fingerprint": info.fingerprint}))
+        (paths[task] / "t2ray_expert.json").write_text(
+            json.dumps(
+                {"name": f"lora-{task}", "task": task, "base_model": info.model_id, "fingerprint": info.fingerprint}
+            )
+        )
     return paths
 
 
@@ -204,13 +211,38 @@ def ray_head(env: dict[str, str], log_dir: Path, num_cpus: int = 2, worker_nodes
     log = log_path.open("w")
 
     def ports(*flags: str) -> list[str]:
-        return [f"--{flag}={_free_port()}" for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                        "runtime-env-agent-port", "metrics-export-port", *flags)]
+        return [
+            f"--{flag}={_free_port()}"
+            for flag in (
+                "dashboard-agent-listen-port",
+                "dashboard-agent-grpc-port",
+                "runtime-env-agent-port",
+                "metrics-export-port",
+                *flags,
+            )
+        ]
 
-    procs = [subprocess.Popen([ray, "start", "--head", f"--port={gcs}", "--dashboard-host=127.0.0.1",
-                               f"--dashboard-port={dash}", f"--num-cpus={num_cpus}", "--include-dashboard=true",
-                               *ports("ray-client-server-port"), f"--temp-dir={temp}", "--block"], env=env,
-                              start_new_session=True, stdout=log, stderr=subprocess.STDOUT)]
+    procs = [
+        subprocess.Popen(
+            [
+                ray,
+                "start",
+                "--head",
+                f"--port={gcs}",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={dash}",
+                f"--num-cpus={num_cpus}",
+                "--include-dashboard=true",
+                *ports("ray-client-server-port"),
+                f"--temp-dir={temp}",
+                "--block",
+            ],
+            env=env,
+            start_new_session=True,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    ]
     address = f"http://127.0.0.1:{dash}"
     deadline = time.monotonic() + 180
     try:
@@ -223,12 +255,24 @@ def ray_head(env: dict[str, str], log_dir: Path, num_cpus: int = 2, worker_nodes
                     pytest.fail(f"the Ray head did not come up: {log_path.read_text()[-2000:]}")
                 time.sleep(1)
         for i, node in enumerate(worker_nodes):  # each in its own temp dir (its sockets, its session)
-            procs.append(subprocess.Popen(
-                [ray, "start", f"--address=127.0.0.1:{gcs}", f"--num-cpus={node.get('num_cpus', 1)}",
-                 f"--resources={json.dumps(node.get('resources', {}))}", *ports("node-manager-port",
-                                                                                 "object-manager-port"),
-                 f"--temp-dir={temp}-w{i}", "--block"],
-                env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT))
+            procs.append(
+                subprocess.Popen(
+                    [
+                        ray,
+                        "start",
+                        f"--address=127.0.0.1:{gcs}",
+                        f"--num-cpus={node.get('num_cpus', 1)}",
+                        f"--resources={json.dumps(node.get('resources', {}))}",
+                        *ports("node-manager-port", "object-manager-port"),
+                        f"--temp-dir={temp}-w{i}",
+                        "--block",
+                    ],
+                    env=env,
+                    start_new_session=True,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
         while worker_nodes:
             alive = [n for n in list_nodes(address=address) if n.state == "ALIVE"]
             if len(alive) == 1 + len(worker_nodes):

@@ -1,5 +1,6 @@
 """The environment of the local Ray clusters the tests start, what their kill tests wait for, and `env_var` (an
 environment variable set for a while); tests/conftest.py puts tests/ on the path, so any test imports it by name."""
+
 from __future__ import annotations
 
 import contextlib
@@ -74,8 +75,11 @@ def logged(run_dir: Path) -> list[dict]:
 
 def checkpointed(run_dir: Path) -> list[int]:
     """The iterations of the run's checkpoint folders written so far."""
-    return sorted(json.loads((f / "state.json").read_text())["iteration"]
-                  for f in Path(run_dir).glob("checkpoint_*") if (f / "state.json").exists())
+    return sorted(
+        json.loads((f / "state.json").read_text())["iteration"]
+        for f in Path(run_dir).glob("checkpoint_*")
+        if (f / "state.json").exists()
+    )
 
 
 def checkpoint_registered(run_dir: Path) -> bool:

@@ -1,4 +1,5 @@
 """The command line end to end (in-process typer runner, real models/tasks), and its one-line errors."""
+
 from __future__ import annotations
 
 import json
@@ -35,7 +36,7 @@ def tiny_expert(tmp_path_factory):
 def test_decompose_reports_the_matrices():
     result = invoke("decompose", "--model", "tiny-llama", "--modules", "all")
     assert result.exit_code == 0, result.output
-    summary = json.loads(result.output[result.output.index("{"):])
+    summary = json.loads(result.output[result.output.index("{") :])
     assert summary["matrices"] == 14 and summary["z_values"] > 0
 
 
@@ -55,8 +56,15 @@ def test_one_hot_mix_equals_the_expert_alone(tiny_expert, tmp_path):
 
     other = tmp_path / "other.safetensors"
     path, params, info = tiny_expert
-    save_expert(Expert(name="other", params={k: -v for k, v in params.items()}, base_model=info.model_id,
-                       fingerprint=info.fingerprint), other)
+    save_expert(
+        Expert(
+            name="other",
+            params={k: -v for k, v in params.items()},
+            base_model=info.model_id,
+            fingerprint=info.fingerprint,
+        ),
+        other,
+    )
     ids = torch.tensor([[1, 2, 3, 4]])
     alone, _, _ = load_adapted("tiny-llama", expert=path)
     mixed, _, _ = load_adapted("tiny-llama", mix=f"{path}:1,{other}:0")
@@ -71,13 +79,16 @@ def test_experts_show_prints_metadata(tiny_expert):
     assert meta["name"] == "tiny" and meta["base_model"]["fingerprint"] == tiny_expert[2].fingerprint
 
 
-@pytest.mark.parametrize("args, message", [
-    (["eval", "--model", "no-such-model", "--task", "math"], "unknown model spec"),
-    (["eval", "--model", "tiny-llama", "--task", "no-such-task"], "unknown task"),
-    (["eval", "--model", "tiny-llama", "--task", "math", "--mix", "a.safetensors:nan"], "error:"),
-    (["decompose", "--model", "tiny-llama", "--modules", "nonexistent_proj"], "no linear layer matches"),
-    (["decompose", "--model", "tiny-llama", "--layers", "0-9"], "out of range"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["eval", "--model", "no-such-model", "--task", "math"], "unknown model spec"),
+        (["eval", "--model", "tiny-llama", "--task", "no-such-task"], "unknown task"),
+        (["eval", "--model", "tiny-llama", "--task", "math", "--mix", "a.safetensors:nan"], "error:"),
+        (["decompose", "--model", "tiny-llama", "--modules", "nonexistent_proj"], "no linear layer matches"),
+        (["decompose", "--model", "tiny-llama", "--layers", "0-9"], "out of range"),
+    ],
+)
 def test_user_errors_are_one_line(args, message):
     result = invoke(*args)
     assert result.exit_code == 2
@@ -128,11 +139,13 @@ def test_tasks_lists_builtins():
 
 def test_adapt_reads_a_yaml_and_the_command_line_overrides_it(tiny_expert, tmp_path):
     config = tmp_path / "adapt.yaml"
-    config.write_text(f"strategy: fewshot\ntask: math\nmodel: {{spec: tiny-llama}}\nexperts: [{tiny_expert[0]}]\n"
-                      "limit: 4\ncem: {population: 2, generations: 3, shots: 2}\n")
+    config.write_text(
+        f"strategy: fewshot\ntask: math\nmodel: {{spec: tiny-llama}}\nexperts: [{tiny_expert[0]}]\n"
+        "limit: 4\ncem: {population: 2, generations: 3, shots: 2}\n"
+    )
     result = invoke("adapt", "--config", config, "--limit", "1", "--generations", "1")
     assert result.exit_code == 0, result.output
-    summary = json.loads(result.output[result.output.index("{"):])
+    summary = json.loads(result.output[result.output.index("{") :])
     assert summary["n"] == 1 and summary["strategy"] == "fewshot" and len(summary["alpha"]) == 1
 
 

@@ -1,6 +1,7 @@
 """Every file in cluster/ and experiments/ parses and validates: `ray up` files against Ray's cluster-launcher
 schema, KubeRay resources against the ray.io/v1 keys (transcribed from KubeRay's Go types) and the Kubernetes
 pod keys we use, the inline Serve config with Ray's and t2ray's schemas, each experiment with its own model."""
+
 from __future__ import annotations
 
 import copy
@@ -17,28 +18,105 @@ KUBERAY_FILES = sorted((CLUSTER / "kuberay").glob("*.yaml"))
 EXPERIMENT_FILES = sorted((ROOT / "experiments").rglob("*.yaml"))
 
 # ---- KubeRay ray.io/v1 (ray-operator/apis/ray/v1/*_types.go): the keys each object may have
-RAY_CLUSTER_SPEC = {"suspend", "managedBy", "autoscalerOptions", "headServiceAnnotations", "enableInTreeAutoscaling",
-                    "gcsFaultToleranceOptions", "headGroupSpec", "rayVersion", "workerGroupSpecs"}
+RAY_CLUSTER_SPEC = {
+    "suspend",
+    "managedBy",
+    "autoscalerOptions",
+    "headServiceAnnotations",
+    "enableInTreeAutoscaling",
+    "gcsFaultToleranceOptions",
+    "headGroupSpec",
+    "rayVersion",
+    "workerGroupSpecs",
+}
 HEAD_GROUP = {"template", "headService", "enableIngress", "rayStartParams", "serviceType"}
 HEAD_GROUP_REQUIRED = {"template", "rayStartParams"}
-WORKER_GROUP = {"suspend", "groupName", "replicas", "minReplicas", "maxReplicas", "idleTimeoutSeconds",
-                "rayStartParams", "template", "scaleStrategy", "numOfHosts"}
+WORKER_GROUP = {
+    "suspend",
+    "groupName",
+    "replicas",
+    "minReplicas",
+    "maxReplicas",
+    "idleTimeoutSeconds",
+    "rayStartParams",
+    "template",
+    "scaleStrategy",
+    "numOfHosts",
+}
 WORKER_GROUP_REQUIRED = {"groupName", "rayStartParams", "template", "minReplicas", "maxReplicas"}
-AUTOSCALER_OPTIONS = {"resources", "image", "imagePullPolicy", "securityContext", "idleTimeoutSeconds",
-                      "upscalingMode", "env", "envFrom", "volumeMounts"}
-RAY_JOB_SPEC = {"activeDeadlineSeconds", "backoffLimit", "rayClusterSpec", "submitterPodTemplate", "metadata",
-                "clusterSelector", "submitterConfig", "managedBy", "deletionPolicy", "entrypoint", "runtimeEnvYAML",
-                "jobId", "submissionMode", "entrypointResources", "entrypointNumCpus", "entrypointNumGpus",
-                "ttlSecondsAfterFinished", "shutdownAfterJobFinishes", "suspend"}
-RAY_SERVICE_SPEC = {"serveConfigV2", "rayClusterConfig", "serviceUnhealthySecondThreshold",
-                    "deploymentUnhealthySecondThreshold", "serveService", "upgradeStrategy",
-                    "excludeHeadPodFromServeSvc"}
+AUTOSCALER_OPTIONS = {
+    "resources",
+    "image",
+    "imagePullPolicy",
+    "securityContext",
+    "idleTimeoutSeconds",
+    "upscalingMode",
+    "env",
+    "envFrom",
+    "volumeMounts",
+}
+RAY_JOB_SPEC = {
+    "activeDeadlineSeconds",
+    "backoffLimit",
+    "rayClusterSpec",
+    "submitterPodTemplate",
+    "metadata",
+    "clusterSelector",
+    "submitterConfig",
+    "managedBy",
+    "deletionPolicy",
+    "entrypoint",
+    "runtimeEnvYAML",
+    "jobId",
+    "submissionMode",
+    "entrypointResources",
+    "entrypointNumCpus",
+    "entrypointNumGpus",
+    "ttlSecondsAfterFinished",
+    "shutdownAfterJobFinishes",
+    "suspend",
+}
+RAY_SERVICE_SPEC = {
+    "serveConfigV2",
+    "rayClusterConfig",
+    "serviceUnhealthySecondThreshold",
+    "deploymentUnhealthySecondThreshold",
+    "serveService",
+    "upgradeStrategy",
+    "excludeHeadPodFromServeSvc",
+}
 # ---- Kubernetes core/v1 keys used in the pod templates (a subset of PodSpec / Container)
 POD_TEMPLATE = {"metadata", "spec"}
-POD_SPEC = {"containers", "volumes", "tolerations", "nodeSelector", "affinity", "serviceAccountName",
-            "imagePullSecrets", "initContainers", "securityContext", "priorityClassName", "runtimeClassName"}
-CONTAINER = {"name", "image", "imagePullPolicy", "command", "args", "ports", "env", "envFrom", "resources",
-             "volumeMounts", "lifecycle", "securityContext", "readinessProbe", "livenessProbe", "workingDir"}
+POD_SPEC = {
+    "containers",
+    "volumes",
+    "tolerations",
+    "nodeSelector",
+    "affinity",
+    "serviceAccountName",
+    "imagePullSecrets",
+    "initContainers",
+    "securityContext",
+    "priorityClassName",
+    "runtimeClassName",
+}
+CONTAINER = {
+    "name",
+    "image",
+    "imagePullPolicy",
+    "command",
+    "args",
+    "ports",
+    "env",
+    "envFrom",
+    "resources",
+    "volumeMounts",
+    "lifecycle",
+    "securityContext",
+    "readinessProbe",
+    "livenessProbe",
+    "workingDir",
+}
 QUANTITY = re.compile(r"^\d+(\.\d+)?(m|Ki|Mi|Gi|Ti|k|M|G|T)?$")
 
 
@@ -99,14 +177,24 @@ def check_ray_cluster_spec(spec: dict, where: str, claims: set[str]) -> dict:
 
 @pytest.fixture(scope="module")
 def claims() -> set[str]:
-    return {d["metadata"]["name"] for d in docs(CLUSTER / "kuberay" / "raycluster.yaml")
-            if d["kind"] == "PersistentVolumeClaim"}
+    return {
+        d["metadata"]["name"]
+        for d in docs(CLUSTER / "kuberay" / "raycluster.yaml")
+        if d["kind"] == "PersistentVolumeClaim"
+    }
 
 
 def test_the_expected_files_exist():
     names = {p.relative_to(CLUSTER).as_posix() for p in CLUSTER.rglob("*") if p.is_file()}
-    assert {"aws-gpu.yaml", "gcp-gpu.yaml", "kuberay/raycluster.yaml", "kuberay/rayjob.yaml",
-            "kuberay/rayservice.yaml", "README.md", "Dockerfile"} <= names
+    assert {
+        "aws-gpu.yaml",
+        "gcp-gpu.yaml",
+        "kuberay/raycluster.yaml",
+        "kuberay/rayjob.yaml",
+        "kuberay/rayservice.yaml",
+        "README.md",
+        "Dockerfile",
+    } <= names
     assert "torch==2.13.0" in (CLUSTER / "Dockerfile").read_text()
 
 
@@ -174,8 +262,10 @@ def check_ray_job(spec: dict, claims: set[str]) -> None:
     command, experiment = spec["entrypoint"].split()[:3][1:]
     assert spec["entrypoint"].startswith("t2ray train ") and command == "train"
     cfg = load_experiment(ROOT / experiment)  # the image's working dir is the repository (cluster/Dockerfile)
-    gpus = sum(g["maxReplicas"] * int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
-               for g in spec["rayClusterSpec"]["workerGroupSpecs"])
+    gpus = sum(
+        g["maxReplicas"] * int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+        for g in spec["rayClusterSpec"]["workerGroupSpecs"]
+    )
     assert cfg.scaling.use_gpu and cfg.scaling.num_workers <= gpus, "the job's cluster is too small"
     assert cfg.storage_path.startswith("/mnt/shared")
 

@@ -1,4 +1,5 @@
 """Experiment configs (t2ray.config): defaults, YAML, --set overrides, clear errors, and the shipped experiments."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,8 +13,17 @@ from t2ray.config import DeepSpeedConfig, ExperimentConfig, deep_merge, load_exp
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO / "experiments"
 # Top-level keys that mark a YAML under experiments/ as another kind of config (serving, sweeps, adaptation).
-NOT_EXPERIMENT_KEYS = {"applications", "deployments", "serve", "sweep", "search_space", "param_space", "tune",
-                       "strategy", "experts"}
+NOT_EXPERIMENT_KEYS = {
+    "applications",
+    "deployments",
+    "serve",
+    "sweep",
+    "search_space",
+    "param_space",
+    "tune",
+    "strategy",
+    "experts",
+}
 
 
 def write(path: Path, text: str) -> Path:
@@ -22,6 +32,7 @@ def write(path: Path, text: str) -> Path:
 
 
 # ---------------------------------------------------------------- defaults
+
 
 def test_defaults_are_the_papers():
     cfg = ExperimentConfig()
@@ -46,8 +57,11 @@ def test_load_experiment_without_a_file_is_the_defaults():
 
 # ---------------------------------------------------------------- YAML
 
+
 def test_yaml_overrides_only_what_it_names(tmp_path):
-    path = write(tmp_path / "exp.yaml", """
+    path = write(
+        tmp_path / "exp.yaml",
+        """
 name: my-run
 task: code
 method: lora
@@ -62,12 +76,19 @@ rl:
 deepspeed: {zero_stage: 3, param_persistence_threshold: 1000}
 scaling: {num_workers: 2, cpus_per_worker: 0.5}
 storage_path: %s
-""" % (tmp_path / "runs"))
+"""
+        % (tmp_path / "runs"),
+    )
     cfg = load_experiment(path)
     assert (cfg.name, cfg.task, cfg.method, cfg.model.spec) == ("my-run", "code", "lora", "tiny-llama")
     assert cfg.lora.r == 4 and cfg.lora.alpha == 32  # sibling default kept
-    assert (cfg.rl.iterations, cfg.rl.batch_size, cfg.rl.lr, cfg.rl.baseline, cfg.rl.samples_per_prompt) == \
-        (7, 4, 1e-2, "group", 2)
+    assert (cfg.rl.iterations, cfg.rl.batch_size, cfg.rl.lr, cfg.rl.baseline, cfg.rl.samples_per_prompt) == (
+        7,
+        4,
+        1e-2,
+        "group",
+        2,
+    )
     assert cfg.rl.grad_clip == 1e-3  # untouched default
     assert cfg.deepspeed.zero_stage == 3 and cfg.deepspeed.param_persistence_threshold == 1000
     assert cfg.scaling.cpus_per_worker == 0.5
@@ -84,11 +105,14 @@ def test_missing_file(tmp_path):
         load_experiment(tmp_path / "nope.yaml")
 
 
-@pytest.mark.parametrize("text, line, column", [
-    ("name: a\nrl:\n  lr: [1, 2\n  iterations: 3\n", 4, 13),     # unclosed flow sequence
-    ("name: a\nrl:\n  lr: 1\n bad_indent: 2\n", 4, 2),             # mapping indentation
-    ("name: 'unterminated\n", 2, 1),                               # unterminated quote
-])
+@pytest.mark.parametrize(
+    "text, line, column",
+    [
+        ("name: a\nrl:\n  lr: [1, 2\n  iterations: 3\n", 4, 13),  # unclosed flow sequence
+        ("name: a\nrl:\n  lr: 1\n bad_indent: 2\n", 4, 2),  # mapping indentation
+        ("name: 'unterminated\n", 2, 1),  # unterminated quote
+    ],
+)
 def test_malformed_yaml_names_line_and_column(tmp_path, text, line, column):
     path = write(tmp_path / "bad.yaml", text)
     with pytest.raises(ValueError) as err:
@@ -112,13 +136,17 @@ def test_top_level_must_be_a_mapping(tmp_path):
 
 # ---------------------------------------------------------------- unknown keys, bad values
 
-@pytest.mark.parametrize("text, key", [
-    ("nmae: x\n", "nmae"),
-    ("rl: {lrr: 0.1}\n", "rl.lrr"),
-    ("deepspeed: {zero_stage: 2, offload: true}\n", "deepspeed.offload"),
-    ("svf: {target: mlp}\n", "svf.target"),
-    ("scaling: {num_workers: 2, gpus: 1}\n", "scaling.gpus"),
-])
+
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ("nmae: x\n", "nmae"),
+        ("rl: {lrr: 0.1}\n", "rl.lrr"),
+        ("deepspeed: {zero_stage: 2, offload: true}\n", "deepspeed.offload"),
+        ("svf: {target: mlp}\n", "svf.target"),
+        ("scaling: {num_workers: 2, gpus: 1}\n", "scaling.gpus"),
+    ],
+)
 def test_unknown_key_is_an_error_naming_the_key(tmp_path, text, key):
     with pytest.raises(ValidationError) as err:
         load_experiment(write(tmp_path / "exp.yaml", text))
@@ -131,18 +159,21 @@ def test_unknown_key_through_set_names_the_key():
         load_experiment(overrides=["rl.learning_rate=0.1"])
 
 
-@pytest.mark.parametrize("override, key", [
-    ("rl.lr=0", "rl.lr"),
-    ("rl.lr=fast", "rl.lr"),
-    ("deepspeed.zero_stage=4", "deepspeed.zero_stage"),
-    ("method=adapter", "method"),
-    ("rl.baseline=median", "rl.baseline"),
-    ("name=has space", "name"),
-    ("scaling.num_workers=0", "scaling.num_workers"),
-    ("scaling.placement_strategy=ANYWHERE", "scaling.placement_strategy"),
-    ("scaling.resources={CPU: 2}", "scaling.resources"),
-    ("scaling.resources={trainer: 0}", "scaling.resources"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("rl.lr=0", "rl.lr"),
+        ("rl.lr=fast", "rl.lr"),
+        ("deepspeed.zero_stage=4", "deepspeed.zero_stage"),
+        ("method=adapter", "method"),
+        ("rl.baseline=median", "rl.baseline"),
+        ("name=has space", "name"),
+        ("scaling.num_workers=0", "scaling.num_workers"),
+        ("scaling.placement_strategy=ANYWHERE", "scaling.placement_strategy"),
+        ("scaling.resources={CPU: 2}", "scaling.resources"),
+        ("scaling.resources={trainer: 0}", "scaling.resources"),
+    ],
+)
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ValidationError) as err:
         load_experiment(overrides=[override])
@@ -168,9 +199,19 @@ def test_batch_smaller_than_workers_is_refused():
 
 # ---------------------------------------------------------------- --set overrides
 
+
 def test_parse_overrides_nested_and_typed():
-    assert parse_overrides(["rl.lr=1.0e-3", "scaling.num_workers=1", "name=run-2", "deepspeed.enabled=false",
-                            "rl.reward_clip=null", "svf.layers=[0, 1]", "rl.max_new_tokens=8"]) == {
+    assert parse_overrides(
+        [
+            "rl.lr=1.0e-3",
+            "scaling.num_workers=1",
+            "name=run-2",
+            "deepspeed.enabled=false",
+            "rl.reward_clip=null",
+            "svf.layers=[0, 1]",
+            "rl.max_new_tokens=8",
+        ]
+    ) == {
         "rl": {"lr": 1e-3, "reward_clip": None, "max_new_tokens": 8},
         "scaling": {"num_workers": 1},
         "name": "run-2",
@@ -190,10 +231,21 @@ def test_parse_overrides_refuses_non_pairs(bad):
 
 
 def test_set_overrides_win_over_the_yaml(tmp_path):
-    path = write(tmp_path / "exp.yaml", "name: base\nrl: {lr: 1.0e-2, iterations: 5, batch_size: 8}\n"
-                                        "deepspeed: {zero_stage: 3}\n")
-    cfg = load_experiment(path, ["rl.lr=0.5", "deepspeed.zero_stage=2", "scaling.num_workers=1",
-                                 "model.spec=tiny-llama", "svf.target_modules=all", "rl.temperature=0"])
+    path = write(
+        tmp_path / "exp.yaml",
+        "name: base\nrl: {lr: 1.0e-2, iterations: 5, batch_size: 8}\ndeepspeed: {zero_stage: 3}\n",
+    )
+    cfg = load_experiment(
+        path,
+        [
+            "rl.lr=0.5",
+            "deepspeed.zero_stage=2",
+            "scaling.num_workers=1",
+            "model.spec=tiny-llama",
+            "svf.target_modules=all",
+            "rl.temperature=0",
+        ],
+    )
     assert cfg.name == "base"
     assert cfg.rl.lr == 0.5 and isinstance(cfg.rl.lr, float)
     assert cfg.rl.iterations == 5 and cfg.rl.batch_size == 8  # YAML siblings of an override kept
@@ -214,6 +266,7 @@ def test_deep_merge_does_not_mutate():
 
 # ---------------------------------------------------------------- DeepSpeed dict
 
+
 def test_deepspeed_to_dict():
     ds = DeepSpeedConfig(zero_stage=2).to_dict(train_batch=8, world_size=2, grad_clip=1e-3, lr=2e-3)
     assert ds["train_batch_size"] == 8 and ds["train_micro_batch_size_per_gpu"] == 4
@@ -225,7 +278,8 @@ def test_deepspeed_to_dict():
     assert "offload_optimizer" not in ds["zero_optimization"]
 
     ds3 = DeepSpeedConfig(zero_stage=3, param_persistence_threshold=1000, offload_optimizer=True).to_dict(
-        8, 2, 1e-3, 2e-3)
+        8, 2, 1e-3, 2e-3
+    )
     assert ds3["zero_optimization"]["stage"] == 3
     assert ds3["zero_optimization"]["stage3_param_persistence_threshold"] == 1000
     assert ds3["zero_optimization"]["offload_optimizer"] == {"device": "cpu"}
@@ -243,11 +297,14 @@ def test_zero3_threshold_is_raised_so_trained_tensors_stay_whole():
     assert keep_trainable_whole(low, params) == 1537
     assert low["zero_optimization"]["stage3_param_persistence_threshold"] == 1537
     high = DeepSpeedConfig(zero_stage=3).to_dict(4, 2, 1.0, 1e-3)  # 16384 by default: nothing to do
-    assert keep_trainable_whole(high, params) is None and high["zero_optimization"][
-        "stage3_param_persistence_threshold"] == 16384
+    assert (
+        keep_trainable_whole(high, params) is None
+        and high["zero_optimization"]["stage3_param_persistence_threshold"] == 16384
+    )
 
 
 # ---------------------------------------------------------------- the shipped experiments
+
 
 def experiment_files() -> list[Path]:
     files = []

@@ -36,8 +36,15 @@ OTHER = BaseModelInfo(model_id="other-llama", fingerprint="cd" * 32, module_rank
 def make_expert(name="math", seed=0, ranks=RANKS, base=BASE) -> Expert:
     g = torch.Generator().manual_seed(seed)
     params = {m: 0.1 + 0.5 * torch.randn(r, generator=g) for m, r in ranks.items()}
-    return Expert(name=name, params=params, base_model=base.model_id, fingerprint=base.fingerprint,
-                  task="gsm8k", training={"lr": 2e-3, "iters": 30}, metrics={"valid_acc": 0.9})
+    return Expert(
+        name=name,
+        params=params,
+        base_model=base.model_id,
+        fingerprint=base.fingerprint,
+        task="gsm8k",
+        training={"lr": 2e-3, "iters": 30},
+        metrics={"valid_acc": 0.9},
+    )
 
 
 @pytest.fixture
@@ -72,7 +79,12 @@ def test_round_trip_is_bitwise_and_keeps_metadata(expert_file):
         assert loaded.params[m].dtype == torch.float32
         assert torch.equal(loaded.params[m].view(torch.int32), original.params[m].view(torch.int32))
     assert (loaded.name, loaded.task, loaded.base_model, loaded.fingerprint, loaded.max_mult) == (
-        "math", "gsm8k", "tiny-llama", BASE.fingerprint, 1.0)
+        "math",
+        "gsm8k",
+        "tiny-llama",
+        BASE.fingerprint,
+        1.0,
+    )
     assert loaded.training == original.training and loaded.metrics == original.metrics
     info = expert_info(expert_file)
     assert info["format_version"] == FORMAT_VERSION and info["kind"] == "t2ray-svf-expert"
@@ -93,8 +105,9 @@ def test_save_is_atomic_and_leaves_no_temp_files(tmp_path):
     path = tmp_path / "sub" / "e.safetensors"
     save_expert(make_expert(seed=1), path)
     save_expert(make_expert(seed=2), path)  # overwrite
-    assert torch.equal(load_expert(path).params["model.layers.0.mlp.up_proj"],
-                       make_expert(seed=2).params["model.layers.0.mlp.up_proj"])
+    assert torch.equal(
+        load_expert(path).params["model.layers.0.mlp.up_proj"], make_expert(seed=2).params["model.layers.0.mlp.up_proj"]
+    )
     assert [p.name for p in path.parent.iterdir()] == ["e.safetensors"]
 
 
@@ -108,8 +121,11 @@ def test_subset_expert_is_valid_on_its_own_base(tmp_path):
 
 
 def test_refuses_another_models_fingerprint(expert_file):
-    with pytest.raises(ExpertError, match=r"expert 'math' \(math.safetensors\) was trained for base model tiny-llama "
-                                          r"\(fingerprint abababababab…\), not other-llama.*--allow-transfer"):
+    with pytest.raises(
+        ExpertError,
+        match=r"expert 'math' \(math.safetensors\) was trained for base model tiny-llama "
+        r"\(fingerprint abababababab…\), not other-llama.*--allow-transfer",
+    ):
         load_expert(expert_file, OTHER)
 
 
@@ -126,8 +142,12 @@ def test_transfer_refused_names_first_missing_module(tmp_path):
 
 
 def test_transfer_refused_names_first_length_mismatch(expert_file):
-    other = BaseModelInfo("wide", "ef" * 32, {**RANKS, "model.layers.0.mlp.gate_proj": 9, "model.layers.0.mlp.up_proj": 7})
-    with pytest.raises(ExpertError, match=r"module model.layers.0.mlp.gate_proj has length 8 in the expert, 9 in the model"):
+    other = BaseModelInfo(
+        "wide", "ef" * 32, {**RANKS, "model.layers.0.mlp.gate_proj": 9, "model.layers.0.mlp.up_proj": 7}
+    )
+    with pytest.raises(
+        ExpertError, match=r"module model.layers.0.mlp.gate_proj has length 8 in the expert, 9 in the model"
+    ):
         load_expert(expert_file, other, allow_transfer=True)
 
 
@@ -208,8 +228,9 @@ def test_module_list_must_match_tensors(expert_file, tmp_path):
     path = rewrite_header(expert_file, tmp_path / "m.safetensors", modules=[["model.layers.0.mlp.gate_proj", 8]])
     with pytest.raises(ExpertError, match=r"tensor model.layers.0.mlp.(up|down)_proj is not in the module list"):
         load_expert(path)
-    path = rewrite_header(expert_file, tmp_path / "l.safetensors",
-                          modules=[[m, 5 if "gate" in m else r] for m, r in RANKS.items()])
+    path = rewrite_header(
+        expert_file, tmp_path / "l.safetensors", modules=[[m, 5 if "gate" in m else r] for m, r in RANKS.items()]
+    )
     with pytest.raises(ExpertError, match=r"tensor model.layers.0.mlp.gate_proj must be 1-D float of length 5"):
         expert_info(path)
 
@@ -256,16 +277,19 @@ def test_alpha_tensor_stays_differentiable():
     assert alpha.grad is not None and alpha.grad.shape == (2,)
 
 
-@pytest.mark.parametrize("alpha, message", [
-    ([1.0], r"alpha has shape \(1,\); expected \(2,\) or \(2, 3\)"),
-    ([[1.0, 1.0], [1.0, 1.0]], r"alpha has shape \(2, 2\); expected \(2,\) or \(2, 3\)"),
-    ([[[1.0]]], r"alpha has shape \(1, 1, 1\)"),
-    ([0.5, float("nan")], "NaN/inf"),
-    ([1.0, -0.1], "negative"),
-    ([0.0, 0.0], "all zero"),
-    ([[1.0, 0.0, 1.0], [1.0, 0.0, 0.0]], r"all zero for module model.layers.0.mlp.up_proj"),
-    ([[1.0, 2.0], [3.0]], "array of numbers"),
-])
+@pytest.mark.parametrize(
+    "alpha, message",
+    [
+        ([1.0], r"alpha has shape \(1,\); expected \(2,\) or \(2, 3\)"),
+        ([[1.0, 1.0], [1.0, 1.0]], r"alpha has shape \(2, 2\); expected \(2,\) or \(2, 3\)"),
+        ([[[1.0]]], r"alpha has shape \(1, 1, 1\)"),
+        ([0.5, float("nan")], "NaN/inf"),
+        ([1.0, -0.1], "negative"),
+        ([0.0, 0.0], "all zero"),
+        ([[1.0, 0.0, 1.0], [1.0, 0.0, 0.0]], r"all zero for module model.layers.0.mlp.up_proj"),
+        ([[1.0, 2.0], [3.0]], "array of numbers"),
+    ],
+)
 def test_bad_alpha_refused(alpha, message):
     with pytest.raises(ExpertError, match=message):
         mix_z([make_expert("a", 1), make_expert("b", 2)], alpha)
@@ -285,8 +309,12 @@ def test_mix_refuses_different_layouts_and_empty():
 def test_mixture_round_trip_with_relative_paths(tmp_path):
     experts_dir = tmp_path / "experts"
     files = [save_expert(make_expert(n, s), experts_dir / f"{n}.safetensors") for s, n in enumerate(["math", "code"])]
-    path = save_mixture(Mixture(experts=[str(f) for f in files], alpha=[0.25, 0.75], name="mix", task="math",
-                                metadata={"found_by": "cem"}), tmp_path / "mixtures" / "mix.json")
+    path = save_mixture(
+        Mixture(
+            experts=[str(f) for f in files], alpha=[0.25, 0.75], name="mix", task="math", metadata={"found_by": "cem"}
+        ),
+        tmp_path / "mixtures" / "mix.json",
+    )
     doc = json.loads(path.read_text())
     assert doc["experts"] == ["../experts/math.safetensors", "../experts/code.safetensors"]
     # Moving the whole tree keeps the mixture loadable.
@@ -316,7 +344,9 @@ def test_malformed_mixture_json(tmp_path):
 
 def test_mixture_with_missing_expert_file(tmp_path):
     f = save_expert(make_expert(), tmp_path / "a.safetensors")
-    path = save_mixture(Mixture(experts=[str(f), str(tmp_path / "gone.safetensors")], alpha=[1, 1]), tmp_path / "m.json")
+    path = save_mixture(
+        Mixture(experts=[str(f), str(tmp_path / "gone.safetensors")], alpha=[1, 1]), tmp_path / "m.json"
+    )
     with pytest.raises(ExpertError, match=r"m.json: expert 'gone.safetensors' not found"):
         load_mixture(path)
 
@@ -334,21 +364,26 @@ def test_mixture_experts_validated_against_base(tmp_path):
 
 def test_parse_mix_spec():
     assert parse_mix_spec("a.safetensors:0.5, dir/b.safetensors:1.5e-1") == (
-        ["a.safetensors", "dir/b.safetensors"], [0.5, 0.15])
+        ["a.safetensors", "dir/b.safetensors"],
+        [0.5, 0.15],
+    )
     assert parse_mix_spec("C:/x/a.safetensors:1") == (["C:/x/a.safetensors"], [1.0])
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("", "empty entry"),
-    ("a.safetensors:0.5,", "empty entry"),
-    ("a.safetensors", "is not path:weight"),
-    (":0.5", "is not path:weight"),
-    ("a.safetensors:half", "weight 'half' of a.safetensors is not a number"),
-    ("a.safetensors:nan", "finite number >= 0"),
-    ("a.safetensors:inf", "finite number >= 0"),
-    ("a.safetensors:-1", "finite number >= 0"),
-    ("a.safetensors:0,b.safetensors:0", "all weights are zero"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("", "empty entry"),
+        ("a.safetensors:0.5,", "empty entry"),
+        ("a.safetensors", "is not path:weight"),
+        (":0.5", "is not path:weight"),
+        ("a.safetensors:half", "weight 'half' of a.safetensors is not a number"),
+        ("a.safetensors:nan", "finite number >= 0"),
+        ("a.safetensors:inf", "finite number >= 0"),
+        ("a.safetensors:-1", "finite number >= 0"),
+        ("a.safetensors:0,b.safetensors:0", "all weights are zero"),
+    ],
+)
 def test_parse_mix_spec_refuses(spec, message):
     with pytest.raises(ExpertError, match=message):
         parse_mix_spec(spec)
@@ -382,8 +417,13 @@ def test_import_official_bf16_nested_subset(tmp_path):
     for m in ranks:
         assert e.params[m].dtype == torch.float32
         assert torch.equal(e.params[m], params[f"{m}.weight"].detach().float())
-    assert e.training["imported_from"] == {"format": "sakana-self-adaptive-llms", "file": "policy_params.pt",
-                                          "modules": 2, "base_modules": 3, "subset": True}
+    assert e.training["imported_from"] == {
+        "format": "sakana-self-adaptive-llms",
+        "file": "policy_params.pt",
+        "modules": 2,
+        "base_modules": 3,
+        "subset": True,
+    }
 
 
 class NotATensor:
@@ -407,7 +447,9 @@ def test_import_official_refuses_non_tensor_values(tmp_path):
 def test_import_official_refuses_unknown_module_and_wrong_length(tmp_path):
     path = tmp_path / "p.pt"
     torch.save({"model.layers.0.self_attn.q_proj.weight": torch.zeros(8)}, path)
-    with pytest.raises(ExpertError, match=r"'model.layers.0.self_attn.q_proj.weight' is not an adapted module of tiny-llama"):
+    with pytest.raises(
+        ExpertError, match=r"'model.layers.0.self_attn.q_proj.weight' is not an adapted module of tiny-llama"
+    ):
         import_official(path, BASE, name="x")
     torch.save({"model.layers.0.mlp.down_proj.weight": torch.zeros(7)}, path)
     with pytest.raises(ExpertError, match=r"model.layers.0.mlp.down_proj.weight has shape \(7,\).*length 6"):

@@ -1,11 +1,19 @@
 """Batched generation, left padding, log-likelihoods, context limits (tiny-llama, real tokenizer)."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
 from t2ray.generation import (
-    PromptTooLongError, answer_loglik, completion_logits, completion_mask, generate, render, rollout, token_logprobs,
+    PromptTooLongError,
+    answer_loglik,
+    completion_logits,
+    completion_mask,
+    generate,
+    render,
+    rollout,
+    token_logprobs,
 )
 
 
@@ -23,8 +31,13 @@ def test_batched_greedy_equals_one_by_one(tiny, tokenizer):
 
 
 def test_length_sorted_batches_keep_the_prompt_order(tiny, tokenizer):
-    prompts = ["a much longer prompt that forces left padding of the short one", "hi", "a medium prompt here",
-               "x", "another fairly long prompt, with several words in it"]
+    prompts = [
+        "a much longer prompt that forces left padding of the short one",
+        "hi",
+        "a medium prompt here",
+        "x",
+        "another fairly long prompt, with several words in it",
+    ]
     batched = generate(tiny, tokenizer, prompts, max_new_tokens=5, batch_size=2)
     assert batched == [generate(tiny, tokenizer, [p], max_new_tokens=5)[0] for p in prompts]
 
@@ -68,7 +81,7 @@ def test_completion_logits_equal_the_full_forward_slice(tiny, tokenizer):
     with torch.no_grad():
         full = tiny(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)).logits
         kept = completion_logits(tiny, roll.prompt_ids, roll.prompt_mask, roll.completion_ids, roll.completion_mask)
-    torch.testing.assert_close(kept, full[:, roll.prompt_ids.shape[1] - 1:-1])
+    torch.testing.assert_close(kept, full[:, roll.prompt_ids.shape[1] - 1 : -1])
 
 
 def test_answer_loglik_is_the_mean_token_logprob(tiny, tokenizer):
@@ -85,8 +98,9 @@ def test_answer_loglik_is_the_mean_token_logprob(tiny, tokenizer):
 @pytest.mark.slow
 def test_answer_loglik_knows_facts_on_smollm2(smollm2):
     model, tokenizer = smollm2
-    scores = answer_loglik(model, tokenizer, ["What is the capital of France? Answer in one word."] * 2,
-                           ["Paris", "Banana"])
+    scores = answer_loglik(
+        model, tokenizer, ["What is the capital of France? Answer in one word."] * 2, ["Paris", "Banana"]
+    )
     assert scores[0] > scores[1] + 1.0
 
 
@@ -154,8 +168,9 @@ def test_shared_prompt_prefill_samples_like_a_prefill_per_row(tiny, tokenizer):
     """k samples of a prompt prefilled once: the same tokens as prefilling each copy (same seed), fewer FLOPs."""
     prompts = ["hi"] * 3 + ["a longer prompt that is left padded against the short one"] * 3
     for temperature in (0.0, 1.0):
-        shared = rollout(tiny, tokenizer, prompts, max_new_tokens=6, temperature=temperature, seed=5,
-                         samples_per_prompt=3)
+        shared = rollout(
+            tiny, tokenizer, prompts, max_new_tokens=6, temperature=temperature, seed=5, samples_per_prompt=3
+        )
         each = rollout(tiny, tokenizer, prompts, max_new_tokens=6, temperature=temperature, seed=5)
         assert torch.equal(shared.completion_ids, each.completion_ids)
         assert shared.texts == each.texts
@@ -184,14 +199,22 @@ def test_retired_rows_leave_the_batch_without_changing_any_row(tiny, tokenizer):
     free, _, _ = decode(tiny, batch["input_ids"], batch["attention_mask"], eos_ids=set(), **args)
     eos = {int(free[0, 1]), int(free[2, 3])}  # tokens some rows emit early: those rows end there
     full, full_mask, full_tokens = decode(tiny, batch["input_ids"], batch["attention_mask"], eos_ids=eos, **args)
-    kept, kept_mask, kept_tokens = decode(tiny, batch["input_ids"], batch["attention_mask"], eos_ids=eos,
-                                          retire_rows=True, **args)
+    kept, kept_mask, kept_tokens = decode(
+        tiny, batch["input_ids"], batch["attention_mask"], eos_ids=eos, retire_rows=True, **args
+    )
     assert torch.equal(full * full_mask, kept * kept_mask) and torch.equal(full_mask, kept_mask)
     assert 0 < int(full_mask.sum(1).min()) < int(full_mask.sum(1).max())  # rows really ended at different steps
     assert kept_tokens < full_tokens
     with pytest.raises(ValueError, match="retire_rows"):
-        decode(tiny, batch["input_ids"], batch["attention_mask"], eos_ids=eos, retire_rows=True,
-               recompute_prefix=True, **args)
+        decode(
+            tiny,
+            batch["input_ids"],
+            batch["attention_mask"],
+            eos_ids=eos,
+            retire_rows=True,
+            recompute_prefix=True,
+            **args,
+        )
 
 
 def test_zero3_lockstep_keeps_stepping_until_every_rank_is_done(tiny, tokenizer):
@@ -209,13 +232,20 @@ def test_zero3_lockstep_keeps_stepping_until_every_rank_is_done(tiny, tokenizer)
         asked.append(mine)
         return len(asked) >= 4
 
-    ids, mask, tokens = decode(tiny, batch["input_ids"], batch["attention_mask"], eos_ids=eos, retire_rows=True,
-                               all_done=other_rank_done_after_four_steps, **args)
-    assert ids.shape[1] == 4 and asked == [True] * 4          # stepped on with the other rank, every step asked
-    assert mask.sum(1).tolist() == [1, 1]                     # its own rows still ended at their EOS
+    ids, mask, tokens = decode(
+        tiny,
+        batch["input_ids"],
+        batch["attention_mask"],
+        eos_ids=eos,
+        retire_rows=True,
+        all_done=other_rank_done_after_four_steps,
+        **args,
+    )
+    assert ids.shape[1] == 4 and asked == [True] * 4  # stepped on with the other rank, every step asked
+    assert mask.sum(1).tolist() == [1, 1]  # its own rows still ended at their EOS
     assert tokens == int(batch["input_ids"].numel()) + 3 * 2  # full width throughout: no row retired
     alone_ids, *_ = decode(tiny, batch["input_ids"], batch["attention_mask"], eos_ids=eos, **args)
-    assert alone_ids.shape[1] == 1                            # alone, it would have stopped at once
+    assert alone_ids.shape[1] == 1  # alone, it would have stopped at once
 
 
 def test_retired_rows_keep_their_own_z_through_the_hook(tiny, tokenizer):
@@ -244,7 +274,7 @@ def test_retired_rows_keep_their_own_z_through_the_hook(tiny, tokenizer):
     batched = rollout(tiny, tokenizer, prompts, max_new_tokens=8, before_step=live_rows_z())
     assert 0 < int(batched.completion_mask.sum(1).min()) < int(batched.completion_mask.sum(1).max())
     for row, prompt in enumerate(prompts):
-        set_z(tiny, {name: t[row:row + 1] for name, t in z.items()})
+        set_z(tiny, {name: t[row : row + 1] for name, t in z.items()})
         alone = rollout(tiny, tokenizer, [prompt], max_new_tokens=8)
         assert alone.texts[0] == batched.texts[row], row
 
@@ -262,8 +292,11 @@ def test_split_continuation_moves_trailing_spaces_like_lm_eval(tokenizer):
 def test_continuation_logliks_batched_equal_one_at_a_time(tiny, tokenizer):
     from t2ray.generation import continuation_logliks, split_continuation
 
-    pairs = [("Question: What is frozen water?\nAnswer:", " ice"), ("Q: 2+2?\nA:", " four, of course"),
-             ("Question: What is frozen water?\nAnswer:", " steam")]
+    pairs = [
+        ("Question: What is frozen water?\nAnswer:", " ice"),
+        ("Q: 2+2?\nA:", " four, of course"),
+        ("Question: What is frozen water?\nAnswer:", " steam"),
+    ]
     batched = continuation_logliks(tiny, tokenizer, pairs, batch_size=3)
     for (context, continuation), score in zip(pairs, batched):
         head, tail = split_continuation(tokenizer, context, continuation)

@@ -2,6 +2,7 @@
 real local multi-node cluster started as users start one: `ray start --head` (dashboard on 127.0.0.1, 1 CPU), then
 `ray start --address=…` twice for two worker nodes with 2 CPUs and the `trainer` resource each (one cluster for the
 module, started and stopped here)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -16,11 +17,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tune.helpers import write_experiment, write_task  # tests/tune/helpers.py
 from typer.testing import CliRunner
 
 from t2ray import jobs
 from t2ray.cli import app
-from tune.helpers import write_experiment, write_task  # tests/tune/helpers.py
 
 runner = CliRunner()
 
@@ -49,8 +50,12 @@ def test_runtime_env_forwards_caller_env_and_requirements(workdir, monkeypatch):
     env = jobs.runtime_env(workdir, requirements=req, installer="uv", env=jobs.parse_env(["EXTRA=1"]))
     assert env["working_dir"] == str(workdir) and ".venv" in env["excludes"] and "runs" in env["excludes"]
     assert env["uv"] == {"packages": ["numpy>=1.26", "rich"]}
-    assert env["env_vars"] == {"WANDB_API_KEY": "secret-value", "HF_HUB_OFFLINE": "1", "EXTRA": "1",
-                               "RAY_CHDIR_TO_TRIAL_DIR": "0"}
+    assert env["env_vars"] == {
+        "WANDB_API_KEY": "secret-value",
+        "HF_HUB_OFFLINE": "1",
+        "EXTRA": "1",
+        "RAY_CHDIR_TO_TRIAL_DIR": "0",
+    }
     assert jobs.runtime_env(workdir, requirements=req)["pip"] == {"packages": ["numpy>=1.26", "rich"]}
     monkeypatch.setenv("MY_VAR", "x")
     assert jobs.parse_env(["MY_VAR", "A=b=c"]) == {"MY_VAR": "x", "A": "b=c"}
@@ -102,17 +107,26 @@ def test_unreachable_address_is_a_clear_error(workdir, free_port):
 def head(tmp_path_factory, t2ray_cache, ray_head_starter):
     """A local head with its dashboard, started as `.venv/bin/ray start` from a shell whose PATH lacks the venv:
     the job's `t2ray` used to be "not found" (exit 127); a head on this machine runs this installation's t2ray."""
-    path = ":".join(p for p in os.environ["PATH"].split(":") if Path(p).resolve() != Path(sys.executable).parent.resolve())
-    env = {**os.environ, "PATH": path, "RAY_AUTH_MODE": "disabled",
-           "RAY_ADDRESS": "", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "DS_ACCELERATOR": "cpu",
-           "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+    path = ":".join(
+        p for p in os.environ["PATH"].split(":") if Path(p).resolve() != Path(sys.executable).parent.resolve()
+    )
+    env = {
+        **os.environ,
+        "PATH": path,
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_ADDRESS": "",
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
+        "DS_ACCELERATOR": "cpu",
+        "WANDB_MODE": "offline",
+        "HF_HUB_OFFLINE": "1",
+    }
     nodes = ({"num_cpus": 2, "resources": {"trainer": 2}},) * 2
     with ray_head_starter(env, tmp_path_factory.mktemp("ray-head"), num_cpus=1, worker_nodes=nodes) as (dashboard, _):
         yield dashboard
 
 
 def first_json(text: str) -> dict:
-    return json.JSONDecoder().raw_decode(text[text.index("{"):])[0]
+    return json.JSONDecoder().raw_decode(text[text.index("{") :])[0]
 
 
 def wait_for(job_id, address, states, timeout=240):
@@ -133,9 +147,21 @@ def test_submit_trains_on_both_worker_nodes_and_its_logs_are_retrievable(head, w
     data["scaling"].update(num_workers=2, placement_strategy="STRICT_SPREAD", resources={"trainer": 1})
     (workdir / "spread.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     runs = workdir / "runs"
-    result = invoke("submit", workdir / "spread.yaml", "--address", head, "--working-dir", workdir,
-                    "--set", "rl.iterations=2", "--set", f"storage_path={runs}", "--env", "T2RAY_TEST_MARK=42",
-                    "--wait")
+    result = invoke(
+        "submit",
+        workdir / "spread.yaml",
+        "--address",
+        head,
+        "--working-dir",
+        workdir,
+        "--set",
+        "rl.iterations=2",
+        "--set",
+        f"storage_path={runs}",
+        "--env",
+        "T2RAY_TEST_MARK=42",
+        "--wait",
+    )
     assert result.exit_code == 0, result.output
     assert "ray job submit --address " + head in result.output  # the equivalent Ray CLI line
     summary = first_json(result.stdout)
@@ -158,8 +184,17 @@ def test_submit_trains_on_both_worker_nodes_and_its_logs_are_retrievable(head, w
 @pytest.mark.slow
 def test_failing_job_shows_its_log_tail_and_stop_works(head, workdir):
     # A task that only the cluster can find out about: the job fails there, and its logs say why.
-    failed = invoke("submit", workdir / "tiny.yaml", "--address", head, "--working-dir", workdir,
-                    "--set", "task=no-such-task", "--wait")
+    failed = invoke(
+        "submit",
+        workdir / "tiny.yaml",
+        "--address",
+        head,
+        "--working-dir",
+        workdir,
+        "--set",
+        "task=no-such-task",
+        "--wait",
+    )
     assert failed.exit_code == 1
     assert "FAILED" in failed.output and "unknown task 'no-such-task'" in failed.output
     job_id = first_json(failed.stdout)["job_id"]
@@ -167,8 +202,12 @@ def test_failing_job_shows_its_log_tail_and_stop_works(head, workdir):
     assert status.exit_code == 1 and "unknown task 'no-such-task'" in status.output
 
     # A long run, stopped while it trains.
-    long = jobs.submit(workdir / "tiny.yaml", address=head, working_dir=workdir,
-                       overrides=["rl.iterations=100000", f"storage_path={workdir / 'runs'}", "name=long"])
+    long = jobs.submit(
+        workdir / "tiny.yaml",
+        address=head,
+        working_dir=workdir,
+        overrides=["rl.iterations=100000", f"storage_path={workdir / 'runs'}", "name=long"],
+    )
     wait_for(long.job_id, head, {"RUNNING"})
     stopped = invoke("jobs", "stop", long.job_id, "--address", head, "--wait", "120")
     assert stopped.exit_code == 0, stopped.output
@@ -237,4 +276,4 @@ def test_follow_survives_a_dropped_log_stream(head):
     assert f"the log stream of job {job_id} dropped" in followed.stderr
     shown = [line for line in followed.stdout.splitlines() if line.startswith("line ")]
     assert shown == [f"line {i}" for i in range(lines)]
-    assert first_json(followed.stdout[followed.stdout.index(f"line {lines - 1}"):])["status"] == "SUCCEEDED"
+    assert first_json(followed.stdout[followed.stdout.index(f"line {lines - 1}") :])["status"] == "SUCCEEDED"

@@ -1,5 +1,6 @@
 """The README's command lines against the CLI: every `t2ray …` line in its bash blocks names a real command with
 real options, and the files it names under experiments/ exist, so the docs cannot drift from the code."""
+
 from __future__ import annotations
 
 import re
@@ -40,8 +41,12 @@ def test_readme_command_parses_against_the_cli(line):
         command = command.commands[words.pop(0)]
     assert not hasattr(command, "commands"), f"{line}: no such command"
     options = {opt for p in command.params for opt in (*p.opts, *p.secondary_opts)}
-    flags = {opt for p in command.params if p.param_type_name == "option" and (p.is_flag or p.count)
-             for opt in (*p.opts, *p.secondary_opts)}
+    flags = {
+        opt
+        for p in command.params
+        if p.param_type_name == "option" and (p.is_flag or p.count)
+        for opt in (*p.opts, *p.secondary_opts)
+    }
     arguments = [p for p in command.params if p.param_type_name == "argument"]
     positional = []
     while words:

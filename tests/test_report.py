@@ -1,4 +1,5 @@
 """`t2ray report` on a run folder filled by real (tiny) evaluations and a real two-pass run."""
+
 from __future__ import annotations
 
 import json
@@ -26,18 +27,28 @@ def run_dir(tmp_path_factory):
     experts = []
     for task in ("math", "code", "reasoning"):
         params = {k: v + torch.randn_like(v) for k, v in trainable_params(model).items()}
-        experts.append(str(save_expert(Expert(name=task, params=params, base_model=info.model_id,
-                                              fingerprint=info.fingerprint, task=task), root / f"{task}.safetensors")))
+        experts.append(
+            str(
+                save_expert(
+                    Expert(name=task, params=params, base_model=info.model_id, fingerprint=info.fingerprint, task=task),
+                    root / f"{task}.safetensors",
+                )
+            )
+        )
     for column, expert in (("base", None), ("svf", experts[0])):
         net, tok, label = load_adapted("tiny-llama", expert=expert)
         evaluate(net, tok, get_task("math"), limit=2, adapter=label, progress=False).save(
-            root / "table1" / f"{column}-math.json")
+            root / "table1" / f"{column}-math.json"
+        )
     cfg = AdaptConfig(strategy="prompt", task="math-hard", model={"spec": "tiny-llama"}, experts=experts, limit=2)
     run_adapt(cfg, progress=False).save(root / "table2" / "prompt-math-hard.json")
     (root / "svf-math").mkdir()
-    (root / "svf-math" / "metrics.jsonl").write_text("\n".join(json.dumps(
-        {"iteration": i, "accuracy": 0.1 * i, **({"valid_accuracy": 0.1 * i} if i % 2 == 0 else {})})
-        for i in range(1, 5)))
+    (root / "svf-math" / "metrics.jsonl").write_text(
+        "\n".join(
+            json.dumps({"iteration": i, "accuracy": 0.1 * i, **({"valid_accuracy": 0.1 * i} if i % 2 == 0 else {})})
+            for i in range(1, 5)
+        )
+    )
     return root
 
 
@@ -45,8 +56,15 @@ def test_report_writes_tables_csv_json_and_plots(run_dir):
     report = build_report(run_dir).read_text()
     assert "## Table 1" in report and "## Table 2" in report and "## Table 3" in report
     assert "| math |" in report and "| math-hard |" in report
-    for name in ("table1.png", "table2.png", "learning_curves.png", "table1.csv", "table2.csv", "table3.csv",
-                 "tables.json"):
+    for name in (
+        "table1.png",
+        "table2.png",
+        "learning_curves.png",
+        "table1.csv",
+        "table2.csv",
+        "table3.csv",
+        "tables.json",
+    ):
         assert (run_dir / "report" / name).stat().st_size > 0
     tables = json.loads((run_dir / "report" / "tables.json").read_text())
     assert tables["table1"]["header"] == ["task", "base", "lora", "svf"]
@@ -67,12 +85,14 @@ def records(correct: list[int]) -> list[dict]:
 def test_fewshot_reading_pairs_fewshot_with_the_better_single_strategy():
     from t2ray.report import fewshot_reading
 
-    table2 = {("prompt", "a"): {"accuracy": 0.2, "records": records([1] * 20 + [0] * 80)},
-              ("classifier", "a"): {"accuracy": 0.3, "records": records([1] * 30 + [0] * 70)},
-              ("fewshot", "a"): {"accuracy": 0.6, "records": records([1] * 60 + [0] * 40)},
-              ("prompt", "b"): {"accuracy": 0.5, "records": records([1, 0] * 4)},
-              ("fewshot", "b"): {"accuracy": 0.375, "records": records([1, 0, 0, 1, 0, 0, 1, 0])},
-              ("base", "c"): {"accuracy": 0.1, "records": records([0] * 8)}}
+    table2 = {
+        ("prompt", "a"): {"accuracy": 0.2, "records": records([1] * 20 + [0] * 80)},
+        ("classifier", "a"): {"accuracy": 0.3, "records": records([1] * 30 + [0] * 70)},
+        ("fewshot", "a"): {"accuracy": 0.6, "records": records([1] * 60 + [0] * 40)},
+        ("prompt", "b"): {"accuracy": 0.5, "records": records([1, 0] * 4)},
+        ("fewshot", "b"): {"accuracy": 0.375, "records": records([1, 0, 0, 1, 0, 0, 1, 0])},
+        ("base", "c"): {"accuracy": 0.1, "records": records([0] * 8)},
+    }
     a, b = fewshot_reading(table2)  # task c has no few-shot result: no line
     assert a.startswith("- a: few-shot vs classifier") and "+30.0 points" in a and a.endswith("significantly better.")
     assert "n = 100 paired items" in a
@@ -107,8 +127,14 @@ def test_report_shows_dispatch_confusion_and_cem_fitness(run_dir, tmp_path):
     assert sum(map(sum, quality["classifier"]["counts"])) == 6
     (root / "dispatch.json").write_text(json.dumps(quality))
     experts = [str(root / f"{t}.safetensors") for t in ("math", "code", "reasoning")]
-    cfg = AdaptConfig(strategy="fewshot", task="math-hard", model={"spec": "tiny-llama"}, experts=experts, limit=2,
-                      cem={"population": 2, "generations": 2, "shots": 2})
+    cfg = AdaptConfig(
+        strategy="fewshot",
+        task="math-hard",
+        model={"spec": "tiny-llama"},
+        experts=experts,
+        limit=2,
+        cem={"population": 2, "generations": 2, "shots": 2},
+    )
     run_adapt(cfg, progress=False).save(root / "table2" / "fewshot-math-hard.json")
     report = build_report(root).read_text()
     assert "## Dispatch quality" in report and "**classifier**" in report and "per-class accuracy" in report
@@ -131,28 +157,38 @@ def test_paired_difference_and_its_reading():
     from t2ray.report import paired_difference, significance_reading
 
     def result(correct):
-        return {"accuracy": sum(correct) / len(correct), "n": len(correct), "correct": sum(correct),
-                "records": [{"id": f"q{i}", "correct": c} for i, c in enumerate(correct)]}
+        return {
+            "accuracy": sum(correct) / len(correct),
+            "n": len(correct),
+            "correct": sum(correct),
+            "records": [{"id": f"q{i}", "correct": c} for i, c in enumerate(correct)],
+        }
 
     base = result([False] * 60 + [True] * 40)
-    better = result([True] * 40 + [False] * 20 + [True] * 40)   # +40 points, every change in its favour
+    better = result([True] * 40 + [False] * 20 + [True] * 40)  # +40 points, every change in its favour
     noisy = result([True] * 5 + [False] * 55 + [True] * 35 + [False] * 5)  # 5 gained, 5 lost: 0 points
     mean, low, high, n = paired_difference(better, base)
     assert (mean, n) == (pytest.approx(0.4), 100) and low > 0.3
     mean, low, high, _ = paired_difference(noisy, base)
     assert mean == 0 and low < 0 < high
     assert paired_difference(better, {"records": []}) is None
-    lines = significance_reading({("base", "t"): base, ("svf", "t"): better, ("lora", "t"): noisy},
-                                 ("base", "lora", "svf"))
-    assert lines[0].startswith("- t, lora: +0.0 points") and lines[0].endswith("not distinguishable from the base model.")
+    lines = significance_reading(
+        {("base", "t"): base, ("svf", "t"): better, ("lora", "t"): noisy}, ("base", "lora", "svf")
+    )
+    assert lines[0].startswith("- t, lora: +0.0 points") and lines[0].endswith(
+        "not distinguishable from the base model."
+    )
     assert lines[1].startswith("- t, svf: +40.0 points") and "significantly better than" in lines[1]
 
 
 def test_no_differing_item_is_said_plainly():
     from t2ray.report import _cell, significance_reading
 
-    same = {("base", "t"): {"accuracy": 0.0, "correct": 0, "n": 3, "records": records([0, 0, 0])},
-            ("prompt", "t"): {"accuracy": 0.0, "correct": 0, "n": 3, "records": records([0, 0, 0])}}
+    same = {
+        ("base", "t"): {"accuracy": 0.0, "correct": 0, "n": 3, "records": records([0, 0, 0])},
+        ("prompt", "t"): {"accuracy": 0.0, "correct": 0, "n": 3, "records": records([0, 0, 0])},
+    }
     assert _cell(same, "prompt", "t").endswith("Δ +0.0 (no item differs)")
     assert significance_reading(same, ("base", "prompt")) == [
-        "- t, prompt: graded like the base model on every one of the 3 items."]
+        "- t, prompt: graded like the base model on every one of the 3 items."
+    ]

@@ -1,4 +1,5 @@
 """z-only sync to rollout engines (the CPU twin of the vLLM path; vLLM itself: tests/rl/test_vllm_engine.py)."""
+
 from __future__ import annotations
 
 import pytest
@@ -6,7 +7,12 @@ import torch
 
 from t2ray.generation import rollout
 from t2ray.rl.rollout import (
-    InProcessEngine, ReplicaEngine, ZSyncError, current_z, decode_z, encode_z,
+    InProcessEngine,
+    ReplicaEngine,
+    ZSyncError,
+    current_z,
+    decode_z,
+    encode_z,
 )
 from t2ray.svf import SVFConfig, patch_model, use_trainable
 

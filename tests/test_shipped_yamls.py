@@ -6,6 +6,7 @@ scheduler, strategy and model of each file stay as shipped.
 
 The module runs top to bottom in one working directory, as a user would: the experts trained first are the ones
 that the adapt, CEM-sweep and serve files name (runs/smollm2-*/, and runs/quickstart/svf-*/ for serving)."""
+
 from __future__ import annotations
 
 import json
@@ -51,19 +52,23 @@ def readme_line(line: str) -> str:
 @dataclass
 class Shell:
     """A bare shell in a working directory holding a copy of the repository's experiments/."""
+
     env: dict[str, str]
     cwd: Path
 
     def run(self, line: str, *extra: str, timeout: float = 600) -> subprocess.CompletedProcess:
-        done = subprocess.run([*shlex.split(line), *extra], cwd=self.cwd, env=self.env, capture_output=True,
-                              text=True, timeout=timeout)
-        assert done.returncode == 0, (f"`{line} {' '.join(extra)}` exited {done.returncode}\n--- stdout\n"
-                                      f"{done.stdout[-2000:]}\n--- stderr\n{done.stderr[-4000:]}")
+        done = subprocess.run(
+            [*shlex.split(line), *extra], cwd=self.cwd, env=self.env, capture_output=True, text=True, timeout=timeout
+        )
+        assert done.returncode == 0, (
+            f"`{line} {' '.join(extra)}` exited {done.returncode}\n--- stdout\n"
+            f"{done.stdout[-2000:]}\n--- stderr\n{done.stderr[-4000:]}"
+        )
         return done
 
     def last_json(self, done: subprocess.CompletedProcess) -> dict:
         text = done.stdout
-        return json.JSONDecoder().raw_decode(text[text.rindex("\n{") + 1 if "\n{" in text else text.index("{"):])[0]
+        return json.JSONDecoder().raw_decode(text[text.rindex("\n{") + 1 if "\n{" in text else text.index("{") :])[0]
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +95,14 @@ def test_train_a_smollm2_expert_as_its_header_says(shell, name):
     assert Path(summary["expert"]) == expert_of(shell, f"smollm2-{name}")
     console = done.stdout + done.stderr  # t2ray's bar, drawn by the driver from the reports; no framework floods
     assert f"train smollm2-{name}" in done.stderr and "1/1" in done.stderr, console[-3000:]
-    for flood in ("Reporting training result", "RayTrainWorker", "TrainController", "DeepSpeed", "Loading weights",
-                  "Started a local Ray instance"):
+    for flood in (
+        "Reporting training result",
+        "RayTrainWorker",
+        "TrainController",
+        "DeepSpeed",
+        "Loading weights",
+        "Started a local Ray instance",
+    ):
         assert flood not in console, flood
 
 
@@ -99,8 +110,10 @@ def test_submit_the_code_expert_to_a_local_head(shell, ray_head_starter, tmp_pat
     """`t2ray submit --address http://127.0.0.1:8265 experiments/…` (README) to a `ray start --head` typed in the
     same bare shell: the job trains experiments/smollm2-code.yaml on the cluster, in the uploaded working dir."""
     with ray_head_starter(shell.env, tmp_path) as (dashboard, _):
-        line = readme_line("t2ray submit --address http://127.0.0.1:8265 experiments/smollm2-math.yaml "
-                           "--requirements req.txt --uv --wait")
+        line = readme_line(
+            "t2ray submit --address http://127.0.0.1:8265 experiments/smollm2-math.yaml "
+            "--requirements req.txt --uv --wait"
+        )
         line = line.replace("http://127.0.0.1:8265", dashboard).replace("smollm2-math", "smollm2-code")
         line = line.replace(" --requirements req.txt --uv", "")  # no package index here: nothing to install
         runs = shell.cwd / "runs"
@@ -116,9 +129,20 @@ def test_the_cluster_experiments_plan_and_train_on_a_stand_in(shell, name):
     yaml_path = ROOT / "experiments" / f"{name}.yaml"
     assert "fits" in shell.run(header_command(yaml_path, "plan", about="--model")).stdout
     layers = {"llama3-70b-svf": ["svf.layers=0-1"]}.get(name, [])  # tiny-llama has 2 layers, not 80
-    done = shell.run(f"t2ray train experiments/{name}.yaml", *sets(
-        *TINY_RL, "model.spec=tiny-llama", "model.dtype=float32", "scaling.use_gpu=false", "scaling.num_workers=2",
-        "scaling.cpus_per_worker=1", "rl.eval_batch_size=2", f"storage_path={shell.cwd / 'runs'}", *layers))
+    done = shell.run(
+        f"t2ray train experiments/{name}.yaml",
+        *sets(
+            *TINY_RL,
+            "model.spec=tiny-llama",
+            "model.dtype=float32",
+            "scaling.use_gpu=false",
+            "scaling.num_workers=2",
+            "scaling.cpus_per_worker=1",
+            "rl.eval_batch_size=2",
+            f"storage_path={shell.cwd / 'runs'}",
+            *layers,
+        ),
+    )
     assert shell.last_json(done)["iterations"] == 1
     expert_of(shell, yaml.safe_load(yaml_path.read_text())["name"])
 
@@ -127,9 +151,19 @@ def test_rl_sweep_as_shipped_random_search_and_asha(shell):
     """experiments/sweeps/rl-smollm2.yaml: random search, ASHA, Ray Train trials; then `t2ray train …/best.yaml`."""
     sweep = yaml.safe_load((ROOT / "experiments/sweeps/rl-smollm2.yaml").read_text())
     assert sweep["search"]["alg"] == "random" and sweep["scheduler"]["type"] == "asha"
-    done = shell.run(readme_line("t2ray tune experiments/sweeps/rl-smollm2.yaml"), *sets(
-        "num_samples=1", "overrides.rl.iterations=2", "overrides.rl.eval_interval=1", "overrides.rl.eval_limit=2",
-        "overrides.rl.batch_size=2", "overrides.rl.max_new_tokens=8", "scheduler.grace_period=1"), timeout=900)
+    done = shell.run(
+        readme_line("t2ray tune experiments/sweeps/rl-smollm2.yaml"),
+        *sets(
+            "num_samples=1",
+            "overrides.rl.iterations=2",
+            "overrides.rl.eval_interval=1",
+            "overrides.rl.eval_limit=2",
+            "overrides.rl.batch_size=2",
+            "overrides.rl.max_new_tokens=8",
+            "scheduler.grace_period=1",
+        ),
+        timeout=900,
+    )
     summary = shell.last_json(done)  # one trial: ASHA's stopping is tests/tune's (4 trials on tiny-llama)
     assert summary["finished"] == 1, summary
     console = done.stdout + done.stderr  # the driver's bar, not Tune's status tables (those with --verbose)
@@ -137,18 +171,29 @@ def test_rl_sweep_as_shipped_random_search_and_asha(shell):
     assert "core_worker.cc" not in console, console[-3000:]  # no C++ error line per wandb logging actor
     best = shell.cwd / "runs/sweeps/rl-smollm2/best.yaml"
     assert best.is_file() and (best.parent / "results.csv").is_file()
-    trained = shell.run(readme_line("t2ray train runs/sweeps/rl-smollm2/best.yaml"),
-                        *sets("rl.iterations=1", f"storage_path={shell.cwd / 'runs/best'}"))
+    trained = shell.run(
+        readme_line("t2ray train runs/sweeps/rl-smollm2/best.yaml"),
+        *sets("rl.iterations=1", f"storage_path={shell.cwd / 'runs/best'}"),
+    )
     assert shell.last_json(trained)["iterations"] == 1
 
 
 def test_pbt_sweep_as_shipped_exploits_checkpoints(shell):
     """experiments/sweeps/pbt-smollm2.yaml: PBT perturbs at every validation (each a z checkpoint): the lower trial
     continues from the upper one's checkpoint with perturbed settings; the sweep finishes and writes best.yaml."""
-    done = shell.run(readme_line("t2ray tune experiments/sweeps/pbt-smollm2.yaml"), *sets(
-        "num_samples=2", "overrides.rl.iterations=3", "overrides.rl.eval_interval=1", "overrides.rl.eval_limit=2",
-        "overrides.rl.batch_size=2", "overrides.rl.max_new_tokens=8",
-        "scheduler.quantile_fraction=0.5"), timeout=900)  # of 2 trials, the lower one exploits the upper one
+    done = shell.run(
+        readme_line("t2ray tune experiments/sweeps/pbt-smollm2.yaml"),
+        *sets(
+            "num_samples=2",
+            "overrides.rl.iterations=3",
+            "overrides.rl.eval_interval=1",
+            "overrides.rl.eval_limit=2",
+            "overrides.rl.batch_size=2",
+            "overrides.rl.max_new_tokens=8",
+            "scheduler.quantile_fraction=0.5",
+        ),
+        timeout=900,
+    )  # of 2 trials, the lower one exploits the upper one
     summary = shell.last_json(done)
     assert summary["finished"] == 2 and summary["errored"] == 0, summary
     sweep_dir = shell.cwd / "runs/sweeps/pbt-smollm2"
@@ -160,23 +205,44 @@ def test_pbt_sweep_as_shipped_exploits_checkpoints(shell):
 def test_fewshot_adapt_yaml_as_the_readme_types_it(shell):
     """experiments/sweeps/fewshot-smollm2.yaml names the three experts trained above; the README's line, with a
     tiny CEM appended (flags override the YAML)."""
-    done = shell.run(readme_line("t2ray adapt --config experiments/sweeps/fewshot-smollm2.yaml --limit 64"),
-                     "--limit", "2", "--population", "2", "--generations", "1", "--shots", "2")
+    done = shell.run(
+        readme_line("t2ray adapt --config experiments/sweeps/fewshot-smollm2.yaml --limit 64"),
+        "--limit",
+        "2",
+        "--population",
+        "2",
+        "--generations",
+        "1",
+        "--shots",
+        "2",
+    )
     summary = shell.last_json(done)
     assert summary["strategy"] == "fewshot" and summary["n"] == 2 and len(summary["alpha"]) == 3
 
 
-@pytest.mark.parametrize("line", [
-    "t2ray tune experiments/sweeps/cem-smollm2.yaml",                                        # optuna, as shipped
-    "t2ray tune experiments/sweeps/cem-smollm2.yaml --set num_samples=16 --set search.alg=hyperopt"])
+@pytest.mark.parametrize(
+    "line",
+    [
+        "t2ray tune experiments/sweeps/cem-smollm2.yaml",  # optuna, as shipped
+        "t2ray tune experiments/sweeps/cem-smollm2.yaml --set num_samples=16 --set search.alg=hyperopt",
+    ],
+)
 def test_cem_sweep_with_optuna_and_hyperopt(shell, line):
     """The shipped CEM sweep (Optuna, FIFO) and the README's HyperOpt variant: trials report every generation
     without the metric (Optuna raised KeyError 'valid_accuracy'; wandb without a key stopped it at once)."""
     assert line in README or line == header_command(ROOT / "experiments/sweeps/cem-smollm2.yaml", "tune")
     alg = "hyperopt" if "hyperopt" in line else "optuna"
-    done = shell.run(line, *sets("num_samples=1", f"name=cem-{alg}", "space.cem.population.choice=[2,3]",
-                                 "space.cem.generations.choice=[1]", "space.cem.shots.choice=[2]",
-                                 "overrides.limit=4"))
+    done = shell.run(
+        line,
+        *sets(
+            "num_samples=1",
+            f"name=cem-{alg}",
+            "space.cem.population.choice=[2,3]",
+            "space.cem.generations.choice=[1]",
+            "space.cem.shots.choice=[2]",
+            "overrides.limit=4",
+        ),
+    )
     summary = shell.last_json(done)
     assert summary["finished"] == 1, summary
     sweep_dir = shell.cwd / "runs/sweeps" / f"cem-{alg}"
@@ -192,8 +258,9 @@ def test_serve_start_one_request_stop(shell):
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(expert_of(shell, f"smollm2-{name}"), target)
     line = readme_line("t2ray serve experiments/serve-smollm2.yaml")
-    proc = subprocess.Popen(shlex.split(line), cwd=shell.cwd, env=shell.env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        shlex.split(line), cwd=shell.cwd, env=shell.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
         seen = []
         for out in proc.stdout:  # the JSON object printed once the endpoint is up
@@ -203,10 +270,11 @@ def test_serve_start_one_request_stop(shell):
         else:
             pytest.fail(f"`{line}` ended before serving:\n{''.join(seen)[-4000:]}")
         printed = "".join(seen)
-        info = json.loads(printed[printed.rindex("\n{") + 1:])
+        info = json.loads(printed[printed.rindex("\n{") + 1 :])
         client = openai.OpenAI(base_url=info["openai_base_url"]["t2ray"], api_key="none", max_retries=0, timeout=300)
-        answer = client.chat.completions.create(model="math", max_tokens=4,
-                                                messages=[{"role": "user", "content": "What is 2 + 3?"}])
+        answer = client.chat.completions.create(
+            model="math", max_tokens=4, messages=[{"role": "user", "content": "What is 2 + 3?"}]
+        )
         assert answer.choices[0].message.content and answer.model_extra["t2ray"]["mixture"]["label"] == "expert:math"
     finally:
         proc.send_signal(signal.SIGINT)  # Ctrl-C

@@ -1,10 +1,11 @@
 """Few-shot search of mixing weights α with the cross-entropy method (SPEC §1 defaults). No Ray here:
 `fitness` may evaluate a population locally or on an actor pool (t2ray.adapt.cem_pool)."""
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -19,9 +20,18 @@ class CEMResult:
     history: list[dict] = field(default_factory=list)
 
 
-def cem_search(fitness: Callable[[np.ndarray], list[Fitness]], shape: tuple[int, ...], *, population: int = 32,
-               elite_ratio: float = 0.2, generations: int = 50, init_std: float = 0.5, normalize: bool = False,
-               seed: int = 0, progress: bool = True) -> CEMResult:
+def cem_search(
+    fitness: Callable[[np.ndarray], list[Fitness]],
+    shape: tuple[int, ...],
+    *,
+    population: int = 32,
+    elite_ratio: float = 0.2,
+    generations: int = 50,
+    init_std: float = 0.5,
+    normalize: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+) -> CEMResult:
     """Maximise fitness over α ∈ [0,1]^shape (shape (K,) or (K, M)); the previous best is re-evaluated
     with every generation (fitness on few shots is noisy)."""
     if population < 2:
@@ -49,6 +59,13 @@ def cem_search(fitness: Callable[[np.ndarray], list[Fitness]], shape: tuple[int,
         elites = candidates[order[:n_elite]]
         mean, std = elites.mean(0), elites.std(0) + 1e-3  # a floor keeps the search from freezing
         best, best_fit = candidates[order[0]].copy(), scores[order[0]]
-        history.append({"generation": gen + 1, "best_accuracy": best_fit[0], "best_loglik": best_fit[1],
-                        "mean_accuracy": float(np.mean([s[0] for s in scores])), "alpha": best.tolist()})
+        history.append(
+            {
+                "generation": gen + 1,
+                "best_accuracy": best_fit[0],
+                "best_loglik": best_fit[1],
+                "mean_accuracy": float(np.mean([s[0] for s in scores])),
+                "alpha": best.tolist(),
+            }
+        )
     return CEMResult(alpha=best, fitness=best_fit, history=history)

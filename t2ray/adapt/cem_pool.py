@@ -1,12 +1,22 @@
 """CEM candidates evaluated in parallel on Ray actors; each holds the model once and only switches z."""
+
 from __future__ import annotations
 
 import numpy as np
 
 
 class CEMActor:
-    def __init__(self, model_spec: str, expert_paths: list[str], task_spec: str, shots: int, seed: int,
-                 dtype: str = "auto", allow_transfer: bool = False, threads: int = 1):
+    def __init__(
+        self,
+        model_spec: str,
+        expert_paths: list[str],
+        task_spec: str,
+        shots: int,
+        seed: int,
+        dtype: str = "auto",
+        allow_transfer: bool = False,
+        threads: int = 1,
+    ):
         import torch
 
         from t2ray.adapt.fewshot import ShotFitness, pick_shots
@@ -17,8 +27,14 @@ class CEMActor:
         torch.set_num_threads(threads)  # one core per actor: actors share the machine's cores
         model, tokenizer = load_model(model_spec, dtype=dtype)
         task = get_task(task_spec, seed=seed)
-        self.fitness = ShotFitness(model, tokenizer, [load_expert(p) for p in expert_paths], task,
-                                   pick_shots(task, shots, seed), allow_transfer=allow_transfer)
+        self.fitness = ShotFitness(
+            model,
+            tokenizer,
+            [load_expert(p) for p in expert_paths],
+            task,
+            pick_shots(task, shots, seed),
+            allow_transfer=allow_transfer,
+        )
 
     def evaluate(self, alphas: np.ndarray) -> list[tuple[float, float]]:
         return self.fitness(alphas)

@@ -1,5 +1,6 @@
 """Pass 1 by classification: the base model (prompt-based) or a classifier expert labels each query
 code | math | reasoning | other, and the matching expert answers (other → the base model)."""
+
 from __future__ import annotations
 
 import copy
@@ -20,7 +21,7 @@ def label_token_ids(tokenizer) -> dict[str, int]:
     ids = {}
     for label in CATEGORIES:
         full = tokenizer(prefix + label, add_special_tokens=False).input_ids
-        if full[:len(base)] != base:
+        if full[: len(base)] != base:
             raise ValueError(f"tokenizer merges the answer prefix with {label!r}: use mode 'generate'")
         ids[label] = full[len(base)]
     if len(set(ids.values())) < len(ids):
@@ -46,7 +47,7 @@ def length_groups(lengths: list[int], forward_cost: float) -> list[list[int]]:
                 best[j], cut[j] = cost, i
     groups, j = [], len(order)
     while j:
-        groups.append(order[cut[j]:j])
+        groups.append(order[cut[j] : j])
         j = cut[j]
     return groups[::-1]
 
@@ -68,7 +69,7 @@ class PrefixScorer:
         self.model, self.tokenizer = model, tokenizer
         self.forward_cost_tokens = forward_cost_tokens
         text = render(tokenizer, classification_messages(self.SLOT))
-        before = tokenizer(text[:text.index(self.SLOT)], add_special_tokens=False).input_ids
+        before = tokenizer(text[: text.index(self.SLOT)], add_special_tokens=False).input_ids
         self.prefix_ids = before[:-1]  # its last token may merge with the question's first
         ids = label_token_ids(tokenizer)
         self.labels, self.label_ids = list(ids), torch.tensor(list(ids.values()))
@@ -88,13 +89,19 @@ class PrefixScorer:
         positions = torch.zeros((len(suffixes), width), dtype=torch.long)
         mask[:, :P] = 1
         for j, suffix in enumerate(suffixes):  # padding sits between the prefix and each suffix, masked
-            ids[j, width - len(suffix):] = torch.tensor(suffix)
-            mask[j, P + width - len(suffix):] = 1
-            positions[j, width - len(suffix):] = torch.arange(P, P + len(suffix))
+            ids[j, width - len(suffix) :] = torch.tensor(suffix)
+            mask[j, P + width - len(suffix) :] = 1
+            positions[j, width - len(suffix) :] = torch.arange(P, P + len(suffix))
         cache = copy.deepcopy(self._prefix_cache(state))
         cache.batch_repeat_interleave(len(suffixes))
-        return self.model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                          use_cache=True, logits_to_keep=1, **{cache_kwarg(self.model): cache}).logits[:, -1]
+        return self.model(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            position_ids=positions.to(device),
+            use_cache=True,
+            logits_to_keep=1,
+            **{cache_kwarg(self.model): cache},
+        ).logits[:, -1]
 
     @torch.no_grad()
     def scores(self, questions: list[str], *, state: str = "base") -> torch.Tensor:
@@ -115,7 +122,7 @@ class PrefixScorer:
     def classify(self, questions: list[str], *, state: str = "base", batch_size: int = 64) -> list[str]:
         labels = []
         for start in range(0, len(questions), batch_size):
-            best = self.scores(questions[start:start + batch_size], state=state).argmax(-1)
+            best = self.scores(questions[start : start + batch_size], state=state).argmax(-1)
             labels += [self.labels[k] for k in best.tolist()]
         return labels
 
@@ -126,8 +133,14 @@ def classify(model, tokenizer, questions: list[str], *, mode: str = "score", bat
     otherwise answer the question instead of classifying it). `score`: one forward pass comparing the labels'
     first-token logits (no generation); `generate`: the model writes the label (the paper's boxed answer)."""
     if mode == "generate":
-        texts = generate(model, tokenizer, [classification_messages(q) for q in questions], max_new_tokens=8,
-                         batch_size=batch_size, reply_prefix=BOXED_PREFIX)
+        texts = generate(
+            model,
+            tokenizer,
+            [classification_messages(q) for q in questions],
+            max_new_tokens=8,
+            batch_size=batch_size,
+            reply_prefix=BOXED_PREFIX,
+        )
         return [parse_category(BOXED_PREFIX + t) or "other" for t in texts]
     if mode != "score":
         raise ValueError(f"unknown classification mode {mode!r}: score | generate")
@@ -148,5 +161,10 @@ def confusion(true: list[str], predicted: list[str]) -> dict:
         counts[index[t]][index.get(p, index["other"])] += 1
     per_class = {label: row[k] / sum(row) for k, (label, row) in enumerate(zip(CATEGORIES, counts)) if sum(row)}
     correct = sum(counts[k][k] for k in range(len(CATEGORIES)))
-    return {"labels": list(CATEGORIES), "counts": counts, "per_class": per_class, "n": len(true),
-            "accuracy": correct / max(1, len(true))}
+    return {
+        "labels": list(CATEGORIES),
+        "counts": counts,
+        "per_class": per_class,
+        "n": len(true),
+        "accuracy": correct / max(1, len(true)),
+    }

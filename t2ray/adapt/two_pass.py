@@ -1,5 +1,6 @@
 """Two-pass inference over a task split: pass 1 decides a mixture per query (or per task, or per token),
 pass 2 answers with it. One entry point for the CLI, the report and the serving layer."""
+
 from __future__ import annotations
 
 import json
@@ -26,22 +27,28 @@ class AdaptResult:
     eval: EvalResult
     pass1_s: float
     pass2_s: float
-    choices: list[str] = field(default_factory=list)        # per query: expert name, "base" or "mixture"
-    alpha: list | None = None                                # fewshot: the α found
-    history: list[dict] = field(default_factory=list)        # fewshot: CEM generations
+    choices: list[str] = field(default_factory=list)  # per query: expert name, "base" or "mixture"
+    alpha: list | None = None  # fewshot: the α found
+    history: list[dict] = field(default_factory=list)  # fewshot: CEM generations
     expert_names: list[str] = field(default_factory=list)
 
     def summary(self) -> dict:
         counts = {c: self.choices.count(c) for c in sorted(set(self.choices))}
-        return {**self.eval.summary(), "strategy": self.strategy, "pass1_s": self.pass1_s, "pass2_s": self.pass2_s,
-                "pass1_over_pass2": self.pass1_s / max(self.pass2_s, 1e-9), "choices": counts, "alpha": self.alpha,
-                "expert_names": self.expert_names}
+        return {
+            **self.eval.summary(),
+            "strategy": self.strategy,
+            "pass1_s": self.pass1_s,
+            "pass2_s": self.pass2_s,
+            "pass1_over_pass2": self.pass1_s / max(self.pass2_s, 1e-9),
+            "choices": counts,
+            "alpha": self.alpha,
+            "expert_names": self.expert_names,
+        }
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({**self.summary(), "history": self.history, "records": self.eval.records},
-                                   indent=2))
+        path.write_text(json.dumps({**self.summary(), "history": self.history, "records": self.eval.records}, indent=2))
         return path
 
 
@@ -62,8 +69,9 @@ def pass2_bar(task: Task, total: int, progress: bool):
     return tqdm(total=total, desc=f"pass 2 {task.name}", unit="prompt", disable=not progress)
 
 
-def grouped_generate(model, tokenizer, task: Task, messages, groups: list[dict | None], batch_size: int,
-                     progress: bool = False):
+def grouped_generate(
+    model, tokenizer, task: Task, messages, groups: list[dict | None], batch_size: int, progress: bool = False
+):
     """Pass 2 where queries use a few distinct mixtures: one materialised W' per mixture, not per query."""
     texts: list[str | None] = [None] * len(messages)
     keys = {}
@@ -72,8 +80,9 @@ def grouped_generate(model, tokenizer, task: Task, messages, groups: list[dict |
     with pass2_bar(task, len(messages), progress) as bar:
         for z, rows in keys.values():
             set_z(model, z)
-            out = generate(model, tokenizer, [messages[i] for i in rows], max_new_tokens=task.max_new_tokens,
-                           batch_size=batch_size)
+            out = generate(
+                model, tokenizer, [messages[i] for i in rows], max_new_tokens=task.max_new_tokens, batch_size=batch_size
+            )
             for i, text in zip(rows, out):
                 texts[i] = text
             bar.update(len(rows))
@@ -87,7 +96,7 @@ def lora_library(cfg: AdaptConfig) -> bool:
 
 def run_adapt(cfg: AdaptConfig, *, progress: bool = True) -> AdaptResult:
     task = get_task(cfg.task)
-    examples = task.examples(cfg.split)[:cfg.limit]
+    examples = task.examples(cfg.split)[: cfg.limit]
     messages = [task.messages(ex) for ex in examples]
     if lora_library(cfg):
         return run_adapt_lora(cfg, task, examples, messages, progress=progress)
@@ -125,8 +134,16 @@ def run_adapt(cfg: AdaptConfig, *, progress: bool = True) -> AdaptResult:
     if groups is None:
         from t2ray.adapt.token_routing import SVFMixer
 
-        texts = route_tokens(model, tokenizer, SVFMixer(model, experts, allow_transfer=cfg.allow_transfer),
-                             [e.task for e in experts], task, messages, cfg, progress=progress)
+        texts = route_tokens(
+            model,
+            tokenizer,
+            SVFMixer(model, experts, allow_transfer=cfg.allow_transfer),
+            [e.task for e in experts],
+            task,
+            messages,
+            cfg,
+            progress=progress,
+        )
     else:
         set_mode(model, "materialized")
         texts = grouped_generate(model, tokenizer, task, messages, groups, cfg.batch_size, progress=progress)
@@ -134,15 +151,34 @@ def run_adapt(cfg: AdaptConfig, *, progress: bool = True) -> AdaptResult:
     return graded(cfg, task, examples, texts, choices, pass1, pass2, [e.name for e in experts], alpha, history)
 
 
-def graded(cfg: AdaptConfig, task: Task, examples, texts: list[str], choices: list[str], pass1: float, pass2: float,
-           names: list[str], alpha: list | None = None, history: list[dict] | None = None) -> AdaptResult:
+def graded(
+    cfg: AdaptConfig,
+    task: Task,
+    examples,
+    texts: list[str],
+    choices: list[str],
+    pass1: float,
+    pass2: float,
+    names: list[str],
+    alpha: list | None = None,
+    history: list[dict] | None = None,
+) -> AdaptResult:
     grades = grade_all(task, examples, texts)
     correct = sum(ok for ok, _ in grades)
-    records = [{"id": ex.id, "prompt": ex.prompt, "answer": ex.answer, "completion": t, "correct": ok, "choice": c}
-               for ex, t, (ok, _), c in zip(examples, texts, grades, choices)]
-    evaluation = EvalResult(task=task.name, split=cfg.split, accuracy=correct / max(1, len(examples)),
-                            n=len(examples), correct=correct, seconds=pass1 + pass2, adapter=cfg.strategy,
-                            records=records)
+    records = [
+        {"id": ex.id, "prompt": ex.prompt, "answer": ex.answer, "completion": t, "correct": ok, "choice": c}
+        for ex, t, (ok, _), c in zip(examples, texts, grades, choices)
+    ]
+    evaluation = EvalResult(
+        task=task.name,
+        split=cfg.split,
+        accuracy=correct / max(1, len(examples)),
+        n=len(examples),
+        correct=correct,
+        seconds=pass1 + pass2,
+        adapter=cfg.strategy,
+        records=records,
+    )
     return AdaptResult(cfg.strategy, evaluation, pass1, pass2, choices, alpha, history or [], names)
 
 
@@ -157,8 +193,10 @@ def run_adapt_lora(cfg: AdaptConfig, task: Task, examples, messages, *, progress
     from t2ray.lora.layer import read_lora_expert, set_lora_weights
 
     if cfg.strategy == "fewshot" and (cfg.cem.per_module or cfg.cem.actors > 1):
-        raise ExpertError("few-shot CEM over LoRA adapters takes one α per adapter in this process (LoraHub's "
-                          "setting): set cem.per_module false and cem.actors 1")
+        raise ExpertError(
+            "few-shot CEM over LoRA adapters takes one α per adapter in this process (LoraHub's "
+            "setting): set cem.per_module false and cem.actors 1"
+        )
     adapters = [read_lora_expert(p) for p in cfg.experts]
     tasks = [a.task for a in adapters]
     classifier = [read_lora_expert(cfg.classifier_expert)] if cfg.strategy == "classifier" else []
@@ -171,8 +209,9 @@ def run_adapt_lora(cfg: AdaptConfig, task: Task, examples, messages, *, progress
     if cfg.strategy == "fewshot":
         from t2ray.adapt.fewshot import LoRAShotFitness, pick_shots
 
-        fitness = LoRAShotFitness(model, tokenizer, mixer, task, pick_shots(task, cfg.cem.shots, cfg.cem.seed),
-                                  batch_size=cfg.batch_size)
+        fitness = LoRAShotFitness(
+            model, tokenizer, mixer, task, pick_shots(task, cfg.cem.shots, cfg.cem.seed), batch_size=cfg.batch_size
+        )
         found = run_cem(cfg, fitness, (k,), progress=progress)
         alpha, history = found.alpha.tolist(), found.history
         weights = torch.tensor(alpha, dtype=torch.float32).expand(len(examples), k)
@@ -200,15 +239,23 @@ def run_adapt_lora(cfg: AdaptConfig, task: Task, examples, messages, *, progress
         with pass2_bar(task, len(messages), progress) as bar:
             for start in range(0, len(messages), cfg.batch_size):
                 rows = slice(start, start + cfg.batch_size)
-                texts += generate_weighted(model, tokenizer, messages[rows], mixer, weights[rows],
-                                           max_new_tokens=task.max_new_tokens)
+                texts += generate_weighted(
+                    model, tokenizer, messages[rows], mixer, weights[rows], max_new_tokens=task.max_new_tokens
+                )
                 bar.update(len(messages[rows]))
     pass2 = time.perf_counter() - t1
     return graded(cfg, task, examples, texts, choices, pass1, pass2, [a.name for a in adapters], alpha, history)
 
 
-def dispatch_quality(model_spec: str, classifier_expert: str | Path, limits: dict[str, int], *, dtype: str = "auto",
-                     mode: str = "score", allow_transfer: bool = False) -> dict:
+def dispatch_quality(
+    model_spec: str,
+    classifier_expert: str | Path,
+    limits: dict[str, int],
+    *,
+    dtype: str = "auto",
+    mode: str = "score",
+    allow_transfer: bool = False,
+) -> dict:
     """Pass 1 alone, scored: the confusion of the prompt strategy (the base model classifies) and the classifier
     expert against each query's true category, over the first `limits[task]` test queries of each task."""
     model, tokenizer = load_model(model_spec, dtype=dtype)
@@ -222,12 +269,15 @@ def dispatch_quality(model_spec: str, classifier_expert: str | Path, limits: dic
     apply_experts(model, [load_expert(classifier_expert)], allow_transfer=allow_transfer)
     set_mode(model, "materialized")
     predicted["classifier"] = classify(model, tokenizer, questions, mode=mode)
-    return {**{strategy: confusion(true, labels) for strategy, labels in predicted.items()},
-            "categories": {name: get_task(name).category for name in limits}}
+    return {
+        **{strategy: confusion(true, labels) for strategy, labels in predicted.items()},
+        "categories": {name: get_task(name).category for name in limits},
+    }
 
 
-def route_tokens(model, tokenizer, mixer, tasks: list[str | None], task: Task, messages, cfg: AdaptConfig,
-                 progress: bool = False) -> list[str]:
+def route_tokens(
+    model, tokenizer, mixer, tasks: list[str | None], task: Task, messages, cfg: AdaptConfig, progress: bool = False
+) -> list[str]:
     """Pass 2 with token-level routing: centroids of each expert's training task (`tasks`, in the mixer's order),
     re-routed every k tokens."""
     from t2ray.adapt.token_routing import Router, generate_routed
@@ -235,21 +285,32 @@ def route_tokens(model, tokenizer, mixer, tasks: list[str | None], task: Task, m
     missing = [cfg.experts[i] for i, t in enumerate(tasks) if not t]
     if missing:
         raise ValueError(f"token routing needs each expert's training task for its centroid; {missing} have none")
-    router = Router.from_tasks([get_task(t) for t in tasks], examples_per_task=cfg.routing.examples_per_task,
-                               temperature=cfg.routing.temperature)
+    router = Router.from_tasks(
+        [get_task(t) for t in tasks],
+        examples_per_task=cfg.routing.examples_per_task,
+        temperature=cfg.routing.temperature,
+    )
     texts: list[str] = []
     with pass2_bar(task, len(messages), progress) as bar:
         for start in range(0, len(messages), cfg.batch_size):
-            chunk = messages[start:start + cfg.batch_size]
-            texts += generate_routed(model, tokenizer, chunk, mixer, router, every=cfg.routing.every,
-                                     max_new_tokens=task.max_new_tokens,
-                                     recompute_prefix=cfg.routing.recompute_prefix).texts
+            chunk = messages[start : start + cfg.batch_size]
+            texts += generate_routed(
+                model,
+                tokenizer,
+                chunk,
+                mixer,
+                router,
+                every=cfg.routing.every,
+                max_new_tokens=task.max_new_tokens,
+                recompute_prefix=cfg.routing.recompute_prefix,
+            ).texts
             bar.update(len(chunk))
     return texts
 
 
-def search_alpha(cfg: AdaptConfig, model, tokenizer, experts: list[Expert], task: Task, *, progress: bool = True,
-                 observe=None):
+def search_alpha(
+    cfg: AdaptConfig, model, tokenizer, experts: list[Expert], task: Task, *, progress: bool = True, observe=None
+):
     """CEM over α on k shots: in this process, or on `cfg.cem.actors` Ray actors. `observe(alphas, scores)`, if
     given, sees every generation's population (e.g. to report it to Tune)."""
     from t2ray.adapt.fewshot import ShotFitness, pick_shots
@@ -259,12 +320,26 @@ def search_alpha(cfg: AdaptConfig, model, tokenizer, experts: list[Expert], task
     if c.actors > 1:
         from t2ray.adapt.cem_pool import ActorPoolFitness
 
-        fitness = ActorPoolFitness(c.actors, model_spec=cfg.model.spec, expert_paths=cfg.experts,
-                                   task_spec=cfg.task, shots=c.shots, seed=c.seed, dtype=cfg.model.dtype,
-                                   allow_transfer=cfg.allow_transfer)
+        fitness = ActorPoolFitness(
+            c.actors,
+            model_spec=cfg.model.spec,
+            expert_paths=cfg.experts,
+            task_spec=cfg.task,
+            shots=c.shots,
+            seed=c.seed,
+            dtype=cfg.model.dtype,
+            allow_transfer=cfg.allow_transfer,
+        )
     else:
-        fitness = ShotFitness(model, tokenizer, experts, task, pick_shots(task, c.shots, c.seed),
-                              batch_size=cfg.batch_size, allow_transfer=cfg.allow_transfer)
+        fitness = ShotFitness(
+            model,
+            tokenizer,
+            experts,
+            task,
+            pick_shots(task, c.shots, c.seed),
+            batch_size=cfg.batch_size,
+            allow_transfer=cfg.allow_transfer,
+        )
     return run_cem(cfg, fitness, shape, progress=progress, observe=observe)
 
 
@@ -281,9 +356,17 @@ def run_cem(cfg: AdaptConfig, fitness, shape: tuple[int, ...], *, progress: bool
         return scores
 
     try:
-        return cem_search(scored, shape, population=c.population, elite_ratio=c.elite_ratio,
-                          generations=c.generations, init_std=c.init_std, normalize=c.normalize, seed=c.seed,
-                          progress=progress)
+        return cem_search(
+            scored,
+            shape,
+            population=c.population,
+            elite_ratio=c.elite_ratio,
+            generations=c.generations,
+            init_std=c.init_std,
+            normalize=c.normalize,
+            seed=c.seed,
+            progress=progress,
+        )
     finally:
         if hasattr(fitness, "shutdown"):
             fitness.shutdown()
@@ -291,7 +374,13 @@ def run_cem(cfg: AdaptConfig, fitness, shape: tuple[int, ...], *, progress: bool
 
 def save_found_mixture(result: AdaptResult, cfg: AdaptConfig, path: str | Path) -> Path:
     """The α CEM found as a mixture file usable by `t2ray eval --mixture` and by serving."""
-    return save_mixture(Mixture(experts=list(cfg.experts), alpha=result.alpha, name=f"fewshot-{cfg.task}",
-                                task=cfg.task, metadata={"cem": cfg.cem.model_dump(),
-                                                         "shots_accuracy": result.history[-1]["best_accuracy"]}),
-                        path)
+    return save_mixture(
+        Mixture(
+            experts=list(cfg.experts),
+            alpha=result.alpha,
+            name=f"fewshot-{cfg.task}",
+            task=cfg.task,
+            metadata={"cem": cfg.cem.model_dump(), "shots_accuracy": result.history[-1]["best_accuracy"]},
+        ),
+        path,
+    )

@@ -13,14 +13,15 @@ Experts are PEFT adapter folders (``adapter_model.safetensors`` + ``adapter_conf
 PEFT is not needed at inference. Patching mirrors ``t2ray.svf.model``: ``patch_lora_mixture`` swaps the
 target ``nn.Linear`` modules for :class:`LoRAMixtureLinear` in place, ``unpatch_lora_mixture`` puts them back.
 """
+
 from __future__ import annotations
 
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,8 +36,18 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 # Config switches whose features this layer does not implement: refused instead of silently ignored.
-_UNSUPPORTED = ("use_dora", "lora_bias", "fan_in_fan_out", "modules_to_save", "trainable_token_indices",
-                "layer_replication", "use_qalora", "alora_invocation_tokens", "target_parameters", "use_bdlora")
+_UNSUPPORTED = (
+    "use_dora",
+    "lora_bias",
+    "fan_in_fan_out",
+    "modules_to_save",
+    "trainable_token_indices",
+    "layer_replication",
+    "use_qalora",
+    "alora_invocation_tokens",
+    "target_parameters",
+    "use_bdlora",
+)
 
 
 class LoRAMixtureError(ExpertError):
@@ -47,7 +58,7 @@ class LoRAMixtureError(ExpertError):
 class LoRAFactors:
     a: torch.Tensor  # (r, in_features)
     b: torch.Tensor  # (out_features, r)
-    scale: float     # lora_alpha / r (or / sqrt(r) with rsLoRA)
+    scale: float  # lora_alpha / r (or / sqrt(r) with rsLoRA)
 
 
 @dataclass
@@ -89,23 +100,27 @@ def read_lora_expert(folder: str | Path) -> LoRAExpertFile:
         raise LoRAMixtureError(f"{label}: peft_type is {config.get('peft_type')!r}, only LORA adapters can be mixed")
     for key in _UNSUPPORTED:
         if config.get(key):
-            raise LoRAMixtureError(f"{label}: {key}={config[key]!r} is not supported by the LoRA mixture layer; "
-                                   "save plain LoRA adapters (no DoRA, biases, extra trainable modules)")
+            raise LoRAMixtureError(
+                f"{label}: {key}={config[key]!r} is not supported by the LoRA mixture layer; "
+                "save plain LoRA adapters (no DoRA, biases, extra trainable modules)"
+            )
     if config.get("bias", "none") != "none":
         raise LoRAMixtureError(f"{label}: bias={config['bias']!r} is not supported; use bias='none'")
     try:
         tensors = load_file(folder / ADAPTER_WEIGHTS)
     except FileNotFoundError:
-        raise LoRAMixtureError(f"{label}: no {ADAPTER_WEIGHTS} (older .bin adapters are not read; re-save "
-                               "with safe_serialization)") from None
+        raise LoRAMixtureError(
+            f"{label}: no {ADAPTER_WEIGHTS} (older .bin adapters are not read; re-save with safe_serialization)"
+        ) from None
     except (SafetensorError, OSError) as err:
         raise LoRAMixtureError(f"{label}: {ADAPTER_WEIGHTS} is unreadable ({err})") from None
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         match = _KEY.match(key)
         if match is None:
-            raise LoRAMixtureError(f"{label}: tensor {key!r} is not a LoRA A/B weight; only plain LoRA on linear "
-                                   "layers can be mixed")
+            raise LoRAMixtureError(
+                f"{label}: tensor {key!r} is not a LoRA A/B weight; only plain LoRA on linear layers can be mixed"
+            )
         pairs.setdefault(match["module"], {})[match["ab"]] = tensor
     if not pairs:
         raise LoRAMixtureError(f"{label}: {ADAPTER_WEIGHTS} holds no LoRA weights")
@@ -116,8 +131,10 @@ def read_lora_expert(folder: str | Path) -> LoRAExpertFile:
             raise LoRAMixtureError(f"{label}: module {module} has lora_{'A' if 'A' in ab else 'B'} but not the other")
         a, b = ab["A"], ab["B"]
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1] or not a.is_floating_point():
-            raise LoRAMixtureError(f"{label}: module {module} has lora_A {tuple(a.shape)} and lora_B "
-                                   f"{tuple(b.shape)}; expected (r, in) and (out, r) float matrices")
+            raise LoRAMixtureError(
+                f"{label}: module {module} has lora_A {tuple(a.shape)} and lora_B "
+                f"{tuple(b.shape)}; expected (r, in) and (out, r) float matrices"
+            )
         r = a.shape[0]
         expected_r = _pattern_value(config.get("rank_pattern"), module, r_default)
         if expected_r is not None and int(expected_r) != r:
@@ -150,16 +167,25 @@ class LoRAMixtureLinear(nn.Module):
         out_features, in_features = base_layer.weight.shape
         for k, e in enumerate(experts):
             if e.a.shape[1] != in_features or e.b.shape[0] != out_features:
-                raise LoRAMixtureError(f"expert {k}: lora_A {tuple(e.a.shape)} / lora_B {tuple(e.b.shape)} do not fit "
-                                       f"a linear layer {in_features} -> {out_features}")
+                raise LoRAMixtureError(
+                    f"expert {k}: lora_A {tuple(e.a.shape)} / lora_B {tuple(e.b.shape)} do not fit "
+                    f"a linear layer {in_features} -> {out_features}"
+                )
         self.register_buffer("lora_A", torch.cat([e.a for e in experts]).to(device, dtype), persistent=False)
         self.register_buffer("lora_B", torch.cat([e.b for e in experts], 1).to(device, dtype), persistent=False)
         ranks = [e.a.shape[0] for e in experts]
-        self.register_buffer("column_expert", torch.repeat_interleave(torch.arange(len(experts)), torch.tensor(ranks))
-                             .to(device), persistent=False)
-        self.register_buffer("column_scale", torch.repeat_interleave(
-            torch.tensor([e.scale for e in experts], dtype=torch.float32), torch.tensor(ranks)).to(device),
-            persistent=False)
+        self.register_buffer(
+            "column_expert",
+            torch.repeat_interleave(torch.arange(len(experts)), torch.tensor(ranks)).to(device),
+            persistent=False,
+        )
+        self.register_buffer(
+            "column_scale",
+            torch.repeat_interleave(
+                torch.tensor([e.scale for e in experts], dtype=torch.float32), torch.tensor(ranks)
+            ).to(device),
+            persistent=False,
+        )
         self.num_experts = len(experts)
         self.ranks = ranks
         self.weights: torch.Tensor | None = None
@@ -168,8 +194,10 @@ class LoRAMixtureLinear(nn.Module):
         """(K,) for the whole batch, (B, K) per row or (B, T, K) per token; None = base layer."""
         if weights is not None:
             if weights.ndim not in (1, 2, 3) or weights.shape[-1] != self.num_experts:
-                raise LoRAMixtureError(f"mixture weights must have shape (K,), (B, K) or (B, T, K) with "
-                                       f"K = {self.num_experts}, got {tuple(weights.shape)}")
+                raise LoRAMixtureError(
+                    f"mixture weights must have shape (K,), (B, K) or (B, T, K) with "
+                    f"K = {self.num_experts}, got {tuple(weights.shape)}"
+                )
             weights = weights.to(self.column_scale.device, torch.float32)
         self.weights = weights
 
@@ -205,13 +233,16 @@ def _check_base(model: nn.Module, expert: LoRAExpertFile, allow_transfer: bool) 
 
     actual = base_model_info(model).fingerprint
     if fingerprint != actual:
-        raise LoRAMixtureError(f"LoRA expert {expert.path} was trained for base model {expert.meta.get('base_model')} "
-                               f"(fingerprint {fingerprint}), not this one ({actual}); pass allow_transfer=True "
-                               "to apply it anyway")
+        raise LoRAMixtureError(
+            f"LoRA expert {expert.path} was trained for base model {expert.meta.get('base_model')} "
+            f"(fingerprint {fingerprint}), not this one ({actual}); pass allow_transfer=True "
+            "to apply it anyway"
+        )
 
 
-def patch_lora_mixture(model: nn.Module, experts: Sequence[str | Path | LoRAExpertFile], *,
-                       allow_transfer: bool = False) -> dict[str, LoRAMixtureLinear]:
+def patch_lora_mixture(
+    model: nn.Module, experts: Sequence[str | Path | LoRAExpertFile], *, allow_transfer: bool = False
+) -> dict[str, LoRAMixtureLinear]:
     """Swap every module the experts adapt for a LoRAMixtureLinear holding all K experts, in place."""
     if lora_mixture_layers(model):
         raise LoRAMixtureError("model already has LoRA mixture layers; unpatch_lora_mixture first")
@@ -222,9 +253,11 @@ def patch_lora_mixture(model: nn.Module, experts: Sequence[str | Path | LoRAExpe
     for f in files[1:]:
         if set(f.modules) != first:
             missing, extra = sorted(first - set(f.modules)), sorted(set(f.modules) - first)
-            raise LoRAMixtureError(f"LoRA experts {files[0].path} and {f.path} adapt different modules "
-                                   f"(only in the first: {missing[:3]}, only in the second: {extra[:3]}); "
-                                   "mix experts trained on the same target modules")
+            raise LoRAMixtureError(
+                f"LoRA experts {files[0].path} and {f.path} adapt different modules "
+                f"(only in the first: {missing[:3]}, only in the second: {extra[:3]}); "
+                "mix experts trained on the same target modules"
+            )
     modules = dict(model.named_modules())
     for f in files:
         _check_base(model, f, allow_transfer)
@@ -233,14 +266,18 @@ def patch_lora_mixture(model: nn.Module, experts: Sequence[str | Path | LoRAExpe
         if target is None:
             raise LoRAMixtureError(f"LoRA expert {files[0].path}: module {name} does not exist in this model")
         if type(target) is not nn.Linear:
-            raise LoRAMixtureError(f"module {name} is a {type(target).__name__}, not a plain nn.Linear; "
-                                   "apply LoRA mixtures to an unpatched model")
+            raise LoRAMixtureError(
+                f"module {name} is a {type(target).__name__}, not a plain nn.Linear; "
+                "apply LoRA mixtures to an unpatched model"
+            )
         for f in files:
             factors = f.modules[name]
             if factors.a.shape[1] != target.in_features or factors.b.shape[0] != target.out_features:
-                raise LoRAMixtureError(f"LoRA expert {f.path}: module {name} is {target.in_features} -> "
-                                       f"{target.out_features} here, the adapter is {factors.a.shape[1]} -> "
-                                       f"{factors.b.shape[0]}; it belongs to another model")
+                raise LoRAMixtureError(
+                    f"LoRA expert {f.path}: module {name} is {target.in_features} -> "
+                    f"{target.out_features} here, the adapter is {factors.a.shape[1]} -> "
+                    f"{factors.b.shape[0]}; it belongs to another model"
+                )
     for name in files[0].modules:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

@@ -1,4 +1,5 @@
 """LoRA on the same target modules as SVF, trained by the same loop, saved as a PEFT adapter + t2ray metadata."""
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,9 @@ class LoRAAdapter:
         self.base_info = base_model_info(model)  # fingerprint of the untouched base weights
         names = select_targets(model, targets.target_modules, targets.layers)
         torch.manual_seed(seed)
-        self.model = get_peft_model(model, LoraConfig(r=config.r, lora_alpha=config.alpha,
-                                                      lora_dropout=config.dropout, target_modules=names))
+        self.model = get_peft_model(
+            model, LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=names)
+        )
         self._params = [p for p in self.model.parameters() if p.requires_grad]
 
     def parameters(self) -> list[nn.Parameter]:
@@ -44,8 +46,15 @@ class LoRAAdapter:
         self.load_state(state)
         self.model.save_pretrained(folder)
         self.load_state(current)
-        meta = {"kind": "t2ray-lora-expert", "name": name, "base_model": self.base_info.model_id,
-                "fingerprint": self.base_info.fingerprint, "task": task, "training": training, "metrics": metrics}
+        meta = {
+            "kind": "t2ray-lora-expert",
+            "name": name,
+            "base_model": self.base_info.model_id,
+            "fingerprint": self.base_info.fingerprint,
+            "task": task,
+            "training": training,
+            "metrics": metrics,
+        }
         (folder / LORA_META_FILE).write_text(json.dumps(meta, indent=2))
         return folder
 
@@ -59,9 +68,11 @@ def load_lora_expert(model: nn.Module, folder: str | Path, *, allow_transfer: bo
         raise ExpertError(f"{folder}: not a t2ray LoRA expert ({err})") from None
     fingerprint = base_model_info(model).fingerprint
     if meta.get("fingerprint") != fingerprint and not allow_transfer:
-        raise ExpertError(f"LoRA expert {folder} was trained for base model {meta.get('base_model')} "
-                          f"(fingerprint {meta.get('fingerprint')}), not this one ({fingerprint}); "
-                          "pass --allow-transfer to apply it anyway")
+        raise ExpertError(
+            f"LoRA expert {folder} was trained for base model {meta.get('base_model')} "
+            f"(fingerprint {meta.get('fingerprint')}), not this one ({fingerprint}); "
+            "pass --allow-transfer to apply it anyway"
+        )
     peft = PeftModel.from_pretrained(model, folder)
     peft.t2ray_expert_name = meta.get("name") or folder.name  # what reports call it (the folder is always expert/)
     return peft

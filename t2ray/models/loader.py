@@ -8,6 +8,7 @@ Specs:
   a directory       any saved Hugging Face causal LM;
   a hub id          ``org/name`` for users with internet access.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -48,7 +49,11 @@ def _smollm2_package_dir() -> Path:
 def _smollm2_dir() -> Path:
     """Safetensors copy of SmolLM2-135M-Instruct, built from the GGUF on first use."""
     target = cache_root() / "models" / "smollm2-135m"
-    if (target / "config.json").exists() and (target / "model.safetensors").exists() and (target / "tokenizer.json").exists():
+    if (
+        (target / "config.json").exists()
+        and (target / "model.safetensors").exists()
+        and (target / "tokenizer.json").exists()
+    ):
         return target
     gguf_dir = _smollm2_package_dir()
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
@@ -73,8 +78,14 @@ TINY_LLAMA_CONTEXT = 1024  # room for HumanEval's longest prompt plus its 384-to
 
 def tiny_llama_config(vocab_size: int) -> LlamaConfig:
     return LlamaConfig(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=TINY_LLAMA_CONTEXT, tie_word_embeddings=True,
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=TINY_LLAMA_CONTEXT,
+        tie_word_embeddings=True,
     )
 
 
@@ -109,7 +120,9 @@ def resolve(spec: str, seed: int = 0) -> Path | str:
         return path
     if spec.count("/") == 1 and not spec.startswith((".", "/")):
         return spec  # hub id: transformers handles download/caching (needs internet unless cached)
-    raise ModelError(f"unknown model spec {spec!r}: use one of {', '.join(MODEL_ALIASES)}, a model folder, or a hub id org/name")
+    raise ModelError(
+        f"unknown model spec {spec!r}: use one of {', '.join(MODEL_ALIASES)}, a model folder, or a hub id org/name"
+    )
 
 
 def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:

@@ -1,10 +1,11 @@
 """The per-worker RL loop, plain PyTorch (no Ray): Ray Train only wraps it and adds checkpoints."""
+
 from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -70,8 +71,9 @@ class LoopState:
     history: list[dict] = field(default_factory=list)
 
 
-def iteration_batch(examples: list[Example], batch_size: int, seed: int, iteration: int, rank: int,
-                    world_size: int) -> list[Example]:
+def iteration_batch(
+    examples: list[Example], batch_size: int, seed: int, iteration: int, rank: int, world_size: int
+) -> list[Example]:
     """The same global sample on every worker (seeded by iteration), then this worker's shard."""
     picked = random.Random(seed * 1_000_003 + iteration).sample(examples, min(batch_size, len(examples)))
     return picked[rank::world_size]
@@ -83,14 +85,17 @@ def reward_function(task: Task, kind: str = "task"):
         return task.reward
     if kind == "named-option":
         if getattr(task, "grader", None) != "choice":
-            raise ValueError(f"rl.reward named-option is for multiple-choice tasks; {task.name!r} is graded by "
-                             f"{getattr(task, 'grader', 'its own code')!r}")
+            raise ValueError(
+                f"rl.reward named-option is for multiple-choice tasks; {task.name!r} is graded by "
+                f"{getattr(task, 'grader', 'its own code')!r}"
+            )
         return lambda ex, text: named_option_reward(text, ex.answer, ex.choices)
     raise ValueError(f"unknown rl.reward {kind!r}: task | named-option")
 
 
-def safe_rewards(task: Task, examples: list[Example], completions: list[str],
-                 kind: str = "task") -> tuple[torch.Tensor, int]:
+def safe_rewards(
+    task: Task, examples: list[Example], completions: list[str], kind: str = "task"
+) -> tuple[torch.Tensor, int]:
     """±1 (or task-defined) rewards; a grader that raises scores the sample as wrong and is counted."""
     reward = reward_function(task, kind)
     rewards, errors = [], 0
@@ -112,8 +117,18 @@ def trim_padding(ids, mask, cids, cmask):
     return ids[:, first:], mask[:, first:], cids[:, :last], cmask[:, :last]
 
 
-def rl_step(model, tokenizer, task: Task, adapter: TrainableAdapter, stepper, shard: list[Example],
-            cfg: ExperimentConfig, seed: int, engine: RolloutEngine, version: int) -> dict[str, float]:
+def rl_step(
+    model,
+    tokenizer,
+    task: Task,
+    adapter: TrainableAdapter,
+    stepper,
+    shard: list[Example],
+    cfg: ExperimentConfig,
+    seed: int,
+    engine: RolloutEngine,
+    version: int,
+) -> dict[str, float]:
     rl = cfg.rl
     expanded = [ex for ex in shard for _ in range(rl.samples_per_prompt)]  # a prompt's samples are adjacent
     prompts = [task.messages(ex) for ex in expanded]
@@ -124,8 +139,12 @@ def rl_step(model, tokenizer, task: Task, adapter: TrainableAdapter, stepper, sh
         batch = encode_prompts(tokenizer, prompts, model, 0)
         tokenizer.padding_side = "right"
         try:
-            ref = tokenizer([task.reference_completion(ex) + tokenizer.eos_token for ex in expanded],
-                            return_tensors="pt", padding=True, add_special_tokens=False)
+            ref = tokenizer(
+                [task.reference_completion(ex) + tokenizer.eos_token for ex in expanded],
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=False,
+            )
         finally:
             tokenizer.padding_side = "left"
         ids, mask, cids, cmask = batch["input_ids"], batch["attention_mask"], ref["input_ids"], ref["attention_mask"]
@@ -133,8 +152,14 @@ def rl_step(model, tokenizer, task: Task, adapter: TrainableAdapter, stepper, sh
     else:
         model.eval()
         sync_bytes = engine.sync(current_z(model), version)  # z only, never weights
-        roll = engine.generate(prompts, max_new_tokens=max_new, temperature=rl.temperature, top_p=rl.top_p,
-                               seed=seed, samples_per_prompt=rl.samples_per_prompt)
+        roll = engine.generate(
+            prompts,
+            max_new_tokens=max_new,
+            temperature=rl.temperature,
+            top_p=rl.top_p,
+            seed=seed,
+            samples_per_prompt=rl.samples_per_prompt,
+        )
         ids, mask, cids, cmask = roll.prompt_ids, roll.prompt_mask, roll.completion_ids, roll.completion_mask
         rewards, errors = safe_rewards(task, expanded, roll.texts, rl.reward)
     t1 = time.perf_counter()
@@ -143,20 +168,42 @@ def rl_step(model, tokenizer, task: Task, adapter: TrainableAdapter, stepper, sh
         metrics = _update(model, adapter, stepper, expanded, cfg, ids, mask, cids, cmask, rewards)
     finally:
         model.eval()
-    return {**metrics, "reward": float(rewards.mean()), "accuracy": float((rewards > 0).float().mean()),
-            "reward_errors": errors, "completion_tokens": int(cmask.sum()), "sync_bytes": sync_bytes,
-            "rollout_s": t1 - t0, "update_s": time.perf_counter() - t1, "samples": len(expanded)}
+    return {
+        **metrics,
+        "reward": float(rewards.mean()),
+        "accuracy": float((rewards > 0).float().mean()),
+        "reward_errors": errors,
+        "completion_tokens": int(cmask.sum()),
+        "sync_bytes": sync_bytes,
+        "rollout_s": t1 - t0,
+        "update_s": time.perf_counter() - t1,
+        "samples": len(expanded),
+    }
 
 
-def _update(model, adapter: TrainableAdapter, stepper, expanded: list[Example], cfg: ExperimentConfig,
-            ids, mask, cids, cmask, rewards) -> dict[str, float]:
+def _update(
+    model,
+    adapter: TrainableAdapter,
+    stepper,
+    expanded: list[Example],
+    cfg: ExperimentConfig,
+    ids,
+    mask,
+    cids,
+    cmask,
+    rewards,
+) -> dict[str, float]:
     """The loss over micro-batches, one optimizer step: {loss, kl, grad_norm}."""
     rl = cfg.rl
     dev = next(model.parameters()).device
     ids, mask, cids, cmask = (t.to(dev) for t in (ids, mask, cids, cmask))
-    adv = None if rl.objective == "sft" else advantages(
-        rewards, rl.samples_per_prompt, baseline=rl.baseline, normalize=rl.normalize_rewards,
-        clip=rl.reward_clip).to(dev)
+    adv = (
+        None
+        if rl.objective == "sft"
+        else advantages(
+            rewards, rl.samples_per_prompt, baseline=rl.baseline, normalize=rl.normalize_rewards, clip=rl.reward_clip
+        ).to(dev)
+    )
     tokens = cmask.sum().clamp(min=1)
     sampled_at_temperature = rl.logprobs_at_temperature and rl.objective == "reinforce" and rl.temperature > 0
     k = rl.samples_per_prompt
@@ -185,25 +232,54 @@ def _update(model, adapter: TrainableAdapter, stepper, expanded: list[Example], 
     return {"loss": float(loss_sum), "kl": float(kl_sum), "grad_norm": float(grad_norm or 0.0)}
 
 
-def sharded_accuracy(model, tokenizer, task: Task, examples: list[Example], rank: int, world_size: int,
-                     reduce: Reduce, batch_size: int, seed: int, all_done: AllDone | None = None) -> float:
+def sharded_accuracy(
+    model,
+    tokenizer,
+    task: Task,
+    examples: list[Example],
+    rank: int,
+    world_size: int,
+    reduce: Reduce,
+    batch_size: int,
+    seed: int,
+    all_done: AllDone | None = None,
+) -> float:
     """Greedy accuracy over `examples`, each worker grading its shard; counts summed over workers. With `all_done`
     (ZeRO-3 lockstep) every shard is padded to the same length, so every rank runs as many generate batches."""
     shard = examples[rank::world_size]
     real = len(shard)
     if all_done is not None:
         shard += (shard[-1:] or examples[-1:]) * (-(-len(examples) // world_size) - real)  # repeats, not graded
-    texts = generate(model, tokenizer, [task.messages(ex) for ex in shard], max_new_tokens=task.max_new_tokens,
-                     batch_size=batch_size, seed=seed, all_done=all_done)
+    texts = generate(
+        model,
+        tokenizer,
+        [task.messages(ex) for ex in shard],
+        max_new_tokens=task.max_new_tokens,
+        batch_size=batch_size,
+        seed=seed,
+        all_done=all_done,
+    )
     correct = sum(ok for ok, _ in grade_all(task, shard[:real], texts[:real]))
     counts = reduce(torch.tensor([float(correct), float(real)]))
     return float(counts[0] / counts[1].clamp(min=1))
 
 
-def train_loop(cfg: ExperimentConfig, model, tokenizer, task: Task, adapter: TrainableAdapter, stepper, *,
-               rank: int = 0, world_size: int = 1, reduce: Reduce = lambda t: t, state: LoopState | None = None,
-               on_iteration: Callable[[LoopState, dict], None] | None = None,
-               engine: RolloutEngine | None = None, all_done: AllDone | None = None) -> LoopState:
+def train_loop(
+    cfg: ExperimentConfig,
+    model,
+    tokenizer,
+    task: Task,
+    adapter: TrainableAdapter,
+    stepper,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    reduce: Reduce = lambda t: t,
+    state: LoopState | None = None,
+    on_iteration: Callable[[LoopState, dict], None] | None = None,
+    engine: RolloutEngine | None = None,
+    all_done: AllDone | None = None,
+) -> LoopState:
     """Run RL iterations from `state.iteration` to cfg.rl.iterations; evaluate on valid every eval_interval
     (and at the end); keep the best-on-valid adapter state."""
     state = state or LoopState()
@@ -215,14 +291,25 @@ def train_loop(cfg: ExperimentConfig, model, tokenizer, task: Task, adapter: Tra
         it = state.iteration
         shard = iteration_batch(train, cfg.rl.batch_size, cfg.seed, it, rank, world_size)
         t0 = time.perf_counter()
-        metrics = rl_step(model, tokenizer, task, adapter, stepper, shard, cfg,
-                          seed=cfg.seed * 7919 + it * world_size + rank, engine=engine, version=it)
+        metrics = rl_step(
+            model,
+            tokenizer,
+            task,
+            adapter,
+            stepper,
+            shard,
+            cfg,
+            seed=cfg.seed * 7919 + it * world_size + rank,
+            engine=engine,
+            version=it,
+        )
         metrics = {k: reduce_mean(v) if k in ("reward", "accuracy", "loss", "kl") else v for k, v in metrics.items()}
         metrics.update(iteration=it + 1, seconds=time.perf_counter() - t0)
         state.iteration = it + 1
         if state.iteration % cfg.rl.eval_interval == 0 or state.iteration == cfg.rl.iterations:
-            metrics["valid_accuracy"] = sharded_accuracy(model, tokenizer, task, valid, rank, world_size, reduce,
-                                                         cfg.rl.eval_batch_size, cfg.seed, all_done)
+            metrics["valid_accuracy"] = sharded_accuracy(
+                model, tokenizer, task, valid, rank, world_size, reduce, cfg.rl.eval_batch_size, cfg.seed, all_done
+            )
             if metrics["valid_accuracy"] > state.best_valid:
                 state.best_valid, state.best_iteration = metrics["valid_accuracy"], state.iteration
                 state.best_state = adapter.state()

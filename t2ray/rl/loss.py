@@ -1,14 +1,20 @@
 """REINFORCE with optional KL to the base model (SPEC §2)."""
+
 from __future__ import annotations
 
 import torch
 
-
 BASELINES = ("none", "mean", "group", "rloo")
 
 
-def advantages(rewards: torch.Tensor, samples_per_prompt: int = 1, *, baseline: str = "none",
-               normalize: bool = False, clip: float | None = None) -> torch.Tensor:
+def advantages(
+    rewards: torch.Tensor,
+    samples_per_prompt: int = 1,
+    *,
+    baseline: str = "none",
+    normalize: bool = False,
+    clip: float | None = None,
+) -> torch.Tensor:
     """Turn rewards (N = prompts × samples_per_prompt, a prompt's samples adjacent) into per-sequence weights, in
     this order: the baseline, then `normalize` (a z-score; all zero when every advantage is equal: no signal), then
     `clip` (to ±clip, as PPO-style trainers clip advantages: after normalisation, where it can bite)."""

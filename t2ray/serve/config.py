@@ -5,6 +5,7 @@ One YAML is read by both ``t2ray serve CONFIG`` and Ray's own ``serve run CONFIG
 a Serve config file (``applications: [{name, route_prefix, import_path, args}]``, optional ``http_options``).
 Relative expert/mixture paths resolve against the current directory (where you run the command).
 """
+
 from __future__ import annotations
 
 import math
@@ -34,6 +35,7 @@ class ModelSection(Strict):
 
 class MixtureSection(Strict):
     """A named mixture: a mixture JSON file (t2ray's format) or weights over the configured experts."""
+
     file: str | None = Field(None, description="mixture JSON written by t2ray (e.g. `t2ray adapt --mixture-out`)")
     weights: dict[str, float] | None = Field(None, description="expert name -> α (no sum-to-one, as the paper)")
 
@@ -54,14 +56,19 @@ class MixtureSection(Strict):
 
 class AutoSection(Strict):
     """What `model: "auto"` does (pass 1)."""
+
     strategy: Literal["prompt", "classifier", "token", "expert", "mixture", "base"] = Field(
-        "prompt", description="prompt: the base model classifies the query (SPEC §1); classifier: the cls expert "
-                              "does; token: per-token routing; expert/mixture/base: fixed")
+        "prompt",
+        description="prompt: the base model classifies the query (SPEC §1); classifier: the cls expert "
+        "does; token: per-token routing; expert/mixture/base: fixed",
+    )
     expert: str | None = Field(None, description="strategy expert: which one")
     mixture: str | None = Field(None, description="strategy mixture: which one")
     classify_mode: Literal["score", "generate"] = Field("score", description="score = one forward pass, no decoding")
-    categories: dict[str, str] = Field(default_factory=dict, description="category -> expert name; default: from "
-                                       "each expert's task (other -> the base model)")
+    categories: dict[str, str] = Field(
+        default_factory=dict,
+        description="category -> expert name; default: from each expert's task (other -> the base model)",
+    )
     routing: RoutingConfig = Field(RoutingConfig(), description="strategy token: the router (SPEC §1)")
 
 
@@ -77,36 +84,56 @@ class GenerationSection(Strict):
     @model_validator(mode="after")
     def _default_within_limit(self):
         if self.max_tokens_default > self.max_tokens_limit:
-            raise ValueError(f"max_tokens_default ({self.max_tokens_default}) exceeds max_tokens_limit "
-                             f"({self.max_tokens_limit})")
+            raise ValueError(
+                f"max_tokens_default ({self.max_tokens_default}) exceeds max_tokens_limit ({self.max_tokens_limit})"
+            )
         return self
 
 
 class BatchingSection(Strict):
-    max_batch_size: int = Field(16, ge=1, description="rows decoding together (mixtures may differ per row); a request "
-                                "joins the running batch at its next step")
-    prefill_tokens_per_step: int = Field(2048, ge=1, description="prompt tokens prefilled before one decode step (the "
-                                         "rest join at later steps, so running rows are not stalled)")
+    max_batch_size: int = Field(
+        16,
+        ge=1,
+        description="rows decoding together (mixtures may differ per row); a request "
+        "joins the running batch at its next step",
+    )
+    prefill_tokens_per_step: int = Field(
+        2048,
+        ge=1,
+        description="prompt tokens prefilled before one decode step (the "
+        "rest join at later steps, so running rows are not stalled)",
+    )
     batch_wait_timeout_s: float = Field(0.02, ge=0, description="how long a token-routed batch waits to fill")
     classify_batch_size: int = Field(32, ge=1, description="pass-1 questions per forward pass")
     mode: Literal["auto", "factored", "materialized"] = Field(
-        "auto", description="auto: factored (z per row) for mixed batches, materialised W' for hot single mixtures")
+        "auto", description="auto: factored (z per row) for mixed batches, materialised W' for hot single mixtures"
+    )
     materialize_after: int = Field(4, ge=1, description="requests for one mixture before its W' is built")
     lru_size: int = Field(2, ge=0, description="materialised W' kept (one copy of the adapted weights each)")
-    lru_bytes: int | None = Field(None, ge=1, description="and at most this many bytes of them (None: lru_size "
-                                  "alone); a W' larger than this is used but not kept")
+    lru_bytes: int | None = Field(
+        None,
+        ge=1,
+        description="and at most this many bytes of them (None: lru_size "
+        "alone); a W' larger than this is used but not kept",
+    )
     torch_threads: int | None = Field(None, ge=1, description="torch threads per replica (None = the CPUs it got)")
 
 
 class ReplicaSection(Strict):
     """Ray Serve options of a deployment (Serve's own `deployments:` overrides in the YAML still apply)."""
-    num_replicas: int | Literal["auto"] | None = Field(None, description="fixed count, 'auto', or None with "
-                                                       "autoscaling_config")
+
+    num_replicas: int | Literal["auto"] | None = Field(
+        None, description="fixed count, 'auto', or None with autoscaling_config"
+    )
     autoscaling_config: dict[str, Any] | None = Field(None, description="Serve's AutoscalingConfig fields")
     ray_actor_options: dict[str, Any] = Field(default_factory=dict, description="num_cpus, num_gpus, memory, ...")
     max_ongoing_requests: int | None = Field(None, ge=1)
-    max_queued_requests: int | None = Field(None, ge=1, description="requests waiting for this deployment beyond "
-                                            "which callers get a 503 at once (Serve's backpressure)")
+    max_queued_requests: int | None = Field(
+        None,
+        ge=1,
+        description="requests waiting for this deployment beyond "
+        "which callers get a 503 at once (Serve's backpressure)",
+    )
     health_check_period_s: float | None = Field(None, gt=0)
     health_check_timeout_s: float | None = Field(None, gt=0)
 
@@ -124,22 +151,37 @@ class ReplicaSection(Strict):
 
 class ServeArgs(Strict):
     """The `args` of the t2ray Serve application."""
+
     model: ModelSection = ModelSection()
-    experts: dict[str, str] = Field(default_factory=dict, description="model id -> expert .safetensors, or LoRA "
-                                    "adapter folders (all experts of one server are of one kind)")
+    experts: dict[str, str] = Field(
+        default_factory=dict,
+        description="model id -> expert .safetensors, or LoRA "
+        "adapter folders (all experts of one server are of one kind)",
+    )
     mixtures: dict[str, MixtureSection] = Field(default_factory=dict, description="model id -> mixture")
     classifier_expert: str | None = Field(None, description="cls expert for the classifier strategy")
     auto: AutoSection = AutoSection()
     generation: GenerationSection = GenerationSection()
     batching: BatchingSection = BatchingSection()
-    expert_model: ReplicaSection = ReplicaSection(num_replicas=1, max_ongoing_requests=64, max_queued_requests=256,
-                                                  health_check_period_s=5, health_check_timeout_s=30)
-    dispatcher: ReplicaSection = ReplicaSection(num_replicas=1, max_ongoing_requests=512,
-                                                ray_actor_options={"num_cpus": 0})
-    api_key_env: str | None = Field("T2RAY_API_KEY", description="when this env var is set (in the cluster), "
-                                    "requests need `Authorization: Bearer <its value>`")
-    require_api_key: bool | None = Field(None, description="the Dispatcher refuses to start without the key; None: "
-                                         "required when api_key_env is set where the application is built")
+    expert_model: ReplicaSection = ReplicaSection(
+        num_replicas=1,
+        max_ongoing_requests=64,
+        max_queued_requests=256,
+        health_check_period_s=5,
+        health_check_timeout_s=30,
+    )
+    dispatcher: ReplicaSection = ReplicaSection(
+        num_replicas=1, max_ongoing_requests=512, ray_actor_options={"num_cpus": 0}
+    )
+    api_key_env: str | None = Field(
+        "T2RAY_API_KEY",
+        description="when this env var is set (in the cluster), requests need `Authorization: Bearer <its value>`",
+    )
+    require_api_key: bool | None = Field(
+        None,
+        description="the Dispatcher refuses to start without the key; None: "
+        "required when api_key_env is set where the application is built",
+    )
     retries: int = Field(2, ge=0, description="a request whose replica died is re-sent this many times")
 
     @field_validator("experts", "mixtures")
@@ -158,9 +200,11 @@ class ServeArgs(Strict):
         if clash:
             raise ValueError(f"{sorted(clash)[0]!r} is both an expert and a mixture name")
         for name, mix in self.mixtures.items():
-            for expert in (mix.weights or {}):
+            for expert in mix.weights or {}:
                 if expert not in self.experts:
-                    raise ValueError(f"mixture {name!r} uses unknown expert {expert!r}; experts: {sorted(self.experts)}")
+                    raise ValueError(
+                        f"mixture {name!r} uses unknown expert {expert!r}; experts: {sorted(self.experts)}"
+                    )
         a = self.auto
         needs = {"expert": (a.expert, self.experts), "mixture": (a.mixture, self.mixtures)}
         if a.strategy in needs:
@@ -176,11 +220,13 @@ class ServeArgs(Strict):
                 raise ValueError(f"auto.categories.{category}: unknown expert {expert!r}")
         inflight = self.expert_model.max_ongoing_requests
         if inflight is not None and inflight < 2 * self.batching.max_batch_size:
-            raise ValueError(f"expert_model.max_ongoing_requests ({inflight}) < 2 × batching.max_batch_size "
-                             f"({self.batching.max_batch_size}): a full batch and as many requests waiting to join it")
+            raise ValueError(
+                f"expert_model.max_ongoing_requests ({inflight}) < 2 × batching.max_batch_size "
+                f"({self.batching.max_batch_size}): a full batch and as many requests waiting to join it"
+            )
         return self
 
-    def resolved(self, root: Path | None = None) -> "ServeArgs":
+    def resolved(self, root: Path | None = None) -> ServeArgs:
         """A copy with every file path absolute (relative ones against `root`, default the current directory),
         checked to exist, so replicas started anywhere in the cluster find them."""
         root = Path(root or Path.cwd())
@@ -189,8 +235,10 @@ class ServeArgs(Strict):
             p = Path(path).expanduser()
             p = p if p.is_absolute() else root / p
             if not (p.is_file() or (folder_ok and p.is_dir())):
-                raise FileNotFoundError(f"{what} {path!r} not found (looked at {p}); train it first "
-                                        "(e.g. `t2ray quickstart` / `t2ray train`) or fix the path")
+                raise FileNotFoundError(
+                    f"{what} {path!r} not found (looked at {p}); train it first "
+                    "(e.g. `t2ray quickstart` / `t2ray train`) or fix the path"
+                )
             return str(p.resolve())
 
         data = self.model_dump()
@@ -211,8 +259,9 @@ def read_serve_config(path: str | Path) -> dict:
 
     data = read_yaml(path)
     if "applications" not in data:
-        raise ValueError(f"{path}: not a Serve config file (no 'applications' list); see "
-                         "experiments/serve-smollm2.yaml")
+        raise ValueError(
+            f"{path}: not a Serve config file (no 'applications' list); see experiments/serve-smollm2.yaml"
+        )
     ServeDeploySchema.model_validate(data)
     return data
 

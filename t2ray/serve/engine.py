@@ -18,6 +18,7 @@ finish and admit new ones at any step (continuous batching: `DecodeBatch.merge` 
 the adapter mode is chosen again whenever the rows change. Greedy decoding gives the tokens `generation.rollout`
 gives, alone or joined to a running batch (tested).
 """
+
 from __future__ import annotations
 
 import threading
@@ -32,8 +33,15 @@ from transformers.cache_utils import DynamicLayer
 
 from t2ray.adapt.dispatch import PrefixScorer, classification_ids, classify
 from t2ray.experts import ExpertError, alpha_matrix, check_expert, library_kind, mix_z, read_library
-from t2ray.generation import (GREEDY_BELOW, PromptTooLongError, cache_kwarg, context_length, eos_token_ids,
-                              output_cache, render)
+from t2ray.generation import (
+    GREEDY_BELOW,
+    PromptTooLongError,
+    cache_kwarg,
+    context_length,
+    eos_token_ids,
+    output_cache,
+    render,
+)
 from t2ray.models import load_model
 from t2ray.serve.errors import RequestError, bad_request, not_found
 from t2ray.svf import SVFConfig, base_model_info, patch_model, set_mode, set_z, svf_layers
@@ -44,6 +52,7 @@ CLASSIFIER = "__classifier__"
 @dataclass(frozen=True)
 class MixtureRef:
     """A mixture as pass 1 decided it: expert names and α (per expert, or per expert per module)."""
+
     label: str = "base"
     experts: tuple[str, ...] = ()
     alpha: tuple = ()
@@ -64,9 +73,10 @@ class MixtureRef:
 @dataclass
 class GenRequest:
     """One generation request as the dispatcher sends it to a replica."""
+
     mixture: MixtureRef
-    messages: list[dict[str, str]] | None = None   # chat
-    prompt: str | None = None                      # completion (raw text, no chat template)
+    messages: list[dict[str, str]] | None = None  # chat
+    prompt: str | None = None  # completion (raw text, no chat template)
     max_tokens: int = 128
     temperature: float = 1.0
     top_p: float = 1.0
@@ -78,29 +88,42 @@ class GenRequest:
 @dataclass
 class GenItem:
     """A prepared request inside a batch (token ids, its z, its decoding state)."""
+
     request: GenRequest
     prompt_ids: list[int]
-    z: Any                                         # its adapter state (ExpertLibrary.z_of); None: base model
+    z: Any  # its adapter state (ExpertLibrary.z_of); None: base model
     enqueued: float = field(default_factory=time.perf_counter)
-    started: float = 0.0     # when its prefill began (queue time = started - enqueued)
-    rows_decoding: int = 0   # Σ over its steps of the rows decoding with it (÷ its tokens: its mean batch size)
+    started: float = 0.0  # when its prefill began (queue time = started - enqueued)
+    rows_decoding: int = 0  # Σ over its steps of the rows decoding with it (÷ its tokens: its mean batch size)
     generated: list[int] = field(default_factory=list)
     emitted: int = 0
     finish_reason: str | None = None
     generator: torch.Generator | None = None
     cancelled: bool = False  # set when the caller left: the row stops at the next decode step
-    text: str = ""           # decoded so far, incrementally (the two offsets below)
-    prefix_offset: int = 0   # tokens [prefix_offset, read_offset) are decoded again as context for the next ones
+    text: str = ""  # decoded so far, incrementally (the two offsets below)
+    prefix_offset: int = 0  # tokens [prefix_offset, read_offset) are decoded again as context for the next ones
     read_offset: int = 0
 
 
 class ExpertLibrary:
     """Base model + experts + the z-state of the model. Not thread-safe: call from one thread."""
 
-    def __init__(self, model_spec: str, experts: dict[str, str], *, classifier: str | None = None,
-                 dtype: str = "auto", device: str = "cpu", seed: int = 0, allow_transfer: bool = False,
-                 mode: str = "auto", materialize_after: int = 4, lru_size: int = 2, lru_bytes: int | None = None,
-                 z_cache_size: int = 256):
+    def __init__(
+        self,
+        model_spec: str,
+        experts: dict[str, str],
+        *,
+        classifier: str | None = None,
+        dtype: str = "auto",
+        device: str = "cpu",
+        seed: int = 0,
+        allow_transfer: bool = False,
+        mode: str = "auto",
+        materialize_after: int = 4,
+        lru_size: int = 2,
+        lru_bytes: int | None = None,
+        z_cache_size: int = 256,
+    ):
         self.model, self.tokenizer = load_model(model_spec, dtype=dtype, device=device, seed=seed)
         self.model_spec = model_spec
         paths = {**experts, **({CLASSIFIER: classifier} if classifier else {})}
@@ -133,8 +156,13 @@ class ExpertLibrary:
         self._lock = threading.RLock()  # requests are prepared on the event loop, the model runs on a worker thread
         self._active: tuple | None = None
         self._scorer: PrefixScorer | None = None
-        self.stats = {"materialized_builds": 0, "batches": {"base": 0, "factored": 0, "materialized": 0},
-                      "decoding_rows": 0, "cancelled_rows": 0, "materialize_failures": 0}
+        self.stats = {
+            "materialized_builds": 0,
+            "batches": {"base": 0, "factored": 0, "materialized": 0},
+            "decoding_rows": 0,
+            "cancelled_rows": 0,
+            "materialize_failures": 0,
+        }
 
     # ------------------------------------------------------------------ mixtures -> z
 
@@ -157,8 +185,9 @@ class ExpertLibrary:
         alpha = [list(a) if isinstance(a, tuple) else a for a in ref.alpha]
         if self.lora:
             if any(isinstance(a, list) for a in alpha):
-                raise bad_request("LoRA experts are mixed with one weight per adapter, not per module",
-                                  param="t2ray.weights")
+                raise bad_request(
+                    "LoRA experts are mixed with one weight per adapter, not per module", param="t2ray.weights"
+                )
             try:
                 weights = alpha_matrix(alpha, len(alpha))  # finite, >= 0, not all zero
             except ExpertError as err:
@@ -218,15 +247,19 @@ class ExpertLibrary:
     def stack_rows(self, zs: list) -> Any:
         """One adapter state per row (None: the base model) as a batch state."""
         if self.lora:
-            return torch.stack([z if z is not None else torch.zeros(len(self.column), device=self.model.device)
-                                for z in zs])
+            return torch.stack(
+                [z if z is not None else torch.zeros(len(self.column), device=self.model.device) for z in zs]
+            )
         modules = [m for m in self.layers if any(z is not None and m in z for z in zs)]
         return {m: torch.stack([z[m] if z is not None and m in z else self.ones[m] for z in zs]) for m in modules}
 
     def entry_bytes(self, z: dict[str, torch.Tensor]) -> int:
         """What one materialised mixture holds: a copy of every adapted matrix."""
-        return sum(layer.base_layer.weight.numel() * layer.base_layer.weight.element_size()
-                   for name, layer in self.layers.items() if name in z)
+        return sum(
+            layer.base_layer.weight.numel() * layer.base_layer.weight.element_size()
+            for name, layer in self.layers.items()
+            if name in z
+        )
 
     def _make_room(self, nbytes: int) -> bool:
         """Evict (least recently used first) BEFORE a build, so a new W' never sits beside a full LRU; False when
@@ -235,8 +268,9 @@ class ExpertLibrary:
             self._weights.clear()
             return False
         held = nbytes * len(self._weights)  # entries of one library are the same size (the experts' modules)
-        while self._weights and (len(self._weights) >= self.lru_size or
-                                 (self.lru_bytes is not None and held + nbytes > self.lru_bytes)):
+        while self._weights and (
+            len(self._weights) >= self.lru_size or (self.lru_bytes is not None and held + nbytes > self.lru_bytes)
+        ):
             self._weights.popitem(last=False)
             held -= nbytes
         return True
@@ -289,18 +323,22 @@ class ExpertLibrary:
             try:
                 text = render(tok, request.messages)
             except Exception as err:  # the chat template refuses some role sequences
-                raise bad_request(f"messages cannot be rendered with the model's chat template: {err}",
-                                  param="messages") from None
+                raise bad_request(
+                    f"messages cannot be rendered with the model's chat template: {err}", param="messages"
+                ) from None
             ids = tok(text, add_special_tokens=False).input_ids
         else:
             ids = tok(request.prompt).input_ids
             if not ids:
                 ids = [tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id]
         if len(ids) + request.max_tokens > self.context:
-            err = PromptTooLongError(f"the prompt has {len(ids)} tokens; with max_tokens={request.max_tokens} it "
-                                     f"exceeds the model's context of {self.context} tokens")
-            raise bad_request(str(err), param="messages" if request.messages is not None else "prompt",
-                              code="context_length_exceeded")
+            err = PromptTooLongError(
+                f"the prompt has {len(ids)} tokens; with max_tokens={request.max_tokens} it "
+                f"exceeds the model's context of {self.context} tokens"
+            )
+            raise bad_request(
+                str(err), param="messages" if request.messages is not None else "prompt", code="context_length_exceeded"
+            )
         return ids
 
     def prepare(self, request: GenRequest) -> GenItem:
@@ -310,19 +348,25 @@ class ExpertLibrary:
         item = GenItem(request, ids, z)
         if request.temperature >= GREEDY_BELOW:
             item.generator = torch.Generator(device=self.model.device)  # where the logits it samples live
-            item.generator.manual_seed(request.seed if request.seed is not None else
-                                       int(torch.randint(0, 2**31 - 1, ()).item()))
+            item.generator.manual_seed(
+                request.seed if request.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
+            )
         return item
 
     def check_classifiable(self, question: str) -> None:
         n = len(classification_ids(self.tokenizer, question))
         if n + 1 > self.context:
-            raise bad_request(f"the query is too long to classify: {n} tokens with the classification prompt, the "
-                              f"model's context is {self.context}", param="messages", code="context_length_exceeded")
+            raise bad_request(
+                f"the query is too long to classify: {n} tokens with the classification prompt, the "
+                f"model's context is {self.context}",
+                param="messages",
+                code="context_length_exceeded",
+            )
 
     @torch.no_grad()
-    def classify(self, questions: list[str], *, use_classifier: bool, mode: str = "score",
-                 batch_size: int = 32) -> list[str]:
+    def classify(
+        self, questions: list[str], *, use_classifier: bool, mode: str = "score", batch_size: int = 32
+    ) -> list[str]:
         """Pass 1: code | math | reasoning | other per question, by the base model or the classifier expert.
         Score mode reuses the KV cache of the classification prompt's shared prefix (see PrefixScorer)."""
         if use_classifier:
@@ -394,14 +438,15 @@ class DecodeBatch:
         ids = torch.full((len(self.items), width), pad, dtype=torch.long)
         attn = torch.zeros((len(self.items), width), dtype=torch.long)
         for i, it in enumerate(self.items):
-            ids[i, width - len(it.prompt_ids):] = torch.tensor(it.prompt_ids)
-            attn[i, width - len(it.prompt_ids):] = 1
+            ids[i, width - len(it.prompt_ids) :] = torch.tensor(it.prompt_ids)
+            attn[i, width - len(it.prompt_ids) :] = 1
         device = self.lib.model.device
         self.attn = attn.to(device)
         positions = (self.attn.cumsum(1) - 1).clamp(min=0)
         self._activate()
-        out = self.lib.model(input_ids=ids.to(device), attention_mask=self.attn, position_ids=positions,
-                             use_cache=True, logits_to_keep=1)
+        out = self.lib.model(
+            input_ids=ids.to(device), attention_mask=self.attn, position_ids=positions, use_cache=True, logits_to_keep=1
+        )
         self.cache, self.logits = output_cache(out), out.logits[:, -1].float()
         if any(type(layer) is not DynamicLayer for layer in self.cache.layers):
             raise RuntimeError("continuous batching needs a plain dynamic KV cache (no sliding-window layers)")
@@ -426,11 +471,11 @@ class DecodeBatch:
         O(n²) in the answer's length). A token that ends inside a UTF-8 character waits for the rest of it."""
         tok = self.lib.tokenizer
         ids = it.generated if it.generated[-1] not in self.lib.eos else it.generated[:-1]
-        before = tok.decode(ids[it.prefix_offset:it.read_offset], skip_special_tokens=True)
-        after = tok.decode(ids[it.prefix_offset:], skip_special_tokens=True)
+        before = tok.decode(ids[it.prefix_offset : it.read_offset], skip_special_tokens=True)
+        after = tok.decode(ids[it.prefix_offset :], skip_special_tokens=True)
         if len(after) > len(before) and (not after.endswith("\ufffd") or it.finish_reason is not None):
             it.prefix_offset, it.read_offset = it.read_offset, len(ids)
-            return after[len(before):]
+            return after[len(before) :]
         return ""
 
     def _event(self, row: int) -> dict[str, Any]:
@@ -441,18 +486,23 @@ class DecodeBatch:
         if stops:
             hits = [i for i in (text.find(s, max(0, it.emitted - len(s))) for s in stops) if i >= 0]
             if hits:
-                text, it.finish_reason = text[:min(hits)], "stop"
+                text, it.finish_reason = text[: min(hits)], "stop"
         end = len(text)
         if it.finish_reason is None and stops:
             end -= max(len(s) for s in stops) - 1  # a stop string may be starting
-        delta = text[it.emitted:max(end, it.emitted)]
+        delta = text[it.emitted : max(end, it.emitted)]
         it.emitted = max(end, it.emitted)
         event = {"text": delta, "finish_reason": it.finish_reason}
         if it.finish_reason is not None:
             now = time.perf_counter()
-            event.update(prompt_tokens=len(it.prompt_ids), completion_tokens=len(it.generated),
-                         queue_ms=1000 * (it.started - it.enqueued), generate_ms=1000 * (now - it.started),
-                         batch_size=round(it.rows_decoding / len(it.generated), 1), mode=self.mode)
+            event.update(
+                prompt_tokens=len(it.prompt_ids),
+                completion_tokens=len(it.generated),
+                queue_ms=1000 * (it.started - it.enqueued),
+                generate_ms=1000 * (now - it.started),
+                batch_size=round(it.rows_decoding / len(it.generated), 1),
+                mode=self.mode,
+            )
         return event
 
     @torch.no_grad()
@@ -492,7 +542,7 @@ class DecodeBatch:
             for layer in self.cache.layers:
                 layer.keys, layer.values = layer.keys[..., first:, :], layer.values[..., first:, :]
 
-    def merge(self, other: "DecodeBatch") -> None:
+    def merge(self, other: DecodeBatch) -> None:
         """The rows of `other` (prefilled, not stepped) join this batch at its next step: KV caches and masks
         left-padded to one length (positions are explicit, so padding changes nothing), their first logits kept for
         the next pick, the mode chosen again for the union."""
@@ -501,8 +551,9 @@ class DecodeBatch:
         pad_mine, pad_theirs = (max(0, b.attn.shape[1] - a.attn.shape[1]) for a, b in ((self, other), (other, self)))
         for mine, theirs in zip(self.cache.layers, other.cache.layers):
             mine.keys = torch.cat([F.pad(mine.keys, (0, 0, pad_mine, 0)), F.pad(theirs.keys, (0, 0, pad_theirs, 0))])
-            mine.values = torch.cat([F.pad(mine.values, (0, 0, pad_mine, 0)),
-                                     F.pad(theirs.values, (0, 0, pad_theirs, 0))])
+            mine.values = torch.cat(
+                [F.pad(mine.values, (0, 0, pad_mine, 0)), F.pad(theirs.values, (0, 0, pad_theirs, 0))]
+            )
         self.attn = torch.cat([F.pad(self.attn, (pad_mine, 0)), F.pad(other.attn, (pad_theirs, 0))])
         self.next_pos = torch.cat([self.next_pos, other.next_pos])
         self.logits = torch.cat([self.logits, other.logits])
@@ -523,9 +574,14 @@ class DecodeBatch:
             self._choose_mode()
         self.attn = torch.cat([self.attn, torch.ones_like(self.attn[:, :1])], 1)
         self._activate()
-        out = self.lib.model(input_ids=tokens[:, None].to(device), attention_mask=self.attn,
-                             position_ids=self.next_pos[:, None], use_cache=True, logits_to_keep=1,
-                             **{self.lib.cache_kwarg: self.cache})
+        out = self.lib.model(
+            input_ids=tokens[:, None].to(device),
+            attention_mask=self.attn,
+            position_ids=self.next_pos[:, None],
+            use_cache=True,
+            logits_to_keep=1,
+            **{self.lib.cache_kwarg: self.cache},
+        )
         self.cache, self.logits = output_cache(out), out.logits[:, -1].float()
         self.next_pos = self.next_pos + 1
 
@@ -557,5 +613,13 @@ def run_to_completion(lib: ExpertLibrary, requests: list[GenRequest]) -> list[di
     return [{**f, "text": t} for f, t in zip(finals, texts)]
 
 
-__all__ = ["CLASSIFIER", "DecodeBatch", "ExpertLibrary", "GenItem", "GenRequest", "MixtureRef", "RequestError",
-           "run_to_completion"]
+__all__ = [
+    "CLASSIFIER",
+    "DecodeBatch",
+    "ExpertLibrary",
+    "GenItem",
+    "GenRequest",
+    "MixtureRef",
+    "RequestError",
+    "run_to_completion",
+]

@@ -1,4 +1,5 @@
 """Errors a request can earn, in OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -7,8 +8,9 @@ from typing import Any
 class RequestError(Exception):
     """A bad request (4xx) or a server-side failure (5xx); `body()` is what the client receives."""
 
-    def __init__(self, status: int, message: str, *, type: str | None = None, param: str | None = None,
-                 code: str | None = None):
+    def __init__(
+        self, status: int, message: str, *, type: str | None = None, param: str | None = None, code: str | None = None
+    ):
         super().__init__(message)
         self.status = status
         self.message = message
@@ -26,7 +28,7 @@ class RequestError(Exception):
         return RequestError.from_dict, (self.to_dict(),)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "RequestError":
+    def from_dict(cls, d: dict) -> RequestError:
         e = d["error"]
         return cls(d.get("status", 500), e["message"], type=e.get("type"), param=e.get("param"), code=e.get("code"))
 

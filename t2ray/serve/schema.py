@@ -2,6 +2,7 @@
 response/chunk builders. Wrong types are a 400 naming the field; OpenAI fields that would change the answer and
 that t2ray does not implement (tools, response_format, logprobs, …) are a 400 naming the field, not silently
 ignored; other unknown fields are ignored."""
+
 from __future__ import annotations
 
 import json
@@ -21,13 +22,15 @@ class Loose(BaseModel):
 
 class T2RayOptions(BaseModel):
     """The optional `t2ray` object of a request: a pass-1 strategy or explicit weights."""
+
     model_config = ConfigDict(extra="forbid", strict=True)
 
     strategy: Literal["prompt", "classifier", "token", "expert", "mixture", "base"] | None = None
     expert: str | None = None
     mixture: str | None = None
     weights: dict[str, float] | list[float] | None = Field(
-        None, description="expert name -> α, or one α per expert in /v1/models order")
+        None, description="expert name -> α, or one α per expert in /v1/models order"
+    )
 
     @field_validator("weights")
     @classmethod
@@ -67,12 +70,25 @@ class StreamOptions(Loose):
 
 # Fields of OpenAI's API that change what comes back; accepted only at their no-op value.
 UNSUPPORTED_FIELDS: dict[str, tuple] = {
-    "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
-    "parallel_tool_calls": (None,), "response_format": (None, {"type": "text"}), "logprobs": (None, False),
-    "top_logprobs": (None, 0), "logit_bias": (None, {}), "presence_penalty": (None, 0, 0.0),
-    "frequency_penalty": (None, 0, 0.0), "echo": (None, False), "suffix": (None, ""), "best_of": (None, 1),
-    "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,)}
-SEED_RANGE = (-2**63, 2**64 - 1)  # what torch.Generator.manual_seed takes
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "parallel_tool_calls": (None,),
+    "response_format": (None, {"type": "text"}),
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "logit_bias": (None, {}),
+    "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0),
+    "echo": (None, False),
+    "suffix": (None, ""),
+    "best_of": (None, 1),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+    "prediction": (None,),
+}
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
 
 
 class CommonRequest(Loose):
@@ -168,14 +184,18 @@ def parse_body(raw: bytes, model: type[BaseModel]) -> Any:
     try:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as err:
-        raise bad_request(f"We could not parse the JSON body of your request ({err}). The body must be a JSON "
-                          "object.") from None
+        raise bad_request(
+            f"We could not parse the JSON body of your request ({err}). The body must be a JSON object."
+        ) from None
     if not isinstance(data, dict):
         raise bad_request(f"the request body must be a JSON object, got {type(data).__name__}")
     for field, no_op in UNSUPPORTED_FIELDS.items():
         if field in data and data[field] not in no_op:
-            raise bad_request(f"{field} is not supported by t2ray (it would change the answer); leave it out",
-                              param=field, code="unsupported_parameter")
+            raise bad_request(
+                f"{field} is not supported by t2ray (it would change the answer); leave it out",
+                param=field,
+                code="unsupported_parameter",
+            )
     bad_text = _lone_surrogate(data)
     if bad_text:
         raise bad_request(f"{bad_text}: text with a lone UTF-16 surrogate (not valid Unicode)", param=bad_text)
@@ -194,34 +214,69 @@ def new_id(prefix: str) -> str:
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 def chat_response(rid: str, model: str, text: str, final: dict, t2ray: dict) -> dict:
-    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": final["finish_reason"], "logprobs": None}],
-            "usage": usage(final["prompt_tokens"], final["completion_tokens"]), "t2ray": t2ray}
+    return {
+        "id": rid,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": final["finish_reason"],
+                "logprobs": None,
+            }
+        ],
+        "usage": usage(final["prompt_tokens"], final["completion_tokens"]),
+        "t2ray": t2ray,
+    }
 
 
 def chat_chunk(rid: str, model: str, delta: dict, finish_reason: str | None = None, **extra) -> dict:
-    return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}], **extra}
+    return {
+        "id": rid,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
+        **extra,
+    }
 
 
 def completion_response(rid: str, model: str, choices: list[tuple[str, dict, dict]]) -> dict:
-    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": i, "text": text, "finish_reason": final["finish_reason"], "logprobs": None,
-                         "t2ray": info} for i, (text, final, info) in enumerate(choices)],
-            "usage": usage(sum(f["prompt_tokens"] for _, f, _ in choices),
-                           sum(f["completion_tokens"] for _, f, _ in choices)),
-            "t2ray": choices[0][2]}
+    return {
+        "id": rid,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {"index": i, "text": text, "finish_reason": final["finish_reason"], "logprobs": None, "t2ray": info}
+            for i, (text, final, info) in enumerate(choices)
+        ],
+        "usage": usage(
+            sum(f["prompt_tokens"] for _, f, _ in choices), sum(f["completion_tokens"] for _, f, _ in choices)
+        ),
+        "t2ray": choices[0][2],
+    }
 
 
 def completion_chunk(rid: str, model: str, text: str, finish_reason: str | None = None, **extra) -> dict:
-    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}], **extra}
+    return {
+        "id": rid,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}],
+        **extra,
+    }
 
 
 def sse(obj: dict | str) -> str:

@@ -1,4 +1,5 @@
 """SVF knobs (defaults are the paper's; see SPEC §1)."""
+
 from __future__ import annotations
 
 from typing import Literal
@@ -16,4 +17,6 @@ class SVFConfig(BaseModel):
     init_std: float = Field(0.01, ge=0)
     svd_dtype: Literal["float32", "float64"] = Field("float32", description="float64 for a tighter decomposition")
     mode: Literal["materialized", "factored"] = Field(
-        "materialized", description="materialized: build W' once per z (generation, big batches); factored: z per row/token")
+        "materialized",
+        description="materialized: build W' once per z (generation, big batches); factored: z per row/token",
+    )

@@ -1,14 +1,16 @@
 """Pick target matrices, fingerprint the base model, and compute/cache the SVD square factors."""
+
 from __future__ import annotations
 
 import hashlib
 import logging
 import os
 import re
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ContextManager
+from typing import ContextManager
 
 import torch
 from safetensors import SafetensorError
@@ -71,8 +73,11 @@ def parse_layers(layers: str | list[int] | None, num_layers: int) -> set[int] | 
 
 def select_targets(model: nn.Module, target_modules: str | list[str] = "mlp", layers=None) -> list[str]:
     """Names of the nn.Linear modules inside decoder layers that SVF adapts."""
-    linears = [n for n, m in model.named_modules()
-               if isinstance(m, nn.Linear) and LAYER_INDEX.search(n + ".") and not n.endswith(".base_layer")]
+    linears = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and LAYER_INDEX.search(n + ".") and not n.endswith(".base_layer")
+    ]
     num_layers = 1 + max((int(LAYER_INDEX.search(n + ".").group(1)) for n in linears), default=-1)
     wanted_layers = parse_layers(layers, num_layers)
     if isinstance(target_modules, str) and target_modules in (*MODULE_GROUPS, "all"):
@@ -154,9 +159,16 @@ def store_factors(path: Path, factors: Factors) -> Factors:
     return factors
 
 
-def decompose(model: nn.Module, targets: list[str], *, dtype: torch.dtype = torch.float32,
-              fingerprint: str | None = None, cache_dir: Path | None = None, progress: bool = True,
-              gather: Gather = no_gather) -> dict[str, Factors]:
+def decompose(
+    model: nn.Module,
+    targets: list[str],
+    *,
+    dtype: torch.dtype = torch.float32,
+    fingerprint: str | None = None,
+    cache_dir: Path | None = None,
+    progress: bool = True,
+    gather: Gather = no_gather,
+) -> dict[str, Factors]:
     """SVD of every target matrix, one safetensors file per matrix (a re-run or a wider selection is a cache hit)."""
     folder = svd_cache_dir(fingerprint or model_fingerprint(model), dtype, cache_dir)
     folder.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@ computing the *change* from W (d = c·z − 1) makes z = 1 reproduce W bit for b
 proportional to how far z moved:
   tall (m ≥ n, Q = V):  y = (x + ((x V) ⊙ d) Vᵀ) Wᵀ          wide (m < n, Q = U):  y = h + ((h U) ⊙ d) Uᵀ, h = x Wᵀ
 """
+
 from __future__ import annotations
 
 import torch
@@ -24,8 +25,16 @@ def adapted_weight(w: torch.Tensor, q: torch.Tensor, s: torch.Tensor, z: torch.T
 
 
 class SVFLinear(nn.Module):
-    def __init__(self, base_layer: nn.Linear, factors: Factors, *, max_mult: float = 1.0,
-                 init_mean: float = 0.1, init_std: float = 0.01, mode: str = "materialized"):
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        factors: Factors,
+        *,
+        max_mult: float = 1.0,
+        init_mean: float = 0.1,
+        init_std: float = 0.01,
+        mode: str = "materialized",
+    ):
         super().__init__()
         self.base_layer = base_layer.requires_grad_(False)  # only z trains
         self.tall = base_layer.out_features >= base_layer.in_features

@@ -3,6 +3,7 @@
 There is one way to apply z: ``set_z(model, {module: z})``. Training uses the layers' own parameters
 (``use_trainable``); ``disabled`` gives the untouched base model (the KL reference, no second copy).
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -16,23 +17,45 @@ from t2ray.svf.decompose import Gather, decompose, model_fingerprint, no_gather,
 from t2ray.svf.layer import SVFLinear
 
 
-def patch_model(model: nn.Module, config: SVFConfig | None = None, *, seed: int = 0, progress: bool = True,
-                gather: Gather = no_gather) -> dict[str, SVFLinear]:
+def patch_model(
+    model: nn.Module,
+    config: SVFConfig | None = None,
+    *,
+    seed: int = 0,
+    progress: bool = True,
+    gather: Gather = no_gather,
+) -> dict[str, SVFLinear]:
     """Decompose (or load from cache) the target matrices and swap in SVFLinear layers, in place."""
     config = config or SVFConfig()
     if svf_layers(model):
         raise ValueError("model is already SVF-patched")
     model.t2ray_fingerprint = getattr(model, "t2ray_fingerprint", None) or model_fingerprint(model, gather=gather)
     targets = select_targets(model, config.target_modules, config.layers)
-    factors = decompose(model, targets, dtype=getattr(torch, config.svd_dtype),
-                        fingerprint=model.t2ray_fingerprint, progress=progress, gather=gather)
+    factors = decompose(
+        model,
+        targets,
+        dtype=getattr(torch, config.svd_dtype),
+        fingerprint=model.t2ray_fingerprint,
+        progress=progress,
+        gather=gather,
+    )
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     for name in targets:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, attr, SVFLinear(getattr(parent, attr), factors[name], max_mult=config.max_mult,
-                                        init_mean=config.init_mean, init_std=config.init_std, mode=config.mode))
+        setattr(
+            parent,
+            attr,
+            SVFLinear(
+                getattr(parent, attr),
+                factors[name],
+                max_mult=config.max_mult,
+                init_mean=config.init_mean,
+                init_std=config.init_std,
+                mode=config.mode,
+            ),
+        )
     torch.random.set_rng_state(generator_state)
     return svf_layers(model)
 
@@ -81,7 +104,9 @@ def apply_experts(model: nn.Module, experts: list[Expert], alpha=None, *, allow_
     info = base_model_info(model)
     for expert in experts:
         check_expert(expert, info, allow_transfer=allow_transfer)
-    set_z(model, experts[0].z() if alpha is None and len(experts) == 1 else mix_z(experts, alpha or [1.0] * len(experts)))
+    set_z(
+        model, experts[0].z() if alpha is None and len(experts) == 1 else mix_z(experts, alpha or [1.0] * len(experts))
+    )
 
 
 def use_trainable(model: nn.Module) -> list[nn.Parameter]:

@@ -90,10 +90,7 @@ def get_task(spec: str, seed: int = 0) -> Task:
         from .user import load_task_yaml
 
         return load_task_yaml(spec, seed=seed)
-    raise TaskError(
-        f"unknown task {spec!r}; valid names: {', '.join(list_tasks())} "
-        f"(or a path to a task .yaml file)"
-    )
+    raise TaskError(f"unknown task {spec!r}; valid names: {', '.join(list_tasks())} (or a path to a task .yaml file)")
 
 
 __all__ = [

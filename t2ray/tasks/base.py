@@ -83,9 +83,7 @@ class Task(ABC):
 
 def check_split_name(split: str, task_name: str) -> None:
     if split not in SPLITS:
-        raise TaskError(
-            f"task {task_name!r}: unknown split {split!r}; valid splits: {', '.join(SPLITS)}"
-        )
+        raise TaskError(f"task {task_name!r}: unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
 
 
 class SplitTask(Task):
@@ -125,15 +123,13 @@ def validate_splits(splits: dict[str, list[Example]], task_name: str) -> None:
         for ex in exs:
             if ex.id in seen_ids:
                 raise TaskError(
-                    f"task {task_name!r}: duplicate example id {ex.id!r} "
-                    f"(in {seen_ids[ex.id]!r} and {split!r})"
+                    f"task {task_name!r}: duplicate example id {ex.id!r} (in {seen_ids[ex.id]!r} and {split!r})"
                 )
             seen_ids[ex.id] = split
             key = normalize_prompt(ex.prompt)
             if key in seen_prompts and seen_prompts[key] != split:
                 raise TaskError(
-                    f"task {task_name!r}: prompt of {ex.id!r} appears in both "
-                    f"{seen_prompts[key]!r} and {split!r}"
+                    f"task {task_name!r}: prompt of {ex.id!r} appears in both {seen_prompts[key]!r} and {split!r}"
                 )
             seen_prompts.setdefault(key, split)
 
@@ -206,9 +202,7 @@ def generate_unique(
     while len(out) < n:
         tries += 1
         if tries > limit:
-            raise TaskError(
-                f"task {task_name!r}: could only generate {len(out)} distinct prompts of {n}"
-            )
+            raise TaskError(f"task {task_name!r}: could only generate {len(out)} distinct prompts of {n}")
         ex = make(rng)
         if ex is None:
             continue
@@ -224,9 +218,7 @@ def generate_unique(
     return out
 
 
-def assign_splits(
-    pool: Iterable[Example], sizes: dict[str, int], prefix: str
-) -> dict[str, list[Example]]:
+def assign_splits(pool: Iterable[Example], sizes: dict[str, int], prefix: str) -> dict[str, list[Example]]:
     """Cut an already shuffled pool into consecutive splits and give stable ids
     ``{prefix}/{split}/{i}``."""
     pool = list(pool)
@@ -237,15 +229,18 @@ def assign_splits(
     pos = 0
     for split in SPLITS:
         k = sizes.get(split, 0)
-        out[split] = [
-            _with_id(ex, f"{prefix}/{split}/{i}") for i, ex in enumerate(pool[pos : pos + k])
-        ]
+        out[split] = [_with_id(ex, f"{prefix}/{split}/{i}") for i, ex in enumerate(pool[pos : pos + k])]
         pos += k
     return out
 
 
-def build_splits(name: str, make: Callable[[random.Random], Example | None], sizes: dict[str, int], seed: int,
-                 key: Callable[[Example], str] | None = None) -> dict[str, list[Example]]:
+def build_splits(
+    name: str,
+    make: Callable[[random.Random], Example | None],
+    sizes: dict[str, int],
+    seed: int,
+    key: Callable[[Example], str] | None = None,
+) -> dict[str, list[Example]]:
     """Seeded pool of distinct examples from ``make``, cut into splits with stable ids: the shared recipe of
     every procedurally generated task."""
     pool = generate_unique(make, sum(sizes.values()), random.Random(f"{name}:{seed}"), task_name=name, key=key)

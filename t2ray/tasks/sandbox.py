@@ -40,15 +40,15 @@ from dataclasses import dataclass
 
 DEFAULT_TIMEOUT_S = 5.0
 DEFAULT_MEMORY_MB = 512
-MAX_PROCESSES = 32            # RLIMIT_NPROC inside the sandbox's user namespace
-TMP_BYTES = 64 << 20          # the writable tmpfs
+MAX_PROCESSES = 32  # RLIMIT_NPROC inside the sandbox's user namespace
+TMP_BYTES = 64 << 20  # the writable tmpfs
 STDERR_TAIL_CHARS = 2000
-_MAX_OUTPUT_BYTES = 1 << 20   # RLIMIT_FSIZE: stdout/stderr and any file the code writes
+_MAX_OUTPUT_BYTES = 1 << 20  # RLIMIT_FSIZE: stdout/stderr and any file the code writes
 UNSAFE_ENV = "T2RAY_UNSAFE_SANDBOX"
 NOBODY = 65534
 
 # Runs inside the sandbox before the program; {placeholders} are filled in by the parent.
-_RUNNER = r'''
+_RUNNER = r"""
 import os, random, resource, sys
 for _kind, _value in {limits}:
     try:
@@ -70,7 +70,7 @@ exec(_code, {{"__name__": "__main__", "__builtins__": __builtins__}})
 if _marker_fd >= 0:
     sys.stdout.flush()
     os.write(1, b"\n" + os.read(_marker_fd, 64) + b"\n")
-'''
+"""
 
 
 class SandboxUnavailable(RuntimeError):
@@ -127,19 +127,50 @@ def _root_args() -> list[str]:
             args += ["--symlink", os.readlink(top), top]
         elif os.path.isdir(top):
             args += ["--ro-bind", top, top]
-    return args + ["--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache",
-                   "--ro-bind-try", "/etc/localtime", "/etc/localtime"]
+    return args + [
+        "--ro-bind-try",
+        "/etc/ld.so.cache",
+        "/etc/ld.so.cache",
+        "--ro-bind-try",
+        "/etc/localtime",
+        "/etc/localtime",
+    ]
 
 
 def _bwrap_command(bwrap: str, box: str, python: str, host_dirs: list[str]) -> list[str]:
-    cmd = [bwrap, "--unshare-all", "--die-with-parent", "--new-session", "--clearenv", "--cap-drop", "ALL",
-           *_root_args(), "--proc", "/proc", "--dev", "/dev", "--size", str(TMP_BYTES), "--tmpfs", "/tmp",
-           "--ro-bind", box, "/sandbox"]
+    cmd = [
+        bwrap,
+        "--unshare-all",
+        "--die-with-parent",
+        "--new-session",
+        "--clearenv",
+        "--cap-drop",
+        "ALL",
+        *_root_args(),
+        "--proc",
+        "/proc",
+        "--dev",
+        "/dev",
+        "--size",
+        str(TMP_BYTES),
+        "--tmpfs",
+        "/tmp",
+        "--ro-bind",
+        box,
+        "/sandbox",
+    ]
     for path in host_dirs:
         cmd += ["--ro-bind", path, path]
     cmd += ["--remount-ro", "/"]  # the new root itself (a tmpfs holding the mount points): /tmp stays the only rw
-    for key, value in (("PATH", "/usr/bin:/bin"), ("HOME", "/tmp"), ("TMPDIR", "/tmp"), ("LANG", "C.UTF-8"),
-                       ("PYTHONHASHSEED", "0"), ("PYTHONDONTWRITEBYTECODE", "1"), ("OMP_NUM_THREADS", "1")):
+    for key, value in (
+        ("PATH", "/usr/bin:/bin"),
+        ("HOME", "/tmp"),
+        ("TMPDIR", "/tmp"),
+        ("LANG", "C.UTF-8"),
+        ("PYTHONHASHSEED", "0"),
+        ("PYTHONDONTWRITEBYTECODE", "1"),
+        ("OMP_NUM_THREADS", "1"),
+    ):
         cmd += ["--setenv", key, value]
     # -s: no user site-packages; -S: no site-packages, the standard library only (start-up ~3x faster); -B: no .pyc
     return cmd + ["--chdir", "/tmp", "--", python, "-s", "-S", "-B", "/sandbox/_runner.py"]
@@ -167,7 +198,8 @@ def isolation() -> str:
         return "unsafe"
     raise SandboxUnavailable(
         f"t2ray will not run model-written code without an OS sandbox: {reason}. Set {UNSAFE_ENV}=1 to run it "
-        "anyway in a plain subprocess (rlimits and a timeout only: no network, filesystem or process isolation)")
+        "anyway in a plain subprocess (rlimits and a timeout only: no network, filesystem or process isolation)"
+    )
 
 
 def _tail(path: str, limit: int = STDERR_TAIL_CHARS) -> str:
@@ -233,11 +265,19 @@ def run_python(
             os.write(write_end, marker)
             os.close(write_end)
             opened.append(marker_fd)
-        limits = [(res, val) for res, val in (
-            ("RLIMIT_AS", int(memory_mb) << 20), ("RLIMIT_CPU", max(1, int(timeout_s) + 1)),
-            ("RLIMIT_FSIZE", _MAX_OUTPUT_BYTES), ("RLIMIT_CORE", 0), ("RLIMIT_NPROC", MAX_PROCESSES))]
-        runner = _RUNNER.format(limits="[" + ", ".join(f"(resource.{r}, {v})" for r, v in limits) + "]",
-                                marker_fd=marker_fd)
+        limits = [
+            (res, val)
+            for res, val in (
+                ("RLIMIT_AS", int(memory_mb) << 20),
+                ("RLIMIT_CPU", max(1, int(timeout_s) + 1)),
+                ("RLIMIT_FSIZE", _MAX_OUTPUT_BYTES),
+                ("RLIMIT_CORE", 0),
+                ("RLIMIT_NPROC", MAX_PROCESSES),
+            )
+        ]
+        runner = _RUNNER.format(
+            limits="[" + ", ".join(f"(resource.{r}, {v})" for r, v in limits) + "]", marker_fd=marker_fd
+        )
         with open(os.path.join(box, "_runner.py"), "w", encoding="utf-8") as fh:
             fh.write(runner)
         identity: dict = {}
@@ -252,8 +292,15 @@ def run_python(
             env = {"PATH": "/usr/bin:/bin"}  # bwrap is the sandbox's pid 1: its /proc/1/environ must hold no secret
         else:  # unsafe: opted in, a plain subprocess in the temp dir
             cmd = [sys.executable, "-s", "-S", "-B", os.path.join(box, "_runner.py")]
-            env = {"PATH": "/usr/bin:/bin", "HOME": box, "TMPDIR": box, "LANG": "C.UTF-8",
-                   "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1"}
+            env = {
+                "PATH": "/usr/bin:/bin",
+                "HOME": box,
+                "TMPDIR": box,
+                "LANG": "C.UTF-8",
+                "PYTHONHASHSEED": "0",
+                "PYTHONDONTWRITEBYTECODE": "1",
+                "OMP_NUM_THREADS": "1",
+            }
             cwd = box
         out_path = os.path.join(workdir, "stdout.txt")
         err_path = os.path.join(workdir, "stderr.txt")
@@ -261,12 +308,20 @@ def run_python(
         with open(out_path, "wb") as out_f, open(err_path, "wb") as err_f:
             try:
                 proc = subprocess.Popen(
-                    cmd, cwd=cwd, env=env, stdout=out_f, stderr=err_f, pass_fds=opened,
+                    cmd,
+                    cwd=cwd,
+                    env=env,
+                    stdout=out_f,
+                    stderr=err_f,
+                    pass_fds=opened,
                     stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-                    start_new_session=True, **identity)
+                    start_new_session=True,
+                    **identity,
+                )
             except OSError as exc:
-                return SandboxResult(False, "error", None, f"could not start the sandbox: {exc}", "",
-                                     time.monotonic() - start)
+                return SandboxResult(
+                    False, "error", None, f"could not start the sandbox: {exc}", "", time.monotonic() - start
+                )
             try:
                 proc.communicate(input=stdin.encode("utf-8") if stdin is not None else None, timeout=timeout_s)
             except subprocess.TimeoutExpired:
@@ -314,8 +369,11 @@ def run_many(
         return []
     n = workers or max(1, min(len(codes), os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=n) as pool:
-        return list(pool.map(
-            lambda c: run_python(c, timeout_s=timeout_s, memory_mb=memory_mb,
-                                 require_completion=require_completion),
-            codes,
-        ))
+        return list(
+            pool.map(
+                lambda c: run_python(
+                    c, timeout_s=timeout_s, memory_mb=memory_mb, require_completion=require_completion
+                ),
+                codes,
+            )
+        )

@@ -22,12 +22,48 @@ TRAIN_SIZES = {"train": 256, "valid": 64, "test": 128}
 UNSEEN_SIZES = {"train": 32, "valid": 16, "test": 128}
 
 NAMES = (
-    "Tom", "Anna", "Sam", "Lily", "Ben", "Mia", "Leo", "Emma", "Max", "Zoe", "Jack", "Ella",
-    "Noah", "Ava", "Liam", "Sara", "Omar", "Nina", "Ravi", "Hana", "Carlos", "Maya", "Ivan", "Lucy",
+    "Tom",
+    "Anna",
+    "Sam",
+    "Lily",
+    "Ben",
+    "Mia",
+    "Leo",
+    "Emma",
+    "Max",
+    "Zoe",
+    "Jack",
+    "Ella",
+    "Noah",
+    "Ava",
+    "Liam",
+    "Sara",
+    "Omar",
+    "Nina",
+    "Ravi",
+    "Hana",
+    "Carlos",
+    "Maya",
+    "Ivan",
+    "Lucy",
 )
 ITEMS = (
-    "apples", "books", "pencils", "stickers", "marbles", "cookies", "cards", "shells", "coins",
-    "flowers", "stamps", "balloons", "candies", "toy cars", "eggs", "oranges",
+    "apples",
+    "books",
+    "pencils",
+    "stickers",
+    "marbles",
+    "cookies",
+    "cards",
+    "shells",
+    "coins",
+    "flowers",
+    "stamps",
+    "balloons",
+    "candies",
+    "toy cars",
+    "eggs",
+    "oranges",
 )
 
 MATH_SUFFIX = "Reply with just the number."
@@ -64,8 +100,7 @@ def _word_add(r: random.Random) -> Example:
     name, item = r.choice(NAMES), r.choice(ITEMS)
     a, b = r.randint(2, 15), r.randint(1, 9)
     return _ex(
-        f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now? "
-        f"{MATH_SUFFIX}",
+        f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now? {MATH_SUFFIX}",
         a + b,
     )
 
@@ -74,8 +109,7 @@ def _word_sub(r: random.Random) -> Example:
     name, item = r.choice(NAMES), r.choice(ITEMS)
     a, b = r.randint(10, 20), r.randint(1, 9)
     return _ex(
-        f"{name} has {a} {item} and gives {b} of them away. How many {item} does {name} have "
-        f"left? {MATH_SUFFIX}",
+        f"{name} has {a} {item} and gives {b} of them away. How many {item} does {name} have left? {MATH_SUFFIX}",
         a - b,
     )
 
@@ -83,7 +117,11 @@ def _word_sub(r: random.Random) -> Example:
 # Greedy SmolLM2-135M-Instruct accuracy per family (20-item probes): _add ~25 %, _sub ~35 %,
 # _add_easy ~70 %, _word_add ~50-75 %, _word_sub ~15 %.
 MATH_FAMILIES: tuple[Callable[[random.Random], Example], ...] = (
-    _add, _sub, _add_easy, _word_add, _word_sub,
+    _add,
+    _sub,
+    _add_easy,
+    _word_add,
+    _word_sub,
 )
 
 
@@ -123,22 +161,18 @@ def _lcm(r: random.Random) -> Example:
     a, b = r.randint(2, 15), r.randint(2, 15)
     if a == b:
         b += 1
-    return _ex(
-        f"What is the least common multiple of {a} and {b}? {HARD_SUFFIX}", a * b // math.gcd(a, b)
-    )
+    return _ex(f"What is the least common multiple of {a} and {b}? {HARD_SUFFIX}", a * b // math.gcd(a, b))
 
 
 def _rectangle(r: random.Random) -> Example:
     length, width = r.randint(3, 25), r.randint(2, 15)
     if r.random() < 0.5:
         return _ex(
-            f"A rectangle is {length} cm long and {width} cm wide. What is its perimeter in cm? "
-            f"{HARD_SUFFIX}",
+            f"A rectangle is {length} cm long and {width} cm wide. What is its perimeter in cm? {HARD_SUFFIX}",
             2 * (length + width),
         )
     return _ex(
-        f"A rectangle is {length} cm long and {width} cm wide. What is its area in square cm? "
-        f"{HARD_SUFFIX}",
+        f"A rectangle is {length} cm long and {width} cm wide. What is its area in square cm? {HARD_SUFFIX}",
         length * width,
     )
 
@@ -172,7 +206,16 @@ def _average(r: random.Random) -> Example:
 
 
 HARD_FAMILIES: tuple[Callable[[random.Random], Example], ...] = (
-    _mul_add, _paren, _linear, _remainder, _percent, _lcm, _rectangle, _packs, _sum_first, _average,
+    _mul_add,
+    _paren,
+    _linear,
+    _remainder,
+    _percent,
+    _lcm,
+    _rectangle,
+    _packs,
+    _sum_first,
+    _average,
 )
 
 

@@ -28,14 +28,24 @@ UNSEEN_SIZES = {"train": 32, "valid": 16, "test": 128}
 MC_SUFFIX = "Answer with the letter of the correct option."
 
 CATEGORIES: dict[str, tuple[str, ...]] = {
-    "fruit": ("apple", "banana", "grape", "mango", "pear", "cherry", "peach", "strawberry",
-              "lemon", "pineapple", "watermelon", "plum"),
-    "vegetable": ("carrot", "potato", "onion", "broccoli", "cabbage", "spinach", "lettuce",
-                  "celery", "cauliflower"),
+    "fruit": (
+        "apple",
+        "banana",
+        "grape",
+        "mango",
+        "pear",
+        "cherry",
+        "peach",
+        "strawberry",
+        "lemon",
+        "pineapple",
+        "watermelon",
+        "plum",
+    ),
+    "vegetable": ("carrot", "potato", "onion", "broccoli", "cabbage", "spinach", "lettuce", "celery", "cauliflower"),
     "color": ("red", "blue", "green", "yellow", "purple", "pink", "brown", "black", "white"),
     "vehicle": ("car", "bus", "bicycle", "truck", "train", "boat", "airplane", "motorcycle"),
-    "musical instrument": ("piano", "guitar", "violin", "drum", "flute", "trumpet", "harp",
-                           "cello"),
+    "musical instrument": ("piano", "guitar", "violin", "drum", "flute", "trumpet", "harp", "cello"),
     "tool": ("hammer", "screwdriver", "saw", "wrench", "drill", "shovel", "pliers"),
     "part of the body": ("hand", "foot", "knee", "elbow", "nose", "ear", "shoulder", "finger"),
     "piece of furniture": ("chair", "table", "sofa", "bed", "desk", "bookshelf", "wardrobe"),
@@ -53,25 +63,55 @@ _ANIMAL_CATS = {"bird", "fish", "mammal", "insect"}
 
 # (thing, value) scales; comparisons only use items whose values differ clearly.
 MASS_KG = {
-    "an ant": 3e-6, "a bee": 1e-4, "a mouse": 0.02, "a frog": 0.1, "a rabbit": 2.0, "a cat": 4.0,
-    "a dog": 25.0, "a sheep": 80.0, "a lion": 190.0, "a horse": 500.0, "a giraffe": 1200.0,
-    "an elephant": 6000.0, "a blue whale": 150000.0,
+    "an ant": 3e-6,
+    "a bee": 1e-4,
+    "a mouse": 0.02,
+    "a frog": 0.1,
+    "a rabbit": 2.0,
+    "a cat": 4.0,
+    "a dog": 25.0,
+    "a sheep": 80.0,
+    "a lion": 190.0,
+    "a horse": 500.0,
+    "a giraffe": 1200.0,
+    "an elephant": 6000.0,
+    "a blue whale": 150000.0,
 }
 OBJECT_MASS_KG = {
-    "a feather": 0.001, "a paper clip": 0.002, "a pencil": 0.01, "an apple": 0.2,
-    "a book": 1.0, "a brick": 3.0, "a bicycle": 12.0, "a grown man": 75.0, "a piano": 300.0,
-    "a car": 1500.0, "a truck": 10000.0,
+    "a feather": 0.001,
+    "a paper clip": 0.002,
+    "a pencil": 0.01,
+    "an apple": 0.2,
+    "a book": 1.0,
+    "a brick": 3.0,
+    "a bicycle": 12.0,
+    "a grown man": 75.0,
+    "a piano": 300.0,
+    "a car": 1500.0,
+    "a truck": 10000.0,
 }
 TEMPERATURE_C = {
-    "an ice cube": -5.0, "snow": -2.0, "cold milk from the fridge": 4.0,
-    "a glass of tap water": 15.0, "a warm bath": 38.0, "a cup of hot tea": 75.0,
-    "boiling water": 100.0, "a hot oven": 220.0, "a campfire flame": 700.0,
+    "an ice cube": -5.0,
+    "snow": -2.0,
+    "cold milk from the fridge": 4.0,
+    "a glass of tap water": 15.0,
+    "a warm bath": 38.0,
+    "a cup of hot tea": 75.0,
+    "boiling water": 100.0,
+    "a hot oven": 220.0,
+    "a campfire flame": 700.0,
     "the surface of the Sun": 5500.0,
 }
 SPEED_KMH = {
-    "a snail": 0.05, "a turtle": 0.5, "a person walking": 5.0, "a bicycle": 20.0,
-    "a horse galloping": 50.0, "a car on a highway": 110.0, "a high-speed train": 300.0,
-    "a jet airplane": 900.0, "a rocket": 25000.0,
+    "a snail": 0.05,
+    "a turtle": 0.5,
+    "a person walking": 5.0,
+    "a bicycle": 20.0,
+    "a horse galloping": 50.0,
+    "a car on a highway": 110.0,
+    "a high-speed train": 300.0,
+    "a jet airplane": 900.0,
+    "a rocket": 25000.0,
 }
 SCALES: tuple[tuple[dict[str, float], str, str, str], ...] = (
     # (scale, question for max, question for min, noun)
@@ -82,91 +122,173 @@ SCALES: tuple[tuple[dict[str, float], str, str, str], ...] = (
 )
 
 OPPOSITES = (
-    ("hot", "cold"), ("big", "small"), ("up", "down"), ("fast", "slow"), ("day", "night"),
-    ("happy", "sad"), ("open", "closed"), ("full", "empty"), ("wet", "dry"), ("loud", "quiet"),
-    ("early", "late"), ("hard", "soft"), ("thick", "thin"), ("tall", "short"), ("first", "last"),
-    ("inside", "outside"), ("push", "pull"), ("win", "lose"), ("buy", "sell"), ("rich", "poor"),
-    ("clean", "dirty"), ("strong", "weak"), ("above", "below"), ("begin", "end"),
+    ("hot", "cold"),
+    ("big", "small"),
+    ("up", "down"),
+    ("fast", "slow"),
+    ("day", "night"),
+    ("happy", "sad"),
+    ("open", "closed"),
+    ("full", "empty"),
+    ("wet", "dry"),
+    ("loud", "quiet"),
+    ("early", "late"),
+    ("hard", "soft"),
+    ("thick", "thin"),
+    ("tall", "short"),
+    ("first", "last"),
+    ("inside", "outside"),
+    ("push", "pull"),
+    ("win", "lose"),
+    ("buy", "sell"),
+    ("rich", "poor"),
+    ("clean", "dirty"),
+    ("strong", "weak"),
+    ("above", "below"),
+    ("begin", "end"),
 )
-MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August",
-          "September", "October", "November", "December")
+MONTHS = (
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+)
 DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
 LEGS = {
-    "a spider": 8, "an ant": 6, "a bee": 6, "a beetle": 6, "a dog": 4, "a cat": 4, "a horse": 4,
-    "a cow": 4, "a lion": 4, "a chicken": 2, "a duck": 2, "a person": 2, "an ostrich": 2,
-    "a snake": 0, "a fish": 0, "an octopus": 8, "a crab": 10,
+    "a spider": 8,
+    "an ant": 6,
+    "a bee": 6,
+    "a beetle": 6,
+    "a dog": 4,
+    "a cat": 4,
+    "a horse": 4,
+    "a cow": 4,
+    "a lion": 4,
+    "a chicken": 2,
+    "a duck": 2,
+    "a person": 2,
+    "an ostrich": 2,
+    "a snake": 0,
+    "a fish": 0,
+    "an octopus": 8,
+    "a crab": 10,
 }
 BABY_ANIMALS = {
-    "cat": "kitten", "dog": "puppy", "cow": "calf", "horse": "foal", "sheep": "lamb",
-    "duck": "duckling", "frog": "tadpole", "goat": "kid", "bear": "cub", "pig": "piglet",
+    "cat": "kitten",
+    "dog": "puppy",
+    "cow": "calf",
+    "horse": "foal",
+    "sheep": "lamb",
+    "duck": "duckling",
+    "frog": "tadpole",
+    "goat": "kid",
+    "bear": "cub",
+    "pig": "piglet",
 }
-FLIERS = ("an eagle", "a bee", "a bat", "an airplane", "a butterfly", "an owl", "a parrot",
-          "a helicopter", "a dragonfly")
-NON_FLIERS = ("a dog", "a fish", "a cow", "a snake", "a car", "a turtle", "a rock", "a horse",
-              "a spoon", "a frog", "a pig")
+FLIERS = (
+    "an eagle",
+    "a bee",
+    "a bat",
+    "an airplane",
+    "a butterfly",
+    "an owl",
+    "a parrot",
+    "a helicopter",
+    "a dragonfly",
+)
+NON_FLIERS = (
+    "a dog",
+    "a fish",
+    "a cow",
+    "a snake",
+    "a car",
+    "a turtle",
+    "a rock",
+    "a horse",
+    "a spoon",
+    "a frog",
+    "a pig",
+)
 SWIMMERS = ("a fish", "a whale", "a shark", "an octopus", "a dolphin", "a jellyfish", "a seal")
-LAND_ONLY = ("a lion", "a camel", "a horse", "an eagle", "an ant", "a squirrel", "a giraffe",
-             "a goat", "a parrot")
+LAND_ONLY = ("a lion", "a camel", "a horse", "an eagle", "an ant", "a squirrel", "a giraffe", "a goat", "a parrot")
 
 # (question, correct answer, distractors)
 FACTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
-    ("What do plants need from the Sun to make their food?", "light",
-     ("sand", "noise", "plastic", "salt")),
+    ("What do plants need from the Sun to make their food?", "light", ("sand", "noise", "plastic", "salt")),
     ("What is frozen water called?", "ice", ("steam", "sand", "smoke", "glass")),
     ("What do bees make?", "honey", ("milk", "wool", "cheese", "paper")),
-    ("Which gas do people need to breathe in to stay alive?", "oxygen",
-     ("helium", "smoke", "neon", "steam")),
+    ("Which gas do people need to breathe in to stay alive?", "oxygen", ("helium", "smoke", "neon", "steam")),
     ("What is the closest star to Earth?", "the Sun", ("the Moon", "Mars", "Venus", "a comet")),
-    ("Which organ pumps blood through the body?", "the heart",
-     ("the lungs", "the stomach", "the brain", "the skin")),
-    ("Which force pulls objects toward the ground?", "gravity",
-     ("magnetism", "friction", "wind", "electricity")),
-    ("At what temperature does water boil at sea level?", "100 degrees Celsius",
-     ("0 degrees Celsius", "50 degrees Celsius", "200 degrees Celsius", "10 degrees Celsius")),
+    ("Which organ pumps blood through the body?", "the heart", ("the lungs", "the stomach", "the brain", "the skin")),
+    ("Which force pulls objects toward the ground?", "gravity", ("magnetism", "friction", "wind", "electricity")),
+    (
+        "At what temperature does water boil at sea level?",
+        "100 degrees Celsius",
+        ("0 degrees Celsius", "50 degrees Celsius", "200 degrees Celsius", "10 degrees Celsius"),
+    ),
     ("What do caterpillars turn into?", "butterflies", ("frogs", "birds", "fish", "snakes")),
     ("Which season is usually the coldest?", "winter", ("summer", "spring", "autumn")),
-    ("Which part of a plant takes in water from the soil?", "the roots",
-     ("the flowers", "the seeds", "the fruit", "the petals")),
-    ("What do we call animals that eat only plants?", "herbivores",
-     ("carnivores", "predators", "insects", "parasites")),
+    (
+        "Which part of a plant takes in water from the soil?",
+        "the roots",
+        ("the flowers", "the seeds", "the fruit", "the petals"),
+    ),
+    (
+        "What do we call animals that eat only plants?",
+        "herbivores",
+        ("carnivores", "predators", "insects", "parasites"),
+    ),
     ("How many days are in a week?", "7", ("5", "10", "12", "6")),
     ("How many months are in a year?", "12", ("10", "7", "52", "24")),
-    ("What shape is the Earth closest to?", "a sphere",
-     ("a cube", "a flat disk", "a pyramid", "a cylinder")),
-    ("Which of these is a liquid at room temperature?", "water",
-     ("ice", "wood", "iron", "stone")),
-    ("Which material is attracted to a magnet?", "iron",
-     ("wood", "glass", "plastic", "paper")),
+    ("What shape is the Earth closest to?", "a sphere", ("a cube", "a flat disk", "a pyramid", "a cylinder")),
+    ("Which of these is a liquid at room temperature?", "water", ("ice", "wood", "iron", "stone")),
+    ("Which material is attracted to a magnet?", "iron", ("wood", "glass", "plastic", "paper")),
     ("Where do fish live?", "in water", ("in the desert", "in trees", "in clouds", "in caves")),
-    ("What do we use to see things?", "our eyes",
-     ("our ears", "our nose", "our elbows", "our knees")),
-    ("What do we use to hear sounds?", "our ears",
-     ("our eyes", "our teeth", "our hair", "our feet")),
+    ("What do we use to see things?", "our eyes", ("our ears", "our nose", "our elbows", "our knees")),
+    ("What do we use to hear sounds?", "our ears", ("our eyes", "our teeth", "our hair", "our feet")),
     ("What falls from clouds when it rains?", "water", ("sand", "leaves", "milk", "smoke")),
-    ("What does a thermometer measure?", "temperature",
-     ("weight", "length", "time", "speed")),
+    ("What does a thermometer measure?", "temperature", ("weight", "length", "time", "speed")),
     ("What does a clock measure?", "time", ("weight", "temperature", "length", "speed")),
-    ("Which of these gives off its own light?", "a candle flame",
-     ("a mirror", "a rock", "a wooden chair", "a shoe")),
+    ("Which of these gives off its own light?", "a candle flame", ("a mirror", "a rock", "a wooden chair", "a shoe")),
     ("What do cows drink?", "water", ("milk", "juice", "oil", "tea")),
     ("What covers most of the Earth's surface?", "water", ("sand", "ice", "forest", "grass")),
-    ("Which sense do we use to taste food?", "taste, with the tongue",
-     ("sight, with the eyes", "hearing, with the ears", "touch, with the feet")),
-    ("What happens to ice when it is left in the warm sun?", "it melts",
-     ("it gets bigger", "it turns into sand", "it becomes harder", "it turns into stone")),
-    ("What do seeds need to start growing?", "water",
-     ("darkness only", "salt", "plastic", "smoke")),
-    ("What is the Moon?", "a natural satellite of Earth",
-     ("a star", "a planet", "a comet", "a cloud")),
-    ("Which animal is known for building dams in rivers?", "the beaver",
-     ("the lion", "the eagle", "the camel", "the owl")),
-    ("Which of these is needed to make a fire burn?", "oxygen",
-     ("water", "sand", "ice", "snow")),
+    (
+        "Which sense do we use to taste food?",
+        "taste, with the tongue",
+        ("sight, with the eyes", "hearing, with the ears", "touch, with the feet"),
+    ),
+    (
+        "What happens to ice when it is left in the warm sun?",
+        "it melts",
+        ("it gets bigger", "it turns into sand", "it becomes harder", "it turns into stone"),
+    ),
+    ("What do seeds need to start growing?", "water", ("darkness only", "salt", "plastic", "smoke")),
+    ("What is the Moon?", "a natural satellite of Earth", ("a star", "a planet", "a comet", "a cloud")),
+    (
+        "Which animal is known for building dams in rivers?",
+        "the beaver",
+        ("the lion", "the eagle", "the camel", "the owl"),
+    ),
+    ("Which of these is needed to make a fire burn?", "oxygen", ("water", "sand", "ice", "snow")),
 )
 
 
-def _mc(question: str, correct: str, distractors: Sequence[str], r: random.Random,
-        category: str = "reasoning", n_options: int = 4) -> Example:
+def _mc(
+    question: str,
+    correct: str,
+    distractors: Sequence[str],
+    r: random.Random,
+    category: str = "reasoning",
+    n_options: int = 4,
+) -> Example:
     pool = list(dict.fromkeys(d for d in distractors if d != correct))
     opts = [correct, *r.sample(pool, n_options - 1)]
     r.shuffle(opts)
@@ -182,9 +304,7 @@ def _pick_spread(r: random.Random, scale: dict[str, float], k: int, ratio: float
     for _ in range(200):
         pick = r.sample(items, k)
         vals = sorted(scale[p] for p in pick)
-        ok = all(
-            (b - a >= 10.0) if min(a, b) <= 0 else (b / a >= ratio) for a, b in zip(vals, vals[1:])
-        )
+        ok = all((b - a >= 10.0) if min(a, b) <= 0 else (b / a >= ratio) for a, b in zip(vals, vals[1:]))
         if ok:
             return pick
     return r.sample(items, k)  # unreachable for the shipped scales
@@ -225,30 +345,30 @@ def _opposite(r: random.Random) -> Example:
     if r.random() < 0.5:
         a, b = b, a
     pool = [w for pair in OPPOSITES if a not in pair for w in pair]
-    return _mc(f"What is the opposite of \"{a}\"?", b, pool, r)
+    return _mc(f'What is the opposite of "{a}"?', b, pool, r)
 
 
 def _calendar(r: random.Random) -> Example:
     seq, noun = (MONTHS, "month") if r.random() < 0.5 else (DAYS, "day of the week")
     i = r.randrange(len(seq))
     if r.random() < 0.5:
-        return _mc(f"Which {noun} comes right after {seq[i]}?", seq[(i + 1) % len(seq)],
-                   [s for s in seq if s != seq[i]], r)
-    return _mc(f"Which {noun} comes right before {seq[i]}?", seq[(i - 1) % len(seq)],
-               [s for s in seq if s != seq[i]], r)
+        return _mc(
+            f"Which {noun} comes right after {seq[i]}?", seq[(i + 1) % len(seq)], [s for s in seq if s != seq[i]], r
+        )
+    return _mc(
+        f"Which {noun} comes right before {seq[i]}?", seq[(i - 1) % len(seq)], [s for s in seq if s != seq[i]], r
+    )
 
 
 def _legs(r: random.Random) -> Example:
     animal = r.choice(list(LEGS))
     n = LEGS[animal]
-    return _mc(f"How many legs does {animal} have?", str(n),
-               [str(x) for x in (0, 2, 4, 6, 8, 10) if x != n], r)
+    return _mc(f"How many legs does {animal} have?", str(n), [str(x) for x in (0, 2, 4, 6, 8, 10) if x != n], r)
 
 
 def _baby(r: random.Random) -> Example:
     animal = r.choice(list(BABY_ANIMALS))
-    return _mc(f"What is a baby {animal} called?", BABY_ANIMALS[animal],
-               list(BABY_ANIMALS.values()), r)
+    return _mc(f"What is a baby {animal} called?", BABY_ANIMALS[animal], list(BABY_ANIMALS.values()), r)
 
 
 def _can_fly(r: random.Random) -> Example:
@@ -263,15 +383,38 @@ def _fact(r: random.Random) -> Example:
 
 
 REASONING_FAMILIES: tuple[Callable[[random.Random], Example], ...] = (
-    _category_member, _scale_extreme, _number_extreme, _opposite, _calendar, _legs, _baby,
-    _can_fly, _fact,
+    _category_member,
+    _scale_extreme,
+    _number_extreme,
+    _opposite,
+    _calendar,
+    _legs,
+    _baby,
+    _can_fly,
+    _fact,
 )
 
 
 # ---- reasoning-hard (unseen) --------------------------------------------------------------------
 
-PEOPLE = ("Amy", "Ben", "Cara", "Dan", "Eva", "Finn", "Gina", "Hugo", "Iris", "Jon", "Kim",
-          "Luis", "Mona", "Nick", "Olga", "Paul")
+PEOPLE = (
+    "Amy",
+    "Ben",
+    "Cara",
+    "Dan",
+    "Eva",
+    "Finn",
+    "Gina",
+    "Hugo",
+    "Iris",
+    "Jon",
+    "Kim",
+    "Luis",
+    "Mona",
+    "Nick",
+    "Olga",
+    "Paul",
+)
 RELATIONS = (  # (comparative, superlative of the top, superlative of the bottom)
     ("taller", "the tallest", "the shortest"),
     ("older", "the oldest", "the youngest"),
@@ -288,8 +431,7 @@ def _transitive(r: random.Random) -> Example:
     r.shuffle(facts)
     ask_top = r.random() < 0.5
     q = f"{' '.join(facts)} Who is {top if ask_top else bottom}?"
-    return _mc(q, chain[0] if ask_top else chain[2], [chain[1], chain[2] if ask_top else chain[0],
-                                                      outsider], r)
+    return _mc(q, chain[0] if ask_top else chain[2], [chain[1], chain[2] if ask_top else chain[0], outsider], r)
 
 
 def _not_member(r: random.Random) -> Example:
@@ -310,8 +452,12 @@ def _day_arith(r: random.Random) -> Example:
     if k % 7 == 0:
         k += 1
     target = DAYS[(i + k) % 7]
-    return _mc(f"If today is {DAYS[i]}, what day of the week will it be in {k} days?", target,
-               [d for d in DAYS if d != target], r)
+    return _mc(
+        f"If today is {DAYS[i]}, what day of the week will it be in {k} days?",
+        target,
+        [d for d in DAYS if d != target],
+        r,
+    )
 
 
 def _sequence(r: random.Random) -> Example:
@@ -324,8 +470,12 @@ def _sequence(r: random.Random) -> Example:
         seq = [a * d**i for i in range(4)]
         nxt = a * d**4
     wrong = {nxt + 1, nxt - 1, nxt + d, seq[-1] + 1, nxt * 2, nxt - d - 1} - {nxt, seq[-1]}
-    return _mc(f"What number comes next in the sequence {', '.join(map(str, seq))}?", str(nxt),
-               [str(w) for w in sorted(wrong) if w > 0], r)
+    return _mc(
+        f"What number comes next in the sequence {', '.join(map(str, seq))}?",
+        str(nxt),
+        [str(w) for w in sorted(wrong) if w > 0],
+        r,
+    )
 
 
 def _two_conditions(r: random.Random) -> Example:
@@ -358,36 +508,62 @@ def _more_than(r: random.Random) -> Example:
 
 
 CAUSE_EFFECT: tuple[tuple[str, str, tuple[str, ...]], ...] = (
-    ("A metal spoon is left in a bowl of hot soup. What happens to the handle of the spoon?",
-     "it gets warmer", ("it gets colder", "it melts", "it becomes magnetic", "nothing changes")),
-    ("A puddle of water is in the sun on a hot day. What most likely happens to it?",
-     "it evaporates and gets smaller", ("it freezes", "it gets bigger", "it turns into sand")),
-    ("A plant is kept in a dark closet for two weeks. What most likely happens?",
-     "it becomes weak and pale", ("it grows faster", "it makes more flowers",
-                                  "it turns bright green")),
-    ("You rub your hands together quickly. What do you feel?", "warmth",
-     ("cold", "wetness", "an electric shock")),
-    ("A ball is dropped from a window. Why does it fall down?", "gravity pulls it toward Earth",
-     ("wind pushes it down", "the air is heavy", "magnets in the ground pull it")),
-    ("Which change would make a cup of hot cocoa cool fastest?", "pouring it into a wide, shallow bowl",
-     ("putting a lid on it", "wrapping it in a towel", "keeping it in a thermos")),
-    ("Why do people wear light-colored clothes in summer?",
-     "light colors reflect more sunlight", ("light colors are heavier",
-                                            "light colors absorb more heat",
-                                            "dark colors are cheaper")),
-    ("A student puts salt in ice water and it melts faster. What does salt do to ice?",
-     "it lowers the temperature at which ice melts", ("it makes the ice heavier",
-                                                      "it freezes the water",
-                                                      "it turns ice into salt")),
-    ("Why can we see the Moon at night?", "it reflects light from the Sun",
-     ("it makes its own light", "it is on fire", "it reflects light from Earth's cities")),
-    ("What happens to water when it is cooled below 0 degrees Celsius?",
-     "it freezes into ice", ("it boils", "it turns into steam", "it becomes salty")),
-    ("What is the main reason we have day and night?", "the Earth spins on its axis",
-     ("the Sun moves around the Earth", "the Moon blocks the Sun", "clouds cover the Sun")),
-    ("Why does a heavy box slide less easily on carpet than on a smooth floor?",
-     "the carpet causes more friction", ("the carpet is colder", "gravity is stronger on carpet",
-                                         "the box becomes lighter")),
+    (
+        "A metal spoon is left in a bowl of hot soup. What happens to the handle of the spoon?",
+        "it gets warmer",
+        ("it gets colder", "it melts", "it becomes magnetic", "nothing changes"),
+    ),
+    (
+        "A puddle of water is in the sun on a hot day. What most likely happens to it?",
+        "it evaporates and gets smaller",
+        ("it freezes", "it gets bigger", "it turns into sand"),
+    ),
+    (
+        "A plant is kept in a dark closet for two weeks. What most likely happens?",
+        "it becomes weak and pale",
+        ("it grows faster", "it makes more flowers", "it turns bright green"),
+    ),
+    ("You rub your hands together quickly. What do you feel?", "warmth", ("cold", "wetness", "an electric shock")),
+    (
+        "A ball is dropped from a window. Why does it fall down?",
+        "gravity pulls it toward Earth",
+        ("wind pushes it down", "the air is heavy", "magnets in the ground pull it"),
+    ),
+    (
+        "Which change would make a cup of hot cocoa cool fastest?",
+        "pouring it into a wide, shallow bowl",
+        ("putting a lid on it", "wrapping it in a towel", "keeping it in a thermos"),
+    ),
+    (
+        "Why do people wear light-colored clothes in summer?",
+        "light colors reflect more sunlight",
+        ("light colors are heavier", "light colors absorb more heat", "dark colors are cheaper"),
+    ),
+    (
+        "A student puts salt in ice water and it melts faster. What does salt do to ice?",
+        "it lowers the temperature at which ice melts",
+        ("it makes the ice heavier", "it freezes the water", "it turns ice into salt"),
+    ),
+    (
+        "Why can we see the Moon at night?",
+        "it reflects light from the Sun",
+        ("it makes its own light", "it is on fire", "it reflects light from Earth's cities"),
+    ),
+    (
+        "What happens to water when it is cooled below 0 degrees Celsius?",
+        "it freezes into ice",
+        ("it boils", "it turns into steam", "it becomes salty"),
+    ),
+    (
+        "What is the main reason we have day and night?",
+        "the Earth spins on its axis",
+        ("the Sun moves around the Earth", "the Moon blocks the Sun", "clouds cover the Sun"),
+    ),
+    (
+        "Why does a heavy box slide less easily on carpet than on a smooth floor?",
+        "the carpet causes more friction",
+        ("the carpet is colder", "gravity is stronger on carpet", "the box becomes lighter"),
+    ),
 )
 
 
@@ -397,7 +573,13 @@ def _cause_effect(r: random.Random) -> Example:
 
 
 HARD_FAMILIES: tuple[Callable[[random.Random], Example], ...] = (
-    _transitive, _not_member, _day_arith, _sequence, _two_conditions, _more_than, _cause_effect,
+    _transitive,
+    _not_member,
+    _day_arith,
+    _sequence,
+    _two_conditions,
+    _more_than,
+    _cause_effect,
 )
 
 

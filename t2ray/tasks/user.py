@@ -131,8 +131,7 @@ class TaskSpec(BaseModel):
             if self.dataset is not None and self.dataset.format != "generic":
                 self.grader = _FORMAT_GRADERS[self.dataset.format]  # type: ignore[assignment]
             else:
-                raise ValueError("`grader` is required (exact, numeric, choice, regex, "
-                                 "python-tests, math, category)")
+                raise ValueError("`grader` is required (exact, numeric, choice, regex, python-tests, math, category)")
         if self.grader == "regex" and not self.pattern:
             raise ValueError("the regex grader needs `pattern`")
         return self
@@ -191,17 +190,14 @@ def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
                 raise TaskError(f"{path}:{lineno}: each line must be a JSON object")
             unknown = [k for k in row if k not in ROW_KEYS]
             if unknown:
-                raise TaskError(
-                    f"{path}:{lineno}: unknown key '{unknown[0]}' (allowed: {', '.join(ROW_KEYS)})"
-                )
+                raise TaskError(f"{path}:{lineno}: unknown key '{unknown[0]}' (allowed: {', '.join(ROW_KEYS)})")
             rows.append((lineno, row))
     if not rows:
         raise TaskError(f"{path}: no rows")
     return rows
 
 
-def row_to_example(row: Mapping[str, Any], where: str, default_id: str, spec: TaskSpec
-                   ) -> Example:
+def row_to_example(row: Mapping[str, Any], where: str, default_id: str, spec: TaskSpec) -> Example:
     for key in ("prompt", "answer"):
         if key not in row or row[key] is None:
             if key == "answer" and spec.grader == "python-tests":
@@ -214,8 +210,11 @@ def row_to_example(row: Mapping[str, Any], where: str, default_id: str, spec: Ta
         raise TaskError(f"{where}: key 'prompt' is empty")
     choices = row.get("choices")
     if choices is not None:
-        if (not isinstance(choices, list) or len(choices) < 2
-                or not all(isinstance(c, (str, int, float)) for c in choices)):
+        if (
+            not isinstance(choices, list)
+            or len(choices) < 2
+            or not all(isinstance(c, (str, int, float)) for c in choices)
+        ):
             raise TaskError(f"{where}: key 'choices' must be a list of at least two strings")
         choices = tuple(str(c) for c in choices)
     answer = str(row.get("answer") if row.get("answer") is not None else "")
@@ -225,9 +224,7 @@ def row_to_example(row: Mapping[str, Any], where: str, default_id: str, spec: Ta
         try:
             answer = resolve_choice_answer(answer, choices)
         except TaskError:
-            raise TaskError(
-                f"{where}: key 'answer': {answer!r} is neither a letter nor one of the choices"
-            ) from None
+            raise TaskError(f"{where}: key 'answer': {answer!r} is neither a letter nor one of the choices") from None
     if spec.grader == "python-tests" and not row.get("tests"):
         raise TaskError(f"{where}: missing key 'tests' (the python-tests grader runs them)")
     prompt = str(row["prompt"])
@@ -235,9 +232,7 @@ def row_to_example(row: Mapping[str, Any], where: str, default_id: str, spec: Ta
     rendered = template.replace("{prompt}", prompt)
     if choices and spec.grader == "choice":
         opts = format_choices(choices)
-        rendered = rendered.replace("{choices}", opts) if "{choices}" in template else (
-            f"{rendered}\n{opts}"
-        )
+        rendered = rendered.replace("{choices}", opts) if "{choices}" in template else (f"{rendered}\n{opts}")
     return Example(
         id=str(row.get("id") if row.get("id") is not None else default_id),
         prompt=rendered,
@@ -283,8 +278,15 @@ class UserTask(GradedTask):
 
             d = spec.dataset
             self._dataset_task = DatasetTask(
-                spec.name, d.format, path=d.path, config=d.config, data_files=d.data_files,
-                cache_dir=d.cache_dir, base_dir=base, fractions=spec.fractions(), seed=seed,
+                spec.name,
+                d.format,
+                path=d.path,
+                config=d.config,
+                data_files=d.data_files,
+                cache_dir=d.cache_dir,
+                base_dir=base,
+                fractions=spec.fractions(),
+                seed=seed,
             )
         super().__init__(
             spec.name,
@@ -306,8 +308,7 @@ class UserTask(GradedTask):
                 data_path = self.yaml_path.parent / data_path
             out = _jsonl_splits(spec, data_path, self.seed)
         elif self._dataset_task is not None:
-            out = {k: [self._apply_template(ex) for ex in v]
-                   for k, v in self._dataset_task.splits().items()}
+            out = {k: [self._apply_template(ex) for ex in v] for k, v in self._dataset_task.splits().items()}
         else:
             out = self._generic_dataset_splits()
         self._check_references(out)
@@ -316,16 +317,24 @@ class UserTask(GradedTask):
     def _apply_template(self, ex: Example) -> Example:
         if not self.spec.prompt_template:
             return ex
-        return Example(ex.id, self.spec.prompt_template.replace("{prompt}", ex.prompt), ex.answer,
-                       ex.choices, ex.tests, ex.entry_point, ex.category)
+        return Example(
+            ex.id,
+            self.spec.prompt_template.replace("{prompt}", ex.prompt),
+            ex.answer,
+            ex.choices,
+            ex.tests,
+            ex.entry_point,
+            ex.category,
+        )
 
     def _generic_dataset_splits(self) -> dict[str, list[Example]]:
         from .datasets import arrange_splits, load_rows
 
         d = self.spec.dataset
         assert d is not None
-        rows, real = load_rows(d.path, config=d.config, data_files=d.data_files,
-                               cache_dir=d.cache_dir, base_dir=self.yaml_path.parent)
+        rows, real = load_rows(
+            d.path, config=d.config, data_files=d.data_files, cache_dir=d.cache_dir, base_dir=self.yaml_path.parent
+        )
         by_source: dict[str, list[Example]] = {}
         for src, src_rows in rows.items():
             exs = []
@@ -334,8 +343,13 @@ class UserTask(GradedTask):
                 where = f"{self.yaml_path}: dataset row {src}/{i}"
                 exs.append(row_to_example(row, where, f"{self.spec.name}/{src}/{i}", self.spec))
             by_source[src] = exs
-        return arrange_splits(by_source, real, seed=f"{self.spec.name}:{self.seed}",
-                              fractions=self.spec.fractions(), task_name=self.spec.name)
+        return arrange_splits(
+            by_source,
+            real,
+            seed=f"{self.spec.name}:{self.seed}",
+            fractions=self.spec.fractions(),
+            task_name=self.spec.name,
+        )
 
     def _check_references(self, splits: dict[str, list[Example]]) -> None:
         """The reference reply must pass the grader (catches a wrong reference_template or

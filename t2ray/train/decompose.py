@@ -1,5 +1,6 @@
 """`t2ray decompose --workers N`: the SVDs as Ray tasks, written to the same per-matrix cache as local runs,
 so an interrupted run resumes matrix by matrix and a later local run is a pure cache hit."""
+
 from __future__ import annotations
 
 import torch
@@ -13,8 +14,9 @@ def missing_targets(model, targets: list[str], folder) -> list[str]:
     return [n for n in targets if load_cached(folder / f"{n}.safetensors", tuple(modules[n].weight.shape)) is None]
 
 
-def decompose_distributed(model, target_modules, layers, *, fingerprint: str, workers: int,
-                          dtype: torch.dtype = torch.float32) -> dict[str, int]:
+def decompose_distributed(
+    model, target_modules, layers, *, fingerprint: str, workers: int, dtype: torch.dtype = torch.float32
+) -> dict[str, int]:
     """Fill the SVD cache for the selected matrices with at most `workers` Ray tasks in flight."""
     import ray
 
@@ -26,8 +28,9 @@ def decompose_distributed(model, target_modules, layers, *, fingerprint: str, wo
     computed = len(todo)
     modules = dict(model.named_modules())
     pending: dict = {}
-    with tqdm(total=len(targets), initial=len(targets) - len(todo), desc=f"SVD ({workers} workers)",
-              unit="matrix") as bar:
+    with tqdm(
+        total=len(targets), initial=len(targets) - len(todo), desc=f"SVD ({workers} workers)", unit="matrix"
+    ) as bar:
         while todo or pending:
             while todo and len(pending) < workers:
                 name = todo.pop(0)

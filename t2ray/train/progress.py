@@ -1,6 +1,7 @@
 """The training progress bar, drawn by the driver: rank 0's report of each iteration travels from the Train
 controller (a UserCallback) through a Ray queue to a thread here, so the bar and its times are the driver's own
 (workers' bars reach the console late, through the log stream, with their own clocks)."""
+
 from __future__ import annotations
 
 import threading
@@ -58,7 +59,7 @@ class DriverProgress:
             self.bar.set_postfix_str(describe(metrics), refresh=False)
             self.bar.refresh()
 
-    def __enter__(self) -> "DriverProgress":
+    def __enter__(self) -> DriverProgress:
         self.thread.start()
         return self
 

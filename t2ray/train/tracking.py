@@ -1,4 +1,5 @@
 """Rank-0 tracking: metrics.jsonl, a learning-curve PNG, and wandb (offline unless WANDB_MODE says otherwise)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -35,9 +36,15 @@ class Tracker:
         if use_wandb:
             import wandb
 
-            self.wandb_run = wandb.init(project=project, name=name, id=f"{name}-{hashlib.md5(str(run_dir).encode()).hexdigest()[:8]}",
-                                        dir=str(run_dir), config=config, resume="allow",
-                                        mode=os.environ.get("WANDB_MODE", "offline"))
+            self.wandb_run = wandb.init(
+                project=project,
+                name=name,
+                id=f"{name}-{hashlib.md5(str(run_dir).encode()).hexdigest()[:8]}",
+                dir=str(run_dir),
+                config=config,
+                resume="allow",
+                mode=os.environ.get("WANDB_MODE", "offline"),
+            )
 
     def log(self, metrics: dict) -> None:
         with self.metrics_file.open("a") as f:

@@ -1,5 +1,6 @@
 """What each Ray Train worker runs: build model + adapter, wrap in DeepSpeed, run the plain RL loop,
 report metrics every iteration and a checkpoint (z + full Adam moments + loop state) every eval."""
+
 from __future__ import annotations
 
 import json
@@ -65,8 +66,9 @@ class DeepSpeedStepper:
         for i, p in enumerate(self.params):
             for key in ("exp_avg", "exp_avg_sq"):
                 if f"{key}.{i}" in state:
-                    safe_set_full_optimizer_state(p, state[f"{key}.{i}"].view(p.ds_shape if hasattr(p, "ds_shape")
-                                                                               else p.shape), key)
+                    safe_set_full_optimizer_state(
+                        p, state[f"{key}.{i}"].view(p.ds_shape if hasattr(p, "ds_shape") else p.shape), key
+                    )
         if "step" in state:
             step = float(state["step"][0])
             for st in (st for st in self._adam_states() if "step" in st):
@@ -153,9 +155,16 @@ def write_checkpoint(folder: Path, adapter, optimizer: dict[str, torch.Tensor], 
         save_file(state.best_state, folder / CHECKPOINT_BEST)
     if optimizer:
         save_file(optimizer, folder / CHECKPOINT_OPTIMIZER)
-    (folder / CHECKPOINT_STATE).write_text(json.dumps({
-        "iteration": state.iteration, "best_valid": state.best_valid, "best_iteration": state.best_iteration,
-        "history": state.history}))
+    (folder / CHECKPOINT_STATE).write_text(
+        json.dumps(
+            {
+                "iteration": state.iteration,
+                "best_valid": state.best_valid,
+                "best_iteration": state.best_iteration,
+                "history": state.history,
+            }
+        )
+    )
 
 
 def restore_adapter_and_state(folder: Path, adapter, state) -> None:
@@ -180,9 +189,15 @@ def record_placement(run_dir: Path, rank: int, world: int, resumed_at: int) -> N
     import ray
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    line = {"rank": rank, "world_size": world, "node_id": ray.get_runtime_context().get_node_id(),
-            "node_ip": ray.util.get_node_ip_address(), "pid": os.getpid(), "resumed_at": resumed_at,
-            "time": time.time()}
+    line = {
+        "rank": rank,
+        "world_size": world,
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "node_ip": ray.util.get_node_ip_address(),
+        "pid": os.getpid(),
+        "resumed_at": resumed_at,
+        "time": time.time(),
+    }
     with open(run_dir / "workers.jsonl", "a") as f:  # one short append per rank: whole lines on a shared disk
         f.write(json.dumps(line) + "\n")
 
@@ -221,8 +236,10 @@ def train_worker(loop_config: dict) -> None:
     if hf_ds is not None:
         raised = keep_trainable_whole(ds_config, adapter.parameters())
         if raised and rank == 0:
-            print(f"t2ray: ZeRO-3 param_persistence_threshold raised to {raised}: every trained tensor stays whole "
-                  "on each rank (a partitioned one would be checkpointed as empty shards)")
+            print(
+                f"t2ray: ZeRO-3 param_persistence_threshold raised to {raised}: every trained tensor stays whole "
+                "on each rank (a partitioned one would be checkpointed as empty shards)"
+            )
     state = LoopState()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:  # before deepspeed.initialize (see restore_adapter_and_state)
@@ -233,8 +250,7 @@ def train_worker(loop_config: dict) -> None:
             from t2ray.train.zero3 import register_svf_external_params
 
             register_svf_external_params(adapter.model)
-        engine, *_ = deepspeed.initialize(model=adapter.model, model_parameters=adapter.parameters(),
-                                          config=ds_config)
+        engine, *_ = deepspeed.initialize(model=adapter.model, model_parameters=adapter.parameters(), config=ds_config)
         stepper = DeepSpeedStepper(engine, adapter.parameters())
     else:
         stepper = Stepper(adapter.parameters(), cfg.rl.lr, cfg.rl.grad_clip)
@@ -267,16 +283,38 @@ def train_worker(loop_config: dict) -> None:
 
     from t2ray.train.engines import start_engine
 
-    state = train_loop(cfg, adapter.model, tokenizer, task, adapter, stepper, rank=rank, world_size=world,
-                       reduce=all_reduce_sum, state=state, on_iteration=on_iteration, engine=start_engine(cfg),
-                       all_done=every_rank_done if cfg.deepspeed.zero_stage == 3 and world > 1 else None)
+    state = train_loop(
+        cfg,
+        adapter.model,
+        tokenizer,
+        task,
+        adapter,
+        stepper,
+        rank=rank,
+        world_size=world,
+        reduce=all_reduce_sum,
+        state=state,
+        on_iteration=on_iteration,
+        engine=start_engine(cfg),
+        all_done=every_rank_done if cfg.deepspeed.zero_stage == 3 and world > 1 else None,
+    )
     spread = z_spread_across_ranks(adapter)
     if rank == 0:
         best = state.best_state or adapter.state()
-        metrics = {"best_valid_accuracy": state.best_valid, "best_iteration": state.best_iteration,
-                   "iterations": state.iteration, "z_rank_spread": spread}
-        adapter.save(run_dir / "expert", best, name=cfg.name, task=cfg.task,
-                     training=cfg.model_dump(mode="json"), metrics=metrics)
+        metrics = {
+            "best_valid_accuracy": state.best_valid,
+            "best_iteration": state.best_iteration,
+            "iterations": state.iteration,
+            "z_rank_spread": spread,
+        }
+        adapter.save(
+            run_dir / "expert",
+            best,
+            name=cfg.name,
+            task=cfg.task,
+            training=cfg.model_dump(mode="json"),
+            metrics=metrics,
+        )
         tracker.finish(state.history, f"{cfg.name}: {cfg.method} on {cfg.task}")
     del hf_ds
     if dist.is_initialized():

@@ -1,4 +1,5 @@
 """ZeRO-3 glue: SVF layers read their base weight directly, so ZeRO must gather it for their forward too."""
+
 from __future__ import annotations
 
 from torch import nn

@@ -1,6 +1,7 @@
 """The sweep YAML: which experiment it varies, the search space over dotted keys, search algorithm, scheduler,
 metric, budget. Validated here without Ray: a key that the experiment schema lacks, an empty space, an unknown
 algorithm or scheduler, a metric no trial reports, and values the experiment would refuse are all named."""
+
 from __future__ import annotations
 
 import difflib
@@ -9,7 +10,7 @@ import json
 import math
 import typing
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
@@ -20,8 +21,22 @@ DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint", "grid")
 
 # What trials report to Tune, per kind. RL: every key of t2ray.rl.loop.rl_step + the loop's own (iteration,
 # seconds) + valid_accuracy every eval_interval (tests/tune/test_config.py checks this list against the loop).
-RL_METRICS = ("loss", "reward", "accuracy", "kl", "grad_norm", "reward_errors", "completion_tokens", "sync_bytes",
-              "rollout_s", "update_s", "samples", "iteration", "seconds", "valid_accuracy")
+RL_METRICS = (
+    "loss",
+    "reward",
+    "accuracy",
+    "kl",
+    "grad_norm",
+    "reward_errors",
+    "completion_tokens",
+    "sync_bytes",
+    "rollout_s",
+    "update_s",
+    "samples",
+    "iteration",
+    "seconds",
+    "valid_accuracy",
+)
 # CEM: one report per generation (best candidate's accuracy / log-likelihood on the shots, population mean),
 # then valid_accuracy of the found α on the task's valid split.
 CEM_METRICS = ("generation", "shots_accuracy", "shots_loglik", "mean_shots_accuracy", "valid_accuracy")
@@ -77,9 +92,13 @@ class Dist(Strict):
         from ray import tune
 
         kind, args = self.kind, self.args
-        return {"choice": lambda: tune.choice(list(args)), "grid": lambda: tune.grid_search(list(args)),
-                "uniform": lambda: tune.uniform(*args), "loguniform": lambda: tune.loguniform(*args),
-                "randint": lambda: tune.randint(*args)}[kind]()
+        return {
+            "choice": lambda: tune.choice(list(args)),
+            "grid": lambda: tune.grid_search(list(args)),
+            "uniform": lambda: tune.uniform(*args),
+            "loguniform": lambda: tune.loguniform(*args),
+            "randint": lambda: tune.randint(*args),
+        }[kind]()
 
 
 class SearchConfig(Strict):
@@ -106,7 +125,7 @@ class PBTConfig(Strict):
     resample_probability: float = Field(0.25, ge=0, le=1)
 
 
-Scheduler = typing.Annotated[Union[FIFOConfig, ASHAConfig, PBTConfig], Field(discriminator="type")]
+Scheduler = typing.Annotated[FIFOConfig | ASHAConfig | PBTConfig, Field(discriminator="type")]
 
 
 class Resources(Strict):
@@ -129,7 +148,8 @@ class SweepConfig(Strict):
     metric: str = "valid_accuracy"
     mode: Literal["max", "min"] = "max"
     scope: Literal["all", "last", "avg", "last-5-avg", "last-10-avg"] = Field(
-        "all", description="which of a trial's reports ranks it: all = its best report")
+        "all", description="which of a trial's reports ranks it: all = its best report"
+    )
     num_samples: int = Field(1, ge=1, description="samples from the space (grid: repeats of the whole grid)")
     max_concurrent_trials: int | None = Field(None, ge=1, description="None = what the cluster fits at once")
     resources: Resources = Resources()
@@ -201,8 +221,9 @@ def check_key(schema: type[BaseModel], dotted: str, what: str) -> None:
             prefix = ".".join(parts[:i])
             options = [f"{prefix}.{f}" if prefix else f for f in fields]
             close = difflib.get_close_matches(here, options, n=1)
-            hint = f" (did you mean {close[0]}?)" if close else f"; {prefix or 'the top level'} has: " + \
-                ", ".join(fields)
+            hint = (
+                f" (did you mean {close[0]}?)" if close else f"; {prefix or 'the top level'} has: " + ", ".join(fields)
+            )
             raise SweepError(f"{what} key {dotted!r}: the {schema.__name__} schema has no {here!r}{hint}")
         sub = _submodel(fields[part].annotation)
         if i < len(parts) - 1:
@@ -210,8 +231,10 @@ def check_key(schema: type[BaseModel], dotted: str, what: str) -> None:
                 raise SweepError(f"{what} key {dotted!r}: {here!r} is a value, not a section")
             model = sub
         elif sub is not None:
-            raise SweepError(f"{what} key {dotted!r} is a whole section; sweep one of its keys, e.g. "
-                             f"{dotted}.{next(iter(sub.model_fields))}")
+            raise SweepError(
+                f"{what} key {dotted!r} is a whole section; sweep one of its keys, e.g. "
+                f"{dotted}.{next(iter(sub.model_fields))}"
+            )
 
 
 def _first_error(err: ValidationError) -> str:
@@ -241,15 +264,18 @@ class Sweep:
     def _check_coherent(self) -> None:
         c = self.config
         if not c.space:
-            raise SweepError("space is empty: give at least one key to sweep, e.g. space: {rl.lr: {loguniform: "
-                             "[1.0e-4, 1.0e-2]}}")
+            raise SweepError(
+                "space is empty: give at least one key to sweep, e.g. space: {rl.lr: {loguniform: [1.0e-4, 1.0e-2]}}"
+            )
         if c.metric not in REPORTED[c.kind]:
-            raise SweepError(f"metric {c.metric!r} is never reported by {c.kind} trials; they report: "
-                             f"{', '.join(REPORTED[c.kind])}")
+            raise SweepError(
+                f"metric {c.metric!r} is never reported by {c.kind} trials; they report: {', '.join(REPORTED[c.kind])}"
+            )
         grids = [k for k, d in c.space.items() if d.kind == "grid"]
         if grids and c.search.alg != "random":
-            raise SweepError(f"grid ({', '.join(grids)}) needs search.alg random: {c.search.alg} samples; "
-                             "use choice instead")
+            raise SweepError(
+                f"grid ({', '.join(grids)}) needs search.alg random: {c.search.alg} samples; use choice instead"
+            )
         if c.scheduler.type == "pbt":
             if c.kind != "rl":
                 raise SweepError("scheduler pbt needs kind rl: CEM trials keep no checkpoint to exploit")
@@ -257,8 +283,10 @@ class Sweep:
                 raise SweepError("scheduler pbt mutates configs itself: use search.alg random")
             frozen = [k for k in c.space if k.startswith(PBT_FROZEN_PREFIXES)]
             if frozen:
-                raise SweepError(f"scheduler pbt cannot mutate {', '.join(frozen)}: they change what the "
-                                 "checkpoint holds; sweep them with fifo or asha")
+                raise SweepError(
+                    f"scheduler pbt cannot mutate {', '.join(frozen)}: they change what the "
+                    "checkpoint holds; sweep them with fifo or asha"
+                )
 
     def _validate(self) -> None:
         c = self.config
@@ -270,20 +298,25 @@ class Sweep:
         try:
             fixed = self.schema.model_validate(self.fixed())
         except ValidationError as err:
-            raise SweepError(f"base {c.base} with the sweep's overrides is not a valid {self.schema.__name__}: "
-                             f"{_first_error(err)}") from None
+            raise SweepError(
+                f"base {c.base} with the sweep's overrides is not a valid {self.schema.__name__}: {_first_error(err)}"
+            ) from None
         for key, dist in c.space.items():
             for value in dist.probe_values():
                 try:
                     self.schema.model_validate(self.trial_data({key: value}))
                 except ValidationError as err:
-                    raise SweepError(f"space key {key!r}: value {value!r} ({dist.kind}) is refused by the "
-                                     f"experiment: {_first_error(err)}") from None
+                    raise SweepError(
+                        f"space key {key!r}: value {value!r} ({dist.kind}) is refused by the "
+                        f"experiment: {_first_error(err)}"
+                    ) from None
         if c.kind == "cem" and fixed.strategy != "fewshot":
             raise SweepError(f"kind cem needs a base with strategy: fewshot, not {fixed.strategy!r}")
         if c.kind == "rl" and c.scheduler.type == "pbt" and fixed.rl.iterations <= self.perturbation_interval:
-            raise SweepError(f"scheduler pbt: rl.iterations ({fixed.rl.iterations}) must exceed the perturbation "
-                             f"interval ({self.perturbation_interval}) or no trial is ever perturbed")
+            raise SweepError(
+                f"scheduler pbt: rl.iterations ({fixed.rl.iterations}) must exceed the perturbation "
+                f"interval ({self.perturbation_interval}) or no trial is ever perturbed"
+            )
 
     # ---- values derived from the base -------------------------------------------------------------------
     def base_model(self):
@@ -358,10 +391,12 @@ class Sweep:
 
     def fingerprint(self) -> str:
         """Hash of everything that decides which trials run: a resumed sweep must match it."""
-        c = self.config.model_dump(mode="json", exclude={"max_concurrent_trials", "time_budget_s", "wandb",
-                                                         "max_failures"})
-        return hashlib.sha256(json.dumps({"sweep": c, "base": self.base}, sort_keys=True,
-                                         default=str).encode()).hexdigest()[:16]
+        c = self.config.model_dump(
+            mode="json", exclude={"max_concurrent_trials", "time_budget_s", "wandb", "max_failures"}
+        )
+        return hashlib.sha256(
+            json.dumps({"sweep": c, "base": self.base}, sort_keys=True, default=str).encode()
+        ).hexdigest()[:16]
 
     def spec(self) -> dict:
         """A plain dict the trial functions rebuild the sweep from (no paths to re-resolve)."""

@@ -1,5 +1,6 @@
 """Driver side of `t2ray tune`: build the Tuner (search space, searcher, scheduler, wandb), run or resume the
 sweep, and write its results (CSV, markdown, plot, best config as a runnable YAML)."""
+
 from __future__ import annotations
 
 import json
@@ -35,11 +36,19 @@ class SweepOutcome:
 
     def summary(self) -> dict:
         stopped = [t for t in self.trials if t["stopped_early"]]
-        return {"sweep_dir": str(self.sweep_dir), "trials": len(self.trials), "stopped_early": len(stopped),
-                "errored": sum(t["status"] == "ERROR" for t in self.trials), "resumed": self.resumed,
-                "complete": self.complete, "finished": self.finished, "expected": self.expected,
-                "best": self.best, "best_config": str(self.best_config) if self.best_config else None,
-                **{k: str(v) for k, v in self.files.items()}}
+        return {
+            "sweep_dir": str(self.sweep_dir),
+            "trials": len(self.trials),
+            "stopped_early": len(stopped),
+            "errored": sum(t["status"] == "ERROR" for t in self.trials),
+            "resumed": self.resumed,
+            "complete": self.complete,
+            "finished": self.finished,
+            "expected": self.expected,
+            "best": self.best,
+            "best_config": str(self.best_config) if self.best_config else None,
+            **{k: str(v) for k, v in self.files.items()},
+        }
 
 
 def param_space(sweep: Sweep) -> dict:
@@ -71,13 +80,23 @@ def make_scheduler(sweep: Sweep):
     if s.type == "asha":
         from ray.tune.schedulers import ASHAScheduler
 
-        return ASHAScheduler(time_attr=sweep.config.time_attr, max_t=sweep.max_t, grace_period=sweep.grace_period,
-                             reduction_factor=s.reduction_factor, brackets=s.brackets)
+        return ASHAScheduler(
+            time_attr=sweep.config.time_attr,
+            max_t=sweep.max_t,
+            grace_period=sweep.grace_period,
+            reduction_factor=s.reduction_factor,
+            brackets=s.brackets,
+        )
     from ray.tune.schedulers import PopulationBasedTraining
 
-    return PopulationBasedTraining(time_attr=sweep.config.time_attr, perturbation_interval=sweep.perturbation_interval,
-                                   hyperparam_mutations=param_space(sweep), quantile_fraction=s.quantile_fraction,
-                                   resample_probability=s.resample_probability, require_attrs=False)
+    return PopulationBasedTraining(
+        time_attr=sweep.config.time_attr,
+        perturbation_interval=sweep.perturbation_interval,
+        hyperparam_mutations=param_space(sweep),
+        quantile_fraction=s.quantile_fraction,
+        resample_probability=s.resample_probability,
+        require_attrs=False,
+    )
 
 
 def concurrency(sweep: Sweep) -> int:
@@ -100,8 +119,10 @@ def check_cluster(sweep: Sweep) -> None:
     if short:
         needs = ", ".join(f"{v:g} {k}" for k, v in short.items())
         has = ", ".join(f"{have.get(k, 0):g} {k}" for k in short)
-        raise SweepError(f"one trial of {sweep.config.name} needs {needs} but the cluster has {has}; lower "
-                         "scaling.num_workers / scaling.cpus_per_worker (overrides) or resources")
+        raise SweepError(
+            f"one trial of {sweep.config.name} needs {needs} but the cluster has {has}; lower "
+            "scaling.num_workers / scaling.cpus_per_worker (overrides) or resources"
+        )
 
 
 def check_inputs(sweep: Sweep) -> None:
@@ -111,9 +132,11 @@ def check_inputs(sweep: Sweep) -> None:
     cfg = sweep.base_model()
     missing = [e for e in [*cfg.experts, cfg.classifier_expert] if e and not Path(e).exists()]
     if missing:
-        raise SweepError(f"expert {missing[0]} not found: train the experts first (e.g. `t2ray train "
-                         "experiments/smollm2-math.yaml`, or `t2ray quickstart`) or fix experts: in "
-                         f"{sweep.config.base}")
+        raise SweepError(
+            f"expert {missing[0]} not found: train the experts first (e.g. `t2ray train "
+            "experiments/smollm2-math.yaml`, or `t2ray quickstart`) or fix experts: in "
+            f"{sweep.config.base}"
+        )
 
 
 def prepare_models(sweep: Sweep) -> None:
@@ -158,8 +181,9 @@ def progress_callback(sweep: Sweep):
 
         def _draw(self, trials) -> None:
             if self.bar is None:
-                self.bar = tqdm(total=sweep.expected_trials, desc=f"tune {sweep.config.name}", unit="trial",
-                                dynamic_ncols=True)
+                self.bar = tqdm(
+                    total=sweep.expected_trials, desc=f"tune {sweep.config.name}", unit="trial", dynamic_ncols=True
+                )
             self.bar.n = sum(str(t.status) in ("TERMINATED", "ERROR") for t in trials)
             running = sum(str(t.status) == "RUNNING" for t in trials)
             best = "" if self.best is None else f", best {metric} {self.best:.3f}"
@@ -207,8 +231,9 @@ def callbacks(sweep: Sweep) -> list:
                 from ray.air.util.node import _force_on_current_node
 
                 key = {WANDB_ENV_VAR: os.environ[WANDB_ENV_VAR]} if WANDB_ENV_VAR in os.environ else {}
-                self._remote_logger_class = ray.remote(num_cpus=0, **_force_on_current_node(),
-                                                       runtime_env={"env_vars": key})(self._logger_actor_cls)
+                self._remote_logger_class = ray.remote(
+                    num_cpus=0, **_force_on_current_node(), runtime_env={"env_vars": key}
+                )(self._logger_actor_cls)
             super()._start_logging_actor(trial, exclude_results, **wandb_init_kwargs)
 
         def on_experiment_end(self, trials, **info):
@@ -221,9 +246,16 @@ def callbacks(sweep: Sweep) -> list:
 
     mode = os.environ.get("WANDB_MODE", "offline")
     (sweep.dir / "wandb").mkdir(parents=True, exist_ok=True)
-    return found + [WandbCallback(project=sweep.config.project, group=sweep.config.name, mode=mode,
-                                  dir=str(sweep.dir), excludes=["alpha", "t2ray_run"],
-                                  upload_timeout=60 if mode in ("offline", "disabled") else 600)]
+    return found + [
+        WandbCallback(
+            project=sweep.config.project,
+            group=sweep.config.name,
+            mode=mode,
+            dir=str(sweep.dir),
+            excludes=["alpha", "t2ray_run"],
+            upload_timeout=60 if mode in ("offline", "disabled") else 600,
+        )
+    ]
 
 
 def _state_file(sweep: Sweep) -> Path:
@@ -254,10 +286,13 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, fresh: bool = False) 
     if resumed:
         saved = json.loads(state.read_text()) if state.exists() else {}
         if saved.get("fingerprint") != sweep.fingerprint():
-            raise SweepError(f"{sweep.dir} holds a sweep with other settings; resume it with the same YAML, "
-                             "or pass --fresh (deletes it) or choose another name")
-        tuner = tune.Tuner.restore(str(tune_dir), trainable(sweep), resume_unfinished=True, resume_errored=True,
-                                   param_space=param_space(sweep))
+            raise SweepError(
+                f"{sweep.dir} holds a sweep with other settings; resume it with the same YAML, "
+                "or pass --fresh (deletes it) or choose another name"
+            )
+        tuner = tune.Tuner.restore(
+            str(tune_dir), trainable(sweep), resume_unfinished=True, resume_errored=True, param_space=param_space(sweep)
+        )
     else:
         sweep.dir.mkdir(parents=True, exist_ok=True)
         state.write_text(json.dumps({"fingerprint": sweep.fingerprint(), **sweep.spec()}, indent=2))
@@ -268,13 +303,23 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, fresh: bool = False) 
         tuner = tune.Tuner(
             trainable(sweep),
             param_space=param_space(sweep),
-            tune_config=tune.TuneConfig(metric=c.metric, mode=c.mode, search_alg=make_searcher(sweep),
-                                        scheduler=make_scheduler(sweep), num_samples=c.num_samples,
-                                        max_concurrent_trials=limit, time_budget_s=c.time_budget_s,
-                                        reuse_actors=True),
-            run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(sweep.dir), callbacks=callbacks(sweep),
-                                      failure_config=tune.FailureConfig(max_failures=c.max_failures),
-                                      verbose=1 if verbose() else 0),
+            tune_config=tune.TuneConfig(
+                metric=c.metric,
+                mode=c.mode,
+                search_alg=make_searcher(sweep),
+                scheduler=make_scheduler(sweep),
+                num_samples=c.num_samples,
+                max_concurrent_trials=limit,
+                time_budget_s=c.time_budget_s,
+                reuse_actors=True,
+            ),
+            run_config=tune.RunConfig(
+                name=TUNE_DIR,
+                storage_path=str(sweep.dir),
+                callbacks=callbacks(sweep),
+                failure_config=tune.FailureConfig(max_failures=c.max_failures),
+                verbose=1 if verbose() else 0,
+            ),
         )
     grid = tuner.fit()
     outcome = export_results(sweep, grid)
@@ -329,17 +374,25 @@ def trial_rows(sweep: Sweep, grid) -> list[dict]:
     for result, status in zip(grid, _statuses(grid)):
         frame = result.metrics_dataframe
         history = frame.to_dict("records") if frame is not None and len(frame) else []
-        trial_id = (result.metrics or {}).get("trial_id") or (history[-1].get("trial_id") if history else None) or \
-            Path(result.path).name
+        trial_id = (
+            (result.metrics or {}).get("trial_id")
+            or (history[-1].get("trial_id") if history else None)
+            or Path(result.path).name
+        )
         steps = [h[time_attr] for h in history if _finite(h.get(time_attr))]
         used = int(max(steps)) if steps else 0
         score = _score([h.get(c.metric) for h in history], c.scope, c.mode)
         last = next((h.get(c.metric) for h in reversed(history) if _finite(h.get(c.metric))), None)
         status = "ERROR" if result.error else status
-        row = {"trial_id": trial_id, "status": status, f"{time_attr}s": used,
-               "stopped_early": bool(status == "TERMINATED" and used < sweep.max_t),
-               c.metric: _clean(score), f"{c.metric}_last": _clean(last),
-               "seconds": round(float((result.metrics or {}).get("time_total_s") or 0.0), 2)}
+        row = {
+            "trial_id": trial_id,
+            "status": status,
+            f"{time_attr}s": used,
+            "stopped_early": bool(status == "TERMINATED" and used < sweep.max_t),
+            c.metric: _clean(score),
+            f"{c.metric}_last": _clean(last),
+            "seconds": round(float((result.metrics or {}).get("time_total_s") or 0.0), 2),
+        }
         row.update({f"config/{k}": result.config.get(k) for k in c.space})
         if c.kind == "rl":
             from t2ray.tune.trials import RUN_KEY, run_name
@@ -370,15 +423,25 @@ def write_table(sweep: Sweep, rows: list[dict]) -> tuple[Path, Path]:
     c = sweep.config
     shown = [k for k in columns if k not in ("run_dir", "expert", "alpha", "error")]
     fmt = lambda v: "–" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))  # noqa: E731
-    lines = [f"# Sweep {c.name}", "",
-             f"{c.kind} trials on `{c.base}`: {len(rows)} trials, search {c.search.alg}, scheduler "
-             f"{c.scheduler.type}, metric {c.metric} ({c.mode}, scope {c.scope}); "
-             f"{sum(r['stopped_early'] for r in rows)} stopped early.", "",
-             *([f"**Incomplete**: {finished} of {sweep.expected_trials} trials finished (interrupted, or the time "
-                "budget ran out): run the same command again to resume.", ""] if finished < sweep.expected_trials
-               else []),
-             "| " + " | ".join(k.removeprefix("config/") for k in shown) + " |",
-             "|" + "---|" * len(shown)]
+    lines = [
+        f"# Sweep {c.name}",
+        "",
+        f"{c.kind} trials on `{c.base}`: {len(rows)} trials, search {c.search.alg}, scheduler "
+        f"{c.scheduler.type}, metric {c.metric} ({c.mode}, scope {c.scope}); "
+        f"{sum(r['stopped_early'] for r in rows)} stopped early.",
+        "",
+        *(
+            [
+                f"**Incomplete**: {finished} of {sweep.expected_trials} trials finished (interrupted, or the time "
+                "budget ran out): run the same command again to resume.",
+                "",
+            ]
+            if finished < sweep.expected_trials
+            else []
+        ),
+        "| " + " | ".join(k.removeprefix("config/") for k in shown) + " |",
+        "|" + "---|" * len(shown),
+    ]
     lines += ["| " + " | ".join(fmt(r.get(k)) for k in shown) + " |" for r in rows]
     md_path = sweep.dir / "results.md"
     md_path.write_text("\n".join(lines) + "\n")
@@ -394,18 +457,24 @@ def plot(sweep: Sweep, rows: list[dict]) -> Path:
     c = sweep.config
     fig, ax = plt.subplots(figsize=(7.2, 4.0), dpi=110)
     for i, row in enumerate(rows):
-        points = [(h[c.time_attr], h[c.metric]) for h in row["_history"]
-                  if _finite(h.get(c.time_attr)) and _finite(h.get(c.metric))]
+        points = [
+            (h[c.time_attr], h[c.metric])
+            for h in row["_history"]
+            if _finite(h.get(c.time_attr)) and _finite(h.get(c.metric))
+        ]
         if not points:
             continue
         xs, ys = zip(*points)
         label = ", ".join(f"{k.split('.')[-1]}={_short(row.get(f'config/{k}'))}" for k in c.space)
         style = "--" if row["stopped_early"] else "-"
-        line, = ax.plot(xs, ys, style, marker="o", ms=3, label=("★ " if i == 0 else "") + label, alpha=0.85)
+        (line,) = ax.plot(xs, ys, style, marker="o", ms=3, label=("★ " if i == 0 else "") + label, alpha=0.85)
         if row["stopped_early"]:
             ax.plot(xs[-1], ys[-1], "x", color=line.get_color(), ms=8)
-    ax.set(xlabel=c.time_attr, ylabel=c.metric,
-           title=f"{c.name}: {c.scheduler.type} ({sum(r['stopped_early'] for r in rows)}/{len(rows)} stopped early, x)")
+    ax.set(
+        xlabel=c.time_attr,
+        ylabel=c.metric,
+        title=f"{c.name}: {c.scheduler.type} ({sum(r['stopped_early'] for r in rows)}/{len(rows)} stopped early, x)",
+    )
     ax.grid(alpha=0.3)
     if rows:
         ax.legend(fontsize=7, loc="best")
@@ -427,32 +496,49 @@ def write_best(sweep: Sweep, best: dict) -> Path:
     values = {k: best.get(f"config/{k}") for k in c.space}
     data = sweep.trial_data(values)
     full = sweep.schema.model_validate(data).model_dump(mode="json")
-    header = (f"Best trial {best['trial_id']} of sweep {c.name} ({c.metric} = {best[c.metric]}, {c.mode}).\n"
-              f"Swept values: {json.dumps(values)}\n")
+    header = (
+        f"Best trial {best['trial_id']} of sweep {c.name} ({c.metric} = {best[c.metric]}, {c.mode}).\n"
+        f"Swept values: {json.dumps(values)}\n"
+    )
     if c.kind == "rl":
         data["name"] = f"{sweep.base.get('name', 'experiment')}-best"
         header += "Run it: t2ray train best.yaml\n"
     else:
-        header += ("Run it: t2ray adapt --strategy fewshot " + _adapt_flags(full) + "\n"
-                   "(or run_adapt(AdaptConfig(**yaml.safe_load(open('best.yaml'))))); the α this trial found is in "
-                   "best-mixture.json: t2ray eval --task " + str(full["task"]) + " --mixture best-mixture.json\n")
+        header += (
+            "Run it: t2ray adapt --strategy fewshot " + _adapt_flags(full) + "\n"
+            "(or run_adapt(AdaptConfig(**yaml.safe_load(open('best.yaml'))))); the α this trial found is in "
+            "best-mixture.json: t2ray eval --task " + str(full["task"]) + " --mixture best-mixture.json\n"
+        )
     path = sweep.dir / "best.yaml"
     path.write_text(dump_yaml(data, header))
     if c.kind == "cem" and best.get("alpha"):
         from t2ray.experts import Mixture, save_mixture
 
-        save_mixture(Mixture(experts=list(full["experts"]), alpha=json.loads(best["alpha"]),
-                             name=f"{c.name}-best", task=full["task"],
-                             metadata={"sweep": c.name, "trial": best["trial_id"], "cem": full["cem"],
-                                       c.metric: best[c.metric]}), sweep.dir / "best-mixture.json")
+        save_mixture(
+            Mixture(
+                experts=list(full["experts"]),
+                alpha=json.loads(best["alpha"]),
+                name=f"{c.name}-best",
+                task=full["task"],
+                metadata={"sweep": c.name, "trial": best["trial_id"], "cem": full["cem"], c.metric: best[c.metric]},
+            ),
+            sweep.dir / "best-mixture.json",
+        )
     return path
 
 
 def _adapt_flags(data: dict) -> str:
     cem = data["cem"]
-    flags = [f"--task {data['task']}", *(f"--expert {e}" for e in data["experts"]), f"--model {data['model']['spec']}",
-             f"--shots {cem['shots']}", f"--population {cem['population']}", f"--generations {cem['generations']}",
-             f"--elite-ratio {cem['elite_ratio']}", f"--seed {cem['seed']}"]
+    flags = [
+        f"--task {data['task']}",
+        *(f"--expert {e}" for e in data["experts"]),
+        f"--model {data['model']['spec']}",
+        f"--shots {cem['shots']}",
+        f"--population {cem['population']}",
+        f"--generations {cem['generations']}",
+        f"--elite-ratio {cem['elite_ratio']}",
+        f"--seed {cem['seed']}",
+    ]
     if cem["per_module"]:
         flags.append("--per-module")
     return " ".join(flags)
@@ -469,8 +555,14 @@ def export_results(sweep: Sweep, grid) -> SweepOutcome:
     best_public = next((r for r in public if best and r["trial_id"] == best["trial_id"]), None)
     files = {"results_csv": csv_path, "results_md": md_path, "plot": png}
     (sweep.dir / "best.json").write_text(json.dumps({"best": best_public, "trials": public}, indent=2, default=str))
-    return SweepOutcome(sweep_dir=sweep.dir, trials=public, best=best_public, best_config=best_yaml, files=files,
-                        expected=sweep.expected_trials)
+    return SweepOutcome(
+        sweep_dir=sweep.dir,
+        trials=public,
+        best=best_public,
+        best_config=best_yaml,
+        files=files,
+        expected=sweep.expected_trials,
+    )
 
 
 def best_values(best: dict, sweep: Sweep) -> dict:

@@ -1,5 +1,6 @@
 """Searchers that take t2ray's trials as they report: the sweep's metric (valid_accuracy) comes only with
 evaluations, while trials report every iteration or CEM generation (ASHA and PBT decide on those)."""
+
 from __future__ import annotations
 
 from ray.tune.search.optuna import OptunaSearch

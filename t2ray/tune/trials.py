@@ -10,6 +10,7 @@ z checkpoint attached when the worker saved one (PBT exploits it; a restarted tr
 CEM trial: the trial function itself loads the model and experts and runs `cem_search`, reporting the best
 candidate of every generation, then the found α's accuracy on the task's valid split.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,8 +36,10 @@ def trial_experiment(sweep: Sweep, values: dict, name: str):
     under the sweep; per-run wandb is off (Tune's callback logs every trial once)."""
     from t2ray.config import ExperimentConfig, deep_merge
 
-    data = deep_merge(sweep.trial_data(values), {"name": name, "storage_path": str(sweep.dir / "trials"),
-                                                  "tracking": {"wandb": False}})
+    data = deep_merge(
+        sweep.trial_data(values),
+        {"name": name, "storage_path": str(sweep.dir / "trials"), "tracking": {"wandb": False}},
+    )
     return ExperimentConfig.model_validate(data)
 
 
@@ -163,8 +166,12 @@ def rl_trial(config: dict, spec: dict) -> None:
     name, init = _starting_point(sweep, trial_id)
     cfg = trial_experiment(sweep, config, name)
     queue = Queue(actor_options={"num_cpus": 0})
-    trainer = make_trainer(cfg, tune_worker, {"experiment": cfg.model_dump(mode="json"), "init_checkpoint": init},
-                           callbacks=[ForwardToTune(queue)])
+    trainer = make_trainer(
+        cfg,
+        tune_worker,
+        {"experiment": cfg.model_dump(mode="json"), "init_checkpoint": init},
+        callbacks=[ForwardToTune(queue)],
+    )
     outcome: dict = {}
 
     def fit() -> None:
@@ -236,15 +243,29 @@ def cem_trial(config: dict, spec: dict) -> None:
         nonlocal generation
         generation += 1
         best = max(scores)
-        ray.tune.report({"generation": generation, "shots_accuracy": best[0], "shots_loglik": best[1],
-                         "mean_shots_accuracy": float(np.mean([s[0] for s in scores]))})
+        ray.tune.report(
+            {
+                "generation": generation,
+                "shots_accuracy": best[0],
+                "shots_loglik": best[1],
+                "mean_shots_accuracy": float(np.mean([s[0] for s in scores])),
+            }
+        )
 
     found = search_alpha(cfg, model, tokenizer, experts, task, progress=False, observe=report)
     alpha = found.alpha.tolist()
     set_mode(model, "materialized")
     set_z(model, mix_z(experts, alpha))
-    result = evaluate(model, tokenizer, task, split="valid", limit=cfg.limit, batch_size=cfg.batch_size,
-                      adapter="cem", progress=False)
-    ray.tune.report({"generation": generation, "valid_accuracy": result.accuracy, "valid_n": result.n,
-                     "shots_accuracy": found.fitness[0], "shots_loglik": found.fitness[1],
-                     "alpha": json.dumps(alpha)})
+    result = evaluate(
+        model, tokenizer, task, split="valid", limit=cfg.limit, batch_size=cfg.batch_size, adapter="cem", progress=False
+    )
+    ray.tune.report(
+        {
+            "generation": generation,
+            "valid_accuracy": result.accuracy,
+            "valid_n": result.n,
+            "shots_accuracy": found.fitness[0],
+            "shots_loglik": found.fitness[1],
+            "alpha": json.dumps(alpha),
+        }
+    )

@@ -1,4 +1,5 @@
 """CEM search, shots, and the batched few-shot fitness (no Ray here; the actor pool is in test_two_pass)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -44,14 +45,21 @@ def test_cem_per_module_shape_and_bounds():
     assert result.alpha.shape == (2, 5)
     assert all(((a >= 0) & (a <= 1)).all() for a in seen)
     # the previous best is re-evaluated with every generation
-    assert all(any(np.array_equal(best, c) for c in batch) for best, batch in zip(
-        [np.asarray(h["alpha"]) for h in result.history[:-1]], seen[1:]))
+    assert all(
+        any(np.array_equal(best, c) for c in batch)
+        for best, batch in zip([np.asarray(h["alpha"]) for h in result.history[:-1]], seen[1:])
+    )
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"population": 1}, "population"), ({"elite_ratio": 0.0}, "elite ratio"), ({"elite_ratio": 1.5}, "elite ratio"),
-    ({"generations": 0}, "generation"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"population": 1}, "population"),
+        ({"elite_ratio": 0.0}, "elite ratio"),
+        ({"elite_ratio": 1.5}, "elite ratio"),
+        ({"generations": 0}, "generation"),
+    ],
+)
 def test_cem_settings_out_of_range(kwargs, message):
     with pytest.raises(ValueError, match=message):
         cem_search(lambda a: [(0.0, 0.0)] * len(a), (2,), **kwargs)
@@ -71,10 +79,16 @@ def random_experts(model, n: int, seed: int = 0) -> list[Expert]:
     patch_model(model, progress=False)
     info = base_model_info(model)
     g = torch.Generator().manual_seed(seed)
-    return [Expert(name=f"e{i}", params={k: v + torch.randn(v.shape, generator=g)
-                                         for k, v in trainable_params(model).items()},
-                   base_model=info.model_id, fingerprint=info.fingerprint, task=task)
-            for i, task in zip(range(n), ["math", "code", "reasoning"])]
+    return [
+        Expert(
+            name=f"e{i}",
+            params={k: v + torch.randn(v.shape, generator=g) for k, v in trainable_params(model).items()},
+            base_model=info.model_id,
+            fingerprint=info.fingerprint,
+            task=task,
+        )
+        for i, task in zip(range(n), ["math", "code", "reasoning"])
+    ]
 
 
 def test_batched_fitness_equals_one_candidate_at_a_time(tiny, tokenizer):

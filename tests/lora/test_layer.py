@@ -1,5 +1,6 @@
 """The LoRA-mixture linear: reading PEFT adapter folders (safetensors + json), exact per-row / per-token mixtures,
 patch / unpatch, and clear errors for folders that cannot be mixed. Real PEFT adapters saved from tiny-llama."""
+
 from __future__ import annotations
 
 import copy
@@ -12,8 +13,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from t2ray.lora.layer import (
-    LoRAFactors, LoRAMixtureError, LoRAMixtureLinear, lora_mixture_layers, patch_lora_mixture, read_lora_expert,
-    set_lora_weights, unpatch_lora_mixture,
+    LoRAFactors,
+    LoRAMixtureError,
+    LoRAMixtureLinear,
+    lora_mixture_layers,
+    patch_lora_mixture,
+    read_lora_expert,
+    set_lora_weights,
+    unpatch_lora_mixture,
 )
 from t2ray.svf import SVFConfig, base_model_info, patch_model
 
@@ -26,8 +33,10 @@ def save_adapter(model, folder, *, seed=0, r=4, alpha=8, targets=TARGETS, **extr
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=r, lora_alpha=alpha, target_modules=targets,
-                                                                  init_lora_weights=False, **extra))
+    peft_model = get_peft_model(
+        copy.deepcopy(model),
+        LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, init_lora_weights=False, **extra),
+    )
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
@@ -48,14 +57,16 @@ def logits(model, input_ids):
 def test_read_adapter_folder(tiny, tmp_path):
     folder = save_adapter(tiny, tmp_path / "a", r=4, alpha=12)
     expert = read_lora_expert(folder)
-    assert sorted(expert.modules) == sorted(f"model.layers.{i}.{m}" for i in range(2)
-                                            for m in ("self_attn.q_proj", "mlp.down_proj"))
+    assert sorted(expert.modules) == sorted(
+        f"model.layers.{i}.{m}" for i in range(2) for m in ("self_attn.q_proj", "mlp.down_proj")
+    )
     factors = expert.modules["model.layers.0.mlp.down_proj"]
     assert factors.a.shape == (4, 160) and factors.b.shape == (64, 4) and factors.scale == 3.0
     rs = read_lora_expert(save_adapter(tiny, tmp_path / "rs", r=4, alpha=12, use_rslora=True))
     assert rs.modules["model.layers.0.mlp.down_proj"].scale == pytest.approx(12 / math.sqrt(4))
-    pattern = read_lora_expert(save_adapter(tiny, tmp_path / "p", r=4, alpha=8, rank_pattern={"down_proj": 2},
-                                            alpha_pattern={"down_proj": 6}))
+    pattern = read_lora_expert(
+        save_adapter(tiny, tmp_path / "p", r=4, alpha=8, rank_pattern={"down_proj": 2}, alpha_pattern={"down_proj": 6})
+    )
     assert pattern.modules["model.layers.1.mlp.down_proj"].a.shape[0] == 2
     assert pattern.modules["model.layers.1.mlp.down_proj"].scale == 3.0
     assert pattern.modules["model.layers.1.self_attn.q_proj"].scale == 2.0
@@ -64,7 +75,10 @@ def test_read_adapter_folder(tiny, tmp_path):
 def test_layer_math_per_row_and_per_token():
     torch.manual_seed(0)
     base = nn.Linear(6, 5)
-    experts = [LoRAFactors(torch.randn(2, 6), torch.randn(5, 2), 0.5), LoRAFactors(torch.randn(3, 6), torch.randn(5, 3), 2.0)]
+    experts = [
+        LoRAFactors(torch.randn(2, 6), torch.randn(5, 2), 0.5),
+        LoRAFactors(torch.randn(3, 6), torch.randn(5, 3), 2.0),
+    ]
     layer = LoRAMixtureLinear(base, experts)
     x = torch.randn(2, 4, 6)
     delta = [e.scale * e.b @ e.a for e in experts]
@@ -77,8 +91,14 @@ def test_layer_math_per_row_and_per_token():
     assert torch.allclose(layer(x), expected, atol=1e-5)
     wt = torch.rand(2, 4, 2)
     layer.set_weights(wt)
-    expected = torch.stack([torch.stack([base(x[b, t]) + x[b, t] @ (wt[b, t, 0] * delta[0] + wt[b, t, 1] * delta[1]).T
-                                         for t in range(4)]) for b in range(2)])
+    expected = torch.stack(
+        [
+            torch.stack(
+                [base(x[b, t]) + x[b, t] @ (wt[b, t, 0] * delta[0] + wt[b, t, 1] * delta[1]).T for t in range(4)]
+            )
+            for b in range(2)
+        ]
+    )
     assert torch.allclose(layer(x), expected, atol=1e-5)
     with pytest.raises(LoRAMixtureError, match="per-token weights cover 3 tokens"):
         layer.set_weights(torch.rand(2, 3, 2))

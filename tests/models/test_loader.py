@@ -1,4 +1,5 @@
 """t2ray.models.load_model: every spec kind, dtypes, the tokenizer's padding, user-facing errors."""
+
 from __future__ import annotations
 
 import pytest

@@ -3,13 +3,13 @@ own processes, object store and resources): a head with 1 CPU and two worker nod
 custom resources `trainer: 2` and `replica: 1` each, so that placement is controllable (the head has Ray's own
 `node:__internal_head__`). A node is killed as clusters lose them: its
 raylet and every process on it at once (`Cluster.remove_node`), never one worker process."""
+
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
 
 import pytest
-
 from ray_env import cluster_env  # tests/ray_env.py (tests/ is on the path: tests/conftest.py)
 
 WORKER_NODE = {"num_cpus": 2, "resources": {"trainer": 2, "replica": 1}}  # Train workers; one Serve replica
@@ -18,6 +18,7 @@ WORKER_NODE = {"num_cpus": 2, "resources": {"trainer": 2, "replica": 1}}  # Trai
 @dataclass
 class Nodes:
     """The running cluster and its worker nodes (ray._private.node.Node), in the order they were added."""
+
     cluster: object
     workers: list = field(default_factory=list)
 
@@ -44,8 +45,9 @@ def three_nodes(t2ray_cache):
     from ray.cluster_utils import Cluster
 
     with cluster_env():
-        cluster = Cluster(initialize_head=True, shutdown_at_exit=True,
-                          head_node_args={"num_cpus": 1, "include_dashboard": False})
+        cluster = Cluster(
+            initialize_head=True, shutdown_at_exit=True, head_node_args={"num_cpus": 1, "include_dashboard": False}
+        )
         nodes = Nodes(cluster)
         try:
             for _ in range(2):

@@ -2,13 +2,13 @@
 replicas on the two worker nodes (each replica needs the `replica` resource, one per worker node). The node of one
 replica is killed under load (200 requests at concurrency 16, each with its own mixture) and a node added back:
 at most 1 % of the requests fail, each failure an OpenAI-shaped error, and the app returns to two replicas."""
+
 from __future__ import annotations
 
 import asyncio
 import time
 
 import pytest
-
 from serve.conftest import make_experts, run_load, tiny_args  # tests/serve/conftest.py
 
 ray = pytest.importorskip("ray")
@@ -25,12 +25,21 @@ def endpoint(three_nodes, tmp_path_factory, free_port):
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")  # one port, one host
-    args = tiny_args(make_experts(tmp_path_factory.mktemp("experts")),
-                     expert_model={"num_replicas": 2, "max_ongoing_requests": 64, "health_check_period_s": 1,
-                                   "health_check_timeout_s": 10,
-                                   "ray_actor_options": {"num_cpus": 0.5, "resources": {"replica": 1}}},
-                     dispatcher={"num_replicas": 1, "max_ongoing_requests": 256,
-                                 "ray_actor_options": {"num_cpus": 0, "resources": HEAD}})
+    args = tiny_args(
+        make_experts(tmp_path_factory.mktemp("experts")),
+        expert_model={
+            "num_replicas": 2,
+            "max_ongoing_requests": 64,
+            "health_check_period_s": 1,
+            "health_check_timeout_s": 10,
+            "ray_actor_options": {"num_cpus": 0.5, "resources": {"replica": 1}},
+        },
+        dispatcher={
+            "num_replicas": 1,
+            "max_ongoing_requests": 256,
+            "ray_actor_options": {"num_cpus": 0, "resources": HEAD},
+        },
+    )
     try:
         serve.run(build_app(args), name=APP, route_prefix="/")
         yield f"http://127.0.0.1:{port}"
@@ -81,5 +90,7 @@ def test_a_replica_node_killed_under_load(endpoint, three_nodes):
     assert running_replicas() == 2, serve.status()
     nodes = replica_nodes()
     assert victim not in nodes.values() and len(set(nodes.values())) == 2, nodes
-    print(f"\nnode of a replica killed after 30 of 200 requests: {len(failed)} failed; two replicas again "
-          f"{back:.1f} s after the kill")
+    print(
+        f"\nnode of a replica killed after 30 of 200 requests: {len(failed)} failed; two replicas again "
+        f"{back:.1f} s after the kill"
+    )

@@ -3,6 +3,7 @@ custom resource `trainer`), checkpoints on storage every node sees; one worker n
 every process on it): the run restarts on the remaining capacity from the last checkpoint, redoes at most one
 checkpoint interval, and ends with the same z as a run that was never interrupted. And the driver killed: the same
 command resumes."""
+
 from __future__ import annotations
 
 import json
@@ -14,13 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from ray_env import checkpoint_registered, logged, placements, while_watching  # tests/ray_env.py
+from rl.learnable import LEARNABLE_RL, write_learnable_task
 from safetensors.torch import load_file
 
 from t2ray.config import ExperimentConfig
 from t2ray.train import TrainError, train
-
-from ray_env import checkpoint_registered, logged, placements, while_watching  # tests/ray_env.py
-from rl.learnable import LEARNABLE_RL, write_learnable_task
 
 pytestmark = pytest.mark.slow
 INTERVAL = 5  # iterations between checkpoints (each validation writes one)
@@ -32,14 +32,34 @@ def learn_task(tmp_path_factory) -> Path:
 
 
 def spread_config(storage: Path, task: Path, name: str, batch_size: int = 8, **scaling) -> ExperimentConfig:
-    return ExperimentConfig.model_validate({
-        "name": name, "task": str(task), "seed": 0, "model": {"spec": "tiny-llama"},
-        "rl": {**LEARNABLE_RL, "iterations": 15, "batch_size": batch_size, "eval_interval": INTERVAL, "eval_limit": 4,
-               "eval_batch_size": 4},
-        "deepspeed": {"zero_stage": 2},
-        "scaling": {"num_workers": 2, "cpus_per_worker": 1, "placement_strategy": "STRICT_SPREAD",
-                    "resources": {"trainer": 1}, **scaling},
-        "tracking": {"wandb": False}, "storage_path": str(storage), "max_failures": 2, "checkpoint_keep": 3})
+    return ExperimentConfig.model_validate(
+        {
+            "name": name,
+            "task": str(task),
+            "seed": 0,
+            "model": {"spec": "tiny-llama"},
+            "rl": {
+                **LEARNABLE_RL,
+                "iterations": 15,
+                "batch_size": batch_size,
+                "eval_interval": INTERVAL,
+                "eval_limit": 4,
+                "eval_batch_size": 4,
+            },
+            "deepspeed": {"zero_stage": 2},
+            "scaling": {
+                "num_workers": 2,
+                "cpus_per_worker": 1,
+                "placement_strategy": "STRICT_SPREAD",
+                "resources": {"trainer": 1},
+                **scaling,
+            },
+            "tracking": {"wandb": False},
+            "storage_path": str(storage),
+            "max_failures": 2,
+            "checkpoint_keep": 3,
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +83,9 @@ def test_more_workers_than_nodes_under_strict_spread_is_refused(three_nodes, lea
         train(cfg, progress=False)
 
 
-def test_a_worker_node_killed_mid_run_resumes_from_the_checkpoint_with_the_same_z(three_nodes, uninterrupted,
-                                                                                   learn_task, tmp_path):
+def test_a_worker_node_killed_mid_run_resumes_from_the_checkpoint_with_the_same_z(
+    three_nodes, uninterrupted, learn_task, tmp_path
+):
     reference, ref_outcome = uninterrupted
     # SPREAD: one worker per node while there are two; after the loss both fit on the surviving node (trainer: 2)
     cfg = spread_config(tmp_path / "shared", learn_task, "node-loss", placement_strategy="SPREAD")
@@ -97,8 +118,11 @@ def test_a_worker_node_killed_mid_run_resumes_from_the_checkpoint_with_the_same_
     for name in ours:
         assert torch.equal(ours[name], theirs[name]), name
 
-    recovery = {"node_killed_to_workers_restarted_s": round(min(p["time"] for p in restarted) - events["killed"], 1),
-                "resumed_from_iteration": resumed_at, "iterations_redone": redone}
+    recovery = {
+        "node_killed_to_workers_restarted_s": round(min(p["time"] for p in restarted) - events["killed"], 1),
+        "resumed_from_iteration": resumed_at,
+        "iterations_redone": redone,
+    }
     print(f"\nnode loss during training: {recovery}")
     (tmp_path / "recovery.json").write_text(json.dumps(recovery))
 
@@ -109,8 +133,13 @@ def test_the_driver_killed_then_the_same_command_resumes(three_nodes, learn_task
     cfg = spread_config(tmp_path / "shared", learn_task, "driver-killed", placement_strategy="SPREAD")
     experiment = tmp_path / "experiment.yaml"
     experiment.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    command = [str(Path(sys.executable).with_name("t2ray")), "train", str(experiment),
-               "--address", three_nodes.cluster.address]
+    command = [
+        str(Path(sys.executable).with_name("t2ray")),
+        "train",
+        str(experiment),
+        "--address",
+        three_nodes.cluster.address,
+    ]
     driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and driver.poll() is None:

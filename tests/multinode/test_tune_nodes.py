@@ -1,13 +1,13 @@
 """Ray Tune across nodes: a 2-trial RL sweep whose Train workers need the `trainer` resource (the two worker nodes
 only); a worker node running trials is killed mid-sweep: Tune restarts the failed trials (FailureConfig) on the
 remaining capacity, each resuming its own Train run from its checkpoint, and the sweep completes with best.yaml."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 import yaml
-
 from ray_env import checkpoint_registered, placements, while_watching  # tests/ray_env.py
 from tune.helpers import write_experiment, write_sweep, write_task  # tests/tune/helpers.py
 
@@ -22,16 +22,26 @@ def test_a_node_killed_mid_sweep(three_nodes, tmp_path):
     data = yaml.safe_load(base.read_text())
     data["scaling"]["resources"] = {"trainer": 1}
     base.write_text(yaml.safe_dump(data, sort_keys=False))
-    path = write_sweep(tmp_path, base.name, name="nodes", num_samples=2, max_failures=2,
-                       space={"rl.lr": {"choice": [0.1, 0.3]}}, search={"alg": "random", "seed": 0},
-                       scheduler={"type": "fifo"}, metric="valid_accuracy", mode="max")
+    path = write_sweep(
+        tmp_path,
+        base.name,
+        name="nodes",
+        num_samples=2,
+        max_failures=2,
+        space={"rl.lr": {"choice": [0.1, 0.3]}},
+        search={"alg": "random", "seed": 0},
+        scheduler={"type": "fifo"},
+        metric="valid_accuracy",
+        mode="max",
+    )
     sweep = load_sweep(path)
     trials = sweep.dir / "trials"
     events: dict[str, object] = {}
 
     def kill_a_node_running_a_trial() -> bool:
-        running = [run for run in trials.glob("*")
-                   if checkpoint_registered(run) and not (run / "expert.safetensors").exists()]
+        running = [
+            run for run in trials.glob("*") if checkpoint_registered(run) and not (run / "expert.safetensors").exists()
+        ]
         placed = [p for run in running for p in placements(run)]
         if placed:
             node_id = placed[-1]["node_id"]

@@ -9,13 +9,30 @@ magnify one singular direction up to Σs/s₁ times) concentrates the policy on 
 Measured single-process (batch 8, lr 0.3): mean reward of the first 5 iterations −0.55…−0.8, of
 iterations 16–20 +0.05…+1.0 over 5 seeds.
 """
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-WORDS = ["cat", "dog", "sun", "tree", "rock", "fish", "bird", "rain",
-         "star", "moon", "leaf", "wind", "fire", "snow", "sand", "wave"]
+WORDS = [
+    "cat",
+    "dog",
+    "sun",
+    "tree",
+    "rock",
+    "fish",
+    "bird",
+    "rain",
+    "star",
+    "moon",
+    "leaf",
+    "wind",
+    "fire",
+    "snow",
+    "sand",
+    "wave",
+]
 
 # RL settings under which the task is learnable (see the module docstring).
 LEARNABLE_RL = {"temperature": 0.05, "lr": 0.3, "baseline": "none", "grad_clip": 1.0, "max_new_tokens": 3}
@@ -34,12 +51,7 @@ def write_learnable_task(folder: Path, *, name: str = "has-e", train_split: bool
     splits = "{train: 0.75, valid: 0.125, test: 0.125}" if train_split else "{train: 0, valid: 0.5, test: 0.5}"
     path = folder / f"{name}.yaml"
     path.write_text(
-        f"name: {name}\n"
-        f"data: {name}.jsonl\n"
-        "grader: regex\n"
-        "pattern: '(e)'\n"
-        "max_new_tokens: 3\n"
-        f"splits: {splits}\n"
+        f"name: {name}\ndata: {name}.jsonl\ngrader: regex\npattern: '(e)'\nmax_new_tokens: 3\nsplits: {splits}\n"
     )
     return path
 

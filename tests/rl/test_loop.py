@@ -1,4 +1,5 @@
 """The plain-PyTorch RL loop (t2ray.rl.loop): rewards, batches, the optimizer state, and learning on tiny-llama."""
+
 from __future__ import annotations
 
 import os
@@ -21,6 +22,7 @@ def examples(n: int) -> list[Example]:
 
 
 # ---------------------------------------------------------------- safe_rewards
+
 
 class FlakyTask(Task):
     """Grades "yes" as right; its grader raises on some completions (a buggy user grader)."""
@@ -61,6 +63,7 @@ def test_safe_rewards_keeps_task_defined_rewards():
 
 # ---------------------------------------------------------------- iteration_batch
 
+
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_iteration_batch_shards_one_global_sample(world):
     train = examples(50)
@@ -92,6 +95,7 @@ def test_iteration_batch_varies_with_iteration_and_seed_and_caps_at_split_size()
 
 
 # ---------------------------------------------------------------- Stepper
+
 
 def _quadratic_loss(params):
     return sum(((p - torch.arange(p.numel(), dtype=p.dtype)) ** 2).sum() for p in params)
@@ -150,7 +154,7 @@ def test_deepspeed_adam_takes_the_steppers_steps(tmp_path):
     """DeepSpeed built from DeepSpeedConfig.to_dict runs the same Adam (no AdamW weight decay) as the one-process
     Stepper: identical parameters after three steps. A subprocess: DeepSpeed initialises torch.distributed."""
     script = tmp_path / "ds_vs_stepper.py"
-    script.write_text('''
+    script.write_text("""
 import os, torch, deepspeed
 from t2ray.config import DeepSpeedConfig
 from t2ray.rl.loop import Stepper
@@ -170,9 +174,16 @@ for _ in range(3):
     engine.backward(((b - 1.0) ** 2).sum()); engine.step()
 print("max diff", float((a - b).abs().max()))
 assert torch.allclose(a, b, atol=1e-6)
-''')
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29500 + os.getpid() % 1000)}
+""")
+    env = {
+        **os.environ,
+        "DS_ACCELERATOR": "cpu",
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(29500 + os.getpid() % 1000),
+    }
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "max diff" in done.stdout, done.stdout[-2000:] + done.stderr[-3000:]
 
@@ -187,13 +198,28 @@ def test_stepper_clips_the_gradient_norm():
 
 # ---------------------------------------------------------------- train_loop on tiny-llama
 
+
 def learnable_config(task_path, **rl) -> ExperimentConfig:
-    return ExperimentConfig.model_validate({
-        "name": "rl-loop", "task": str(task_path), "seed": 0, "model": {"spec": "tiny-llama"},
-        "svf": {"target_modules": "mlp"}, "scaling": {"num_workers": 1}, "tracking": {"wandb": False},
-        "rl": {**LEARNABLE_RL, "iterations": 20, "batch_size": 8, "eval_interval": 10, "eval_limit": 4,
-               "eval_batch_size": 4, **rl},
-    })
+    return ExperimentConfig.model_validate(
+        {
+            "name": "rl-loop",
+            "task": str(task_path),
+            "seed": 0,
+            "model": {"spec": "tiny-llama"},
+            "svf": {"target_modules": "mlp"},
+            "scaling": {"num_workers": 1},
+            "tracking": {"wandb": False},
+            "rl": {
+                **LEARNABLE_RL,
+                "iterations": 20,
+                "batch_size": 8,
+                "eval_interval": 10,
+                "eval_limit": 4,
+                "eval_batch_size": 4,
+                **rl,
+            },
+        }
+    )
 
 
 def test_train_loop_reward_goes_up_on_a_learnable_task(tmp_path, tokenizer):
@@ -209,8 +235,9 @@ def test_train_loop_reward_goes_up_on_a_learnable_task(tmp_path, tokenizer):
     start_state = adapter.state()
     seen = []
     start = time.perf_counter()
-    state = train_loop(cfg, adapter.model, tokenizer, task, adapter, stepper,
-                       on_iteration=lambda st, m: seen.append(m["iteration"]))
+    state = train_loop(
+        cfg, adapter.model, tokenizer, task, adapter, stepper, on_iteration=lambda st, m: seen.append(m["iteration"])
+    )
     elapsed = time.perf_counter() - start
 
     assert state.iteration == 20 and seen == list(range(1, 21))
@@ -251,6 +278,7 @@ def test_train_loop_resumes_from_a_state_and_reports_kl(tmp_path, tokenizer):
 
 # ---------------------------------------------------------------- rl_step: samples per prompt, micro-batches
 
+
 def one_rl_step(task_path, tokenizer, on_model=None, lora_dropout=None, **rl):
     """One rl_step on a fresh fp32 tiny-llama (SVF, or LoRA with `lora_dropout`); returns (metrics, the adapter's
     gradient per parameter, rollout texts). `on_model(model)` runs before the step (to attach hooks)."""
@@ -265,11 +293,15 @@ def one_rl_step(task_path, tokenizer, on_model=None, lora_dropout=None, **rl):
     cfg = learnable_config(task_path, **rl)
     task = get_task(cfg.task, seed=cfg.seed)
     model, _ = load_model("tiny-llama", seed=cfg.seed, dtype="float32")
-    adapter = SVFAdapter(model, cfg.svf, seed=cfg.seed, progress=False) if lora_dropout is None else \
-        LoRAAdapter(model, LoRAConfig(dropout=lora_dropout), cfg.svf, seed=cfg.seed)
+    adapter = (
+        SVFAdapter(model, cfg.svf, seed=cfg.seed, progress=False)
+        if lora_dropout is None
+        else LoRAAdapter(model, LoRAConfig(dropout=lora_dropout), cfg.svf, seed=cfg.seed)
+    )
     if on_model is not None:
         on_model(adapter.model)
     stepper = Stepper(adapter.parameters(), lr=1e-12, grad_clip=1e9)  # keep the gradients, barely move z
+
     class Recording(InProcessEngine):  # the real engine, keeping what it generated
         def generate(self, *args, **kwargs):
             self.last = super().generate(*args, **kwargs)
@@ -297,10 +329,11 @@ def test_micro_batches_accumulate_the_whole_batch_gradient(tmp_path, tokenizer):
 
 
 def test_samples_per_prompt_widen_the_rollout_with_different_samples(tmp_path, tokenizer):
-    metrics, _, texts = one_rl_step(write_learnable_task(tmp_path), tokenizer, batch_size=3, samples_per_prompt=4,
-                                    temperature=1.0, baseline="group")
+    metrics, _, texts = one_rl_step(
+        write_learnable_task(tmp_path), tokenizer, batch_size=3, samples_per_prompt=4, temperature=1.0, baseline="group"
+    )
     assert metrics["samples"] == 12 and len(texts) == 12
-    copies = [texts[i:i + 4] for i in range(0, 12, 4)]  # a prompt's samples are adjacent
+    copies = [texts[i : i + 4] for i in range(0, 12, 4)]  # a prompt's samples are adjacent
     assert all(len(set(group)) > 1 for group in copies), copies  # sampled copies of one prompt differ
 
 
@@ -314,11 +347,12 @@ def test_lora_dropout_applies_to_the_update_only(tmp_path, tokenizer):
                 module.register_forward_pre_hook(lambda mod, args: modes.append(mod.training))
         record.model = model
 
-    one_rl_step(write_learnable_task(tmp_path), tokenizer, on_model=record, lora_dropout=0.5, batch_size=2,
-                temperature=1.0)
-    assert False in modes and True in modes        # rollouts in eval mode, the loss's forward in train mode
+    one_rl_step(
+        write_learnable_task(tmp_path), tokenizer, on_model=record, lora_dropout=0.5, batch_size=2, temperature=1.0
+    )
+    assert False in modes and True in modes  # rollouts in eval mode, the loss's forward in train mode
     assert modes.index(True) > modes.index(False)  # in that order
-    assert not record.model.training               # and back to eval for whatever comes next
+    assert not record.model.training  # and back to eval for whatever comes next
 
 
 def test_logprobs_at_the_sampling_temperature_are_a_choice(tmp_path, tokenizer):
@@ -326,13 +360,14 @@ def test_logprobs_at_the_sampling_temperature_are_a_choice(tmp_path, tokenizer):
     common = dict(batch_size=4, temperature=2.0, baseline="none")  # raw ±1: a loss even when all fail
     plain, plain_grads, plain_texts = one_rl_step(task, tokenizer, **common)
     scaled, scaled_grads, scaled_texts = one_rl_step(task, tokenizer, logprobs_at_temperature=True, **common)
-    assert plain_texts == scaled_texts                              # the same rollouts…
+    assert plain_texts == scaled_texts  # the same rollouts…
     # …scored under π_T instead of π (close on the near-uniform tiny model, but not equal)
     assert abs(plain["loss"] - scaled["loss"]) > 1e-3
     assert any(not torch.allclose(plain_grads[i], scaled_grads[i]) for i in plain_grads)
     at_one = dict(common, temperature=1.0)
     assert one_rl_step(task, tokenizer, **at_one)[0]["loss"] == pytest.approx(
-        one_rl_step(task, tokenizer, logprobs_at_temperature=True, **at_one)[0]["loss"], rel=1e-6)
+        one_rl_step(task, tokenizer, logprobs_at_temperature=True, **at_one)[0]["loss"], rel=1e-6
+    )
 
 
 def test_named_option_reward_credits_the_right_text_under_a_wrong_letter():
@@ -343,10 +378,12 @@ def test_named_option_reward_credits_the_right_text_under_a_wrong_letter():
     ex = next(e for e in task.examples("train") if len(e.choices) == 4)
     right = "ABCD".index(resolve_choice_answer(ex.answer, ex.choices))
     wrong = (right + 1) % 4
-    texts = [f"{'ABCD'[right]}. {ex.choices[right]}",                       # graded right: +1
-             f"{'ABCD'[wrong]}. {ex.choices[right]}",                       # right text, wrong letter: 0
-             f"{'ABCD'[wrong]}. {ex.choices[wrong]}",                       # wrong: −1
-             f"{ex.choices[wrong]} or {ex.choices[right]}"]                 # names two options: −1
+    texts = [
+        f"{'ABCD'[right]}. {ex.choices[right]}",  # graded right: +1
+        f"{'ABCD'[wrong]}. {ex.choices[right]}",  # right text, wrong letter: 0
+        f"{'ABCD'[wrong]}. {ex.choices[wrong]}",  # wrong: −1
+        f"{ex.choices[wrong]} or {ex.choices[right]}",
+    ]  # names two options: −1
     r, errors = safe_rewards(task, [ex] * 4, texts, "named-option")
     assert r.tolist() == [1.0, 0.0, -1.0, -1.0] and errors == 0
     assert safe_rewards(task, [ex] * 4, texts)[0].tolist() == [1.0, -1.0, -1.0, -1.0]

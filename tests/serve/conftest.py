@@ -1,4 +1,5 @@
 """Tiny experts for serving tests: tiny-llama (seed 0) patched on its MLP, random p, saved with tasks."""
+
 from __future__ import annotations
 
 import asyncio
@@ -6,7 +7,6 @@ import random
 from pathlib import Path
 
 import httpx
-
 import pytest
 import torch
 
@@ -26,10 +26,14 @@ def make_experts(folder: Path) -> dict[str, Path]:
     for seed, (name, task) in enumerate(TASKS.items()):
         g = torch.Generator().manual_seed(100 + seed)
         params = {k: v + 2 * torch.randn(v.shape, generator=g) for k, v in trainable_params(model).items()}
-        paths[name] = save_expert(Expert(name=name, params=params, base_model=info.model_id,
-                                         fingerprint=info.fingerprint, task=task), folder / f"{name}.safetensors")
-    paths["mixture"] = save_mixture(Mixture(experts=[str(paths["math"]), str(paths["reasoning"])], alpha=[0.6, 0.4],
-                                            name="math-reasoning"), folder / "math-reasoning.json")
+        paths[name] = save_expert(
+            Expert(name=name, params=params, base_model=info.model_id, fingerprint=info.fingerprint, task=task),
+            folder / f"{name}.safetensors",
+        )
+    paths["mixture"] = save_mixture(
+        Mixture(experts=[str(paths["math"]), str(paths["reasoning"])], alpha=[0.6, 0.4], name="math-reasoning"),
+        folder / "math-reasoning.json",
+    )
     return paths
 
 
@@ -44,12 +48,19 @@ def tiny_args(paths: dict[str, Path], **overrides) -> dict:
         "model": {"spec": "tiny-llama"},
         "experts": {n: str(paths[n]) for n in ("math", "code", "reasoning")},
         "classifier_expert": str(paths["cls"]),
-        "mixtures": {"math-code": {"weights": {"math": 0.5, "code": 0.5}},
-                     **({"math-reasoning": {"file": str(paths["mixture"])}} if "mixture" in paths else {})},
+        "mixtures": {
+            "math-code": {"weights": {"math": 0.5, "code": 0.5}},
+            **({"math-reasoning": {"file": str(paths["mixture"])}} if "mixture" in paths else {}),
+        },
         "generation": {"max_tokens_default": 8, "max_tokens_limit": 64},
         "batching": {"max_batch_size": 16, "batch_wait_timeout_s": 0.01, "torch_threads": 1},
-        "expert_model": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}, "max_ongoing_requests": 64,
-                         "health_check_period_s": 2, "health_check_timeout_s": 30},
+        "expert_model": {
+            "num_replicas": 1,
+            "ray_actor_options": {"num_cpus": 0.5},
+            "max_ongoing_requests": 64,
+            "health_check_period_s": 2,
+            "health_check_timeout_s": 30,
+        },
         "dispatcher": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0}, "max_ongoing_requests": 256},
         "retries": 3,
     }
@@ -72,11 +83,16 @@ async def run_load(url: str, key: str, n: int, concurrency: int, on_done=None) -
     gate = asyncio.Semaphore(concurrency)
     done = 0
     async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=180) as c:
+
         async def one(i: int):
             nonlocal done
             async with gate:
-                body = {"model": "auto", "messages": [{"role": "user", "content": f"question {i}"}],
-                        "max_tokens": 4, "t2ray": {"weights": plans[i]}}
+                body = {
+                    "model": "auto",
+                    "messages": [{"role": "user", "content": f"question {i}"}],
+                    "max_tokens": 4,
+                    "t2ray": {"weights": plans[i]},
+                }
                 try:
                     r = await c.post("/v1/chat/completions", json=body)
                     results[i] = (plans[i], r.status_code, r.json())
@@ -85,5 +101,6 @@ async def run_load(url: str, key: str, n: int, concurrency: int, on_done=None) -
                 done += 1
                 if on_done is not None:
                     await on_done(done)
+
         await asyncio.gather(*(one(i) for i in range(n)))
     return results

@@ -1,5 +1,6 @@
 """The replica's engine without Ray: per-row mixtures, materialised LRU, decoding, limits; config and request
 validation; the shipped Serve config."""
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,13 @@ PROMPTS = ["hello there", "What is 12 + 7? Reply with the number.", "x", "Write 
 @pytest.fixture(scope="module")
 def lib(tiny_experts):
     torch.set_num_threads(1)
-    return ExpertLibrary("tiny-llama", {n: str(tiny_experts[n]) for n in ("math", "code", "reasoning")},
-                         classifier=str(tiny_experts["cls"]), mode="factored", dtype="float32")  # exact checks
+    return ExpertLibrary(
+        "tiny-llama",
+        {n: str(tiny_experts[n]) for n in ("math", "code", "reasoning")},
+        classifier=str(tiny_experts["cls"]),
+        mode="factored",
+        dtype="float32",
+    )  # exact checks
 
 
 def ref_of(weights: dict[str, float] | None) -> MixtureRef:
@@ -39,15 +45,21 @@ def ref_of(weights: dict[str, float] | None) -> MixtureRef:
 def lora_lib(lora_library):
     """The same library over LoRA adapter folders (one LoRA mixture layer per module, a weight per adapter)."""
     torch.set_num_threads(1)
-    return ExpertLibrary("tiny-llama", {n: str(lora_library[n]) for n in ("math", "code", "reasoning")},
-                         classifier=str(lora_library["cls"]), mode="materialized", dtype="float32")
+    return ExpertLibrary(
+        "tiny-llama",
+        {n: str(lora_library[n]) for n in ("math", "code", "reasoning")},
+        classifier=str(lora_library["cls"]),
+        mode="materialized",
+        dtype="float32",
+    )
 
 
 def reference(paths, weights, prompt: str, max_tokens: int):
     """Greedy tokens from generation.rollout, and the logits after the prompt, on a model set up as `t2ray eval
     --mix` sets it up (apply_experts for SVF files, the LoRA mixture layer with fixed weights for folders)."""
-    model, tokenizer, _ = load_adapted("tiny-llama", dtype="float32", mix=",".join(
-        f"{paths[n]}:{w}" for n, w in weights.items()) if weights else None)
+    model, tokenizer, _ = load_adapted(
+        "tiny-llama", dtype="float32", mix=",".join(f"{paths[n]}:{w}" for n, w in weights.items()) if weights else None
+    )
     out = rollout(model, tokenizer, [prompt], max_new_tokens=max_tokens)
     with torch.no_grad():
         logits = model(out.prompt_ids).logits[0, -1]
@@ -71,12 +83,15 @@ def run_batch(lib, requests):
 def test_mixed_batch_rows_match_each_mixture_alone(kind, request, torch_threads):
     """One batch, a different mixture per row (SVF: z per row, factored; LoRA: adapter weights per row), rows leaving
     at different steps: every row's logits at every step equal those of that request run alone, and `eval --mix`'s."""
-    lib, paths = (request.getfixturevalue(f) for f in (("lib", "tiny_experts") if kind == "svf" else
-                                                          ("lora_lib", "lora_library")))
+    lib, paths = (
+        request.getfixturevalue(f) for f in (("lib", "tiny_experts") if kind == "svf" else ("lora_lib", "lora_library"))
+    )
     mixtures = [None, {"math": 1.0}, {"math": 0.3, "code": 0.7}, {"reasoning": 1.0}]
     budgets = [10, 3, 7, 10]  # rows leave the batch at different steps (cache, mask and z rows shrink)
-    requests = [GenRequest(ref_of(w), messages=[{"role": "user", "content": p}], max_tokens=n, temperature=0)
-                for w, p, n in zip(mixtures, PROMPTS, budgets)]
+    requests = [
+        GenRequest(ref_of(w), messages=[{"role": "user", "content": p}], max_tokens=n, temperature=0)
+        for w, p, n in zip(mixtures, PROMPTS, budgets)
+    ]
     ids, logits, mode = run_batch(lib, requests)
     assert mode == "factored"
     for i, (w, p, n) in enumerate(zip(mixtures, PROMPTS, budgets)):
@@ -94,13 +109,18 @@ def test_rows_joining_a_running_batch_decode_as_if_alone(kind, request, torch_th
     """Continuous batching: two requests decode, two more (longer prompts, other mixtures) join after 2 steps and one
     more after 5, rows leave at different steps; every row's tokens and logits equal that request run alone."""
     lib = request.getfixturevalue("lib" if kind == "svf" else "lora_lib")
+
     def chat(text, weights, n):
         return GenRequest(ref_of(weights), messages=[{"role": "user", "content": text}], max_tokens=n, temperature=0)
 
-    schedule = {0: [chat("hi", {"math": 1.0}, 9), chat("x", None, 3)],
-                2: [chat(PROMPTS[1] + " Explain every step carefully.", {"code": 0.5, "reasoning": 0.5}, 6),
-                    chat(PROMPTS[3], {"math": 1.0}, 4)],
-                5: [chat(PROMPTS[0], {"reasoning": 1.0}, 5)]}
+    schedule = {
+        0: [chat("hi", {"math": 1.0}, 9), chat("x", None, 3)],
+        2: [
+            chat(PROMPTS[1] + " Explain every step carefully.", {"code": 0.5, "reasoning": 0.5}, 6),
+            chat(PROMPTS[3], {"math": 1.0}, 4),
+        ],
+        5: [chat(PROMPTS[0], {"reasoning": 1.0}, 5)],
+    }
     requests = [r for group in schedule.values() for r in group]
     logits: dict[int, list] = {i: [] for i in range(len(requests))}
     batch, step, order = None, 0, []
@@ -116,8 +136,13 @@ def test_rows_joining_a_running_batch_decode_as_if_alone(kind, request, torch_th
         step += 1
     # Σ of the rows decoding at each of its steps: 2 rows, 4 after the join at step 2 (the base row ends), 3, 4 after
     # the join at step 5, then rows leave one by one
-    assert [it.rows_decoding for it in batch.items] == [2 + 2 + 4 + 3 + 3 + 4 + 3 + 3 + 2, 2 + 2 + 4,
-                                                         4 + 3 + 3 + 4 + 3 + 3, 4 + 3 + 3 + 4, 4 + 3 + 3 + 2 + 1]
+    assert [it.rows_decoding for it in batch.items] == [
+        2 + 2 + 4 + 3 + 3 + 4 + 3 + 3 + 2,
+        2 + 2 + 4,
+        4 + 3 + 3 + 4 + 3 + 3,
+        4 + 3 + 3 + 4,
+        4 + 3 + 3 + 2 + 1,
+    ]
     for row, r in enumerate(order):
         alone_ids, alone_logits, _ = run_batch(lib, [r])
         assert batch.items[row].generated == alone_ids[0], f"row {row}"
@@ -139,8 +164,14 @@ def test_experts_change_the_model(lib):
 
 
 def test_materialized_lru_equals_factored(tiny_experts, torch_threads):
-    lib = ExpertLibrary("tiny-llama", {n: str(tiny_experts[n]) for n in ("math", "code", "reasoning")},
-                        mode="auto", materialize_after=3, lru_size=2, dtype="float32")
+    lib = ExpertLibrary(
+        "tiny-llama",
+        {n: str(tiny_experts[n]) for n in ("math", "code", "reasoning")},
+        mode="auto",
+        materialize_after=3,
+        lru_size=2,
+        dtype="float32",
+    )
     math, code, reasoning = ref_of({"math": 1.0}), ref_of({"code": 1.0}), ref_of({"reasoning": 1.0})
 
     def run(ref):
@@ -170,30 +201,45 @@ def test_materialized_lru_equals_factored(tiny_experts, torch_threads):
 
 
 def test_lru_evicts_before_it_builds_and_keeps_to_its_byte_budget(tiny_experts, torch_threads, monkeypatch):
-    lib = ExpertLibrary("tiny-llama", {n: str(tiny_experts[n]) for n in ("math", "code", "reasoning")},
-                        mode="materialized", lru_size=3, dtype="float32")
+    lib = ExpertLibrary(
+        "tiny-llama",
+        {n: str(tiny_experts[n]) for n in ("math", "code", "reasoning")},
+        mode="materialized",
+        lru_size=3,
+        dtype="float32",
+    )
     one = lib.entry_bytes(lib.z_of(ref_of({"math": 1.0})))
     lib.lru_bytes = int(1.5 * one)  # room for one W' by bytes, three by count
     held_during_builds = []
     for layer in lib.layers.values():
         build = layer.materialized_state
-        monkeypatch.setattr(layer, "materialized_state",
-                            lambda build=build: held_during_builds.append(len(lib._weights)) or build())
+        monkeypatch.setattr(
+            layer, "materialized_state", lambda build=build: held_during_builds.append(len(lib._weights)) or build()
+        )
 
     for weights in ({"math": 1.0}, {"math": 0.5, "code": 0.5}, {"code": 1.0}):
         run_batch(lib, [GenRequest(ref_of(weights), prompt="x", max_tokens=2, temperature=0)])
-        assert len(lib._weights) == 1                       # the budget, not the count, binds
-    assert max(held_during_builds) == 0                     # the old entry was gone before the new W' was built
-    lib.lru_bytes = one // 2                                # larger than the budget: used, not kept
-    assert run_batch(lib, [GenRequest(ref_of({"reasoning": 1.0}), prompt="x", max_tokens=2, temperature=0)])[2] \
-        == "materialized" and len(lib._weights) == 0
+        assert len(lib._weights) == 1  # the budget, not the count, binds
+    assert max(held_during_builds) == 0  # the old entry was gone before the new W' was built
+    lib.lru_bytes = one // 2  # larger than the budget: used, not kept
+    assert (
+        run_batch(lib, [GenRequest(ref_of({"reasoning": 1.0}), prompt="x", max_tokens=2, temperature=0)])[2]
+        == "materialized"
+        and len(lib._weights) == 0
+    )
 
 
 def test_out_of_memory_building_w_prime_falls_back_to_factored(tiny_experts, torch_threads, monkeypatch):
-    lib = ExpertLibrary("tiny-llama", {n: str(tiny_experts[n]) for n in ("math", "code", "reasoning")},
-                        mode="materialized", lru_size=2, dtype="float32")
-    requests = [GenRequest(ref_of({"math": 0.7, "code": 0.3}), prompt=p, max_tokens=5, temperature=0)
-                for p in PROMPTS[:2]]
+    lib = ExpertLibrary(
+        "tiny-llama",
+        {n: str(tiny_experts[n]) for n in ("math", "code", "reasoning")},
+        mode="materialized",
+        lru_size=2,
+        dtype="float32",
+    )
+    requests = [
+        GenRequest(ref_of({"math": 0.7, "code": 0.3}), prompt=p, max_tokens=5, temperature=0) for p in PROMPTS[:2]
+    ]
     expected = run_batch(lib, requests)
     lib._weights.clear()
     lib.invalidate()
@@ -212,15 +258,18 @@ def test_sampling_is_seeded_and_stops_are_honoured(lib):
     req = GenRequest(MixtureRef(), prompt="Once upon a time", max_tokens=12, temperature=1.0, top_p=0.9, seed=7)
     a, b = run_to_completion(lib, [req, req])
     assert a["text"] == b["text"] and a["completion_tokens"] >= 1
-    c = run_to_completion(lib, [GenRequest(MixtureRef(), prompt="Once upon a time", max_tokens=12, temperature=1.0,
-                                           seed=8)])[0]
-    full = run_to_completion(lib, [GenRequest(MixtureRef(), prompt="Once upon a time", max_tokens=12,
-                                              temperature=0)])[0]
+    c = run_to_completion(
+        lib, [GenRequest(MixtureRef(), prompt="Once upon a time", max_tokens=12, temperature=1.0, seed=8)]
+    )[0]
+    full = run_to_completion(lib, [GenRequest(MixtureRef(), prompt="Once upon a time", max_tokens=12, temperature=0)])[
+        0
+    ]
     assert full["finish_reason"] == "length" and full["completion_tokens"] == 12
     stop = full["text"][3:6]
-    cut = run_to_completion(lib, [GenRequest(MixtureRef(), prompt="Once upon a time", max_tokens=12, temperature=0,
-                                             stop=(stop,))])[0]
-    assert cut["finish_reason"] == "stop" and cut["text"] == full["text"][:full["text"].index(stop)]
+    cut = run_to_completion(
+        lib, [GenRequest(MixtureRef(), prompt="Once upon a time", max_tokens=12, temperature=0, stop=(stop,))]
+    )[0]
+    assert cut["finish_reason"] == "stop" and cut["text"] == full["text"][: full["text"].index(stop)]
     assert isinstance(c["text"], str)
 
 
@@ -234,8 +283,7 @@ def test_streamed_text_is_decoded_incrementally(lib):
         decoded.append(len(ids))
         return decode(ids, **kwargs)
 
-    req = GenRequest(MixtureRef(), prompt="Ünïcödé → 日本語 ✓", max_tokens=48, temperature=1.0, seed=5,
-                     ignore_eos=True)
+    req = GenRequest(MixtureRef(), prompt="Ünïcödé → 日本語 ✓", max_tokens=48, temperature=1.0, seed=5, ignore_eos=True)
     item = lib.prepare(req)
     batch = DecodeBatch(lib, [item])
     batch.prefill()
@@ -248,13 +296,14 @@ def test_streamed_text_is_decoded_incrementally(lib):
         lib.tokenizer.decode = decode
     ids = [t for t in item.generated if t not in lib.eos]
     assert "".join(deltas) == decode(ids, skip_special_tokens=True) and len(ids) == 48
-    assert sum(decoded) < 8 * len(ids)       # a few tokens per step, not the whole prefix
+    assert sum(decoded) < 8 * len(ids)  # a few tokens per step, not the whole prefix
 
 
 def test_cancelled_rows_leave_the_batch_at_the_next_step(lib):
     def request(seed):
-        return GenRequest(MixtureRef(), prompt=f"Tell me about {seed}", max_tokens=32, temperature=1.0, seed=seed,
-                          ignore_eos=True)
+        return GenRequest(
+            MixtureRef(), prompt=f"Tell me about {seed}", max_tokens=32, temperature=1.0, seed=seed, ignore_eos=True
+        )
 
     alone = run_to_completion(lib, [request(1), request(3)])
     items = [lib.prepare(request(s)) for s in (1, 2, 3)]
@@ -309,38 +358,61 @@ def test_classify_base_and_classifier(lib):
     assert len(lib.classify(["What is 2 + 2?"], use_classifier=True)) == 1
 
 
-@pytest.mark.parametrize("body, param", [
-    (b'{"model": "auto", "messages": [{"role": "user", "content": "x"}], "max_tokens": "many"}', "max_tokens"),
-    (b'{"messages": [{"role": "user", "content": "x"}]}', "model"),
-    (b'{"model": "auto", "messages": []}', "messages"),
-    (b'{"model": "auto", "messages": [{"role": "robot", "content": "x"}]}', "messages.0.role"),
-    (b'{"model": "auto", "messages": [{"role": "user", "content": "x"}], "t2ray": {"weights": [NaN, 1]}}',
-     "t2ray.weights"),
-    (b'{"model": "auto", "messages": [{"role": "user", "content": "x"}], "t2ray": {"weights": {"math": -1}}}',
-     "t2ray.weights"),
-    (b'{"model": "auto", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}', "stream"),
-    (b'{"model": "auto", "messages": [{"role": "user", "content": "x"}], "n": 2}', "n"),
-    (b'[1, 2]', None),
-    (b'{"model": ', None),
-])
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        (b'{"model": "auto", "messages": [{"role": "user", "content": "x"}], "max_tokens": "many"}', "max_tokens"),
+        (b'{"messages": [{"role": "user", "content": "x"}]}', "model"),
+        (b'{"model": "auto", "messages": []}', "messages"),
+        (b'{"model": "auto", "messages": [{"role": "robot", "content": "x"}]}', "messages.0.role"),
+        (
+            b'{"model": "auto", "messages": [{"role": "user", "content": "x"}], "t2ray": {"weights": [NaN, 1]}}',
+            "t2ray.weights",
+        ),
+        (
+            b'{"model": "auto", "messages": [{"role": "user", "content": "x"}], "t2ray": {"weights": {"math": -1}}}',
+            "t2ray.weights",
+        ),
+        (b'{"model": "auto", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}', "stream"),
+        (b'{"model": "auto", "messages": [{"role": "user", "content": "x"}], "n": 2}', "n"),
+        (b"[1, 2]", None),
+        (b'{"model": ', None),
+    ],
+)
 def test_bad_bodies_name_the_field(body, param):
     with pytest.raises(RequestError) as err:
         parse_body(body, ChatRequest)
     assert err.value.status == 400 and err.value.param == param
 
 
-@pytest.mark.parametrize("field, value", [
-    ("tools", [{"type": "function", "function": {"name": "f"}}]), ("tool_choice", "auto"),
-    ("response_format", {"type": "json_object"}), ("logprobs", True), ("top_logprobs", 2),
-    ("logit_bias", {"42": 5}), ("presence_penalty", 0.5), ("best_of", 2),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("tools", [{"type": "function", "function": {"name": "f"}}]),
+        ("tool_choice", "auto"),
+        ("response_format", {"type": "json_object"}),
+        ("logprobs", True),
+        ("top_logprobs", 2),
+        ("logit_bias", {"42": 5}),
+        ("presence_penalty", 0.5),
+        ("best_of", 2),
+    ],
+)
 def test_fields_that_would_change_the_answer_are_refused_by_name(field, value):
     body = {"model": "auto", "messages": [{"role": "user", "content": "x"}], field: value}
     with pytest.raises(RequestError) as err:
         parse_body(json.dumps(body).encode(), ChatRequest)
     assert err.value.status == 400 and err.value.param == field and err.value.code == "unsupported_parameter"
-    no_op = {"tools": [], "tool_choice": "none", "response_format": {"type": "text"}, "logprobs": False,
-             "top_logprobs": 0, "logit_bias": {}, "presence_penalty": 0, "best_of": 1}[field]
+    no_op = {
+        "tools": [],
+        "tool_choice": "none",
+        "response_format": {"type": "text"},
+        "logprobs": False,
+        "top_logprobs": 0,
+        "logit_bias": {},
+        "presence_penalty": 0,
+        "best_of": 1,
+    }[field]
     assert parse_body(json.dumps({**body, field: no_op}).encode(), ChatRequest).model == "auto"
 
 
@@ -357,11 +429,18 @@ def test_seed_bounds_and_lone_surrogates_are_400s():
 
 
 def test_tiny_temperature_is_greedy_not_nan(lib):
-    greedy = run_to_completion(lib, [GenRequest(MixtureRef(), prompt="Once upon a time", max_tokens=6,
-                                                temperature=0)])[0]
+    greedy = run_to_completion(lib, [GenRequest(MixtureRef(), prompt="Once upon a time", max_tokens=6, temperature=0)])[
+        0
+    ]
     for temperature in (1e-38, 1e-6):
-        tiny = run_to_completion(lib, [GenRequest(MixtureRef(), prompt="Once upon a time", max_tokens=6,
-                                                  temperature=temperature, seed=2**64 - 1)])[0]
+        tiny = run_to_completion(
+            lib,
+            [
+                GenRequest(
+                    MixtureRef(), prompt="Once upon a time", max_tokens=6, temperature=temperature, seed=2**64 - 1
+                )
+            ],
+        )[0]
         assert tiny["text"] == greedy["text"]
 
 
@@ -370,8 +449,9 @@ def test_tiny_temperature_is_greedy_not_nan(lib):
 def test_sampled_requests_run_on_cuda(tiny_experts):
     """A CPU torch.Generator failed every request with temperature > 0 on a CUDA replica."""
     cuda = ExpertLibrary("tiny-llama", {"math": str(tiny_experts["math"])}, device="cuda", dtype="float32")
-    out = run_to_completion(cuda, [GenRequest(ref_of({"math": 1.0}), prompt="x", max_tokens=4, temperature=1.0,
-                                              seed=1)])[0]
+    out = run_to_completion(
+        cuda, [GenRequest(ref_of({"math": 1.0}), prompt="x", max_tokens=4, temperature=1.0, seed=1)]
+    )[0]
     assert out["completion_tokens"] == 4 or out["finish_reason"] == "stop"
 
 
@@ -403,9 +483,11 @@ def test_replica_queue_is_bounded_through_the_yaml(tiny_experts):
 
 
 def test_good_bodies_parse():
-    chat = parse_body(b'{"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}]}],'
-                      b' "max_completion_tokens": 3, "frequency_penalty": 0, "t2ray": {"weights": {"math": 1}}}',
-                      ChatRequest)
+    chat = parse_body(
+        b'{"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}]}],'
+        b' "max_completion_tokens": 3, "frequency_penalty": 0, "t2ray": {"weights": {"math": 1}}}',
+        ChatRequest,
+    )
     assert chat.question() == "a" and chat.token_budget() == 3 and chat.t2ray.weights == {"math": 1.0}
     completion = parse_body(b'{"model": "m", "prompt": ["a", "b"], "stop": "\\n"}', CompletionRequest)
     assert completion.prompts() == ["a", "b"] and completion.stops() == ("\n",)
@@ -455,16 +537,29 @@ def test_prefix_cached_scoring_equals_the_full_prompt(lib):
     """Pass 1 with the classification prompt's prefix cached (per model state) gives the full prompt's scores."""
     from t2ray.adapt.dispatch import classification_ids, classify
 
-    questions = ["What is 2 + 2?", "Write a function that reverses a list.", "Why is the sky blue?", "Hi",
-                 "A much longer question about trains leaving two stations at different speeds, when do they meet?"]
+    questions = [
+        "What is 2 + 2?",
+        "Write a function that reverses a list.",
+        "Why is the sky blue?",
+        "Hi",
+        "A much longer question about trains leaving two stations at different speeds, when do they meet?",
+    ]
     for use_classifier in (False, True):
         labels = lib.classify(questions, use_classifier=use_classifier)
         scorer, state = lib._scorer, "__classifier__" if use_classifier else "base"
         P = len(scorer.prefix_ids)
-        assert P > 200 and all(classification_ids(lib.tokenizer, q)[:P] == scorer.prefix_ids for q in questions)  # the cache is used
+        assert P > 200 and all(
+            classification_ids(lib.tokenizer, q)[:P] == scorer.prefix_ids for q in questions
+        )  # the cache is used
         cached = scorer.scores(questions, state=state)
-        full = torch.stack([lib.model(input_ids=torch.tensor([classification_ids(lib.tokenizer, q)]), logits_to_keep=1).logits[0, -1]
-                            [scorer.label_ids] for q in questions]).detach()
+        full = torch.stack(
+            [
+                lib.model(input_ids=torch.tensor([classification_ids(lib.tokenizer, q)]), logits_to_keep=1).logits[
+                    0, -1
+                ][scorer.label_ids]
+                for q in questions
+            ]
+        ).detach()
         torch.testing.assert_close(cached, full, atol=1e-4, rtol=1e-4)
         if not use_classifier:
             assert labels == classify(lib.model, lib.tokenizer, questions, mode="score")

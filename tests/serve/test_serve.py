@@ -4,6 +4,7 @@ load, and `serve run` of a config file.
 
 One application for the module: tiny-llama with tiny experts, two ExpertModel replicas, a bearer token.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -15,9 +16,9 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from ray_env import env_var  # tests/ray_env.py
 
 from .conftest import run_load, tiny_args
-from ray_env import env_var  # tests/ray_env.py
 
 openai = pytest.importorskip("openai")
 ray = pytest.importorskip("ray")
@@ -41,9 +42,16 @@ def endpoint(tiny_experts):
         ray.init(address="local", num_cpus=2, log_to_driver=False)
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": 8000})
-            args = tiny_args(tiny_experts, expert_model={
-                "num_replicas": 2, "ray_actor_options": {"num_cpus": 0.5}, "max_ongoing_requests": 64,
-                "health_check_period_s": 2, "health_check_timeout_s": 30})
+            args = tiny_args(
+                tiny_experts,
+                expert_model={
+                    "num_replicas": 2,
+                    "ray_actor_options": {"num_cpus": 0.5},
+                    "max_ongoing_requests": 64,
+                    "health_check_period_s": 2,
+                    "health_check_timeout_s": 30,
+                },
+            )
             serve.run(build_app(args), name=APP, route_prefix="/")
             yield URL
         finally:
@@ -91,8 +99,16 @@ def test_completion(client):
 
 def test_streaming_chat_equals_the_whole_answer(client):
     whole = client.chat.completions.create(model="code", messages=CHAT, max_tokens=8, temperature=0)
-    chunks = list(client.chat.completions.create(model="code", messages=CHAT, max_tokens=8, temperature=0,
-                                                 stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model="code",
+            messages=CHAT,
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == whole.choices[0].message.content
     finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
@@ -118,16 +134,19 @@ def test_auto_prompt_dispatch_reports_pass1(client):
 
 
 def test_classifier_saved_mixture_and_explicit_choices(client):
-    resp = client.chat.completions.create(model="auto", messages=CHAT, max_tokens=3,
-                                          extra_body={"t2ray": {"strategy": "classifier"}})
+    resp = client.chat.completions.create(
+        model="auto", messages=CHAT, max_tokens=3, extra_body={"t2ray": {"strategy": "classifier"}}
+    )
     assert resp.model_extra["t2ray"]["strategy"] == "classifier"
     resp = client.chat.completions.create(model="math-reasoning", messages=CHAT, max_tokens=3)
     assert resp.model_extra["t2ray"]["mixture"]["weights"] == {"math": 0.6, "reasoning": 0.4}
-    resp = client.chat.completions.create(model="auto", messages=CHAT, max_tokens=3,
-                                          extra_body={"t2ray": {"expert": "reasoning"}})
+    resp = client.chat.completions.create(
+        model="auto", messages=CHAT, max_tokens=3, extra_body={"t2ray": {"expert": "reasoning"}}
+    )
     assert resp.model_extra["t2ray"]["mixture"]["label"] == "expert:reasoning"
-    resp = client.chat.completions.create(model="auto", messages=CHAT, max_tokens=3,
-                                          extra_body={"t2ray": {"weights": [0, 2, 1]}})
+    resp = client.chat.completions.create(
+        model="auto", messages=CHAT, max_tokens=3, extra_body={"t2ray": {"weights": [0, 2, 1]}}
+    )
     assert resp.model_extra["t2ray"]["mixture"]["weights"] == {"code": 2.0, "reasoning": 1.0}
 
 
@@ -151,44 +170,70 @@ LONG = "word " * 1200  # tiny-llama's context is 1024 tokens
 OK = {"model": "auto", "messages": CHAT, "max_tokens": 2}
 
 
-@pytest.mark.parametrize("path, body, status, fragment", [
-    ("/v1/chat/completions", b"{not json", 400, "parse the JSON"),
-    ("/v1/chat/completions", b"[1, 2]", 400, "JSON object"),
-    ("/v1/chat/completions", {"messages": CHAT}, 400, "model"),
-    ("/v1/chat/completions", {"model": "auto"}, 400, "messages"),
-    ("/v1/chat/completions", {"model": "auto", "messages": "hi"}, 400, "messages"),
-    ("/v1/chat/completions", {**OK, "max_tokens": "two"}, 400, "max_tokens"),
-    ("/v1/chat/completions", {**OK, "temperature": 9}, 400, "temperature"),
-    ("/v1/chat/completions", {**OK, "messages": []}, 400, "at least one message"),
-    ("/v1/chat/completions", {**OK, "model": "gpt-4"}, 404, "valid models: auto, base, math"),
-    ("/v1/chat/completions", {**OK, "t2ray": {"expert": "physics"}}, 404, "valid experts: math"),
-    ("/v1/chat/completions", {**OK, "t2ray": {"weights": {"physics": 1}}}, 404, "unknown expert 'physics'"),
-    ("/v1/chat/completions", {**OK, "t2ray": {"weights": [1, -1, 0]}}, 400, ">= 0"),
-    ("/v1/chat/completions", {**OK, "t2ray": {"weights": [0, 0, 0]}}, 400, "all zero"),
-    ("/v1/chat/completions", {**OK, "t2ray": {"weights": [1, 1]}}, 400, "3 experts"),
-    ("/v1/chat/completions", b'{"model": "auto", "messages": [{"role": "user", "content": "x"}],'
-                             b' "t2ray": {"weights": [NaN, 1, 1]}}', 400, "NaN"),
-    ("/v1/chat/completions", {**OK, "t2ray": {"strategy": "psychic"}}, 400, "t2ray.strategy"),
-    ("/v1/chat/completions", {**OK, "max_tokens": 65}, 400, "at most 64"),
-    ("/v1/chat/completions", {**OK, "messages": [{"role": "user", "content": LONG}], "model": "base"}, 400,
-     "context"),
-    ("/v1/chat/completions", {**OK, "messages": [{"role": "user", "content": LONG}], "stream": True}, 400,
-     "context"),
-    ("/v1/completions", {"model": "math", "prompt": LONG, "max_tokens": 2}, 400, "context"),
-    ("/v1/completions", {"model": "math", "prompt": [], "max_tokens": 2}, 400, "prompt"),
-    ("/v1/embeddings", {"model": "math", "input": "x"}, 404, "Not Found"),
-    ("/v1/chat/completions", {**OK, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400,
-     "tools is not supported"),
-    ("/v1/chat/completions", {**OK, "response_format": {"type": "json_object"}}, 400, "response_format"),
-    ("/v1/chat/completions", {**OK, "logprobs": True}, 400, "logprobs is not supported"),
-    ("/v1/chat/completions", {**OK, "seed": 2**64}, 400, "seed"),
-    ("/v1/chat/completions", b'{"model": "auto", "messages": [{"role": "user", "content": "a\\ud800b"}]}', 400,
-     "surrogate"),
-    ("/v1/chat/completions", {**OK, "messages": [{"role": "user", "content": "x" * (1 << 20)}]}, 413, "exceeds"),
-])
+@pytest.mark.parametrize(
+    "path, body, status, fragment",
+    [
+        ("/v1/chat/completions", b"{not json", 400, "parse the JSON"),
+        ("/v1/chat/completions", b"[1, 2]", 400, "JSON object"),
+        ("/v1/chat/completions", {"messages": CHAT}, 400, "model"),
+        ("/v1/chat/completions", {"model": "auto"}, 400, "messages"),
+        ("/v1/chat/completions", {"model": "auto", "messages": "hi"}, 400, "messages"),
+        ("/v1/chat/completions", {**OK, "max_tokens": "two"}, 400, "max_tokens"),
+        ("/v1/chat/completions", {**OK, "temperature": 9}, 400, "temperature"),
+        ("/v1/chat/completions", {**OK, "messages": []}, 400, "at least one message"),
+        ("/v1/chat/completions", {**OK, "model": "gpt-4"}, 404, "valid models: auto, base, math"),
+        ("/v1/chat/completions", {**OK, "t2ray": {"expert": "physics"}}, 404, "valid experts: math"),
+        ("/v1/chat/completions", {**OK, "t2ray": {"weights": {"physics": 1}}}, 404, "unknown expert 'physics'"),
+        ("/v1/chat/completions", {**OK, "t2ray": {"weights": [1, -1, 0]}}, 400, ">= 0"),
+        ("/v1/chat/completions", {**OK, "t2ray": {"weights": [0, 0, 0]}}, 400, "all zero"),
+        ("/v1/chat/completions", {**OK, "t2ray": {"weights": [1, 1]}}, 400, "3 experts"),
+        (
+            "/v1/chat/completions",
+            b'{"model": "auto", "messages": [{"role": "user", "content": "x"}], "t2ray": {"weights": [NaN, 1, 1]}}',
+            400,
+            "NaN",
+        ),
+        ("/v1/chat/completions", {**OK, "t2ray": {"strategy": "psychic"}}, 400, "t2ray.strategy"),
+        ("/v1/chat/completions", {**OK, "max_tokens": 65}, 400, "at most 64"),
+        (
+            "/v1/chat/completions",
+            {**OK, "messages": [{"role": "user", "content": LONG}], "model": "base"},
+            400,
+            "context",
+        ),
+        (
+            "/v1/chat/completions",
+            {**OK, "messages": [{"role": "user", "content": LONG}], "stream": True},
+            400,
+            "context",
+        ),
+        ("/v1/completions", {"model": "math", "prompt": LONG, "max_tokens": 2}, 400, "context"),
+        ("/v1/completions", {"model": "math", "prompt": [], "max_tokens": 2}, 400, "prompt"),
+        ("/v1/embeddings", {"model": "math", "input": "x"}, 404, "Not Found"),
+        (
+            "/v1/chat/completions",
+            {**OK, "tools": [{"type": "function", "function": {"name": "f"}}]},
+            400,
+            "tools is not supported",
+        ),
+        ("/v1/chat/completions", {**OK, "response_format": {"type": "json_object"}}, 400, "response_format"),
+        ("/v1/chat/completions", {**OK, "logprobs": True}, 400, "logprobs is not supported"),
+        ("/v1/chat/completions", {**OK, "seed": 2**64}, 400, "seed"),
+        (
+            "/v1/chat/completions",
+            b'{"model": "auto", "messages": [{"role": "user", "content": "a\\ud800b"}]}',
+            400,
+            "surrogate",
+        ),
+        ("/v1/chat/completions", {**OK, "messages": [{"role": "user", "content": "x" * (1 << 20)}]}, 413, "exceeds"),
+    ],
+)
 def test_bad_input_is_a_4xx_in_openai_shape(http, path, body, status, fragment):
-    kwargs = {"content": body, "headers": {"Content-Type": "application/json"}} if isinstance(body, bytes) \
+    kwargs = (
+        {"content": body, "headers": {"Content-Type": "application/json"}}
+        if isinstance(body, bytes)
         else {"json": body}
+    )
     resp = http.post(path, **kwargs)
     assert resp.status_code == status, resp.text
     error = resp.json()["error"]
@@ -236,8 +281,9 @@ def test_fifty_dropped_streams_stop_decoding(endpoint):
                     return  # hang up
 
     async def drop_all():
-        async with httpx.AsyncClient(base_url=endpoint, headers={"Authorization": f"Bearer {KEY}"},
-                                     timeout=120) as client:
+        async with httpx.AsyncClient(
+            base_url=endpoint, headers={"Authorization": f"Bearer {KEY}"}, timeout=120
+        ) as client:
             await asyncio.gather(*(open_then_drop(client, i) for i in range(50)))
 
     asyncio.run(drop_all())
@@ -255,14 +301,30 @@ def test_fifty_dropped_streams_stop_decoding(endpoint):
 def test_a_request_joins_the_running_batch(endpoint):
     """Continuous batching through HTTP: requests sent while 16 long ones decode do not wait for them to end — they
     decode beside them (mean batch > 1) and finish first."""
+
     async def scenario():
-        async with httpx.AsyncClient(base_url=endpoint, headers={"Authorization": f"Bearer {KEY}"},
-                                     timeout=120) as client:
-            long = [asyncio.create_task(client.post("/v1/completions", json={
-                "model": "base", "prompt": f"Count {i}:", "max_tokens": 64, "ignore_eos": True})) for i in range(16)]
+        async with httpx.AsyncClient(
+            base_url=endpoint, headers={"Authorization": f"Bearer {KEY}"}, timeout=120
+        ) as client:
+            long = [
+                asyncio.create_task(
+                    client.post(
+                        "/v1/completions",
+                        json={"model": "base", "prompt": f"Count {i}:", "max_tokens": 64, "ignore_eos": True},
+                    )
+                )
+                for i in range(16)
+            ]
             await asyncio.sleep(0.3)  # they are decoding now
-            short = await asyncio.gather(*(client.post("/v1/chat/completions", json={
-                "model": "math", "messages": CHAT, "max_tokens": 4, "ignore_eos": True}) for _ in range(2)))
+            short = await asyncio.gather(
+                *(
+                    client.post(
+                        "/v1/chat/completions",
+                        json={"model": "math", "messages": CHAT, "max_tokens": 4, "ignore_eos": True},
+                    )
+                    for _ in range(2)
+                )
+            )
             still_running = sum(not task.done() for task in long)
             return short, still_running, await asyncio.gather(*long)
 
@@ -288,8 +350,10 @@ def test_200_requests_at_concurrency_16_each_with_its_mixture(endpoint):
 def _expert_replicas() -> list:
     from ray.util.state import list_actors
 
-    return list_actors(address=ray.get_runtime_context().gcs_address,  # other Ray clusters may run on this host
-                       filters=[("class_name", "=", f"ServeReplica:{APP}:ExpertModel"), ("state", "=", "ALIVE")])
+    return list_actors(
+        address=ray.get_runtime_context().gcs_address,  # other Ray clusters may run on this host
+        filters=[("class_name", "=", f"ServeReplica:{APP}:ExpertModel"), ("state", "=", "ALIVE")],
+    )
 
 
 def _wait_running(replicas: int, timeout: float = 180) -> None:
@@ -336,8 +400,13 @@ def tiny_config(tiny_experts, name: str, prefix: str) -> dict:
     app = config["applications"][0]
     app.update(name=name, route_prefix=prefix)
     args = tiny_args(tiny_experts)
-    app["args"].update(model=args["model"], experts=args["experts"], classifier_expert=args["classifier_expert"],
-                       generation=args["generation"], batching=args["batching"])
+    app["args"].update(
+        model=args["model"],
+        experts=args["experts"],
+        classifier_expert=args["classifier_expert"],
+        generation=args["generation"],
+        batching=args["batching"],
+    )
     app["args"]["expert_model"].update(ray_actor_options={"num_cpus": 0.25})
     return config
 
@@ -347,9 +416,13 @@ def test_serve_run_of_a_config_file(endpoint, tiny_experts, tmp_path):
     path = tmp_path / "serve-tiny.yaml"
     path.write_text(yaml.safe_dump(tiny_config(tiny_experts, "cfg", "/cfg"), sort_keys=False))
     serve_cli = Path(sys.executable).with_name("serve")
-    done = subprocess.run([str(serve_cli), "run", "--non-blocking", "--address",
-                           ray.get_runtime_context().gcs_address, str(path)],
-                          capture_output=True, text=True, timeout=240, cwd=Path(__file__).resolve().parents[2])
+    done = subprocess.run(
+        [str(serve_cli), "run", "--non-blocking", "--address", ray.get_runtime_context().gcs_address, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     try:
         deadline = time.time() + 240
@@ -391,19 +464,31 @@ def test_lora_experts_are_served_like_svf_experts(endpoint, lora_library, tmp_pa
     from t2ray.experts import Mixture, save_mixture
     from t2ray.serve.app import build_app
 
-    mixture = save_mixture(Mixture(experts=[str(lora_library["math"]), str(lora_library["code"])], alpha=[0.7, 0.3],
-                                   name="math-code"), tmp_path / "lora-math-code.json")
-    args = tiny_args(lora_library, mixtures={"math-code": {"file": str(mixture)}},
-                     expert_model={"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}, "max_ongoing_requests": 64})
+    mixture = save_mixture(
+        Mixture(experts=[str(lora_library["math"]), str(lora_library["code"])], alpha=[0.7, 0.3], name="math-code"),
+        tmp_path / "lora-math-code.json",
+    )
+    args = tiny_args(
+        lora_library,
+        mixtures={"math-code": {"file": str(mixture)}},
+        expert_model={"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}, "max_ongoing_requests": 64},
+    )
     serve.run(build_app(args), name="lora", route_prefix="/lora")
     try:
         client = openai.OpenAI(base_url=f"{URL}/lora/v1", api_key=KEY, max_retries=0, timeout=120)
         assert {"math", "code", "reasoning", "math-code"} <= {m.id for m in client.models.list().data}
         answers = {}
-        for model, t2ray in [("math", {}), ("math-code", {}), ("auto", {}), ("auto", {"strategy": "classifier"}),
-                             ("auto", {"weights": [0, 2, 1]}), ("auto", {"strategy": "token"})]:
-            resp = client.chat.completions.create(model=model, messages=CHAT, max_tokens=4, temperature=0,
-                                                  extra_body={"t2ray": t2ray})
+        for model, t2ray in [
+            ("math", {}),
+            ("math-code", {}),
+            ("auto", {}),
+            ("auto", {"strategy": "classifier"}),
+            ("auto", {"weights": [0, 2, 1]}),
+            ("auto", {"strategy": "token"}),
+        ]:
+            resp = client.chat.completions.create(
+                model=model, messages=CHAT, max_tokens=4, temperature=0, extra_body={"t2ray": t2ray}
+            )
             answers[model, str(t2ray)] = resp.model_extra["t2ray"]
         assert answers["math", "{}"]["mixture"] == {"label": "expert:math", "weights": {"math": 1.0}}
         assert answers["math-code", "{}"]["mixture"]["weights"] == {"math": 0.7, "code": 0.3}
@@ -422,14 +507,23 @@ def test_a_full_replica_queue_answers_503_in_openai_shape(endpoint, tiny_experts
     """Backpressure: a replica that takes 2 requests at a time and queues 1 more turns the rest away at once."""
     from t2ray.serve.app import build_app
 
-    args = tiny_args(tiny_experts, batching={"max_batch_size": 1, "batch_wait_timeout_s": 0.0, "torch_threads": 1},
-                     expert_model={"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25},
-                                   "max_ongoing_requests": 2, "max_queued_requests": 1})
+    args = tiny_args(
+        tiny_experts,
+        batching={"max_batch_size": 1, "batch_wait_timeout_s": 0.0, "torch_threads": 1},
+        expert_model={
+            "num_replicas": 1,
+            "ray_actor_options": {"num_cpus": 0.25},
+            "max_ongoing_requests": 2,
+            "max_queued_requests": 1,
+        },
+    )
     serve.run(build_app(args), name="tight", route_prefix="/tight")
     try:
+
         async def flood():
-            async with httpx.AsyncClient(base_url=f"{URL}/tight", headers={"Authorization": f"Bearer {KEY}"},
-                                         timeout=120) as client:
+            async with httpx.AsyncClient(
+                base_url=f"{URL}/tight", headers={"Authorization": f"Bearer {KEY}"}, timeout=120
+            ) as client:
                 body = {"model": "base", "prompt": "Count:", "max_tokens": 48, "ignore_eos": True}
                 return await asyncio.gather(*(client.post("/v1/completions", json=body) for _ in range(24)))
 

@@ -1,4 +1,5 @@
 """Target selection, the base-model fingerprint, and the per-matrix SVD cache."""
+
 from __future__ import annotations
 
 import importlib
@@ -8,7 +9,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from t2ray.svf import DecomposeError, SVFConfig, base_model_info, decompose, model_fingerprint, patch_model, select_targets
+from t2ray.svf import (
+    DecomposeError,
+    SVFConfig,
+    base_model_info,
+    decompose,
+    model_fingerprint,
+    patch_model,
+    select_targets,
+)
 from t2ray.svf.decompose import svd_cache_dir
 
 # `t2ray.svf.decompose` as an attribute is the function (the package re-exports it), so fetch the module itself.
@@ -25,6 +34,7 @@ def names(layers, kinds):
 
 # ---------------------------------------------------------------- select_targets
 
+
 def test_select_groups(tiny):
     assert select_targets(tiny, "mlp") == names([0, 1], MLP)
     assert select_targets(tiny, "attn") == names([0, 1], ATTN)
@@ -36,15 +46,27 @@ def test_select_groups(tiny):
 def test_select_explicit_names(tiny):
     assert select_targets(tiny, "gate_proj") == names([0, 1], ["gate_proj"])
     assert select_targets(tiny, ["q_proj", "down_proj"]) == [
-        "model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj",
-        "model.layers.1.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.0.mlp.down_proj",
+        "model.layers.1.self_attn.q_proj",
+        "model.layers.1.mlp.down_proj",
+    ]
     assert select_targets(tiny, ["model.layers.1.mlp.up_proj"]) == ["model.layers.1.mlp.up_proj"]
     assert select_targets(tiny, "mlp.up_proj") == names([0, 1], ["up_proj"])
 
 
-@pytest.mark.parametrize("layers, expected", [
-    ("0-1", [0, 1]), ("1", [1]), ("0,1", [0, 1]), (" 1 , 0 ", [0, 1]), ([1], [1]), ([0], [0]), (None, [0, 1]),
-])
+@pytest.mark.parametrize(
+    "layers, expected",
+    [
+        ("0-1", [0, 1]),
+        ("1", [1]),
+        ("0,1", [0, 1]),
+        (" 1 , 0 ", [0, 1]),
+        ([1], [1]),
+        ([0], [0]),
+        (None, [0, 1]),
+    ],
+)
 def test_select_layers(tiny, layers, expected):
     assert select_targets(tiny, "mlp", layers) == names(expected, MLP)
 
@@ -85,6 +107,7 @@ def test_svf_config_rejects_unknown_fields_and_bad_values():
 
 # ---------------------------------------------------------------- fingerprint
 
+
 def test_fingerprint_is_stable_across_loads_of_one_seed(make_tiny):
     a, b, other = make_tiny(seed=0), make_tiny(seed=0), make_tiny(seed=1)
     assert model_fingerprint(a) == model_fingerprint(b)
@@ -119,6 +142,7 @@ def test_fingerprint_unchanged_by_patching(tiny):
 
 
 # ---------------------------------------------------------------- decompose + cache
+
 
 def test_decompose_factors_reconstruct_weights(tiny, tmp_path):
     targets = select_targets(tiny, "all")
@@ -208,25 +232,32 @@ def test_corrupt_cache_file_is_recomputed(tiny, tmp_path, monkeypatch, caplog):
 
 
 def test_truncated_cache_file_is_recomputed(tiny, tmp_path, monkeypatch, caplog):
-    _corrupt_and_reload(tiny, tmp_path, monkeypatch, caplog, lambda p: p.write_bytes(p.read_bytes()[:200]),
-                        "unreadable")
+    _corrupt_and_reload(
+        tiny, tmp_path, monkeypatch, caplog, lambda p: p.write_bytes(p.read_bytes()[:200]), "unreadable"
+    )
 
 
 def test_cache_file_with_missing_key_is_recomputed(tiny, tmp_path, monkeypatch, caplog):
-    _corrupt_and_reload(tiny, tmp_path, monkeypatch, caplog,
-                        lambda p: save_file({"q": torch.eye(64)}, p), "unreadable")
+    _corrupt_and_reload(tiny, tmp_path, monkeypatch, caplog, lambda p: save_file({"q": torch.eye(64)}, p), "unreadable")
 
 
 def test_cache_file_with_wrong_shape_is_recomputed(tiny, tmp_path, monkeypatch, caplog):
-    _corrupt_and_reload(tiny, tmp_path, monkeypatch, caplog,
-                        lambda p: save_file({"q": torch.eye(32), "s": torch.ones(32)}, p), "does not match")
+    _corrupt_and_reload(
+        tiny,
+        tmp_path,
+        monkeypatch,
+        caplog,
+        lambda p: save_file({"q": torch.eye(32), "s": torch.ones(32)}, p),
+        "does not match",
+    )
 
 
 def test_cache_file_with_nan_is_recomputed(tiny, tmp_path, monkeypatch, caplog):
     bad_q = torch.eye(64)
     bad_q[0, 0] = float("nan")
-    _corrupt_and_reload(tiny, tmp_path, monkeypatch, caplog,
-                        lambda p: save_file({"q": bad_q, "s": torch.ones(64)}, p), "does not match")
+    _corrupt_and_reload(
+        tiny, tmp_path, monkeypatch, caplog, lambda p: save_file({"q": bad_q, "s": torch.ones(64)}, p), "does not match"
+    )
 
 
 def test_float64_svd_is_cached_separately_and_tighter(tiny, tmp_path):

@@ -1,4 +1,5 @@
 """SVFLinear on its own: the W' formula against a fresh full SVD, the two execution modes, z shapes, caching."""
+
 from __future__ import annotations
 
 import pytest
@@ -114,7 +115,7 @@ def test_per_row_z_equals_separate_runs(kind):
         batched = layer(x)
         for i in range(3):
             layer.set_z(zs[i])
-            torch.testing.assert_close(batched[i], layer(x[i:i + 1])[0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(batched[i], layer(x[i : i + 1])[0], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind", SHAPES)

@@ -1,4 +1,5 @@
 """patch_model & co. on whole models: identities at z = 1, per-row / per-token z, gradients, caching, unpatching."""
+
 from __future__ import annotations
 
 import copy
@@ -7,8 +8,20 @@ import pytest
 import torch
 
 from t2ray.svf import (
-    SVFConfig, SVFLinear, base_model_info, disabled, load_params, model_fingerprint, patch_model, select_targets,
-    set_mode, set_z, svf_layers, trainable_params, unpatch_model, use_trainable,
+    SVFConfig,
+    SVFLinear,
+    base_model_info,
+    disabled,
+    load_params,
+    model_fingerprint,
+    patch_model,
+    select_targets,
+    set_mode,
+    set_z,
+    svf_layers,
+    trainable_params,
+    unpatch_model,
+    use_trainable,
 )
 
 MODES = ["materialized", "factored"]
@@ -42,6 +55,7 @@ def left_padded(tokenizer, texts):
 
 
 # ---------------------------------------------------------------- identities
+
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("targets", ["mlp", "all"])
@@ -117,6 +131,7 @@ def test_modes_agree_through_the_model(tiny):
 
 
 # ---------------------------------------------------------------- per-row and per-token z
+
 
 @pytest.mark.parametrize("mode", MODES)
 def test_per_row_z_with_left_padding_equals_separate_runs(tiny, tokenizer, mode):
@@ -197,6 +212,7 @@ def test_per_token_z_switch_only_affects_later_tokens(tiny):
 
 # ---------------------------------------------------------------- training: gradients and cache invalidation
 
+
 @pytest.mark.parametrize("mode", MODES)
 def test_gradient_flows_only_into_svf_p(tiny, mode):
     patch_model(tiny, SVFConfig(target_modules="all", mode=mode), progress=False)
@@ -275,6 +291,7 @@ def test_patch_init_is_seeded_and_keeps_global_rng(make_tiny):
 
 # ---------------------------------------------------------------- patch / unpatch
 
+
 def test_patch_then_unpatch_restores_original_modules(tiny):
     ids = token_ids()
     base = logits(tiny, ids)
@@ -318,11 +335,15 @@ def test_base_model_info_matches_layers(tiny):
     patch_model(tiny, SVFConfig(layers="1"), progress=False)
     info = base_model_info(tiny)
     assert info.fingerprint == fingerprint
-    assert info.module_ranks == {"model.layers.1.mlp.gate_proj": 64, "model.layers.1.mlp.up_proj": 64,
-                                 "model.layers.1.mlp.down_proj": 64}
+    assert info.module_ranks == {
+        "model.layers.1.mlp.gate_proj": 64,
+        "model.layers.1.mlp.up_proj": 64,
+        "model.layers.1.mlp.down_proj": 64,
+    }
 
 
 # ---------------------------------------------------------------- the real model
+
 
 @pytest.mark.slow
 def test_smollm2_identity_and_disabled(smollm2, tokenizer):

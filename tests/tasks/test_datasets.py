@@ -22,18 +22,21 @@ def gsm8k_rows(n, offset=0):
     rows = []
     for i in range(offset, offset + n):
         a, b = i + 2, 3
-        rows.append({
-            "question": f"Natalia sold clips to {a} friends, {b} clips each. How many clips did she sell?",
-            "answer": f"She sold {a}*{b} = <<{a}*{b}={a * b}>>{a * b} clips.\n#### {a * b:,}",
-        })
+        rows.append(
+            {
+                "question": f"Natalia sold clips to {a} friends, {b} clips each. How many clips did she sell?",
+                "answer": f"She sold {a}*{b} = <<{a}*{b}={a * b}>>{a * b} clips.\n#### {a * b:,}",
+            }
+        )
     return rows
 
 
 def test_gsm8k_local_files(tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", gsm8k_rows(20))
     test = write_jsonl(tmp_path / "test.jsonl", gsm8k_rows(5, offset=100))
-    task = make_dataset_task("gsm8k", data_files={"train": str(train), "test": str(test)},
-                             cache_dir=str(tmp_path / "cache"))
+    task = make_dataset_task(
+        "gsm8k", data_files={"train": str(train), "test": str(test)}, cache_dir=str(tmp_path / "cache")
+    )
     assert task.name == "gsm8k" and task.category == "math" and task.grader == "numeric"
     sizes = {s: len(task.examples(s)) for s in SPLITS}
     assert sizes == {"train": 18, "valid": 2, "test": 5}  # valid carved from train (10 %)
@@ -45,8 +48,9 @@ def test_gsm8k_local_files(tmp_path):
     assert task.grade(ex, ref) and task.grade(ex, "so 306 clips")
     assert not task.grade(ex, "The answer is 305.")
     # deterministic
-    again = make_dataset_task("gsm8k", data_files={"train": str(train), "test": str(test)},
-                              cache_dir=str(tmp_path / "cache"))
+    again = make_dataset_task(
+        "gsm8k", data_files={"train": str(train), "test": str(test)}, cache_dir=str(tmp_path / "cache")
+    )
     assert again.examples("valid") == task.examples("valid")
 
 
@@ -61,9 +65,11 @@ MBPP_ROWS = [
         "task_id": 11,
         "text": "Write a python function to remove first and last occurrence of a given character from the string.",
         "code": "def remove_Occ(s,ch): \r\n    for i in range(len(s)): \r\n        if (s[i] == ch): \r\n            s = s[0 : i] + s[i + 1:] \r\n            break\r\n    for i in range(len(s) - 1,-1,-1):  \r\n        if (s[i] == ch): \r\n            s = s[0 : i] + s[i + 1:] \r\n            break\r\n    return s ",
-        "test_list": ["assert remove_Occ(\"hello\",\"l\") == \"heo\"",
-                      "assert remove_Occ(\"abcda\",\"a\") == \"bcd\"",
-                      "assert remove_Occ(\"PHP\",\"P\") == \"H\""],
+        "test_list": [
+            'assert remove_Occ("hello","l") == "heo"',
+            'assert remove_Occ("abcda","a") == "bcd"',
+            'assert remove_Occ("PHP","P") == "H"',
+        ],
         "test_setup_code": "",
         "challenge_test_list": [],
     },
@@ -71,8 +77,10 @@ MBPP_ROWS = [
         "task_id": 12,
         "text": "Write a function to sort a given matrix in ascending order according to the sum of its rows.",
         "code": "def sort_matrix(M):\r\n    result = sorted(M, key=sum)\r\n    return result",
-        "test_list": ["assert sort_matrix([[1, 2, 3], [2, 4, 5], [1, 1, 1]])==[[1, 1, 1], [1, 2, 3], [2, 4, 5]]",
-                      "assert sort_matrix([[1, 2, 3], [-2, 4, -5], [1, -1, 1]])==[[-2, 4, -5], [1, -1, 1], [1, 2, 3]]"],
+        "test_list": [
+            "assert sort_matrix([[1, 2, 3], [2, 4, 5], [1, 1, 1]])==[[1, 1, 1], [1, 2, 3], [2, 4, 5]]",
+            "assert sort_matrix([[1, 2, 3], [-2, 4, -5], [1, -1, 1]])==[[-2, 4, -5], [1, -1, 1], [1, 2, 3]]",
+        ],
         "test_setup_code": "",
         "challenge_test_list": [],
     },
@@ -106,11 +114,22 @@ def test_mbpp_local_files_and_grading(tmp_path):
 
 
 def test_mbpp_sanitized_schema(tmp_path):
-    row = {"source_file": "x", "task_id": 2, "prompt": "Write a function to find the shared elements.",
-           "code": "def similar_elements(a, b):\n    return tuple(set(a) & set(b))",
-           "test_imports": [], "test_list": ["assert set(similar_elements((3, 4), (4, 5))) == set((4,))"]}
-    f = write_jsonl(tmp_path / "s.jsonl", [row] * 1 + [dict(row, task_id=3, prompt="Again: " + row["prompt"]),
-                                                     dict(row, task_id=4, prompt="Once more: " + row["prompt"])])
+    row = {
+        "source_file": "x",
+        "task_id": 2,
+        "prompt": "Write a function to find the shared elements.",
+        "code": "def similar_elements(a, b):\n    return tuple(set(a) & set(b))",
+        "test_imports": [],
+        "test_list": ["assert set(similar_elements((3, 4), (4, 5))) == set((4,))"],
+    }
+    f = write_jsonl(
+        tmp_path / "s.jsonl",
+        [row] * 1
+        + [
+            dict(row, task_id=3, prompt="Again: " + row["prompt"]),
+            dict(row, task_id=4, prompt="Once more: " + row["prompt"]),
+        ],
+    )
     task = make_dataset_task("mbpp", data_files=str(f), cache_dir=str(tmp_path / "cache"))
     exs = [e for s in SPLITS for e in task.examples(s)]
     assert len(exs) == 3
@@ -125,16 +144,32 @@ def test_mbpp_entry_point_detection():
 
 def arc_rows():
     return [
-        {"id": "Mercury_7175875", "question": "An astronomer observes that a planet rotates faster after a meteorite impact. Which is the most likely effect of this increase in rotation?",
-         "choices": {"text": ["Planetary density will decrease.", "Planetary years will become longer.",
-                              "Planetary days will become shorter.", "Planetary gravity will become stronger."],
-                     "label": ["A", "B", "C", "D"]}, "answerKey": "C"},
-        {"id": "ACTAAP_2013_5_11", "question": "Which of these is a source of light?",
-         "choices": {"text": ["the Sun", "the Moon", "a mirror"], "label": ["1", "2", "3"]},
-         "answerKey": "1"},
-        {"id": "NYSEDREGENTS_2008_4_3", "question": "Which tool is used to measure temperature?",
-         "choices": {"text": ["ruler", "thermometer", "balance", "clock"], "label": ["A", "B", "C", "D"]},
-         "answerKey": "B"},
+        {
+            "id": "Mercury_7175875",
+            "question": "An astronomer observes that a planet rotates faster after a meteorite impact. Which is the most likely effect of this increase in rotation?",
+            "choices": {
+                "text": [
+                    "Planetary density will decrease.",
+                    "Planetary years will become longer.",
+                    "Planetary days will become shorter.",
+                    "Planetary gravity will become stronger.",
+                ],
+                "label": ["A", "B", "C", "D"],
+            },
+            "answerKey": "C",
+        },
+        {
+            "id": "ACTAAP_2013_5_11",
+            "question": "Which of these is a source of light?",
+            "choices": {"text": ["the Sun", "the Moon", "a mirror"], "label": ["1", "2", "3"]},
+            "answerKey": "1",
+        },
+        {
+            "id": "NYSEDREGENTS_2008_4_3",
+            "question": "Which tool is used to measure temperature?",
+            "choices": {"text": ["ruler", "thermometer", "balance", "clock"], "label": ["A", "B", "C", "D"]},
+            "answerKey": "B",
+        },
     ]
 
 
@@ -168,16 +203,31 @@ def test_arc_bad_answer_key(tmp_path):
 
 def math_rows():
     return [
-        {"problem": "What is $\\frac{1}{2} + \\frac{1}{4}$?", "level": "Level 1", "type": "Prealgebra",
-         "solution": "We have $\\frac12 + \\frac14 = \\frac{3}{4}$, so the answer is $\\boxed{\\frac{3}{4}}$."},
-        {"problem": "Solve $2x + 3 = 11$.", "level": "Level 1", "type": "Algebra",
-         "solution": "Subtract 3 and divide by 2: $x = \\boxed{4}$."},
-        {"problem": "How many degrees are in a right angle?", "level": "Level 1", "type": "Geometry",
-         "solution": "A right angle measures $\\boxed{90^\\circ}$."},
-        {"problem": "Compute $3^2$.", "level": "Level 1", "type": "Algebra",
-         "solution": "$3^2 = \\boxed{9}$."},
-        {"problem": "Compute $\\sqrt{16}$.", "level": "Level 1", "type": "Algebra",
-         "solution": "$\\sqrt{16} = \\boxed{4}$."},
+        {
+            "problem": "What is $\\frac{1}{2} + \\frac{1}{4}$?",
+            "level": "Level 1",
+            "type": "Prealgebra",
+            "solution": "We have $\\frac12 + \\frac14 = \\frac{3}{4}$, so the answer is $\\boxed{\\frac{3}{4}}$.",
+        },
+        {
+            "problem": "Solve $2x + 3 = 11$.",
+            "level": "Level 1",
+            "type": "Algebra",
+            "solution": "Subtract 3 and divide by 2: $x = \\boxed{4}$.",
+        },
+        {
+            "problem": "How many degrees are in a right angle?",
+            "level": "Level 1",
+            "type": "Geometry",
+            "solution": "A right angle measures $\\boxed{90^\\circ}$.",
+        },
+        {"problem": "Compute $3^2$.", "level": "Level 1", "type": "Algebra", "solution": "$3^2 = \\boxed{9}$."},
+        {
+            "problem": "Compute $\\sqrt{16}$.",
+            "level": "Level 1",
+            "type": "Algebra",
+            "solution": "$\\sqrt{16} = \\boxed{4}$.",
+        },
     ]
 
 
@@ -196,8 +246,17 @@ def test_math_competition_schema_single_file(tmp_path):
 
 
 def test_math500_schema_with_answer_field(tmp_path):
-    rows = [{"problem": f"Compute ${i} + {i}$.", "solution": f"It is ${2 * i}$.", "answer": str(2 * i),
-             "subject": "Algebra", "level": 1, "unique_id": f"test/algebra/{i}.json"} for i in range(10)]
+    rows = [
+        {
+            "problem": f"Compute ${i} + {i}$.",
+            "solution": f"It is ${2 * i}$.",
+            "answer": str(2 * i),
+            "subject": "Algebra",
+            "level": 1,
+            "unique_id": f"test/algebra/{i}.json",
+        }
+        for i in range(10)
+    ]
     f = write_jsonl(tmp_path / "test.jsonl", rows)
     task = make_dataset_task("math-500", data_files={"test": str(f)}, cache_dir=str(tmp_path / "c"))
     assert sum(len(task.examples(s)) for s in SPLITS) == 10  # only a test split: carved by fractions
@@ -222,8 +281,7 @@ def test_missing_field_and_missing_file(tmp_path):
 
 
 def test_unreachable_dataset_is_a_clear_error(tmp_path):
-    task = DatasetTask("x", "gsm8k", path=str(tmp_path / "no-such-dataset"),
-                       cache_dir=str(tmp_path / "cache"))
+    task = DatasetTask("x", "gsm8k", path=str(tmp_path / "no-such-dataset"), cache_dir=str(tmp_path / "cache"))
     with pytest.raises(TaskError, match="could not load dataset"):
         task.examples("train")
 

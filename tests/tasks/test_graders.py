@@ -199,8 +199,7 @@ def test_python_tests_grader():
     assert grade_python_tests("def add_3(x): return x + 3", TESTS, "add_3")
     assert not grade_python_tests(bad, TESTS, "add_3")
     assert not grade_python_tests("I don't know.", TESTS, "add_3")
-    assert not grade_python_tests("```python\ndef add_3(x):\n    while True: pass\n```", TESTS,
-                                  "add_3", timeout_s=1)
+    assert not grade_python_tests("```python\ndef add_3(x):\n    while True: pass\n```", TESTS, "add_3", timeout_s=1)
     with pytest.raises(TaskError):
         grade_python_tests(good, "", "add_3")
 

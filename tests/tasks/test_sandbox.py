@@ -1,5 +1,5 @@
 """The sandbox runs programs, grades them and kills them on time; tests/tasks/test_sandbox_escapes.py tries to get out."""
-import os
+
 import time
 
 from t2ray.tasks.sandbox import run_many, run_python

@@ -1,5 +1,6 @@
 """Escape attempts against the code sandbox (t2ray/tasks/sandbox.py), each written as model-written code would be:
 every one must stay inside. A program prints ESCAPED when an attempt worked."""
+
 from __future__ import annotations
 
 import os
@@ -42,7 +43,8 @@ def test_no_network_even_through_the_c_module():
             "        s.connect(address)\n"
             "        print('ESCAPED', address)\n"
             "    except OSError as err:\n"
-            "        print('blocked', err)\n" % port)
+            "        print('blocked', err)\n" % port
+        )
     finally:
         listener.close()
     assert r.passed and "ESCAPED" not in r.stdout and r.stdout.count("blocked") == 2, r
@@ -50,16 +52,24 @@ def test_no_network_even_through_the_c_module():
 
 def test_shell_through_posix_cannot_write_to_the_host(tmp_path):
     target = tmp_path / "pwned"
-    r = run_python(f"import posix\nposix.system('touch {target} /work/pwned /pwned 2>/dev/null')\n"
-                   "import os; print(os.path.exists('/bin/sh'))")
+    r = run_python(
+        f"import posix\nposix.system('touch {target} /work/pwned /pwned 2>/dev/null')\n"
+        "import os; print(os.path.exists('/bin/sh'))"
+    )
     assert r.passed and not target.exists() and not os.path.exists("/work/pwned") and not os.path.exists("/pwned")
 
 
 def test_writes_outside_its_tmp_fail(tmp_path):
     import sysconfig
 
-    targets = [str(tmp_path / "x.txt"), os.path.join(sysconfig.get_paths()["purelib"], "evil.pth"),
-               "/usr/lib/evil.pth", "/sandbox/program.py", "/etc/evil", os.path.expanduser("~/.evil")]
+    targets = [
+        str(tmp_path / "x.txt"),
+        os.path.join(sysconfig.get_paths()["purelib"], "evil.pth"),
+        "/usr/lib/evil.pth",
+        "/sandbox/program.py",
+        "/etc/evil",
+        os.path.expanduser("~/.evil"),
+    ]
     r = run_python(
         f"for path in {targets!r}:\n"
         "    try:\n"
@@ -68,7 +78,8 @@ def test_writes_outside_its_tmp_fail(tmp_path):
         "    except OSError:\n"
         "        pass\n"
         "open('/tmp/scratch.txt', 'w').write('fine')\n"
-        "print(open('/tmp/scratch.txt').read())\n")
+        "print(open('/tmp/scratch.txt').read())\n"
+    )
     assert r.passed and "ESCAPED" not in r.stdout and r.stdout.strip() == "fine", r
     assert not any(os.path.exists(t) for t in targets[:3] + targets[4:])
 
@@ -80,7 +91,8 @@ def test_host_files_are_not_visible(tmp_path):
         f"import os\n"
         f"for path in ({str(secret)!r}, '/root/.bash_history', '/work', '/home', '/etc/passwd', '/etc/shadow'):\n"
         "    if os.path.exists(path):\n"
-        "        print('ESCAPED', path)\n")
+        "        print('ESCAPED', path)\n"
+    )
     assert r.passed and "ESCAPED" not in r.stdout, r
 
 
@@ -94,7 +106,8 @@ def test_parent_environment_is_unreadable(monkeypatch):
         "        try:\n"
         "            print(open(f'/proc/{pid}/{name}', 'rb').read())\n"
         "        except OSError:\n"
-        "            pass\n")
+        "            pass\n"
+    )
     assert r.passed and "s3cr3t" not in r.stdout + r.stderr, r
 
 
@@ -108,9 +121,10 @@ def test_proc_shows_only_the_sandbox():
         "    try:\n"
         "        action()\n"
         "    except OSError:\n"
-        "        pass\n")
-    assert int(r.stdout.split()[0]) <= 3, r   # bwrap's init, the runner (and its proc listing): no host process
-    assert os.getpid() == host_pid            # still alive
+        "        pass\n"
+    )
+    assert int(r.stdout.split()[0]) <= 3, r  # bwrap's init, the runner (and its proc listing): no host process
+    assert os.getpid() == host_pid  # still alive
 
 
 def test_fork_bomb_stops_at_the_process_limit():
@@ -126,11 +140,13 @@ def test_fork_bomb_stops_at_the_process_limit():
         "        children += 1\n"
         "    except OSError:\n"
         "        break\n"
-        "print(children)\n", timeout_s=5)
+        "print(children)\n",
+        timeout_s=5,
+    )
     assert r.passed and 0 < int(r.stdout) < MAX_PROCESSES, r
     assert time.monotonic() - start < 10
     time.sleep(0.5)
-    assert sandboxed_processes() == []   # the sleeping children died with the run
+    assert sandboxed_processes() == []  # the sleeping children died with the run
 
 
 def test_setsid_double_fork_does_not_outlive_the_run():
@@ -142,7 +158,8 @@ def test_setsid_double_fork_does_not_outlive_the_run():
         "        time.sleep(60)\n"
         "    os._exit(0)\n"
         "time.sleep(0.2)\n"
-        "print('parent done')\n")
+        "print('parent done')\n"
+    )
     assert r.passed and "parent done" in r.stdout
     time.sleep(0.5)
     assert sandboxed_processes() == []
@@ -162,7 +179,9 @@ def test_completion_marker_cannot_be_read_and_printed():
         "    print(token)\n"
         "sys.stdout.flush()\n"
         "os._exit(0)\n"
-        "assert False, 'the tests'\n", require_completion=True)
+        "assert False, 'the tests'\n",
+        require_completion=True,
+    )
     assert not r.passed and r.status == "failed" and "exited before its end" in r.stderr, r
 
 
@@ -180,14 +199,15 @@ def test_huge_files_and_output_are_capped():
         "            fh.write(b'x' * 10**6)\n"
         "            written += 10**6\n"
         "except OSError as err:\n"
-        "    print('stopped at', written, type(err).__name__)\n")
+        "    print('stopped at', written, type(err).__name__)\n"
+    )
     assert "stopped at" in r.stdout and int(r.stdout.split()[2]) <= sandbox._MAX_OUTPUT_BYTES, r
     flood = run_python("import sys\nfor _ in range(100):\n    sys.stdout.write('y' * 10**6)\n")
     assert not flood.passed and len(flood.stdout) <= sandbox.STDERR_TAIL_CHARS
 
 
 def test_without_an_os_sandbox_untrusted_code_is_refused_unless_opted_in(monkeypatch):
-    monkeypatch.setattr(sandbox, "_bwrap_binary", lambda: None)   # a machine without bubblewrap
+    monkeypatch.setattr(sandbox, "_bwrap_binary", lambda: None)  # a machine without bubblewrap
     sandbox._probe.cache_clear()
     try:
         monkeypatch.delenv(sandbox.UNSAFE_ENV, raising=False)

@@ -6,9 +6,18 @@ import pytest
 from t2ray.tasks import SPLITS, TaskError, get_task
 from t2ray.tasks.user import load_task_yaml
 
-CAPITALS = [("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Spain", "Madrid"),
-            ("Egypt", "Cairo"), ("Kenya", "Nairobi"), ("Peru", "Lima"), ("Greece", "Athens"),
-            ("Norway", "Oslo"), ("Cuba", "Havana")]
+CAPITALS = [
+    ("France", "Paris"),
+    ("Japan", "Tokyo"),
+    ("Italy", "Rome"),
+    ("Spain", "Madrid"),
+    ("Egypt", "Cairo"),
+    ("Kenya", "Nairobi"),
+    ("Peru", "Lima"),
+    ("Greece", "Athens"),
+    ("Norway", "Oslo"),
+    ("Cuba", "Havana"),
+]
 
 
 def write(path: Path, text: str) -> Path:
@@ -24,17 +33,19 @@ def write_rows(path: Path, rows) -> Path:
 def capitals(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
-    write_rows(data / "capitals.jsonl",
-               [{"prompt": f"What is the capital of {c}?", "answer": a} for c, a in CAPITALS])
-    return write(tmp_path / "capitals.yaml", (
-        "name: capitals\n"
-        "data: data/capitals.jsonl\n"
-        "grader: exact\n"
-        "prompt_template: '{prompt} Reply with just the name.'\n"
-        "system_prompt: You are a geography teacher.\n"
-        "max_new_tokens: 16\n"
-        "splits: [0.6, 0.2, 0.2]\n"
-    ))
+    write_rows(data / "capitals.jsonl", [{"prompt": f"What is the capital of {c}?", "answer": a} for c, a in CAPITALS])
+    return write(
+        tmp_path / "capitals.yaml",
+        (
+            "name: capitals\n"
+            "data: data/capitals.jsonl\n"
+            "grader: exact\n"
+            "prompt_template: '{prompt} Reply with just the name.'\n"
+            "system_prompt: You are a geography teacher.\n"
+            "max_new_tokens: 16\n"
+            "splits: [0.6, 0.2, 0.2]\n"
+        ),
+    )
 
 
 def test_good_yaml_task(capitals):
@@ -58,20 +69,35 @@ def test_good_yaml_task(capitals):
 
 
 def test_choice_regex_numeric_and_code_yaml(tmp_path):
-    write_rows(tmp_path / "mc.jsonl", [
-        {"id": f"q{i}", "prompt": f"Which is bigger than {i}?", "choices": [str(i - 1), str(i + 1)],
-         "answer": str(i + 1)} for i in range(1, 11)])
-    mc = load_task_yaml(write(tmp_path / "mc.yaml",
-                              "name: mc\ndata: mc.jsonl\ngrader: choice\ncategory: reasoning\n"))
+    write_rows(
+        tmp_path / "mc.jsonl",
+        [
+            {
+                "id": f"q{i}",
+                "prompt": f"Which is bigger than {i}?",
+                "choices": [str(i - 1), str(i + 1)],
+                "answer": str(i + 1),
+            }
+            for i in range(1, 11)
+        ],
+    )
+    mc = load_task_yaml(write(tmp_path / "mc.yaml", "name: mc\ndata: mc.jsonl\ngrader: choice\ncategory: reasoning\n"))
     ex = mc.examples("train")[0]
     assert ex.answer == "B" and "\nA. " in ex.prompt and "\nB. " in ex.prompt  # options appended
     assert mc.grade(ex, "B") and mc.grade(ex, ex.choices[1]) and not mc.grade(ex, "A")
 
-    write_rows(tmp_path / "rx.jsonl", [{"prompt": f"Spell {w}", "answer": w} for w in
-                                       ("cat", "dog", "cow", "pig", "hen")])
-    rx = load_task_yaml(write(tmp_path / "rx.yaml", (
-        "name: rx\ndata: rx.jsonl\ngrader: regex\npattern: 'ANSWER:\\s*(\\w+)'\n"
-        "reference_template: 'ANSWER: {answer}'\nsplits: {train: 3, valid: 1, test: 1}\n")))
+    write_rows(
+        tmp_path / "rx.jsonl", [{"prompt": f"Spell {w}", "answer": w} for w in ("cat", "dog", "cow", "pig", "hen")]
+    )
+    rx = load_task_yaml(
+        write(
+            tmp_path / "rx.yaml",
+            (
+                "name: rx\ndata: rx.jsonl\ngrader: regex\npattern: 'ANSWER:\\s*(\\w+)'\n"
+                "reference_template: 'ANSWER: {answer}'\nsplits: {train: 3, valid: 1, test: 1}\n"
+            ),
+        )
+    )
     ex = rx.examples("test")[0]
     assert rx.grade(ex, f"hmm... ANSWER: {ex.answer}") and not rx.grade(ex, ex.answer)
 
@@ -80,11 +106,21 @@ def test_choice_regex_numeric_and_code_yaml(tmp_path):
     ex = num.examples("test")[0]
     assert num.grade(ex, f"It is {ex.answer}.")
 
-    write_rows(tmp_path / "code.jsonl", [
-        {"prompt": f"Write inc_{k}(x) returning x + {k}.", "answer": f"def inc_{k}(x):\n    return x + {k}",
-         "tests": f"assert inc_{k}(1) == {1 + k}", "entry_point": f"inc_{k}"} for k in range(5)])
-    code = load_task_yaml(write(tmp_path / "code.yaml",
-                                "name: code-y\ndata: code.jsonl\ngrader: python-tests\ncategory: code\n"))
+    write_rows(
+        tmp_path / "code.jsonl",
+        [
+            {
+                "prompt": f"Write inc_{k}(x) returning x + {k}.",
+                "answer": f"def inc_{k}(x):\n    return x + {k}",
+                "tests": f"assert inc_{k}(1) == {1 + k}",
+                "entry_point": f"inc_{k}",
+            }
+            for k in range(5)
+        ],
+    )
+    code = load_task_yaml(
+        write(tmp_path / "code.yaml", "name: code-y\ndata: code.jsonl\ngrader: python-tests\ncategory: code\n")
+    )
     ex = code.examples("test")[0]
     assert code.grade(ex, code.reference_completion(ex))
     assert not code.grade(ex, "def inc(x): return x")
@@ -93,10 +129,12 @@ def test_choice_regex_numeric_and_code_yaml(tmp_path):
 def test_dataset_key_with_known_format(tmp_path):
     rows = [{"question": f"What is {i} times 2?", "answer": f"{i}*2={2 * i}\n#### {2 * i}"} for i in range(10)]
     write_rows(tmp_path / "g.jsonl", rows)
-    task = load_task_yaml(write(tmp_path / "g.yaml", (
-        "name: my-gsm8k\n"
-        "dataset:\n  format: gsm8k\n  data_files: g.jsonl\n"
-        "max_new_tokens: 128\n")))
+    task = load_task_yaml(
+        write(
+            tmp_path / "g.yaml",
+            ("name: my-gsm8k\ndataset:\n  format: gsm8k\n  data_files: g.jsonl\nmax_new_tokens: 128\n"),
+        )
+    )
     assert task.grader == "numeric"  # from the format
     ex = task.examples("test")[0]
     assert task.grade(ex, task.reference_completion(ex))
@@ -104,12 +142,13 @@ def test_dataset_key_with_known_format(tmp_path):
 
 
 def test_dataset_key_generic_rows(tmp_path):
-    write_rows(tmp_path / "rows.jsonl", [{"prompt": f"Say {w}", "answer": w, "extra": 1}
-                                         for w in ("a1", "b2", "c3", "d4", "e5")])
-    task = load_task_yaml(write(tmp_path / "gen.yaml", (
-        "name: gen\n"
-        "dataset:\n  data_files: {train: rows.jsonl}\n"
-        "grader: exact\n")))
+    write_rows(
+        tmp_path / "rows.jsonl",
+        [{"prompt": f"Say {w}", "answer": w, "extra": 1} for w in ("a1", "b2", "c3", "d4", "e5")],
+    )
+    task = load_task_yaml(
+        write(tmp_path / "gen.yaml", ("name: gen\ndataset:\n  data_files: {train: rows.jsonl}\ngrader: exact\n"))
+    )
     exs = [e for s in SPLITS for e in task.examples(s)]
     assert sorted(e.answer for e in exs) == ["a1", "b2", "c3", "d4", "e5"]
 
@@ -124,8 +163,10 @@ BAD_CASES = [
     ("name: t\ndata: d.jsonl\ngrader: fuzzy\n", r"bad.yaml:3: key 'grader'"),
     ("name: t\ndata: d.jsonl\ngrader: regex\n", r"needs `pattern`"),
     ("name: t\ndata: d.jsonl\ngrader: regex\npattern: '('\n", r"key 'pattern': invalid regular"),
-    ("name: t\ndata: d.jsonl\ngrader: exact\nprompt_template: 'no placeholder'\n",
-     r"key 'prompt_template'.*\{prompt\}"),
+    (
+        "name: t\ndata: d.jsonl\ngrader: exact\nprompt_template: 'no placeholder'\n",
+        r"key 'prompt_template'.*\{prompt\}",
+    ),
     ("name: t\ndata: d.jsonl\ngrader: exact\nsplits: [0.5, 0.5]\n", r"key 'splits'"),
     ("name: t\ndata: d.jsonl\ngrader: exact\nmax_new_tokens: 0\n", r"bad.yaml:4: key 'max_new_tokens'"),
     ("name: t\ngrader: exact\n", r"exactly one of `data`"),
@@ -149,10 +190,12 @@ BAD_ROWS = [
     ('{"prompt": "p", "answer": "a", "colour": "red"}\n', r"d.jsonl:1: unknown key 'colour'"),
     ('{"prompt": "p"}\n', r"d.jsonl:1: missing key 'answer'"),
     ('{"answer": "a"}\n', r"d.jsonl:1: missing key 'prompt'"),
-    ('{"prompt": "p", "answer": "a", "id": "x"}\n{"prompt": "q", "answer": "b", "id": "x"}\n',
-     r"d.jsonl:2: key 'id': duplicate id"),
+    (
+        '{"prompt": "p", "answer": "a", "id": "x"}\n{"prompt": "q", "answer": "b", "id": "x"}\n',
+        r"d.jsonl:2: key 'id': duplicate id",
+    ),
     ('{"prompt": "", "answer": "a"}\n', r"d.jsonl:1: key 'prompt' is empty"),
-    ('\n\n', r"d.jsonl: no rows"),
+    ("\n\n", r"d.jsonl: no rows"),
 ]
 
 
@@ -177,8 +220,9 @@ def test_grader_specific_row_errors(tmp_path):
 def test_reference_template_checked(tmp_path):
     write_rows(tmp_path / "d.jsonl", [{"prompt": f"p{i}", "answer": f"a{i}"} for i in range(5)])
     with pytest.raises(TaskError, match="fails the 'regex' grader"):
-        load_task_yaml(write(tmp_path / "t.yaml", (
-            "name: t\ndata: d.jsonl\ngrader: regex\npattern: 'ANSWER: (\\w+)'\n")))
+        load_task_yaml(
+            write(tmp_path / "t.yaml", ("name: t\ndata: d.jsonl\ngrader: regex\npattern: 'ANSWER: (\\w+)'\n"))
+        )
 
 
 def test_missing_yaml_file(tmp_path):

@@ -1,8 +1,8 @@
 """Real Ray Train + DeepSpeed on CPU: one local Ray cluster per test module (2 CPUs), shut down at its end."""
+
 from __future__ import annotations
 
 import pytest
-
 from ray_env import cluster_env  # tests/ray_env.py (tests/ is on the path: tests/conftest.py)
 
 

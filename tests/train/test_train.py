@@ -4,6 +4,7 @@ Covers ZeRO-2, ZeRO-3 (weights partitioned, z whole), LoRA through the same loop
 a worker SIGKILLed mid-run, the refusals that must come before anything starts, and the SVDs as Ray tasks.
 One cluster for the whole module (starting one costs seconds on 2 shared cores).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from ray_env import checkpoint_registered, logged, while_watching
+from rl.learnable import LEARNABLE_RL, mean, rewards, write_learnable_task
 from safetensors.torch import load_file
 
 from t2ray.config import ExperimentConfig, deep_merge
@@ -22,9 +25,6 @@ from t2ray.svf import model_fingerprint, select_targets
 from t2ray.svf.decompose import svd_cache_dir, svd_factors
 from t2ray.train import TrainError, train
 from t2ray.train.decompose import decompose_distributed, missing_targets
-
-from ray_env import checkpoint_registered, logged, while_watching
-from rl.learnable import LEARNABLE_RL, mean, rewards, write_learnable_task
 
 # the module, not the function the package re-exports under the same name
 decompose_mod = importlib.import_module("t2ray.svf.decompose")
@@ -39,15 +39,26 @@ def learn_task(tmp_path_factory) -> Path:
 
 def make_config(tmp_path: Path, task: Path, name: str, **overrides) -> ExperimentConfig:
     base = {
-        "name": name, "task": str(task), "seed": 0, "method": "svf",
-        "model": {"spec": "tiny-llama"}, "svf": {"target_modules": "mlp"},
-        "rl": {**LEARNABLE_RL, "iterations": 20, "batch_size": 8, "eval_interval": 10, "eval_limit": 4,
-               "eval_batch_size": 4},
+        "name": name,
+        "task": str(task),
+        "seed": 0,
+        "method": "svf",
+        "model": {"spec": "tiny-llama"},
+        "svf": {"target_modules": "mlp"},
+        "rl": {
+            **LEARNABLE_RL,
+            "iterations": 20,
+            "batch_size": 8,
+            "eval_interval": 10,
+            "eval_limit": 4,
+            "eval_batch_size": 4,
+        },
         "deepspeed": {"enabled": True, "zero_stage": 2},
         "scaling": {"num_workers": 2, "cpus_per_worker": 1},
         "tracking": {"wandb": False},
         "storage_path": str(tmp_path / "runs"),
-        "max_failures": 0, "checkpoint_keep": 2,
+        "max_failures": 0,
+        "checkpoint_keep": 2,
     }
     return ExperimentConfig.model_validate(deep_merge(base, overrides))
 
@@ -86,6 +97,7 @@ def assert_svf_expert(outcome, cfg: ExperimentConfig, tiny_base) -> dict:
 
 # ---------------------------------------------------------------- ZeRO-2, stopped after 10 iterations and resumed
 
+
 @pytest.fixture(scope="module")
 def zero2_run(ray_cluster, learn_task, tmp_path_factory):
     """ZeRO-2 on 2 workers: 10 iterations, the driver returns (stopped); the same name + storage_path with 20
@@ -123,7 +135,7 @@ def test_zero2_two_workers_learn(zero2_run, tiny_base):
 def test_resume_after_the_driver_stopped(zero2_run):
     cfg, first_rows, outcome = zero2_run
     assert [m["iteration"] for m in first_rows] == list(range(1, 11))
-    new_rows = logged(cfg.run_dir)[len(first_rows):]
+    new_rows = logged(cfg.run_dir)[len(first_rows) :]
     assert new_rows, "the resumed run logged nothing"
     assert new_rows[0]["iteration"] == 11, [m["iteration"] for m in new_rows]  # did not restart from 1
     assert [m["iteration"] for m in new_rows] == list(range(11, 21))
@@ -137,6 +149,7 @@ def test_resume_after_the_driver_stopped(zero2_run):
 
 
 # ---------------------------------------------------------------- ZeRO-3, a worker SIGKILLed mid-run
+
 
 def _train_workers() -> list:
     """This cluster's RayTrainWorker processes (descendants of this driver: never another user's)."""
@@ -158,8 +171,14 @@ def zero3_killed_run(ray_cluster, learn_task, tmp_path_factory):
     64 values, stays whole). Once the first checkpoint is registered a helper thread SIGKILLs one RayTrainWorker;
     with max_failures 1 the run must restart from that checkpoint and finish."""
     tmp = tmp_path_factory.mktemp("zero3")
-    cfg = make_config(tmp, learn_task, "zero3", max_failures=1, rl={"eval_interval": 5},
-                      deepspeed={"zero_stage": 3, "param_persistence_threshold": 1000})
+    cfg = make_config(
+        tmp,
+        learn_task,
+        "zero3",
+        max_failures=1,
+        rl={"eval_interval": 5},
+        deepspeed={"zero_stage": 3, "param_persistence_threshold": 1000},
+    )
     killed: list[int] = []
 
     def kill_a_worker_after_the_first_checkpoint() -> bool:
@@ -203,13 +222,20 @@ def test_worker_killed_mid_run_restarts_from_the_checkpoint(zero3_killed_run):
 
 # ---------------------------------------------------------------- LoRA through the same loop
 
+
 def test_lora_through_the_same_loop(ray_cluster, learn_task, tmp_path, tiny_base):
     import copy
 
     from t2ray.lora import LORA_META_FILE, load_lora_expert
 
-    cfg = make_config(tmp_path, learn_task, "lora", method="lora", lora={"r": 2, "alpha": 4},
-                      rl={"iterations": 4, "eval_interval": 2, "lr": 0.01})
+    cfg = make_config(
+        tmp_path,
+        learn_task,
+        "lora",
+        method="lora",
+        lora={"r": 2, "alpha": 4},
+        rl={"iterations": 4, "eval_interval": 2, "lr": 0.01},
+    )
     outcome = train(cfg)
     assert outcome.expert_path == cfg.run_dir / "expert" and outcome.expert_path.is_dir()
     meta = json.loads((outcome.expert_path / LORA_META_FILE).read_text())
@@ -223,6 +249,7 @@ def test_lora_through_the_same_loop(ray_cluster, learn_task, tmp_path, tiny_base
 
 
 # ---------------------------------------------------------------- refusals before anything starts
+
 
 def test_more_workers_than_cpus_is_refused_before_anything_starts(ray_cluster, learn_task, tmp_path):
     cfg = make_config(tmp_path, learn_task, "too-many", scaling={"num_workers": 3}, rl={"batch_size": 6})
@@ -244,6 +271,7 @@ def test_task_without_a_training_split_is_refused(ray_cluster, tmp_path):
 
 
 # ---------------------------------------------------------------- the SVDs as Ray tasks (t2ray.train.decompose)
+
 
 def test_two_ray_tasks_fill_the_cache_a_local_decompose_hits(ray_cluster, tiny, tmp_path, monkeypatch, torch_threads):
     monkeypatch.setenv("T2RAY_CACHE", str(tmp_path / "cache"))  # an empty cache (svd_cache_dir reads it)

@@ -1,4 +1,5 @@
 """Sweep YAML validation (no Ray cluster): every bad input is named; the space, searchers and schedulers build."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -72,17 +73,21 @@ def test_values_the_experiment_refuses_are_named(tmp_path, base):
 
 
 def test_incoherent_combinations(tmp_path, base):
-    assert "needs search.alg random" in error_of(tmp_path, base, search={"alg": "optuna"},
-                                                  space={"rl.lr": {"grid": [0.1, 0.2]}})
-    assert "cannot mutate svf.init_mean" in error_of(tmp_path, base, scheduler={"type": "pbt"},
-                                                     space={"svf.init_mean": {"choice": [0.1, 1.0]}})
+    assert "needs search.alg random" in error_of(
+        tmp_path, base, search={"alg": "optuna"}, space={"rl.lr": {"grid": [0.1, 0.2]}}
+    )
+    assert "cannot mutate svf.init_mean" in error_of(
+        tmp_path, base, scheduler={"type": "pbt"}, space={"svf.init_mean": {"choice": [0.1, 1.0]}}
+    )
     assert "must exceed the perturbation interval" in error_of(
-        tmp_path, base, scheduler={"type": "pbt", "perturbation_interval": 4})
+        tmp_path, base, scheduler={"type": "pbt", "perturbation_interval": 4}
+    )
 
 
 def test_nested_space_and_overrides_flatten_and_cli_style_overrides(tmp_path, base):
-    path = sweep_file(tmp_path, base, space={"rl": {"lr": {"loguniform": [1e-4, 1e-2]}}},
-                      overrides={"rl": {"iterations": 3}})
+    path = sweep_file(
+        tmp_path, base, space={"rl": {"lr": {"loguniform": [1e-4, 1e-2]}}}, overrides={"rl": {"iterations": 3}}
+    )
     sweep = load_sweep(path, ["num_samples=3", "overrides.rl.eval_interval=3", "scheduler.type=asha"])
     assert list(sweep.config.space) == ["rl.lr"]
     assert sweep.config.overrides == {"rl.iterations": 3, "rl.eval_interval": 3}
@@ -116,8 +121,12 @@ def test_trial_experiment_runs_under_the_sweep_with_a_deterministic_name(tmp_pat
 def test_cem_sweep_checks_its_adapt_base(tmp_path):
     task = write_task(tmp_path / "task")
     base = write_adapt_base(tmp_path, str(task), [tmp_path / "a.safetensors", tmp_path / "b.safetensors"])
-    ok = write_sweep(tmp_path, base.name, kind="cem", space={"cem.population": {"choice": [4, 8]},
-                                                             "cem.per_module": {"choice": [False, True]}})
+    ok = write_sweep(
+        tmp_path,
+        base.name,
+        kind="cem",
+        space={"cem.population": {"choice": [4, 8]}, "cem.per_module": {"choice": [False, True]}},
+    )
     sweep = load_sweep(ok)
     assert sweep.max_t == 2 and sweep.config.time_attr == "generation"
     assert sweep.need_per_trial() == {"CPU": 1.0}
@@ -125,11 +134,22 @@ def test_cem_sweep_checks_its_adapt_base(tmp_path):
     with pytest.raises(SweepError, match="AdaptConfig schema has no 'rl'"):
         load_sweep(bad)
     with pytest.raises(SweepError, match="needs kind rl"):
-        load_sweep(write_sweep(tmp_path, base.name, name="pbt", kind="cem", scheduler={"type": "pbt"},
-                               space={"cem.elite_ratio": {"uniform": [0.1, 0.5]}}))
+        load_sweep(
+            write_sweep(
+                tmp_path,
+                base.name,
+                name="pbt",
+                kind="cem",
+                scheduler={"type": "pbt"},
+                space={"cem.elite_ratio": {"uniform": [0.1, 0.5]}},
+            )
+        )
     with pytest.raises(SweepError, match="never reported by cem trials"):
-        load_sweep(write_sweep(tmp_path, base.name, name="m", kind="cem", metric="reward",
-                               space={"cem.population": {"choice": [4, 8]}}))
+        load_sweep(
+            write_sweep(
+                tmp_path, base.name, name="m", kind="cem", metric="reward", space={"cem.population": {"choice": [4, 8]}}
+            )
+        )
 
 
 def test_tune_objects_build(tmp_path, base):
@@ -167,11 +187,14 @@ def test_reported_metric_lists_match_what_the_loop_reports(tmp_path, tiny, token
     from t2ray.rl.loop import Stepper, train_loop
     from t2ray.tasks import get_task
 
-    cfg = load_experiment(write_experiment(tmp_path, str(write_task(tmp_path / "task"))),
-                          ["rl.iterations=1", "rl.eval_interval=1", "rl.eval_limit=2"])
+    cfg = load_experiment(
+        write_experiment(tmp_path, str(write_task(tmp_path / "task"))),
+        ["rl.iterations=1", "rl.eval_interval=1", "rl.eval_limit=2"],
+    )
     adapter = SVFAdapter(tiny, cfg.svf, progress=False)
-    state = train_loop(cfg, tiny, tokenizer, get_task(cfg.task), adapter,
-                       Stepper(adapter.parameters(), cfg.rl.lr, cfg.rl.grad_clip))
+    state = train_loop(
+        cfg, tiny, tokenizer, get_task(cfg.task), adapter, Stepper(adapter.parameters(), cfg.rl.lr, cfg.rl.grad_clip)
+    )
     assert set(state.history[0]) == set(RL_METRICS)
     assert {"generation", "valid_accuracy"} <= set(CEM_METRICS)
     assert SweepConfig.model_fields["metric"].default in RL_METRICS

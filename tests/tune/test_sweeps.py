@@ -1,6 +1,7 @@
 """Real Ray Tune sweeps on tiny-llama, one 2-CPU Ray cluster for the module:
 an RL sweep whose trials are Ray Train + DeepSpeed runs (ASHA stops the weak ones), a CEM sweep interrupted
 with Ctrl-C and resumed, and the best configuration exported as a YAML that runs."""
+
 from __future__ import annotations
 
 import json
@@ -46,10 +47,16 @@ def test_rl_sweep_with_asha_stops_weak_trials_and_exports_a_runnable_best(cluste
     base = write_experiment(tmp_path, str(task), iterations=4, eval_interval=2)
     # Temperature 1.0 samples tokens ~uniformly (an "e" is common: reward > −1); at 0.05 the base model repeats
     # "\n" (reward −1): ASHA must stop 0.05 trials that reach a rung after a 1.0 trial.
-    path = write_sweep(tmp_path, base.name, name="asha",
-                       space={"rl.temperature": {"grid": [1.0, 0.05]}, "rl.lr": {"grid": [0.3, 0.01]}},
-                       scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2},
-                       metric="reward", mode="max", max_concurrent_trials=2)
+    path = write_sweep(
+        tmp_path,
+        base.name,
+        name="asha",
+        space={"rl.temperature": {"grid": [1.0, 0.05]}, "rl.lr": {"grid": [0.3, 0.01]}},
+        scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2},
+        metric="reward",
+        mode="max",
+        max_concurrent_trials=2,
+    )
     sweep = load_sweep(path)
     outcome = run_sweep(sweep)
 
@@ -74,8 +81,9 @@ def test_rl_sweep_with_asha_stops_weak_trials_and_exports_a_runnable_best(cluste
     cfg = load_experiment(outcome.best_config)
     trial_cfg = yaml.safe_load((Path(best["run_dir"]) / "config.yaml").read_text())
     ignore = {"name", "storage_path", "tracking"}
-    assert {k: v for k, v in cfg.model_dump(mode="json").items() if k not in ignore} == \
-        {k: v for k, v in trial_cfg.items() if k not in ignore}
+    assert {k: v for k, v in cfg.model_dump(mode="json").items() if k not in ignore} == {
+        k: v for k, v in trial_cfg.items() if k not in ignore
+    }
     assert cfg.name == "tiny-best" and cfg.rl.temperature == 1.0
 
     # ... and it runs (one iteration of the worker loop, in this process).
@@ -87,8 +95,9 @@ def test_rl_sweep_with_asha_stops_weak_trials_and_exports_a_runnable_best(cluste
     cfg = load_experiment(outcome.best_config, ["rl.iterations=1", "rl.eval_limit=2"])
     model, tokenizer = load_model(cfg.model.spec, seed=cfg.seed)
     adapter = SVFAdapter(model, cfg.svf, progress=False)
-    state = train_loop(cfg, model, tokenizer, get_task(cfg.task), adapter,
-                       Stepper(adapter.parameters(), cfg.rl.lr, cfg.rl.grad_clip))
+    state = train_loop(
+        cfg, model, tokenizer, get_task(cfg.task), adapter, Stepper(adapter.parameters(), cfg.rl.lr, cfg.rl.grad_clip)
+    )
     assert state.iteration == 1 and "valid_accuracy" in state.history[-1]
 
 
@@ -107,18 +116,33 @@ def test_cem_sweep_interrupted_then_resumed(cluster, tmp_path, torch_threads):
     task = write_task(tmp_path / "task")
     experts = make_experts(tmp_path / "experts", n=2)
     base = write_adapt_base(tmp_path, str(task), experts)
-    path = write_sweep(tmp_path, base.name, name="cem", kind="cem", num_samples=8, max_concurrent_trials=1,
-                       space={"cem.population": {"choice": [4, 6]}, "cem.per_module": {"choice": [False, True]},
-                              "cem.normalize": {"choice": [False, True]}},
-                       wandb=True)
+    path = write_sweep(
+        tmp_path,
+        base.name,
+        name="cem",
+        kind="cem",
+        num_samples=8,
+        max_concurrent_trials=1,
+        space={
+            "cem.population": {"choice": [4, 6]},
+            "cem.per_module": {"choice": [False, True]},
+            "cem.normalize": {"choice": [False, True]},
+        },
+        wandb=True,
+    )
     sweep = load_sweep(path)
     tune_dir = sweep.dir / "tune"
 
     # Start the sweep as a user would, on this module's cluster, and press Ctrl-C after its first trial.
     cli = Path(sys.executable).with_name("t2ray")
     address = cluster.get_runtime_context().gcs_address
-    proc = subprocess.Popen([str(cli), "tune", str(path), "--address", address], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "RAY_ADDRESS": ""})
+    proc = subprocess.Popen(
+        [str(cli), "tune", str(path), "--address", address],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "RAY_ADDRESS": ""},
+    )
     try:
         deadline = time.monotonic() + 240
         while not _results_with(tune_dir, "valid_accuracy") and time.monotonic() < deadline:
