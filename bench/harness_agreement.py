@@ -167,13 +167,13 @@ def compare_generation(examples: list, ours, theirs: list[dict]) -> dict:
 def compare(examples: list, ours, theirs: list[dict]) -> dict:
     by_id = {s["doc"]["id"]: s for s in theirs}
     agree, gap = 0, 0.0
-    for ex, record in zip(examples, ours.records):
+    for ex, record in zip(examples, ours.records, strict=True):
         sample = by_id[ex.id]
         their_lls = [float(r[0]) for r in sample["filtered_resps"]]
         agree += max(range(len(their_lls)), key=their_lls.__getitem__) == max(
             range(len(record["logliks"])), key=record["logliks"].__getitem__
         )
-        gap = max(gap, *(abs(a - b) for a, b in zip(their_lls, record["logliks"])))
+        gap = max(gap, *(abs(a - b) for a, b in zip(their_lls, record["logliks"], strict=True)))
     n = len(examples)
     return {
         "n": n,

@@ -47,7 +47,7 @@ def main() -> None:
     stages = lora_table2_stages(
         qs,
         args.root / "table2-lora",
-        dict(zip(CATEGORIES, args.adapters)),
+        dict(zip(CATEGORIES, args.adapters, strict=True)),
         {t: items_tested(qs, t) for t in tasks},
         lambda minutes: minutes,
     )

@@ -27,6 +27,7 @@ import platform
 import random
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 from statistics import mean
 
@@ -84,8 +85,8 @@ def main() -> None:
         joining.close()
         running.close()
         questions = [messages[-1]["content"] for messages in batch[:-1]]
-        p = timed(lambda: lib.classify(questions, use_classifier=False))
-        p1 = timed(lambda: one_forward.classify(questions))  # lib.classify left the base model in place
+        p = timed(partial(lib.classify, questions, use_classifier=False))
+        p1 = timed(partial(one_forward.classify, questions))  # lib.classify left the base model in place
         lengths = [len(classification_ids(lib.tokenizer, q)) - len(one_forward.prefix_ids) for q in questions]
         for arm, cost in (("p", PrefixScorer.FORWARD_COST_TOKENS), ("p1", math.inf)):
             groups = length_groups(lengths, cost)
@@ -113,7 +114,8 @@ def main() -> None:
             f"`{command_line()}` — {stamp()}",
             "",
             f"SmolLM2-135M-Instruct (bf16 where native, CPU, {args.threads} torch threads), three random SVF experts; "
-            f"load average {load_start:.1f} before, {load_end:.1f} at the end; medians of {args.repeats} rounds after a "
+            f"load average {load_start:.1f} before, {load_end:.1f} at the end; medians of {args.repeats} "
+            "rounds after a "
             f"warm-up. torch {torch.__version__}, Python {platform.python_version()}.",
             "",
             "| measure | ms (median) |",
@@ -128,7 +130,8 @@ def main() -> None:
             f"| (o) decode step of one row (bounds what fusing pass 1 into a step saves per batch) | "
             f"{1000 * med['o']:.1f} |",
             "",
-            f"Per request at {n} in flight, for T generated tokens: C = f + T·s/{n} (the replica's time for (c)), pass 1 "
+            f"Per request at {n} in flight, for T generated tokens: C = f + T·s/{n} (the replica's time "
+            "for (c)), pass 1 "
             "adds p/rows; predicted (d) ÷ (c) without and with pass 1 fused into the decode step's forward:",
             "",
             "| T tokens | C ms | pass 1 ms | (d) ÷ (c) | fused, at best |",

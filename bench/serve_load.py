@@ -251,6 +251,7 @@ def main() -> None:
         zip(
             ADAPTERS,
             random_adapters(load_model(args.model, dtype="float32")[0], Path(tmp.name) / "lora", len(ADAPTERS), 0.03),
+            strict=True,
         )
     )
     common = {

@@ -67,9 +67,11 @@ def main() -> None:
 
     # ---- memory: the decomposition (q, s) against the base weights
     decomposition_bytes = sum(
-        l.q.numel() * l.q.element_size() + l.s.numel() * l.s.element_size() for l in layers.values()
+        layer.q.numel() * layer.q.element_size() + layer.s.numel() * layer.s.element_size() for layer in layers.values()
     )
-    target_bytes = sum(l.base_layer.weight.numel() * l.base_layer.weight.element_size() for l in layers.values())
+    target_bytes = sum(
+        layer.base_layer.weight.numel() * layer.base_layer.weight.element_size() for layer in layers.values()
+    )
     model_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
 
     ids = torch.randint(100, 40000, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
@@ -133,9 +135,9 @@ def main() -> None:
 
     mat_layers = svf_layers(models["SVF materialized, one z (W' cached)"]).values()
     w_cache_bytes = sum(
-        l._weight_cache[1].numel() * l._weight_cache[1].element_size()
-        for l in mat_layers
-        if l._weight_cache is not None
+        layer._weight_cache[1].numel() * layer._weight_cache[1].element_size()
+        for layer in mat_layers
+        if layer._weight_cache is not None
     )
     best = {name: min(ts) for name, ts in times.items()}
     median = {name: statistics.median(ts) for name, ts in times.items()}
@@ -157,7 +159,8 @@ def main() -> None:
         "",
         *(
             [
-                f"**Contended machine** (load average {load[0]:.1f} on {os.cpu_count()} cores): wall times are noisy and "
+                f"**Contended machine** (load average {load[0]:.1f} on {os.cpu_count()} cores): wall "
+                "times are noisy and "
                 "a multi-thread pool spins against other processes; rerun with `--threads 1` and read the CPU column.",
                 "",
             ]
@@ -182,7 +185,8 @@ def main() -> None:
         "| measure | value |",
         "|---|---:|",
         f"| decomposition (q + s buffers, fp32) | {decomposition_bytes / 2**20:.1f} MiB |",
-        f"| … ratio to the adapted weights ({target_bytes / 2**20:.1f} MiB) | {decomposition_bytes / target_bytes:.3f} |",
+        f"| … ratio to the adapted weights ({target_bytes / 2**20:.1f} MiB) | "
+        f"{decomposition_bytes / target_bytes:.3f} |",
         f"| … ratio to all base weights ({model_bytes / 2**20:.1f} MiB) | {decomposition_bytes / model_bytes:.3f} |",
         f"| materialized mode's cached W' (one z), ratio to the adapted weights | {w_cache_bytes / target_bytes:.3f} |",
         f"| max \\|logit diff\\| vs base at z = 1, materialized | {max_diff['materialized']:.2e} |",

@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import command_line, publish, stamp  # noqa: E402
 
-from t2ray.adapters import load_adapted  # noqa: E402
 from t2ray.config import load_experiment  # noqa: E402
 from t2ray.evaluate import evaluate  # noqa: E402
+from t2ray.library import load_adapted  # noqa: E402
 from t2ray.models import compute_dtype  # noqa: E402
 from t2ray.tasks import get_task  # noqa: E402
 from t2ray.train import train  # noqa: E402
@@ -129,7 +129,7 @@ temperature {rl.temperature}, {rl.baseline} baseline; LoRA r=16 α=32 on the sam
 greedy accuracy on the first {args.limit} items of the held-out math test split (evaluated in
 {compute_dtype("auto")} for every expert).
 
-| method | train dtype | seed | wall min (whole `t2ray train`) | test accuracy | Δ vs base (points) | s / iteration (last) |
+| method | train dtype | seed | wall min (`t2ray train`) | test accuracy | Δ vs base (points) | s / iteration (last) |
 |---|---|---:|---:|---:|---:|---:|
 {chr(10).join(rows)}
 

@@ -5,8 +5,8 @@
 Same batch, same target modules (the MLP of all 30 layers). One fwd+bwd of the RL loss per call:
   SVF as it trains (factored: z applied on activations), SVF with W' rebuilt under autograd every step (the
   path training took before; shown for the ratio), LoRA r=16 (α 32), and the frozen base with gradients only
-  to the input embeddings (no weight gradients: the cost every method pays at least). Also: rollout tokens/s with SVF weights ÷ base (generation with
-  W' materialized once), and bytes synced per step with z-only sync ÷ all weights.
+  to the input embeddings (no weight gradients: the cost every method pays at least). Also: rollout tokens/s with
+  SVF weights ÷ base (generation with W' materialized once), and bytes synced per step with z-only sync ÷ all weights.
 """
 
 from __future__ import annotations

@@ -105,8 +105,8 @@ def plain_work(experiment: Path) -> tuple[float, float]:
 
     from t2ray.config import load_experiment
     from t2ray.models import load_model
-    from t2ray.rl.adapters import SVFAdapter
     from t2ray.rl.loop import Stepper, train_loop
+    from t2ray.rl.trainable import SVFAdapter
     from t2ray.tasks import get_task
 
     torch.set_num_threads(1)  # as a Ray Train worker with cpus_per_worker 1
@@ -189,6 +189,7 @@ def main() -> None:
     same_score = abs(fifo.best["reward"] - asha.best["reward"]) < 1e-9
     same_config = best(fifo).split(" (", 1)[1] == best(asha).split(" (", 1)[1]
     load = os.getloadavg()[0]
+    first_s = sum(first) / max(1, len(first))
     text = f"""`{command_line()}` — {stamp()}
 
 tiny-llama (random 2-layer Llama, SmolLM2 tokenizer), the has-e task (tests/rl/learnable.py), batch 8, 3 new
@@ -206,7 +207,7 @@ work (load average {load:.1f} at the end: timings are inflated accordingly, rati
 | **plain work (the training itself)** | **{work:.1f}** |
 | Tune trial, end to end (sweep wall time ÷ trials) | {per_trial:.1f} |
 | … of which the trial function ran (Tune's time_total_s, mean) | {sum(tune_total) / len(tune_total):.1f} |
-| … trial start → first iteration reported (Train controller, worker, DeepSpeed, model; mean) | {sum(first) / max(1, len(first)):.1f} |
+| … trial start → first iteration reported (Train controller, worker, DeepSpeed, model; mean) | {first_s:.1f} |
 | **Tune + Train overhead per trial** | **{per_trial - work:.1f}** |
 
 The plain work runs in an interpreter that has already imported torch/transformers/DeepSpeed; a trial starts

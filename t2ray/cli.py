@@ -134,8 +134,8 @@ def eval_(
     out: Path | None = typer.Option(None, help="write the full result JSON here"),
 ):
     """Accuracy of the base model, an expert, or a mixture on a task split."""
-    from t2ray.adapters import load_adapted
     from t2ray.evaluate import evaluate, evaluate_choices
+    from t2ray.library import load_adapted
     from t2ray.tasks import get_task
 
     if mode not in ("generate", "completion", "loglik"):
@@ -448,7 +448,7 @@ def _job_outcome(job_id: str, state: str, address: str | None) -> None:
         jobs.check_finished(job_id, state, address=address)
     except jobs.JobError as err:
         typer.secho(f"error: {err}", err=True, fg="red")
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
     emit({"job_id": job_id, "status": state})
 
 

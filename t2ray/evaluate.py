@@ -49,7 +49,7 @@ def safe_grade(task: Task, example: Example, completion: str) -> tuple[bool, str
 def grade_all(task: Task, examples: list[Example], completions: list[str]) -> list[tuple[bool, str | None]]:
     # Code graders wait on sandbox subprocesses: threads overlap them.
     with ThreadPoolExecutor(max_workers=4) as pool:
-        return list(pool.map(lambda pair: safe_grade(task, *pair), zip(examples, completions)))
+        return list(pool.map(lambda pair: safe_grade(task, *pair), zip(examples, completions, strict=True)))
 
 
 COMPLETION_STOP = ("Question:", "</s>", "<|im_end|>")  # lm-eval's gsm8k `until`
@@ -104,7 +104,7 @@ def evaluate(
             "correct": ok,
             **({"grader_error": err} if err else {}),
         }
-        for ex, text, (ok, err) in zip(examples, completions, grades)
+        for ex, text, (ok, err) in zip(examples, completions, grades, strict=True)
     ]
     return EvalResult(
         task=task.name,

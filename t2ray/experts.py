@@ -353,30 +353,6 @@ def check_expert(
 # ----------------------------------------------------------------------------- mixing
 
 
-MIXED_KINDS = (
-    "give SVF expert files or LoRA adapter folders, not both (one rescales W's singular values, the "
-    "other adds a low-rank ΔW: they do not mix)"
-)
-
-
-def library_kind(paths: Sequence[str | Path]) -> str:
-    """'lora' when every path is a LoRA adapter folder, 'svf' otherwise (expert files); a mix is refused."""
-    folders = {Path(p).is_dir() for p in paths}
-    if len(folders) > 1:
-        raise ExpertError(MIXED_KINDS)
-    return "lora" if folders == {True} else "svf"
-
-
-def read_library(paths: Sequence[str | Path], base: BaseModelInfo | None = None, *, allow_transfer: bool = False):
-    """The experts at `paths`: SVF Experts, or LoRAExpertFiles when the paths are adapter folders (whose fit to the
-    model is checked when they are patched in)."""
-    if library_kind(paths) == "lora":
-        from t2ray.lora.layer import read_lora_expert  # lazy: t2ray.lora imports this module
-
-        return [read_lora_expert(p) for p in paths]
-    return [load_expert(p, base, allow_transfer=allow_transfer) for p in paths]
-
-
 def one_hot(index: int, num_experts: int) -> list[float]:
     """α that selects expert ``index`` out of ``num_experts``."""
     if not 0 <= index < num_experts:
@@ -384,7 +360,7 @@ def one_hot(index: int, num_experts: int) -> list[float]:
     return [1.0 if k == index else 0.0 for k in range(num_experts)]
 
 
-def _common_modules(experts: Sequence[Expert]) -> list[str]:
+def common_modules(experts: Sequence[Expert]) -> list[str]:
     """The experts' shared module list; ExpertError naming the first module that differs."""
     if not experts:
         raise ExpertError("no experts to mix; give at least one")
@@ -436,7 +412,7 @@ def mix_z(experts: Sequence[Expert], alpha) -> dict[str, torch.Tensor]:
     α may be a list, numpy array or tensor (a tensor requiring grad stays differentiable).
     """
     experts = list(experts)
-    modules = _common_modules(experts)
+    modules = common_modules(experts)
     a = alpha_matrix(alpha, len(experts), modules)
     zs = [e.z() for e in experts]
     mixed = {}
@@ -490,8 +466,8 @@ def save_mixture(mixture: Mixture, path) -> Path:
     return path
 
 
-def load_mixture(path, base: BaseModelInfo | None = None, *, allow_transfer: bool = False) -> tuple[Mixture, list]:
-    """Read a mixture JSON and load + validate its experts (SVF Experts, or LoRAExpertFiles for adapter folders).
+def read_mixture(path) -> Mixture:
+    """Read and validate a mixture JSON (the file only: its experts are read by ``t2ray.library.load_mixture``).
 
     Relative expert paths resolve against the mixture's folder; the returned Mixture holds
     the resolved paths.
@@ -526,28 +502,23 @@ def load_mixture(path, base: BaseModelInfo | None = None, *, allow_transfer: boo
     if not isinstance(doc.get("metadata", {}), dict):
         raise bad("metadata must be an object")
     resolved = [Path(f) if Path(f).is_absolute() else path.parent / f for f in files]
-    for stored, file in zip(files, resolved):
+    for stored, file in zip(files, resolved, strict=True):
         if not file.exists():
             raise ExpertError(
                 f"{path.name}: expert '{stored}' not found (looked at {file}); "
                 "fix the path or keep experts next to the mixture"
             )
     try:
-        experts = read_library(resolved, base, allow_transfer=allow_transfer)
-        lora = not isinstance(experts[0], Expert)
-        alpha = alpha_matrix(doc.get("alpha"), len(experts), None if lora else _common_modules(experts))
-        if lora and alpha.ndim != 1:
-            raise ExpertError("alpha over LoRA adapters is one weight per adapter, not per module")
+        alpha_matrix(doc.get("alpha"), len(files), None)
     except ExpertError as e:
         raise ExpertError(f"{path.name}: {e}") from None
-    mixture = Mixture(
+    return Mixture(
         experts=[str(f) for f in resolved],
         alpha=doc["alpha"],
         name=str(doc.get("name", "mixture")),
         task=doc.get("task"),
         metadata=doc.get("metadata", {}),
     )
-    return mixture, experts
 
 
 def parse_mix_spec(spec: str) -> tuple[list[str], list[float]]:

@@ -302,7 +302,7 @@ def generate(
                 reply_prefix=reply_prefix,
                 all_done=all_done,
             )
-            for i, text in zip(rows, out.texts):
+            for i, text in zip(rows, out.texts, strict=True):
                 texts[i] = text
             bar.update(len(rows))
     return texts

@@ -7,8 +7,9 @@ classifier / few-shot / token-level on the unseen tasks, real HumanEval included
 (base / each adapter / token routing every 1, 2, 4 tokens / few-shot α) → Table 3 → report.md.
 
 Every stage writes its output under the root folder and is skipped when that output exists (re-running resumes).
-The default budgets take about 49 minutes on 2 CPU cores (42 measured before the LoRA Table 2); experiments/quickstart.yaml is a larger budget and
-experiments/paper-{smollm2,llama3-8b}.yaml the paper's benchmarks (`--check` validates one and prints its stages).
+The default budgets take about 49 minutes on 2 CPU cores (42 measured before the LoRA Table 2);
+experiments/quickstart.yaml is a larger budget and experiments/paper-{smollm2,llama3-8b}.yaml the paper's benchmarks
+(`--check` validates one and prints its stages).
 """
 
 from __future__ import annotations
@@ -313,8 +314,8 @@ def evaluation(qs: QuickstartConfig, task: str, limit: int, out: Path, expert: P
     """A stage: the base model or one expert (SVF file or LoRA folder) on the first `limit` test items of `task`."""
 
     def run() -> str:
-        from t2ray.adapters import load_adapted
         from t2ray.evaluate import evaluate
+        from t2ray.library import load_adapted
         from t2ray.tasks import get_task
 
         model, tokenizer, label = load_adapted(qs.model.spec, expert=expert, dtype=qs.model.dtype)

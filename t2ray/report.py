@@ -262,12 +262,12 @@ def plot_cem_alpha(table2: dict, path: Path) -> bool:
     if not found:
         return False
     fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(found), 3.4), dpi=110)
-    for i, (task, r) in enumerate(sorted(found.items())):
+    for i, (_task, r) in enumerate(sorted(found.items())):
         alpha = np.asarray(r["alpha"], dtype=float)
         alpha = alpha.mean(axis=1) if alpha.ndim == 2 else alpha  # per-module α: mean over modules
         names = r.get("expert_names") or [f"expert {k}" for k in range(len(alpha))]
         bottom = 0.0
-        for k, (name, a) in enumerate(zip(names, alpha)):
+        for k, (name, a) in enumerate(zip(names, alpha, strict=True)):
             ax.bar(i, a, bottom=bottom, color=f"C{k}", label=name if i == 0 else None)
             bottom += a
     ax.set_xticks(range(len(found)), sorted(found))
@@ -286,7 +286,7 @@ def dispatch_tables(dispatch: dict) -> list[tuple[str, list[str], list[list[str]
         header = ["true category", *labels, "per-class accuracy"]
         rows = [
             [true, *map(str, row), f"{c['per_class'][true]:.1%}"]
-            for true, row in zip(labels, c["counts"])
+            for true, row in zip(labels, c["counts"], strict=True)
             if true in c["per_class"]
         ]
         tables.append((strategy, header, rows))
@@ -298,7 +298,7 @@ def plot_confusion(dispatch: dict, path: Path) -> None:
     import numpy as np
 
     fig, axes = plt.subplots(1, len(DISPATCH_STRATEGIES), figsize=(4.2 * len(DISPATCH_STRATEGIES), 3.6), dpi=110)
-    for ax, strategy in zip(np.atleast_1d(axes), DISPATCH_STRATEGIES):
+    for ax, strategy in zip(np.atleast_1d(axes), DISPATCH_STRATEGIES, strict=True):
         c = dispatch[strategy]
         rows = [k for k, label in enumerate(c["labels"]) if label in c["per_class"]]
         counts = np.asarray(c["counts"], dtype=float)[rows]

@@ -1,8 +1,8 @@
 """Shared fixtures: an isolated T2RAY_CACHE per session, a fresh tiny-llama per test, SmolLM2 once per session.
 
-Environment: offline Hugging Face hub, and the CLI's own defaults (t2ray.console.ENV_DEFAULTS). The session's ``$T2RAY_CACHE`` is a
-temporary folder (so SVD caches and outputs never touch the user's), with ``models/`` linked to the real
-model cache: the converted SmolLM2 safetensors stay reachable, and a first conversion lands in the real
+Environment: offline Hugging Face hub, and the CLI's own defaults (t2ray.console.ENV_DEFAULTS). The session's
+``$T2RAY_CACHE`` is a temporary folder (so SVD caches and outputs never touch the user's), with ``models/`` linked to
+the real model cache: the converted SmolLM2 safetensors stay reachable, and a first conversion lands in the real
 cache for later sessions.
 """
 

@@ -52,7 +52,7 @@ def test_eval_base_and_expert_write_json(tmp_path, tiny_expert):
 
 
 def test_one_hot_mix_equals_the_expert_alone(tiny_expert, tmp_path):
-    from t2ray.adapters import load_adapted
+    from t2ray.library import load_adapted
 
     other = tmp_path / "other.safetensors"
     path, params, info = tiny_expert

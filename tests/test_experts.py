@@ -16,13 +16,13 @@ from t2ray.experts import (
     expert_info,
     import_official,
     load_expert,
-    load_mixture,
     mix_z,
     one_hot,
     parse_mix_spec,
     save_expert,
     save_mixture,
 )
+from t2ray.library import load_mixture
 
 RANKS = {
     "model.layers.0.mlp.gate_proj": 8,

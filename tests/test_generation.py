@@ -87,7 +87,7 @@ def test_completion_logits_equal_the_full_forward_slice(tiny, tokenizer):
 def test_answer_loglik_is_the_mean_token_logprob(tiny, tokenizer):
     prompts, answers = ["q one", "a longer question two"], ["yes", "no it is not"]
     scores = answer_loglik(tiny, tokenizer, prompts, answers)
-    for prompt, answer, score in zip(prompts, answers, scores):
+    for prompt, answer, score in zip(prompts, answers, scores, strict=True):
         p = tokenizer([render(tokenizer, prompt)], return_tensors="pt", add_special_tokens=False)
         a = tokenizer([answer], return_tensors="pt", add_special_tokens=False)
         with torch.no_grad():
@@ -158,7 +158,7 @@ def test_shared_prompt_logits_and_gradients_equal_the_full_forward(tiny, tokeniz
         if samples == 1:
             whole = logits.detach()
     torch.testing.assert_close(logits.detach(), whole, atol=1e-5, rtol=1e-5)
-    for a, b in zip(*grads):
+    for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
     with pytest.raises(ValueError, match="not groups of 2 copies"):
         completion_logits(tiny, *args, samples_per_prompt=2)
@@ -298,7 +298,7 @@ def test_continuation_logliks_batched_equal_one_at_a_time(tiny, tokenizer):
         ("Question: What is frozen water?\nAnswer:", " steam"),
     ]
     batched = continuation_logliks(tiny, tokenizer, pairs, batch_size=3)
-    for (context, continuation), score in zip(pairs, batched):
+    for (context, continuation), score in zip(pairs, batched, strict=True):
         head, tail = split_continuation(tokenizer, context, continuation)
         with torch.no_grad():
             logp = tiny(input_ids=torch.tensor([head + tail])).logits[0].float().log_softmax(-1)

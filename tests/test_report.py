@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from t2ray.adapt.two_pass import run_adapt
-from t2ray.adapters import load_adapted
 from t2ray.config import AdaptConfig
 from t2ray.evaluate import evaluate
 from t2ray.experts import Expert, save_expert
+from t2ray.library import load_adapted
 from t2ray.models import load_model
 from t2ray.report import build_report
 from t2ray.svf import base_model_info, patch_model, trainable_params

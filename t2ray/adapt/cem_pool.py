@@ -52,7 +52,7 @@ class ActorPoolFitness:
         import ray
 
         chunks = [c for c in np.array_split(alphas, len(self.actors)) if len(c)]
-        results = ray.get([actor.evaluate.remote(chunk) for actor, chunk in zip(self.actors, chunks)])
+        results = ray.get([actor.evaluate.remote(chunk) for actor, chunk in zip(self.actors, chunks, strict=False)])
         return [fit for chunk in results for fit in chunk]
 
     def shutdown(self) -> None:

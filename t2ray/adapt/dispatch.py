@@ -157,9 +157,11 @@ def confusion(true: list[str], predicted: list[str]) -> dict:
         raise ValueError(f"unknown true categories {unknown}: expected {list(CATEGORIES)}")
     index = {label: k for k, label in enumerate(CATEGORIES)}
     counts = [[0] * len(CATEGORIES) for _ in CATEGORIES]
-    for t, p in zip(true, predicted):
+    for t, p in zip(true, predicted, strict=True):
         counts[index[t]][index.get(p, index["other"])] += 1
-    per_class = {label: row[k] / sum(row) for k, (label, row) in enumerate(zip(CATEGORIES, counts)) if sum(row)}
+    per_class = {
+        label: row[k] / sum(row) for k, (label, row) in enumerate(zip(CATEGORIES, counts, strict=True)) if sum(row)
+    }
     correct = sum(counts[k][k] for k in range(len(CATEGORIES)))
     return {
         "labels": list(CATEGORIES),

@@ -76,7 +76,7 @@ class ShotFitness:
                 self.tokenizer,
                 [self.messages[i] for i in idx],
                 max_new_tokens=self.task.max_new_tokens,
-                before_step=on_live_rows(lambda live: self.select(mixtures, batch[live])),
+                before_step=on_live_rows(lambda live, rows=batch: self.select(mixtures, rows[live])),
             ).texts
             self.select(mixtures, batch)  # every row again, for the log-likelihoods
             logliks.append(

@@ -13,8 +13,9 @@ from tqdm.auto import tqdm
 from t2ray.adapt.dispatch import classify, confusion
 from t2ray.config import AdaptConfig
 from t2ray.evaluate import EvalResult, grade_all
-from t2ray.experts import Expert, ExpertError, Mixture, library_kind, load_expert, mix_z, save_mixture
+from t2ray.experts import Expert, ExpertError, Mixture, load_expert, mix_z, save_mixture
 from t2ray.generation import generate
+from t2ray.library import library_kind
 from t2ray.models import load_model
 from t2ray.svf import apply_experts, disabled, set_mode, set_z
 from t2ray.tasks import get_task
@@ -83,7 +84,7 @@ def grouped_generate(
             out = generate(
                 model, tokenizer, [messages[i] for i in rows], max_new_tokens=task.max_new_tokens, batch_size=batch_size
             )
-            for i, text in zip(rows, out):
+            for i, text in zip(rows, out, strict=True):
                 texts[i] = text
             bar.update(len(rows))
     return texts
@@ -167,7 +168,7 @@ def graded(
     correct = sum(ok for ok, _ in grades)
     records = [
         {"id": ex.id, "prompt": ex.prompt, "answer": ex.answer, "completion": t, "correct": ok, "choice": c}
-        for ex, t, (ok, _), c in zip(examples, texts, grades, choices)
+        for ex, t, (ok, _), c in zip(examples, texts, grades, choices, strict=True)
     ]
     evaluation = EvalResult(
         task=task.name,

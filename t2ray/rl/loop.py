@@ -12,9 +12,9 @@ import torch
 from t2ray.config import ExperimentConfig
 from t2ray.evaluate import grade_all
 from t2ray.generation import AllDone, completion_logits, encode_prompts, gather_logprobs, generate
-from t2ray.rl.adapters import TrainableAdapter
 from t2ray.rl.loss import advantages, kl_to_reference, reinforce_loss
 from t2ray.rl.rollout import InProcessEngine, RolloutEngine, current_z
+from t2ray.rl.trainable import TrainableAdapter
 from t2ray.tasks.base import Example, Task
 from t2ray.tasks.graders import named_option_reward
 from t2ray.tasks.sandbox import SandboxUnavailable
@@ -99,7 +99,7 @@ def safe_rewards(
     """±1 (or task-defined) rewards; a grader that raises scores the sample as wrong and is counted."""
     reward = reward_function(task, kind)
     rewards, errors = [], 0
-    for ex, text in zip(examples, completions):
+    for ex, text in zip(examples, completions, strict=True):
         try:
             rewards.append(float(reward(ex, text)))
         except SandboxUnavailable:  # every code reward would be −1: stop, and say why

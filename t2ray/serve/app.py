@@ -184,7 +184,7 @@ class ExpertModel:
     def _deliver(self, items: list[GenItem], events: list[dict | None]) -> None:
         """Each row's event of this step to its reader; a row that ended is unregistered (a cancelled row's reader
         has left: it gets nothing). `None`: the row had finished before this step."""
-        for item, event in zip(items, events):
+        for item, event in zip(items, events, strict=True):
             if event is None and item.finish_reason != "cancelled":
                 continue
             queue = self._readers.get(id(item))
@@ -267,7 +267,7 @@ class ExpertModel:
                     mode=self.classify_mode,
                     batch_size=len(rows),
                 )
-                for i, label in zip(rows, got):
+                for i, label in zip(rows, got, strict=True):
                     labels[i] = label
         return labels
 
@@ -344,7 +344,7 @@ class ExpertModel:
                     "batch_size": len(requests),
                     "mode": "token-routed",
                     "routing_steps": len(result.route_steps),
-                    "weights": dict(zip(self.public_experts, mean)),
+                    "weights": dict(zip(self.public_experts, mean, strict=True)),
                 }
             )
         return out
@@ -459,7 +459,7 @@ class Dispatcher:
                         "the model replica died and its replacement did not answer in time; retry the request",
                         type="server_error",
                         code="replica_unavailable",
-                    )
+                    ) from None
                 await asyncio.sleep(0.5 * (attempt + 1))
 
     @staticmethod
@@ -479,7 +479,7 @@ class Dispatcher:
                     f"({', '.join(names)}): give one weight per expert or a name -> weight object",
                     param="t2ray.weights",
                 )
-            pairs = list(zip(names, weights))
+            pairs = list(zip(names, weights, strict=True))
         else:
             unknown = [n for n in weights if n not in self.experts]
             if unknown:
@@ -623,7 +623,7 @@ class Dispatcher:
                         "the model replica died; retry the request",
                         type="server_error",
                         code="replica_unavailable",
-                    )
+                    ) from None
                 await asyncio.sleep(0.5 * (attempt + 1))
 
     async def _stream(self, body, question: str, chat: bool, **prompt):
@@ -771,11 +771,13 @@ class Dispatcher:
 def plan(cfg: ServeArgs) -> tuple[dict, dict]:
     """(engine kwargs for the replicas, settings for the dispatcher) from validated, resolved args."""
     from t2ray.adapt.two_pass import expert_category
-    from t2ray.experts import library_kind, load_mixture, read_library
+    from t2ray.library import library_kind, load_mixture, read_library
 
     engine_experts = dict(cfg.experts)
     meta = {}
-    for name, expert in zip(cfg.experts, read_library(list(cfg.experts.values()))):  # validated (clear errors)
+    for name, expert in zip(
+        cfg.experts, read_library(list(cfg.experts.values())), strict=True
+    ):  # validated (clear errors)
         meta[name] = {"task": expert.task, "category": expert_category(expert)}
     mixtures = {}
     by_path = {str(Path(p).resolve()): n for n, p in cfg.experts.items()}
@@ -794,7 +796,7 @@ def plan(cfg: ServeArgs) -> tuple[dict, dict]:
                     engine_experts[known] = str(Path(path).resolve())
                 names.append(known)
             alpha = spec.alpha
-            report = {n: a for n, a in zip(names, alpha)}
+            report = {n: a for n, a in zip(names, alpha, strict=True)}
         mixtures[name] = {"experts": names, "alpha": alpha, "report": report}
     library_kind([*engine_experts.values(), *([cfg.classifier_expert] if cfg.classifier_expert else [])])
     categories = {}

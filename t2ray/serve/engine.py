@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import DynamicLayer
 
 from t2ray.adapt.dispatch import PrefixScorer, classification_ids, classify
-from t2ray.experts import ExpertError, alpha_matrix, check_expert, library_kind, mix_z, read_library
+from t2ray.experts import ExpertError, alpha_matrix, check_expert, mix_z
 from t2ray.generation import (
     GREEDY_BELOW,
     PromptTooLongError,
@@ -42,6 +42,7 @@ from t2ray.generation import (
     output_cache,
     render,
 )
+from t2ray.library import library_kind, read_library
 from t2ray.models import load_model
 from t2ray.serve.errors import RequestError, bad_request, not_found
 from t2ray.svf import SVFConfig, base_model_info, patch_model, set_mode, set_z, svf_layers
@@ -66,7 +67,7 @@ class MixtureRef:
         return (self.experts, self.alpha)
 
     def report(self) -> dict[str, Any]:
-        weights = {n: (list(a) if isinstance(a, tuple) else a) for n, a in zip(self.experts, self.alpha)}
+        weights = {n: (list(a) if isinstance(a, tuple) else a) for n, a in zip(self.experts, self.alpha, strict=True)}
         return {"label": self.label, "weights": weights}
 
 
@@ -128,7 +129,9 @@ class ExpertLibrary:
         self.model_spec = model_spec
         paths = {**experts, **({CLASSIFIER: classifier} if classifier else {})}
         self.lora = bool(paths) and library_kind(list(paths.values())) == "lora"
-        self.experts = dict(zip(paths, read_library(list(paths.values()))))  # SVF Experts or LoRAExpertFiles
+        self.experts = dict(
+            zip(paths, read_library(list(paths.values())), strict=True)
+        )  # SVF Experts or LoRAExpertFiles
         if self.lora:
             from t2ray.lora.layer import lora_mixture_layers, patch_lora_mixture
 
@@ -549,7 +552,7 @@ class DecodeBatch:
         if self.done:
             raise ValueError("merge into a finished batch: start from the joining batch instead")
         pad_mine, pad_theirs = (max(0, b.attn.shape[1] - a.attn.shape[1]) for a, b in ((self, other), (other, self)))
-        for mine, theirs in zip(self.cache.layers, other.cache.layers):
+        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
             mine.keys = torch.cat([F.pad(mine.keys, (0, 0, pad_mine, 0)), F.pad(theirs.keys, (0, 0, pad_theirs, 0))])
             mine.values = torch.cat(
                 [F.pad(mine.values, (0, 0, pad_mine, 0)), F.pad(theirs.values, (0, 0, pad_theirs, 0))]
@@ -610,7 +613,7 @@ def run_to_completion(lib: ExpertLibrary, requests: list[GenRequest]) -> list[di
                 texts[i] += ev["text"]
                 if ev["finish_reason"] is not None:
                     finals[i] = ev
-    return [{**f, "text": t} for f, t in zip(finals, texts)]
+    return [{**f, "text": t} for f, t in zip(finals, texts, strict=True)]
 
 
 __all__ = [

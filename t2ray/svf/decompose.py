@@ -7,10 +7,9 @@ import logging
 import os
 import re
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ContextManager
 
 import torch
 from safetensors import SafetensorError
@@ -28,10 +27,10 @@ LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
 
 
 # Sharded training (ZeRO-3) partitions weights; the caller passes a way to gather them for a moment.
-Gather = Callable[[list[torch.Tensor]], ContextManager]
+Gather = Callable[[list[torch.Tensor]], AbstractContextManager]
 
 
-def no_gather(params: list[torch.Tensor]) -> ContextManager:
+def no_gather(params: list[torch.Tensor]) -> AbstractContextManager:
     return nullcontext()
 
 

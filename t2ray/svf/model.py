@@ -149,5 +149,5 @@ def disabled(model: nn.Module):
     try:
         yield model
     finally:
-        for layer, was in zip(layers, previous):
+        for layer, was in zip(layers, previous, strict=True):
             layer.enabled = was

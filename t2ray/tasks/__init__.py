@@ -24,9 +24,9 @@ the code sandbox.
   through :func:`t2ray.tasks.datasets.make_dataset_task` / a task YAML);
 * a path to a task YAML file (see :mod:`t2ray.tasks.user`).
 
-Greedy base accuracy of SmolLM2-135M-Instruct (``python -m t2ray.tasks.calibrate``) is
+Greedy base accuracy of SmolLM2-135M-Instruct (``python -m t2ray.calibrate``) is
 calibrated into the 10-60 % band on the training tasks, so RL has signal; see the report in
-:mod:`t2ray.tasks.calibrate`.
+:mod:`t2ray.calibrate`.
 """
 
 from __future__ import annotations

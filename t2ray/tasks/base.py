@@ -258,4 +258,4 @@ def choice_labels(n: int) -> tuple[str, ...]:
 
 
 def format_choices(choices: Sequence[str]) -> str:
-    return "\n".join(f"{lab}. {text}" for lab, text in zip(choice_labels(len(choices)), choices))
+    return "\n".join(f"{lab}. {text}" for lab, text in zip(choice_labels(len(choices)), choices, strict=True))

@@ -90,7 +90,7 @@ class DeepSpeedStepper:
             self.backward(zero)
             self.engine.step()
         finally:
-            for group, lr in zip(groups, lrs):
+            for group, lr in zip(groups, lrs, strict=True):
                 group["lr"] = lr
 
 
@@ -104,7 +104,7 @@ def build_adapter(cfg, model, gather=None):
         from t2ray.lora import LoRAAdapter
 
         return LoRAAdapter(model, cfg.lora, cfg.svf, seed=cfg.seed)
-    from t2ray.rl.adapters import SVFAdapter
+    from t2ray.rl.trainable import SVFAdapter
 
     return SVFAdapter(model, cfg.svf, seed=cfg.seed, progress=False, gather=gather)
 

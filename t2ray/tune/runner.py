@@ -371,7 +371,7 @@ def trial_rows(sweep: Sweep, grid) -> list[dict]:
     c = sweep.config
     time_attr = c.time_attr
     rows = []
-    for result, status in zip(grid, _statuses(grid)):
+    for result, status in zip(grid, _statuses(grid), strict=True):
         frame = result.metrics_dataframe
         history = frame.to_dict("records") if frame is not None and len(frame) else []
         trial_id = (
@@ -464,7 +464,7 @@ def plot(sweep: Sweep, rows: list[dict]) -> Path:
         ]
         if not points:
             continue
-        xs, ys = zip(*points)
+        xs, ys = zip(*points, strict=True)
         label = ", ".join(f"{k.split('.')[-1]}={_short(row.get(f'config/{k}'))}" for k in c.space)
         style = "--" if row["stopped_early"] else "-"
         (line,) = ax.plot(xs, ys, style, marker="o", ms=3, label=("★ " if i == 0 else "") + label, alpha=0.85)

@@ -47,7 +47,7 @@ def test_cem_per_module_shape_and_bounds():
     # the previous best is re-evaluated with every generation
     assert all(
         any(np.array_equal(best, c) for c in batch)
-        for best, batch in zip([np.asarray(h["alpha"]) for h in result.history[:-1]], seen[1:])
+        for best, batch in zip([np.asarray(h["alpha"]) for h in result.history[:-1]], seen[1:], strict=True)
     )
 
 
@@ -87,7 +87,7 @@ def random_experts(model, n: int, seed: int = 0) -> list[Expert]:
             fingerprint=info.fingerprint,
             task=task,
         )
-        for i, task in zip(range(n), ["math", "code", "reasoning"])
+        for i, task in zip(range(n), ["math", "code", "reasoning"], strict=True)
     ]
 
 
@@ -98,7 +98,7 @@ def test_batched_fitness_equals_one_candidate_at_a_time(tiny, tokenizer):
     alphas = np.array([[1.0, 0.0], [0.2, 0.7], [0.0, 1.0]])
     together = fitness(alphas)
     alone = [fitness(a[None])[0] for a in alphas]
-    for (acc_t, ll_t), (acc_a, ll_a) in zip(together, alone):
+    for (acc_t, ll_t), (acc_a, ll_a) in zip(together, alone, strict=True):
         assert acc_t == acc_a and ll_t == pytest.approx(ll_a, abs=1e-4)
     assert together[0][1] != pytest.approx(together[2][1], abs=1e-6)  # different experts, different scores
 

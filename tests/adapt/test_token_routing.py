@@ -77,7 +77,7 @@ def svf_model(tiny):
 
 
 def completions(ids, mask):
-    return [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+    return [row[m.bool()].tolist() for row, m in zip(ids, mask, strict=True)]
 
 
 # ----------------------------------------------------------------------------- router
@@ -103,7 +103,7 @@ def test_router_weights_sum_to_one_and_follow_the_formula_on_real_embeddings(rou
     assert w.shape == (4, 3)
     assert torch.allclose(w.sum(1), torch.ones(4), atol=1e-6)
     emb = embedder.embed(texts)
-    for row, e in zip(w, emb):
+    for row, e in zip(w, emb, strict=True):
         cos = [float(e @ c / (e.norm() * c.norm())) for c in router.centroids]
         best = max(range(3), key=lambda k: cos[k])
         cos[best] *= 4.0
@@ -148,7 +148,7 @@ def test_svf_mixer_per_row_weights_equal_each_rows_own_expert(svf_model, tokeniz
     with torch.no_grad():
         mixed = svf_model(**kw).logits
     mixer.reset()
-    assert modes() == {"materialized"} and all(l.z_override is None for l in svf_layers(svf_model).values())
+    assert modes() == {"materialized"} and all(layer.z_override is None for layer in svf_layers(svf_model).values())
     for b, row in enumerate(weights):
         set_z(svf_model, mix_z(experts, row.tolist()))  # z' = Σ w_k z_k for this row alone (materialized W')
         with torch.no_grad():

@@ -14,7 +14,8 @@ import torch
 from t2ray.adapt.dispatch import classify
 from t2ray.adapt.two_pass import run_adapt, save_found_mixture
 from t2ray.config import AdaptConfig
-from t2ray.experts import Expert, load_mixture, save_expert
+from t2ray.experts import Expert, save_expert
+from t2ray.library import load_mixture
 from t2ray.models import load_model
 from t2ray.svf import base_model_info, patch_model, trainable_params
 
@@ -253,8 +254,8 @@ def test_lora_fewshot_mixture_file_evaluates_from_the_cli(lora_library, tmp_path
 
 def test_eval_mix_of_one_lora_folder_is_the_peft_adapter(lora_library, tokenizer):
     """--mix FOLDER:1 (t2ray's mixture layer) computes what --expert FOLDER (PEFT) does, and changes the answers."""
-    from t2ray.adapters import load_adapted
     from t2ray.evaluate import evaluate
+    from t2ray.library import load_adapted
     from t2ray.tasks import get_task
 
     mixed, _, label = load_adapted("tiny-llama", mix=f"{lora_library['math']}:1", dtype="float32")
@@ -270,8 +271,8 @@ def test_eval_mix_of_one_lora_folder_is_the_peft_adapter(lora_library, tokenizer
 
 
 def test_lora_mixtures_refuse_what_they_cannot_mean(library, lora_library, tmp_path):
-    from t2ray.adapters import load_adapted
     from t2ray.experts import ExpertError
+    from t2ray.library import load_adapted
 
     with pytest.raises(ExpertError, match="not both"):
         load_adapted("tiny-llama", mix=f"{library['math']}:0.5,{lora_library['code']}:0.5")

@@ -128,7 +128,7 @@ def test_stepper_optimizer_state_round_trip():
     assert all(st["exp_avg"].device == p.device for p, st in second.optimizer.state.items())
     take_step(first, _quadratic_loss(a))
     take_step(second, _quadratic_loss(b))
-    for pa, pb in zip(a, b):
+    for pa, pb in zip(a, b, strict=True):
         assert torch.equal(pa, pb)
 
     # without the state the next step differs (Adam's first step is lr·sign(g))
@@ -136,7 +136,7 @@ def test_stepper_optimizer_state_round_trip():
     third = Stepper(c, lr=0.05, grad_clip=10.0)
     take_step(first, _quadratic_loss(a))
     take_step(third, _quadratic_loss(c))
-    assert not all(torch.equal(pa, pc) for pa, pc in zip(a, c))
+    assert not all(torch.equal(pa, pc) for pa, pc in zip(a, c, strict=True))
 
 
 def test_saved_optimizer_state_is_a_snapshot():
@@ -224,7 +224,7 @@ def learnable_config(task_path, **rl) -> ExperimentConfig:
 
 def test_train_loop_reward_goes_up_on_a_learnable_task(tmp_path, tokenizer):
     from t2ray.models import load_model
-    from t2ray.rl.adapters import SVFAdapter
+    from t2ray.rl.trainable import SVFAdapter
     from t2ray.tasks import get_task
 
     cfg = learnable_config(write_learnable_task(tmp_path))
@@ -260,7 +260,7 @@ def test_train_loop_reward_goes_up_on_a_learnable_task(tmp_path, tokenizer):
 def test_train_loop_resumes_from_a_state_and_reports_kl(tmp_path, tokenizer):
     """Starting from a LoopState runs only the remaining iterations; kl_coef > 0 adds the KL term."""
     from t2ray.models import load_model
-    from t2ray.rl.adapters import SVFAdapter
+    from t2ray.rl.trainable import SVFAdapter
     from t2ray.tasks import get_task
 
     cfg = learnable_config(write_learnable_task(tmp_path), iterations=4, eval_interval=2, kl_coef=0.1)
@@ -285,9 +285,9 @@ def one_rl_step(task_path, tokenizer, on_model=None, lora_dropout=None, **rl):
     from t2ray.config import LoRAConfig
     from t2ray.lora import LoRAAdapter
     from t2ray.models import load_model
-    from t2ray.rl.adapters import SVFAdapter
     from t2ray.rl.loop import rl_step
     from t2ray.rl.rollout import InProcessEngine
+    from t2ray.rl.trainable import SVFAdapter
     from t2ray.tasks import get_task
 
     cfg = learnable_config(task_path, **rl)

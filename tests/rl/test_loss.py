@@ -104,7 +104,7 @@ def test_reinforce_gradient_sign():
 @pytest.fixture
 def svf_tiny(tiny, tokenizer):
     from t2ray.generation import rollout
-    from t2ray.rl.adapters import SVFAdapter
+    from t2ray.rl.trainable import SVFAdapter
     from t2ray.svf import SVFConfig
 
     adapter = SVFAdapter(tiny, SVFConfig(target_modules="all"), seed=0, progress=False)

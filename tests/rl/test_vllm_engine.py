@@ -20,8 +20,7 @@ NEW_TOKENS = 16
 AGREEMENT = 0.9  # fp32 on both sides, but different kernels: a near-tie can flip one greedy token and its tail
 
 # Runs in the vLLM python. z travels as the real sync message (encode_z bytes), written by the test.
-SCRIPT = (
-    """
+SCRIPT = """
 import json, sys
 from pathlib import Path
 
@@ -33,7 +32,7 @@ if __name__ == "__main__":
     engine = VLLMEngine("smollm2-135m", {"target_modules": "mlp"}, dtype="float32")
 
     def tokens(copies=prompts, temperature=0.0):
-        out = engine.generate(copies, max_new_tokens=%d, temperature=temperature, top_p=1.0, seed=0)
+        out = engine.generate(copies, max_new_tokens=NEW_TOKENS, temperature=temperature, top_p=1.0, seed=0)
         return [row[:n] for row, n in zip(out.completion_ids.tolist(), out.completion_mask.sum(1).tolist())]
 
     result = {"base": tokens()}
@@ -42,15 +41,13 @@ if __name__ == "__main__":
         result[key] = tokens()
     result["sampled"] = tokens([prompts[0]] * 4, temperature=1.0)
     (work / "out.json").write_text(json.dumps(result))
-"""
-    % NEW_TOKENS
-)
+""".replace("NEW_TOKENS", str(NEW_TOKENS))
 
 
 def agreement(a: list[list[int]], b: list[list[int]]) -> float:
     """Fraction of the positions (over the longer row of each pair) where the two greedy outputs agree."""
-    same = sum(x == y for ra, rb in zip(a, b) for x, y in zip(ra, rb))
-    return same / sum(max(len(ra), len(rb)) for ra, rb in zip(a, b))
+    same = sum(x == y for ra, rb in zip(a, b, strict=True) for x, y in zip(ra, rb, strict=True))
+    return same / sum(max(len(ra), len(rb)) for ra, rb in zip(a, b, strict=True))
 
 
 @pytest.mark.slow
@@ -88,7 +85,9 @@ def test_vllm_z_sync_matches_hf(tmp_path):
     def hf(z):
         set_z(model, z)
         out = rollout(model, tokenizer, [[{"role": "user", "content": p}] for p in PROMPTS], max_new_tokens=NEW_TOKENS)
-        return [row[:n] for row, n in zip(out.completion_ids.tolist(), out.completion_mask.sum(1).tolist())]
+        return [
+            row[:n] for row, n in zip(out.completion_ids.tolist(), out.completion_mask.sum(1).tolist(), strict=True)
+        ]
 
     hf_out = {"base": hf(None), "z1": hf(zs["z1"]), "z2": hf(zs["z2"])}
     for key, tokens in hf_out.items():

@@ -10,8 +10,8 @@ import pytest
 import torch
 import yaml
 
-from t2ray.adapters import load_adapted
 from t2ray.generation import rollout
+from t2ray.library import load_adapted
 from t2ray.serve.config import ServeArgs, read_serve_config, t2ray_applications
 from t2ray.serve.engine import DecodeBatch, ExpertLibrary, GenRequest, MixtureRef, run_to_completion
 from t2ray.serve.errors import RequestError
@@ -90,14 +90,14 @@ def test_mixed_batch_rows_match_each_mixture_alone(kind, request, torch_threads)
     budgets = [10, 3, 7, 10]  # rows leave the batch at different steps (cache, mask and z rows shrink)
     requests = [
         GenRequest(ref_of(w), messages=[{"role": "user", "content": p}], max_tokens=n, temperature=0)
-        for w, p, n in zip(mixtures, PROMPTS, budgets)
+        for w, p, n in zip(mixtures, PROMPTS, budgets, strict=True)
     ]
     ids, logits, mode = run_batch(lib, requests)
     assert mode == "factored"
-    for i, (w, p, n) in enumerate(zip(mixtures, PROMPTS, budgets)):
+    for i, (w, p, n) in enumerate(zip(mixtures, PROMPTS, budgets, strict=True)):
         alone_ids, alone_logits, _ = run_batch(lib, [requests[i]])
         assert ids[i] == alone_ids[0] and len(logits[i]) == n
-        for step, (a, b) in enumerate(zip(logits[i], alone_logits[0])):
+        for step, (a, b) in enumerate(zip(logits[i], alone_logits[0], strict=True)):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=f"row {i} step {step}")
         ref_ids, ref_logits = reference(paths, w, p, n)
         assert ids[i] == ref_ids
@@ -146,7 +146,7 @@ def test_rows_joining_a_running_batch_decode_as_if_alone(kind, request, torch_th
     for row, r in enumerate(order):
         alone_ids, alone_logits, _ = run_batch(lib, [r])
         assert batch.items[row].generated == alone_ids[0], f"row {row}"
-        for k, (a, b) in enumerate(zip(logits[row], alone_logits[0])):
+        for k, (a, b) in enumerate(zip(logits[row], alone_logits[0], strict=True)):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=f"row {row} step {k}")
     assert lib.stats["decoding_rows"] == 0
 
@@ -179,7 +179,7 @@ def test_materialized_lru_equals_factored(tiny_experts, torch_threads):
 
     def same(a, b):
         assert a[0] == b[0]
-        for x, y in zip(sum(a[1], []), sum(b[1], [])):
+        for x, y in zip(sum(a[1], []), sum(b[1], []), strict=True):
             torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
 
     cold = run(math)  # 2 requests seen: not hot yet

@@ -325,7 +325,7 @@ def test_patched_parameters(tiny):
     keys = list(tiny.state_dict())
     assert not any(k.endswith(".s") for k in keys)  # singular values: a non-persistent buffer
     assert sum(k.endswith(".svf_p") for k in keys) == 6
-    for name, layer in svf_layers(tiny).items():
+    for layer in svf_layers(tiny).values():
         assert layer.svf_p.requires_grad and not layer.svf_q.requires_grad  # q is frozen (a parameter for ZeRO-3)
         assert layer.q is layer.svf_q and layer.svf_q.dtype == layer.base_layer.weight.dtype
 

@@ -183,8 +183,8 @@ def test_reported_metric_lists_match_what_the_loop_reports(tmp_path, tiny, token
     """RL_METRICS (what a sweep may rank on) is exactly what the worker loop reports: one plain iteration with
     an evaluation, in this process, on tiny-llama."""
     from t2ray.config import load_experiment
-    from t2ray.rl.adapters import SVFAdapter
     from t2ray.rl.loop import Stepper, train_loop
+    from t2ray.rl.trainable import SVFAdapter
     from t2ray.tasks import get_task
 
     cfg = load_experiment(

@@ -88,8 +88,8 @@ def test_rl_sweep_with_asha_stops_weak_trials_and_exports_a_runnable_best(cluste
 
     # ... and it runs (one iteration of the worker loop, in this process).
     from t2ray.models import load_model
-    from t2ray.rl.adapters import SVFAdapter
     from t2ray.rl.loop import Stepper, train_loop
+    from t2ray.rl.trainable import SVFAdapter
     from t2ray.tasks import get_task
 
     cfg = load_experiment(outcome.best_config, ["rl.iterations=1", "rl.eval_limit=2"])
@@ -110,7 +110,7 @@ def _results_with(tune_dir: Path, key: str) -> list[Path]:
 
 
 def test_cem_sweep_interrupted_then_resumed(cluster, tmp_path, torch_threads):
-    from t2ray.experts import load_mixture
+    from t2ray.library import load_mixture
     from t2ray.tune import load_sweep, run_sweep
 
     task = write_task(tmp_path / "task")

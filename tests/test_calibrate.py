@@ -2,8 +2,8 @@ import json
 
 import pytest
 
+from t2ray.calibrate import Accuracy, base_accuracy, main
 from t2ray.tasks import get_task
-from t2ray.tasks.calibrate import Accuracy, base_accuracy, main
 
 
 def test_accuracy_value():
@@ -14,7 +14,7 @@ def test_accuracy_value():
 @pytest.mark.slow
 def test_base_accuracy_runs_end_to_end(tmp_path, capsys):
     """Greedy generation + grading on a tiny random model (the real calibration uses
-    smollm2-135m: python -m t2ray.tasks.calibrate math code reasoning --n 64)."""
+    smollm2-135m: python -m t2ray.calibrate math code reasoning --n 64)."""
     from t2ray.models import load_model
 
     model, tok = load_model("tiny-llama")

@@ -1,6 +1,6 @@
 """Measure a model's greedy base accuracy on task splits (used to calibrate the built-in tasks).
 
-    python -m t2ray.tasks.calibrate math code reasoning --n 64 [--model smollm2-135m]
+    python -m t2ray.calibrate math code reasoning --n 64 [--model smollm2-135m]
         [--split test] [--batch-size 32] [--dump completions.jsonl]
 
 The training tasks are designed so that SmolLM2-135M-Instruct lands between 10 % and 60 %
@@ -27,7 +27,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .base import Task
+from t2ray.tasks.base import Task
 
 
 @dataclass(frozen=True)
@@ -66,18 +66,18 @@ def base_accuracy(
         temperature=0.0,
         batch_size=batch_size,
     )
-    ok = [task.grade(e, o) for e, o in zip(exs, outs)]
+    ok = [task.grade(e, o) for e, o in zip(exs, outs, strict=True)]
     if completions is not None:
         completions += [
-            dict(task=task.name, id=e.id, answer=e.answer, completion=o, correct=g) for e, o, g in zip(exs, outs, ok)
+            dict(task=task.name, id=e.id, answer=e.answer, completion=o, correct=g)
+            for e, o, g in zip(exs, outs, ok, strict=True)
         ]
     return Accuracy(task.name, split, sum(ok), len(ok), time.monotonic() - start)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     from t2ray.models import load_model
-
-    from . import get_task
+    from t2ray.tasks import get_task
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("tasks", nargs="+")
