@@ -1,11 +1,16 @@
 """Every file in cluster/ and experiments/ parses and validates: `ray up` files against Ray's cluster-launcher
 schema, KubeRay resources against the ray.io/v1 keys (transcribed from KubeRay's Go types) and the Kubernetes
-pod keys we use, the inline Serve config with Ray's and t2ray's schemas, each experiment with its own model."""
+pod keys we use, the inline Serve config with Ray's and t2ray's schemas, each experiment with its own model.
+
+The cluster files also ship secure: Ray's token authentication (RAY_AUTH_MODE=token, Ray >= 2.52) on every node
+and every KubeRay resource (authOptions, KubeRay >= 1.5.1), one token distributed 0600, the serving key from a
+Kubernetes Secret, and the SVD/model cache ($T2RAY_CACHE) on the shared storage every node mounts."""
 
 from __future__ import annotations
 
 import copy
 import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -16,9 +21,13 @@ CLUSTER = ROOT / "cluster"
 LAUNCHER_FILES = sorted(CLUSTER.glob("*.yaml"))
 KUBERAY_FILES = sorted((CLUSTER / "kuberay").glob("*.yaml"))
 EXPERIMENT_FILES = sorted((ROOT / "experiments").rglob("*.yaml"))
+SHARED_CACHE = "/mnt/shared/t2ray-cache"  # $T2RAY_CACHE on clusters: on the shared mount, computed once
+# KubeRay's ValidateRayClusterSpec: "authOptions.mode is 'token' but minimum Ray version is 2.52.0"
+TOKEN_AUTH_MIN_RAY = (2, 52, 0)
 
 # ---- KubeRay ray.io/v1 (ray-operator/apis/ray/v1/*_types.go): the keys each object may have
 RAY_CLUSTER_SPEC = {
+    "authOptions",
     "suspend",
     "managedBy",
     "autoscalerOptions",
@@ -29,6 +38,7 @@ RAY_CLUSTER_SPEC = {
     "rayVersion",
     "workerGroupSpecs",
 }
+AUTH_OPTIONS = {"mode", "secretName", "enableK8sTokenAuth"}  # AuthOptions; mode is KubeRay >= 1.5.1
 HEAD_GROUP = {"template", "headService", "enableIngress", "rayStartParams", "serviceType"}
 HEAD_GROUP_REQUIRED = {"template", "rayStartParams"}
 WORKER_GROUP = {
@@ -155,6 +165,9 @@ def check_ray_cluster_spec(spec: dict, where: str, claims: set[str]) -> dict:
     assert spec["rayVersion"] == "2.60.0", f"{where}: rayVersion should match the Ray t2ray is tested with"
     if "autoscalerOptions" in spec:
         only(spec["autoscalerOptions"], AUTOSCALER_OPTIONS, f"{where}.autoscalerOptions")
+    if "authOptions" in spec:
+        only(spec["authOptions"], AUTH_OPTIONS, f"{where}.authOptions")
+        assert spec["authOptions"].get("mode", "token") in ("token", "disabled"), f"{where}.authOptions.mode"
     head = spec["headGroupSpec"]
     only(head, HEAD_GROUP, f"{where}.headGroupSpec")
     assert HEAD_GROUP_REQUIRED <= set(head), f"{where}.headGroupSpec needs {HEAD_GROUP_REQUIRED}"
@@ -338,3 +351,216 @@ def test_readme_capacity_plan_matches_the_planner():
     big = plan("llama3-70b", gpus=16, gpu_mem_gb=80, zero=3)
     assert small.fits and big.fits
     assert small.table() in text and big.table() in text  # regenerate the README if the planner changes
+
+
+# ---- secure as shipped: token authentication, the serving key, the shared SVD cache
+
+
+def shell_commands(line: str) -> list[list[str]]:
+    """A shell line as its simple commands (split at ; && || |), each as its words."""
+    lexer = shlex.shlex(line, posix=True, punctuation_chars=";&|")
+    lexer.whitespace_split = True
+    commands: list[list[str]] = [[]]
+    for word in lexer:
+        if set(word) <= set(";&|"):
+            commands.append([])
+        else:
+            commands[-1].append(word)
+    return [c for c in commands if c]
+
+
+ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
+
+
+def ray_starts(commands: list[list[str]]) -> list[tuple[dict[str, str], list[str]]]:
+    """The environment (earlier `export`s, VAR=value prefixes) and the arguments of each `ray start` in `commands`."""
+    env: dict[str, str] = {}
+    found = []
+    for words in commands:
+        if words[0] == "export":
+            env.update(w.split("=", 1) for w in words[1:] if ASSIGNMENT.match(w))
+            continue
+        n = next((i for i, w in enumerate(words) if not ASSIGNMENT.match(w)), len(words))
+        if words[n : n + 2] == ["ray", "start"]:
+            found.append(({**env, **dict(w.split("=", 1) for w in words[:n])}, words[n + 2 :]))
+    return found
+
+
+def ray_start(lines: list[str]) -> tuple[dict[str, str], list[str]]:
+    """The one `ray start` of a list of shell lines (a `*_start_ray_commands` list)."""
+    found = ray_starts([words for line in lines for words in shell_commands(line)])
+    assert len(found) == 1, f"expected one `ray start` in {lines}, found {len(found)}"
+    return found[0]
+
+
+def bashrc_exports(lines: list[str]) -> dict[str, str]:
+    """What `echo 'export VAR=value' >> ~/.bashrc` lines add to every shell on the node."""
+    env = {}
+    for line in lines:
+        for words in shell_commands(line):
+            if words[0] == "echo" and words[-2:] == [">>", "~/.bashrc"]:
+                for w in shlex.split(" ".join(words[1:-2]))[1:]:
+                    env.update([w.split("=", 1)])
+    return env
+
+
+def home(path: str, user: str) -> str:
+    return f"/home/{user}/{path[2:]}" if path.startswith("~/") else path
+
+
+@pytest.mark.parametrize("path", LAUNCHER_FILES, ids=lambda p: p.name)
+def test_ray_up_files_start_every_node_with_token_auth(path):
+    config = yaml.safe_load(path.read_text())
+    user = config["auth"]["ssh_user"]
+    head_env, head_args = ray_start(config["head_start_ray_commands"])
+    worker_env, worker_args = ray_start(config["worker_start_ray_commands"])
+    assert "--head" in head_args and not any(a.startswith("--address") for a in head_args)
+    assert any(a.startswith("--address=") for a in worker_args)
+    for who, env in (("head", head_env), ("workers", worker_env)):
+        assert env.get("RAY_AUTH_MODE") == "token", f"{path.name}: {who} start without RAY_AUTH_MODE=token"
+    assert "--dashboard-host=127.0.0.1" in head_args  # reached through `ray dashboard`'s SSH tunnel only
+
+    # one token for every node: the launching machine's, by file_mounts (workers get the head's copy) ...
+    token_path = f"/home/{user}/.ray/auth_token"
+    assert config["file_mounts"].get(token_path) == "~/.ray/auth_token", f"{path.name}: the token is not mounted"
+    # ... readable by its owner only, on every node (setup_commands run on head and workers)
+    modes = {
+        home(target, user): words[1]
+        for line in config["setup_commands"]
+        for words in shell_commands(line)
+        if words[0] == "chmod"
+        for target in words[2:]
+    }
+    assert modes.get(token_path) in ("600", "0600"), f"{path.name}: the token is not made 0600 ({modes})"
+    assert modes.get(f"/home/{user}/.ray") in ("700", "0700")
+    # drivers started in a shell on the node (ray attach / ray exec) are in token mode too
+    assert bashrc_exports(config["setup_commands"]).get("RAY_AUTH_MODE") == "token"
+
+
+@pytest.mark.parametrize("path", LAUNCHER_FILES, ids=lambda p: p.name)
+def test_ray_up_files_put_the_svd_cache_on_the_shared_mount(path):
+    config = yaml.safe_load(path.read_text())
+    mounts = [
+        words[-1]
+        for line in config["initialization_commands"]
+        for words in shell_commands(line)
+        if "mount" in words and "-t" in words and words[words.index("-t") + 1].startswith("nfs")
+    ]
+    assert mounts == ["/mnt/shared"], mounts
+    assert SHARED_CACHE.startswith(mounts[0] + "/")
+    for commands in ("head_start_ray_commands", "worker_start_ray_commands"):
+        env, _ = ray_start(config[commands])
+        assert env.get("T2RAY_CACHE") == SHARED_CACHE, f"{path.name}: {commands} without the shared T2RAY_CACHE"
+    assert bashrc_exports(config["setup_commands"]).get("T2RAY_CACHE") == SHARED_CACHE
+
+
+CLUSTER_SPEC_OF = {"RayCluster": None, "RayJob": "rayClusterSpec", "RayService": "rayClusterConfig"}
+
+
+def ray_cluster_specs(path: Path) -> list[tuple[str, dict]]:
+    out = []
+    for doc in docs(path):
+        if doc["kind"] in CLUSTER_SPEC_OF:
+            key = CLUSTER_SPEC_OF[doc["kind"]]
+            out.append((doc["kind"], doc["spec"][key] if key else doc["spec"]))
+    return out
+
+
+def pod_templates(spec: dict) -> list[dict]:
+    return [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec.get("workerGroupSpecs", [])]
+
+
+def env_of(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def version(text: str) -> tuple[int, int, int]:
+    match = re.fullmatch(r"(\d+)\.(\d+)\.(\d+)", text)
+    assert match, f"rayVersion {text!r} is not MAJOR.MINOR.PATCH"
+    return tuple(int(g) for g in match.groups())
+
+
+@pytest.mark.parametrize("path", KUBERAY_FILES, ids=lambda p: p.name)
+def test_every_kuberay_cluster_uses_token_auth(path):
+    specs = ray_cluster_specs(path)
+    assert specs, f"{path.name}: no Ray cluster"
+    for kind, spec in specs:
+        assert spec.get("authOptions", {}).get("mode") == "token", f"{path.name} {kind}: authOptions mode not token"
+        assert version(spec["rayVersion"]) >= TOKEN_AUTH_MIN_RAY, f"{kind}: token auth needs Ray >= 2.52.0"
+        assert spec["headGroupSpec"].get("serviceType", "ClusterIP") == "ClusterIP", "head exposed outside the cluster"
+        for template in pod_templates(spec):
+            for c in template["spec"]["containers"]:
+                # the operator sets both from its Secret, and leaves alone a variable the pod already sets
+                assert not {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"} & set(env_of(c)), f"{kind} {c['name']} overrides auth"
+
+
+@pytest.fixture(scope="module")
+def rwx_claims() -> set[str]:
+    return {
+        d["metadata"]["name"]
+        for d in docs(CLUSTER / "kuberay" / "raycluster.yaml")
+        if d["kind"] == "PersistentVolumeClaim" and "ReadWriteMany" in d["spec"]["accessModes"]
+    }
+
+
+@pytest.mark.parametrize("path", KUBERAY_FILES, ids=lambda p: p.name)
+def test_every_kuberay_pod_has_the_svd_cache_on_the_shared_volume(path, rwx_claims):
+    for kind, spec in ray_cluster_specs(path):
+        for template in pod_templates(spec):
+            volumes = {v["name"]: v for v in template["spec"].get("volumes", [])}
+            for c in template["spec"]["containers"]:
+                cache = env_of(c).get("T2RAY_CACHE", {}).get("value")
+                assert cache == SHARED_CACHE, f"{path.name} {kind} {c['name']}: T2RAY_CACHE={cache!r}"
+                shared = [
+                    m
+                    for m in c.get("volumeMounts", [])
+                    if cache.startswith(m["mountPath"].rstrip("/") + "/")
+                    and volumes[m["name"]].get("persistentVolumeClaim", {}).get("claimName") in rwx_claims
+                ]
+                assert shared, f"{path.name} {kind} {c['name']}: {cache} is not on a ReadWriteMany claim"
+
+
+def test_rayservice_takes_its_api_key_from_a_secret():
+    (service,) = [d for d in docs(CLUSTER / "kuberay" / "rayservice.yaml") if d["kind"] == "RayService"]
+    (app,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+    key_env = app["args"].get("api_key_env", "T2RAY_API_KEY")  # ServeArgs' default
+    assert key_env == "T2RAY_API_KEY"
+    assert app["args"].get("require_api_key") is True, "without the key the Dispatcher must refuse to start"
+    for template in pod_templates(service["spec"]["rayClusterConfig"]):
+        for c in template["spec"]["containers"]:
+            var = env_of(c).get(key_env)
+            assert var and "value" not in var, f"{c['name']}: {key_env} missing or inline"
+            ref = var["valueFrom"]["secretKeyRef"]
+            assert ref["name"] and ref["key"] and not ref.get("optional", False), f"{c['name']}: {ref}"
+
+
+def readme_commands() -> list[list[str]]:
+    """The simple commands of cluster/README.md's bash blocks (continued lines joined, `ssh host '...'` opened)."""
+    text = (CLUSTER / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+    commands = []
+    for line in "\n".join(blocks).replace("\\\n", " ").splitlines():
+        for words in shell_commands(line):
+            commands.append(words)
+            if words[0] == "ssh" and len(words) > 2:
+                commands.extend(shell_commands(words[-1]))
+    return commands
+
+
+def test_readme_shows_the_token_setup():
+    text = (CLUSTER / "README.md").read_text()
+    commands = readme_commands()
+    assert ["ray", "get-auth-token", "--generate"] in commands
+    # RAY_AUTH_MODE=token on the `ray start` line itself (an `export` elsewhere in the README doesn't count)
+    starts = [s for words in commands for s in ray_starts([words]) if s[0].get("RAY_AUTH_MODE") == "token"]
+    assert any("--head" in args for _, args in starts), "no token-mode `ray start --head`"
+    assert any(a.startswith("--address") for _, args in starts for a in args), "no token-mode worker `ray start`"
+    assert ["export", "RAY_AUTH_MODE=token"] in commands  # t2ray's CLI would default it to disabled
+    for needed in (
+        "~/.ray/auth_token",
+        "RAY_AUTH_TOKEN",
+        "authOptions",
+        "T2RAY_API_KEY",
+        f"T2RAY_CACHE={SHARED_CACHE}",
+    ):
+        assert needed in text, f"cluster/README.md does not mention {needed}"
