@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-# The CLI sets its own defaults (t2ray/console.py, ENV_DEFAULTS: wandb offline, Ray without token auth, ...);
+# The CLI sets its own defaults (t2ray/console.py, ENV_DEFAULTS: wandb offline, ...; Ray token auth: t2ray/ray_auth.py);
 # these are for the tests and this machine: never the hub, fast worker-failure detection, DeepSpeed on CPU.
 export HF_HUB_OFFLINE ?= 1
 export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S ?= 0.1

@@ -12,8 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from t2ray.console import apply_env_defaults
+from t2ray.ray_auth import enable_token_auth
 
-apply_env_defaults()  # a benchmark runs with the CLI's defaults (wandb offline, local Ray without token auth)
+apply_env_defaults()  # a benchmark runs with the CLI's defaults (wandb offline, tokenizers quiet)
+enable_token_auth(create=True)  # and its local Ray clusters in token mode, as t2ray's own
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
 

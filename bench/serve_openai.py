@@ -45,7 +45,7 @@ def main() -> None:
     config = yaml.safe_load(args.config.read_text())
     config["http_options"]["port"] = args.port
     url = f"http://127.0.0.1:{args.port}"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "RAY_AUTH_MODE": "disabled"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("T2RAY_API_KEY", None)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as tmp:
         yaml.safe_dump(config, tmp)

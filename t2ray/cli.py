@@ -515,11 +515,14 @@ def serve_(
     config: Path = typer.Argument(..., help="Serve config YAML, e.g. experiments/serve-smollm2.yaml"),
     address: str | None = typer.Option(None, help="Ray cluster address (default: start a local one)"),
     num_cpus: int | None = typer.Option(None, min=1, help="CPUs of a local Ray cluster (default: all)"),
+    host: str | None = typer.Option(
+        None, help="bind here instead of the config's http_options.host (beyond loopback it needs T2RAY_API_KEY)"
+    ),
 ):
     """Serve the base model and its SVF experts behind an OpenAI-compatible endpoint (Ray Serve); Ctrl-C stops."""
     from t2ray.serve.app import run_config
 
-    run_config(config, address=address, num_cpus=num_cpus, on_ready=emit)
+    run_config(config, address=address, num_cpus=num_cpus, host=host, on_ready=emit)
 
 
 def main() -> None:  # pragma: no cover - console entry

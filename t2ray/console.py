@@ -12,9 +12,9 @@ FRAMEWORK_LOGGERS = ("ray", "ray.train", "ray.tune", "ray.data", "deepspeed", "D
 
 
 # What every t2ray command assumes unless the user's environment says otherwise (the CLI sets them, once, before
-# anything else; Ray's workers inherit them): experiment tracking offline (wandb needs no account), a local Ray
-# cluster without token auth (the one t2ray starts, or `ray start` without it), tokenizers without fork warnings.
-ENV_DEFAULTS = {"WANDB_MODE": "offline", "RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
+# anything else; Ray's workers inherit them): experiment tracking offline (wandb needs no account), tokenizers without
+# fork warnings. Ray's token authentication stays on (t2ray.ray_auth; opt out: RAY_AUTH_MODE=disabled).
+ENV_DEFAULTS = {"WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def apply_env_defaults() -> dict[str, str]:

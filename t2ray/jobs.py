@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from t2ray.ray_auth import enable_token_auth, refused_message
+
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # Passed to the job when set in the caller's environment (values never printed).
 FORWARDED_ENV = (
@@ -53,12 +55,17 @@ def default_address() -> str:
 
 
 def connect(address: str | None = None):
-    """A JobSubmissionClient, or a JobError that says how to bring a cluster up."""
+    """A JobSubmissionClient (it sends the Ray token when one is at hand), or a JobError that says how to bring a
+    cluster up, or how to give the token a cluster asks for."""
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
+    enable_token_auth(create=False)
     address = address or default_address()
     try:
         return JobSubmissionClient(address)
+    except AuthenticationError:
+        raise JobError(refused_message(f"the Ray cluster at {address}")) from None
     except Exception as err:  # noqa: BLE001 — ConnectionError, ValueError, RuntimeError depending on the failure
         reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         raise JobError(
@@ -78,10 +85,14 @@ def _warn(message: str) -> None:
 
 
 def _call(fn, what: str, job_id: str | None = None):
+    from ray.exceptions import AuthenticationError
+
     try:
         return fn()
     except JobError:
         raise
+    except AuthenticationError:
+        raise JobError(refused_message("the Ray cluster")) from None
     except Exception as err:  # noqa: BLE001 — the SDK raises RuntimeError for HTTP errors
         text = _first_line(err)
         if job_id and ("does not exist" in text or "404" in text or "not found" in text.lower()):

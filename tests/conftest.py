@@ -8,6 +8,7 @@ cache for later sessions.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import copy
 import os
@@ -17,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,8 +28,17 @@ if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from t2ray.console import apply_env_defaults  # noqa: E402
+from t2ray.ray_auth import write_token  # noqa: E402
 
-apply_env_defaults()  # what the CLI sets for every command (wandb offline, Ray without token auth, ...)
+apply_env_defaults()  # what the CLI sets for every command (wandb offline, tokenizers quiet)
+
+# Every Ray cluster of the tests runs in token mode, as t2ray's own do (t2ray.ray_auth), with a token of this session
+# (never the user's ~/.ray/auth_token): every test is also a test that t2ray works with authentication on.
+_TOKEN_DIR = Path(tempfile.mkdtemp(prefix="t2ray-test-auth-"))
+os.environ["RAY_AUTH_TOKEN_PATH"] = str(_TOKEN_DIR / "auth_token")
+os.environ["RAY_AUTH_MODE"] = "token"
+write_token(_TOKEN_DIR / "auth_token")
+atexit.register(shutil.rmtree, _TOKEN_DIR, ignore_errors=True)
 
 from t2ray.tasks import sandbox  # noqa: E402
 

@@ -14,7 +14,7 @@ from pathlib import Path
 RUN_ENV = {
     "HF_HUB_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
-    "RAY_AUTH_MODE": "disabled",
+    "RAY_AUTH_MODE": "token",  # the token: $RAY_AUTH_TOKEN_PATH, the session's own (tests/conftest.py)
     "WANDB_MODE": "offline",
     "WANDB_SILENT": "true",
     "DS_ACCELERATOR": "cpu",

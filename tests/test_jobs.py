@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import shlex
+import subprocess
 import sys
 import threading
 import time
@@ -104,7 +105,7 @@ def test_unreachable_address_is_a_clear_error(workdir, free_port):
 
 
 @pytest.fixture(scope="module")
-def head(tmp_path_factory, t2ray_cache, ray_head_starter):
+def cluster(tmp_path_factory, t2ray_cache, ray_head_starter):
     """A local head with its dashboard, started as `.venv/bin/ray start` from a shell whose PATH lacks the venv:
     the job's `t2ray` used to be "not found" (exit 127); a head on this machine runs this installation's t2ray."""
     path = ":".join(
@@ -113,7 +114,7 @@ def head(tmp_path_factory, t2ray_cache, ray_head_starter):
     env = {
         **os.environ,
         "PATH": path,
-        "RAY_AUTH_MODE": "disabled",
+        "RAY_AUTH_MODE": "token",
         "RAY_ADDRESS": "",
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
         "DS_ACCELERATOR": "cpu",
@@ -121,8 +122,13 @@ def head(tmp_path_factory, t2ray_cache, ray_head_starter):
         "HF_HUB_OFFLINE": "1",
     }
     nodes = ({"num_cpus": 2, "resources": {"trainer": 2}},) * 2
-    with ray_head_starter(env, tmp_path_factory.mktemp("ray-head"), num_cpus=1, worker_nodes=nodes) as (dashboard, _):
-        yield dashboard
+    with ray_head_starter(env, tmp_path_factory.mktemp("ray-head"), num_cpus=1, worker_nodes=nodes) as addresses:
+        yield addresses  # (dashboard, GCS)
+
+
+@pytest.fixture(scope="module")
+def head(cluster) -> str:
+    return cluster[0]
 
 
 def first_json(text: str) -> dict:
@@ -277,3 +283,73 @@ def test_follow_survives_a_dropped_log_stream(head):
     shown = [line for line in followed.stdout.splitlines() if line.startswith("line ")]
     assert shown == [f"line {i}" for i in range(lines)]
     assert first_json(followed.stdout[followed.stdout.index(f"line {lines - 1}") :])["status"] == "SUCCEEDED"
+
+
+# ------------------------------------------------------------------- the cluster refuses who lacks the token
+
+
+def outsider_env(tmp_path: Path, **auth: str) -> dict[str, str]:
+    """A process of another user of this machine: its own home (no ~/.ray/auth_token), none of our Ray settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "T2RAY_"))}
+    return {**env, "HOME": str(tmp_path), **auth}
+
+
+OUTSIDER_DRIVER = """
+import sys, ray
+ray.init(address=sys.argv[1], log_to_driver=False)
+print("RAN", ray.get(ray.remote(lambda: 42).remote()))
+"""
+
+
+@pytest.mark.slow
+def test_a_driver_without_the_token_is_refused(cluster, tmp_path):
+    """No token, authentication turned off on the client's side, a wrong token: each driver is refused (run side by
+    side: a refused driver gives up after Ray's ~20 s of connection retries)."""
+    attempts = {
+        "no-token": {},
+        "auth-disabled": {"RAY_AUTH_MODE": "disabled"},
+        "wrong-token": {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64},
+    }
+    drivers = {
+        name: subprocess.Popen(
+            [sys.executable, "-c", OUTSIDER_DRIVER, cluster[1]],
+            env=outsider_env(tmp_path / name, **auth),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name, auth in attempts.items()
+    }
+    for name, driver in drivers.items():
+        out, err = driver.communicate(timeout=180)
+        assert driver.returncode != 0 and "RAN" not in out, (name, out, err[-2000:])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("header", [None, "Bearer " + "0" * 64], ids=["no-token", "wrong-token"])
+def test_the_dashboard_and_its_jobs_api_refuse_requests_without_the_token(head, header):
+    import httpx
+
+    headers = {"Authorization": header} if header else {}
+    for path in ("/api/jobs/", "/api/version", "/nodes?view=summary"):
+        response = httpx.get(head + path, headers=headers, timeout=30)
+        assert response.status_code in (401, 403), (path, response.status_code, response.text[:200])
+    submit = httpx.post(head + "/api/jobs/", json={"entrypoint": "echo pwned"}, headers=headers, timeout=30)
+    assert submit.status_code in (401, 403), submit.text[:200]
+    token = Path(os.environ["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+    assert httpx.get(head + "/api/jobs/", headers={"Authorization": f"Bearer {token}"}, timeout=30).status_code == 200
+
+
+@pytest.mark.slow
+def test_t2ray_jobs_without_the_token_says_how_to_give_one(head, tmp_path):
+    run = subprocess.run(
+        [str(Path(sys.executable).with_name("t2ray")), "jobs", "list", "--address", head],
+        env=outsider_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2, run.stdout + run.stderr
+    message = run.stderr.strip().splitlines()
+    assert len(message) == 1 and "requires a Ray authentication token" in message[0], run.stderr
+    assert all(way in message[0] for way in ("RAY_AUTH_TOKEN=", "RAY_AUTH_TOKEN_PATH=", "~/.ray/auth_token"))

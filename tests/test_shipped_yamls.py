@@ -14,6 +14,7 @@ import os
 import shlex
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -93,6 +94,8 @@ def test_train_a_smollm2_expert_as_its_header_says(shell, name):
     summary = shell.last_json(done)
     assert summary["iterations"] == 1 and 0.0 <= summary["best_valid_accuracy"] <= 1.0
     assert Path(summary["expert"]) == expert_of(shell, f"smollm2-{name}")
+    token = Path(shell.env["HOME"]) / ".ray" / "auth_token"  # the local cluster ran in token mode, its token 0600
+    assert token.is_file() and stat.S_IMODE(token.stat().st_mode) == 0o600
     console = done.stdout + done.stderr  # t2ray's bar, drawn by the driver from the reports; no framework floods
     assert f"train smollm2-{name}" in done.stderr and "1/1" in done.stderr, console[-3000:]
     for flood in (
@@ -250,16 +253,37 @@ def test_cem_sweep_with_optuna_and_hyperopt(shell, line):
     assert list(sweep_dir.glob("wandb/offline-run-*")), "wandb (on in the file) wrote no offline run"
 
 
+def test_serve_beyond_loopback_refuses_to_start_without_an_api_key(shell):
+    """No open endpoint by accident: bound beyond loopback without T2RAY_API_KEY, `t2ray serve` says how to set one
+    and starts nothing."""
+    line = readme_line("t2ray serve experiments/serve-smollm2.yaml")
+    done = subprocess.run(
+        [*shlex.split(line), "--host", "0.0.0.0"], cwd=shell.cwd, env=shell.env, capture_output=True, text=True
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "without an API key: set T2RAY_API_KEY" in done.stderr and "require_api_key: false" in done.stderr
+
+
 def test_serve_start_one_request_stop(shell):
-    """`t2ray serve experiments/serve-smollm2.yaml` with the experts where the file expects them (make demo's
-    runs/quickstart/svf-*): it prints where it serves, the official client gets an answer, Ctrl-C stops it."""
+    """`t2ray serve experiments/serve-smollm2.yaml --host 0.0.0.0` with the experts where the file expects them (make
+    demo's runs/quickstart/svf-*) and an API key: it prints where it serves, a request without the key (or with a
+    wrong one) from the network gets 401, the official client with the key gets an answer, Ctrl-C stops it."""
+    import httpx
+    from ray.util import get_node_ip_address
+
     for name in ("math", "code", "reasoning", "cls"):
         target = shell.cwd / "runs/quickstart" / f"svf-{name}" / "expert.safetensors"
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(expert_of(shell, f"smollm2-{name}"), target)
     line = readme_line("t2ray serve experiments/serve-smollm2.yaml")
+    key = "t2ray-test-key"
     proc = subprocess.Popen(
-        shlex.split(line), cwd=shell.cwd, env=shell.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        [*shlex.split(line), "--host", "0.0.0.0"],
+        cwd=shell.cwd,
+        env={**shell.env, "T2RAY_API_KEY": key},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         seen = []
@@ -271,7 +295,13 @@ def test_serve_start_one_request_stop(shell):
             pytest.fail(f"`{line}` ended before serving:\n{''.join(seen)[-4000:]}")
         printed = "".join(seen)
         info = json.loads(printed[printed.rindex("\n{") + 1 :])
-        client = openai.OpenAI(base_url=info["openai_base_url"]["t2ray"], api_key="none", max_retries=0, timeout=300)
+        assert info["auth"] == "Bearer $T2RAY_API_KEY", info
+        base_url = info["openai_base_url"]["t2ray"].replace("0.0.0.0", get_node_ip_address())  # from the network
+        question = {"model": "math", "max_tokens": 4, "messages": [{"role": "user", "content": "What is 2 + 3?"}]}
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            refused = httpx.post(f"{base_url}/chat/completions", json=question, headers=headers, timeout=60)
+            assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key", refused.text
+        client = openai.OpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=300)
         answer = client.chat.completions.create(
             model="math", max_tokens=4, messages=[{"role": "user", "content": "What is 2 + 3?"}]
         )

@@ -31,6 +31,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from t2ray.ray_auth import enable_token_auth
 from t2ray.serve.config import IMPORT_PATH, ServeArgs, read_serve_config
 from t2ray.serve.engine import DecodeBatch, ExpertLibrary, GenItem, GenRequest, MixtureRef
 from t2ray.serve.errors import RequestError, bad_request, not_found
@@ -873,8 +874,33 @@ def app_args(app: dict) -> dict:
     return args
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def require_key_off_loopback(args: ServeArgs, host: str, name: str) -> ServeArgs:
+    """An app served beyond this machine needs an API key: Ray Serve's HTTP proxy checks none itself. Refuses to
+    start without one unless the config says `require_api_key: false`; with one, every Dispatcher requires it."""
+    if host in LOOPBACK or host.startswith("127.") or args.require_api_key is False:
+        return args
+    env = args.api_key_env
+    if not env or not (os.environ.get(env) or "").strip():
+        raise ValueError(
+            f"application {name!r} would serve on {host} (reachable from the network) without an API key: "
+            f"set {env or 'T2RAY_API_KEY'} (e.g. `export {env or 'T2RAY_API_KEY'}=$(openssl rand -hex 32)`"
+            f"{'' if env else ' and api_key_env: T2RAY_API_KEY'}), bind http_options.host 127.0.0.1, or say "
+            "`require_api_key: false` in its args to serve it open on purpose"
+        )
+    return args.model_copy(update={"require_api_key": True})
+
+
 def run_config(
-    path: str | Path, *, address: str | None = None, num_cpus: int | None = None, blocking: bool = True, on_ready=None
+    path: str | Path,
+    *,
+    address: str | None = None,
+    num_cpus: int | None = None,
+    host: str | None = None,
+    blocking: bool = True,
+    on_ready=None,
 ) -> dict:
     """Validate a Serve config, start (or join) Ray and Serve, deploy its applications; with `blocking`, serve
     until Ctrl-C / SIGTERM, then shut Serve (and a Ray started here) down. Returns where it serves."""
@@ -889,10 +915,12 @@ def run_config(
                 "use Ray's `serve run` for others"
             )
         apps.append((app, ServeArgs.model_validate(app_args(app)).resolved()))  # a missing expert fails here, early
+    http = {"host": "127.0.0.1", "port": 8000, **(config.get("http_options") or {}), **({"host": host} if host else {})}
+    apps = [(app, require_key_off_loopback(args, http["host"], app.get("name", "default"))) for app, args in apps]
     started_ray = not ray.is_initialized()
     if started_ray:
+        enable_token_auth(create=address is None)
         ray.init(address=address, num_cpus=num_cpus if address is None else None)
-    http = {"host": "127.0.0.1", "port": 8000, **(config.get("http_options") or {})}
     serve.start(http_options=http)
     routes = {}
     for app, args in apps:

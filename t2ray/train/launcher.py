@@ -12,6 +12,7 @@ import yaml
 
 from t2ray.config import ExperimentConfig
 from t2ray.console import VERBOSE_ENV, ray_log_options
+from t2ray.ray_auth import enable_token_auth
 
 FORWARDED_ENV = (
     "HF_HUB_OFFLINE",
@@ -50,6 +51,7 @@ def ensure_ray(address: str | None = None) -> None:
     # and Ray refuses a second one that names the same variables.
     in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
     env = {} if in_job else {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    enable_token_auth(create=address is None and not in_job)  # a cluster t2ray starts is token-protected
     ray.init(address=address, runtime_env={"env_vars": env} if env else None, **ray_log_options())
 
 
