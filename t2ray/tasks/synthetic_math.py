@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from .base import Example, build_splits
-from .common import GradedTask
+from .base import Example
+from .common import TRAIN_SIZES, UNSEEN_SIZES, GradedTask, generated_task, pick_family
 
-TRAIN_SIZES = {"train": 256, "valid": 64, "test": 128}
-UNSEEN_SIZES = {"train": 32, "valid": 16, "test": 128}
+# One kind of problem: draws an example with the RNG it is given.
+Family = Callable[[random.Random], Example]
 
 NAMES = (
     "Tom",
@@ -116,7 +117,7 @@ def _word_sub(r: random.Random) -> Example:
 
 # Greedy SmolLM2-135M-Instruct accuracy per family (20-item probes): _add ~25 %, _sub ~35 %,
 # _add_easy ~70 %, _word_add ~50-75 %, _word_sub ~15 %.
-MATH_FAMILIES: tuple[Callable[[random.Random], Example], ...] = (
+MATH_FAMILIES: tuple[Family, ...] = (
     _add,
     _sub,
     _add_easy,
@@ -205,7 +206,7 @@ def _average(r: random.Random) -> Example:
     return _ex(f"What is the average of {', '.join(map(str, vals))}? {HARD_SUFFIX}", mean)
 
 
-HARD_FAMILIES: tuple[Callable[[random.Random], Example], ...] = (
+HARD_FAMILIES: tuple[Family, ...] = (
     _mul_add,
     _paren,
     _linear,
@@ -219,28 +220,23 @@ HARD_FAMILIES: tuple[Callable[[random.Random], Example], ...] = (
 )
 
 
-def _build(name: str, families, sizes: dict[str, int], seed: int) -> dict[str, list[Example]]:
-    return build_splits(name, lambda r: r.choice(families)(r), sizes, seed)
-
-
-def make_math_task(seed: int = 0) -> GradedTask:
-    return GradedTask(
-        "math",
-        "math",
-        "numeric",
-        lambda: _build("math", MATH_FAMILIES, TRAIN_SIZES, seed),
-        max_new_tokens=48,
-        description="one-step arithmetic and word problems; reply with just the number",
+def _math_task(
+    name: str, families: Sequence[Family], sizes: dict[str, int], seed: int, description: str, **options: Any
+) -> GradedTask:
+    """Arithmetic graded on the final number (or the boxed one)."""
+    return generated_task(
+        name, "math", "numeric", pick_family(families), sizes, seed, description=description, **options
     )
 
 
+def make_math_task(seed: int = 0) -> GradedTask:
+    description = "one-step arithmetic and word problems; reply with just the number"
+    return _math_task("math", MATH_FAMILIES, TRAIN_SIZES, seed, description, max_new_tokens=48)
+
+
 def make_math_hard_task(seed: int = 0) -> GradedTask:
-    return GradedTask(
-        "math-hard",
-        "math",
-        "numeric",
-        lambda: _build("math-hard", HARD_FAMILIES, UNSEEN_SIZES, seed),
-        max_new_tokens=128,
-        reference_template="\\boxed{{{answer}}}",
-        description="two-step arithmetic, equations, remainders, percentages (boxed answers)",
+    description = "two-step arithmetic, equations, remainders, percentages (boxed answers)"
+    boxed = "\\boxed{{{answer}}}"  # the reference reply in the format HARD_SUFFIX asks for
+    return _math_task(
+        "math-hard", HARD_FAMILIES, UNSEEN_SIZES, seed, description, max_new_tokens=128, reference_template=boxed
     )

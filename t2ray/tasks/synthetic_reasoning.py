@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
+from itertools import pairwise
+from typing import Any
 
-from .base import Example, build_splits, format_choices
-from .common import GradedTask
+from .base import Example, format_choices
+from .common import TRAIN_SIZES, UNSEEN_SIZES, GradedTask, generated_task, pick_family
 
-TRAIN_SIZES = {"train": 256, "valid": 64, "test": 128}
-UNSEEN_SIZES = {"train": 32, "valid": 16, "test": 128}
+# One kind of question: draws an example with the RNG it is given.
+Family = Callable[[random.Random], Example]
 
 MC_SUFFIX = "Answer with the letter of the correct option."
 
@@ -304,10 +306,20 @@ def _pick_spread(r: random.Random, scale: dict[str, float], k: int, ratio: float
     for _ in range(200):
         pick = r.sample(items, k)
         vals = sorted(scale[p] for p in pick)
-        ok = all((b - a >= 10.0) if min(a, b) <= 0 else (b / a >= ratio) for a, b in zip(vals, vals[1:]))
+        ok = all((b - a >= 10.0) if min(a, b) <= 0 else (b / a >= ratio) for a, b in pairwise(vals))
         if ok:
             return pick
     return r.sample(items, k)  # unreachable for the shipped scales
+
+
+def _non_members(cat: str) -> list[str]:
+    """The words that are not ``cat``s: those of the other categories (but no animal category for another)."""
+    others = [c for c in CATEGORIES if c != cat and not (cat in _ANIMAL_CATS and c in _ANIMAL_CATS)]
+    return [w for c in others for w in CATEGORIES[c] if w not in CATEGORIES[cat]]
+
+
+def _with_article(noun: str) -> str:
+    return f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
 
 
 # ---- reasoning (training) -----------------------------------------------------------------------
@@ -316,10 +328,7 @@ def _pick_spread(r: random.Random, scale: dict[str, float], k: int, ratio: float
 def _category_member(r: random.Random) -> Example:
     cat = r.choice(list(CATEGORIES))
     correct = r.choice(CATEGORIES[cat])
-    others = [c for c in CATEGORIES if c != cat and not (cat in _ANIMAL_CATS and c in _ANIMAL_CATS)]
-    pool = [w for c in others for w in CATEGORIES[c] if w not in CATEGORIES[cat]]
-    article = "an" if cat[0] in "aeiou" else "a"
-    return _mc(f"Which of these is {article} {cat}?", correct, pool, r)
+    return _mc(f"Which of these is {_with_article(cat)}?", correct, _non_members(cat), r)
 
 
 def _scale_extreme(r: random.Random) -> Example:
@@ -382,7 +391,7 @@ def _fact(r: random.Random) -> Example:
     return _mc(q, correct, distractors, r)
 
 
-REASONING_FAMILIES: tuple[Callable[[random.Random], Example], ...] = (
+REASONING_FAMILIES: tuple[Family, ...] = (
     _category_member,
     _scale_extreme,
     _number_extreme,
@@ -437,13 +446,11 @@ def _transitive(r: random.Random) -> Example:
 def _not_member(r: random.Random) -> Example:
     cat = r.choice(list(CATEGORIES))
     members = r.sample(CATEGORIES[cat], 3)
-    others = [c for c in CATEGORIES if c != cat and not (cat in _ANIMAL_CATS and c in _ANIMAL_CATS)]
-    outsider = r.choice([w for c in others for w in CATEGORIES[c] if w not in CATEGORIES[cat]])
-    article = "an" if cat[0] in "aeiou" else "a"
+    outsider = r.choice(_non_members(cat))
     opts = [outsider, *members]
     r.shuffle(opts)
     letter = "ABCD"[opts.index(outsider)]
-    prompt = f"Question: Which of these is NOT {article} {cat}?\n{format_choices(opts)}\n{MC_SUFFIX}"
+    prompt = f"Question: Which of these is NOT {_with_article(cat)}?\n{format_choices(opts)}\n{MC_SUFFIX}"
     return Example(id="", prompt=prompt, answer=letter, choices=tuple(opts), category="reasoning")
 
 
@@ -572,7 +579,7 @@ def _cause_effect(r: random.Random) -> Example:
     return _mc(q, correct, distractors, r)
 
 
-HARD_FAMILIES: tuple[Callable[[random.Random], Example], ...] = (
+HARD_FAMILIES: tuple[Family, ...] = (
     _transitive,
     _not_member,
     _day_arith,
@@ -601,27 +608,21 @@ def _dedupe_key(ex: Example) -> str:
     return stem
 
 
-def _build(name: str, families, sizes: dict[str, int], seed: int) -> dict[str, list[Example]]:
-    return build_splits(name, lambda r: r.choice(families)(r), sizes, seed, key=_dedupe_key)
+def _reasoning_task(
+    name: str, families: Sequence[Family], sizes: dict[str, int], seed: int, description: str, **options: Any
+) -> GradedTask:
+    """Multiple choice, graded on the letter or the text of the option."""
+    draw = pick_family(families)
+    return generated_task(
+        name, "reasoning", "choice", draw, sizes, seed, key=_dedupe_key, description=description, **options
+    )
 
 
 def make_reasoning_task(seed: int = 0) -> GradedTask:
-    return GradedTask(
-        "reasoning",
-        "reasoning",
-        "choice",
-        lambda: _build("reasoning", REASONING_FAMILIES, TRAIN_SIZES, seed),
-        max_new_tokens=32,
-        description="2- or 4-option everyday/simple-science questions; answer with a letter",
-    )
+    description = "2- or 4-option everyday/simple-science questions; answer with a letter"
+    return _reasoning_task("reasoning", REASONING_FAMILIES, TRAIN_SIZES, seed, description, max_new_tokens=32)
 
 
 def make_reasoning_hard_task(seed: int = 0) -> GradedTask:
-    return GradedTask(
-        "reasoning-hard",
-        "reasoning",
-        "choice",
-        lambda: _build("reasoning-hard", HARD_FAMILIES, UNSEEN_SIZES, seed),
-        max_new_tokens=48,
-        description="4-option multi-step comparisons, sequences and cause-effect questions",
-    )
+    description = "4-option multi-step comparisons, sequences and cause-effect questions"
+    return _reasoning_task("reasoning-hard", HARD_FAMILIES, UNSEEN_SIZES, seed, description, max_new_tokens=48)
