@@ -55,8 +55,8 @@ def _register_builtins() -> None:
             "code-hard": synthetic_code.make_code_hard_task,
             "reasoning-hard": synthetic_reasoning.make_reasoning_hard_task,
             "humaneval": humaneval.make_humaneval_task,
-            "cls": cls.make_cls_task,
-            "cls-benchmarks": lambda seed: cls.make_cls_task(seed, cls.BENCHMARK_SOURCES, "cls-benchmarks"),
+            "cls": lambda seed: cls.make_cls_task(get_task, seed),
+            "cls-benchmarks": lambda seed: cls.make_cls_task(get_task, seed, cls.BENCHMARK_SOURCES, "cls-benchmarks"),
         }
     )
     from . import datasets as _ds

@@ -14,8 +14,9 @@ classify an arbitrary query.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
-from .base import SPLITS, Example, TaskError
+from .base import SPLITS, Example, Task, TaskError
 from .common import TRAIN_SIZES, GradedTask
 from .graders import CATEGORIES, parse_category
 
@@ -155,9 +156,7 @@ def _other_pool(seed: int, n: int) -> list[str]:
     return out
 
 
-def _build(name: str, sources: dict[str, str], seed: int) -> dict[str, list[Example]]:
-    from . import get_task  # late import: the registry imports this module
-
+def _build(name: str, sources: dict[str, str], seed: int, get_task: Callable[..., Task]) -> dict[str, list[Example]]:
     per_class = {s: n // len(CATEGORIES) for s, n in TRAIN_SIZES.items()}
     tasks = {cat: get_task(source, seed=seed) for cat, source in sources.items()}
     others = _other_pool(seed, sum(per_class.values()))
@@ -186,13 +185,16 @@ def _build(name: str, sources: dict[str, str], seed: int) -> dict[str, list[Exam
     return out
 
 
-def make_cls_task(seed: int = 0, sources: dict[str, str] = SOURCE_TASKS, name: str = "cls") -> GradedTask:
-    """Questions drawn from the same split of each category's source task, plus generated 'other' ones."""
+def make_cls_task(
+    get_task: Callable[..., Task], seed: int = 0, sources: dict[str, str] = SOURCE_TASKS, name: str = "cls"
+) -> GradedTask:
+    """Questions drawn from the same split of each category's source task (built by the registry's `get_task`,
+    passed in: this module is part of the registry), plus generated 'other' ones."""
     return GradedTask(
         name,
         "classification",
         "category",
-        lambda: _build(name, sources, seed),
+        lambda: _build(name, sources, seed, get_task),
         max_new_tokens=32,
         reference_template="Classification: \\boxed{{{answer}}}",
         description=f"classify a question ({', '.join(sources.values())} or other) as code | math | reasoning | other",

@@ -82,7 +82,7 @@ def test_every_code_reference_passes_its_tests(name):
     exs = task.examples("train")[::8] + task.examples("valid")[::4] + task.examples("test")[::2]
     progs = [build_test_program(ex.answer, ex.tests, ex.entry_point) for ex in exs]
     results = run_many(progs, workers=4, require_completion=True)
-    bad = [(ex.id, r.stderr[-200:]) for ex, r in zip(exs, results) if not r.passed]
+    bad = [(ex.id, r.stderr[-200:]) for ex, r in zip(exs, results, strict=True) if not r.passed]
     assert not bad, bad[:3]
     for ex in (e for s in SPLITS for e in task.examples(s)):
         assert ex.entry_point and f"def {ex.entry_point}(" in ex.answer
@@ -122,7 +122,7 @@ def test_reasoning_examples_well_formed():
                 assert len(set(ex.choices)) == n
                 letters = "ABCD"[:n]
                 assert ex.answer in letters
-                for letter, text in zip(letters, ex.choices):
+                for letter, text in zip(letters, ex.choices, strict=True):
                     assert f"\n{letter}. {text}" in ex.prompt
                 assert task.grade(ex, ex.answer)
                 assert task.grade(ex, ex.choices[letters.index(ex.answer)])

@@ -64,7 +64,12 @@ MBPP_ROWS = [
     {
         "task_id": 11,
         "text": "Write a python function to remove first and last occurrence of a given character from the string.",
-        "code": "def remove_Occ(s,ch): \r\n    for i in range(len(s)): \r\n        if (s[i] == ch): \r\n            s = s[0 : i] + s[i + 1:] \r\n            break\r\n    for i in range(len(s) - 1,-1,-1):  \r\n        if (s[i] == ch): \r\n            s = s[0 : i] + s[i + 1:] \r\n            break\r\n    return s ",
+        "code": (
+            "def remove_Occ(s,ch): \r\n    for i in range(len(s)): \r\n        if (s[i] == ch): \r\n   "
+            "         s = s[0 : i] + s[i + 1:] \r\n            break\r\n    for i in range(len(s) - 1,-"
+            "1,-1):  \r\n        if (s[i] == ch): \r\n            s = s[0 : i] + s[i + 1:] \r\n        "
+            "    break\r\n    return s "
+        ),
         "test_list": [
             'assert remove_Occ("hello","l") == "heo"',
             'assert remove_Occ("abcda","a") == "bcd"',
@@ -146,7 +151,10 @@ def arc_rows():
     return [
         {
             "id": "Mercury_7175875",
-            "question": "An astronomer observes that a planet rotates faster after a meteorite impact. Which is the most likely effect of this increase in rotation?",
+            "question": (
+                "An astronomer observes that a planet rotates faster after a meteorite impact. Which is the"
+                " most likely effect of this increase in rotation?"
+            ),
             "choices": {
                 "text": [
                     "Planetary density will decrease.",
