@@ -42,6 +42,11 @@ class RLConfig(Strict):
         "baselines (the paper: 1)",
     )
     micro_batch_size: int = Field(16, ge=1, description="rows per fwd+bwd in the update (gradients accumulate)")
+    activation_checkpointing: bool = Field(
+        False,
+        description="recompute each decoder layer in the backward (HF gradient checkpointing): the update keeps one "
+        "hidden state per layer instead of every activation (what `t2ray plan` budgets at scale)",
+    )
     temperature: float = Field(1.0, ge=0, description="0 = greedy, as the original")
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int | None = Field(None, ge=1, description="None = the task's own budget")
@@ -87,8 +92,15 @@ class DeepSpeedConfig(Strict):
         "70B), while the big frozen weights are partitioned",
     )
 
-    def to_dict(self, train_batch: int, world_size: int, grad_clip: float, lr: float) -> dict[str, Any]:
+    def to_dict(
+        self, train_batch: int, world_size: int, grad_clip: float, lr: float, dtype: str = "float32"
+    ) -> dict[str, Any]:
+        """`dtype`: the frozen weights' compute dtype. ZeRO-3 builds (partitions) the weights in the dtype its config
+        names (fp32 without a bf16/fp16 section: twice the memory of bf16); ZeRO-0/1/2 keep the model as loaded —
+        a bf16/fp16 section there would also cast z and its SVD scales to 16 bits."""
+        half = {"bfloat16": "bf16", "float16": "fp16"}.get(dtype) if self.zero_stage == 3 else None
         return {
+            **({half: {"enabled": True}} if half else {}),
             "train_batch_size": train_batch,
             "train_micro_batch_size_per_gpu": max(1, train_batch // world_size),
             "gradient_accumulation_steps": 1,

@@ -20,6 +20,26 @@ from t2ray.tasks.graders import named_option_reward
 from t2ray.tasks.sandbox import SandboxUnavailable
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]  # sums a tensor over workers (identity in one process)
+# Every rank calls it after a stage that can fail on one rank alone (a too-long prompt, a grader): with that rank's
+# error or None, and it raises on every rank if any failed, so that no rank waits for the others in a collective.
+Agree = Callable[[BaseException | None], None]
+
+
+def raise_own(error: BaseException | None) -> None:
+    """Agree in one process."""
+    if error is not None:
+        raise error
+
+
+def checked(stage: Callable[[], object], agree: Agree):
+    """`stage()`'s result, after every rank has run its own and agreed that none failed."""
+    error, result = None, None
+    try:
+        result = stage()
+    except Exception as err:  # noqa: BLE001 — any failure must reach the other ranks before they block
+        error = err
+    agree(error)
+    return result
 
 
 class Stepper:
@@ -110,10 +130,12 @@ def safe_rewards(
     return torch.tensor(rewards), errors
 
 
-def trim_padding(ids, mask, cids, cmask):
-    """Drop the columns a micro-batch's rows all pad: left of the prompts, right of the completions."""
+def trim_padding(ids, mask, cids, cmask, min_width: int = 1):
+    """Drop the columns a micro-batch's rows all pad: left of the prompts, right of the completions (keeping at least
+    `min_width` completion columns where there are as many)."""
     first = int(mask.any(0).float().argmax())
     last = int(cmask.any(0).nonzero().max()) + 1 if cmask.any() else 1
+    last = max(last, min(min_width, cids.shape[1]))
     return ids[:, first:], mask[:, first:], cids[:, :last], cmask[:, :last]
 
 
@@ -128,7 +150,12 @@ def rl_step(
     seed: int,
     engine: RolloutEngine,
     version: int,
+    *,
+    agree: Agree = raise_own,
+    lockstep: bool = False,
 ) -> dict[str, float]:
+    """One iteration on this rank's shard: rollouts, rewards, one optimizer step. `lockstep` (ZeRO-3 over several
+    ranks): every forward is a collective, so every rank must run as many as the others."""
     rl = cfg.rl
     expanded = [ex for ex in shard for _ in range(rl.samples_per_prompt)]  # a prompt's samples are adjacent
     prompts = [task.messages(ex) for ex in expanded]
@@ -151,6 +178,7 @@ def rl_step(
         rewards, errors = torch.zeros(len(expanded)), 0
     else:
         model.eval()
+        checked(lambda: encode_prompts(tokenizer, prompts, model, max_new), agree)  # a too-long prompt, on any rank
         sync_bytes = engine.sync(current_z(model), version)  # z only, never weights
         roll = engine.generate(
             prompts,
@@ -161,11 +189,11 @@ def rl_step(
             samples_per_prompt=rl.samples_per_prompt,
         )
         ids, mask, cids, cmask = roll.prompt_ids, roll.prompt_mask, roll.completion_ids, roll.completion_mask
-        rewards, errors = safe_rewards(task, expanded, roll.texts, rl.reward)
+        rewards, errors = checked(lambda: safe_rewards(task, expanded, roll.texts, rl.reward), agree)
     t1 = time.perf_counter()
     model.train()  # dropout (LoRA's lora_dropout) applies to the update, not to rollouts or evaluations
     try:
-        metrics = _update(model, adapter, stepper, expanded, cfg, ids, mask, cids, cmask, rewards)
+        metrics = _update(model, adapter, stepper, expanded, cfg, ids, mask, cids, cmask, rewards, lockstep)
     finally:
         model.eval()
     return {
@@ -192,6 +220,7 @@ def _update(
     cids,
     cmask,
     rewards,
+    lockstep: bool = False,
 ) -> dict[str, float]:
     """The loss over micro-batches, one optimizer step: {loss, kl, grad_norm}."""
     rl = cfg.rl
@@ -208,12 +237,17 @@ def _update(
     sampled_at_temperature = rl.logprobs_at_temperature and rl.objective == "reinforce" and rl.temperature > 0
     k = rl.samples_per_prompt
     micro = max(k, rl.micro_batch_size // k * k)  # whole prompts per micro-batch: their prompt forward is shared
+    # The shared prompt needs its KV cache in the backward, which activation checkpointing drops: one forward per row.
+    shared = 1 if getattr(model, "is_gradient_checkpointing", False) else k
+    # A shared prompt's forward is followed by a second one unless the completion is one token wide: in lockstep every
+    # rank keeps two columns, so that no rank runs one forward fewer than the others (and waits in a collective).
+    min_width = 2 if lockstep and shared > 1 else 1
     loss_sum, kl_sum = torch.zeros((), device=dev), torch.zeros((), device=dev)
     for start in range(0, len(expanded), micro):
         # Each micro-batch's loss is its share of the whole batch's, so the accumulated gradient is the batch's.
         rows = slice(start, start + micro)
-        m_ids, m_mask, m_cids, m_cmask = trim_padding(ids[rows], mask[rows], cids[rows], cmask[rows])
-        logits = completion_logits(model, m_ids, m_mask, m_cids, m_cmask, samples_per_prompt=k)
+        m_ids, m_mask, m_cids, m_cmask = trim_padding(ids[rows], mask[rows], cids[rows], cmask[rows], min_width)
+        logits = completion_logits(model, m_ids, m_mask, m_cids, m_cmask, samples_per_prompt=shared)
         # π_T, the distribution the rollouts were sampled from, when asked; the KL stays between the T = 1 policies
         logp = gather_logprobs(logits / rl.temperature if sampled_at_temperature else logits, m_cids, m_cmask)
         if adv is None:
@@ -243,6 +277,7 @@ def sharded_accuracy(
     batch_size: int,
     seed: int,
     all_done: AllDone | None = None,
+    agree: Agree = raise_own,
 ) -> float:
     """Greedy accuracy over `examples`, each worker grading its shard; counts summed over workers. With `all_done`
     (ZeRO-3 lockstep) every shard is padded to the same length, so every rank runs as many generate batches."""
@@ -250,16 +285,18 @@ def sharded_accuracy(
     real = len(shard)
     if all_done is not None:
         shard += (shard[-1:] or examples[-1:]) * (-(-len(examples) // world_size) - real)  # repeats, not graded
+    messages = [task.messages(ex) for ex in shard]
+    checked(lambda: encode_prompts(tokenizer, messages, model, task.max_new_tokens), agree)
     texts = generate(
         model,
         tokenizer,
-        [task.messages(ex) for ex in shard],
+        messages,
         max_new_tokens=task.max_new_tokens,
         batch_size=batch_size,
         seed=seed,
         all_done=all_done,
     )
-    correct = sum(ok for ok, _ in grade_all(task, shard[:real], texts[:real]))
+    correct = checked(lambda: sum(ok for ok, _ in grade_all(task, shard[:real], texts[:real])), agree)
     counts = reduce(torch.tensor([float(correct), float(real)]))
     return float(counts[0] / counts[1].clamp(min=1))
 
@@ -279,9 +316,11 @@ def train_loop(
     on_iteration: Callable[[LoopState, dict], None] | None = None,
     engine: RolloutEngine | None = None,
     all_done: AllDone | None = None,
+    agree: Agree = raise_own,
 ) -> LoopState:
     """Run RL iterations from `state.iteration` to cfg.rl.iterations; evaluate on valid every eval_interval
-    (and at the end); keep the best-on-valid adapter state."""
+    (and at the end); keep the best-on-valid adapter state. Over several ranks: `reduce` sums over them, `agree`
+    stops all of them when one fails, `all_done` keeps ZeRO-3's generation in lockstep."""
     state = state or LoopState()
     engine = engine or InProcessEngine(model, tokenizer, all_done)
     train = task.examples("train")
@@ -302,13 +341,25 @@ def train_loop(
             seed=cfg.seed * 7919 + it * world_size + rank,
             engine=engine,
             version=it,
+            agree=agree,
+            lockstep=all_done is not None,
         )
         metrics = {k: reduce_mean(v) if k in ("reward", "accuracy", "loss", "kl") else v for k, v in metrics.items()}
         metrics.update(iteration=it + 1, seconds=time.perf_counter() - t0)
         state.iteration = it + 1
         if state.iteration % cfg.rl.eval_interval == 0 or state.iteration == cfg.rl.iterations:
             metrics["valid_accuracy"] = sharded_accuracy(
-                model, tokenizer, task, valid, rank, world_size, reduce, cfg.rl.eval_batch_size, cfg.seed, all_done
+                model,
+                tokenizer,
+                task,
+                valid,
+                rank,
+                world_size,
+                reduce,
+                cfg.rl.eval_batch_size,
+                cfg.seed,
+                all_done,
+                agree,
             )
             if metrics["valid_accuracy"] > state.best_valid:
                 state.best_valid, state.best_iteration = metrics["valid_accuracy"], state.iteration

@@ -30,9 +30,11 @@ class TrainableAdapter(Protocol):
 class SVFAdapter:
     method = "svf"
 
-    def __init__(self, model: nn.Module, config: SVFConfig, seed: int = 0, progress: bool = True, gather=no_gather):
+    def __init__(
+        self, model: nn.Module, config: SVFConfig, seed: int = 0, progress: bool = True, gather=no_gather, **patch
+    ):
         self.model = model
-        patch_model(model, config, seed=seed, progress=progress, gather=gather)
+        patch_model(model, config, seed=seed, progress=progress, gather=gather, **patch)
         self.max_mult = config.max_mult
         self._params = use_trainable(model)
 

@@ -6,7 +6,8 @@ import hashlib
 import logging
 import os
 import re
-from collections.abc import Callable
+import socket
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,13 +153,13 @@ def load_cached(path: Path, shape: tuple[int, int]) -> Factors | None:
 
 
 def store_factors(path: Path, factors: Factors) -> Factors:
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file({"q": factors.q, "s": factors.s}, tmp)
+    tmp = path.with_suffix(f".tmp-{socket.gethostname()}-{os.getpid()}")  # a cache on shared storage: many nodes
+    save_file({"q": factors.q.cpu().contiguous(), "s": factors.s.cpu().contiguous()}, tmp)
     os.replace(tmp, path)  # atomic: an interrupted run never leaves a half-written matrix
     return factors
 
 
-def decompose(
+def iter_decompose(
     model: nn.Module,
     targets: list[str],
     *,
@@ -167,12 +168,13 @@ def decompose(
     cache_dir: Path | None = None,
     progress: bool = True,
     gather: Gather = no_gather,
-) -> dict[str, Factors]:
-    """SVD of every target matrix, one safetensors file per matrix (a re-run or a wider selection is a cache hit)."""
+) -> Iterator[tuple[str, Factors]]:
+    """(name, factors) of every target matrix, one at a time (a caller that builds layers as they come never holds
+    every factor at once: 60 GiB for Llama-3-70B's MLPs in fp32), from a per-matrix cache of safetensors files (a
+    re-run or a wider selection is a cache hit)."""
     folder = svd_cache_dir(fingerprint or model_fingerprint(model), dtype, cache_dir)
     folder.mkdir(parents=True, exist_ok=True)
     modules = dict(model.named_modules())
-    factors: dict[str, Factors] = {}
     for name in tqdm(targets, desc="SVD", unit="matrix", disable=not progress):
         weight = modules[name].weight
         path = folder / f"{name}.safetensors"
@@ -180,5 +182,9 @@ def decompose(
             cached = load_cached(path, tuple(weight.shape))
             if cached is None:
                 cached = store_factors(path, svd_factors(weight, dtype))
-        factors[name] = cached
-    return factors
+        yield name, cached
+
+
+def decompose(model: nn.Module, targets: list[str], **kwargs) -> dict[str, Factors]:
+    """Every target's factors at once (see iter_decompose)."""
+    return dict(iter_decompose(model, targets, **kwargs))

@@ -6,15 +6,19 @@ There is one way to apply z: ``set_z(model, {module: z})``. Training uses the la
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 from torch import nn
 
 from t2ray.experts import BaseModelInfo, Expert, check_expert, mix_z
 from t2ray.svf.config import SVFConfig
-from t2ray.svf.decompose import Gather, decompose, model_fingerprint, no_gather, select_targets
+from t2ray.svf.decompose import Factors, Gather, iter_decompose, model_fingerprint, no_gather, select_targets
 from t2ray.svf.layer import SVFLinear
+
+# Where a patch gets each target's factors, one at a time: (model, targets, svd dtype, fingerprint) -> (name, factors).
+FactorSource = Callable[[nn.Module, list[str], torch.dtype, str], Iterable[tuple[str, Factors]]]
 
 
 def patch_model(
@@ -24,40 +28,48 @@ def patch_model(
     seed: int = 0,
     progress: bool = True,
     gather: Gather = no_gather,
+    factors: FactorSource | None = None,
+    build: Callable[[], AbstractContextManager] = nullcontext,
 ) -> dict[str, SVFLinear]:
-    """Decompose (or load from cache) the target matrices and swap in SVFLinear layers, in place."""
+    """Decompose (or load from cache) the target matrices and swap in SVFLinear layers, in place, one matrix at a
+    time. `factors` replaces the local decomposition (sharded training shares one SVD per matrix among its ranks);
+    each layer is built inside `build()` (ZeRO-3: `deepspeed.zero.Init`, which partitions its factor at once)."""
     config = config or SVFConfig()
     if svf_layers(model):
         raise ValueError("model is already SVF-patched")
     model.t2ray_fingerprint = getattr(model, "t2ray_fingerprint", None) or model_fingerprint(model, gather=gather)
     targets = select_targets(model, config.target_modules, config.layers)
-    factors = decompose(
-        model,
-        targets,
-        dtype=getattr(torch, config.svd_dtype),
-        fingerprint=model.t2ray_fingerprint,
-        progress=progress,
-        gather=gather,
-    )
+    dtype = getattr(torch, config.svd_dtype)
+    if factors is None:
+        stream = iter_decompose(
+            model, targets, dtype=dtype, fingerprint=model.t2ray_fingerprint, progress=progress, gather=gather
+        )
+    else:
+        stream = factors(model, targets, dtype, model.t2ray_fingerprint)
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
-    for name in targets:
+    for name, found in stream:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         setattr(
             parent,
             attr,
-            SVFLinear(
-                getattr(parent, attr),
-                factors[name],
-                max_mult=config.max_mult,
-                init_mean=config.init_mean,
-                init_std=config.init_std,
-                mode=config.mode,
-            ),
+            build_layer(getattr(parent, attr), found, config, build),
         )
     torch.random.set_rng_state(generator_state)
     return svf_layers(model)
+
+
+def build_layer(base: nn.Linear, factors: Factors, config: SVFConfig, build) -> SVFLinear:
+    with build():
+        return SVFLinear(
+            base,
+            factors,
+            max_mult=config.max_mult,
+            init_mean=config.init_mean,
+            init_std=config.init_std,
+            mode=config.mode,
+        )
 
 
 def unpatch_model(model: nn.Module) -> None:

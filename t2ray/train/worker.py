@@ -8,6 +8,8 @@ import os
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -94,7 +96,8 @@ class DeepSpeedStepper:
                 group["lr"] = lr
 
 
-def build_adapter(cfg, model, gather=None):
+def build_adapter(cfg, model, gather=None, **patch):
+    """The trained adapter on `model`; `patch`: patch_model's factor source and layer build (ZeRO-3)."""
     from t2ray.svf import model_fingerprint
     from t2ray.svf.decompose import no_gather
 
@@ -106,47 +109,30 @@ def build_adapter(cfg, model, gather=None):
         return LoRAAdapter(model, cfg.lora, cfg.svf, seed=cfg.seed)
     from t2ray.rl.trainable import SVFAdapter
 
-    return SVFAdapter(model, cfg.svf, seed=cfg.seed, progress=False, gather=gather)
+    return SVFAdapter(model, cfg.svf, seed=cfg.seed, progress=False, gather=gather, **patch)
 
 
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
-        t = t.clone()
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
-def keep_trainable_whole(ds_config: dict, params) -> int | None:
+def keep_trainable_whole(ds_config: dict, largest: int) -> int | None:
     """ZeRO-3 partitions every parameter with at least `stage3_param_persistence_threshold` values; the trained
     ones (z, LoRA's A/B) must stay whole, as the loop reads and checkpoints them on each rank. Raises the threshold
-    above the largest of them (frozen weights larger than that stay partitioned); returns the new value, or None."""
+    above the largest of them, `largest` values (frozen weights larger than that stay partitioned); returns the new
+    value, or None."""
     zero = ds_config["zero_optimization"]
-    needed = max(p.numel() for p in params) + 1
-    if zero.get("stage3_param_persistence_threshold", 0) >= needed:
+    if zero.get("stage3_param_persistence_threshold", 0) > largest:
         return None
-    zero["stage3_param_persistence_threshold"] = needed
-    return needed
+    zero["stage3_param_persistence_threshold"] = largest + 1
+    return largest + 1
 
 
-def every_rank_done(mine: bool) -> bool:
-    """ZeRO-3 generation lockstep: True when no rank has a row still decoding (a collective, once per step)."""
-    device = "cuda" if torch.cuda.is_available() and dist.get_backend() == "nccl" else "cpu"
-    return float(all_reduce_max(torch.tensor([0.0 if mine else 1.0], device=device))) == 0.0
+def largest_z(model, cfg) -> int:
+    """The longest z-vector the SVF patch will create: min(out, in) of its largest target."""
+    from t2ray.svf import select_targets
 
-
-def z_spread_across_ranks(adapter) -> float:
-    """max − min over workers of a checksum of the trained parameters: 0 when every rank holds the same z."""
-    checksum = sum(float(p.detach().double().sum()) for p in adapter.parameters())
-    high = all_reduce_max(torch.tensor([checksum], dtype=torch.float64))
-    low = -all_reduce_max(torch.tensor([-checksum], dtype=torch.float64))
-    return float(high - low)
-
-
-def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
-        t = t.clone()
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t
+    modules = dict(model.named_modules())
+    return max(
+        min(modules[n].out_features, modules[n].in_features)
+        for n in select_targets(model, cfg.svf.target_modules, cfg.svf.layers)
+    )
 
 
 def write_checkpoint(folder: Path, adapter, optimizer: dict[str, torch.Tensor], state) -> None:
@@ -203,12 +189,51 @@ def record_placement(run_dir: Path, rank: int, world: int, resumed_at: int) -> N
 
 
 def train_worker(loop_config: dict) -> None:
+    """Ray Train's entry: the run's place in the worker group, its checkpoint, and reports to the driver."""
     import ray.train
 
     from t2ray.config import ExperimentConfig
 
     cfg = ExperimentConfig.model_validate(loop_config["experiment"])
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.scaling.use_gpu else "cpu")
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    checkpoint = ray.train.get_checkpoint()
+
+    def report(metrics: dict, checkpoint_dir: Path | None) -> None:
+        ray.train.report(
+            metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        )
+
+    with checkpoint.as_directory() if checkpoint else nullcontext() as folder:
+        run_worker(
+            cfg,
+            rank=rank,
+            world=world,
+            local_rank=ctx.get_local_rank(),
+            resume_from=Path(folder) if folder else None,
+            report=report,
+            on_start=lambda state: record_placement(cfg.run_dir, rank, world, state.iteration),
+        )
+
+
+def run_worker(
+    cfg,
+    *,
+    rank: int,
+    world: int,
+    local_rank: int,
+    resume_from: Path | None = None,
+    report: Callable[[dict, Path | None], None] = lambda metrics, checkpoint_dir: None,
+    on_start: Callable[[object], None] = lambda state: None,
+):
+    """One rank of a training run, without Ray (Ray Train's worker, or a plain `torch.distributed` process such as
+    bench/gpu_check.py's): the process group is already up (or world is 1). Builds the model and adapter (ZeRO-3:
+    partitioned as built, each SVD once for all ranks), wraps them in DeepSpeed, runs the plain RL loop, reports
+    metrics every iteration and a checkpoint (z + full Adam moments + loop state) at every evaluation; rank 0 writes
+    the expert. Returns the loop's final state."""
+    # Always set from the config: a DS_ACCELERATOR=cpu inherited from a shell that ran `make` must not put a GPU run
+    # on DeepSpeed's CPU accelerator.
+    os.environ["DS_ACCELERATOR"] = "cuda" if cfg.scaling.use_gpu else "cpu"
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))  # no oversubscription of shared cores
     # DeepSpeed's ZeRO calls a torch collective that torch deprecated: once per step, in every worker's log
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
@@ -216,51 +241,66 @@ def train_worker(loop_config: dict) -> None:
     import deepspeed
 
     from t2ray.models import load_model
+    from t2ray.models.loader import compute_dtype
     from t2ray.rl.loop import LoopState, Stepper, train_loop
     from t2ray.tasks import get_task
+    from t2ray.train.collectives import all_reduce_sum, every_rank_done, raise_if_any_rank_failed, spread
+    from t2ray.train.zero3 import register_svf_external_params, shared_factors
 
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = f"cuda:{ctx.get_local_rank()}" if cfg.scaling.use_gpu else "cpu"
+    if cfg.scaling.use_gpu:
+        torch.cuda.set_device(local_rank)
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (z, the loss) on tensor cores
+        torch.backends.cudnn.allow_tf32 = True
+    device = f"cuda:{local_rank}" if cfg.scaling.use_gpu else "cpu"
     task = get_task(cfg.task, seed=cfg.seed)
-    ds_config = cfg.deepspeed.to_dict(cfg.rl.batch_size, world, cfg.rl.grad_clip, cfg.rl.lr)
+    zero3 = cfg.deepspeed.enabled and cfg.deepspeed.zero_stage == 3
+    dtype = compute_dtype(cfg.model.dtype, device)
+    ds_config = cfg.deepspeed.to_dict(cfg.rl.batch_size, world, cfg.rl.grad_clip, cfg.rl.lr, dtype)
     hf_ds = None
-    if cfg.deepspeed.enabled and cfg.deepspeed.zero_stage == 3:
+    if zero3:
         # ZeRO-3 through transformers' hook: weights are partitioned as they are built (keep the object alive).
         from transformers.integrations import HfDeepSpeedConfig
 
         deepspeed.init_distributed(dist_backend="nccl" if cfg.scaling.use_gpu else "gloo")
         hf_ds = HfDeepSpeedConfig(ds_config)
-    model, tokenizer = load_model(cfg.model.spec, dtype=cfg.model.dtype, device=device, seed=cfg.seed)
-    adapter = build_adapter(cfg, model, deepspeed.zero.GatheredParameters if hf_ds is not None else None)
-    if hf_ds is not None:
-        raised = keep_trainable_whole(ds_config, adapter.parameters())
-        if raised and rank == 0:
-            print(
-                f"t2ray: ZeRO-3 param_persistence_threshold raised to {raised}: every trained tensor stays whole "
-                "on each rank (a partitioned one would be checkpointed as empty shards)"
-            )
+    model, tokenizer = load_model(cfg.model.spec, dtype=dtype, device=device, seed=cfg.seed)
+    if cfg.rl.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if zero3 and cfg.method == "svf":
+        raised = keep_trainable_whole(ds_config, largest_z(model, cfg))
+        adapter = build_adapter(
+            cfg,
+            model,
+            deepspeed.zero.GatheredParameters,
+            factors=shared_factors,
+            build=lambda: deepspeed.zero.Init(config_dict_or_path=ds_config),
+        )
+    else:
+        adapter = build_adapter(cfg, model, deepspeed.zero.GatheredParameters if zero3 else None)
+        raised = keep_trainable_whole(ds_config, max(p.numel() for p in adapter.parameters())) if zero3 else None
+    if raised and rank == 0:
+        print(
+            f"t2ray: ZeRO-3 param_persistence_threshold raised to {raised}: every trained tensor stays whole "
+            "on each rank (a partitioned one would be checkpointed as empty shards)"
+        )
     state = LoopState()
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:  # before deepspeed.initialize (see restore_adapter_and_state)
-        with checkpoint.as_directory() as folder:
-            restore_adapter_and_state(Path(folder), adapter, state)
+    if resume_from is not None:  # before deepspeed.initialize (see restore_adapter_and_state)
+        # ZeRO-3: z was partitioned as its layer was built (DeepSpeed keeps it whole from initialize on): every rank
+        # loads the same checkpoint into the gathered values, rank 0's are kept
+        with deepspeed.zero.GatheredParameters(adapter.parameters(), modifier_rank=0) if zero3 else nullcontext():
+            restore_adapter_and_state(resume_from, adapter, state)
     if cfg.deepspeed.enabled:
-        if hf_ds is not None:
-            from t2ray.train.zero3 import register_svf_external_params
-
+        if zero3:
             register_svf_external_params(adapter.model)
         engine, *_ = deepspeed.initialize(model=adapter.model, model_parameters=adapter.parameters(), config=ds_config)
         stepper = DeepSpeedStepper(engine, adapter.parameters())
     else:
         stepper = Stepper(adapter.parameters(), cfg.rl.lr, cfg.rl.grad_clip)
-
-    if checkpoint:
-        with checkpoint.as_directory() as folder:
-            restore_optimizer(Path(folder), stepper)
+    if resume_from is not None:
+        restore_optimizer(resume_from, stepper)
 
     run_dir = cfg.run_dir
-    record_placement(run_dir, rank, world, state.iteration)
+    on_start(state)
     tracker = None
     if rank == 0:
         from t2ray.train.tracking import Tracker
@@ -269,17 +309,16 @@ def train_worker(loop_config: dict) -> None:
         tracker = Tracker(run_dir, cfg.name, cfg.model_dump(), cfg.tracking.wandb, cfg.tracking.project)
 
     def on_iteration(st, metrics: dict) -> None:
-        is_eval = "valid_accuracy" in metrics
         if rank == 0:
             tracker.log(metrics)  # the driver draws the progress bar from the reports (t2ray.train.progress)
-        if is_eval:
-            optimizer = stepper.optimizer_state()  # collective: all ranks
-            with tempfile.TemporaryDirectory() as tmp:
-                if rank == 0:
-                    write_checkpoint(Path(tmp), adapter, optimizer, st)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
-        else:
-            ray.train.report(metrics)
+        if "valid_accuracy" not in metrics:
+            report(metrics, None)
+            return
+        optimizer = stepper.optimizer_state()  # collective: all ranks
+        with tempfile.TemporaryDirectory() as tmp:
+            if rank == 0:
+                write_checkpoint(Path(tmp), adapter, optimizer, st)
+            report(metrics, Path(tmp) if rank == 0 else None)
 
     from t2ray.train.engines import start_engine
 
@@ -296,16 +335,17 @@ def train_worker(loop_config: dict) -> None:
         state=state,
         on_iteration=on_iteration,
         engine=start_engine(cfg),
-        all_done=every_rank_done if cfg.deepspeed.zero_stage == 3 and world > 1 else None,
+        all_done=every_rank_done if zero3 and world > 1 else None,
+        agree=raise_if_any_rank_failed,
     )
-    spread = z_spread_across_ranks(adapter)
+    z_spread = spread(sum(float(p.detach().double().sum()) for p in adapter.parameters()))
     if rank == 0:
         best = state.best_state or adapter.state()
         metrics = {
             "best_valid_accuracy": state.best_valid,
             "best_iteration": state.best_iteration,
             "iterations": state.iteration,
-            "z_rank_spread": spread,
+            "z_rank_spread": z_spread,
         }
         adapter.save(
             run_dir / "expert",
@@ -319,3 +359,4 @@ def train_worker(loop_config: dict) -> None:
     del hf_ds
     if dist.is_initialized():
         dist.barrier()
+    return state
