@@ -238,7 +238,7 @@ def _update(
     k = rl.samples_per_prompt
     micro = max(k, rl.micro_batch_size // k * k)  # whole prompts per micro-batch: their prompt forward is shared
     # The shared prompt needs its KV cache in the backward, which activation checkpointing drops: one forward per row.
-    shared = 1 if getattr(model, "is_gradient_checkpointing", False) else k
+    shared = 1 if any(getattr(m, "gradient_checkpointing", False) for m in model.modules()) else k
     # A shared prompt's forward is followed by a second one unless the completion is one token wide: in lockstep every
     # rank keeps two columns, so that no rank runs one forward fewer than the others (and waits in a collective).
     min_width = 2 if lockstep and shared > 1 else 1

@@ -7,7 +7,7 @@ There is one way to apply z: ``set_z(model, {module: z})``. Training uses the la
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -29,11 +29,11 @@ def patch_model(
     progress: bool = True,
     gather: Gather = no_gather,
     factors: FactorSource | None = None,
-    build: Callable[[], AbstractContextManager] = nullcontext,
+    place: Callable[[SVFLinear], None] = lambda layer: None,
 ) -> dict[str, SVFLinear]:
     """Decompose (or load from cache) the target matrices and swap in SVFLinear layers, in place, one matrix at a
     time. `factors` replaces the local decomposition (sharded training shares one SVD per matrix among its ranks);
-    each layer is built inside `build()` (ZeRO-3: `deepspeed.zero.Init`, which partitions its factor at once)."""
+    `place(layer)` runs on each new layer before the next is built (ZeRO-3: partition its factor at once)."""
     config = config or SVFConfig()
     if svf_layers(model):
         raise ValueError("model is already SVF-patched")
@@ -54,22 +54,22 @@ def patch_model(
         setattr(
             parent,
             attr,
-            build_layer(getattr(parent, attr), found, config, build),
+            build_layer(getattr(parent, attr), found, config),
         )
+        place(getattr(parent, attr))
     torch.random.set_rng_state(generator_state)
     return svf_layers(model)
 
 
-def build_layer(base: nn.Linear, factors: Factors, config: SVFConfig, build) -> SVFLinear:
-    with build():
-        return SVFLinear(
-            base,
-            factors,
-            max_mult=config.max_mult,
-            init_mean=config.init_mean,
-            init_std=config.init_std,
-            mode=config.mode,
-        )
+def build_layer(base: nn.Linear, factors: Factors, config: SVFConfig) -> SVFLinear:
+    return SVFLinear(
+        base,
+        factors,
+        max_mult=config.max_mult,
+        init_mean=config.init_mean,
+        init_std=config.init_std,
+        mode=config.mode,
+    )
 
 
 def unpatch_model(model: nn.Module) -> None:

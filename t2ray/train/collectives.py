@@ -49,6 +49,11 @@ def spread(value: float) -> float:
     return float(both[0] + both[1])
 
 
+def barrier() -> None:
+    if distributed():
+        dist.barrier()
+
+
 def raise_if_any_rank_failed(error: BaseException | None) -> None:
     """A point every rank reaches, failed or not: if any rank's `error` is set, every rank raises, the failed ranks
     their own exception and the others RankFailed with the first failed rank's message."""

@@ -13,7 +13,6 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 CHECKPOINT_ADAPTER = "adapter.safetensors"
@@ -212,7 +211,7 @@ def train_worker(loop_config: dict) -> None:
             local_rank=ctx.get_local_rank(),
             resume_from=Path(folder) if folder else None,
             report=report,
-            on_start=lambda state: record_placement(cfg.run_dir, rank, world, state.iteration),
+            on_start=lambda state, adapter: record_placement(cfg.run_dir, rank, world, state.iteration),
         )
 
 
@@ -224,7 +223,7 @@ def run_worker(
     local_rank: int,
     resume_from: Path | None = None,
     report: Callable[[dict, Path | None], None] = lambda metrics, checkpoint_dir: None,
-    on_start: Callable[[object], None] = lambda state: None,
+    on_start: Callable[[object, object], None] = lambda state, adapter: None,
 ):
     """One rank of a training run, without Ray (Ray Train's worker, or a plain `torch.distributed` process such as
     bench/gpu_check.py's): the process group is already up (or world is 1). Builds the model and adapter (ZeRO-3:
@@ -244,7 +243,7 @@ def run_worker(
     from t2ray.models.loader import compute_dtype
     from t2ray.rl.loop import LoopState, Stepper, train_loop
     from t2ray.tasks import get_task
-    from t2ray.train.collectives import all_reduce_sum, every_rank_done, raise_if_any_rank_failed, spread
+    from t2ray.train.collectives import all_reduce_sum, barrier, every_rank_done, raise_if_any_rank_failed, spread
     from t2ray.train.zero3 import register_svf_external_params, shared_factors
 
     if cfg.scaling.use_gpu:
@@ -273,7 +272,8 @@ def run_worker(
             model,
             deepspeed.zero.GatheredParameters,
             factors=shared_factors,
-            build=lambda: deepspeed.zero.Init(config_dict_or_path=ds_config),
+            # partitioned as it is built (z too: DeepSpeed keeps it whole from initialize on), in its own dtype
+            place=lambda layer: deepspeed.zero.Init(module=layer, config_dict_or_path=ds_config),
         )
     else:
         adapter = build_adapter(cfg, model, deepspeed.zero.GatheredParameters if zero3 else None)
@@ -300,7 +300,7 @@ def run_worker(
         restore_optimizer(resume_from, stepper)
 
     run_dir = cfg.run_dir
-    on_start(state)
+    on_start(state, adapter)  # set up: the loop state (resumed or new) and the adapter on its DeepSpeed model
     tracker = None
     if rank == 0:
         from t2ray.train.tracking import Tracker
@@ -357,6 +357,5 @@ def run_worker(
         )
         tracker.finish(state.history, f"{cfg.name}: {cfg.method} on {cfg.task}")
     del hf_ds
-    if dist.is_initialized():
-        dist.barrier()
+    barrier()
     return state
