@@ -340,6 +340,7 @@ def completion_logits(
         input_ids=input_ids,
         attention_mask=attention,
         position_ids=positions,
+        use_cache=False,
         logits_to_keep=completion_ids.shape[1] + 1,
     ).logits
     return logits[:, :-1]
