@@ -142,11 +142,14 @@ def run_zero3(model: str, out: Path, world: int, iterations: int) -> list[dict]:
         start_method="spawn",
     )
     deadline = time.monotonic() + 300
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in context.processes:
-                p.kill()
-            return [{"error": "timed out (ranks waiting on each other?)"}]
+    try:
+        while not context.join(timeout=5):
+            if time.monotonic() > deadline:
+                for p in context.processes:
+                    p.kill()
+                return [{"error": "timed out (ranks waiting on each other?)"}]
+    except mp.ProcessRaisedException as err:  # a rank that failed before its own report (the process group)
+        return [{"error": str(err).strip().splitlines()[-1]}]
     return [json.loads(p.read_text()) for p in sorted(folder.glob("zero3-rank*.json"))]
 
 
