@@ -35,14 +35,15 @@ class ActorEngine:
 
 
 def start_engine(cfg) -> ActorEngine | None:
-    """None for the in-process engine; else a new actor for this worker."""
+    """None for the in-process engine (no Ray needed: bench/gpu_check.py runs the worker without it); else a new
+    actor for this worker."""
+    kind = cfg.rl.rollout_engine
+    if kind == "hf":
+        return None
     import ray
 
     from t2ray.rl.rollout import ReplicaEngine, VLLMEngine, vllm_python
 
-    kind = cfg.rl.rollout_engine
-    if kind == "hf":
-        return None
     if kind == "vllm":
         python = vllm_python()
         if python is None:
