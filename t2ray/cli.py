@@ -320,21 +320,36 @@ def plan_(
     micro_batch: int = 8,
     seq_len: int = 1024,
     rollout_engine: str = typer.Option("hf", help="hf (same process) | vllm (separate engine)"),
+    activation_checkpointing: bool = typer.Option(True, help="recompute each layer in the backward"),
+    experiment: Path | None = typer.Option(
+        None, help="plan this experiment YAML as it is set (its model, workers, ZeRO stage, batches, checkpointing)"
+    ),
+    prompt_len: int = typer.Option(768, help="with --experiment: the prompt tokens of a row"),
 ):
-    """Memory per GPU for SVF training, and whether it fits."""
+    """Memory per GPU for SVF training, counted on the real model code (meta device), and whether it fits."""
+    from t2ray.plan import experiment_run, plan_run
     from t2ray.plan import plan as make_plan
 
-    result = make_plan(
-        model,
-        gpus=gpus,
-        gpu_mem_gb=gpu_mem_gb,
-        zero=zero,
-        modules=modules,
-        dtype=dtype,
-        micro_batch=micro_batch,
-        seq_len=seq_len,
-        rollout_engine=rollout_engine,
-    )
+    if experiment is not None:
+        from t2ray.config import load_experiment
+
+        cfg = load_experiment(experiment)
+        run = experiment_run(cfg, prompt_len)
+        model, gpus, zero, modules = cfg.model.spec, run.gpus, run.zero, run.modules
+        result = plan_run(model, run, gpu_mem_gb)
+    else:
+        result = make_plan(
+            model,
+            gpus=gpus,
+            gpu_mem_gb=gpu_mem_gb,
+            zero=zero,
+            modules=modules,
+            dtype=dtype,
+            micro_batch=micro_batch,
+            seq_len=seq_len,
+            rollout_engine=rollout_engine,
+            checkpointing=activation_checkpointing,
+        )
     typer.echo(f"{model}, {gpus}×{gpu_mem_gb:g} GB, ZeRO-{zero}, SVF on {modules} ({result.z_values:,} z values)")
     typer.echo(result.table())
     typer.secho("fits" if result.fits else "does NOT fit", fg="green" if result.fits else "red", bold=True)

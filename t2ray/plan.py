@@ -1,84 +1,64 @@
-"""Capacity planner: memory per GPU for SVF training (weights, factors, activations, rollout engine)."""
+"""Capacity planner: memory per GPU of an SVF (or LoRA) training run, counted on the real code.
+
+The model is built from its config.json on the meta device (no memory, seconds even for 70B), patched with the real
+SVF layers (or PEFT's LoRA), and one real update step's forward runs there under saved-tensor hooks: what autograd
+keeps for the backward is counted, not guessed, with and without activation checkpointing. The bytes are then
+divided as ZeRO divides them (stage 3: weights and factors; 1+: Adam; 2+: gradients). bench/plan_vs_measured.py
+checks the prediction against real runs.
+"""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 GIB = 2**30
-
-
-@dataclass(frozen=True)
-class Architecture:
-    layers: int
-    hidden: int
-    mlp: int
-    vocab: int
-    heads: int
-    kv_heads: int
-    tied: bool = False  # input and output embeddings share one matrix
-    head_size: int | None = None  # when the config gives it (else hidden ÷ heads)
-
-    @property
-    def head_dim(self) -> int:
-        return self.head_size or self.hidden // self.heads
-
-    @classmethod
-    def from_config(cls, config: dict, source: str) -> Architecture:
-        """A Hugging Face decoder config (Llama, Mistral, Qwen, SmolLM…: the names those configs use)."""
-        config = config.get("text_config", config)  # multimodal wrappers keep the LM's under text_config
-        names = {
-            "layers": "num_hidden_layers",
-            "hidden": "hidden_size",
-            "mlp": "intermediate_size",
-            "vocab": "vocab_size",
-            "heads": "num_attention_heads",
-        }
-        missing = [key for key in names.values() if not isinstance(config.get(key), int)]
-        if missing:
-            raise ValueError(f"{source}: not a decoder config t2ray can plan for (missing {', '.join(missing)})")
-        values = {field: config[key] for field, key in names.items()}
-        return cls(
-            **values,
-            kv_heads=config.get("num_key_value_heads") or values["heads"],
-            tied=bool(config.get("tie_word_embeddings", False)),
-            head_size=config.get("head_dim"),
-        )
-
-    def linear_shapes(self, modules: str) -> list[tuple[int, int]]:
-        """(out, in) of the adapted matrices in one layer."""
-        kv = self.kv_heads * self.head_dim
-        mlp = [(self.mlp, self.hidden), (self.mlp, self.hidden), (self.hidden, self.mlp)]
-        attn = [(self.hidden, self.hidden), (kv, self.hidden), (kv, self.hidden), (self.hidden, self.hidden)]
-        return {"mlp": mlp, "attn": attn, "all": mlp + attn}[modules]
-
-    @property
-    def params(self) -> int:
-        per_layer = sum(m * n for m, n in self.linear_shapes("all")) + 2 * self.hidden
-        return self.layers * per_layer + (1 if self.tied else 2) * self.vocab * self.hidden + self.hidden
-
-
-PRESETS = {
-    "smollm2-135m": Architecture(30, 576, 1536, 49152, 9, 3),
-    "llama3-8b": Architecture(32, 4096, 14336, 128256, 32, 8),
-    "mistral-7b": Architecture(32, 4096, 14336, 32768, 32, 8),
-    "llama3-70b": Architecture(80, 8192, 28672, 128256, 64, 8),
-}
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+PREFETCH_BUCKET = 5e7  # DeepSpeed's stage3_prefetch_bucket_size default: parameters gathered ahead of their use
+MAX_LIVE = 1e9  # DeepSpeed's stage3_max_live_parameters default: gathered parameters kept before any is released
+
+# Presets: the fields of their config.json that shape memory (Llama architecture).
+PRESETS = {
+    "smollm2-135m": dict(layers=30, hidden=576, mlp=1536, vocab=49152, heads=9, kv_heads=3, tied=True),
+    "llama3-8b": dict(layers=32, hidden=4096, mlp=14336, vocab=128256, heads=32, kv_heads=8),
+    "mistral-7b": dict(layers=32, hidden=4096, mlp=14336, vocab=32768, heads=32, kv_heads=8),
+    "llama3-70b": dict(layers=80, hidden=8192, mlp=28672, vocab=128256, heads=64, kv_heads=8),
+}
+# Hub ids whose architecture a preset holds: planned offline when their config.json is not in the hub cache.
+HUB_PRESETS = {
+    "HuggingFaceTB/SmolLM2-135M-Instruct": "smollm2-135m",
+    "meta-llama/Meta-Llama-3-8B-Instruct": "llama3-8b",
+    "meta-llama/Meta-Llama-3-70B-Instruct": "llama3-70b",
+    "mistralai/Mistral-7B-Instruct-v0.3": "mistral-7b",
+}
+REQUIRED = ("num_hidden_layers", "hidden_size", "intermediate_size", "vocab_size", "num_attention_heads")
 
 
-def architecture(model: str) -> Architecture:
+def preset_config(layers, hidden, mlp, vocab, heads, kv_heads, tied=False) -> dict:
+    return {
+        "model_type": "llama",
+        "num_hidden_layers": layers,
+        "hidden_size": hidden,
+        "intermediate_size": mlp,
+        "vocab_size": vocab,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "tie_word_embeddings": tied,
+        "max_position_embeddings": 8192,
+    }
+
+
+def model_config(model: str) -> dict:
     """A preset name, a model folder, a config.json, or a hub id (its config.json: from the hub cache offline)."""
-    import json
-    from pathlib import Path
-
     if model in PRESETS:
-        return PRESETS[model]
+        return preset_config(**PRESETS[model])
     path = Path(model).expanduser()
     if path.is_dir():
         path = path / "config.json"
     if path.is_file():
         try:
-            return Architecture.from_config(json.loads(path.read_text()), str(path))
+            return checked(json.loads(path.read_text()), str(path))
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}: not valid JSON ({err})") from None
     if path.suffix == ".json" or "/" not in model or Path(model).is_absolute() or model.startswith("."):
@@ -92,11 +72,40 @@ def architecture(model: str) -> Architecture:
     try:
         config = hf_hub_download(model, "config.json")
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as err:
+        if model in HUB_PRESETS:
+            return preset_config(**PRESETS[HUB_PRESETS[model]])
         raise ValueError(
             f"{model}: its config.json is neither in the hub cache nor reachable ({type(err).__name__})"
             "; pass a model folder or a config.json instead"
         ) from None
-    return Architecture.from_config(json.loads(Path(config).read_text()), model)
+    return checked(json.loads(Path(config).read_text()), model)
+
+
+def checked(config: dict, source: str) -> dict:
+    text = config.get("text_config", config)  # multimodal wrappers keep the LM's under text_config
+    missing = [key for key in REQUIRED if not isinstance(text.get(key), int)]
+    if missing:
+        raise ValueError(f"{source}: not a decoder config t2ray can plan for (missing {', '.join(missing)})")
+    return text
+
+
+@dataclass(frozen=True)
+class Run:
+    """What one rank does per step, in the planner's terms."""
+
+    gpus: int  # ranks over which ZeRO shards
+    zero: int
+    dtype: str = "bfloat16"
+    modules: str | tuple[str, ...] = "mlp"
+    layers: str | tuple[int, ...] | None = None
+    method: str = "svf"
+    lora_r: int = 16
+    micro_batch: int = 8  # rows per update forward
+    prompt_len: int = 768
+    completion_len: int = 256
+    rollout_rows: int = 32  # rows decoded at once on a rank (its prompts × samples per prompt)
+    checkpointing: bool = True
+    rollout_engine: str = "hf"
 
 
 @dataclass
@@ -110,17 +119,164 @@ class Plan:
         return sum(self.rows.values())
 
     @property
+    def usable(self) -> float:
+        return 0.9 * self.gpu_mem_gb * 1e9 / GIB  # keep 10 % for fragmentation and the CUDA context
+
+    @property
     def fits(self) -> bool:
-        return self.total <= 0.9 * self.gpu_mem_gb * 1e9 / GIB  # keep 10 % for fragmentation and CUDA context
+        return self.total <= self.usable
 
     def table(self) -> str:
         lines = ["| component | GiB per GPU |", "|---|---|"]
         lines += [f"| {k} | {v:.2f} |" for k, v in self.rows.items()]
         lines += [
             f"| **total** | **{self.total:.2f}** |",
-            f"| usable (90 % of {self.gpu_mem_gb:g} GB) | {0.9 * self.gpu_mem_gb * 1e9 / GIB:.2f} |",
+            f"| usable (90 % of {self.gpu_mem_gb:g} GB) | {self.usable:.2f} |",
         ]
         return "\n".join(lines)
+
+
+def meta_model(config: dict, run: Run):
+    """The model on the meta device, adapted as training adapts it (the real SVFLinear or PEFT LoRA layers)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from t2ray.svf import SVFConfig, patch_model
+    from t2ray.svf.decompose import Factors
+
+    hf_config = AutoConfig.for_model(**{k: v for k, v in config.items() if k not in ("architectures", "_name_or_path")})
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=getattr(torch, run.dtype))
+    model.requires_grad_(False)  # as t2ray loads every model: only the adapter trains
+    svf = SVFConfig(
+        target_modules=list(run.modules) if isinstance(run.modules, tuple) else run.modules,
+        layers=list(run.layers) if isinstance(run.layers, tuple) else run.layers,
+    )
+    if run.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        from t2ray.svf import select_targets
+
+        targets = select_targets(model, svf.target_modules, svf.layers)
+        return get_peft_model(model, LoraConfig(r=run.lora_r, lora_alpha=2 * run.lora_r, target_modules=targets))
+
+    def empty_factors(model, targets, dtype, fingerprint):
+        modules = dict(model.named_modules())
+        for name in targets:
+            r = min(modules[name].out_features, modules[name].in_features)
+            yield name, Factors(q=torch.empty(r, r, device="meta"), s=torch.empty(r, device="meta"))
+
+    model.t2ray_fingerprint = "meta"  # nothing to fingerprint: no values
+    patch_model(model, svf, progress=False, factors=empty_factors)
+    return model
+
+
+def kept_for_backward(vocab: int, weights):
+    """A context that counts what autograd keeps for the backward inside it, by storage, once each, the model's own
+    `weights` excluded: yields a dict that holds {"activations": bytes, "logits": bytes} when the block ends (logits:
+    tensors whose last dimension is the vocabulary)."""
+    import contextlib
+
+    import torch
+
+    @contextlib.contextmanager
+    def counting():
+        own = {p.untyped_storage()._cdata for p in weights}
+        saved: dict[int, tuple[int, bool]] = {}
+        result: dict[str, int] = {}
+
+        def keep(t):
+            key = t.untyped_storage()._cdata
+            if key not in own:
+                saved[key] = (t.untyped_storage().nbytes(), t.dim() > 0 and t.shape[-1] == vocab)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            yield result
+        result["logits"] = sum(size for size, is_logits in saved.values() if is_logits)
+        result["activations"] = sum(size for size, _ in saved.values()) - result["logits"]
+
+    return counting()
+
+
+def saved_for_backward(model, run: Run, vocab: int) -> tuple[int, int]:
+    """(activations, logits) bytes that one update micro-batch keeps for its backward: the real forward of the loop's
+    loss (prompt + completion, the LM head on the completion only) on the meta model."""
+    import torch
+
+    from t2ray.generation import gather_logprobs
+    from t2ray.models.loader import enable_activation_checkpointing
+
+    if run.checkpointing:
+        enable_activation_checkpointing(model)
+    model.train()
+    rows, length, width = run.micro_batch, run.prompt_len + run.completion_len, run.completion_len
+    ids = torch.zeros(rows, length, dtype=torch.long, device="meta")
+    # A prepared causal mask: meta tensors have no values for the padding checks a 2-D mask would go through.
+    mask = torch.ones(rows, 1, length, length, dtype=torch.bool, device="meta").tril()
+    positions = torch.arange(length, device="meta").expand(rows, -1)
+    with kept_for_backward(vocab, model.parameters()) as kept:
+        logits = model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, logits_to_keep=width + 1
+        ).logits[:, :-1]
+        gather_logprobs(logits, ids[:, -width:], torch.ones(rows, width, device="meta")).sum()
+    return kept["activations"], kept["logits"]
+
+
+def largest_layer(model) -> int:
+    """Parameters of the largest decoder layer (what ZeRO-3 gathers at once for its forward)."""
+    from t2ray.svf.decompose import LAYER_INDEX
+
+    sizes: dict[int, int] = {}
+    for name, p in model.named_parameters():
+        found = LAYER_INDEX.search(name)
+        if found:
+            sizes[int(found.group(1))] = sizes.get(int(found.group(1)), 0) + p.numel()
+    return max(sizes.values(), default=0)
+
+
+def plan_run(model: str, run: Run, gpu_mem_gb: float) -> Plan:
+    if run.gpus < 1 or run.zero not in (0, 1, 2, 3):
+        raise ValueError("need gpus ≥ 1 and zero in 0..3")
+    if run.rollout_engine not in ("hf", "vllm"):
+        raise ValueError(f"unknown rollout engine {run.rollout_engine!r}: hf | vllm")
+    config = model_config(model)
+    net = meta_model(config, run)
+    b = BYTES[run.dtype]
+    shard3 = run.gpus if run.zero == 3 else 1
+    trained = [p for p in net.parameters() if p.requires_grad]
+    factors = [p for n, p in net.named_parameters() if n.endswith("svf_q")]
+    frozen = sum(p.numel() for p in net.parameters() if not p.requires_grad) - sum(p.numel() for p in factors)
+    z = sum(p.numel() for p in trained)
+    layers = config["num_hidden_layers"]
+    kv_heads = config.get("num_key_value_heads") or config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    kv = 2 * layers * kv_heads * head_dim * (run.prompt_len + run.completion_len) * run.rollout_rows * b
+    activations, logits = saved_for_backward(net, run, config["vocab_size"])
+    rows = {
+        f"frozen weights ({run.dtype})": frozen * b / shard3 / GIB,
+        "SVF factors (square U or V)": sum(p.numel() for p in factors) * b / shard3 / GIB,
+        # fp32 trained values (whole on every rank), their gradient (sharded from ZeRO-2), Adam's two moments and
+        # DeepSpeed's fp32 master copy (sharded from ZeRO-1)
+        "trained values, gradients, Adam": z * (4 + 4 / (run.gpus if run.zero >= 2 else 1)) / GIB
+        + z * 12 / (run.gpus if run.zero >= 1 else 1) / GIB,
+        f"activations kept for backward ({'checkpointed' if run.checkpointing else 'all'})": activations / GIB,
+        "logits and their gradient (fp32, one micro-batch)": 2 * logits / GIB,
+    }
+    if run.checkpointing:  # the backward recomputes one decoder layer at a time: its activations, whole
+        unchecked = saved_for_backward(meta_model(config, Run(**{**run.__dict__, "checkpointing": False})), run, 0)
+        rows["one layer recomputed in the backward"] = (unchecked[0] / layers) / GIB
+    if run.zero == 3:  # gathered for their forward and kept until MAX_LIVE are, at least a layer, plus a prefetch
+        live = max(largest_layer(net), min(MAX_LIVE, frozen + sum(p.numel() for p in factors)))
+        rows["ZeRO-3 gathered parameters (live + prefetch)"] = (live + PREFETCH_BUCKET) * b / GIB
+    if run.rollout_engine == "vllm":
+        # a separate engine holds the full weights + factors (no ZeRO) and a KV cache for the rollout batch
+        rows["rollout engine (vLLM weights + factors + KV)"] = (
+            (frozen + sum(p.numel() for p in factors)) * b + kv
+        ) / GIB
+    else:
+        rows["rollout KV cache (in-process decode)"] = kv / GIB
+    return Plan(rows=rows, gpu_mem_gb=gpu_mem_gb, z_values=z)
 
 
 def plan(
@@ -135,30 +291,45 @@ def plan(
     seq_len: int = 1024,
     rollout_engine: str = "hf",
     rollout_batch: int = 32,
+    checkpointing: bool = True,
 ) -> Plan:
-    if gpus < 1 or zero not in (0, 1, 2, 3):
-        raise ValueError("need gpus ≥ 1 and zero in 0..3")
-    arch, b = architecture(model), BYTES[dtype]
-    shard = gpus if zero == 3 else 1
-    ranks = [min(m, n) for m, n in arch.linear_shapes(modules)] * arch.layers
-    z = sum(ranks)
-    rows = {
-        "frozen weights": arch.params * b / shard / GIB,
-        "SVF factors (square U or V)": sum(r * r for r in ranks) * b / shard / GIB,
-        # z in fp32 + Adam moments (2×) + gradient; sharded from ZeRO-1 on
-        "z, gradients, Adam state": z * 4 * 4 / (gpus if zero >= 1 else 1) / GIB,
-        # checkpointed activations: one hidden state per layer per token, plus one layer's MLP working set
-        "activations (checkpointed)": micro_batch * seq_len * (arch.layers * arch.hidden + 4 * arch.mlp) * b / GIB,
-        "logits (fp32, one micro-batch)": micro_batch * seq_len * arch.vocab * 4 / GIB,
-    }
-    kv = 2 * arch.layers * arch.kv_heads * arch.head_dim * seq_len * rollout_batch * b
-    if rollout_engine == "vllm":
-        # a separate engine holds the full weights + factors (no ZeRO) and a KV cache for the rollout batch
-        rows["rollout engine (vLLM weights + factors + KV)"] = (
-            arch.params * b + sum(r * r for r in ranks) * b + kv
-        ) / GIB
-    elif rollout_engine == "hf":
-        rows["rollout KV cache (HF generate)"] = kv / GIB
-    else:
-        raise ValueError(f"unknown rollout engine {rollout_engine!r}: hf | vllm")
-    return Plan(rows=rows, gpu_mem_gb=gpu_mem_gb, z_values=z)
+    """`t2ray plan`'s command line: a sequence of `seq_len` tokens, a quarter of them completion."""
+    return plan_run(
+        model,
+        Run(
+            gpus=gpus,
+            zero=zero,
+            dtype=dtype,
+            modules=modules,
+            micro_batch=micro_batch,
+            prompt_len=seq_len - seq_len // 4,
+            completion_len=seq_len // 4,
+            rollout_rows=rollout_batch,
+            checkpointing=checkpointing,
+            rollout_engine=rollout_engine,
+        ),
+        gpu_mem_gb,
+    )
+
+
+def experiment_run(cfg, prompt_len: int, completion_len: int | None = None) -> Run:
+    """The Run of an experiment config (ExperimentConfig) on its scaling.num_workers GPUs."""
+    from t2ray.models.loader import compute_dtype
+
+    rl, workers = cfg.rl, cfg.scaling.num_workers
+    k = rl.samples_per_prompt
+    return Run(
+        gpus=workers,
+        zero=cfg.deepspeed.zero_stage if cfg.deepspeed.enabled else 0,
+        dtype=compute_dtype(cfg.model.dtype, "cuda" if cfg.scaling.use_gpu else "cpu"),
+        modules=cfg.svf.target_modules if isinstance(cfg.svf.target_modules, str) else tuple(cfg.svf.target_modules),
+        layers=cfg.svf.layers if not isinstance(cfg.svf.layers, list) else tuple(cfg.svf.layers),
+        method=cfg.method,
+        lora_r=cfg.lora.r,
+        micro_batch=max(k, rl.micro_batch_size // k * k),
+        prompt_len=prompt_len,
+        completion_len=completion_len or rl.max_new_tokens or 256,
+        rollout_rows=rl.batch_size // workers * k,
+        checkpointing=rl.activation_checkpointing,
+        rollout_engine="vllm" if rl.rollout_engine == "vllm" else "hf",
+    )

@@ -130,7 +130,7 @@ def test_the_cluster_experiments_plan_and_train_on_a_stand_in(shell, name):
     """The GPU-cluster files: their header's `t2ray plan` line, then the file itself trained on tiny-llama on
     CPU workers (their ZeRO stage, layers and RL settings as shipped; storage under this working dir)."""
     yaml_path = ROOT / "experiments" / f"{name}.yaml"
-    assert "fits" in shell.run(header_command(yaml_path, "plan", about="--model")).stdout
+    assert "fits" in shell.run(header_command(yaml_path, "plan", about="--experiment")).stdout
     layers = {"llama3-70b-svf": ["svf.layers=0-1"]}.get(name, [])  # tiny-llama has 2 layers, not 80
     done = shell.run(
         f"t2ray train experiments/{name}.yaml",

@@ -171,3 +171,13 @@ def load_model(spec: str = "smollm2-135m", *, dtype: str = "auto", device: str =
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.requires_grad_(False)
     return model.to(device).eval(), tokenizer
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Recompute each decoder layer in the backward (non-reentrant: only z needs gradients, the inputs none);
+    transformers renamed gradient checkpointing to activation checkpointing in 5.x."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

@@ -240,7 +240,7 @@ def run_worker(
     import deepspeed
 
     from t2ray.models import load_model
-    from t2ray.models.loader import compute_dtype
+    from t2ray.models.loader import compute_dtype, enable_activation_checkpointing
     from t2ray.rl.loop import LoopState, Stepper, train_loop
     from t2ray.tasks import get_task
     from t2ray.train.collectives import all_reduce_sum, barrier, every_rank_done, raise_if_any_rank_failed, spread
@@ -264,7 +264,7 @@ def run_worker(
         hf_ds = HfDeepSpeedConfig(ds_config)
     model, tokenizer = load_model(cfg.model.spec, dtype=dtype, device=device, seed=cfg.seed)
     if cfg.rl.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     if zero3 and cfg.method == "svf":
         raised = keep_trainable_whole(ds_config, largest_z(model, cfg))
         adapter = build_adapter(
