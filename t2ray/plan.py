@@ -266,7 +266,8 @@ def plan_run(model: str, run: Run, gpu_mem_gb: float) -> Plan:
     if run.checkpointing:  # the backward recomputes one decoder layer at a time: its activations, whole
         unchecked = saved_for_backward(meta_model(config, Run(**{**run.__dict__, "checkpointing": False})), run, 0)
         rows["one layer recomputed in the backward"] = (unchecked[0] / layers) / GIB
-    if run.zero == 3:  # gathered for their forward and kept until MAX_LIVE are, at least a layer, plus a prefetch
+    if run.zero == 3 and run.gpus > 1:  # gathered and kept until MAX_LIVE are, at least a layer, plus a prefetch
+        # (on one GPU a partition is the whole tensor, used in place: measured on an H200, RESULTS `gpu_check`)
         live = max(largest_layer(net), min(MAX_LIVE, frozen + sum(p.numel() for p in factors)))
         rows["ZeRO-3 gathered parameters (live + prefetch)"] = (live + PREFETCH_BUCKET) * b / GIB
     if run.rollout_engine == "vllm":

@@ -123,6 +123,15 @@ def keep_trainable_whole(ds_config: dict, largest: int) -> int | None:
     return largest + 1
 
 
+def size_buckets(ds_config: dict, trained_values: int) -> int:
+    """DeepSpeed allocates its gradient buckets at their configured size, 5e8 values by default whatever trains:
+    1 GB per GPU (measured on an H200, bench/RESULTS.md `gpu_check`) for a z of 52k values. Every trained value
+    fits one bucket of their own size (even: NCCL's 4-byte alignment of 16-bit buffers); returns it."""
+    size = trained_values + trained_values % 2
+    ds_config["zero_optimization"].update(reduce_bucket_size=size, allgather_bucket_size=size)
+    return size
+
+
 def largest_z(model, cfg) -> int:
     """The longest z-vector the SVF patch will create: min(out, in) of its largest target."""
     from t2ray.svf import select_targets
@@ -292,6 +301,9 @@ def run_worker(
     if cfg.deepspeed.enabled:
         if zero3:
             register_svf_external_params(adapter.model)
+        size_buckets(
+            ds_config, sum(getattr(p, "ds_numel", p.numel()) for p in adapter.parameters())
+        )  # ZeRO-3: whole sizes
         engine, *_ = deepspeed.initialize(model=adapter.model, model_parameters=adapter.parameters(), config=ds_config)
         stepper = DeepSpeedStepper(engine, adapter.parameters())
     else:
