@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -358,3 +359,11 @@ def test_group_baselines_need_several_samples_per_prompt(baseline):
     with pytest.raises(ValueError, match=f"rl.baseline {baseline} .*samples_per_prompt ≥ 2"):
         ExperimentConfig.model_validate({"rl": {"baseline": baseline}})
     assert ExperimentConfig.model_validate({"rl": {"baseline": baseline, "samples_per_prompt": 4}}).rl.batch_size == 16
+
+
+def test_a_gpu_run_gets_deepspeeds_cuda_accelerator_whatever_the_shell_exported(monkeypatch):
+    from t2ray.train.worker import select_accelerator
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")  # the Makefile exports it for the tests; Ray forwarded it
+    assert select_accelerator(use_gpu=True) == "cuda" and os.environ["DS_ACCELERATOR"] == "cuda"
+    assert select_accelerator(use_gpu=False) == "cpu"

@@ -87,7 +87,7 @@ def random_experts(model, n: int, seed: int = 0) -> list[Expert]:
             fingerprint=info.fingerprint,
             task=task,
         )
-        for i, task in zip(range(n), ["math", "code", "reasoning"], strict=True)
+        for i, task in zip(range(n), ["math", "code", "reasoning"], strict=False)  # the first n
     ]
 
 

@@ -309,7 +309,18 @@ def one_rl_step(task_path, tokenizer, on_model=None, lora_dropout=None, **rl):
 
     engine = Recording(adapter.model, tokenizer)
     shard = iteration_batch(task.examples("train"), cfg.rl.batch_size, cfg.seed, 0, 0, 1)
-    metrics = rl_step(adapter.model, tokenizer, task, adapter, stepper, shard, cfg, seed=0, engine=engine, version=0)
+    metrics = rl_step(
+        adapter.model,
+        tokenizer,
+        task,
+        adapter,
+        stepper,
+        shard,
+        cfg,
+        seed=0,
+        engine=engine,
+        version=0,
+    )
     grads = {i: p.grad.clone() for i, p in enumerate(adapter.parameters())}
     return metrics, grads, engine.last.texts
 
@@ -326,6 +337,32 @@ def test_micro_batches_accumulate_the_whole_batch_gradient(tmp_path, tokenizer):
     for i in whole_grads:
         assert torch.allclose(whole_grads[i], split_grads[i], rtol=1e-4, atol=1e-7), i
     assert any(float(g.abs().max()) > 0 for g in whole_grads.values())
+
+
+def test_in_lockstep_every_micro_batch_runs_two_forwards_even_one_token_wide(tmp_path, tokenizer):
+    """ZeRO-3: every forward is a collective. A shared-prompt micro-batch runs the prompt, then the completion unless
+    its completions are one token wide after trimming — which one rank's micro-batch can be while another's is not:
+    in lockstep each runs both forwards."""
+    from t2ray.models import load_model
+    from t2ray.rl.loop import _update
+    from t2ray.rl.trainable import SVFAdapter
+
+    cfg = learnable_config(write_learnable_task(tmp_path), batch_size=2, samples_per_prompt=2, micro_batch_size=2)
+    model, _ = load_model("tiny-llama", dtype="float32")
+    adapter = SVFAdapter(model, cfg.svf, progress=False)
+    forwards = []
+    model.register_forward_hook(lambda module, args, out: forwards.append(module.training))
+    prompts = torch.tensor([[5, 6, 7], [8, 9, 10]]).repeat_interleave(2, 0)  # 2 prompts × 2 samples
+    completions = torch.tensor([[11, 2, 2]] * 4)  # every completion one token, then padding (the rollout ran 3 steps)
+    mask = torch.tensor([[1, 0, 0]] * 4)
+    counts = {}
+    for lockstep in (False, True):
+        forwards.clear()
+        stepper = Stepper(adapter.parameters(), lr=1e-3, grad_clip=1.0)
+        args = (model, adapter, stepper, [None] * 4, cfg, prompts, torch.ones_like(prompts), completions, mask)
+        _update(*args, torch.tensor([1.0, -1.0, 1.0, -1.0]), lockstep)
+        counts[lockstep] = sum(forwards)  # forwards in train mode: the update's
+    assert counts == {False: 2, True: 4}, counts  # 2 micro-batches of one prompt's 2 samples
 
 
 def test_samples_per_prompt_widen_the_rollout_with_different_samples(tmp_path, tokenizer):

@@ -76,7 +76,11 @@ def setup_report(adapter) -> dict:
     }
 
 
-def run_rank(rank: int, world: int, port: int, config: dict, out: str, fail_rank: int | None) -> None:
+def run_rank(
+    rank: int, world: int, port: int, config: dict, out: str, fail_rank: int | None, cache: str | None = None
+) -> None:
+    if cache:
+        os.environ["T2RAY_CACHE"] = cache  # an empty SVD cache: every SVD is computed in this run
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank))
     os.environ.update(WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -87,7 +91,16 @@ def run_rank(rank: int, world: int, port: int, config: dict, out: str, fail_rank
         from t2ray.config import ExperimentConfig
         from t2ray.rl import loop
         from t2ray.tasks.sandbox import SandboxUnavailable
+        from t2ray.train import zero3
         from t2ray.train.worker import run_worker
+
+        svd, result["svds"] = zero3.svd_factors, 0
+
+        def counted_svd(*args, **kwargs):
+            result["svds"] += 1
+            return svd(*args, **kwargs)
+
+        zero3.svd_factors = counted_svd
 
         if rank == fail_rank:  # this rank's grader fails at the second iteration (the others' do not)
             original, calls = loop.safe_rewards, []

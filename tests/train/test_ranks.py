@@ -37,12 +37,18 @@ def config(tmp_path: Path, **rl) -> dict:
     }
 
 
-def run_two_ranks(tmp_path: Path, port: int, cfg: dict, fail_rank: int | None = None, timeout: float = 300):
+def run_two_ranks(
+    tmp_path: Path, port: int, cfg: dict, fail_rank: int | None = None, timeout: float = 300, cache: Path | None = None
+):
     out = tmp_path / "ranks"
     out.mkdir()
     start = time.monotonic()
     context = mp.start_processes(
-        run_rank, args=(2, port, cfg, str(out), fail_rank), nprocs=2, join=False, start_method="spawn"
+        run_rank,
+        args=(2, port, cfg, str(out), fail_rank, str(cache) if cache else None),
+        nprocs=2,
+        join=False,
+        start_method="spawn",
     )
     while not context.join(timeout=5):
         assert time.monotonic() - start < timeout, "the ranks did not end (a rank waits in a collective?)"
@@ -52,7 +58,7 @@ def run_two_ranks(tmp_path: Path, port: int, cfg: dict, fail_rank: int | None = 
 @pytest.fixture(scope="module")
 def zero3_run(tmp_path_factory, free_port):
     tmp = tmp_path_factory.mktemp("zero3-ranks")
-    return run_two_ranks(tmp, free_port(), config(tmp))[0]
+    return run_two_ranks(tmp, free_port(), config(tmp), cache=tmp / "empty-cache")[0]
 
 
 def test_every_collective_of_t2ray_is_on_the_group_device(zero3_run):
@@ -70,6 +76,11 @@ def test_zero3_weights_in_their_compute_dtype_z_in_fp32_and_no_factor_whole(zero
         assert setup["whole_bytes"]["svf_q"] == 0, setup  # every 64×64 factor partitioned on every rank
         # z: persistent, gathered whole at its first use and kept whole (the loop reads and saves it on every rank)
         assert setup["persistent"]["svf_p"] and not setup["persistent"]["svf_q"], setup
+
+
+def test_each_svd_is_computed_once_for_all_ranks(zero3_run):
+    """6 MLP matrices, an empty cache: the ranks take turns (3 each), none computes another's."""
+    assert [rank["svds"] for rank in zero3_run] == [3, 3]
 
 
 def test_a_rank_that_raises_ends_the_run_on_every_rank_with_its_message(tmp_path, free_port):
