@@ -224,6 +224,13 @@ def train_worker(loop_config: dict) -> None:
         )
 
 
+def select_accelerator(use_gpu: bool) -> str:
+    """DeepSpeed's accelerator, always from the config (before deepspeed is imported): a DS_ACCELERATOR=cpu inherited
+    from a shell that ran `make` must not put a GPU run on DeepSpeed's CPU accelerator."""
+    os.environ["DS_ACCELERATOR"] = "cuda" if use_gpu else "cpu"
+    return os.environ["DS_ACCELERATOR"]
+
+
 def run_worker(
     cfg,
     *,
@@ -239,9 +246,7 @@ def run_worker(
     partitioned as built, each SVD once for all ranks), wraps them in DeepSpeed, runs the plain RL loop, reports
     metrics every iteration and a checkpoint (z + full Adam moments + loop state) at every evaluation; rank 0 writes
     the expert. Returns the loop's final state."""
-    # Always set from the config: a DS_ACCELERATOR=cpu inherited from a shell that ran `make` must not put a GPU run
-    # on DeepSpeed's CPU accelerator.
-    os.environ["DS_ACCELERATOR"] = "cuda" if cfg.scaling.use_gpu else "cpu"
+    select_accelerator(cfg.scaling.use_gpu)
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))  # no oversubscription of shared cores
     # DeepSpeed's ZeRO calls a torch collective that torch deprecated: once per step, in every worker's log
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
