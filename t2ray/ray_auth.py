@@ -61,7 +61,20 @@ def enable_token_auth(*, create: bool) -> bool:
         write_token(token_path())
     # Set explicitly: Ray then also skips its console notice that it turned token mode on by itself.
     os.environ[MODE_ENV] = "token"
+    refresh_ray()
     return True
+
+
+def refresh_ray() -> None:
+    """Ray reads the mode and the token once, when it loads (its C++ config and token loader cache them): a process
+    that imported ray before we set them would start a token-mode cluster and then refuse itself. Refresh both, as
+    Ray's own `_enable_token_auth` does (ray/_private/authentication/authentication_token_setup.py)."""
+    try:
+        from ray._raylet import AuthenticationTokenLoader, Config
+    except ImportError:  # a Ray without token authentication (< 2.52): nothing cached
+        return
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
 
 
 def refused_message(what: str) -> str:

@@ -16,7 +16,9 @@ def no_auth_settings(tmp_path, monkeypatch):
     for name in (ray_auth.MODE_ENV, ray_auth.TOKEN_ENV, ray_auth.TOKEN_PATH_ENV):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
-    return tmp_path / ".ray" / "auth_token"
+    yield tmp_path / ".ray" / "auth_token"
+    monkeypatch.undo()
+    ray_auth.refresh_ray()  # Ray caches the mode and token: back to the session's for the tests that follow
 
 
 def test_a_local_cluster_gets_token_mode_and_a_private_token(no_auth_settings):
