@@ -69,8 +69,8 @@ def model_config(model: str) -> dict:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    try:
-        config = hf_hub_download(model, "config.json")
+    try:  # the hub cache first; a preset's own model is planned without the network
+        config = hf_hub_download(model, "config.json", local_files_only=model in HUB_PRESETS)
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as err:
         if model in HUB_PRESETS:
             return preset_config(**PRESETS[HUB_PRESETS[model]])

@@ -28,7 +28,7 @@ if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from t2ray.console import apply_env_defaults  # noqa: E402
-from t2ray.ray_auth import write_token  # noqa: E402
+from t2ray.ray_auth import TOKEN_ENV, TOKEN_PATH_ENV, refresh_ray, write_token  # noqa: E402
 
 apply_env_defaults()  # what the CLI sets for every command (wandb offline, tokenizers quiet)
 
@@ -209,6 +209,28 @@ def ray_head(env: dict[str, str], log_dir: Path, num_cpus: int = 2, worker_nodes
     raylets on this machine, each a node of the cluster. Yields (dashboard address, GCS address). Each node runs
     in its own session so that exactly the processes it started are stopped at the end (never `ray stop`, which
     stops every cluster of the user)."""
+    with talking_to(env):
+        yield from _ray_head(env, log_dir, num_cpus, worker_nodes)
+
+
+@contextlib.contextmanager
+def talking_to(env: dict[str, str]):
+    """This process's Ray client holds the token of a cluster started from `env` (a bare shell has its own, in its own
+    home): the dashboard checks of the test then pass its authentication."""
+    path = env.get(TOKEN_PATH_ENV) or str(Path(env.get("HOME", Path.home())) / ".ray" / "auth_token")
+    token = env.get(TOKEN_ENV) or (Path(path).read_text().strip() if Path(path).is_file() else None)
+    if token is None:
+        yield
+        return
+    try:
+        with env_var(TOKEN_ENV, token):
+            refresh_ray()
+            yield
+    finally:
+        refresh_ray()
+
+
+def _ray_head(env: dict[str, str], log_dir: Path, num_cpus: int, worker_nodes: tuple[dict, ...]):
     import json
 
     from ray.util.state import list_nodes

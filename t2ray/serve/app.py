@@ -907,6 +907,7 @@ def run_config(
     import ray
 
     config = read_serve_config(path)
+    http = {"host": "127.0.0.1", "port": 8000, **(config.get("http_options") or {}), **({"host": host} if host else {})}
     apps = []
     for app in config["applications"]:
         if app["import_path"] != IMPORT_PATH:
@@ -914,9 +915,9 @@ def run_config(
                 f"application {app.get('name')!r}: t2ray serve runs {IMPORT_PATH} applications only; "
                 "use Ray's `serve run` for others"
             )
-        apps.append((app, ServeArgs.model_validate(app_args(app)).resolved()))  # a missing expert fails here, early
-    http = {"host": "127.0.0.1", "port": 8000, **(config.get("http_options") or {}), **({"host": host} if host else {})}
-    apps = [(app, require_key_off_loopback(args, http["host"], app.get("name", "default"))) for app, args in apps]
+        args = ServeArgs.model_validate(app_args(app))
+        args = require_key_off_loopback(args, http["host"], app.get("name", "default"))  # before any file is read
+        apps.append((app, args.resolved()))  # a missing expert fails here, early
     started_ray = not ray.is_initialized()
     if started_ray:
         enable_token_auth(create=address is None)
