@@ -351,7 +351,8 @@ def test_in_lockstep_every_micro_batch_runs_two_forwards_even_one_token_wide(tmp
     model, _ = load_model("tiny-llama", dtype="float32")
     adapter = SVFAdapter(model, cfg.svf, progress=False)
     forwards = []
-    model.register_forward_hook(lambda module, args, out: forwards.append(module.training))
+    model.register_forward_hook(lambda module, args, out: forwards.append(1))
+    model.train()  # as rl_step runs the update
     prompts = torch.tensor([[5, 6, 7], [8, 9, 10]]).repeat_interleave(2, 0)  # 2 prompts × 2 samples
     completions = torch.tensor([[11, 2, 2]] * 4)  # every completion one token, then padding (the rollout ran 3 steps)
     mask = torch.tensor([[1, 0, 0]] * 4)
@@ -361,7 +362,7 @@ def test_in_lockstep_every_micro_batch_runs_two_forwards_even_one_token_wide(tmp
         stepper = Stepper(adapter.parameters(), lr=1e-3, grad_clip=1.0)
         args = (model, adapter, stepper, [None] * 4, cfg, prompts, torch.ones_like(prompts), completions, mask)
         _update(*args, torch.tensor([1.0, -1.0, 1.0, -1.0]), lockstep)
-        counts[lockstep] = sum(forwards)  # forwards in train mode: the update's
+        counts[lockstep] = len(forwards)
     assert counts == {False: 2, True: 4}, counts  # 2 micro-batches of one prompt's 2 samples
 
 

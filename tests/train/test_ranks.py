@@ -56,9 +56,12 @@ def run_two_ranks(
 
 
 @pytest.fixture(scope="module")
-def zero3_run(tmp_path_factory, free_port):
+def zero3_run(tmp_path_factory, free_port, t2ray_cache):
     tmp = tmp_path_factory.mktemp("zero3-ranks")
-    return run_two_ranks(tmp, free_port(), config(tmp), cache=tmp / "empty-cache")[0]
+    cache = tmp / "empty-cache"  # no SVD cached yet; the models are the session's (built before any rank starts)
+    cache.mkdir()
+    (cache / "models").symlink_to(t2ray_cache / "models", target_is_directory=True)
+    return run_two_ranks(tmp, free_port(), config(tmp), cache=cache)[0]
 
 
 def test_every_collective_of_t2ray_is_on_the_group_device(zero3_run):
