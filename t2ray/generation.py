@@ -222,6 +222,19 @@ def announce_tokens(model, tokens: int):
             layer.expected_tokens = None
 
 
+def decode_encoded(model, tokenizer, batch, **options):
+    """`decode` of a batch from `encode_prompts`, ending rows at the model's EOS tokens and padding with the
+    tokenizer's pad token."""
+    return decode(
+        model,
+        batch["input_ids"],
+        batch["attention_mask"],
+        eos_ids=eos_token_ids(model, tokenizer),
+        pad_id=tokenizer.pad_token_id,
+        **options,
+    )
+
+
 def rollout(
     model,
     tokenizer,
@@ -247,13 +260,11 @@ def rollout(
     batch = encode_prompts(tokenizer, prompts, model, max_new_tokens, reply_prefix).to(model.device)
     rows, width = batch["input_ids"].shape
     with announce_tokens(model, rows // k * width + rows * max_new_tokens):
-        completion, mask, _ = decode(
+        completion, mask, _ = decode_encoded(
             model,
-            batch["input_ids"],
-            batch["attention_mask"],
+            tokenizer,
+            batch,
             max_new_tokens=max_new_tokens,
-            eos_ids=eos_token_ids(model, tokenizer),
-            pad_id=tokenizer.pad_token_id,
             temperature=temperature,
             top_p=top_p,
             seed=seed,

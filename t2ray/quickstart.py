@@ -311,7 +311,8 @@ def expert_path(cfg: ExperimentConfig) -> Path:
 
 
 def evaluation(qs: QuickstartConfig, task: str, limit: int, out: Path, expert: Path | None = None) -> Callable[[], str]:
-    """A stage: the base model or one expert (SVF file or LoRA folder) on the first `limit` test items of `task`."""
+    """A stage's run: the base model or one expert (SVF file or LoRA folder) on the first `limit` test items of
+    `task`."""
 
     def run() -> str:
         from t2ray.evaluate import evaluate
@@ -324,6 +325,17 @@ def evaluation(qs: QuickstartConfig, task: str, limit: int, out: Path, expert: P
         return f"{label}: {result.accuracy:.1%} ({result.correct}/{result.n})"
 
     return run
+
+
+def evaluation_stage(
+    qs: QuickstartConfig, title: str, task: str, limit: int, out: Path, estimate, expert: Path | None = None
+) -> Stage:
+    return Stage(
+        f"{title} on {task} ({limit} test items)",
+        estimate(eval_minutes(task, limit)),
+        out,
+        evaluation(qs, task, limit, out, expert),
+    )
 
 
 def adaptation(
@@ -378,15 +390,8 @@ def lora_table2_stages(
     for t in qs.lora_table2.tasks or qs.unseen:
         n = min(qs.lora_table2.limit, limits[t])
         for category, adapter in adapters.items():
-            out = folder / f"single_{category}-{t}.json"
-            stages.append(
-                Stage(
-                    f"Table 2 (LoRA): the {category} adapter alone on {t} ({n} test items)",
-                    estimate(eval_minutes(t, n)),
-                    out,
-                    evaluation(qs, t, n, out, adapter),
-                )
-            )
+            title, out = f"Table 2 (LoRA): the {category} adapter alone", folder / f"single_{category}-{t}.json"
+            stages.append(evaluation_stage(qs, title, t, n, out, estimate, adapter))
         for every in qs.lora_table2.every:
             out = folder / f"token{every}-{t}.json"
             stages.append(
@@ -487,13 +492,9 @@ def quickstart(root: Path = Path("runs/quickstart"), config: Path | None = None,
             **({"lora": expert_path(lora[category])} if category in lora else {}),
         }
         for column, expert in columns.items():
-            out = t1 / f"{column}-{t}.json"
             stages.append(
-                Stage(
-                    f"Table 1: {TABLE1_LABELS[column]} on {t} ({limits[t]} test items)",
-                    estimate(eval_minutes(t, limits[t])),
-                    out,
-                    evaluation(qs, t, limits[t], out, expert),
+                evaluation_stage(
+                    qs, f"Table 1: {TABLE1_LABELS[column]}", t, limits[t], t1 / f"{column}-{t}.json", estimate, expert
                 )
             )
     stages.append(
@@ -505,15 +506,7 @@ def quickstart(root: Path = Path("runs/quickstart"), config: Path | None = None,
         )
     )
     for t in qs.unseen:
-        out = t2 / f"base-{t}.json"
-        stages.append(
-            Stage(
-                f"Table 2: base on {t} ({limits[t]} test items)",
-                estimate(eval_minutes(t, limits[t])),
-                out,
-                evaluation(qs, t, limits[t], out),
-            )
-        )
+        stages.append(evaluation_stage(qs, "Table 2: base", t, limits[t], t2 / f"base-{t}.json", estimate))
         for strategy in ("prompt", "classifier", "fewshot", "token"):
             out = t2 / f"{strategy}-{t}.json"
             stages.append(

@@ -24,6 +24,8 @@ import openai
 import pytest
 import yaml
 
+from t2ray.config import load_experiment
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,7 +158,8 @@ def test_the_70b_experiment_trains_on_a_stand_in(shell):
 
 
 def test_rl_sweep_as_shipped_random_search_and_asha(shell):
-    """experiments/sweeps/rl-smollm2.yaml: random search, ASHA, Ray Train trials; then `t2ray train …/best.yaml`."""
+    """experiments/sweeps/rl-smollm2.yaml: random search, ASHA, Ray Train trials; its best.yaml validates (that the
+    exported best trains is tests/tune's: the same export, trained there)."""
     sweep = yaml.safe_load((ROOT / "experiments/sweeps/rl-smollm2.yaml").read_text())
     assert sweep["search"]["alg"] == "random" and sweep["scheduler"]["type"] == "asha"
     done = shell.run(
@@ -179,19 +182,18 @@ def test_rl_sweep_as_shipped_random_search_and_asha(shell):
     assert "core_worker.cc" not in console, console[-3000:]  # no C++ error line per wandb logging actor
     best = shell.cwd / "runs/sweeps/rl-smollm2/best.yaml"
     assert best.is_file() and (best.parent / "results.csv").is_file()
-    trained = shell.run(
-        readme_line("t2ray train runs/sweeps/rl-smollm2/best.yaml"),
-        *sets("rl.iterations=1", f"storage_path={shell.cwd / 'runs/best'}"),
-    )
-    assert shell.last_json(trained)["iterations"] == 1
+    assert readme_line("t2ray train runs/sweeps/rl-smollm2/best.yaml")
+    assert load_experiment(best).model.spec == "smollm2-135m"
 
 
 def test_pbt_sweep_as_shipped_exploits_checkpoints(shell):
     """experiments/sweeps/pbt-smollm2.yaml: PBT perturbs at every validation (each a z checkpoint): the lower trial
-    continues from the upper one's checkpoint with perturbed settings; the sweep finishes and writes best.yaml."""
+    continues from the upper one's checkpoint with perturbed settings; the sweep finishes and writes best.yaml. On
+    tiny-llama: what is proven is the file's PBT with checkpoints, not SmolLM2's learning (the math file's test)."""
     done = shell.run(
         readme_line("t2ray tune experiments/sweeps/pbt-smollm2.yaml"),
         *sets(
+            "overrides.model.spec=tiny-llama",
             "num_samples=2",
             "overrides.rl.iterations=3",
             "overrides.rl.eval_interval=1",

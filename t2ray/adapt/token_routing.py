@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from t2ray.experts import Expert, ExpertError, mix_z
-from t2ray.generation import Messages, StepHook, decode, encode_prompts, eos_token_ids, on_live_rows
+from t2ray.generation import Messages, StepHook, decode_encoded, encode_prompts, on_live_rows
 
 __all__ = [
     "Router",
@@ -299,13 +299,11 @@ def greedy_decode(
     ``max_new_tokens`` (benchmarks: equal work for every variant).
     Returns (completion_ids (B, N), completion_mask (B, N), forward_tokens)."""
     batch = encode_prompts(tokenizer, prompts, model, max_new_tokens).to(model.device)
-    return decode(
+    return decode_encoded(
         model,
-        batch["input_ids"],
-        batch["attention_mask"],
+        tokenizer,
+        batch,
         max_new_tokens=max_new_tokens,
-        eos_ids=eos_token_ids(model, tokenizer),
-        pad_id=tokenizer.pad_token_id,
         before_step=before_step,
         recompute_prefix=recompute_prefix,
         stop_at_eos=stop_at_eos,

@@ -118,13 +118,14 @@ class ZApplier:
         return len(message)
 
 
-class ReplicaEngine:
-    """A separate HF model that receives only z (the CPU twin of the vLLM engine; runs inside a Ray actor)."""
+class ReplicaEngine(InProcessEngine):
+    """A separate HF model that receives only z (the CPU twin of the vLLM engine; runs inside a Ray actor): the
+    in-process engine on a copy of its own, whose weights hold W' after each sync."""
 
     def __init__(self, model_spec: str, svf: SVFConfig | dict, dtype: str = "auto"):
         from t2ray.models import load_model
 
-        self.model, self.tokenizer = load_model(model_spec, dtype=dtype)
+        super().__init__(*load_model(model_spec, dtype=dtype))
         config = svf if isinstance(svf, SVFConfig) else SVFConfig.model_validate(svf)
         layers = patch_model(self.model, config, progress=False)  # the factors come from the shared SVD cache
         self.applier = ZApplier(
@@ -140,18 +141,6 @@ class ReplicaEngine:
     @property
     def version(self) -> int:
         return self.applier.version
-
-    def generate(self, prompts, *, max_new_tokens, temperature, top_p, seed, samples_per_prompt=1) -> Rollouts:
-        return rollout(
-            self.model,
-            self.tokenizer,
-            prompts,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            seed=seed,
-            samples_per_prompt=samples_per_prompt,
-        )
 
 
 # vLLM fuses these HF projections of Llama-family models into one weight, rows in this order.

@@ -28,6 +28,7 @@ from .base import (
     format_choices,
     split_by_fractions,
 )
+from .bundled import MATH_SUBJECTS
 from .common import GradedTask
 from .graders import last_boxed
 
@@ -360,19 +361,7 @@ HUB_DATASETS: dict[str, tuple[str, str, str | tuple[str, ...] | None]] = {
     "mbpp": ("mbpp", "google-research-datasets/mbpp", "full"),
     "arc-easy": ("arc", "allenai/ai2_arc", "ARC-Easy"),
     "arc-challenge": ("arc", "allenai/ai2_arc", "ARC-Challenge"),
-    "hendrycks-math": (
-        "math",
-        "EleutherAI/hendrycks_math",
-        (
-            "algebra",
-            "counting_and_probability",
-            "geometry",
-            "intermediate_algebra",
-            "number_theory",
-            "prealgebra",
-            "precalculus",
-        ),
-    ),
+    "hendrycks-math": ("math", "EleutherAI/hendrycks_math", MATH_SUBJECTS),
     "math-500": ("math", "HuggingFaceH4/MATH-500", None),
 }
 DATASET_NAMES: tuple[str, ...] = tuple(HUB_DATASETS)

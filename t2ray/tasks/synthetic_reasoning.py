@@ -16,9 +16,11 @@ Graded leniently: the letter (``B``, ``(B)``, ``Answer: B``) or the text of the 
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Callable, Sequence
 from itertools import pairwise
+from pathlib import Path
 from typing import Any
 
 from .base import Example, format_choices
@@ -26,6 +28,15 @@ from .common import TRAIN_SIZES, UNSEEN_SIZES, GradedTask, generated_task, pick_
 
 # One kind of question: draws an example with the RNG it is given.
 Family = Callable[[random.Random], Example]
+
+QUESTIONS = Path(__file__).with_name("data") / "reasoning_questions.jsonl"
+
+
+def question_table(table: str) -> tuple[tuple[str, str, tuple[str, ...]], ...]:
+    """(question, correct answer, distractors) rows of one table of QUESTIONS, in file order."""
+    rows = (json.loads(line) for line in QUESTIONS.read_text().splitlines() if line.strip())
+    return tuple((r["question"], r["answer"], tuple(r["distractors"])) for r in rows if r["table"] == table)
+
 
 MC_SUFFIX = "Answer with the letter of the correct option."
 
@@ -222,65 +233,8 @@ NON_FLIERS = (
 SWIMMERS = ("a fish", "a whale", "a shark", "an octopus", "a dolphin", "a jellyfish", "a seal")
 LAND_ONLY = ("a lion", "a camel", "a horse", "an eagle", "an ant", "a squirrel", "a giraffe", "a goat", "a parrot")
 
-# (question, correct answer, distractors)
-FACTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
-    ("What do plants need from the Sun to make their food?", "light", ("sand", "noise", "plastic", "salt")),
-    ("What is frozen water called?", "ice", ("steam", "sand", "smoke", "glass")),
-    ("What do bees make?", "honey", ("milk", "wool", "cheese", "paper")),
-    ("Which gas do people need to breathe in to stay alive?", "oxygen", ("helium", "smoke", "neon", "steam")),
-    ("What is the closest star to Earth?", "the Sun", ("the Moon", "Mars", "Venus", "a comet")),
-    ("Which organ pumps blood through the body?", "the heart", ("the lungs", "the stomach", "the brain", "the skin")),
-    ("Which force pulls objects toward the ground?", "gravity", ("magnetism", "friction", "wind", "electricity")),
-    (
-        "At what temperature does water boil at sea level?",
-        "100 degrees Celsius",
-        ("0 degrees Celsius", "50 degrees Celsius", "200 degrees Celsius", "10 degrees Celsius"),
-    ),
-    ("What do caterpillars turn into?", "butterflies", ("frogs", "birds", "fish", "snakes")),
-    ("Which season is usually the coldest?", "winter", ("summer", "spring", "autumn")),
-    (
-        "Which part of a plant takes in water from the soil?",
-        "the roots",
-        ("the flowers", "the seeds", "the fruit", "the petals"),
-    ),
-    (
-        "What do we call animals that eat only plants?",
-        "herbivores",
-        ("carnivores", "predators", "insects", "parasites"),
-    ),
-    ("How many days are in a week?", "7", ("5", "10", "12", "6")),
-    ("How many months are in a year?", "12", ("10", "7", "52", "24")),
-    ("What shape is the Earth closest to?", "a sphere", ("a cube", "a flat disk", "a pyramid", "a cylinder")),
-    ("Which of these is a liquid at room temperature?", "water", ("ice", "wood", "iron", "stone")),
-    ("Which material is attracted to a magnet?", "iron", ("wood", "glass", "plastic", "paper")),
-    ("Where do fish live?", "in water", ("in the desert", "in trees", "in clouds", "in caves")),
-    ("What do we use to see things?", "our eyes", ("our ears", "our nose", "our elbows", "our knees")),
-    ("What do we use to hear sounds?", "our ears", ("our eyes", "our teeth", "our hair", "our feet")),
-    ("What falls from clouds when it rains?", "water", ("sand", "leaves", "milk", "smoke")),
-    ("What does a thermometer measure?", "temperature", ("weight", "length", "time", "speed")),
-    ("What does a clock measure?", "time", ("weight", "temperature", "length", "speed")),
-    ("Which of these gives off its own light?", "a candle flame", ("a mirror", "a rock", "a wooden chair", "a shoe")),
-    ("What do cows drink?", "water", ("milk", "juice", "oil", "tea")),
-    ("What covers most of the Earth's surface?", "water", ("sand", "ice", "forest", "grass")),
-    (
-        "Which sense do we use to taste food?",
-        "taste, with the tongue",
-        ("sight, with the eyes", "hearing, with the ears", "touch, with the feet"),
-    ),
-    (
-        "What happens to ice when it is left in the warm sun?",
-        "it melts",
-        ("it gets bigger", "it turns into sand", "it becomes harder", "it turns into stone"),
-    ),
-    ("What do seeds need to start growing?", "water", ("darkness only", "salt", "plastic", "smoke")),
-    ("What is the Moon?", "a natural satellite of Earth", ("a star", "a planet", "a comet", "a cloud")),
-    (
-        "Which animal is known for building dams in rivers?",
-        "the beaver",
-        ("the lion", "the eagle", "the camel", "the owl"),
-    ),
-    ("Which of these is needed to make a fire burn?", "oxygen", ("water", "sand", "ice", "snow")),
-)
+# Science questions, fixed: (question, correct answer, distractors) — t2ray/tasks/data/reasoning_questions.jsonl
+FACTS = question_table("facts")
 
 
 def _mc(
@@ -386,9 +340,17 @@ def _can_fly(r: random.Random) -> Example:
     return _mc("Which of these lives in water?", r.choice(SWIMMERS), LAND_ONLY, r)
 
 
-def _fact(r: random.Random) -> Example:
-    q, correct, distractors = r.choice(FACTS)
-    return _mc(q, correct, distractors, r)
+def _fixed_question(table: tuple[tuple[str, str, tuple[str, ...]], ...]) -> Family:
+    """A family that asks one of a table's fixed questions."""
+
+    def ask(r: random.Random) -> Example:
+        q, correct, distractors = r.choice(table)
+        return _mc(q, correct, distractors, r)
+
+    return ask
+
+
+_fact = _fixed_question(FACTS)
 
 
 REASONING_FAMILIES: tuple[Family, ...] = (
@@ -514,69 +476,10 @@ def _more_than(r: random.Random) -> Example:
     return _mc(q, str(ans), [str(w) for w in sorted(wrong) if w > 0], r)
 
 
-CAUSE_EFFECT: tuple[tuple[str, str, tuple[str, ...]], ...] = (
-    (
-        "A metal spoon is left in a bowl of hot soup. What happens to the handle of the spoon?",
-        "it gets warmer",
-        ("it gets colder", "it melts", "it becomes magnetic", "nothing changes"),
-    ),
-    (
-        "A puddle of water is in the sun on a hot day. What most likely happens to it?",
-        "it evaporates and gets smaller",
-        ("it freezes", "it gets bigger", "it turns into sand"),
-    ),
-    (
-        "A plant is kept in a dark closet for two weeks. What most likely happens?",
-        "it becomes weak and pale",
-        ("it grows faster", "it makes more flowers", "it turns bright green"),
-    ),
-    ("You rub your hands together quickly. What do you feel?", "warmth", ("cold", "wetness", "an electric shock")),
-    (
-        "A ball is dropped from a window. Why does it fall down?",
-        "gravity pulls it toward Earth",
-        ("wind pushes it down", "the air is heavy", "magnets in the ground pull it"),
-    ),
-    (
-        "Which change would make a cup of hot cocoa cool fastest?",
-        "pouring it into a wide, shallow bowl",
-        ("putting a lid on it", "wrapping it in a towel", "keeping it in a thermos"),
-    ),
-    (
-        "Why do people wear light-colored clothes in summer?",
-        "light colors reflect more sunlight",
-        ("light colors are heavier", "light colors absorb more heat", "dark colors are cheaper"),
-    ),
-    (
-        "A student puts salt in ice water and it melts faster. What does salt do to ice?",
-        "it lowers the temperature at which ice melts",
-        ("it makes the ice heavier", "it freezes the water", "it turns ice into salt"),
-    ),
-    (
-        "Why can we see the Moon at night?",
-        "it reflects light from the Sun",
-        ("it makes its own light", "it is on fire", "it reflects light from Earth's cities"),
-    ),
-    (
-        "What happens to water when it is cooled below 0 degrees Celsius?",
-        "it freezes into ice",
-        ("it boils", "it turns into steam", "it becomes salty"),
-    ),
-    (
-        "What is the main reason we have day and night?",
-        "the Earth spins on its axis",
-        ("the Sun moves around the Earth", "the Moon blocks the Sun", "clouds cover the Sun"),
-    ),
-    (
-        "Why does a heavy box slide less easily on carpet than on a smooth floor?",
-        "the carpet causes more friction",
-        ("the carpet is colder", "gravity is stronger on carpet", "the box becomes lighter"),
-    ),
-)
+CAUSE_EFFECT = question_table("cause_effect")
 
 
-def _cause_effect(r: random.Random) -> Example:
-    q, correct, distractors = r.choice(CAUSE_EFFECT)
-    return _mc(q, correct, distractors, r)
+_cause_effect = _fixed_question(CAUSE_EFFECT)
 
 
 HARD_FAMILIES: tuple[Family, ...] = (
