@@ -15,8 +15,18 @@ experts_app = typer.Typer(no_args_is_help=True, help="Inspect and import SVF exp
 app.add_typer(experts_app, name="experts")
 
 
+INTERRUPTED = 130  # the shell's code for a command ended by Ctrl-C (128 + SIGINT)
+
+
+def interrupted(what: str) -> typer.Exit:
+    """One line on stderr (Ctrl-C: what was kept, how to go on) and the exit code of an interrupted command."""
+    typer.secho(f"interrupted: {what}; run the same command again to resume", err=True, fg="yellow")
+    return typer.Exit(INTERRUPTED)
+
+
 def user_errors(fn):
-    """Turn user mistakes (bad spec, file, shape...) into a one-line message and exit code 2, no traceback."""
+    """Turn user mistakes (bad spec, file, shape...) into a one-line message and exit code 2, no traceback; Ctrl-C
+    into one line and exit code 130."""
 
     @wraps(fn)
     def wrapper(*args, **kwargs):
@@ -26,6 +36,10 @@ def user_errors(fn):
             return fn(*args, **kwargs)
         except typer.Exit:
             raise
+        except KeyboardInterrupt:
+            raise interrupted(
+                f"t2ray {fn.__name__.rstrip('_')} stopped (finished stages and checkpoints are kept)"
+            ) from None
         except ValidationError as err:
             problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in err.errors())
             typer.secho(f"error: invalid config: {problems}", err=True, fg="red")
@@ -405,6 +419,8 @@ def tune_(
         return
     outcome = run_sweep(the_sweep, address=address, fresh=fresh)
     emit(outcome.summary())
+    if outcome.interrupted:
+        raise interrupted(f"{outcome.finished} of {outcome.expected} trials finished, the running ones stopped")
     if not outcome.complete:
         typer.secho(
             f"sweep incomplete: {outcome.finished} of {outcome.expected} trials finished (interrupted or "

@@ -159,7 +159,12 @@ def train(cfg: ExperimentConfig, *, address: str | None = None, progress: bool =
         trainer = make_trainer(
             cfg, train_worker, {"experiment": cfg.model_dump(mode="json")}, callbacks=[bar.callback] if bar else None
         )
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except SystemExit:  # Ray Train's own Ctrl-C handler aborts the run, then exits the driver
+            raise KeyboardInterrupt from None
+    if result.error and "user interrupt" in str(result.error):  # its graceful abort (a first Ctrl-C)
+        raise KeyboardInterrupt
     if result.error:
         raise TrainError(f"training {cfg.name} failed: {result.error}")
     expert = run_dir / ("expert" if cfg.method == "lora" else "expert.safetensors")

@@ -3,7 +3,9 @@ sweep, and write its results (CSV, markdown, plot, best config as a runnable YAM
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -25,6 +27,7 @@ class SweepOutcome:
     files: dict[str, Path] = field(default_factory=dict)
     resumed: bool = False
     expected: int = 0
+    interrupted: bool = False  # Ctrl-C: Tune stopped the running trials, which count as unfinished
 
     @property
     def finished(self) -> int:
@@ -42,6 +45,7 @@ class SweepOutcome:
             "stopped_early": len(stopped),
             "errored": sum(t["status"] == "ERROR" for t in self.trials),
             "resumed": self.resumed,
+            "interrupted": self.interrupted,
             "complete": self.complete,
             "finished": self.finished,
             "expected": self.expected,
@@ -212,8 +216,44 @@ def progress_callback(sweep: Sweep):
     return SweepProgress()
 
 
+RUNNING_TRIALS: set[str] = (
+    set()
+)  # this driver's running trials (a module global: a resumed Tuner unpickles its callbacks)
+
+
+def running_trials_callback():
+    from ray.tune import Callback
+
+    class RunningTrials(Callback):
+        def on_trial_start(self, iteration, trials, trial, **info):
+            RUNNING_TRIALS.add(trial.trial_id)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            RUNNING_TRIALS.discard(trial.trial_id)
+
+        on_trial_error = on_trial_complete
+
+    return RunningTrials()
+
+
+class StopSignal(logging.Filter):
+    """Tune catches Ctrl-C itself: it stops the running trials (marked TERMINATED like finished ones), saves its state
+    and returns normally. This filter on Tune's logger notices its "Stop signal received" line, notes the trials
+    running then (they are unfinished), and keeps Tune's two warnings off the console unless --verbose."""
+
+    def __init__(self):
+        super().__init__()
+        self.received, self.stopped = False, set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if "Stop signal received" in text:
+            self.received, self.stopped = True, set(RUNNING_TRIALS)
+        return verbose() or not ("Stop signal received" in text or "has been interrupted" in text)
+
+
 def callbacks(sweep: Sweep) -> list:
-    found = [] if verbose() else [progress_callback(sweep)]
+    found = [running_trials_callback(), *([] if verbose() else [progress_callback(sweep)])]
     if not sweep.config.wandb:
         return found
     from ray.air.integrations.wandb import WandbLoggerCallback
@@ -243,6 +283,12 @@ def callbacks(sweep: Sweep) -> list:
                 except Exception:  # noqa: BLE001 — best effort: the wait below still ends at the timeout
                     pass
             super().on_experiment_end(trials, **info)
+
+        def __del__(self):
+            # Ray's asks ray.is_initialized(): at interpreter exit (after an interrupted sweep) `ray` may already be
+            # torn down, and the traceback ('NoneType' object has no attribute 'is_initialized') hid the real ending
+            with contextlib.suppress(Exception):
+                super().__del__()
 
     mode = os.environ.get("WANDB_MODE", "offline")
     (sweep.dir / "wandb").mkdir(parents=True, exist_ok=True)
@@ -321,8 +367,15 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, fresh: bool = False) 
                 verbose=1 if verbose() else 0,
             ),
         )
-    grid = tuner.fit()
-    outcome = export_results(sweep, grid)
+    RUNNING_TRIALS.clear()
+    stop = StopSignal()
+    tune_log = logging.getLogger("ray.tune.tune")
+    tune_log.addFilter(stop)
+    try:
+        grid = tuner.fit()
+    finally:
+        tune_log.removeFilter(stop)
+    outcome = export_results(sweep, grid, interrupted=stop.stopped if stop.received else None)
     outcome.resumed = resumed
     return outcome
 
@@ -544,8 +597,13 @@ def _adapt_flags(data: dict) -> str:
     return " ".join(flags)
 
 
-def export_results(sweep: Sweep, grid) -> SweepOutcome:
+def export_results(sweep: Sweep, grid, interrupted: set[str] | None = None) -> SweepOutcome:
+    """The results' table, plot and best configuration. `interrupted`: the ids of the trials Ctrl-C stopped (None:
+    no Ctrl-C): they are INTERRUPTED, not finished, and resume with the sweep."""
     rows = trial_rows(sweep, grid)
+    for row in rows:
+        if any(trial_id in str(row["trial_id"]) for trial_id in interrupted or ()):
+            row["status"] = "INTERRUPTED"
     csv_path, md_path = write_table(sweep, rows)
     png = plot(sweep, rows)
     c = sweep.config
@@ -562,6 +620,7 @@ def export_results(sweep: Sweep, grid) -> SweepOutcome:
         best_config=best_yaml,
         files=files,
         expected=sweep.expected_trials,
+        interrupted=interrupted is not None,
     )
 
 

@@ -11,10 +11,14 @@ import importlib
 import json
 import os
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from ray_env import checkpoint_registered, logged, while_watching
 from rl.learnable import LEARNABLE_RL, mean, rewards, write_learnable_task
 from safetensors.torch import load_file
@@ -146,6 +150,38 @@ def test_resume_after_the_driver_stopped(zero2_run):
     assert kl[10] > 100 * abs(kl[1]), kl
     for it in (11, 12, 13):
         assert kl[it] > 0.2 * kl[10], kl
+
+
+def test_ctrl_c_exits_130_and_the_same_command_resumes(ray_cluster, learn_task, tmp_path):
+    """`t2ray train` stopped with Ctrl-C once a checkpoint is registered: exit 130 and one line saying how to go on
+    (Ray Train's own handler used to end the driver with exit 1 and nothing said); the same config then resumes."""
+    cfg = make_config(tmp_path, learn_task, "ctrl-c", rl={"iterations": 12, "eval_interval": 2})
+    path = tmp_path / "ctrl-c.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    cli = Path(sys.executable).with_name("t2ray")
+    gcs = ray_cluster.get_runtime_context().gcs_address
+    proc = subprocess.Popen(
+        [str(cli), "train", str(path), "--address", gcs], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while not checkpoint_registered(cfg.run_dir):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        err = proc.communicate(timeout=120)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    said = [line for line in err.splitlines() if line.startswith("interrupted:")]
+    assert len(said) == 1 and "run the same command again to resume" in said[0], err[-3000:]
+    stopped_at = logged(cfg.run_dir)[-1]["iteration"]
+    assert stopped_at < 12
+    outcome = train(cfg)
+    assert [m["iteration"] for m in outcome.history] == list(range(1, 13))
+    resumed = [json.loads(line) for line in (cfg.run_dir / "workers.jsonl").read_text().splitlines()]
+    assert max(r["resumed_at"] for r in resumed) >= 2  # from a checkpoint, not from the start
 
 
 # ---------------------------------------------------------------- ZeRO-3, a worker SIGKILLed mid-run

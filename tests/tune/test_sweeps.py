@@ -152,11 +152,18 @@ def test_cem_sweep_interrupted_then_resumed(cluster, tmp_path, torch_threads):
         assert finished, "no CEM trial finished in time"
         lines_before = {p.parent.name: len(p.read_text().splitlines()) for p in finished}
         proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=120)
+        err = proc.communicate(timeout=120)[1]
     finally:
         if proc.poll() is None:
             proc.kill()
     assert "**Incomplete**" in (sweep.dir / "results.md").read_text(), "the sweep was not interrupted"
+    # Ctrl-C: exit 130, one line that says so and how to resume; the trial Tune stopped is not counted as finished
+    # (it used to be: "complete": true, exit 0), and no traceback at exit (wandb's callback had one)
+    assert proc.returncode == 130, err[-3000:]
+    said = [line for line in err.splitlines() if line.startswith("interrupted:")]
+    assert len(said) == 1 and "run the same command again to resume" in said[0], err[-3000:]
+    assert "of 8 trials finished" in said[0] and "Traceback" not in err and "Stop signal received" not in err
+    assert not said[0].startswith("interrupted: 8 of 8"), said
 
     # Same command again (here in-process): Tune restores the experiment and runs only what is left.
     outcome = run_sweep(load_sweep(path))
