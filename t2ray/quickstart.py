@@ -1,15 +1,18 @@
-"""`t2ray quickstart` (what `make demo` runs): the paper's pipeline end to end, by default on the embedded SmolLM2
-and the built-in offline tasks.
+"""`t2ray quickstart` (what `make demo` runs): by default a short tour of the framework on the embedded SmolLM2 and
+the built-in offline tasks, each part of the mission once, every result with its interval:
 
-decompose → train the math/code/reasoning SVF experts, the classifier expert and the LoRA baselines
-(Ray Train, 2 workers, ZeRO-2) → Table 1 (base / LoRA / SVF on the trained tasks) → Table 2 (base / prompt /
-classifier / few-shot / token-level on the unseen tasks, real HumanEval included) → Table 2 over the LoRA adapters
-(base / each adapter / token routing every 1, 2, 4 tokens / few-shot α) → Table 3 → report.md.
+decompose → train the math and code SVF experts (Ray Train, 2 workers, ZeRO-2) → Table 1 (base vs SVF, 128 held-out
+items each) → pass 1 over the test queries (prompt dispatch vs the nearest-centroid router, confusion matrices) →
+few-shot CEM on an unseen task → a Ray Serve endpoint with both experts, asked through the official `openai` client
+with model "auto", then shut down → report.md.
+
+experiments/reproduce-smollm2.yaml is the paper's whole pipeline on the same tasks (three experts, the classifier
+expert, LoRA baselines, every Table 2 strategy; `make reproduce`), experiments/paper-{smollm2,llama3-8b}.yaml the
+paper's benchmarks (`--check` validates one and prints its stages).
 
 Every stage writes its output under the root folder and is skipped when that output exists (re-running resumes).
-The default budgets take about 49 minutes on 2 CPU cores (42 measured before the LoRA Table 2);
-experiments/quickstart.yaml is a larger budget and experiments/paper-{smollm2,llama3-8b}.yaml the paper's benchmarks
-(`--check` validates one and prints its stages).
+Before the first stage runs, a few seconds of decoding measure this machine's speed; the announced minutes are the
+calibration machine's, scaled by it.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pathlib import Path
 from typing import Literal
 
 import typer
+import yaml
 from pydantic import Field, field_validator, model_validator
 
 from t2ray.config import (
@@ -41,8 +45,11 @@ EXPERTS = (*CATEGORIES, "cls")
 CALIBRATED_MODEL = "smollm2-135m"
 
 
-# Seconds measured on the 2-core machine with SmolLM2 in bf16 (make demo, 2026-11-30): they turn budgets into the
-# minutes announced before each stage. Other tasks fall back on a per-token rate.
+# Seconds measured on the 2-core calibration machine (AVX512-BF16) with SmolLM2 in bf16 (make demo, 2026-11-30):
+# they turn budgets into the minutes announced before each stage, scaled by the speed probe's ratio (this machine's
+# probe ÷ PROBE_S). Other tasks fall back on a per-token rate.
+PROBE_S = 1.0  # the probe (probe_seconds) on the calibration machine, bf16
+PROBE_ROWS, PROBE_TOKENS = 32, 16
 DECOMPOSE_S = 10
 TRAIN_START_S = 42  # one Ray Train run: worker start-up, model + DeepSpeed set-up, final validation, save
 # per iteration of 16 prompts (reasoning: × 4 samples; cls: ~300-token prompts)
@@ -72,12 +79,14 @@ EVAL_S_PER_ITEM = {
     "arc-easy": 0.25,
 }
 EVAL_S_PER_TOKEN = 0.0065  # other tasks: per token of the task's answer budget (max_new_tokens)
-DISPATCH_S_PER_ITEM = 0.3  # both strategies' pass 1 (the classification prompt is ~270 tokens)
+DISPATCH_S_PER_ITEM = {"prompt": 0.15, "classifier": 0.15, "nearest": 0.02}  # the prompt is ~270 tokens
+SERVE_S = 60.0  # Ray + Serve start, the replica loads the model and the experts, four answers, shutdown
 TABLE1_LABELS = {"base": "base", "svf": "SVF", "lora": "LoRA"}
 STRATEGY_FACTOR = {
     "base": 1.0,
     "prompt": 1.6,
     "classifier": 1.6,
+    "nearest": 1.1,
     "fewshot": 0.9,
     "token": 1.8,
     # LoRA adapters routed every k tokens (per-row weights in every layer), 16 items, 2026-11-30
@@ -95,7 +104,8 @@ class ExpertBudget(Strict):
     max_new_tokens: int | None = Field(None, ge=1, description="rollout tokens; default: the category's YAML")
 
 
-# Measured (bench/RESULTS.md, make_demo): short hot SVF runs vary run to run (math at 10 × 16: +16, +25, −1 points).
+# Measured (bench/RESULTS.md, make_demo): short hot SVF runs vary run to run (math at 10 × 16: +16, +25, −1 points);
+# at these budgets, on an AVX2 machine: code 43.0 → 72.7 %, math 35.9 → 58.6 % (n = 128 each).
 DEFAULT_BUDGETS = {
     "math": {"iterations": 12, "batch_size": 16, "lr": 4e-3},
     "code": {"iterations": 8, "batch_size": 8, "lr": 6e-3},
@@ -117,22 +127,35 @@ class LoRATable2(Strict):
     every: list[Literal[1, 2, 4]] = Field([1, 2, 4], min_length=1, description="token routing: re-route every k")
 
 
+TABLE2_STRATEGIES = ("prompt", "classifier", "nearest", "fewshot", "token")
+Table2Strategy = Literal["prompt", "classifier", "nearest", "fewshot", "token"]
+
+
 class QuickstartConfig(Strict):
-    """Defaults: the whole pipeline on the built-in tasks in about 49 min on 2 CPU cores. experiments/quickstart.yaml
-    is a larger budget; experiments/paper-*.yaml run the paper's benchmarks."""
+    """Defaults: the tour (`make demo`). experiments/reproduce-smollm2.yaml is the paper's whole pipeline on the
+    built-in tasks; experiments/paper-*.yaml run it on the paper's benchmarks."""
 
     model: ModelConfig = ModelConfig()
     trained: dict[str, str] = Field(
-        {c: c for c in CATEGORIES},
+        {"math": "math", "code": "code"},
         validate_default=True,
-        description="category → the task its expert trains on (Table 1)",
+        description="category → the task its expert trains on (Table 1); any of math, code, reasoning",
     )
-    classifier_task: str = Field("cls", description="the classifier expert's task (category identification)")
+    classifier_task: str | None = Field(
+        None, description="the classifier expert's task (cls, cls-benchmarks); None: no classifier expert"
+    )
     unseen: list[str] = Field(
-        ["math-hard", "code-hard", "reasoning-hard", "humaneval"],
+        ["math-hard"],
         min_length=1,
         description="Table 2's tasks: the experts never trained on them",
     )
+    table2: list[Table2Strategy] = Field(
+        ["fewshot"], min_length=1, description="Table 2's two-pass strategies (each next to the base model)"
+    )
+    dispatcher: Literal["prompt", "classifier", "nearest"] = Field(
+        "nearest", description="pass 1 of the served endpoint's model 'auto'"
+    )
+    serve: bool = Field(True, description="serve the experts (Ray Serve, OpenAI API) and ask it four questions")
     experts: dict[str, ExpertBudget] = Field(
         DEFAULT_BUDGETS,
         validate_default=True,
@@ -149,7 +172,7 @@ class QuickstartConfig(Strict):
         description="token-level: re-embed every 4 tokens "
         "(2 was Belofsky's best; each routing step embeds every unfinished row)",
     )
-    lora: bool = Field(True, description="train the LoRA baselines for Table 1")
+    lora: bool = Field(False, description="train the LoRA baselines for Table 1")
     # HumanEval is left out by default: 16 problems × 7 columns would cost ~10 min, and SmolLM2-135M solves none
     lora_table2: LoRATable2 = LoRATable2(tasks=["math-hard", "code-hard", "reasoning-hard"])
 
@@ -169,8 +192,8 @@ class QuickstartConfig(Strict):
     @field_validator("trained")
     @classmethod
     def _one_task_per_category(cls, value):
-        if set(value) != set(CATEGORIES):
-            raise ValueError(f"trained: one task for each of {list(CATEGORIES)}; got {sorted(value)}")
+        if not value or not set(value) <= set(CATEGORIES):
+            raise ValueError(f"trained: one task for some of {list(CATEGORIES)}; got {sorted(value)}")
         for category, name in value.items():
             if task_category(name) != category:
                 raise ValueError(f"trained.{category}: task {name!r} is a {task_category(name)} task")
@@ -179,7 +202,7 @@ class QuickstartConfig(Strict):
     @field_validator("classifier_task")
     @classmethod
     def _a_classification_task(cls, value):
-        if task_category(value) != "classification":
+        if value is not None and task_category(value) != "classification":
             raise ValueError(f"classifier_task: {value!r} is not a classification task (cls, cls-benchmarks)")
         return value
 
@@ -189,6 +212,18 @@ class QuickstartConfig(Strict):
         for name in value:
             task_category(name)
         return value
+
+    @model_validator(mode="after")
+    def _classifier_strategies_need_its_expert(self):
+        wanted = "dispatcher" if self.dispatcher == "classifier" else "table2" if "classifier" in self.table2 else None
+        if wanted and self.classifier_task is None:
+            raise ValueError(f"{wanted}: the classifier strategy needs classifier_task (cls or cls-benchmarks)")
+        return self
+
+    @property
+    def expert_names(self) -> list[str]:
+        """The SVF experts this config trains: its categories' and, when it has a task, the classifier's."""
+        return [*self.trained, *(["cls"] if self.classifier_task else [])]
 
     @model_validator(mode="after")
     def _lora_table2_on_unseen_tasks(self):
@@ -224,16 +259,16 @@ def _about(minutes: float | None) -> str:
     return f"about {minutes:.1f} min" if minutes is not None else "no estimate"
 
 
-def run_stages(stages: list[Stage], check: bool = False) -> None:
-    """One line per stage with its estimate; its progress bar (drawn by this process) while it runs; then one
-    line with its measured time and outcome. `check`: the plan alone."""
+def run_stages(stages: list[Stage], check: bool = False, speed: float | None = 1.0, probe: str = "") -> None:
+    """One line per stage with its estimate (the calibration machine's minutes × `speed`, None: no estimate); its
+    progress bar (drawn by this process) while it runs; then one line with its measured time and outcome.
+    `check`: the plan alone."""
     left = [s for s in stages if not s.output.exists()]
     known = [s.minutes for s in left if s.minutes is not None]
-    total = (
-        f"about {sum(known):.0f} min on 2 CPU cores"
-        if len(known) == len(left)
-        else f"no time estimate (calibrated for {CALIBRATED_MODEL} on 2 CPU cores)"
-    )
+    if speed is not None and len(known) == len(left):
+        total = f"about {sum(known) * speed:.0f} min " + (f"here{probe}" if probe else "on the calibration machine")
+    else:
+        total = f"no time estimate (calibrated for {CALIBRATED_MODEL})"
     typer.secho(f"quickstart: {len(stages)} stages, {len(left)} to run, {total}", bold=True)
     start_all = time.perf_counter()
     for i, stage in enumerate(stages, 1):
@@ -241,7 +276,8 @@ def run_stages(stages: list[Stage], check: bool = False) -> None:
         if stage.output.exists():
             typer.echo(f"{tag}: done already")
             continue
-        typer.secho(f"{tag} ({_about(stage.minutes)})", fg="cyan")
+        minutes = stage.minutes * speed if stage.minutes is not None and speed is not None else None
+        typer.secho(f"{tag} ({_about(minutes)})", fg="cyan")
         if check:
             continue
         start = time.perf_counter()
@@ -249,6 +285,37 @@ def run_stages(stages: list[Stage], check: bool = False) -> None:
         typer.echo(f"{tag}: {(time.perf_counter() - start) / 60:.1f} min" + (f" — {outcome}" if outcome else ""))
     if not check:
         typer.secho(f"quickstart: all stages done, {(time.perf_counter() - start_all) / 60:.1f} min", bold=True)
+
+
+def probe_seconds(spec: str, dtype: str) -> float:
+    """This machine's speed at what dominates every stage, batched generation of task answers: the best of two
+    timed runs of PROBE_ROWS math prompts × PROBE_TOKENS tokens (after a warm-up), in the dtype the stages use."""
+    from t2ray.generation import generate
+    from t2ray.models import load_model
+    from t2ray.tasks import get_task
+
+    model, tokenizer = load_model(spec, dtype=dtype)
+    task = get_task("math")
+    prompts = [task.messages(ex) for ex in task.examples("train")[:PROBE_ROWS]]
+    generate(model, tokenizer, prompts[:2], max_new_tokens=2)
+    times = []
+    for _ in range(2):
+        start = time.perf_counter()
+        generate(model, tokenizer, prompts, max_new_tokens=PROBE_TOKENS, batch_size=PROBE_ROWS)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def machine_speed(spec: str, dtype: str) -> tuple[float, str]:
+    """(the factor on the calibration minutes, what the console says about it)."""
+    import torch
+
+    from t2ray.models.loader import compute_dtype
+
+    seconds = probe_seconds(spec, dtype)
+    factor = seconds / PROBE_S
+    said = f"{compute_dtype(dtype)}, {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads"
+    return factor, f" (speed probe {seconds:.1f} s: {factor:.2f}× the calibration machine's; {said})"
 
 
 def items_tested(qs: QuickstartConfig, task: str) -> int:
@@ -414,26 +481,139 @@ def lora_table2_stages(
     return stages
 
 
+def served_questions(qs: QuickstartConfig) -> list[tuple[str, object]]:
+    """Four test questions for the served endpoint, taken in turn from the trained tasks: (task, example)."""
+    from t2ray.tasks import get_task
+
+    tasks = list(qs.trained.values())
+    return [
+        (tasks[k % len(tasks)], get_task(tasks[k % len(tasks)]).examples("test")[k // len(tasks)]) for k in range(4)
+    ]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def serve_config(qs: QuickstartConfig, experts: dict[str, Path], classifier: Path | None) -> dict:
+    """A Ray Serve config file (`t2ray serve` runs it again) with the trained experts behind model 'auto'."""
+    from t2ray.serve.config import IMPORT_PATH
+
+    args = {
+        "model": qs.model.model_dump(),
+        "experts": {name: str(path) for name, path in experts.items()},
+        **({"classifier_expert": str(classifier)} if classifier else {}),
+        "auto": {"strategy": qs.dispatcher},
+        "generation": {"temperature": 0.0},
+        "expert_model": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 1}},
+    }
+    return {
+        "http_options": {"host": "127.0.0.1", "port": free_port()},
+        "applications": [{"name": "t2ray", "route_prefix": "/", "import_path": IMPORT_PATH, "args": args}],
+    }
+
+
+def ask_the_endpoint(qs: QuickstartConfig, config: Path, out: Path) -> str:
+    """Start Ray Serve from `config`, send four test questions with model 'auto' through the official `openai`
+    client, print what pass 1 chose and the answer, shut Serve down, save what happened to `out`."""
+    import openai
+    from ray import serve
+
+    from t2ray.serve.app import run_config
+    from t2ray.tasks import get_task
+
+    info = run_config(config, num_cpus=2, blocking=False)
+    expert_of = {get_task(t).category: c for c, t in qs.trained.items()}
+    requests = []
+    try:
+        client = openai.OpenAI(base_url=info["openai_base_url"]["t2ray"], api_key="none", max_retries=0, timeout=600)
+        for name, example in served_questions(qs):
+            task = get_task(name)
+            reply = client.chat.completions.create(
+                model="auto", messages=task.messages(example), max_tokens=task.max_new_tokens, temperature=0.0
+            )
+            report = reply.model_extra["t2ray"]
+            answer = reply.choices[0].message.content or ""
+            row = {
+                "task": name,
+                "question": example.prompt,
+                "expert": report["mixture"]["label"].removeprefix("expert:"),
+                "own_expert": expert_of[task.category],
+                "pass1_ms": report["timings"]["pass1_ms"],
+                "answer": answer,
+                "correct": task.grade(example, answer),
+            }
+            requests.append(row)
+            question = " ".join(example.prompt.split())
+            typer.echo(
+                f"  {question[:70]}{'…' if len(question) > 70 else ''}\n"
+                f"    → expert {row['expert']} (pass 1 {row['pass1_ms']:.0f} ms): {' '.join(answer.split())[:70]}"
+            )
+    finally:
+        serve.shutdown()
+    out.write_text(json.dumps({"strategy": qs.dispatcher, "config": str(config), "requests": requests}, indent=2))
+    own = sum(r["expert"] == r["own_expert"] for r in requests)
+    return f"{len(requests)} of 4 answered, {own} by their own task's expert; Serve shut down"
+
+
 def quickstart(root: Path = Path("runs/quickstart"), config: Path | None = None, check: bool = False) -> Path | None:
     """Every stage not done yet under `root`, then the report. `check`: validate the config, build every stage's
     config and print the plan; run nothing."""
-    from t2ray.adapt.two_pass import dispatch_quality
-    from t2ray.report import build_report, console_summary
-    from t2ray.train import train
-
     qs = QuickstartConfig.model_validate(read_yaml(config) if config else {})
     root = root.resolve()
     if not check:
         root.mkdir(parents=True, exist_ok=True)
+    stages = pipeline(qs, root)
+    speed, probe = 1.0, ""
+    if qs.model.spec != CALIBRATED_MODEL:
+        speed = None
+    elif not check and any(not s.output.exists() for s in stages):
+        typer.echo("quickstart: a few seconds of decoding to measure this machine's speed")
+        speed, probe = machine_speed(qs.model.spec, qs.model.dtype)
+    try:
+        run_stages(stages, check=check, speed=speed, probe=probe)
+    finally:
+        shutdown_ray()
+    if check:
+        typer.secho(f"quickstart --check: {config or 'the default config'} is valid; nothing was run", bold=True)
+        return None
+    from t2ray.report import build_report, console_summary
+
+    report = build_report(root)
+    typer.echo(console_summary(report))
+    typer.secho(f"report: {report} (plots in {report.parent / 'report'})", bold=True)
+    return report
+
+
+def shutdown_ray() -> None:
+    """The Ray cluster the stages started (training, serving) goes with them: nothing is left running."""
+    import sys
+
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+def pipeline(qs: QuickstartConfig, root: Path) -> list[Stage]:
+    """The config's stages in order, each with its output under `root`."""
+    from t2ray.adapt.two_pass import dispatch_quality
+    from t2ray.train import train
+
     spec, dtype = qs.model.spec, qs.model.dtype
-    calibrated = spec == CALIBRATED_MODEL
-    svf = {e: expert_config(root, qs, e, "svf") for e in EXPERTS}
-    lora = {c: expert_config(root, qs, c, "lora") for c in CATEGORIES} if qs.lora else {}
+    svf = {e: expert_config(root, qs, e, "svf") for e in qs.expert_names}
+    lora = {c: expert_config(root, qs, c, "lora") for c in qs.trained} if qs.lora else {}
+    classifier = expert_path(svf["cls"]) if "cls" in svf else None
     trained = list(qs.trained.values())
     limits = {t: items_tested(qs, t) for t in (*trained, *qs.unseen)}
 
     def estimate(minutes: float) -> float | None:
-        return minutes if calibrated else None
+        return minutes if spec == CALIBRATED_MODEL else None
 
     def training(cfg: ExperimentConfig) -> Callable[[], str]:
         def run() -> str:
@@ -443,22 +623,24 @@ def quickstart(root: Path = Path("runs/quickstart"), config: Path | None = None,
 
         return run
 
-    svf_library = [expert_path(svf[c]) for c in CATEGORIES]
+    svf_library = [expert_path(svf[c]) for c in qs.trained]
+    first = svf[next(iter(qs.trained))]
 
     def decompose() -> str:
         from t2ray.models import load_model
         from t2ray.svf import patch_model
 
-        layers = patch_model(load_model(spec, dtype=dtype)[0], svf["math"].svf)  # workers then hit the SVD cache
+        layers = patch_model(load_model(spec, dtype=dtype)[0], first.svf)  # workers then hit the SVD cache
         (root / "decompose.done").touch()
         return f"{len(layers)} matrices"
 
     dispatched = {t: min(n, qs.unseen_limit) for t, n in limits.items()}  # pass 1 alone: the first 64 of each task
+    strategies = ["prompt", *(["classifier"] if classifier else []), "nearest"]
 
     def dispatch() -> str:
-        quality = dispatch_quality(spec, expert_path(svf["cls"]), dispatched, dtype=dtype)
+        quality = dispatch_quality(spec, dispatched, classifier_expert=classifier, expert_tasks=trained, dtype=dtype)
         (root / "dispatch.json").write_text(json.dumps(quality, indent=2))
-        return ", ".join(f"{s} {quality[s]['accuracy']:.1%}" for s in ("prompt", "classifier"))
+        return ", ".join(f"{s} {quality[s]['accuracy']:.1%}" for s in strategies)
 
     t1, t2 = root / "table1", root / "table2"
     stages = [
@@ -469,7 +651,7 @@ def quickstart(root: Path = Path("runs/quickstart"), config: Path | None = None,
             decompose,
         )
     ]
-    workers = f"Ray Train, {svf['math'].scaling.num_workers} workers, ZeRO-{svf['math'].deepspeed.zero_stage}"
+    workers = f"Ray Train, {first.scaling.num_workers} workers, ZeRO-{first.deepspeed.zero_stage}"
     stages += [
         Stage(
             f"train the {e} SVF expert on {c.task} ({workers})", estimate(train_minutes(c)), expert_path(c), training(c)
@@ -497,35 +679,45 @@ def quickstart(root: Path = Path("runs/quickstart"), config: Path | None = None,
                     qs, f"Table 1: {TABLE1_LABELS[column]}", t, limits[t], t1 / f"{column}-{t}.json", estimate, expert
                 )
             )
+    queries = sum(dispatched.values())
     stages.append(
         Stage(
-            f"dispatch quality: pass 1 of prompt and classifier on {sum(dispatched.values())} test queries",
-            estimate(DISPATCH_S_PER_ITEM * sum(dispatched.values()) / 60),
+            f"pass 1 alone: {', '.join(strategies)} on {queries} test queries (confusion matrices)",
+            estimate(sum(DISPATCH_S_PER_ITEM[s] for s in strategies) * queries / 60),
             root / "dispatch.json",
             dispatch,
         )
     )
     for t in qs.unseen:
         stages.append(evaluation_stage(qs, "Table 2: base", t, limits[t], t2 / f"base-{t}.json", estimate))
-        for strategy in ("prompt", "classifier", "fewshot", "token"):
+        for strategy in qs.table2:
             out = t2 / f"{strategy}-{t}.json"
             stages.append(
                 Stage(
                     f"Table 2: {strategy} on {t}",
                     estimate(eval_minutes(t, limits[t], strategy, qs.cem)),
                     out,
-                    adaptation(qs, strategy, t, limits[t], out, svf_library, expert_path(svf["cls"])),
+                    adaptation(qs, strategy, t, limits[t], out, svf_library, classifier),
                 )
             )
     if lora and qs.lora_table2.enabled:
         stages += lora_table2_stages(
             qs, root / "table2-lora", {c: expert_path(cfg) for c, cfg in lora.items()}, limits, estimate
         )
-    run_stages(stages, check=check)
-    if check:
-        typer.secho(f"quickstart --check: {config or 'the default config'} is valid; nothing was run", bold=True)
-        return None
-    report = build_report(root)
-    typer.echo(console_summary(report))
-    typer.secho(f"report: {report} (plots in {report.parent / 'report'})", bold=True)
-    return report
+    if qs.serve:
+        experts = {c: expert_path(svf[c]) for c in qs.trained}
+        config = root / "serve.yaml"
+
+        def serving() -> str:
+            config.write_text(yaml.safe_dump(serve_config(qs, experts, classifier), sort_keys=False))
+            return ask_the_endpoint(qs, config, root / "serve.json")
+
+        stages.append(
+            Stage(
+                f"serve the experts (Ray Serve, OpenAI API, model 'auto' by {qs.dispatcher}): four questions",
+                estimate(SERVE_S / 60),
+                root / "serve.json",
+                serving,
+            )
+        )
+    return stages

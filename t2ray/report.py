@@ -15,8 +15,8 @@ import math
 from pathlib import Path
 
 TABLE1_COLUMNS = ("base", "lora", "svf")
-TABLE2_COLUMNS = ("base", "prompt", "classifier", "fewshot", "token")
-DISPATCH_STRATEGIES = ("prompt", "classifier")
+TABLE2_COLUMNS = ("base", "prompt", "classifier", "nearest", "fewshot", "token")
+DISPATCH_STRATEGIES = ("prompt", "classifier", "nearest")  # those a run measured, side by side
 LORA_TABLE2_LEGEND = (
     "best single: the adapter with the best accuracy on that task, picked on the test items (an "
     "oracle, as Belofsky 2023's baseline); token k: routed every k tokens; fewshot: CEM's α per "
@@ -124,7 +124,9 @@ def fewshot_reading(table2: dict) -> list[str]:
     difference on the same items, said plainly as significant or not."""
     lines = []
     for task in sorted({t for _, t in table2}):
-        singles = [(table2[(c, task)]["accuracy"], c) for c in ("prompt", "classifier") if (c, task) in table2]
+        singles = [
+            (table2[(c, task)]["accuracy"], c) for c in ("prompt", "classifier", "nearest") if (c, task) in table2
+        ]
         if ("fewshot", task) not in table2 or not singles:
             continue
         _, name = max(singles)
@@ -217,8 +219,13 @@ def plot_accuracy_bars(results: dict, columns, path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(tasks), 3.4), dpi=110)
     width = 0.8 / len(columns)
     for i, column in enumerate(columns):
-        values = [results.get((column, t), {}).get("accuracy", np.nan) for t in tasks]
-        ax.bar(np.arange(len(tasks)) + i * width, values, width, label=column)
+        cells = [results.get((column, t)) for t in tasks]
+        values = [r["accuracy"] if r else np.nan for r in cells]
+        bounds = [wilson_interval(r["correct"], r["n"]) if r else (np.nan, np.nan) for r in cells]
+        below = [max(0.0, v - low) for v, (low, _) in zip(values, bounds, strict=True)]
+        above = [max(0.0, high - v) for v, (_, high) in zip(values, bounds, strict=True)]
+        # error bars: the 95 % Wilson interval of each cell (what the table prints in brackets)
+        ax.bar(np.arange(len(tasks)) + i * width, values, width, label=column, yerr=[below, above], capsize=3)
     ax.set_xticks(np.arange(len(tasks)) + 0.4 - width / 2, tasks)
     ax.set(ylabel="accuracy", ylim=(0, 1), title=title)
     ax.legend(fontsize=8, ncol=len(columns))
@@ -277,10 +284,14 @@ def plot_cem_alpha(table2: dict, path: Path) -> bool:
     return True
 
 
+def dispatch_strategies(dispatch: dict) -> list[str]:
+    return [s for s in DISPATCH_STRATEGIES if s in dispatch]
+
+
 def dispatch_tables(dispatch: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     """Per strategy: the confusion matrix (rows: true category, columns: pass 1's label) with per-class accuracy."""
     tables = []
-    for strategy in DISPATCH_STRATEGIES:
+    for strategy in dispatch_strategies(dispatch):
         c = dispatch[strategy]
         labels = c["labels"]
         header = ["true category", *labels, "per-class accuracy"]
@@ -297,8 +308,9 @@ def plot_confusion(dispatch: dict, path: Path) -> None:
     plt = _pyplot()
     import numpy as np
 
-    fig, axes = plt.subplots(1, len(DISPATCH_STRATEGIES), figsize=(4.2 * len(DISPATCH_STRATEGIES), 3.6), dpi=110)
-    for ax, strategy in zip(np.atleast_1d(axes), DISPATCH_STRATEGIES, strict=True):
+    strategies = dispatch_strategies(dispatch)
+    fig, axes = plt.subplots(1, len(strategies), figsize=(4.2 * len(strategies), 3.6), dpi=110)
+    for ax, strategy in zip(np.atleast_1d(axes), strategies, strict=True):
         c = dispatch[strategy]
         rows = [k for k, label in enumerate(c["labels"]) if label in c["per_class"]]
         counts = np.asarray(c["counts"], dtype=float)[rows]
@@ -360,6 +372,30 @@ def plot_cem_fitness(table2: dict, path: Path) -> bool:
     return True
 
 
+def served_section(served: dict) -> list[str]:
+    """The requests a run sent to its Ray Serve endpoint (model "auto"): what pass 1 chose, what came back."""
+    rows = [
+        [
+            r["task"],
+            r["question"][:80].replace("\n", " ").replace("|", "/"),
+            r["expert"],
+            f"{r['pass1_ms']:.0f}",
+            r["answer"][:80].replace("\n", " ").replace("|", "/"),
+        ]
+        for r in served["requests"]
+    ]
+    chosen = sum(r["expert"] == r["own_expert"] for r in served["requests"])
+    return [
+        "## Served — the experts behind an OpenAI-compatible endpoint",
+        "",
+        f"Ray Serve, model `auto` (pass 1: {served['strategy']}), the official `openai` client: "
+        f"{len(rows)} requests answered, {chosen} sent to their own task's expert.",
+        "",
+        _markdown(["task", "question", "expert chosen", "pass 1 (ms)", "answer"], rows),
+        "",
+    ]
+
+
 def build_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -372,10 +408,11 @@ def build_report(run_dir: str | Path) -> Path:
     sections = ["# t2ray report", ""]
     tables = {}
     for name, results, columns, title in (
-        ("table1", table1, TABLE1_COLUMNS, "Table 1 — trained tasks: base vs LoRA vs SVF (test accuracy)"),
+        ("table1", table1, TABLE1_COLUMNS, "Table 1 — trained tasks: base vs adapted (test accuracy)"),
         ("table2", table2, TABLE2_COLUMNS, "Table 2 — unseen tasks: two-pass strategies (test accuracy)"),
     ):
         if results:
+            columns = tuple(c for c in columns if any(column == c for column, _ in results))  # the run's own
             tables[name] = _table(results, columns)
             sections += [
                 f"## {title}",
@@ -463,6 +500,8 @@ def build_report(run_dir: str | Path) -> Path:
             ]
         plot_confusion(dispatch, out / "dispatch_confusion.png")
         sections += ["![dispatch confusion](report/dispatch_confusion.png)", ""]
+    if (run_dir / "serve.json").exists():
+        sections += served_section(json.loads((run_dir / "serve.json").read_text()))
     if plot_learning_curves(run_dir, out / "learning_curves.png"):
         sections += ["## Learning curves", "", "![learning curves](report/learning_curves.png)", ""]
     for name, (header, rows) in tables.items():

@@ -110,12 +110,20 @@ class Router:
 
     @classmethod
     def from_tasks(
-        cls, tasks: Sequence, embedder=None, examples_per_task: int = 64, *, temperature: float = 4.0, seed: int = 0
+        cls,
+        tasks: Sequence,
+        embedder=None,
+        examples_per_task: int = 64,
+        *,
+        temperature: float = 4.0,
+        seed: int = 0,
+        questions_only: bool = False,
     ) -> Router:
         """One centroid per task: the mean embedding of up to ``examples_per_task`` of its TRAIN prompts.
 
         The examples are a seeded sample of the train split (the split's order may be meaningful); test and
-        valid items are never read. ``router.sources[task.name]`` lists the example ids used.
+        valid items are never read. ``router.sources[task.name]`` lists the example ids used. `questions_only`:
+        embed the bare questions (pass-1 dispatch sees a user's query, never the task's system prompt).
         """
         if not tasks:
             raise ValueError("from_tasks needs at least one task")
@@ -131,7 +139,8 @@ class Router:
             if not train:
                 raise ValueError(f"task {task.name!r} has no train examples to build a centroid from")
             picked = train if len(train) <= examples_per_task else random.Random(seed).sample(train, examples_per_task)
-            emb = embedder.embed([routing_text(task.messages(ex)) for ex in picked])
+            texts = [ex.prompt if questions_only else routing_text(task.messages(ex)) for ex in picked]
+            emb = embedder.embed(texts)
             centroids.append(emb.mean(0))
             sources[task.name] = [ex.id for ex in picked]
             names.append(task.name)
@@ -142,6 +151,11 @@ class Router:
     def similarities(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Cosine similarity of each embedding (B, D) to each centroid: (B, K)."""
         return F.normalize(embeddings.float(), dim=-1) @ F.normalize(self.centroids, dim=-1).T
+
+    def nearest(self, texts: Sequence[str]) -> list[str]:
+        """Pass-1 dispatch by nearest centroid: the name of the most similar centroid for each text."""
+        best = self.similarities(self.embedder.embed(list(texts))).argmax(-1)
+        return [self.names[k] for k in best.tolist()]
 
     def weights_from_embeddings(self, embeddings: torch.Tensor) -> torch.Tensor:
         return routing_weights(self.similarities(embeddings), self.temperature)

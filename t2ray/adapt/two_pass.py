@@ -122,6 +122,13 @@ def run_adapt(cfg: AdaptConfig, *, progress: bool = True) -> AdaptResult:
         zs = {c: e.z() for c, e in by_category.items()}
         groups = [zs.get(label) for label in labels]  # "other" or a category without an expert -> base model
         choices = [by_category[label].name if label in by_category else "base" for label in labels]
+    elif cfg.strategy == "nearest":
+        tasks = [e.task for e in experts]
+        router = query_router(tasks, cfg.routing.examples_per_task, what=cfg.experts)
+        zs = {e.task: e.z() for e in experts}
+        nearest = router.nearest([ex.prompt for ex in examples])
+        groups = [zs[t] for t in nearest]
+        choices = [experts[tasks.index(t)].name for t in nearest]
     elif cfg.strategy == "fewshot":
         result = search_alpha(cfg, model, tokenizer, experts, task, progress=progress)
         alpha, history = result.alpha.tolist(), result.history
@@ -248,17 +255,29 @@ def run_adapt_lora(cfg: AdaptConfig, task: Task, examples, messages, *, progress
     return graded(cfg, task, examples, texts, choices, pass1, pass2, [a.name for a in adapters], alpha, history)
 
 
+def query_router(tasks: list[str | None], examples_per_task: int = 64, *, what: list[str] | None = None):
+    """The nearest-centroid dispatcher: one centroid per expert's training task, from its TRAIN questions alone."""
+    from t2ray.adapt.token_routing import Router
+
+    missing = [(what or tasks)[i] for i, t in enumerate(tasks) if not t]
+    if missing:
+        raise ValueError(f"nearest-centroid routing needs each expert's training task; {missing} have none")
+    return Router.from_tasks([get_task(t) for t in tasks], examples_per_task=examples_per_task, questions_only=True)
+
+
 def dispatch_quality(
     model_spec: str,
-    classifier_expert: str | Path,
     limits: dict[str, int],
     *,
+    classifier_expert: str | Path | None = None,
+    expert_tasks: list[str] = (),
     dtype: str = "auto",
     mode: str = "score",
     allow_transfer: bool = False,
 ) -> dict:
-    """Pass 1 alone, scored: the confusion of the prompt strategy (the base model classifies) and the classifier
-    expert against each query's true category, over the first `limits[task]` test queries of each task."""
+    """Pass 1 alone, scored against each query's true category over the first `limits[task]` test queries of each
+    task: the prompt strategy (the base model classifies), the classifier expert (when given) and the nearest
+    centroid of the experts' training tasks (when given)."""
     model, tokenizer = load_model(model_spec, dtype=dtype)
     questions, true = [], []
     for name, limit in limits.items():
@@ -267,9 +286,12 @@ def dispatch_quality(
         questions += [ex.prompt for ex in examples]
         true += [task.category] * len(examples)
     predicted = {"prompt": classify(model, tokenizer, questions, mode=mode)}
-    apply_experts(model, [load_expert(classifier_expert)], allow_transfer=allow_transfer)
-    set_mode(model, "materialized")
-    predicted["classifier"] = classify(model, tokenizer, questions, mode=mode)
+    if classifier_expert is not None:
+        apply_experts(model, [load_expert(classifier_expert)], allow_transfer=allow_transfer)
+        set_mode(model, "materialized")
+        predicted["classifier"] = classify(model, tokenizer, questions, mode=mode)
+    if expert_tasks:
+        predicted["nearest"] = [get_task(t).category for t in query_router(list(expert_tasks)).nearest(questions)]
     return {
         **{strategy: confusion(true, labels) for strategy, labels in predicted.items()},
         "categories": {name: get_task(name).category for name in limits},

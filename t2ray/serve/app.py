@@ -31,6 +31,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from t2ray.console import ray_log_options
 from t2ray.ray_auth import enable_token_auth
 from t2ray.serve.config import IMPORT_PATH, ServeArgs, read_serve_config
 from t2ray.serve.engine import DecodeBatch, ExpertLibrary, GenItem, GenRequest, MixtureRef
@@ -107,6 +108,7 @@ class ExpertModel:
         self.routing = routing
         self.public_experts = public_experts
         self._router = None
+        self._query_router = None
         self._fatal: str | None = None
         self.max_batch_size, self.prefill_tokens = batching["max_batch_size"], batching["prefill_tokens_per_step"]
         self._waiting: deque[tuple[GenItem, asyncio.Queue]] = deque()  # admitted first come, first served
@@ -285,18 +287,41 @@ class ExpertModel:
 
     # ---------------------------------------------------------------- token-level routing
 
+    def _tasked_experts(self, what: str) -> list:
+        """The public experts, each with the task its centroid comes from."""
+        experts = [self.lib.experts[n] for n in self.public_experts]
+        untasked = [e.name for e in experts if not e.task]
+        if untasked:
+            raise bad_request(
+                f"{what} needs a task on every expert (for its centroid); {untasked[0]} has none",
+                param="t2ray.strategy",
+            )
+        return experts
+
+    def _nearest_expert(self, question: str) -> str:
+        from t2ray.adapt.two_pass import query_router
+
+        if self._query_router is None:
+            experts = self._tasked_experts("nearest-centroid dispatch")
+            router = query_router([e.task for e in experts], self.routing["examples_per_task"])
+            self._query_router = (router, {e.task: name for e, name in zip(experts, self.public_experts, strict=True)})
+        router, expert_of = self._query_router
+        return expert_of[router.nearest([question])[0]]
+
+    async def nearest(self, question: str) -> dict[str, Any]:
+        """Pass 1 by nearest centroid: the expert whose training questions' mean embedding is closest."""
+        try:
+            self.lib.check_classifiable(question)
+            return {"expert": await self._run(self._nearest_expert, question)}
+        except RequestError as err:
+            return {"error": err.to_dict()}
+
     def _routing_parts(self):
         from t2ray.adapt.token_routing import LoRAMixer, Router, SVFMixer
         from t2ray.tasks import get_task
 
         if self._router is None:
-            experts = [self.lib.experts[n] for n in self.public_experts]
-            untasked = [e.name for e in experts if not e.task]
-            if untasked:
-                raise bad_request(
-                    f"token-level routing needs a task on every expert (for its centroid); {untasked[0]} has none",
-                    param="t2ray.strategy",
-                )
+            experts = self._tasked_experts("token-level routing")
             router = Router.from_tasks(
                 [get_task(e.task) for e in experts],
                 temperature=self.routing["temperature"],
@@ -554,6 +579,9 @@ class Dispatcher:
             if reason:
                 raise bad_request(f"token-level routing is not available: {reason}", param="t2ray.strategy")
             return None, info
+        if strategy == "nearest":
+            chosen = self._raise_if_error(await self._call("nearest", question))["expert"]
+            return self._expert_ref(chosen, "model"), {**info, "expert": chosen}
         if strategy == "classifier" and not self.s["has_classifier"]:
             raise bad_request("strategy classifier needs classifier_expert in the serve config", param="t2ray.strategy")
         result = self._raise_if_error(await self._call("classify", question, strategy == "classifier"))
@@ -921,7 +949,7 @@ def run_config(
     started_ray = not ray.is_initialized()
     if started_ray:
         enable_token_auth(create=address is None)
-        ray.init(address=address, num_cpus=num_cpus if address is None else None)
+        ray.init(address=address, num_cpus=num_cpus if address is None else None, **ray_log_options())
     serve.start(http_options=http)
     routes = {}
     for app, args in apps:

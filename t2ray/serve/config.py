@@ -57,10 +57,11 @@ class MixtureSection(Strict):
 class AutoSection(Strict):
     """What `model: "auto"` does (pass 1)."""
 
-    strategy: Literal["prompt", "classifier", "token", "expert", "mixture", "base"] = Field(
+    strategy: Literal["prompt", "classifier", "nearest", "token", "expert", "mixture", "base"] = Field(
         "prompt",
         description="prompt: the base model classifies the query (SPEC §1); classifier: the cls expert "
-        "does; token: per-token routing; expert/mixture/base: fixed",
+        "does; nearest: the expert whose training questions' mean sentence embedding is closest; token: per-token "
+        "routing; expert/mixture/base: fixed",
     )
     expert: str | None = Field(None, description="strategy expert: which one")
     mixture: str | None = Field(None, description="strategy mixture: which one")
@@ -213,7 +214,7 @@ class ServeArgs(Strict):
                 raise ValueError(f"auto.strategy {a.strategy} needs auto.{a.strategy} set to one of {sorted(known)}")
         if a.strategy == "classifier" and not self.classifier_expert:
             raise ValueError("auto.strategy classifier needs classifier_expert (an expert trained on the cls task)")
-        if a.strategy in ("prompt", "classifier", "token") and not self.experts:
+        if a.strategy in ("prompt", "classifier", "nearest", "token") and not self.experts:
             raise ValueError(f"auto.strategy {a.strategy} needs experts to choose from")
         for category, expert in a.categories.items():
             if expert not in self.experts:

@@ -25,7 +25,7 @@ class T2RayOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    strategy: Literal["prompt", "classifier", "token", "expert", "mixture", "base"] | None = None
+    strategy: Literal["prompt", "classifier", "nearest", "token", "expert", "mixture", "base"] | None = None
     expert: str | None = None
     mixture: str | None = None
     weights: dict[str, float] | list[float] | None = Field(
