@@ -205,7 +205,7 @@ def train(
 @user_errors
 def adapt(
     config: Path | None = typer.Option(None, help="adapt YAML (the options below override it)"),
-    strategy: str | None = typer.Option(None, help="prompt | classifier | fewshot | token"),
+    strategy: str | None = typer.Option(None, help="prompt | classifier | nearest | fewshot | token"),
     task: str | None = typer.Option(None, help="task name or task YAML"),
     expert: list[Path] | None = typer.Option(None, help="expert file; repeat for the library"),
     model: str | None = typer.Option(None, help="model spec (default smollm2-135m)"),

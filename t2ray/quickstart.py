@@ -48,13 +48,13 @@ CALIBRATED_MODEL = "smollm2-135m"
 # Seconds measured on the 2-core calibration machine (AVX512-BF16) with SmolLM2 in bf16 (make demo, 2026-11-30):
 # they turn budgets into the minutes announced before each stage, scaled by the speed probe's ratio (this machine's
 # probe ÷ PROBE_S). Other tasks fall back on a per-token rate.
-PROBE_S = 1.0  # the probe (probe_seconds) on the calibration machine, bf16
+PROBE_S = 6.4  # the probe (probe_seconds) on the calibration machine, bf16 (make demo, 2026-12-04)
 PROBE_ROWS, PROBE_TOKENS = 32, 16
 DECOMPOSE_S = 10
-TRAIN_START_S = 42  # one Ray Train run: worker start-up, model + DeepSpeed set-up, final validation, save
+TRAIN_START_S = 60  # one Ray Train run: worker start-up, model + DeepSpeed set-up, final validation, save
 # per iteration of 16 prompts (reasoning: × 4 samples; cls: ~300-token prompts)
 ITERATION_S = {
-    "math": 10.0,
+    "math": 12.0,  # 2026-12-04
     "code": 27.0,
     "reasoning": 16.0,
     "cls": 28.0,
@@ -80,7 +80,7 @@ EVAL_S_PER_ITEM = {
 }
 EVAL_S_PER_TOKEN = 0.0065  # other tasks: per token of the task's answer budget (max_new_tokens)
 DISPATCH_S_PER_ITEM = {"prompt": 0.15, "classifier": 0.15, "nearest": 0.02}  # the prompt is ~270 tokens
-SERVE_S = 60.0  # Ray + Serve start, the replica loads the model and the experts, four answers, shutdown
+SERVE_S = 40.0  # Ray + Serve start, the replica loads the model and the experts, four answers, shutdown
 TABLE1_LABELS = {"base": "base", "svf": "SVF", "lora": "LoRA"}
 STRATEGY_FACTOR = {
     "base": 1.0,
@@ -94,7 +94,7 @@ STRATEGY_FACTOR = {
     "lora-token2": 3.6,
     "lora-token4": 2.7,
 }
-CEM_ROW_FACTOR = 1.5  # a CEM row (one z per row, plus the reference's log-likelihood) vs a base-model item
+CEM_ROW_FACTOR = 2.0  # a CEM row (one z per row, plus the reference's log-likelihood) vs a base-model item
 
 
 class ExpertBudget(Strict):
@@ -517,10 +517,13 @@ def serve_config(qs: QuickstartConfig, experts: dict[str, Path], classifier: Pat
     }
 
 
-def ask_the_endpoint(qs: QuickstartConfig, config: Path, out: Path) -> str:
+def ask_the_endpoint(qs: QuickstartConfig, config: Path, out: Path, own_cluster: bool) -> str:
     """Start Ray Serve from `config`, send four test questions with model 'auto' through the official `openai`
-    client, print what pass 1 chose and the answer, shut Serve down, save what happened to `out`."""
+    client, print what pass 1 chose and the answer, shut Serve down, save what happened to `out`. `own_cluster`:
+    the quickstart started this Ray cluster, which goes down with Serve (serve.shutdown() alone makes the raylet
+    print a spurious 'graceful_shutdown failed' error about the controller it has just killed)."""
     import openai
+    import ray
     from ray import serve
 
     from t2ray.serve.app import run_config
@@ -554,7 +557,10 @@ def ask_the_endpoint(qs: QuickstartConfig, config: Path, out: Path) -> str:
                 f"    → expert {row['expert']} (pass 1 {row['pass1_ms']:.0f} ms): {' '.join(answer.split())[:70]}"
             )
     finally:
-        serve.shutdown()
+        if own_cluster:
+            ray.shutdown()
+        else:
+            serve.shutdown()
     out.write_text(json.dumps({"strategy": qs.dispatcher, "config": str(config), "requests": requests}, indent=2))
     own = sum(r["expert"] == r["own_expert"] for r in requests)
     return f"{len(requests)} of 4 answered, {own} by their own task's expert; Serve shut down"
@@ -567,7 +573,8 @@ def quickstart(root: Path = Path("runs/quickstart"), config: Path | None = None,
     root = root.resolve()
     if not check:
         root.mkdir(parents=True, exist_ok=True)
-    stages = pipeline(qs, root)
+    ray_was_up = ray_running()
+    stages = pipeline(qs, root, own_cluster=not ray_was_up)
     speed, probe = 1.0, ""
     if qs.model.spec != CALIBRATED_MODEL:
         speed = None
@@ -577,7 +584,10 @@ def quickstart(root: Path = Path("runs/quickstart"), config: Path | None = None,
     try:
         run_stages(stages, check=check, speed=speed, probe=probe)
     finally:
-        shutdown_ray()
+        if not ray_was_up and ray_running():  # the cluster the stages started goes with them
+            import ray
+
+            ray.shutdown()
     if check:
         typer.secho(f"quickstart --check: {config or 'the default config'} is valid; nothing was run", bold=True)
         return None
@@ -589,19 +599,14 @@ def quickstart(root: Path = Path("runs/quickstart"), config: Path | None = None,
     return report
 
 
-def shutdown_ray() -> None:
-    """The Ray cluster the stages started (training, serving) goes with them: nothing is left running."""
+def ray_running() -> bool:
     import sys
 
-    if "ray" in sys.modules:
-        import ray
-
-        if ray.is_initialized():
-            ray.shutdown()
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
 
 
-def pipeline(qs: QuickstartConfig, root: Path) -> list[Stage]:
-    """The config's stages in order, each with its output under `root`."""
+def pipeline(qs: QuickstartConfig, root: Path, own_cluster: bool = False) -> list[Stage]:
+    """The config's stages in order, each with its output under `root`; `own_cluster`: Ray is the quickstart's."""
     from t2ray.adapt.two_pass import dispatch_quality
     from t2ray.train import train
 
@@ -710,7 +715,7 @@ def pipeline(qs: QuickstartConfig, root: Path) -> list[Stage]:
 
         def serving() -> str:
             config.write_text(yaml.safe_dump(serve_config(qs, experts, classifier), sort_keys=False))
-            return ask_the_endpoint(qs, config, root / "serve.json")
+            return ask_the_endpoint(qs, config, root / "serve.json", own_cluster)
 
         stages.append(
             Stage(

@@ -67,8 +67,7 @@ def test_report_writes_tables_csv_json_and_plots(run_dir):
     ):
         assert (run_dir / "report" / name).stat().st_size > 0
     tables = json.loads((run_dir / "report" / "tables.json").read_text())
-    assert tables["table1"]["header"] == ["task", "base", "lora", "svf"]
-    assert tables["table1"]["rows"][0][2] == "–"  # no LoRA run: shown as missing, not invented
+    assert tables["table1"]["header"] == ["task", "base", "svf"]  # no LoRA run: no LoRA column, nothing invented
 
 
 def test_report_refuses_an_empty_folder(tmp_path):
@@ -121,8 +120,15 @@ def test_report_shows_dispatch_confusion_and_cem_fitness(run_dir, tmp_path):
 
     root = tmp_path / "run"
     shutil.copytree(run_dir, root)
-    quality = dispatch_quality("tiny-llama", root / "math.safetensors", {"math": 3, "code": 2, "humaneval": 1})
-    assert quality["prompt"]["n"] == quality["classifier"]["n"] == 6
+    quality = dispatch_quality(
+        "tiny-llama",
+        {"math": 3, "code": 2, "humaneval": 1},
+        classifier_expert=root / "math.safetensors",
+        expert_tasks=["math", "code"],
+    )
+    assert quality["prompt"]["n"] == quality["classifier"]["n"] == quality["nearest"]["n"] == 6
+    # the nearest centroid of the math and code experts' training questions: the sentence embedder tells them apart
+    assert quality["nearest"]["per_class"] == {"math": 1.0, "code": 1.0}
     assert quality["categories"] == {"math": "math", "code": "code", "humaneval": "code"}
     assert sum(map(sum, quality["classifier"]["counts"])) == 6
     (root / "dispatch.json").write_text(json.dumps(quality))

