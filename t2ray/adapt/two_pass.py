@@ -226,11 +226,15 @@ def run_adapt_lora(cfg: AdaptConfig, task: Task, examples, messages, *, progress
         choices = ["mixture"] * len(examples)
     elif cfg.strategy != "token":
         questions = [ex.prompt for ex in examples]
-        set_lora_weights(model, [0.0] * k + [1.0] * len(classifier))  # the classifier adapter alone, or the base
-        try:
-            labels = classify(model, tokenizer, questions, mode=cfg.classify_mode)
-        finally:
-            mixer.reset()
+        if cfg.strategy == "nearest":
+            router = query_router(tasks, cfg.routing.examples_per_task, what=cfg.experts)
+            labels = [category_of(t) for t in router.nearest(questions)]
+        else:
+            set_lora_weights(model, [0.0] * k + [1.0] * len(classifier))  # the classifier adapter alone, or the base
+            try:
+                labels = classify(model, tokenizer, questions, mode=cfg.classify_mode)
+            finally:
+                mixer.reset()
         index = {category_of(t): i for i, t in enumerate(tasks)}
         weights = torch.zeros(len(examples), k + len(classifier))
         for row, label in enumerate(labels):

@@ -40,19 +40,18 @@ def library(tmp_path_factory):
     return paths
 
 
-def config(library, strategy, **kw):
+def config(library, strategy, task="math-hard", **kw):
     return AdaptConfig(
         strategy=strategy,
-        task="math-hard",
+        task=task,
         model={"spec": "tiny-llama"},
         experts=[str(library[t]) for t in ("math", "code", "reasoning")],
         classifier_expert=str(library["cls"]),
-        limit=3,
-        **kw,
+        **{"limit": 3, **kw},
     )
 
 
-@pytest.mark.parametrize("strategy", ["prompt", "classifier", "token"])
+@pytest.mark.parametrize("strategy", ["prompt", "classifier", "nearest", "token"])
 def test_dispatch_strategies_end_to_end(library, strategy):
     result = run_adapt(config(library, strategy), progress=False)
     assert result.eval.n == 3 and len(result.choices) == 3
@@ -60,13 +59,22 @@ def test_dispatch_strategies_end_to_end(library, strategy):
     assert result.pass1_s > 0 and result.pass2_s > 0
 
 
-@pytest.mark.parametrize("strategy", ["prompt", "classifier", "token"])
+@pytest.mark.parametrize("strategy", ["prompt", "classifier", "nearest", "token"])
 def test_lora_adapters_take_every_dispatch_strategy(lora_library, strategy):
     """`t2ray adapt --expert runs/…/lora-math/expert …`: LoRA folders (Belofsky's setting) instead of SVF files."""
     result = run_adapt(config(lora_library, strategy), progress=False)
     assert result.eval.n == 3 and result.expert_names == ["lora-math", "lora-code", "lora-reasoning"]
     assert set(result.choices) <= {"lora-math", "lora-code", "lora-reasoning", "base", "token-routed"}
     assert all(r["completion"] is not None for r in result.eval.records)
+
+
+@pytest.mark.parametrize("task, expert", [("math-hard", "math"), ("code-hard", "code")])
+def test_nearest_sends_an_unseen_tasks_queries_to_its_categorys_expert(library, lora_library, task, expert):
+    """The nearest centroid of the experts' training questions: every query of an unseen math (code) task goes to
+    the math (code) expert, with SVF files and with LoRA folders alike."""
+    for paths, prefix in ((library, "tiny"), (lora_library, "lora")):
+        result = run_adapt(config(paths, "nearest", task=task, limit=8), progress=False)
+        assert result.choices == [f"{prefix}-{expert}"] * 8, result.choices
 
 
 def test_lora_one_hot_rows_answer_as_the_adapter_alone(lora_library, tokenizer):

@@ -453,7 +453,7 @@ def test_serve_run_of_a_config_file(endpoint, tiny_experts, tmp_path):
         client = openai.OpenAI(base_url=f"{URL}/cfg/v1", api_key=KEY, max_retries=0, timeout=120)
         assert "math-code" in [m.id for m in client.models.list().data]
         resp = client.chat.completions.create(model="auto", messages=CHAT, max_tokens=3)
-        assert resp.model_extra["t2ray"]["strategy"] == "prompt"
+        assert resp.model_extra["t2ray"]["strategy"] == "nearest"  # the shipped file's auto.strategy
     finally:
         serve.delete("cfg")
 
