@@ -259,10 +259,31 @@ def _about(minutes: float | None) -> str:
     return f"about {minutes:.1f} min" if minutes is not None else "no estimate"
 
 
-def run_stages(stages: list[Stage], check: bool = False, speed: float | None = 1.0, probe: str = "") -> None:
+class StageFailed(RuntimeError):
+    """A stage raised: one line naming the stage and the log holding its traceback."""
+
+
+def run_logged(stage: Stage, tag: str, logs: Path):
+    """The stage's outcome; an error is written, traceback and all, to logs/<stage>.log and said in one line."""
+    import re
+    import traceback
+
+    try:
+        return stage.run()
+    except Exception as err:
+        logs.mkdir(parents=True, exist_ok=True)
+        log = logs / (re.sub(r"[^A-Za-z0-9]+", "-", tag).strip("-")[:80] + ".log")
+        log.write_text(f"{tag}\n\n{traceback.format_exc()}")
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        raise StageFailed(f"{tag} failed: {type(err).__name__}: {first} (traceback: {log})") from None
+
+
+def run_stages(
+    stages: list[Stage], check: bool = False, speed: float | None = 1.0, probe: str = "", logs: Path | None = None
+) -> None:
     """One line per stage with its estimate (the calibration machine's minutes × `speed`, None: no estimate); its
     progress bar (drawn by this process) while it runs; then one line with its measured time and outcome.
-    `check`: the plan alone."""
+    `check`: the plan alone. `logs`: where a failed stage's traceback goes (default: raised as it is)."""
     left = [s for s in stages if not s.output.exists()]
     known = [s.minutes for s in left if s.minutes is not None]
     if speed is not None and len(known) == len(left):
@@ -281,7 +302,7 @@ def run_stages(stages: list[Stage], check: bool = False, speed: float | None = 1
         if check:
             continue
         start = time.perf_counter()
-        outcome = stage.run()
+        outcome = run_logged(stage, tag, logs) if logs is not None else stage.run()
         typer.echo(f"{tag}: {(time.perf_counter() - start) / 60:.1f} min" + (f" — {outcome}" if outcome else ""))
     if not check:
         typer.secho(f"quickstart: all stages done, {(time.perf_counter() - start_all) / 60:.1f} min", bold=True)
@@ -582,7 +603,7 @@ def quickstart(root: Path = Path("runs/quickstart"), config: Path | None = None,
         typer.echo("quickstart: a few seconds of decoding to measure this machine's speed")
         speed, probe = machine_speed(qs.model.spec, qs.model.dtype)
     try:
-        run_stages(stages, check=check, speed=speed, probe=probe)
+        run_stages(stages, check=check, speed=speed, probe=probe, logs=root / "logs")
     finally:
         if not ray_was_up and ray_running():  # the cluster the stages started goes with them
             import ray

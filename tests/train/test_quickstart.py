@@ -135,6 +135,11 @@ def test_the_tour_resumes_after_ctrl_c_serves_and_leaves_nothing_running(default
     for stage in ("train the math SVF expert", "train the code SVF expert", "Table 1: base on math"):
         assert re.search(rf"{stage}.*: done already", out), out[:3000]
     assert "serve the experts (Ray Serve, OpenAI API, model 'auto' by nearest)" in out
+    # the console: stages, bars and results; nothing from Ray, Serve or transformers without --verbose
+    noise = [
+        line for line in (done.stdout + done.stderr).splitlines() if re.search(r"\((raylet|Serve\w+|pid=)| INFO ", line)
+    ]
+    assert not noise, noise[:5]
     dispatch = json.loads((root / "dispatch.json").read_text())
     assert {s for s in ("prompt", "classifier", "nearest") if s in dispatch} == {"prompt", "nearest"}
     served = json.loads((root / "serve.json").read_text())
@@ -228,6 +233,27 @@ def test_quickstart_config_errors_are_one_clear_line(override, message, tmp_path
     config.write_text(yaml.safe_dump(override, sort_keys=False))
     result = CliRunner().invoke(app, ["quickstart", "--check", "--config", str(config)])
     assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, result.output
+
+
+def test_a_failed_stage_is_one_line_naming_its_log(tmp_path):
+    """The stage that raises stops the run with one line (its name, the error, where the traceback is); the stages
+    before it keep their outputs, so the same command resumes after it."""
+    from t2ray.quickstart import Stage, StageFailed, run_stages
+
+    def broken():
+        raise ValueError("the grader's sandbox is gone\nsecond line")
+
+    first = tmp_path / "first.done"
+    stages = [
+        Stage("first", 0.1, first, lambda: first.touch()),
+        Stage("Table 1: base on math", 0.1, tmp_path / "t1.json", broken),
+    ]
+    with pytest.raises(StageFailed) as failed:
+        run_stages(stages, logs=tmp_path / "logs")
+    message = str(failed.value)
+    log = tmp_path / "logs" / "2-2-Table-1-base-on-math.log"
+    assert message == f"[2/2] Table 1: base on math failed: ValueError: the grader's sandbox is gone (traceback: {log})"
+    assert "Traceback" in log.read_text() and "def broken" not in message and first.exists()
 
 
 def test_lora_table2_stages_run_and_the_report_shows_them(lora_library, tmp_path):
