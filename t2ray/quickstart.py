@@ -685,21 +685,16 @@ def pipeline(qs: QuickstartConfig, root: Path, own_cluster: bool = False) -> lis
     workers = f"Ray Train, {first.scaling.num_workers} workers, ZeRO-{first.deepspeed.zero_stage}"
     stages += [
         Stage(
-            f"train the {e} SVF expert on {c.task} ({workers})",
+            f"train the {e} {what.format(c.task)}",
             estimate(train_minutes(c, qs.experts[e].max_new_tokens)),
             expert_path(c),
             training(c),
         )
-        for e, c in svf.items()
-    ]
-    stages += [
-        Stage(
-            f"train the {e} LoRA baseline on {c.task} (same loop, same budget)",
-            estimate(train_minutes(c, qs.experts[e].max_new_tokens)),
-            expert_path(c),
-            training(c),
+        for configs, what in (
+            (svf, f"SVF expert on {{}} ({workers})"),
+            (lora, "LoRA baseline on {} (same loop, same budget)"),
         )
-        for e, c in lora.items()
+        for e, c in configs.items()
     ]
     for category, t in qs.trained.items():
         columns = {

@@ -301,7 +301,7 @@ def check_ray_service(spec: dict, claims: set[str]) -> None:
 
 
 def kind_of(path: Path, data: dict) -> str:
-    if path.name.startswith(("quickstart", "paper-")):
+    if path.name.startswith(("reproduce-", "paper-")):
         return "quickstart"
     if "applications" in data:
         return "serve"

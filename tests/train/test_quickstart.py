@@ -100,7 +100,7 @@ def test_the_tour_resumes_after_ctrl_c_serves_and_leaves_nothing_running(default
     those of the run above) as a user runs it: stopped with Ctrl-C once Table 1 has begun (exit 130, one line), the
     same command finishes the rest (the stages done say so); pass 1's confusion matrices compare prompt dispatch
     with the nearest-centroid router; the served endpoint answers four requests with model "auto" through the
-    openai client; no Ray or Serve process is left once it returns; a third run finds everything done."""
+    openai client; no Ray or Serve process is left once it returns."""
     import signal
     import subprocess
     import sys
@@ -154,9 +154,6 @@ def test_the_tour_resumes_after_ctrl_c_serves_and_leaves_nothing_running(default
         time.sleep(0.5)
     assert not left, [" ".join(__import__("psutil").Process(p).cmdline())[:200] for p in left]
 
-    again = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    assert again.returncode == 0 and "0 to run" in again.stdout, again.stdout[-3000:]
-
 
 @needs_benchmarks
 @pytest.mark.slow
@@ -172,7 +169,7 @@ def test_quickstart_runs_the_paper_benchmarks(default_run, tmp_path):
     config.write_text(
         yaml.safe_dump(
             {
-                **{k: paper[k] for k in ("trained", "classifier_task", "unseen", "table2")},
+                **{k: paper[k] for k in ("trained", "classifier_task", "unseen", "table2", "serve")},
                 "model": "tiny-llama",
                 "lora": False,
                 "experts": {e: {"iterations": 1, "batch_size": 2, "max_new_tokens": 4} for e in (*CATEGORIES, "cls")},

@@ -155,8 +155,8 @@ def test_resume_after_the_driver_stopped(zero2_run):
 def test_ctrl_c_exits_130_and_the_same_command_resumes(ray_cluster, learn_task, tmp_path):
     """`t2ray train` stopped with Ctrl-C once a checkpoint is registered: exit 130 and one line saying how to go on
     (Ray Train's own handler used to end the driver with exit 1 and nothing said); the same config then resumes."""
-    # 60 iterations of ~0.2 s: the stop lands mid-run even on a fast machine (with 12, CI's run had finished)
-    iterations = 60
+    # 40 iterations of ~0.2 s: the stop lands mid-run even on a fast machine (with 12, CI's run had finished)
+    iterations = 40
     cfg = make_config(tmp_path, learn_task, "ctrl-c", rl={"iterations": iterations, "eval_interval": 2})
     path = tmp_path / "ctrl-c.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
