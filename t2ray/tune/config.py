@@ -248,11 +248,14 @@ class Sweep:
     def __init__(self, config: SweepConfig, base: dict, source: Path | None):
         self.config, self.base, self.source = config, base, source
         self.schema: type[BaseModel] = ExperimentConfig if config.kind == "rl" else AdaptConfig
+        # resolved once, here in the driver: a trial runs in its own working directory, where a relative
+        # storage_path would put its Train run under Ray's session folder instead (the PBT test's flake)
+        self._dir = Path(config.storage_path).expanduser().resolve() / config.name
         self._validate()
 
     @property
     def dir(self) -> Path:
-        return Path(self.config.storage_path).expanduser().resolve() / self.config.name
+        return self._dir
 
     def fixed(self) -> dict:
         """The base with the sweep's fixed overrides (what every trial starts from)."""
