@@ -114,3 +114,22 @@ def while_watching(call, strike, interval: float = 0.05):
     finally:
         stop.set()
         thread.join(timeout=10)
+
+
+def interrupted_once(command: list[str], ready, timeout: float = 300) -> tuple[int, str]:
+    """Run a t2ray command as a user does and press Ctrl-C once `ready()` holds: (exit code, its output)."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        return proc.wait(timeout=120), proc.communicate()[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from ray_env import interrupted_once
 from typer.testing import CliRunner
 
 from t2ray.cli import app
@@ -101,7 +102,6 @@ def test_the_tour_resumes_after_ctrl_c_serves_and_leaves_nothing_running(default
     same command finishes the rest (the stages done say so); pass 1's confusion matrices compare prompt dispatch
     with the nearest-centroid router; the served endpoint answers four requests with model "auto" through the
     openai client; no Ray or Serve process is left once it returns."""
-    import signal
     import subprocess
     import sys
     import time
@@ -113,18 +113,8 @@ def test_the_tour_resumes_after_ctrl_c_serves_and_leaves_nothing_running(default
         shutil.copy(default_run[0] / f"svf-{category}" / "expert.safetensors", root / f"svf-{category}")
     command = [str(Path(sys.executable).with_name("t2ray")), "quickstart", "--root", str(root), "--config", str(config)]
     before = ray_processes()
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 300
-        while not (root / "table1" / "base-math.json").exists():
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGINT)
-        stopped = proc.communicate(timeout=120)[0]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, stopped[-3000:]
+    code, stopped = interrupted_once(command, (root / "table1" / "base-math.json").exists)
+    assert code == 130, stopped[-3000:]
     said = [line for line in stopped.splitlines() if line.startswith("interrupted:")]
     assert len(said) == 1 and "Traceback" not in stopped, stopped[-3000:]
     assert not (root / "report.md").exists()

@@ -11,15 +11,13 @@ import importlib
 import json
 import os
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from ray_env import checkpoint_registered, logged, while_watching
+from ray_env import checkpoint_registered, interrupted_once, logged, while_watching
 from rl.learnable import LEARNABLE_RL, mean, rewards, write_learnable_task
 from safetensors.torch import load_file
 
@@ -162,20 +160,9 @@ def test_ctrl_c_exits_130_and_the_same_command_resumes(ray_cluster, learn_task, 
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     cli = Path(sys.executable).with_name("t2ray")
     gcs = ray_cluster.get_runtime_context().gcs_address
-    proc = subprocess.Popen(
-        [str(cli), "train", str(path), "--address", gcs], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    try:
-        deadline = time.monotonic() + 180
-        while not checkpoint_registered(cfg.run_dir):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGINT)
-        err = proc.communicate(timeout=120)[1]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, err[-3000:]
+    command = [str(cli), "train", str(path), "--address", gcs]
+    code, err = interrupted_once(command, lambda: checkpoint_registered(cfg.run_dir), timeout=180)
+    assert code == 130, err[-3000:]
     said = [line for line in err.splitlines() if line.startswith("interrupted:")]
     assert len(said) == 1 and "run the same command again to resume" in said[0], err[-3000:]
     stopped_at = logged(cfg.run_dir)[-1]["iteration"]
