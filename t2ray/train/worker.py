@@ -231,6 +231,15 @@ def select_accelerator(use_gpu: bool) -> str:
     return os.environ["DS_ACCELERATOR"]
 
 
+def skip_shm_all_reduce_build() -> None:
+    """DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce at its first init_distributed (≈ 30 s on every
+    fresh machine, and a C++ compiler on every node) for tensor-parallel inference only, which t2ray never runs:
+    marked incompatible, it is not built and ZeRO's collectives go through gloo as before."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def run_worker(
     cfg,
     *,
@@ -253,6 +262,8 @@ def run_worker(
 
     import deepspeed
 
+    if not cfg.scaling.use_gpu:
+        skip_shm_all_reduce_build()
     from t2ray.models import load_model
     from t2ray.models.loader import compute_dtype, enable_activation_checkpointing
     from t2ray.rl.loop import LoopState, Stepper, train_loop

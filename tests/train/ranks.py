@@ -68,7 +68,11 @@ def setup_report(adapter) -> dict:
         if p.numel() > 0:  # a ZeRO-3 partitioned parameter holds an empty tensor between forwards
             whole[kind] += p.numel() * p.element_size()
     z_dtypes = {str(p.dtype) for p in adapter.parameters()}
+    from deepspeed.comm import comm
+
     return {
+        "shm_all_reduce_built": comm.cdb.shm_comm_op is not None,  # a 30 s JIT compile t2ray skips on CPU
+        "activation_checkpointing": model.is_activation_checkpointing,
         "whole_bytes": whole,
         "persistent": persistent,
         "frozen_dtypes": sorted(dtypes),
@@ -127,3 +131,4 @@ def run_rank(
     result["violations"] = violations
     result["ended"] = time.time()
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+    dist.destroy_process_group()  # a gloo group left to interpreter teardown aborted a rank once (SIGABRT on CI)

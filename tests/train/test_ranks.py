@@ -21,6 +21,7 @@ from rl.learnable import LEARNABLE_RL, write_learnable_task
 from train.ranks import run_rank  # tests/train/ranks.py (tests/ is on the path: tests/conftest.py)
 
 pytestmark = pytest.mark.slow
+EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
 
 
 def config(tmp_path: Path, **rl) -> dict:
@@ -76,6 +77,7 @@ def test_zero3_weights_in_their_compute_dtype_z_in_fp32_and_no_factor_whole(zero
         setup = rank["setup"]
         assert setup["frozen_dtypes"] == ["torch.bfloat16"], setup  # weights and factors, as partitioned
         assert setup["z_dtypes"] == ["torch.float32"], setup
+        assert not setup["shm_all_reduce_built"], setup
         assert setup["whole_bytes"]["svf_q"] == 0, setup  # every 64×64 factor partitioned on every rank
         # z: persistent, gathered whole at its first use and kept whole (the loop reads and saves it on every rank)
         assert setup["persistent"]["svf_p"] and not setup["persistent"]["svf_q"], setup
@@ -92,3 +94,31 @@ def test_a_rank_that_raises_ends_the_run_on_every_rank_with_its_message(tmp_path
     assert ranks[0]["error"] == "RankFailed: rank 1 failed: SandboxUnavailable: no OS sandbox on rank 1", ranks[0]
     assert "iterations" not in ranks[0] and "iterations" not in ranks[1]
     assert all(rank["ended"] - ranks[1]["failed_at"] < 30 for rank in ranks), (ranks, seconds)
+
+
+def test_the_70b_experiment_trains_on_a_stand_in(tmp_path, free_port):
+    """experiments/llama3-70b-svf.yaml itself on tiny-llama and two CPU ranks: its ZeRO-3, bf16 weights, activation
+    checkpointing, micro-batches and RL settings as shipped, through the worker that Ray Train runs (the launcher and
+    its Ray Train run are every other training test's)."""
+    from t2ray.config import load_experiment
+
+    tiny = ["rl.iterations=1", "rl.batch_size=2", "rl.eval_interval=1", "rl.eval_limit=2", "rl.max_new_tokens=8"]
+    cfg = load_experiment(
+        EXPERIMENTS / "llama3-70b-svf.yaml",
+        [
+            *tiny,
+            "rl.eval_batch_size=2",
+            "model.spec=tiny-llama",
+            "svf.layers=0-1",  # tiny-llama has 2 layers, not 80
+            "scaling.use_gpu=false",
+            "scaling.num_workers=2",
+            "scaling.cpus_per_worker=1",
+            f"storage_path={tmp_path / 'runs'}",
+        ],
+    )
+    ranks, _ = run_two_ranks(tmp_path, free_port(), cfg.model_dump(mode="json"))
+    for rank in ranks:
+        assert "error" not in rank, rank.get("traceback")
+        assert rank["iterations"] == 1 and rank["violations"] == [], rank["violations"][:5]
+        assert rank["setup"]["frozen_dtypes"] == ["torch.bfloat16"] and rank["setup"]["activation_checkpointing"]
+    assert (tmp_path / "runs" / cfg.name / "expert.safetensors").is_file()

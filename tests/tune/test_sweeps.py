@@ -121,6 +121,7 @@ def test_cem_sweep_interrupted_then_resumed(cluster, tmp_path, torch_threads):
         base.name,
         name="cem",
         kind="cem",
+        search={"alg": "hyperopt", "seed": 0},  # the README's variant of the shipped CEM sweep, across a resume
         num_samples=8,
         max_concurrent_trials=1,
         space={
