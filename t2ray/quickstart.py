@@ -12,7 +12,7 @@ paper's benchmarks (`--check` validates one and prints its stages).
 
 Every stage writes its output under the root folder and is skipped when that output exists (re-running resumes).
 Before the first stage runs, a few seconds of decoding measure this machine's speed; the announced minutes are the
-calibration machine's, scaled by it.
+calibration machine's, scaled by it, then corrected by the finished stages' own times.
 """
 
 from __future__ import annotations
@@ -279,14 +279,42 @@ def run_logged(stage: Stage, tag: str, logs: Path):
         raise StageFailed(f"{tag} failed: {type(err).__name__}: {first} (traceback: {log})") from None
 
 
+@dataclass
+class Pace:
+    """The factor on the calibration machine's minutes: the speed probe's at first, then corrected by what the
+    finished stages took against what was announced for them (a probe of seconds cannot see the next ten minutes of a
+    shared machine; the stages themselves can). None: no estimate."""
+
+    probe: float | None
+    announced_s: float = 0.0
+    measured_s: float = 0.0
+
+    @property
+    def factor(self) -> float | None:
+        if self.probe is None:
+            return None
+        return self.probe * (self.measured_s / self.announced_s if self.announced_s else 1.0)
+
+    def minutes(self, calibration_minutes: float | None) -> float | None:
+        factor = self.factor
+        return calibration_minutes * factor if calibration_minutes is not None and factor is not None else None
+
+    def finished(self, calibration_minutes: float | None, seconds: float) -> None:
+        if calibration_minutes is not None and self.probe is not None:
+            self.announced_s += calibration_minutes * 60 * self.probe
+            self.measured_s += seconds
+
+
 def run_stages(
     stages: list[Stage], check: bool = False, speed: float | None = 1.0, probe: str = "", logs: Path | None = None
 ) -> None:
-    """One line per stage with its estimate (the calibration machine's minutes × `speed`, None: no estimate); its
-    progress bar (drawn by this process) while it runs; then one line with its measured time and outcome.
-    `check`: the plan alone. `logs`: where a failed stage's traceback goes (default: raised as it is)."""
+    """One line per stage with its estimate (the calibration machine's minutes × `speed`, corrected as stages finish;
+    None: no estimate); its progress bar (drawn by this process) while it runs; then one line with its measured time,
+    outcome and the minutes left. `check`: the plan alone. `logs`: where a failed stage's traceback goes (default:
+    raised as it is)."""
     left = [s for s in stages if not s.output.exists()]
     known = [s.minutes for s in left if s.minutes is not None]
+    pace = Pace(speed)
     if speed is not None and len(known) == len(left):
         total = f"about {sum(known) * speed:.0f} min " + (f"here{probe}" if probe else "on the calibration machine")
     else:
@@ -298,20 +326,27 @@ def run_stages(
         if stage.output.exists():
             typer.echo(f"{tag}: done already")
             continue
-        minutes = stage.minutes * speed if stage.minutes is not None and speed is not None else None
-        typer.secho(f"{tag} ({_about(minutes)})", fg="cyan")
+        typer.secho(f"{tag} ({_about(pace.minutes(stage.minutes))})", fg="cyan")
         if check:
             continue
         start = time.perf_counter()
         outcome = run_logged(stage, tag, logs) if logs is not None else stage.run()
-        typer.echo(f"{tag}: {(time.perf_counter() - start) / 60:.1f} min" + (f" — {outcome}" if outcome else ""))
+        pace.finished(stage.minutes, time.perf_counter() - start)
+        rest = [s.minutes for s in stages[i:] if not s.output.exists()]
+        to_go = pace.minutes(sum(rest)) if rest and None not in rest else None
+        typer.echo(
+            f"{tag}: {(time.perf_counter() - start) / 60:.1f} min"
+            + (f" — {outcome}" if outcome else "")
+            + (f" ({to_go:.1f} min to go)" if to_go is not None else "")
+        )
     if not check:
         typer.secho(f"quickstart: all stages done, {(time.perf_counter() - start_all) / 60:.1f} min", bold=True)
 
 
 def probe_seconds(spec: str, dtype: str) -> float:
-    """This machine's speed at what dominates every stage, batched generation of task answers: the best of two
-    timed runs of PROBE_ROWS math prompts × PROBE_TOKENS tokens (after a warm-up), in the dtype the stages use."""
+    """This machine's speed at what dominates every stage, batched generation of task answers: the best of three
+    timed runs of PROBE_ROWS math prompts × PROBE_TOKENS tokens, in the dtype the stages use, after a warm-up at the
+    same shapes (the first call of a shape builds its kernels)."""
     from t2ray.generation import generate
     from t2ray.models import load_model
     from t2ray.tasks import get_task
@@ -319,9 +354,9 @@ def probe_seconds(spec: str, dtype: str) -> float:
     model, tokenizer = load_model(spec, dtype=dtype)
     task = get_task("math")
     prompts = [task.messages(ex) for ex in task.examples("train")[:PROBE_ROWS]]
-    generate(model, tokenizer, prompts[:2], max_new_tokens=2)
+    generate(model, tokenizer, prompts, max_new_tokens=2, batch_size=PROBE_ROWS)
     times = []
-    for _ in range(2):
+    for _ in range(3):
         start = time.perf_counter()
         generate(model, tokenizer, prompts, max_new_tokens=PROBE_TOKENS, batch_size=PROBE_ROWS)
         times.append(time.perf_counter() - start)

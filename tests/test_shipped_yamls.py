@@ -214,8 +214,10 @@ def test_cem_sweep_as_shipped_and_the_readmes_hyperopt_line(shell):
     """The shipped CEM sweep (Optuna, FIFO): trials report every generation without the metric (Optuna raised
     KeyError 'valid_accuracy'; wandb without a key stopped it at once). The README's HyperOpt variant validates here
     (`--check`); HyperOpt runs, is interrupted and resumes in tests/tune/test_sweeps.py."""
-    readme = "t2ray tune experiments/sweeps/cem-smollm2.yaml --set num_samples=16 --set search.alg=hyperopt"
-    assert '"search": "hyperopt"' in shell.run(readme_line(readme), "--check").stdout
+    hyperopt = readme_line(
+        "t2ray tune experiments/sweeps/cem-smollm2.yaml --set num_samples=16 --set search.alg=hyperopt"
+    )
+    assert '"search": "hyperopt"' in shell.run(hyperopt, "--check").stdout
     done = shell.run(
         header_command(ROOT / "experiments/sweeps/cem-smollm2.yaml", "tune"),
         *sets(

@@ -158,6 +158,8 @@ def test_deepspeed_adam_takes_the_steppers_steps(tmp_path):
 import os, torch, deepspeed
 from t2ray.config import DeepSpeedConfig
 from t2ray.rl.loop import Stepper
+from t2ray.train.worker import skip_shm_all_reduce_build
+skip_shm_all_reduce_build()  # as t2ray's workers do (a 30 s compile otherwise)
 torch.manual_seed(0)
 start = torch.randn(6) * 3
 a, b = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())

@@ -243,6 +243,30 @@ def test_a_failed_stage_is_one_line_naming_its_log(tmp_path):
     assert "Traceback" in log.read_text() and "def broken" not in message and first.exists()
 
 
+def test_the_announced_minutes_follow_the_stages_measured_pace(tmp_path, capsys):
+    """The probe sets the first estimates; once a stage has run, the rest are rescaled by measured ÷ announced (a
+    stage that took twice its estimate doubles the next ones), and each stage's closing line says the minutes to go."""
+    import re
+    import time
+
+    from t2ray.quickstart import Stage, run_stages
+
+    def sleeper(path: Path, seconds: float):
+        return lambda: (time.sleep(seconds), path.touch())[1]
+
+    stages = [
+        Stage("slow", 0.002, tmp_path / "a", sleeper(tmp_path / "a", 0.24)),  # announced 0.12 s, takes 0.24
+        Stage("next", 0.5, tmp_path / "b", sleeper(tmp_path / "b", 0)),
+        Stage("last", 0.25, tmp_path / "c", sleeper(tmp_path / "c", 0)),
+    ]
+    run_stages(stages, speed=1.0)
+    out = capsys.readouterr().out
+    assert "3 to run, about 1 min on the calibration machine" in out
+    announced = float(re.search(r"\[2/3\] next \(about ([\d.]+) min\)", out).group(1))
+    to_go = float(re.search(r"\[1/3\] slow: [\d.]+ min \(([\d.]+) min to go\)", out).group(1))
+    assert 0.95 <= announced <= 1.2 and 1.4 <= to_go <= 1.8, out
+
+
 def test_lora_table2_stages_run_and_the_report_shows_them(lora_library, tmp_path):
     """The quickstart's Table 2 over LoRA adapters (each alone, token routing every 1 and 4, few-shot α) on tiny
     adapters, then the report's LoRA table: the best single adapter named, every column on the same items as base."""
