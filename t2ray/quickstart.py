@@ -48,8 +48,9 @@ CALIBRATED_MODEL = "smollm2-135m"
 # Seconds measured on the 2-core calibration machine (AVX512-BF16) with SmolLM2 in bf16 (make demo, 2026-11-30):
 # they turn budgets into the minutes announced before each stage, scaled by the speed probe's ratio (this machine's
 # probe ÷ PROBE_S). Other tasks fall back on a per-token rate.
-PROBE_S = 6.4  # the probe (probe_seconds) on the calibration machine, bf16 (make demo, 2026-12-04)
+PROBE_S = 4.5  # the probe (probe_seconds) on the calibration machine, bf16: median of 4 runs, 2026-12-04
 PROBE_ROWS, PROBE_TOKENS = 32, 16
+PROBE_WEIGHT_S = 120  # the probe's say in the pace, as seconds of finished stages (see Pace)
 DECOMPOSE_S = 10
 TRAIN_START_S = 60  # one Ray Train run: worker start-up, model + DeepSpeed set-up, final validation, save
 # per iteration of 16 prompts (reasoning: × 4 samples; cls: ~300-token prompts)
@@ -283,7 +284,8 @@ def run_logged(stage: Stage, tag: str, logs: Path):
 class Pace:
     """The factor on the calibration machine's minutes: the speed probe's at first, then corrected by what the
     finished stages took against what was announced for them (a probe of seconds cannot see the next ten minutes of a
-    shared machine; the stages themselves can). None: no estimate."""
+    shared machine; the stages themselves can). The probe weighs as PROBE_WEIGHT_S of stages: a stage of seconds
+    (a cached SVD) barely moves it, ten minutes of stages mostly decide. None: no estimate."""
 
     probe: float | None
     announced_s: float = 0.0
@@ -293,7 +295,7 @@ class Pace:
     def factor(self) -> float | None:
         if self.probe is None:
             return None
-        return self.probe * (self.measured_s / self.announced_s if self.announced_s else 1.0)
+        return self.probe * (self.measured_s + PROBE_WEIGHT_S) / (self.announced_s + PROBE_WEIGHT_S)
 
     def minutes(self, calibration_minutes: float | None) -> float | None:
         factor = self.factor
