@@ -55,8 +55,9 @@ DECOMPOSE_S = 10
 TRAIN_START_S = 60  # one Ray Train run: worker start-up, model + DeepSpeed set-up, final validation, save
 # per iteration of 16 prompts (reasoning: × 4 samples; cls: ~300-token prompts)
 ITERATION_S = {
-    "math": 12.0,  # 2026-12-04
-    "code": 27.0,
+    # the tour's runs and seeds, 2026-12-04: math 12 it × 16 in 2.6-3.4 min, code 8 × 16 (48 tokens) in 3.2-3.8
+    "math": 10.0,
+    "code": 24.0,
     "reasoning": 16.0,
     "cls": 28.0,
     # experiments/paper-smollm2.yaml (256-token rollouts for gsm8k/mbpp), 2026-11-30
