@@ -276,7 +276,7 @@ def test_the_announced_minutes_follow_the_stages_measured_pace(tmp_path, capsys,
     assert "3 to run, about 1 min on the calibration machine" in out
     announced = float(re.search(r"\[2/3\] next \(about ([\d.]+) min\)", out).group(1))
     to_go = float(re.search(r"\[1/3\] slow: [\d.]+ min \(([\d.]+) min to go\)", out).group(1))
-    assert 0.9 <= announced <= 1.2 and 1.35 <= to_go <= 1.8, out
+    assert 0.9 <= announced <= 1.4 and 1.35 <= to_go <= 2.1, out  # twice 0.5 and 0.75 min, give or take a slow sleep
 
 
 def test_lora_table2_stages_run_and_the_report_shows_them(lora_library, tmp_path):
