@@ -159,6 +159,7 @@ def test_rl_sweep_as_shipped_random_search_and_asha(shell):
     assert summary["finished"] == 1, summary
     console = done.stdout + done.stderr  # the driver's bar, not Tune's status tables (those with --verbose)
     assert "tune rl-smollm2" in done.stderr and "Trial status" not in console, console[-3000:]
+    assert "Configuration for experiment" not in console, console[:3000]  # Tune's box, even at verbose=0
     assert "core_worker.cc" not in console, console[-3000:]  # no C++ error line per wandb logging actor
     best = shell.cwd / "runs/sweeps/rl-smollm2/best.yaml"
     assert best.is_file() and (best.parent / "results.csv").is_file()

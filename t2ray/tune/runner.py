@@ -314,6 +314,8 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, fresh: bool = False) 
     # Metrics are validated against what trials report when the sweep is loaded; valid_accuracy arrives only
     # with evaluations, so Tune's every-result metric check would refuse the iterations in between.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    if not verbose():  # Tune's new console prints its "Configuration for experiment" box even at verbose=0
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     from ray import tune
 
     from t2ray.train.launcher import ensure_ray
