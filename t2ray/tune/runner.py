@@ -421,17 +421,34 @@ def _statuses(grid) -> list[str]:
         return ["ERROR" if r.error else "TERMINATED" for r in grid]
 
 
+def _history(result) -> list[dict]:
+    """Every result the trial reported. Tune reads result.json when it exists, but after a PBT exploit it can be left
+    empty on disk while progress.csv holds every row: the longer of the two."""
+    import pandas as pd
+
+    frame = result.metrics_dataframe
+    history = frame.to_dict("records") if frame is not None and len(frame) else []
+    progress = Path(result.path) / "progress.csv"
+    if progress.is_file() and progress.stat().st_size:
+        try:
+            rows = pd.read_csv(progress).to_dict("records")
+        except (pd.errors.ParserError, pd.errors.EmptyDataError):
+            rows = []
+        if len(rows) > len(history):
+            return rows
+    return history
+
+
 def trial_rows(sweep: Sweep, grid) -> list[dict]:
     """One row per trial: status, whether a scheduler stopped it early, iterations used, its score."""
     c = sweep.config
     time_attr = c.time_attr
     rows = []
     for result, status in zip(grid, _statuses(grid), strict=True):
-        frame = result.metrics_dataframe
-        history = frame.to_dict("records") if frame is not None and len(frame) else []
-        trial_id = (
-            (result.metrics or {}).get("trial_id")
-            or (history[-1].get("trial_id") if history else None)
+        history = _history(result)
+        trial_id = (  # the trial's own rows first: PBT copies the cloned trial's last result, its id included
+            (history[-1].get("trial_id") if history else None)
+            or (result.metrics or {}).get("trial_id")
             or Path(result.path).name
         )
         steps = [h[time_attr] for h in history if _finite(h.get(time_attr))]
