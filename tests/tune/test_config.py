@@ -198,3 +198,22 @@ def test_reported_metric_lists_match_what_the_loop_reports(tmp_path, tiny, token
     assert set(state.history[0]) == set(RL_METRICS)
     assert {"generation", "valid_accuracy"} <= set(CEM_METRICS)
     assert SweepConfig.model_fields["metric"].default in RL_METRICS
+
+
+def test_a_trials_history_survives_an_empty_result_json(tmp_path):
+    """After a PBT exploit Tune can leave a trial's result.json empty on disk while progress.csv holds every row:
+    the history is the longer of the two (the shipped PBT sweep once wrote no best.yaml for it)."""
+    import pandas as pd
+    from ray.air.result import Result
+
+    from t2ray.tune.runner import _history
+
+    (tmp_path / "result.json").write_text("")
+    pd.DataFrame({"iteration": [1, 2, 3], "valid_accuracy": [0.1, None, 0.3], "trial_id": ["t0"] * 3}).to_csv(
+        tmp_path / "progress.csv", index=False
+    )
+    empty = Result(metrics={"trial_id": "t1"}, checkpoint=None, error=None, path=str(tmp_path))
+    history = _history(empty)
+    assert [row["iteration"] for row in history] == [1, 2, 3] and history[-1]["trial_id"] == "t0"
+    whole = pd.DataFrame({"iteration": [1, 2, 3, 4]})
+    assert len(_history(Result({}, None, None, str(tmp_path), metrics_dataframe=whole))) == 4
