@@ -334,11 +334,12 @@ def run_stages(
             continue
         start = time.perf_counter()
         outcome = run_logged(stage, tag, logs) if logs is not None else stage.run()
-        pace.finished(stage.minutes, time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        pace.finished(stage.minutes, elapsed)
         rest = [s.minutes for s in stages[i:] if not s.output.exists()]
         to_go = pace.minutes(sum(rest)) if rest and None not in rest else None
         typer.echo(
-            f"{tag}: {(time.perf_counter() - start) / 60:.1f} min"
+            f"{tag}: {elapsed / 60:.1f} min"
             + (f" — {outcome}" if outcome else "")
             + (f" ({to_go:.1f} min to go)" if to_go is not None else "")
         )
