@@ -316,6 +316,28 @@ def check_rollout(model: str, out: Path) -> None:
             batch,
         )
         line(out, "rollout", True, batch=batch, tokens_per_s=speeds)
+    check_replica(model, out, net, layers, prompts[:8])
+
+
+def check_replica(model: str, out: Path, net, layers, prompts) -> None:
+    """rollout_engine: replica on a GPU lives in the worker's process, on the worker's GPU, and answers as the
+    trainer does after one z sync (bf16: agreement, not identity)."""
+    from t2ray.generation import rollout
+    from t2ray.rl.rollout import ReplicaEngine
+    from t2ray.svf import SVFConfig, set_mode, set_z
+    from t2ray.train.engines import LocalReplica
+
+    z = {n: 0.5 + torch.rand(layer.rank, device="cuda") for n, layer in layers.items()}
+    set_z(net, z)
+    set_mode(net, "materialized")
+    engine = LocalReplica(ReplicaEngine(model, SVFConfig(target_modules="mlp"), "bfloat16", device="cuda"))
+    sent = engine.sync(z, 1)
+    trainer = rollout(net, engine.replica.tokenizer, prompts, max_new_tokens=32).completion_ids
+    replica = engine.generate(prompts, max_new_tokens=32, temperature=0, top_p=1, seed=0).completion_ids
+    width = min(trainer.shape[1], replica.shape[1])
+    agreement = (trainer[:, :width].cpu() == replica[:, :width].cpu()).float().mean().item()
+    device = next(engine.replica.model.parameters()).device.type
+    line(out, "replica", device == "cuda" and agreement >= 0.9, device=device, bytes_sent=sent, agreement=agreement)
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ from t2ray.rl.rollout import (
     encode_z,
 )
 from t2ray.svf import SVFConfig, patch_model, use_trainable
+from t2ray.train.engines import LocalReplica
 
 
 @pytest.fixture
@@ -35,9 +36,10 @@ def test_message_round_trip_is_exact(trained):
 
 
 def test_replica_generates_what_the_trainer_would(trained):
+    """Through LocalReplica, as a GPU worker runs it (on its own device, in its own process): the z message only."""
     model, tokenizer = trained
-    replica = ReplicaEngine("tiny-llama", SVFConfig(), dtype="float32")
-    sent = replica.receive(encode_z(current_z(model), 3))
+    replica = ReplicaEngine("tiny-llama", SVFConfig(), dtype="float32", device="cpu")
+    sent = LocalReplica(replica).sync(current_z(model), 3)
     assert replica.version == 3
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     assert sent < weight_bytes / 100  # only z travels

@@ -122,10 +122,10 @@ class ReplicaEngine(InProcessEngine):
     """A separate HF model that receives only z (the CPU twin of the vLLM engine; runs inside a Ray actor): the
     in-process engine on a copy of its own, whose weights hold W' after each sync."""
 
-    def __init__(self, model_spec: str, svf: SVFConfig | dict, dtype: str = "auto"):
+    def __init__(self, model_spec: str, svf: SVFConfig | dict, dtype: str = "auto", device: str = "cpu"):
         from t2ray.models import load_model
 
-        super().__init__(*load_model(model_spec, dtype=dtype))
+        super().__init__(*load_model(model_spec, dtype=dtype, device=device))
         config = svf if isinstance(svf, SVFConfig) else SVFConfig.model_validate(svf)
         layers = patch_model(self.model, config, progress=False)  # the factors come from the shared SVD cache
         self.applier = ZApplier(

@@ -34,9 +34,22 @@ class ActorEngine:
         )
 
 
-def start_engine(cfg) -> ActorEngine | None:
+class LocalReplica:
+    """RolloutEngine over a ReplicaEngine in this process: the same z message, no actor (on the worker's GPU)."""
+
+    def __init__(self, replica):
+        self.replica = replica
+
+    def sync(self, z, version) -> int:
+        return self.replica.receive(encode_z(z, version))
+
+    def generate(self, prompts, **kwargs):
+        return self.replica.generate(prompts, **kwargs)
+
+
+def start_engine(cfg, device: str = "cpu") -> ActorEngine | LocalReplica | None:
     """None for the in-process engine (no Ray needed: bench/gpu_check.py runs the worker without it); else a new
-    actor for this worker."""
+    actor for this worker, or on a GPU a replica in the worker's process, on its device."""
     kind = cfg.rl.rollout_engine
     if kind == "hf":
         return None
@@ -59,6 +72,10 @@ def start_engine(cfg) -> ActorEngine | None:
             root = Path(__file__).resolve().parents[2]
             options["runtime_env"] = {"py_executable": python, "env_vars": {"PYTHONPATH": str(root)}}
         actor = ray.remote(**options)(VLLMEngine).remote(cfg.model.spec, cfg.svf.model_dump(), dtype=cfg.model.dtype)
+    elif device != "cpu":
+        # Train's workers hold every GPU and an actor asking for none sees none (Ray empties CUDA_VISIBLE_DEVICES):
+        # the replica shares its worker's GPU from inside the worker's process
+        return LocalReplica(ReplicaEngine(cfg.model.spec, cfg.svf.model_dump(), cfg.model.dtype, device=device))
     else:
         # num_cpus=0: it shares its worker's CPU (the worker waits while it generates)
         actor = ray.remote(num_cpus=0)(ReplicaEngine).remote(cfg.model.spec, cfg.svf.model_dump(), cfg.model.dtype)

@@ -362,7 +362,7 @@ def run_worker(
         reduce=all_reduce_sum,
         state=state,
         on_iteration=on_iteration,
-        engine=start_engine(cfg),
+        engine=start_engine(cfg, device),
         all_done=every_rank_done if zero3 and world > 1 else None,
         agree=raise_if_any_rank_failed,
     )
