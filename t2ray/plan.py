@@ -9,6 +9,7 @@ checks the prediction against real runs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,8 +176,6 @@ def kept_for_backward(vocab: int, weights):
     """A context that counts what autograd keeps for the backward inside it, by storage, once each, the model's own
     `weights` excluded: yields a dict that holds {"activations": bytes, "logits": bytes} when the block ends (logits:
     tensors whose last dimension is the vocabulary)."""
-    import contextlib
-
     import torch
 
     @contextlib.contextmanager
@@ -199,6 +198,28 @@ def kept_for_backward(vocab: int, weights):
     return counting()
 
 
+@contextlib.contextmanager
+def fused_attention():
+    """On the meta device SDPA takes its math path and keeps the fp32 scores (B·H × T × T); the fused kernels that
+    run on CPUs and GPUs keep q, k, v, the output and the softmax statistics only: count what they keep."""
+    import torch
+
+    plain = torch.nn.functional.scaled_dot_product_attention
+
+    def fused(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if enable_gqa:
+            groups = query.shape[1] // key.shape[1]
+            key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        return flash(query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)[0]
+
+    torch.nn.functional.scaled_dot_product_attention = fused
+    try:
+        yield
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = plain
+
+
 def saved_for_backward(model, run: Run, vocab: int) -> tuple[int, int]:
     """(activations, logits) bytes that one update micro-batch keeps for its backward: the real forward of the loop's
     loss (prompt + completion, the LM head on the completion only) on the meta model."""
@@ -215,7 +236,7 @@ def saved_for_backward(model, run: Run, vocab: int) -> tuple[int, int]:
     # A prepared causal mask: meta tensors have no values for the padding checks a 2-D mask would go through.
     mask = torch.ones(rows, 1, length, length, dtype=torch.bool, device="meta").tril()
     positions = torch.arange(length, device="meta").expand(rows, -1)
-    with kept_for_backward(vocab, model.parameters()) as kept:
+    with fused_attention(), kept_for_backward(vocab, model.parameters()) as kept:
         logits = model(
             input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, logits_to_keep=width + 1
         ).logits[:, :-1]
