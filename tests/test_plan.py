@@ -53,9 +53,7 @@ def test_what_the_backward_keeps_matches_the_real_forward(tiny_config, make_tiny
     if checkpointing:
         enable_activation_checkpointing(real)
     measured = real_kept(real, rows=4, prompt=24, width=8, vocab=config["vocab_size"])
-    run = Run(
-        gpus=1, zero=2, dtype=dtype, micro_batch=4, prompt_len=24, completion_len=8, checkpointing=checkpointing
-    )
+    run = Run(gpus=1, zero=2, dtype=dtype, micro_batch=4, prompt_len=24, completion_len=8, checkpointing=checkpointing)
     activations, logits = saved_for_backward(meta_model(config, run), run, config["vocab_size"])
     assert logits == pytest.approx(measured["logits"], rel=0.15)
     assert activations == pytest.approx(measured["activations"], rel=0.15)
