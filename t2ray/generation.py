@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from t2ray.kv_decode import KVDecoder, unsupported_reason
+
 Messages = list[dict[str, str]]
 
 
@@ -156,10 +158,20 @@ def decode(
     live = torch.arange(rows, device=device)  # the batch's rows among all rows (every row unless retire_rows)
     mask, cache, forward_tokens = prompt_mask, None, 0
     cache_arg = cache_kwarg(model)
+    # ZeRO-3 gathers weights in each module's hooks, in the order Hugging Face's forward calls them: its loop there
+    kv = None
+    if not recompute_prefix and all_done is None and unsupported_reason(model) is None:
+        kv = KVDecoder(model, rows, prompt_ids.shape[1] + max_new_tokens)
     for i in range(max_new_tokens):
         if before_step is not None:
             before_step(i, generated, done, live)
-        if recompute_prefix or cache is None:
+        if kv is not None and i == 0:
+            logits = kv.prefill(prompt_ids, prompt_mask, samples_per_prompt)
+            forward_tokens += prompt_ids[::samples_per_prompt].numel()
+        elif kv is not None:
+            logits = kv.step(generated[live, -1], mask.sum(1, keepdim=True) - 1)
+            forward_tokens += len(live)
+        elif recompute_prefix or cache is None:
             share = 1 if recompute_prefix else samples_per_prompt
             ids = torch.cat([prompt_ids, generated], 1)[::share]
             positions = (mask.cumsum(1) - 1).clamp(min=0)
@@ -199,7 +211,7 @@ def decode(
                 break
             if retire_rows and all_done is None and int(done[live].sum()) * RETIRE_SHARE >= len(live):
                 keep = (~done[live]).nonzero().squeeze(1)
-                cache.batch_select_indices(keep)
+                kv.select(keep) if kv is not None else cache.batch_select_indices(keep)
                 mask, live = mask[keep], live[keep]
     return (
         generated,

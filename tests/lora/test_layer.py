@@ -188,3 +188,22 @@ def test_svf_patched_targets_are_refused(tiny, tmp_path):
     patch_model(tiny, SVFConfig(target_modules="mlp"), progress=False)
     with pytest.raises(LoRAMixtureError, match="not a plain nn.Linear"):
         patch_lora_mixture(tiny, [folder])
+
+
+def test_the_kv_decoder_runs_lora_weights_per_row(tiny, tokenizer, tmp_path, monkeypatch):
+    """The KV decode step calls the model's own modules: a LoRA mixture per row decodes as in Hugging Face's loop."""
+    from t2ray.generation import rollout
+
+    model = copy.deepcopy(tiny)
+    patch_lora_mixture(model, [save_adapter(tiny, tmp_path / f"a{s}", seed=s) for s in (1, 2)])
+    set_lora_weights(model, torch.tensor([[1.0, 0.0], [0.25, 0.75], [0.0, 1.0]]))
+    prompts = ["hi", "a longer prompt to pad", "third"]
+    runs = {}
+    for loop in ("hf", "kv"):
+        monkeypatch.setenv("T2RAY_DECODE", loop)
+        runs[loop] = rollout(model, tokenizer, prompts, max_new_tokens=10, ignore_eos=True).completion_ids
+    assert torch.equal(runs["hf"], runs["kv"])
+    set_lora_weights(model, None)
+    assert not torch.equal(
+        rollout(model, tokenizer, prompts, max_new_tokens=10, ignore_eos=True).completion_ids, runs["kv"]
+    )
