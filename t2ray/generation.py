@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -10,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from t2ray.kv_decode import KVDecoder, unsupported_reason
+from t2ray.kv_decode import cache_kwarg, new_decoder, output_cache
 
 Messages = list[dict[str, str]]
 
@@ -156,54 +155,38 @@ def decode(
     generated = torch.empty(rows, 0, dtype=torch.long, device=device)
     done = torch.zeros(rows, dtype=torch.bool, device=device)
     live = torch.arange(rows, device=device)  # the batch's rows among all rows (every row unless retire_rows)
-    mask, cache, forward_tokens = prompt_mask, None, 0
-    cache_arg = cache_kwarg(model)
-    # ZeRO-3 gathers weights in each module's hooks, in the order Hugging Face's forward calls them: its loop there
-    kv = None
-    if not recompute_prefix and all_done is None and unsupported_reason(model) is None:
-        kv = KVDecoder(model, rows, prompt_ids.shape[1] + max_new_tokens)
+    forward_tokens = 0
+    decoder = (
+        None
+        if recompute_prefix
+        else new_decoder(model, rows, prompt_ids.shape[1] + max_new_tokens, lockstep=all_done is not None)
+    )
+    next_position = prompt_mask.sum(1, keepdim=True)  # every row's next position (left padding)
     for i in range(max_new_tokens):
         if before_step is not None:
             before_step(i, generated, done, live)
-        if kv is not None and i == 0:
-            logits = kv.prefill(prompt_ids, prompt_mask, samples_per_prompt)
-            forward_tokens += prompt_ids[::samples_per_prompt].numel()
-        elif kv is not None:
-            logits = kv.step(generated[live, -1], mask.sum(1, keepdim=True) - 1)
-            forward_tokens += len(live)
-        elif recompute_prefix or cache is None:
-            share = 1 if recompute_prefix else samples_per_prompt
-            ids = torch.cat([prompt_ids, generated], 1)[::share]
-            positions = (mask.cumsum(1) - 1).clamp(min=0)
-            out = model(
+        if recompute_prefix:  # prompt + prefix again, no cache
+            mask = torch.cat([prompt_mask, torch.ones_like(generated)], 1)
+            ids = torch.cat([prompt_ids, generated], 1)
+            logits = model(
                 input_ids=ids,
-                attention_mask=mask[::share],
-                position_ids=positions[::share],
-                use_cache=not recompute_prefix,
-                logits_to_keep=1,
-            )
-            forward_tokens += ids.numel()
-            logits = out.logits[:, -1].repeat_interleave(share, 0)
-            cache = None if recompute_prefix else output_cache(out)
-            if share > 1:
-                cache.batch_repeat_interleave(share)
-        else:
-            positions = mask.sum(1, keepdim=True) - 1  # every row's next position (left padding)
-            out = model(
-                input_ids=generated[live, -1:],
                 attention_mask=mask,
-                position_ids=positions,
-                use_cache=True,
+                position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                use_cache=False,
                 logits_to_keep=1,
-                **{cache_arg: cache},
-            )
+            ).logits[:, -1]
+            forward_tokens += ids.numel()
+        elif i == 0:
+            logits = decoder.prefill(prompt_ids, prompt_mask, samples_per_prompt)
+            forward_tokens += prompt_ids[::samples_per_prompt].numel()
+        else:
+            logits = decoder.step(generated[live, -1], next_position)
+            next_position = next_position + 1
             forward_tokens += len(live)
-            logits, cache = out.logits[:, -1], output_cache(out)
         token = torch.full((rows,), pad_id, dtype=torch.long, device=device)
         token[live] = next_token(logits, temperature, top_p, generator)
         token = torch.where(done, torch.full_like(token, pad_id), token)
         generated = torch.cat([generated, token[:, None]], 1)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
         if stop_at_eos:
             done |= torch.isin(token, eos)
             finished = bool(done.all())
@@ -211,8 +194,8 @@ def decode(
                 break
             if retire_rows and all_done is None and int(done[live].sum()) * RETIRE_SHARE >= len(live):
                 keep = (~done[live]).nonzero().squeeze(1)
-                kv.select(keep) if kv is not None else cache.batch_select_indices(keep)
-                mask, live = mask[keep], live[keep]
+                decoder.select(keep)
+                next_position, live = next_position[keep], live[keep]
     return (
         generated,
         completion_mask(generated, set(eos_ids)) if stop_at_eos else torch.ones_like(generated),
@@ -329,18 +312,6 @@ def generate(
                 texts[i] = text
             bar.update(len(rows))
     return texts
-
-
-def cache_kwarg(model) -> str:
-    """transformers 5.x calls the KV cache argument ``cache`` (``past_key_values`` is deprecated); 4.x: the latter."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PeftModel forwards **kwargs
-    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
-
-
-def output_cache(out):
-    """The KV cache a forward pass returned, whichever name this transformers version gives it."""
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else out.past_key_values
 
 
 def completion_logits(

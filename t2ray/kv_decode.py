@@ -1,14 +1,19 @@
-"""A decode step for Llama-family models over a KV cache allocated once per batch.
+"""The decode step: a batch's KV cache and one forward per new token, two ways behind one interface.
 
-Hugging Face's cache concatenates every layer's keys and values at every step and its modelling code builds a 4-D
-mask per call; here the cache is one tensor per batch written in place, the mask one boolean row per batch row, and
-the attention of one new token runs over the filled length only. The model's own modules do everything else
-(embeddings, norms, rotary, projections, MLP, LM head), so SVF layers (materialised W' or a z per row) and LoRA
-layers run inside the step exactly as in any forward.
+`KVDecoder` (Llama-family models): the cache is one tensor per batch written in place, the mask one boolean row per
+batch row, and the attention of a new token runs over the filled length only; the model's own modules do everything
+else (embeddings, norms, rotary, projections, MLP, LM head), so SVF layers (materialised W' or a z per row) and LoRA
+layers run inside the step exactly as in any forward. `HFDecoder`: Hugging Face's forward and its cache, which grows
+by concatenation at every step; it runs every other model, ZeRO-3 (its hooks gather weights in the order that
+forward calls them) and `T2RAY_DECODE=hf`.
+
+Both: `prefill` a left-padded batch, `step` one token per row, `select` rows (retiring the rest), `merge` another
+batch's rows (continuous batching), `trim` columns that are padding on every row.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
@@ -18,21 +23,40 @@ SUPPORTED = ("llama",)  # attention = q/k/v/o projections + rotary, nothing else
 
 
 def unsupported_reason(model) -> str | None:
-    """None when `KVDecoder` can run this model; else why the Hugging Face loop runs instead."""
+    """None when `KVDecoder` can run this model; else why `HFDecoder` runs instead."""
     if os.environ.get("T2RAY_DECODE", "kv") == "hf":
         return "T2RAY_DECODE=hf"
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    kind = getattr(inner.config, "model_type", None)
+    kind = getattr(unwrapped(model).config, "model_type", None)
     if kind not in SUPPORTED:
         return f"model_type {kind!r} is not one of {SUPPORTED}"
     return None
 
 
-class KVDecoder:
-    """`prefill` a left-padded batch, then `step` one token per row; `select` keeps some rows (retiring the rest)."""
+def new_decoder(model, rows: int, capacity: int, *, lockstep: bool = False) -> KVDecoder | HFDecoder:
+    """The decoder for `rows` rows of up to `capacity` tokens (prompt + new); `lockstep`: ZeRO-3."""
+    if lockstep or unsupported_reason(model) is not None:
+        return HFDecoder(model)
+    return KVDecoder(model, rows, capacity)
 
+
+def unwrapped(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model  # a PeftModel
+
+
+def cache_kwarg(model) -> str:
+    """transformers 5.x calls the KV cache argument ``cache`` (``past_key_values`` is deprecated); 4.x: the latter."""
+    return "cache" if "cache" in inspect.signature(unwrapped(model).forward).parameters else "past_key_values"
+
+
+def output_cache(out):
+    """The KV cache a forward pass returned, whichever name this transformers version gives it."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+class KVDecoder:
     def __init__(self, model, rows: int, capacity: int):
-        self.model = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.model = unwrapped(model)
         config = self.model.config
         self.heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
@@ -50,12 +74,10 @@ class KVDecoder:
         width = ids.shape[1]
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         slots = torch.arange(width, device=ids.device)
-        causal = slots[None, :] <= slots[:, None]
         self.valid[:, :width] = mask.bool()
         # a padded slot sees itself (a row with nothing to attend to would be NaN, and NaN keys poison later steps)
-        attend = (self.valid[::share, None, None, :width] & causal) | torch.eye(
-            width, dtype=torch.bool, device=ids.device
-        )
+        causal = (slots[None, :] <= slots[:, None]) & self.valid[::share, None, None, :width]
+        attend = causal | torch.eye(width, dtype=torch.bool, device=ids.device)
         logits = self._forward(ids[::share], positions[::share], attend, rows=slice(None, None, share))
         if share > 1:
             for cache in (self.keys, self.values):
@@ -64,12 +86,47 @@ class KVDecoder:
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Logits of one new token per row (tokens (B,), positions (B, 1))."""
+        if self.length == self.valid.shape[1]:
+            self._grow(max(16, self.length))  # a caller that under-counted: amortised, never wrong
         self.valid[:, self.length] = True
         attend = self.valid[:, None, None, : self.length + 1]
         return self._forward(tokens[:, None], positions, attend, rows=slice(None))
 
     def select(self, keep: torch.Tensor) -> None:
         self.keys, self.values, self.valid = self.keys[:, keep], self.values[:, keep], self.valid[keep]
+
+    def merge(self, other: KVDecoder) -> None:
+        """`other`'s rows join after these, both right-aligned on the last filled slot (positions are explicit, so
+        the left padding this adds changes nothing); room for the longer of the two budgets left."""
+        length = max(self.length, other.length)
+        room = max(self.valid.shape[1] - self.length, other.valid.shape[1] - other.length)
+        rows = self.valid.shape[0] + other.valid.shape[0]
+        layers, _, kv_heads, _, head_dim = self.keys.shape
+        keys = self.keys.new_zeros(layers, rows, kv_heads, length + room, head_dim)
+        values, valid = torch.zeros_like(keys), self.valid.new_zeros(rows, length + room)
+        first = 0
+        for part in (self, other):
+            end, offset = first + part.valid.shape[0], length - part.length
+            keys[:, first:end, :, offset:length] = part.keys[:, :, :, : part.length]
+            values[:, first:end, :, offset:length] = part.values[:, :, :, : part.length]
+            valid[first:end, offset:length] = part.valid[:, : part.length]
+            first = end
+        self.keys, self.values, self.valid, self.length = keys, values, valid, length
+
+    def trim(self) -> None:
+        first = int(self.valid[:, : self.length].any(0).int().argmax())
+        if first > 0:  # views: the slots beyond `length` keep their room
+            self.keys, self.values, self.valid = (
+                self.keys[..., first:, :],
+                self.values[..., first:, :],
+                self.valid[:, first:],
+            )
+            self.length -= first
+
+    def _grow(self, extra: int) -> None:
+        pad = (0, 0, 0, extra)
+        self.keys, self.values = F.pad(self.keys, pad), F.pad(self.values, pad)
+        self.valid = F.pad(self.valid, (0, extra))
 
     def _forward(self, ids, positions, attend, rows: slice) -> torch.Tensor:
         inner = self.model.model
@@ -106,3 +163,63 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     cos, sin = cos[:, None], sin[:, None]
     half = x.shape[-1] // 2
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
+
+
+class HFDecoder:
+    def __init__(self, model):
+        self.model, self.cache, self.mask, self.cache_arg = model, None, None, cache_kwarg(model)
+
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, share: int = 1) -> torch.Tensor:
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        out = self.model(
+            input_ids=ids[::share],
+            attention_mask=mask[::share],
+            position_ids=positions[::share],
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self.cache, self.mask = output_cache(out), mask
+        if share > 1:
+            self.cache.batch_repeat_interleave(share)
+        return out.logits[:, -1].repeat_interleave(share, 0)
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], 1)
+        out = self.model(
+            input_ids=tokens[:, None],
+            attention_mask=self.mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+            **{self.cache_arg: self.cache},
+        )
+        self.cache = output_cache(out)
+        return out.logits[:, -1]
+
+    def select(self, keep: torch.Tensor) -> None:
+        self.cache.batch_select_indices(keep)
+        self.mask = self.mask[keep]
+
+    def merge(self, other: HFDecoder) -> None:
+        self._plain_layers()
+        pad_mine, pad_theirs = (max(0, b.mask.shape[1] - a.mask.shape[1]) for a, b in ((self, other), (other, self)))
+        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
+            mine.keys = torch.cat([F.pad(mine.keys, (0, 0, pad_mine, 0)), F.pad(theirs.keys, (0, 0, pad_theirs, 0))])
+            mine.values = torch.cat(
+                [F.pad(mine.values, (0, 0, pad_mine, 0)), F.pad(theirs.values, (0, 0, pad_theirs, 0))]
+            )
+        self.mask = torch.cat([F.pad(self.mask, (pad_mine, 0)), F.pad(other.mask, (pad_theirs, 0))])
+
+    def trim(self) -> None:
+        self._plain_layers()
+        first = int(self.mask.any(0).int().argmax())
+        if first > 0:
+            self.mask = self.mask[:, first:]
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[..., first:, :], layer.values[..., first:, :]
+
+    def _plain_layers(self) -> None:
+        from transformers.cache_utils import DynamicLayer
+
+        if any(type(layer) is not DynamicLayer for layer in self.cache.layers):
+            raise RuntimeError("continuous batching needs a plain dynamic KV cache (no sliding-window layers)")

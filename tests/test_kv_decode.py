@@ -101,3 +101,21 @@ def test_smollm2_fp32_is_token_for_token_and_bf16_agrees(smollm2, monkeypatch):
     hf, kv = both_loops(monkeypatch, lambda: rollout(half, tokenizer, prompts, max_new_tokens=32, ignore_eos=True))
     agree = (hf.completion_ids == kv.completion_ids).float().mean()
     assert agree >= 0.95, f"bf16: the same token at {agree:.1%} of positions"
+
+
+def test_a_full_cache_grows_and_the_step_logits_equal_hugging_faces(varied, tokenizer):
+    """A decoder given no room beyond the prompt (a caller that under-counted) grows its cache and stays exact."""
+    from t2ray.kv_decode import HFDecoder, KVDecoder
+
+    batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    ours, theirs = KVDecoder(varied, len(PROMPTS), ids.shape[1]), HFDecoder(varied)
+    with torch.no_grad():
+        a, b = ours.prefill(ids, mask), theirs.prefill(ids, mask)
+        position = mask.sum(1, keepdim=True)
+        for _ in range(5):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+            token = a.argmax(-1)
+            a, b = ours.step(token, position), theirs.step(token, position)
+            position = position + 1
+    assert ours.valid.shape[1] > ids.shape[1]

@@ -28,20 +28,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from transformers.cache_utils import DynamicLayer
 
 from t2ray.adapt.dispatch import PrefixScorer, classification_ids, classify
 from t2ray.experts import ExpertError, alpha_matrix, check_expert, mix_z
 from t2ray.generation import (
     GREEDY_BELOW,
     PromptTooLongError,
-    cache_kwarg,
     context_length,
     eos_token_ids,
-    output_cache,
     render,
 )
+from t2ray.kv_decode import new_decoder
 from t2ray.library import library_kind, read_library
 from t2ray.models import load_model
 from t2ray.serve.errors import RequestError, bad_request, not_found
@@ -150,7 +147,6 @@ class ExpertLibrary:
         self._set(None)
         self.context = context_length(self.model)
         self.eos = eos_token_ids(self.model, self.tokenizer)
-        self.cache_kwarg = cache_kwarg(self.model)
         self.mode, self.materialize_after, self.lru_size, self.lru_bytes = mode, materialize_after, lru_size, lru_bytes
         self._z_cache: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
         self._z_cache_size = z_cache_size
@@ -444,16 +440,12 @@ class DecodeBatch:
             ids[i, width - len(it.prompt_ids) :] = torch.tensor(it.prompt_ids)
             attn[i, width - len(it.prompt_ids) :] = 1
         device = self.lib.model.device
-        self.attn = attn.to(device)
-        positions = (self.attn.cumsum(1) - 1).clamp(min=0)
+        attn = attn.to(device)
+        budget = width + max(it.request.max_tokens for it in self.items)
+        self.decoder = new_decoder(self.lib.model, len(self.items), budget)
         self._activate()
-        out = self.lib.model(
-            input_ids=ids.to(device), attention_mask=self.attn, position_ids=positions, use_cache=True, logits_to_keep=1
-        )
-        self.cache, self.logits = output_cache(out), out.logits[:, -1].float()
-        if any(type(layer) is not DynamicLayer for layer in self.cache.layers):
-            raise RuntimeError("continuous batching needs a plain dynamic KV cache (no sliding-window layers)")
-        self.next_pos = self.attn.sum(1)
+        self.logits = self.decoder.prefill(ids.to(device), attn).float()
+        self.next_pos = attn.sum(1)
 
     def _pick(self) -> torch.Tensor:
         tokens = self.logits.argmax(-1)
@@ -537,27 +529,13 @@ class DecodeBatch:
             self.active = []
         return events
 
-    def _trim(self) -> None:
-        """Drop the leading cache columns that are padding on every remaining row (they were a finished row's)."""
-        first = int(self.attn.any(0).int().argmax())
-        if first > 0:
-            self.attn = self.attn[:, first:]
-            for layer in self.cache.layers:
-                layer.keys, layer.values = layer.keys[..., first:, :], layer.values[..., first:, :]
-
     def merge(self, other: DecodeBatch) -> None:
         """The rows of `other` (prefilled, not stepped) join this batch at its next step: KV caches and masks
         left-padded to one length (positions are explicit, so padding changes nothing), their first logits kept for
         the next pick, the mode chosen again for the union."""
         if self.done:
             raise ValueError("merge into a finished batch: start from the joining batch instead")
-        pad_mine, pad_theirs = (max(0, b.attn.shape[1] - a.attn.shape[1]) for a, b in ((self, other), (other, self)))
-        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
-            mine.keys = torch.cat([F.pad(mine.keys, (0, 0, pad_mine, 0)), F.pad(theirs.keys, (0, 0, pad_theirs, 0))])
-            mine.values = torch.cat(
-                [F.pad(mine.values, (0, 0, pad_mine, 0)), F.pad(theirs.values, (0, 0, pad_theirs, 0))]
-            )
-        self.attn = torch.cat([F.pad(self.attn, (pad_mine, 0)), F.pad(other.attn, (pad_theirs, 0))])
+        self.decoder.merge(other.decoder)
         self.next_pos = torch.cat([self.next_pos, other.next_pos])
         self.logits = torch.cat([self.logits, other.logits])
         offset = len(self.items)
@@ -570,22 +548,13 @@ class DecodeBatch:
         device = self.lib.model.device
         if len(keep) < len(self.active):  # rows finished: shrink the batch (cache, mask, positions), re-choose the mode
             index = torch.tensor(keep, device=device)
-            self.cache.batch_select_indices(index)
-            self.attn, self.next_pos, tokens = self.attn[index], self.next_pos[index], tokens[index]
-            self._trim()
+            self.decoder.select(index)
+            self.decoder.trim()  # the leading columns that were only a finished row's
+            self.next_pos, tokens = self.next_pos[index], tokens[index]
             self.active = [self.active[j] for j in keep]
             self._choose_mode()
-        self.attn = torch.cat([self.attn, torch.ones_like(self.attn[:, :1])], 1)
         self._activate()
-        out = self.lib.model(
-            input_ids=tokens[:, None].to(device),
-            attention_mask=self.attn,
-            position_ids=self.next_pos[:, None],
-            use_cache=True,
-            logits_to_keep=1,
-            **{self.lib.cache_kwarg: self.cache},
-        )
-        self.cache, self.logits = output_cache(out), out.logits[:, -1].float()
+        self.logits = self.decoder.step(tokens.to(device), self.next_pos[:, None]).float()
         self.next_pos = self.next_pos + 1
 
     @property

@@ -104,10 +104,12 @@ def test_mixed_batch_rows_match_each_mixture_alone(kind, request, torch_threads)
         torch.testing.assert_close(logits[i][0], ref_logits, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("kind", ["svf", "lora"])
-def test_rows_joining_a_running_batch_decode_as_if_alone(kind, request, torch_threads):
+@pytest.mark.parametrize("kind,loop", [("svf", "kv"), ("lora", "kv"), ("svf", "hf")])
+def test_rows_joining_a_running_batch_decode_as_if_alone(kind, loop, request, torch_threads, monkeypatch):
     """Continuous batching: two requests decode, two more (longer prompts, other mixtures) join after 2 steps and one
-    more after 5, rows leave at different steps; every row's tokens and logits equal that request run alone."""
+    more after 5, rows leave at different steps; every row's tokens and logits equal that request run alone. Both
+    decode steps (t2ray/kv_decode.py: the KV decoder, and Hugging Face's forward that other models run)."""
+    monkeypatch.setenv("T2RAY_DECODE", loop)
     lib = request.getfixturevalue("lib" if kind == "svf" else "lora_lib")
 
     def chat(text, weights, n):
