@@ -1,6 +1,6 @@
 """The decode step alone: t2ray's KV decoder against Hugging Face's forward with its growing cache, side by side.
 
-    .venv/bin/python bench/decode_step.py [--batches 8,32] [--prompt 100] [--steps 32] [--compile] [--no-write]
+    .venv/bin/python bench/decode_step.py [--batches 8,32] [--dtypes auto,float32] [--compile] [--no-write]
 
 SmolLM2-135M-Instruct, random prompt tokens (one row left-padded by 10), in the dtype `auto` picks here and in fp32.
 Per batch size: the prefill's seconds and the mean milliseconds of a decode step (greedy, after the prefill) for both
@@ -48,6 +48,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--compile", action="store_true", help="also the KV step under torch.compile")
+    ap.add_argument("--dtypes", default="auto,float32")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -57,7 +58,7 @@ def main() -> None:
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     compiled_rows = []
-    for dtype in dict.fromkeys([compute_dtype("auto"), "float32"]):
+    for dtype in dict.fromkeys(compute_dtype(d) for d in args.dtypes.split(",")):
         model, _ = load_model("smollm2-135m", dtype=dtype)
         for batch in (int(b) for b in args.batches.split(",")):
             ids = torch.randint(100, 10000, (batch, args.prompt), generator=torch.Generator().manual_seed(0))
