@@ -14,6 +14,7 @@ batch's rows (continuous batching), `trim` columns that are padding on every row
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 
 import torch
@@ -32,11 +33,20 @@ def unsupported_reason(model) -> str | None:
     return None
 
 
+_SAID: set[str] = set()  # fallback reasons already printed (one line per reason and process)
+
+
 def new_decoder(model, rows: int, capacity: int, *, lockstep: bool = False) -> KVDecoder | HFDecoder:
     """The decoder for `rows` rows of up to `capacity` tokens (prompt + new); `lockstep`: ZeRO-3."""
-    if lockstep or unsupported_reason(model) is not None:
+    if lockstep:
         return HFDecoder(model)
-    return KVDecoder(model, rows, capacity)
+    reason = unsupported_reason(model)
+    if reason is None:
+        return KVDecoder(model, rows, capacity)
+    if reason not in _SAID:
+        _SAID.add(reason)
+        logging.getLogger("t2ray").warning("decoding with Hugging Face's forward step: %s", reason)
+    return HFDecoder(model)
 
 
 def unwrapped(model):

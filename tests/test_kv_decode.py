@@ -75,13 +75,19 @@ def test_shared_prompts_sample_as_hugging_faces_loop(varied, tokenizer, monkeypa
     assert len({tuple(row.tolist()) for row in kv.completion_ids[:3]}) > 1  # the k rows of one prompt differ
 
 
-def test_other_architectures_and_the_switch_fall_back_with_a_reason(varied, monkeypatch):
+def test_other_architectures_and_the_switch_fall_back_with_a_reason(varied, monkeypatch, caplog):
     from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from t2ray.kv_decode import HFDecoder, new_decoder
 
     qwen = AutoModelForCausalLM.from_config(
         Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=64)
     )
     assert "qwen2" in unsupported_reason(qwen)
+    with caplog.at_level("WARNING", logger="t2ray"):
+        assert isinstance(new_decoder(qwen, 2, 8), HFDecoder) and isinstance(new_decoder(qwen, 2, 8), HFDecoder)
+    said = [r.getMessage() for r in caplog.records if "Hugging Face's forward step" in r.getMessage()]
+    assert len(said) == 1 and "qwen2" in said[0]  # once per reason, not once per batch
     monkeypatch.setenv("T2RAY_DECODE", "hf")
     assert unsupported_reason(varied) == "T2RAY_DECODE=hf"
 
