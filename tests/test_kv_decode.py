@@ -125,3 +125,23 @@ def test_a_full_cache_grows_and_the_step_logits_equal_hugging_faces(varied, toke
             a, b = ours.step(token, position), theirs.step(token, position)
             position = position + 1
     assert ours.valid.shape[1] > ids.shape[1]
+
+
+def test_bf16_runs_through_packed_weights_that_follow_in_place_edits(varied, tokenizer, monkeypatch):
+    """bf16 on the CPU: plain linears run on oneDNN-packed weights (the same numbers as torch's), and a weight edited
+    in place is packed again before its next use."""
+    from t2ray.kv_decode import _PACKED
+
+    half = varied.to(torch.bfloat16)
+
+    def greedy():
+        return rollout(half, tokenizer, PROMPTS, max_new_tokens=10, ignore_eos=True).completion_ids
+
+    hf, before = both_loops(monkeypatch, greedy)
+    assert torch.equal(hf, before)
+    assert half.lm_head in _PACKED and half.model.layers[0].mlp.down_proj in _PACKED
+    with torch.no_grad():
+        for layer in half.model.layers:
+            layer.mlp.down_proj.weight.mul_(-1)
+    hf, kv = both_loops(monkeypatch, greedy)
+    assert torch.equal(hf, kv) and not torch.equal(kv, before)  # the edit counts, in both steps alike
