@@ -50,7 +50,7 @@ CALIBRATED_MODEL = "smollm2-135m"
 # stages were measured again on 2026-12-05 with the KV decoder (t2ray/kv_decode.py; its evaluations ran 0.53-0.63×
 # the times of Hugging Face's step); the constants of the paper's stages (2026-11-30) are scaled by DECODER_FACTOR,
 # and the pace corrects them as stages finish. Other tasks fall back on a per-token rate.
-PROBE_S = 2.1  # the probe (probe_seconds) on the calibration machine, bf16, packed weights: 2.0-2.14 over 3 runs, 2026-12-05
+PROBE_S = 2.1  # the probe on the calibration machine, bf16, packed weights: 2.0-2.14 s over 3 runs, 2026-12-05
 PROBE_ROWS, PROBE_TOKENS = 32, 16
 PROBE_WEIGHT_S = 120  # the probe's say in the pace, as seconds of finished stages (see Pace)
 DECOMPOSE_S = 10
