@@ -31,6 +31,8 @@ def unsupported_reason(model) -> str | None:
     kind = getattr(unwrapped(model).config, "model_type", None)
     if kind not in SUPPORTED:
         return f"model_type {kind!r} is not one of {SUPPORTED}"
+    if any(hasattr(p, "ds_id") for p in model.parameters()):  # even on one rank: its weights live in the hooks
+        return "DeepSpeed ZeRO-3 partitions the weights"
     return None
 
 

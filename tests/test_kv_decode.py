@@ -88,6 +88,9 @@ def test_other_architectures_and_the_switch_fall_back_with_a_reason(varied, monk
         assert isinstance(new_decoder(qwen, 2, 8), HFDecoder) and isinstance(new_decoder(qwen, 2, 8), HFDecoder)
     said = [r.getMessage() for r in caplog.records if "Hugging Face's forward step" in r.getMessage()]
     assert len(said) == 1 and "qwen2" in said[0]  # once per reason, not once per batch
+    varied.lm_head.weight.ds_id = 3  # how DeepSpeed ZeRO-3 marks a weight it partitions (on one rank too)
+    assert "ZeRO-3" in unsupported_reason(varied)
+    del varied.lm_head.weight.ds_id
     monkeypatch.setenv("T2RAY_DECODE", "hf")
     assert unsupported_reason(varied) == "T2RAY_DECODE=hf"
 
