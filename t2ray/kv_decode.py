@@ -156,6 +156,9 @@ class KVDecoder:
             )
             self.length -= first
 
+    def require_plain_cache(self) -> None:
+        """Rows can always be merged and trimmed here (HFDecoder's check; nothing to check)."""
+
     def _grow(self, extra: int) -> None:
         pad = (0, 0, 0, extra)
         self.keys, self.values = F.pad(self.keys, pad), F.pad(self.values, pad)
@@ -235,7 +238,7 @@ class HFDecoder:
         self.mask = self.mask[keep]
 
     def merge(self, other: HFDecoder) -> None:
-        self._plain_layers()
+        self.require_plain_cache()
         pad_mine, pad_theirs = (max(0, b.mask.shape[1] - a.mask.shape[1]) for a, b in ((self, other), (other, self)))
         for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
             mine.keys = torch.cat([F.pad(mine.keys, (0, 0, pad_mine, 0)), F.pad(theirs.keys, (0, 0, pad_theirs, 0))])
@@ -245,14 +248,15 @@ class HFDecoder:
         self.mask = torch.cat([F.pad(self.mask, (pad_mine, 0)), F.pad(other.mask, (pad_theirs, 0))])
 
     def trim(self) -> None:
-        self._plain_layers()
+        self.require_plain_cache()
         first = int(self.mask.any(0).int().argmax())
         if first > 0:
             self.mask = self.mask[:, first:]
             for layer in self.cache.layers:
                 layer.keys, layer.values = layer.keys[..., first:, :], layer.values[..., first:, :]
 
-    def _plain_layers(self) -> None:
+    def require_plain_cache(self) -> None:
+        """Continuous batching merges and trims caches layer by layer: a model with sliding-window layers cannot."""
         from transformers.cache_utils import DynamicLayer
 
         if any(type(layer) is not DynamicLayer for layer in self.cache.layers):

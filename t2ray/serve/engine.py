@@ -445,6 +445,7 @@ class DecodeBatch:
         self.decoder = new_decoder(self.lib.model, len(self.items), budget)
         self._activate()
         self.logits = self.decoder.prefill(ids.to(device), attn).float()
+        self.decoder.require_plain_cache()  # refused at the first request, not when its first row retires
         self.next_pos = attn.sum(1)
 
     def _pick(self) -> torch.Tensor:
