@@ -311,10 +311,12 @@ def check_rollout(model: str, out: Path) -> None:
         set_z(net, None)
         set_mode(net, "materialized")
         os.environ["T2RAY_DECODE"] = "hf"  # the same loop with Hugging Face's forward as its step
-        speeds["base, HF step"] = tokens_per_s(
-            lambda n, rows=rows: rollout(net, tokenizer, rows, max_new_tokens=n, ignore_eos=True), batch
-        )
-        del os.environ["T2RAY_DECODE"]
+        try:
+            speeds["base, HF step"] = tokens_per_s(
+                lambda n, rows=rows: rollout(net, tokenizer, rows, max_new_tokens=n, ignore_eos=True), batch
+            )
+        finally:
+            del os.environ["T2RAY_DECODE"]
         encoded = tokenizer.apply_chat_template(
             rows, add_generation_prompt=True, return_tensors="pt", padding=True, return_dict=True
         ).to("cuda")
