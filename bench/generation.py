@@ -42,7 +42,7 @@ from common import command_line, interleaved, publish, stamp  # noqa: E402
 
 from t2ray.generation import encode_prompts, render, rollout  # noqa: E402
 from t2ray.models import compute_dtype, load_model, load_tokenizer  # noqa: E402
-from t2ray.rl.rollout import vllm_python  # noqa: E402
+from t2ray.rl.vllm_engine import vllm_python  # noqa: E402
 from t2ray.svf import SVFConfig, patch_model, set_z, svf_layers  # noqa: E402
 from t2ray.tasks import get_task  # noqa: E402
 

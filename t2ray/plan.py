@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 GIB = 2**30
@@ -107,6 +107,9 @@ class Run:
     rollout_rows: int = 32  # rows decoded at once on a rank (its prompts × samples per prompt)
     checkpointing: bool = True
     rollout_engine: str = "hf"
+    engines: int = 0  # rollout engines on GPUs of their own (rollout.num_engines); 0: none, or one per worker
+    engine_gpus: int = 1  # GPUs per engine: vLLM's tensor parallel
+    applier_on: str = "device"  # where an engine rank keeps the part of W and the factors its z sync reads
 
 
 @dataclass
@@ -114,10 +117,16 @@ class Plan:
     rows: dict[str, float]  # GiB per GPU
     gpu_mem_gb: float
     z_values: int
+    engine_rows: dict[str, float] = field(default_factory=dict)  # GiB per GPU of a rollout engine (if on its own)
+    host_gib: float = 0.0  # host memory per engine GPU (rollout.applier_on: host)
 
     @property
     def total(self) -> float:
         return sum(self.rows.values())
+
+    @property
+    def engine_total(self) -> float:
+        return sum(self.engine_rows.values())
 
     @property
     def usable(self) -> float:
@@ -125,15 +134,19 @@ class Plan:
 
     @property
     def fits(self) -> bool:
-        return self.total <= self.usable
+        return self.total <= self.usable and self.engine_total <= self.usable
 
     def table(self) -> str:
         lines = ["| component | GiB per GPU |", "|---|---|"]
         lines += [f"| {k} | {v:.2f} |" for k, v in self.rows.items()]
-        lines += [
-            f"| **total** | **{self.total:.2f}** |",
-            f"| usable (90 % of {self.gpu_mem_gb:g} GB) | {self.usable:.2f} |",
-        ]
+        lines += [f"| **total** | **{self.total:.2f}** |"]
+        if self.engine_rows:
+            lines += ["| *each GPU of a rollout engine* | |"]
+            lines += [f"| {k} | {v:.2f} |" for k, v in self.engine_rows.items()]
+            lines += [f"| **engine total** | **{self.engine_total:.2f}** |"]
+            if self.host_gib:
+                lines += [f"| host memory per engine GPU (applier) | {self.host_gib:.2f} |"]
+        lines += [f"| usable (90 % of {self.gpu_mem_gb:g} GB) | {self.usable:.2f} |"]
         return "\n".join(lines)
 
 
@@ -291,14 +304,51 @@ def plan_run(model: str, run: Run, gpu_mem_gb: float) -> Plan:
         # (on one GPU a partition is the whole tensor, used in place: measured on an H200, RESULTS `gpu_check`)
         live = max(largest_layer(net), min(MAX_LIVE, frozen + sum(p.numel() for p in factors)))
         rows["ZeRO-3 gathered parameters (live + prefetch)"] = (live + PREFETCH_BUCKET) * b / GIB
-    if run.rollout_engine == "vllm":
-        # a separate engine holds the full weights + factors (no ZeRO) and a KV cache for the rollout batch
+    plan = Plan(rows=rows, gpu_mem_gb=gpu_mem_gb, z_values=z)
+    if run.engines:  # engines on GPUs of their own: the trainers' GPUs hold no rollout state
+        plan.engine_rows, plan.host_gib = engine_rows(net, config, run)
+    elif run.rollout_engine == "vllm":
+        # a separate engine beside each trainer holds the full weights + factors (no ZeRO) and a KV cache
         rows["rollout engine (vLLM weights + factors + KV)"] = (
             (frozen + sum(p.numel() for p in factors)) * b + kv
         ) / GIB
     else:
         rows["rollout KV cache (in-process decode)"] = kv / GIB
-    return Plan(rows=rows, gpu_mem_gb=gpu_mem_gb, z_values=z)
+    return plan
+
+
+ENGINE_RUNTIME_GIB = 2.0  # vLLM's own per GPU: CUDA graphs, a step's activations and logits (a budget, not counted)
+ROW_PARALLEL = ("o_proj", "down_proj")  # vLLM splits their input columns; every other projection its output rows
+
+
+def engine_rows(net, config: dict, run: Run) -> tuple[dict[str, float], float]:
+    """GiB per GPU of one tensor-parallel rollout engine (t2ray.rl.vllm_engine), and host GiB per GPU when the z
+    applier lives there. A rank's z sync reads its block of W (whole W where the factor contracts the split side:
+    k/v_proj and o_proj) and each adapted matrix's whole square factor."""
+    b, tp = BYTES[run.dtype], run.engine_gpus
+    layers = {n: m for n, m in net.named_modules() if hasattr(m, "svf_q")}
+    weights = sum(p.numel() for n, p in net.named_parameters() if not n.endswith(("svf_q", "svf_p")))
+    source = 0
+    for name, layer in layers.items():
+        m, n = layer.base_layer.weight.shape
+        split_rows = not name.endswith(ROW_PARALLEL)
+        along = (m >= n) == split_rows  # the split runs along the side the factor does not contract
+        source += m * n // (tp if along else 1)
+    factors = sum(layer.svf_q.numel() for layer in layers.values())
+    kv_heads = config.get("num_key_value_heads") or config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    rows = run.rollout_rows * run.gpus // run.engines  # the run's rollout rows, shared by the engines
+    kv = 2 * config["num_hidden_layers"] * max(1, kv_heads // tp) * head_dim
+    kv *= (run.prompt_len + run.completion_len) * rows * b
+    applier = (source + factors) * b / GIB
+    out = {
+        f"weights ({run.dtype}, tensor parallel {tp})": weights * b / tp / GIB,
+        f"KV cache ({rows} rows)": kv / GIB,
+        "vLLM runtime (CUDA graphs, activations: a budget)": ENGINE_RUNTIME_GIB,
+    }
+    if run.applier_on == "host":
+        return out, applier
+    return {**out, "z applier: its block of W + whole square factors": applier}, 0.0
 
 
 def plan(
@@ -354,4 +404,7 @@ def experiment_run(cfg, prompt_len: int, completion_len: int | None = None) -> R
         rollout_rows=rl.batch_size // workers * k,
         checkpointing=rl.activation_checkpointing,
         rollout_engine="vllm" if rl.rollout_engine == "vllm" else "hf",
+        engines=cfg.rollout.num_engines if rl.rollout_engine != "hf" and cfg.scaling.use_gpu else 0,
+        engine_gpus=cfg.rollout.gpus_per_engine,
+        applier_on=cfg.rollout.applier_on,
     )

@@ -30,8 +30,8 @@ def trained(tiny, tokenizer):
 
 def test_message_round_trip_is_exact(trained):
     z = current_z(trained[0])
-    version, decoded = decode_z(encode_z(z, 7))
-    assert version == 7 and decoded.keys() == z.keys()
+    version, decoded, base = decode_z(encode_z(z, 7, "abc"))
+    assert version == 7 and base == "abc" and decoded.keys() == z.keys()
     assert all(torch.equal(decoded[k], z[k]) for k in z)
 
 
@@ -39,7 +39,7 @@ def test_replica_generates_what_the_trainer_would(trained):
     """Through LocalReplica, as a GPU worker runs it (on its own device, in its own process): the z message only."""
     model, tokenizer = trained
     replica = ReplicaEngine("tiny-llama", SVFConfig(), dtype="float32", device="cpu")
-    sent = LocalReplica(replica).sync(current_z(model), 3)
+    sent = LocalReplica(replica).sync(current_z(model), 3, model.t2ray_fingerprint)
     assert replica.version == 3
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     assert sent < weight_bytes / 100  # only z travels
@@ -56,20 +56,22 @@ def test_replica_refuses_bad_messages(trained):
     replica = ReplicaEngine("tiny-llama", SVFConfig(), dtype="float32")
     with pytest.raises(ZSyncError, match="malformed"):
         replica.receive(b"not a safetensors payload")
-    z = current_z(trained[0])
+    z, base = current_z(trained[0]), trained[0].t2ray_fingerprint
     name = next(iter(z))
     with pytest.raises(ZSyncError, match="expected"):
-        replica.receive(encode_z({name: torch.ones(3)}, 1))
+        replica.receive(encode_z({name: torch.ones(3)}, 1, base))
     with pytest.raises(ZSyncError, match="finite"):
-        replica.receive(encode_z({name: torch.full_like(z[name], float("nan"))}, 1))
+        replica.receive(encode_z({name: torch.full_like(z[name], float("nan"))}, 1, base))
     with pytest.raises(ZSyncError, match="does not adapt"):
-        replica.receive(encode_z({"model.layers.0.self_attn.q_proj": z[name]}, 1))
+        replica.receive(encode_z({"model.layers.0.self_attn.q_proj": z[name]}, 1, base))
+    with pytest.raises(ZSyncError, match="base model"):
+        replica.receive(encode_z(z, 1, "another-model"))
     assert replica.version == -1  # nothing was applied
 
 
 def test_in_process_engine_needs_no_sync(trained):
     model, tokenizer = trained
     engine = InProcessEngine(model, tokenizer)
-    assert engine.sync(current_z(model), 0) == 0
+    assert engine.sync(current_z(model), 0, model.t2ray_fingerprint) == 0
     ours = engine.generate(["x"], max_new_tokens=4, temperature=0, top_p=1, seed=0)
     assert torch.equal(ours.completion_ids, rollout(model, tokenizer, ["x"], max_new_tokens=4).completion_ids)

@@ -179,7 +179,7 @@ def rl_step(
     else:
         model.eval()
         checked(lambda: encode_prompts(tokenizer, prompts, model, max_new), agree)  # a too-long prompt, on any rank
-        sync_bytes = engine.sync(current_z(model), version)  # z only, never weights
+        sync_bytes = engine.sync(current_z(model), version, model.t2ray_fingerprint)  # z only, never weights
         roll = engine.generate(
             prompts,
             max_new_tokens=max_new,

@@ -17,11 +17,29 @@ from t2ray.svf.decompose import Factors
 
 def adapted_weight(w: torch.Tensor, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """W' = W + W V diag(c·z − 1) Vᵀ (tall, q = V) or W + U diag(c·z − 1) Uᵀ W (wide, q = U): O(m·n·r)."""
+    return adapted_block(w, q, s, z, tall=w.shape[0] >= w.shape[1])
+
+
+def adapted_block(
+    w: torch.Tensor,
+    q: torch.Tensor,
+    s: torch.Tensor,
+    z: torch.Tensor,
+    *,
+    tall: bool,
+    rows: slice = slice(None),
+    cols: slice = slice(None),
+) -> torch.Tensor:
+    """W'[rows, cols] from the part of W the identity reads: W[rows, :] when tall, W[:, cols] when wide. A
+    tensor-parallel shard (a block of rows or of columns of W') needs no other rank's weights when its slice runs
+    along the side the factor does not contract."""
     # In the weights' dtype: in bf16 the change (≈ 1 % of W) is rounded to bf16 too, far below W's own rounding,
     # and the build (O(m·n·r), the cost of ~max(m, n) tokens) runs at bf16 speed.
     d = (z.float() * s.sum() / (z.float() * s).sum() - 1).to(w.dtype)  # c·z − 1: exactly 0 for z = 1
     q = q.to(w.dtype)
-    return w + (((w @ q) * d) @ q.T if w.shape[0] >= w.shape[1] else (q * d) @ (q.T @ w))
+    if tall:  # w = W[rows, :]
+        return w[:, cols] + ((w @ q) * d) @ q[cols].T
+    return w[rows] + (q[rows] * d) @ (q.T @ w)  # w = W[:, cols]
 
 
 class SVFLinear(nn.Module):

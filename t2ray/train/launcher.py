@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,18 +55,27 @@ def ensure_ray(address: str | None = None) -> None:
 
 
 def check_resources(cfg: ExperimentConfig) -> None:
-    """Refuse what the cluster can never place (Ray Train would wait for it forever)."""
+    """Refuse what the cluster can never place (Ray Train would wait for it forever), engines included."""
     import ray
 
-    s = cfg.scaling
+    s, r = cfg.scaling, cfg.rollout
     total = ray.cluster_resources()
     kind, need = ("GPU", s.num_workers) if s.use_gpu else ("CPU", s.num_workers * s.cpus_per_worker)
+    engines = r.num_engines if cfg.rl.rollout_engine != "hf" else 0
+    bundle = r.bundle(s.use_gpu)
+    if engines:
+        need += engines * bundle[kind]
     have = total.get(kind, 0)
     if need > have:
+        also = f" and {engines} rollout engine(s) of {bundle}" if engines else ""
         raise TrainError(
-            f"{s.num_workers} workers need {need:g} {kind}s but the cluster has {have:g}; "
-            f"lower scaling.num_workers or scaling.cpus_per_worker"
+            f"{s.num_workers} workers{also} need {need:g} {kind}s but the cluster has {have:g}; "
+            f"lower scaling.num_workers or scaling.cpus_per_worker" + (" or rollout.num_engines" if engines else "")
         )
+    if engines and not any(
+        n["Alive"] and all(n["Resources"].get(k, 0) >= v for k, v in bundle.items()) for n in ray.nodes()
+    ):
+        raise TrainError(f"no node can hold one rollout engine ({bundle}): an engine's GPUs must be on one node")
     for name, amount in s.resources.items():
         if s.num_workers * amount > total.get(name, 0):
             raise TrainError(
@@ -112,9 +121,21 @@ def read_history(run_dir: Path) -> list[dict]:
     return [latest[i] for i in sorted(latest)]
 
 
+def scaling_config(cfg: ExperimentConfig):
+    """Ray Train's placement of the run's workers (the engines have a placement group of their own)."""
+    from ray.train import ScalingConfig
+
+    return ScalingConfig(
+        num_workers=cfg.scaling.num_workers,
+        use_gpu=cfg.scaling.use_gpu,
+        resources_per_worker=cfg.scaling.per_worker(),
+        placement_strategy=cfg.scaling.placement_strategy,
+    )
+
+
 def make_trainer(cfg: ExperimentConfig, worker, loop_config: dict, callbacks: list | None = None):
     """The TorchTrainer of one run (plain `t2ray train` and every Tune trial): writes the run's config.yaml."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     run_dir = cfg.run_dir
@@ -123,12 +144,7 @@ def make_trainer(cfg: ExperimentConfig, worker, loop_config: dict, callbacks: li
     return TorchTrainer(
         worker,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(
-            num_workers=cfg.scaling.num_workers,
-            use_gpu=cfg.scaling.use_gpu,
-            resources_per_worker=cfg.scaling.per_worker(),
-            placement_strategy=cfg.scaling.placement_strategy,
-        ),
+        scaling_config=scaling_config(cfg),
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
         run_config=RunConfig(
             name=cfg.name,
@@ -138,6 +154,25 @@ def make_trainer(cfg: ExperimentConfig, worker, loop_config: dict, callbacks: li
             callbacks=callbacks or [],
         ),
     )
+
+
+@contextmanager
+def rollout_engines(cfg: ExperimentConfig):
+    """The run's shared rollout engines (rollout.num_engines ≥ 1), placed and started before the trainers and
+    stopped after them; None when each worker has its own."""
+    if cfg.rl.rollout_engine == "hf" or cfg.rollout.num_engines == 0:
+        yield None
+        return
+    from t2ray.train.engines import EnginePool, EngineStartError
+
+    try:
+        pool = EnginePool(cfg)
+    except EngineStartError as err:
+        raise TrainError(str(err)) from None
+    try:
+        yield pool.handles
+    finally:
+        pool.close()
 
 
 def train(cfg: ExperimentConfig, *, address: str | None = None, progress: bool = True) -> TrainOutcome:
@@ -155,10 +190,12 @@ def train(cfg: ExperimentConfig, *, address: str | None = None, progress: bool =
     from t2ray.train.worker import train_worker
 
     run_dir = cfg.run_dir
-    with DriverProgress(cfg.name, cfg.rl.iterations) if progress else nullcontext() as bar:
-        trainer = make_trainer(
-            cfg, train_worker, {"experiment": cfg.model_dump(mode="json")}, callbacks=[bar.callback] if bar else None
-        )
+    with (
+        rollout_engines(cfg) as engines,
+        DriverProgress(cfg.name, cfg.rl.iterations) if progress else nullcontext() as bar,
+    ):
+        loop_config = {"experiment": cfg.model_dump(mode="json"), "engines": engines}
+        trainer = make_trainer(cfg, train_worker, loop_config, callbacks=[bar.callback] if bar else None)
         try:
             result = trainer.fit()
         except SystemExit:  # Ray Train's own Ctrl-C handler aborts the run, then exits the driver

@@ -221,6 +221,7 @@ def train_worker(loop_config: dict) -> None:
             resume_from=Path(folder) if folder else None,
             report=report,
             on_start=lambda state, adapter: record_placement(cfg.run_dir, rank, world, state.iteration),
+            engines=loop_config.get("engines"),
         )
 
 
@@ -249,12 +250,14 @@ def run_worker(
     resume_from: Path | None = None,
     report: Callable[[dict, Path | None], None] = lambda metrics, checkpoint_dir: None,
     on_start: Callable[[object, object], None] = lambda state, adapter: None,
+    engines: list | None = None,
 ):
     """One rank of a training run, without Ray (Ray Train's worker, or a plain `torch.distributed` process such as
     bench/gpu_check.py's): the process group is already up (or world is 1). Builds the model and adapter (ZeRO-3:
     partitioned as built, each SVD once for all ranks), wraps them in DeepSpeed, runs the plain RL loop, reports
     metrics every iteration and a checkpoint (z + full Adam moments + loop state) at every evaluation; rank 0 writes
-    the expert. Returns the loop's final state."""
+    the expert. `engines`: the run's shared rollout engine actors (rollout.num_engines ≥ 1). Returns the loop's
+    final state."""
     select_accelerator(cfg.scaling.use_gpu)
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))  # no oversubscription of shared cores
     # DeepSpeed's ZeRO calls a torch collective that torch deprecated: once per step, in every worker's log
@@ -362,7 +365,7 @@ def run_worker(
         reduce=all_reduce_sum,
         state=state,
         on_iteration=on_iteration,
-        engine=start_engine(cfg, device),
+        engine=start_engine(cfg, device, engines, rank),
         all_done=every_rank_done if zero3 and world > 1 else None,
         agree=raise_if_any_rank_failed,
     )

@@ -386,6 +386,10 @@ class Sweep:
             need["CPU"] = need.get("CPU", 0) + workers * self.max_of("scaling.cpus_per_worker")
             for name, amount in self.values_of("scaling.resources")[0].items():  # custom ones (fixed, not searched)
                 need[name] = need.get(name, 0) + workers * amount
+            base = self.base_model()
+            if base.rl.rollout_engine != "hf":  # the trial's own rollout engines (rollout.num_engines ≥ 1)
+                for name, amount in base.rollout.bundle(base.scaling.use_gpu).items():
+                    need[name] = need.get(name, 0) + base.rollout.num_engines * amount
         else:
             actors = self.max_of("cem.actors")
             if actors > 1:

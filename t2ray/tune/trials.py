@@ -157,21 +157,26 @@ def _starting_point(sweep: Sweep, trial_id: str) -> tuple[str, str | None]:
 def rl_trial(config: dict, spec: dict) -> None:
     """Tune function trainable: fit one Ray Train run for this trial's config, reporting every iteration."""
     import ray.tune
-    from ray.util.queue import Empty, Queue
+    from ray.util.queue import Queue
 
-    from t2ray.train.launcher import make_trainer
+    from t2ray.train.launcher import make_trainer, rollout_engines
 
     sweep = Sweep.from_spec(spec)
     trial_id = ray.tune.get_context().get_trial_id()
     name, init = _starting_point(sweep, trial_id)
     cfg = trial_experiment(sweep, config, name)
-    queue = Queue(actor_options={"num_cpus": 0})
-    trainer = make_trainer(
-        cfg,
-        tune_worker,
-        {"experiment": cfg.model_dump(mode="json"), "init_checkpoint": init},
-        callbacks=[ForwardToTune(queue)],
-    )
+    with rollout_engines(cfg) as engines:
+        queue = Queue(actor_options={"num_cpus": 0})
+        loop_config = {"experiment": cfg.model_dump(mode="json"), "init_checkpoint": init, "engines": engines}
+        trainer = make_trainer(cfg, tune_worker, loop_config, callbacks=[ForwardToTune(queue)])
+        _fit_and_forward(trainer, queue, trial_id, name)
+
+
+def _fit_and_forward(trainer, queue, trial_id: str, name: str) -> None:
+    """Fit the trial's Train run in a thread, forwarding its reports (and checkpoints) to Tune."""
+    import ray.tune
+    from ray.util.queue import Empty
+
     outcome: dict = {}
 
     def fit() -> None:
