@@ -229,8 +229,9 @@ def adapt(
     mixture_out: Path | None = typer.Option(None, help="fewshot: save the found α as a mixture file"),
 ):
     """Two-pass self-adaptation on a task split: pass 1 picks the expert mixture, pass 2 answers."""
+    options = dict(locals())  # the options by name: those of the cem and routing sections are named as their fields
     from t2ray.adapt.two_pass import run_adapt, save_found_mixture
-    from t2ray.config import AdaptConfig, deep_merge, read_yaml
+    from t2ray.config import AdaptConfig, CEMConfig, RoutingConfig, deep_merge, read_yaml
 
     given = {
         "strategy": strategy,
@@ -243,16 +244,8 @@ def adapt(
         "split": split,
         "limit": limit,
         "allow_transfer": allow_transfer,
-        "cem": dict(
-            shots=shots,
-            population=population,
-            generations=generations,
-            elite_ratio=elite_ratio,
-            per_module=per_module,
-            actors=actors,
-            seed=seed,
-        ),
-        "routing": dict(every=every, recompute_prefix=recompute_prefix),
+        "cem": {name: options.get(name) for name in CEMConfig.model_fields},
+        "routing": {name: options.get(name) for name in RoutingConfig.model_fields},
     }
     cfg = AdaptConfig.model_validate(deep_merge(read_yaml(config) if config else {}, drop_unset(given)))
     if cfg.cem.actors > 1:
