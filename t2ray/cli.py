@@ -148,32 +148,19 @@ def eval_(
     out: Path | None = typer.Option(None, help="write the full result JSON here"),
 ):
     """Accuracy of the base model, an expert, or a mixture on a task split."""
-    from t2ray.evaluate import evaluate, evaluate_choices
+    from t2ray.evaluate import MODES, evaluate
     from t2ray.library import load_adapted
     from t2ray.tasks import get_task
 
-    if mode not in ("generate", "completion", "loglik"):
-        raise ValueError(f"--mode {mode!r}: generate | completion | loglik")
+    if mode not in MODES:  # before the model loads
+        raise ValueError(f"--mode {mode!r}: {' | '.join(MODES)}")
     the_task = get_task(task, seed=seed)
     net, tokenizer, label = load_adapted(
         model, expert=expert, mix=mix, mixture=mixture, allow_transfer=allow_transfer, dtype=dtype
     )
-    if mode == "loglik":
-        result = evaluate_choices(
-            net, tokenizer, the_task, split=split, limit=limit, batch_size=batch_size, adapter=label
-        )
-    else:
-        result = evaluate(
-            net,
-            tokenizer,
-            the_task,
-            split=split,
-            limit=limit,
-            batch_size=batch_size,
-            seed=seed,
-            adapter=label,
-            completion=mode == "completion",
-        )
+    result = evaluate(
+        net, tokenizer, the_task, mode=mode, split=split, limit=limit, batch_size=batch_size, seed=seed, adapter=label
+    )
     if out:
         result.save(out)
     emit(result.summary())
