@@ -4,7 +4,7 @@
     .venv/bin/python bench/harness_agreement.py [--limit N] [--write]
 
 ARC-Easy and ARC-Challenge, log-likelihood, 0-shot, every test item of the bundled data (or the first --limit), in
-float32: t2ray's `t2ray eval --mode loglik` (t2ray.evaluate.evaluate_choices) and lm-eval's `--model hf` on a task
+float32: t2ray's `t2ray eval --mode loglik` (t2ray.evaluate.evaluate) and lm-eval's `--model hf` on a task
 that keeps lm-eval's ARC settings (doc_to_text "Question: {{question}}\\nAnswer:", the option texts as choices,
 acc and acc_norm) over the same rows, exported to JSONL. GSM8K, generation, 0-shot, the first --gsm8k-limit test
 items: `t2ray eval --mode completion` (the bare "Question: …\\nAnswer:" continued greedily, cut at lm-eval's stop
@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import command_line, publish, stamp  # noqa: E402
 
-from t2ray.evaluate import evaluate, evaluate_choices  # noqa: E402
+from t2ray.evaluate import evaluate  # noqa: E402
 from t2ray.models import load_model  # noqa: E402
 from t2ray.models.loader import resolve  # noqa: E402
 from t2ray.tasks import get_task  # noqa: E402
@@ -208,15 +208,11 @@ def main() -> None:
         lm_eval_s = time.perf_counter() - start
         start = time.perf_counter()
         for name, task in TASKS.items():
+            mode = "completion" if name == "gsm8k" else "loglik"
+            ours = evaluate(model, tokenizer, get_task(name), mode=mode, limit=limits[name], batch_size=args.batch_size)
             if name == "gsm8k":
-                ours = evaluate(
-                    model, tokenizer, get_task(name), limit=limits[name], batch_size=args.batch_size, completion=True
-                )
                 generation.append((name, compare_generation(items[name], ours, theirs[task])))
             else:
-                ours = evaluate_choices(
-                    model, tokenizer, get_task(name), limit=limits[name], batch_size=args.batch_size
-                )
                 rows.append((name, compare(items[name], ours, theirs[task])))
         t2ray_s = time.perf_counter() - start
     lines = [

@@ -148,32 +148,19 @@ def eval_(
     out: Path | None = typer.Option(None, help="write the full result JSON here"),
 ):
     """Accuracy of the base model, an expert, or a mixture on a task split."""
-    from t2ray.evaluate import evaluate, evaluate_choices
+    from t2ray.evaluate import MODES, evaluate
     from t2ray.library import load_adapted
     from t2ray.tasks import get_task
 
-    if mode not in ("generate", "completion", "loglik"):
-        raise ValueError(f"--mode {mode!r}: generate | completion | loglik")
+    if mode not in MODES:  # before the model loads
+        raise ValueError(f"--mode {mode!r}: {' | '.join(MODES)}")
     the_task = get_task(task, seed=seed)
     net, tokenizer, label = load_adapted(
         model, expert=expert, mix=mix, mixture=mixture, allow_transfer=allow_transfer, dtype=dtype
     )
-    if mode == "loglik":
-        result = evaluate_choices(
-            net, tokenizer, the_task, split=split, limit=limit, batch_size=batch_size, adapter=label
-        )
-    else:
-        result = evaluate(
-            net,
-            tokenizer,
-            the_task,
-            split=split,
-            limit=limit,
-            batch_size=batch_size,
-            seed=seed,
-            adapter=label,
-            completion=mode == "completion",
-        )
+    result = evaluate(
+        net, tokenizer, the_task, mode=mode, split=split, limit=limit, batch_size=batch_size, seed=seed, adapter=label
+    )
     if out:
         result.save(out)
     emit(result.summary())
@@ -229,8 +216,9 @@ def adapt(
     mixture_out: Path | None = typer.Option(None, help="fewshot: save the found α as a mixture file"),
 ):
     """Two-pass self-adaptation on a task split: pass 1 picks the expert mixture, pass 2 answers."""
+    options = dict(locals())  # the options by name: those of the cem and routing sections are named as their fields
     from t2ray.adapt.two_pass import run_adapt, save_found_mixture
-    from t2ray.config import AdaptConfig, deep_merge, read_yaml
+    from t2ray.config import AdaptConfig, CEMConfig, RoutingConfig, deep_merge, read_yaml
 
     given = {
         "strategy": strategy,
@@ -243,16 +231,8 @@ def adapt(
         "split": split,
         "limit": limit,
         "allow_transfer": allow_transfer,
-        "cem": dict(
-            shots=shots,
-            population=population,
-            generations=generations,
-            elite_ratio=elite_ratio,
-            per_module=per_module,
-            actors=actors,
-            seed=seed,
-        ),
-        "routing": dict(every=every, recompute_prefix=recompute_prefix),
+        "cem": {name: options.get(name) for name in CEMConfig.model_fields},
+        "routing": {name: options.get(name) for name in RoutingConfig.model_fields},
     }
     cfg = AdaptConfig.model_validate(deep_merge(read_yaml(config) if config else {}, drop_unset(given)))
     if cfg.cem.actors > 1:

@@ -60,42 +60,81 @@ def cut_at_stop(text: str, stops: tuple[str, ...] = COMPLETION_STOP) -> str:
     return min((text.split(stop)[0] for stop in stops), key=len)
 
 
+MODES = ("generate", "completion", "loglik")
+
+
 def evaluate(
     model,
     tokenizer,
     task: Task,
     *,
+    mode: str = "generate",
     split: str = "test",
     limit: int | None = None,
     batch_size: int = 64,
     seed: int = 0,
     adapter: str = "base",
     progress: bool = True,
-    completion: bool = False,
 ) -> EvalResult:
-    """Greedy generation on `split` (first `limit` items) and lenient grading. `completion`: the model continues
-    each item's bare context ("Question: …\nAnswer:", no chat template) and the text is cut at COMPLETION_STOP,
-    as lm-evaluation-harness's generation tasks do; the task's grader then grades it."""
+    """Accuracy on `split` (its first `limit` items), by `mode`:
+
+    - generate: greedy generation from the task's chat prompt, graded leniently;
+    - completion: the model continues each item's bare context ("Question: …\nAnswer:", no chat template) and the
+      text is cut at COMPLETION_STOP, as lm-evaluation-harness's generation tasks do; the task's grader grades it;
+    - loglik: multiple choice by log-likelihood, as lm-evaluation-harness's `acc` and `acc_norm`: every choice,
+      after a space, continues the item's context; `acc` picks the highest Σ log p, `acc_norm` the highest per
+      character of the choice. No generation, so small models get a signal where they cannot yet answer in format.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r}: {' | '.join(MODES)}")
     examples = task.examples(split)[:limit]
-    if completion and any(ex.context is None for ex in examples):
+    if mode == "completion" and any(ex.context is None for ex in examples):
         raise ValueError(f"{task.name}: completion mode needs items with a context (gsm8k, arc-easy, arc-challenge)")
-    prompts = [RawText(ex.context) if completion else task.messages(ex) for ex in examples]
+    if mode == "loglik" and (missing := [ex.id for ex in examples if not ex.choices or not ex.context]):
+        raise ValueError(
+            f"{task.name}: log-likelihood evaluation needs multiple-choice items with a context "
+            f"(arc-easy, arc-challenge); {missing[0]} has none"
+        )
     start = time.perf_counter()
-    completions = generate(
-        model,
-        tokenizer,
-        prompts,
-        max_new_tokens=task.max_new_tokens,
-        batch_size=batch_size,
-        seed=seed,
-        progress=progress,
-        desc=f"eval {task.name}/{split}",
+    if mode == "loglik":
+        records = _choice_records(model, tokenizer, examples, batch_size, progress, f"loglik {task.name}/{split}")
+    else:
+        records = _graded_records(
+            model,
+            tokenizer,
+            task,
+            examples,
+            mode == "completion",
+            batch_size=batch_size,
+            seed=seed,
+            progress=progress,
+            desc=f"eval {task.name}/{split}",
+        )
+    correct = sum(r["correct"] for r in records)
+    n = max(1, len(records))
+    return EvalResult(
+        task=task.name,
+        split=split,
+        accuracy=correct / n,
+        n=len(records),
+        correct=correct,
+        seconds=time.perf_counter() - start,
+        adapter=adapter,
+        records=records,
+        metrics={"acc_norm": sum(r["correct_norm"] for r in records) / n} if mode == "loglik" else {},
     )
+
+
+def _graded_records(
+    model, tokenizer, task: Task, examples: list[Example], completion: bool, **generation
+) -> list[dict]:
+    """Greedy completions (of the bare contexts, cut at COMPLETION_STOP, for `completion`), each graded."""
+    prompts = [RawText(ex.context) if completion else task.messages(ex) for ex in examples]
+    completions = generate(model, tokenizer, prompts, max_new_tokens=task.max_new_tokens, **generation)
     if completion:
         completions = [cut_at_stop(text) for text in completions]
     grades = grade_all(task, examples, completions)
-    correct = sum(ok for ok, _ in grades)
-    records = [
+    return [
         {
             "id": ex.id,
             "prompt": ex.prompt,
@@ -106,45 +145,17 @@ def evaluate(
         }
         for ex, text, (ok, err) in zip(examples, completions, grades, strict=True)
     ]
-    return EvalResult(
-        task=task.name,
-        split=split,
-        accuracy=correct / max(1, len(examples)),
-        n=len(examples),
-        correct=correct,
-        seconds=time.perf_counter() - start,
-        adapter=adapter,
-        records=records,
-    )
 
 
-def evaluate_choices(
-    model,
-    tokenizer,
-    task: Task,
-    *,
-    split: str = "test",
-    limit: int | None = None,
-    batch_size: int = 32,
-    adapter: str = "base",
-    progress: bool = True,
-) -> EvalResult:
-    """Multiple choice by log-likelihood, as lm-evaluation-harness's `acc` and `acc_norm`: every choice, after a
-    space, continues the item's context; `acc` picks the highest Σ log p, `acc_norm` the highest per character
-    of the choice. No generation, so small models get a signal where they cannot yet answer in format."""
+def _choice_records(
+    model, tokenizer, examples: list[Example], batch_size: int, progress: bool, desc: str
+) -> list[dict]:
+    """Every choice's log-likelihood after its item's context; the picks by Σ log p and by log p per character."""
     from tqdm.auto import tqdm
 
-    examples = task.examples(split)[:limit]
-    missing = [ex.id for ex in examples if not ex.choices or not ex.context]
-    if missing:
-        raise ValueError(
-            f"{task.name}: log-likelihood evaluation needs multiple-choice items with a context "
-            f"(arc-easy, arc-challenge); {missing[0]} has none"
-        )
-    start = time.perf_counter()
     pairs = [(ex.context, " " + choice) for ex in examples for choice in ex.choices]
     scores: list[float] = []
-    with tqdm(total=len(pairs), desc=f"loglik {task.name}/{split}", unit="choice", disable=not progress) as bar:
+    with tqdm(total=len(pairs), desc=desc, unit="choice", disable=not progress) as bar:
         for first in range(0, len(pairs), 8 * batch_size):
             chunk = pairs[first : first + 8 * batch_size]
             scores += continuation_logliks(model, tokenizer, chunk, batch_size=batch_size)
@@ -167,16 +178,4 @@ def evaluate_choices(
                 "correct_norm": pick_norm == gold,
             }
         )
-    correct = sum(r["correct"] for r in records)
-    n = max(1, len(records))
-    return EvalResult(
-        task=task.name,
-        split=split,
-        accuracy=correct / n,
-        n=len(records),
-        correct=correct,
-        seconds=time.perf_counter() - start,
-        adapter=adapter,
-        records=records,
-        metrics={"acc_norm": sum(r["correct_norm"] for r in records) / n},
-    )
+    return records

@@ -168,13 +168,7 @@ def decode(
         if recompute_prefix:  # prompt + prefix again, no cache
             mask = torch.cat([prompt_mask, torch.ones_like(generated)], 1)
             ids = torch.cat([prompt_ids, generated], 1)
-            logits = model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=(mask.cumsum(1) - 1).clamp(min=0),
-                use_cache=False,
-                logits_to_keep=1,
-            ).logits[:, -1]
+            logits = padded_forward(model, ids, mask, use_cache=False, logits_to_keep=1).logits[:, -1]
             forward_tokens += ids.numel()
         elif i == 0:
             logits = decoder.prefill(prompt_ids, prompt_mask, samples_per_prompt)
@@ -201,6 +195,11 @@ def decode(
         completion_mask(generated, set(eos_ids)) if stop_at_eos else torch.ones_like(generated),
         forward_tokens,
     )
+
+
+def padded_forward(model, ids: torch.Tensor, mask: torch.Tensor, **options):
+    """The model over left-padded rows: each row's positions start at its first real token."""
+    return model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0), **options)
 
 
 @contextmanager
@@ -278,17 +277,14 @@ def generate(
     tokenizer,
     prompts: Sequence[Messages | str],
     *,
-    max_new_tokens: int = 64,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
     batch_size: int = 64,
     seed: int = 0,
     progress: bool = False,
     desc: str = "generate",
-    reply_prefix: str = "",
-    all_done: AllDone | None = None,
+    **options,
 ) -> list[str]:
-    """Batched generation; deterministic for a given seed. Returns the completion texts in order.
+    """Batched generation; deterministic for a given seed. Returns the completion texts in order. `options` go to
+    `rollout` (max_new_tokens, temperature, top_p, reply_prefix, all_done...).
 
     Wide batches are what make CPU and GPU decoding fast (a decode step costs about the same for 8 rows as for
     64); prompts are batched by length so that little of each batch is padding."""
@@ -297,17 +293,7 @@ def generate(
     with tqdm(total=len(prompts), desc=desc, disable=not progress, unit="prompt") as bar:
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
-            out = rollout(
-                model,
-                tokenizer,
-                [prompts[i] for i in rows],
-                max_new_tokens=max_new_tokens,
-                temperature=temperature,
-                top_p=top_p,
-                seed=seed + start,
-                reply_prefix=reply_prefix,
-                all_done=all_done,
-            )
+            out = rollout(model, tokenizer, [prompts[i] for i in rows], seed=seed + start, **options)
             for i, text in zip(rows, out.texts, strict=True):
                 texts[i] = text
             bar.update(len(rows))
@@ -328,14 +314,9 @@ def completion_logits(
         )
     input_ids = torch.cat([prompt_ids, completion_ids], 1)
     attention = torch.cat([prompt_mask, completion_mask_], 1)
-    positions = (attention.cumsum(1) - 1).clamp(min=0)  # left padding: positions start at each row's first token
     # the LM head (49k-vocab on SmolLM2: a fifth of the model's FLOPs) only where a completion token is predicted
-    logits = model(
-        input_ids=input_ids,
-        attention_mask=attention,
-        position_ids=positions,
-        use_cache=False,
-        logits_to_keep=completion_ids.shape[1] + 1,
+    logits = padded_forward(
+        model, input_ids, attention, use_cache=False, logits_to_keep=completion_ids.shape[1] + 1
     ).logits
     return logits[:, :-1]
 
@@ -344,13 +325,7 @@ def shared_prompt_logits(model, prompt_ids, prompt_mask, completion_ids, complet
     if prompt_ids.shape[0] % k or not torch.equal(prompt_ids[::k].repeat_interleave(k, 0), prompt_ids):
         raise ValueError(f"rows are not groups of {k} copies of one prompt")
     once_ids, once_mask = prompt_ids[::k], prompt_mask[::k]
-    out = model(
-        input_ids=once_ids,
-        attention_mask=once_mask,
-        position_ids=(once_mask.cumsum(1) - 1).clamp(min=0),
-        use_cache=True,
-        logits_to_keep=1,
-    )
+    out = padded_forward(model, once_ids, once_mask, use_cache=True, logits_to_keep=1)
     first = out.logits[:, -1:].repeat_interleave(k, 0)  # predicts completion token 0
     if completion_ids.shape[1] == 1:
         return first

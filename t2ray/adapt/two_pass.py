@@ -374,26 +374,16 @@ def run_cem(cfg: AdaptConfig, fitness, shape: tuple[int, ...], *, progress: bool
     """CEM over α of `shape` with cfg.cem's settings; a fitness with shutdown() (Ray actors) is shut down after."""
     from t2ray.adapt.cem import cem_search
 
-    c = cfg.cem
-
     def scored(alphas):
         scores = fitness(alphas)
         if observe is not None:
             observe(alphas, scores)
         return scores
 
+    # every setting of cfg.cem is the search's but those of the fitness (shots, actors) and of α's shape (per_module)
+    search = cfg.cem.model_dump(exclude={"shots", "actors", "per_module"})
     try:
-        return cem_search(
-            scored,
-            shape,
-            population=c.population,
-            elite_ratio=c.elite_ratio,
-            generations=c.generations,
-            init_std=c.init_std,
-            normalize=c.normalize,
-            seed=c.seed,
-            progress=progress,
-        )
+        return cem_search(scored, shape, **search, progress=progress)
     finally:
         if hasattr(fitness, "shutdown"):
             fitness.shutdown()

@@ -466,9 +466,21 @@ class Dispatcher:
     def model_ids(self) -> list[str]:
         return ["auto", "base", *self.experts, *self.mixtures]
 
-    async def _call(self, method: str, *args):
-        """A replica call, re-sent when the replica died under it (Serve starts a replacement)."""
+    async def _resent(self, send, died: str):
+        """`await send()`, sent again when the replica died under it (Serve starts a replacement); once the retries
+        are spent, a 503 that says `died`."""
         for attempt in range(self.s["retries"] + 1):
+            try:
+                return await send()
+            except REPLICA_GONE:
+                if attempt == self.s["retries"]:
+                    raise RequestError(503, died, type="server_error", code="replica_unavailable") from None
+                await asyncio.sleep(0.5 * (attempt + 1))
+
+    async def _call(self, method: str, *args):
+        """A replica call, re-sent when the replica died under it."""
+
+        async def send():
             try:
                 return await getattr(self.replicas, method).remote(*args)
             except BACKPRESSURE:
@@ -478,15 +490,10 @@ class Dispatcher:
                     type="server_error",
                     code="server_overloaded",
                 ) from None
-            except REPLICA_GONE:
-                if attempt == self.s["retries"]:
-                    raise RequestError(
-                        503,
-                        "the model replica died and its replacement did not answer in time; retry the request",
-                        type="server_error",
-                        code="replica_unavailable",
-                    ) from None
-                await asyncio.sleep(0.5 * (attempt + 1))
+
+        return await self._resent(
+            send, "the model replica died and its replacement did not answer in time; retry the request"
+        )
 
     @staticmethod
     def _raise_if_error(result: dict) -> dict:
@@ -519,22 +526,22 @@ class Dispatcher:
         label = "mix:" + ",".join(f"{n}={w:g}" for n, w in pairs)
         return MixtureRef(label, tuple(n for n, _ in pairs), tuple(w for _, w in pairs))
 
-    def _expert_ref(self, name: str | None, param: str) -> MixtureRef:
-        if name not in self.experts:
+    @staticmethod
+    def _require(kind: str, name: str | None, known: dict, param: str) -> None:
+        """A 404 that lists the valid ones unless `name` is a known `kind` (expert, mixture)."""
+        if name not in known:
             raise not_found(
-                f"unknown expert {name!r}; valid experts: {', '.join(self.experts) or '(none)'}",
+                f"unknown {kind} {name!r}; valid {kind}s: {', '.join(known) or '(none)'}",
                 param=param,
-                code="expert_not_found",
+                code=f"{kind}_not_found",
             )
+
+    def _expert_ref(self, name: str | None, param: str) -> MixtureRef:
+        self._require("expert", name, self.experts, param)
         return MixtureRef(f"expert:{name}", (name,), (1.0,))
 
     def _mixture_ref(self, name: str | None, param: str) -> MixtureRef:
-        if name not in self.mixtures:
-            raise not_found(
-                f"unknown mixture {name!r}; valid mixtures: {', '.join(self.mixtures) or '(none)'}",
-                param=param,
-                code="mixture_not_found",
-            )
+        self._require("mixture", name, self.mixtures, param)
         m = self.mixtures[name]
         alpha = tuple(tuple(a) if isinstance(a, list) else a for a in m["alpha"])
         return MixtureRef(f"mixture:{name}", tuple(m["experts"]), alpha)
@@ -640,20 +647,13 @@ class Dispatcher:
 
     async def _open_stream(self, request: GenRequest):
         """A replica stream and its first event (a request that dies before its first event is re-sent)."""
-        for attempt in range(self.s["retries"] + 1):
-            try:
-                stream = self.replicas.options(stream=True).stream.remote(request)
-                first = await stream.__anext__()
-                return stream, self._raise_if_error(first)
-            except REPLICA_GONE:
-                if attempt == self.s["retries"]:
-                    raise RequestError(
-                        503,
-                        "the model replica died; retry the request",
-                        type="server_error",
-                        code="replica_unavailable",
-                    ) from None
-                await asyncio.sleep(0.5 * (attempt + 1))
+
+        async def send():
+            stream = self.replicas.options(stream=True).stream.remote(request)
+            first = await stream.__anext__()
+            return stream, self._raise_if_error(first)
+
+        return await self._resent(send, "the model replica died; retry the request")
 
     async def _stream(self, body, question: str, chat: bool, **prompt):
         t0 = time.perf_counter()

@@ -221,62 +221,50 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
+def envelope(rid: str, kind: str, model: str, choices: list[dict], **rest) -> dict:
+    """What every response and stream chunk holds: id, object (`kind`), created, model and choices, then `rest`."""
+    return {"id": rid, "object": kind, "created": int(time.time()), "model": model, "choices": choices, **rest}
+
+
 def chat_response(rid: str, model: str, text: str, final: dict, t2ray: dict) -> dict:
-    return {
-        "id": rid,
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "finish_reason": final["finish_reason"],
-                "logprobs": None,
-            }
-        ],
-        "usage": usage(final["prompt_tokens"], final["completion_tokens"]),
-        "t2ray": t2ray,
+    choice = {
+        "index": 0,
+        "message": {"role": "assistant", "content": text},
+        "finish_reason": final["finish_reason"],
+        "logprobs": None,
     }
+    return envelope(
+        rid,
+        "chat.completion",
+        model,
+        [choice],
+        usage=usage(final["prompt_tokens"], final["completion_tokens"]),
+        t2ray=t2ray,
+    )
 
 
 def chat_chunk(rid: str, model: str, delta: dict, finish_reason: str | None = None, **extra) -> dict:
-    return {
-        "id": rid,
-        "object": "chat.completion.chunk",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
-        **extra,
-    }
+    choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+    return envelope(rid, "chat.completion.chunk", model, [choice], **extra)
 
 
 def completion_response(rid: str, model: str, choices: list[tuple[str, dict, dict]]) -> dict:
-    return {
-        "id": rid,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [
+    return envelope(
+        rid,
+        "text_completion",
+        model,
+        [
             {"index": i, "text": text, "finish_reason": final["finish_reason"], "logprobs": None, "t2ray": info}
             for i, (text, final, info) in enumerate(choices)
         ],
-        "usage": usage(
-            sum(f["prompt_tokens"] for _, f, _ in choices), sum(f["completion_tokens"] for _, f, _ in choices)
-        ),
-        "t2ray": choices[0][2],
-    }
+        usage=usage(sum(f["prompt_tokens"] for _, f, _ in choices), sum(f["completion_tokens"] for _, f, _ in choices)),
+        t2ray=choices[0][2],
+    )
 
 
 def completion_chunk(rid: str, model: str, text: str, finish_reason: str | None = None, **extra) -> dict:
-    return {
-        "id": rid,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}],
-        **extra,
-    }
+    choice = {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
+    return envelope(rid, "text_completion", model, [choice], **extra)
 
 
 def sse(obj: dict | str) -> str:

@@ -335,8 +335,7 @@ def run_python(
         )
         with open(os.path.join(box, "_runner.py"), "w", encoding="utf-8") as fh:
             fh.write(runner)
-        identity: dict = {}
-        env = cwd = None
+        # the mode's Popen options: environment, working dir, user
         if mode == "bwrap":
             for path in (workdir, box):
                 os.chmod(path, 0o755)
@@ -349,10 +348,10 @@ def run_python(
                 )
             opened += bwrap_fds  # passed to bwrap, closed here at the end
             cmd = _bwrap_command(bwrap, box, python, host_dirs)
-            if os.geteuid() == 0:  # root ignores RLIMIT_NPROC, nobody does not (set between fork and exec: thread-safe)
-                identity = {"user": NOBODY, "group": NOBODY, "extra_groups": []}
             # bwrap is the sandbox's pid 1: its /proc/1/environ must hold no secret (LD_PRELOAD: /proc/self/fd paths)
-            env = {"PATH": "/usr/bin:/bin", **bwrap_env}
+            spawn: dict = {"env": {"PATH": "/usr/bin:/bin", **bwrap_env}}
+            if os.geteuid() == 0:  # root ignores RLIMIT_NPROC, nobody does not (set between fork and exec: thread-safe)
+                spawn |= {"user": NOBODY, "group": NOBODY, "extra_groups": []}
         else:  # unsafe: opted in, a plain subprocess in the temp dir
             cmd = [sys.executable, "-s", "-S", "-B", os.path.join(box, "_runner.py")]
             env = {
@@ -364,7 +363,7 @@ def run_python(
                 "PYTHONDONTWRITEBYTECODE": "1",
                 "OMP_NUM_THREADS": "1",
             }
-            cwd = box
+            spawn = {"env": env, "cwd": box}
         out_path = os.path.join(workdir, "stdout.txt")
         err_path = os.path.join(workdir, "stderr.txt")
         timed_out = False
@@ -372,14 +371,12 @@ def run_python(
             try:
                 proc = subprocess.Popen(
                     cmd,
-                    cwd=cwd,
-                    env=env,
                     stdout=out_f,
                     stderr=err_f,
                     pass_fds=opened,
                     stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
                     start_new_session=True,
-                    **identity,
+                    **spawn,
                 )
             except OSError as exc:
                 return SandboxResult(

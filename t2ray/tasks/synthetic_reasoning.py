@@ -350,9 +350,6 @@ def _fixed_question(table: tuple[tuple[str, str, tuple[str, ...]], ...]) -> Fami
     return ask
 
 
-_fact = _fixed_question(FACTS)
-
-
 REASONING_FAMILIES: tuple[Family, ...] = (
     _category_member,
     _scale_extreme,
@@ -362,7 +359,7 @@ REASONING_FAMILIES: tuple[Family, ...] = (
     _legs,
     _baby,
     _can_fly,
-    _fact,
+    _fixed_question(FACTS),
 )
 
 
@@ -479,9 +476,6 @@ def _more_than(r: random.Random) -> Example:
 CAUSE_EFFECT = question_table("cause_effect")
 
 
-_cause_effect = _fixed_question(CAUSE_EFFECT)
-
-
 HARD_FAMILIES: tuple[Family, ...] = (
     _transitive,
     _not_member,
@@ -489,7 +483,7 @@ HARD_FAMILIES: tuple[Family, ...] = (
     _sequence,
     _two_conditions,
     _more_than,
-    _cause_effect,
+    _fixed_question(CAUSE_EFFECT),
 )
 
 

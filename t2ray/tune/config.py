@@ -22,17 +22,7 @@ DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint", "grid")
 # What trials report to Tune, per kind. RL: every key of t2ray.rl.loop.rl_step + the loop's own (iteration,
 # seconds) + valid_accuracy every eval_interval (tests/tune/test_config.py checks this list against the loop).
 RL_METRICS = (
-    "loss",
-    "reward",
-    "accuracy",
-    "kl",
-    "grad_norm",
-    "reward_errors",
-    "completion_tokens",
-    "sync_bytes",
-    "rollout_s",
-    "update_s",
-    "samples",
+    *"loss reward accuracy kl grad_norm reward_errors completion_tokens sync_bytes rollout_s update_s samples".split(),
     "iteration",
     "seconds",
     "valid_accuracy",

@@ -79,17 +79,17 @@ def test_missing_wheel_offline_is_one_clear_error(monkeypatch):
 
 
 def test_loglik_mode_scores_every_choice_as_lm_eval_does(make_tiny, tokenizer):
-    from t2ray.evaluate import evaluate_choices
+    from t2ray.evaluate import evaluate
 
     model = make_tiny()
     task = get_task("arc-easy")
-    result = evaluate_choices(model, tokenizer, task, limit=3, progress=False)
+    result = evaluate(model, tokenizer, task, mode="loglik", limit=3, progress=False)
     assert result.n == 3 and 0 <= result.accuracy <= 1 and 0 <= result.metrics["acc_norm"] <= 1
     first = result.records[0]
     assert first["prompt"].startswith("Question: ") and first["prompt"].endswith("\nAnswer:")
     assert len(first["logliks"]) == len(task.examples("test")[0].choices) and all(x < 0 for x in first["logliks"])
     with pytest.raises(ValueError, match="log-likelihood evaluation needs"):
-        evaluate_choices(model, tokenizer, get_task("gsm8k"), limit=1, progress=False)
+        evaluate(model, tokenizer, get_task("gsm8k"), mode="loglik", limit=1, progress=False)
 
 
 @pytest.mark.parametrize("name", ["gsm8k", "mbpp", "arc-easy", "arc-challenge", "math-500"])
@@ -116,10 +116,10 @@ def test_completion_mode_continues_the_bare_context(make_tiny, tokenizer):
 
     assert cut_at_stop("The answer is 4.\n\nQuestion: next one") == "The answer is 4.\n\n"
     assert cut_at_stop("12</s>Question:") == "12" and cut_at_stop("no stop") == "no stop"
-    result = evaluate(make_tiny(), tokenizer, get_task("gsm8k"), limit=2, progress=False, completion=True)
+    result = evaluate(make_tiny(), tokenizer, get_task("gsm8k"), mode="completion", limit=2, progress=False)
     assert result.n == 2 and all("Question:" not in r["completion"] for r in result.records)
     with pytest.raises(ValueError, match="completion mode needs"):
-        evaluate(make_tiny(), tokenizer, get_task("math-500"), limit=1, progress=False, completion=True)
+        evaluate(make_tiny(), tokenizer, get_task("math-500"), mode="completion", limit=1, progress=False)
 
 
 def test_cls_benchmarks_classifies_questions_of_each_benchmark_from_the_same_split():
