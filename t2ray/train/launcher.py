@@ -60,18 +60,17 @@ def check_resources(cfg: ExperimentConfig) -> None:
 
     s, r = cfg.scaling, cfg.rollout
     total = ray.cluster_resources()
-    kind, need = ("GPU", s.num_workers) if s.use_gpu else ("CPU", s.num_workers * s.cpus_per_worker)
     engines = r.num_engines if cfg.rl.rollout_engine != "hf" else 0
     bundle = r.bundle(s.use_gpu)
-    if engines:
-        need += engines * bundle[kind]
-    have = total.get(kind, 0)
-    if need > have:
-        also = f" and {engines} rollout engine(s) of {bundle}" if engines else ""
-        raise TrainError(
-            f"{s.num_workers} workers{also} need {need:g} {kind}s but the cluster has {have:g}; "
-            f"lower scaling.num_workers or scaling.cpus_per_worker" + (" or rollout.num_engines" if engines else "")
-        )
+    worker = {"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}
+    for kind in ("GPU", "CPU") if s.use_gpu else ("CPU",):
+        need, have = s.num_workers * worker[kind] + engines * bundle.get(kind, 0), total.get(kind, 0)
+        if need > have:
+            also = f" and {engines} rollout engine(s) of {bundle}" if engines else ""
+            raise TrainError(
+                f"{s.num_workers} workers{also} need {need:g} {kind}s but the cluster has {have:g}; "
+                f"lower scaling.num_workers or scaling.cpus_per_worker" + (" or rollout.num_engines" if engines else "")
+            )
     if engines and not any(
         n["Alive"] and all(n["Resources"].get(k, 0) >= v for k, v in bundle.items()) for n in ray.nodes()
     ):
