@@ -1,5 +1,5 @@
 """A model replica that spans several GPUs: the config's rules, the device-map load path (on the CPU: the same split,
-every part on the CPU, then accelerate's hooks) and
+every part on the CPU, then accelerate's hooks), `t2ray plan --serve` against what a real ExpertLibrary holds, and
 Ray placing a replica on two (fake) GPUs or refusing one that no node can hold.
 
 Without CUDA a replica asking `device: cuda` on Ray's fake GPUs fails at once, naming the GPU ids Ray gave it; the
@@ -136,6 +136,52 @@ def test_a_replica_split_over_two_gpus_decodes_as_on_one(tiny_experts):
     one = ExpertLibrary(**engine)
     for schedule in (SCHEDULE, HOT):
         assert decode(split, schedule)[0] == decode(one, schedule)[0]
+
+
+# ----------------------------------------------------------------------------- the plan against the real replica
+
+
+def held_bytes(lib: ExpertLibrary) -> dict[str, int]:
+    """What a real ExpertLibrary holds: weights, SVF factors or LoRA adapters, the W' copies its LRU keeps."""
+
+    def size(tensors) -> int:
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    adapter = ("svf_q", "svf_p", ".s", "lora_A", "lora_B", "column_expert", "column_scale")
+    named = dict(lib.model.named_parameters()) | dict(lib.model.named_buffers())
+    kept = [w for entry in lib._weights.values() for _, (_, w) in entry.values()]
+    return {
+        "weights": size(t for n, t in named.items() if not n.endswith(adapter)),
+        "adapters": size(t for n, t in named.items() if n.endswith(adapter)),
+        "w_prime": size(kept),
+    }
+
+
+@pytest.mark.parametrize("kind", ["svf", "lora"])
+def test_the_serve_plan_counts_what_a_real_replica_holds(kind, tiny_experts, lora_library, torch_threads):
+    from t2ray.plan import GIB
+    from t2ray.serve.app import plan as engine_plan
+    from t2ray.serve.capacity import plan_replica
+
+    paths = tiny_experts if kind == "svf" else lora_library
+    args = tiny_args(paths, model={"spec": "tiny-llama", "dtype": "float32"}, mixtures={})  # and the cls expert
+    args["batching"].update(mode="auto", lru_size=2, materialize_after=1)
+    cfg = ServeArgs.model_validate(args).resolved()
+    planned = plan_replica("t2ray", cfg, 80)
+    engine, _ = engine_plan(cfg)
+    lib = ExpertLibrary(**engine)
+    for mixture in ({"math": 1.0}, {"code": 1.0}, {"math": 0.5, "reasoning": 0.5}):  # three hot mixtures, LRU of 2
+        decode(lib, {0: [chat("hi", mixture, 2)]})
+    held = held_bytes(lib)
+    rows = {k: round(v * GIB) for k, v in planned.plan.rows.items()}
+    assert rows["frozen weights (float32)"] == held["weights"]
+    if kind == "svf":
+        assert planned.experts == "4 SVF experts on 6 matrices" and len(lib._weights) == 2
+        assert rows["SVF factors (Q per adapted matrix)"] == held["adapters"]
+        assert rows["materialised W' (2 copies, mode auto)"] == held["w_prime"]
+    else:
+        assert planned.experts == "4 LoRA adapters" and held["w_prime"] == 0  # LoRA never materialises
+        assert rows["LoRA adapters (A, B of each)"] == held["adapters"]
 
 
 # ----------------------------------------------------------------------------- Ray: two fake GPUs
