@@ -322,11 +322,35 @@ def plan_(
         None, help="plan this experiment YAML as it is set (its model, workers, ZeRO stage, batches, checkpointing)"
     ),
     prompt_len: int = typer.Option(768, help="with --experiment: the prompt tokens of a row"),
+    serve: Path | None = typer.Option(
+        None, help="plan one model replica of this Serve config instead (its model, num_gpus, batching, experts)"
+    ),
 ):
-    """Memory per GPU for SVF training, counted on the real model code (meta device), and whether it fits."""
+    """Memory per GPU for SVF training (or, with --serve, of a served replica), counted on the real model code (meta
+    device), and whether it fits."""
     from t2ray.plan import experiment_run, plan_run
     from t2ray.plan import plan as make_plan
 
+    if serve is not None:
+        from t2ray.serve.capacity import plan_serve
+
+        plans = plan_serve(serve, gpu_mem_gb)
+        for p in plans:
+            b, gpus = p.args.batching, p.args.replica_gpus
+            where = f"{gpus}×{gpu_mem_gb:g} GB" if p.args.model.device.startswith("cuda") else f"cpu, {gpu_mem_gb:g} GB"
+            span = f"GPU {p.gpu} of {gpus}, " if gpus > 1 else ""
+            typer.echo(
+                f"{p.app}: {p.args.model.spec} in {p.dtype}, one replica on {where} ({span}layers "
+                f"{p.layers[0]}-{p.layers[-1]}), {p.experts}, {b.max_batch_size} rows, batching.mode {b.mode}"
+            )
+            for note in p.notes:
+                typer.echo(f"  note: {note}")
+            typer.echo(p.plan.table())
+            fits = p.plan.fits
+            typer.secho("fits" if fits else "does NOT fit", fg="green" if fits else "red", bold=True)
+        if not all(p.plan.fits for p in plans):
+            raise typer.Exit(1)
+        return
     if experiment is not None:
         from t2ray.config import load_experiment
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from t2ray.kv_decode import cache_kwarg, new_decoder, output_cache
+from t2ray.kv_decode import cache_kwarg, input_device, new_decoder, output_cache
 
 Messages = list[dict[str, str]]
 
@@ -251,7 +251,7 @@ def rollout(
     k = samples_per_prompt
     if k < 1 or len(prompts) % k or any(prompts[i] != prompts[i - i % k] for i in range(len(prompts))):
         raise ValueError(f"samples_per_prompt={k}: the prompts must come in adjacent groups of {k} equal ones")
-    batch = encode_prompts(tokenizer, prompts, model, max_new_tokens, reply_prefix).to(model.device)
+    batch = encode_prompts(tokenizer, prompts, model, max_new_tokens, reply_prefix).to(input_device(model))
     rows, width = batch["input_ids"].shape
     with announce_tokens(model, rows // k * width + rows * max_new_tokens):
         completion, mask, _ = decode_encoded(
@@ -371,12 +371,13 @@ def answer_loglik(
             )
         finally:
             tokenizer.padding_side = "left"
+        device = input_device(model)
         logp = token_logprobs(
             model,
-            batch["input_ids"].to(model.device),
-            batch["attention_mask"].to(model.device),
-            ans["input_ids"].to(model.device),
-            ans["attention_mask"].to(model.device),
+            batch["input_ids"].to(device),
+            batch["attention_mask"].to(device),
+            ans["input_ids"].to(device),
+            ans["attention_mask"].to(device),
         )
         scores.append(logp.sum(1).cpu() / ans["attention_mask"].sum(1).clamp(min=1))
     return torch.cat(scores)
@@ -410,7 +411,8 @@ def continuation_logliks(model, tokenizer, pairs: Sequence[tuple[str, str]], bat
         mask = torch.zeros_like(ids)
         for j, row in enumerate(inputs):
             ids[j, : len(row)], mask[j, : len(row)] = torch.tensor(row), 1
-        logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits
+        device = input_device(model)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
         for j, i in enumerate(rows):
             target = torch.tensor(encoded[i][1], device=logits.device)
             end = len(inputs[j])

@@ -5,7 +5,8 @@ batch row, and the attention of a new token runs over the filled length only; th
 else (embeddings, norms, rotary, projections, MLP, LM head), so SVF layers (materialised W' or a z per row) and LoRA
 layers run inside the step exactly as in any forward. `HFDecoder`: Hugging Face's forward and its cache, which grows
 by concatenation at every step; it runs every other model, ZeRO-3 (its hooks gather weights in the order that
-forward calls them) and `T2RAY_DECODE=hf`.
+forward calls them), a model split over several GPUs (accelerate's hooks move the activations from layer to layer,
+and each layer's cache stays on its GPU) and `T2RAY_DECODE=hf`.
 
 Both: `prefill` a left-padded batch, `step` one token per row, `select` rows (retiring the rest), `merge` another
 batch's rows (continuous batching), `trim` columns that are padding on every row.
@@ -33,6 +34,9 @@ def unsupported_reason(model) -> str | None:
         return f"model_type {kind!r} is not one of {SUPPORTED}"
     if any(hasattr(p, "ds_id") for p in model.parameters()):  # even on one rank: its weights live in the hooks
         return "DeepSpeed ZeRO-3 partitions the weights"
+    devices = sorted({str(p.device) for p in model.parameters()})
+    if len(devices) > 1:  # the one-tensor cache lives on one device
+        return f"the model is split over {len(devices)} devices ({', '.join(devices)})"
     return None
 
 
@@ -54,6 +58,11 @@ def new_decoder(model, rows: int, capacity: int, *, lockstep: bool = False) -> K
 
 def unwrapped(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model  # a PeftModel
+
+
+def input_device(model) -> torch.device:
+    """Where a model's input ids go: its embedding's device (a model split over GPUs has no one device)."""
+    return unwrapped(model).get_input_embeddings().weight.device
 
 
 def cache_kwarg(model) -> str:
@@ -234,7 +243,7 @@ class HFDecoder:
         return out.logits[:, -1]
 
     def select(self, keep: torch.Tensor) -> None:
-        self.cache.batch_select_indices(keep)
+        self.cache.batch_select_indices(keep.cpu())  # a CPU index works on every layer's device (a split model)
         self.mask = self.mask[keep]
 
     def merge(self, other: HFDecoder) -> None:

@@ -153,14 +153,14 @@ class Plan:
 def meta_model(config: dict, run: Run):
     """The model on the meta device, adapted as training adapts it (the real SVFLinear or PEFT LoRA layers)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
+    from t2ray.models.placement import meta_model as base_model
     from t2ray.svf import SVFConfig, patch_model
     from t2ray.svf.decompose import Factors
 
     hf_config = AutoConfig.for_model(**{k: v for k, v in config.items() if k not in ("architectures", "_name_or_path")})
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=getattr(torch, run.dtype))
+    model = base_model(hf_config, run.dtype)
     model.requires_grad_(False)  # as t2ray loads every model: only the adapter trains
     svf = SVFConfig(
         target_modules=list(run.modules) if isinstance(run.modules, tuple) else run.modules,

@@ -115,6 +115,21 @@ def test_plan_fits_and_does_not_fit():
     assert no.exit_code == 1 and "does NOT fit" in no.output
 
 
+def test_plan_serve_of_a_serve_config(tmp_path):
+    """`t2ray plan --serve CONFIG`: one replica per GPU; exit 1 when it does not fit, 2 for an invalid config."""
+    shipped = Path(__file__).resolve().parents[1] / "experiments" / "serve-llama3-70b.yaml"
+    fits = invoke("plan", "--serve", shipped, "--gpu-mem-gb", "80")
+    assert fits.exit_code == 0 and "one replica on 4×80 GB (GPU 1 of 4, layers 19-39)" in fits.output, fits.output
+    one_gpu = tmp_path / "one.yaml"
+    one_gpu.write_text(shipped.read_text().replace("num_gpus: 4}", "num_gpus: 1}"))
+    no = invoke("plan", "--serve", one_gpu, "--gpu-mem-gb", "80")
+    assert no.exit_code == 1 and "does NOT fit" in no.output
+    on_cpu = tmp_path / "cpu.yaml"
+    on_cpu.write_text(shipped.read_text().replace("device: cuda", "device: cpu"))
+    refused = invoke("plan", "--serve", on_cpu)
+    assert refused.exit_code == 2 and "expert_model.ray_actor_options.num_gpus = 4" in refused.output
+
+
 def test_plan_reads_the_users_model_from_a_folder_a_config_or_the_hub_cache(tmp_path):
     from t2ray.models.loader import resolve
 

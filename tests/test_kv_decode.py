@@ -95,6 +95,20 @@ def test_other_architectures_and_the_switch_fall_back_with_a_reason(varied, monk
     assert unsupported_reason(varied) == "T2RAY_DECODE=hf"
 
 
+def test_a_model_split_over_devices_steps_through_hugging_faces_forward(varied, caplog):
+    """A replica over several GPUs holds its layers on several devices: the one-tensor cache cannot, so Hugging
+    Face's forward steps it (accelerate's hooks move the activations); the reason is said once."""
+    from t2ray.kv_decode import HFDecoder, input_device, new_decoder
+
+    varied.model.layers[1].to("meta")  # a second device, as the second GPU of a split holds the later layers
+    assert unsupported_reason(varied) == "the model is split over 2 devices (cpu, meta)"
+    with caplog.at_level("WARNING", logger="t2ray"):
+        assert isinstance(new_decoder(varied, 2, 8), HFDecoder) and isinstance(new_decoder(varied, 2, 8), HFDecoder)
+    said = [r.getMessage() for r in caplog.records if "split over 2 devices" in r.getMessage()]
+    assert len(said) == 1
+    assert input_device(varied) == varied.model.embed_tokens.weight.device  # where its input ids go
+
+
 @pytest.mark.slow
 def test_smollm2_fp32_is_token_for_token_and_bf16_agrees(smollm2, monkeypatch):
     """32 prompts × 64 tokens: fp32 identical to Hugging Face's loop; bf16 (what auto picks on bf16 hardware)

@@ -3,8 +3,11 @@ and what it counts for the backward matches what the loop's real forward keeps (
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 
 from t2ray.generation import completion_logits, gather_logprobs
 from t2ray.models.loader import enable_activation_checkpointing, resolve
@@ -90,3 +93,96 @@ def test_lora_is_planned_through_peft(tiny_config):
     assert "SVF factors (square U or V)" in lora.rows and lora.rows["SVF factors (square U or V)"] == 0
     assert lora.z_values == 2 * 3 * 4 * (64 + 160)  # A and B of r=4 on 2 layers × 3 MLP matrices (hidden 64, MLP 160)
     assert svf.z_values == 2 * 3 * 64
+
+
+# ---------------------------------------------------------------- serving: a replica split over GPUs
+
+
+@pytest.fixture(scope="module")
+def meta_70b():
+    from transformers import AutoConfig
+
+    from t2ray.models.placement import meta_model
+
+    return meta_model(AutoConfig.for_model(**model_config("llama3-70b")), "bfloat16")
+
+
+@pytest.mark.parametrize("gpus", [2, 4, 8])
+def test_the_70b_split_puts_every_weight_on_one_gpu_in_balanced_contiguous_runs(meta_70b, gpus):
+    from t2ray.models.placement import split_model
+
+    split = split_model(meta_70b, gpus)
+    assert [i for run in split.layers for i in run] == list(range(80))  # contiguous, in order, each layer once
+    owners = [
+        [key for key in split.device_map if name == key or name.startswith(key + ".")]
+        for name, _ in meta_70b.named_parameters()
+    ]
+    assert all(len(o) == 1 for o in owners)  # every weight has exactly one place
+    assert split.device_map["model.embed_tokens"] == 0 and split.device_map["lm_head"] == gpus - 1
+    assert split.device_map["model.norm"] == gpus - 1 and split.device_map["model.rotary_emb"] == 0
+    tensors = [*meta_70b.parameters(), *meta_70b.buffers()]  # the rotary embedding's buffers too
+    assert sum(split.weight_bytes) == sum(t.numel() * t.element_size() for t in tensors)
+    layer = sum(p.numel() * 2 for p in meta_70b.model.layers[0].parameters())
+    assert max(split.weight_bytes) <= sum(split.weight_bytes) / gpus + layer  # within a layer of an even share
+    if gpus == 4:
+        assert [len(run) for run in split.layers] == [19, 21, 21, 19]  # the embedding and the head weigh a layer each
+
+
+def test_a_tied_head_stays_with_the_embedding_and_too_many_gpus_are_refused():
+    from transformers import AutoConfig
+
+    from t2ray.models.placement import meta_model, split_model
+
+    smol = meta_model(AutoConfig.for_model(**model_config("smollm2-135m")), "float32")
+    split = split_model(smol, 3)
+    assert split.device_map["lm_head"] == split.device_map["model.embed_tokens"] == 0  # one tensor, one GPU
+    tensors = [*smol.parameters(), *smol.buffers()]
+    assert sum(split.weight_bytes) == sum(t.numel() * t.element_size() for t in tensors)  # the tied tensor once
+    with pytest.raises(ValueError, match="30 decoder layers cannot be split over 31 GPUs"):
+        split_model(smol, 31)
+
+
+SERVE_70B = Path(__file__).resolve().parents[1] / "experiments" / "serve-llama3-70b.yaml"
+SERVE_SMOLLM2 = SERVE_70B.with_name("serve-smollm2.yaml")
+
+
+def serve_plan(path: Path, gpu_mem_gb: float = 80):
+    from t2ray.serve.capacity import plan_serve
+
+    (one,) = plan_serve(path, gpu_mem_gb)
+    return one
+
+
+def test_the_shipped_smollm2_server_fits():
+    p = serve_plan(SERVE_SMOLLM2)
+    assert p.plan.fits and p.dtype == "float32" and p.layers == list(range(30))
+    assert p.plan.rows["frozen weights (float32)"] == pytest.approx(134.5e6 * 4 / GIB, rel=0.01)
+    w_prime = p.plan.rows["materialised W' (2 copies, mode auto)"]  # lru_size 2: a copy of the MLP matrices each
+    assert w_prime == pytest.approx(2 * 30 * 3 * 576 * 1536 * 4 / GIB)
+    kv = 16 * 8192 * 30 * 2 * 3 * 64 * 4  # rows × context × layers × (K, V) × KV heads × head dim × fp32
+    assert p.plan.rows["KV cache (16 rows × the context)"] == pytest.approx(kv / GIB)
+    assert p.plan.rows["KV copy while rows join"] == pytest.approx(kv / GIB)  # one device: the whole cache is copied
+
+
+@pytest.mark.parametrize("gpus,fits", [(1, False), (2, False), (4, True), (8, True)])
+def test_a_70b_replica_fits_80_gb_gpus_from_4_per_replica(tmp_path, gpus, fits):
+    text = SERVE_70B.read_text()
+    assert "num_gpus: 4}" in text  # the shipped file asks what the plan says
+    path = tmp_path / "serve.yaml"
+    path.write_text(text.replace("num_gpus: 4}", f"num_gpus: {gpus}}}"))
+    p = serve_plan(path)
+    assert p.plan.fits == fits, p.plan.table()
+    weights = p.plan.rows["frozen weights (bfloat16)"]
+    assert weights == pytest.approx(70.55e9 * 2 / gpus / GIB, rel=0.1)  # the fullest GPU: about an even share
+    assert p.plan.rows["materialised W' (0 copies, mode factored)"] == 0
+    assert p.gpu < gpus and len(p.layers) <= 80 // gpus + 1
+
+
+def test_materialised_copies_follow_the_lru_settings(tmp_path):
+    data = yaml.safe_load(SERVE_70B.read_text())
+    data["applications"][0]["args"]["batching"] = {"mode": "auto", "lru_size": 2}
+    path = tmp_path / "hot.yaml"
+    path.write_text(yaml.safe_dump(data))
+    hot = serve_plan(path)
+    assert not hot.plan.fits  # two copies of the MLP matrices: 2 × 113 GB over 4 GPUs
+    assert hot.plan.rows["materialised W' (2 copies, mode auto)"] > 50

@@ -137,6 +137,14 @@ def test_the_cluster_experiments_plan_as_their_header_says(shell, name):
 # (the 70B file trains on a stand-in in tests/train/test_ranks.py: its worker on two CPU ranks, no Ray)
 
 
+def test_the_70b_serve_file_plans_as_its_header_says(shell):
+    """experiments/serve-llama3-70b.yaml: one replica over 4 × 80 GB GPUs fits (on 1 or 2 it does not:
+    tests/test_plan.py; a replica split over GPUs: tests/serve/test_gpus.py)."""
+    yaml_path = ROOT / "experiments" / "serve-llama3-70b.yaml"
+    done = shell.run(header_command(yaml_path, "plan", about="--serve experiments/serve-llama3-70b.yaml"))
+    assert "one replica on 4×80 GB" in done.stdout and done.stdout.rstrip().endswith("fits"), done.stdout
+
+
 def test_rl_sweep_as_shipped_random_search_and_asha(shell):
     """experiments/sweeps/rl-smollm2.yaml: random search, ASHA, Ray Train trials; its best.yaml validates (that the
     exported best trains is tests/tune's: the same export, trained there)."""

@@ -9,6 +9,7 @@ import math
 import torch
 
 from t2ray.generation import cache_kwarg, generate, output_cache, render
+from t2ray.kv_decode import input_device
 from t2ray.tasks.cls import CATEGORIES, classification_messages, parse_category
 
 BOXED_PREFIX = "Classification: \\boxed{"
@@ -77,13 +78,13 @@ class PrefixScorer:
 
     def _prefix_cache(self, state: str):
         if state not in self._caches:
-            prefix = torch.tensor([self.prefix_ids], device=self.model.device)
+            prefix = torch.tensor([self.prefix_ids], device=input_device(self.model))
             self._caches[state] = output_cache(self.model(input_ids=prefix, use_cache=True, logits_to_keep=1))
         return self._caches[state]
 
     def _suffix_logits(self, suffixes: list[list[int]], state: str) -> torch.Tensor:
         """(N, vocab) last logits of prefix + each suffix, in one forward over the cached prefix."""
-        P, width, device = len(self.prefix_ids), max(map(len, suffixes)), self.model.device
+        P, width, device = len(self.prefix_ids), max(map(len, suffixes)), input_device(self.model)
         ids = torch.full((len(suffixes), width), self.tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(suffixes), P + width), dtype=torch.long)
         positions = torch.zeros((len(suffixes), width), dtype=torch.long)
@@ -106,7 +107,7 @@ class PrefixScorer:
     @torch.no_grad()
     def scores(self, questions: list[str], *, state: str = "base") -> torch.Tensor:
         """(N, 4) logits of the labels' first tokens after each question's classification prompt."""
-        P, model, device = len(self.prefix_ids), self.model, self.model.device
+        P, model, device = len(self.prefix_ids), self.model, input_device(self.model)
         rows = [classification_ids(self.tokenizer, q) for q in questions]
         out = torch.empty(len(rows), len(self.labels))
         label_ids = self.label_ids.to(device)

@@ -40,6 +40,7 @@ from torch import nn
 
 from t2ray.experts import Expert, ExpertError, mix_z
 from t2ray.generation import Messages, StepHook, decode_encoded, encode_prompts, on_live_rows
+from t2ray.kv_decode import input_device
 
 __all__ = [
     "Router",
@@ -312,7 +313,7 @@ def greedy_decode(
     ``before_step`` runs before the forward that picks each token; ``stop_at_eos=False`` always generates
     ``max_new_tokens`` (benchmarks: equal work for every variant).
     Returns (completion_ids (B, N), completion_mask (B, N), forward_tokens)."""
-    batch = encode_prompts(tokenizer, prompts, model, max_new_tokens).to(model.device)
+    batch = encode_prompts(tokenizer, prompts, model, max_new_tokens).to(input_device(model))
     return decode_encoded(
         model,
         tokenizer,

@@ -156,13 +156,23 @@ def compute_dtype(dtype: str = "auto", device: str = "cpu") -> str:
     return "bfloat16" if native_bf16(device) else "float32"
 
 
-def load_model(spec: str = "smollm2-135m", *, dtype: str = "auto", device: str = "cpu", seed: int = 0):
-    """Return (model, tokenizer) in eval mode with all weights frozen, in `compute_dtype(dtype, device)`."""
+def load_model(
+    spec: str = "smollm2-135m",
+    *,
+    dtype: str = "auto",
+    device: str = "cpu",
+    seed: int = 0,
+    device_map: dict[str, int | str] | None = None,
+):
+    """Return (model, tokenizer) in eval mode with all weights frozen, in `compute_dtype(dtype, device)`. With
+    `device_map` (module name -> device, e.g. `placement.gpu_device_map`'s split over GPUs) each module's weights load
+    straight onto its device, instead of the whole model onto `device`."""
     dtype = compute_dtype(dtype, device)
     source = resolve(spec, seed)
     try:
         tokenizer = load_tokenizer(spec)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype])
+        placement = {"device_map": device_map} if device_map else {}
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], **placement)
     except ModelError:
         raise
     except (OSError, ValueError) as err:  # unreachable hub id, missing tokenizer or weights: one line, no trace
@@ -170,7 +180,7 @@ def load_model(spec: str = "smollm2-135m", *, dtype: str = "auto", device: str =
     model.config.name_or_path = spec
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.requires_grad_(False)
-    return model.to(device).eval(), tokenizer
+    return (model if device_map else model.to(device)).eval(), tokenizer
 
 
 def enable_activation_checkpointing(model) -> None:

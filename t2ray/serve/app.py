@@ -33,8 +33,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from t2ray.console import ray_log_options
 from t2ray.ray_auth import enable_token_auth
-from t2ray.serve.config import IMPORT_PATH, ServeArgs, read_serve_config
-from t2ray.serve.engine import DecodeBatch, ExpertLibrary, GenItem, GenRequest, MixtureRef
+from t2ray.serve.config import IMPORT_PATH, ReplicaSection, ServeArgs, read_serve_config
+from t2ray.serve.engine import DecodeBatch, ExpertLibrary, GenItem, GenRequest, MixtureRef, replica_engine
 from t2ray.serve.errors import RequestError, bad_request, not_found
 from t2ray.serve.schema import (
     ChatRequest,
@@ -102,7 +102,7 @@ class ExpertModel:
             1, int(round(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
         )
         torch.set_num_threads(threads)
-        self.lib = ExpertLibrary(**engine)
+        self.lib = ExpertLibrary(**replica_engine(engine, ray.get_gpu_ids()))  # split over its GPUs when several
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="t2ray-model")  # the model is used by one thread
         self.classify_mode = routing.pop("classify_mode", "score")
         self.routing = routing
@@ -142,6 +142,8 @@ class ExpertModel:
             "stats": self.lib.stats,
             "pid": os.getpid(),
             "node_id": ray.get_runtime_context().get_node_id(),
+            "gpu_ids": ray.get_gpu_ids(),
+            "devices": sorted({str(p.device) for p in self.lib.model.parameters()}),
         }
 
     # ---------------------------------------------------------------- generation (pass 2)
@@ -902,6 +904,56 @@ def app_args(app: dict) -> dict:
     return args
 
 
+RESOURCE_OPTIONS = {"CPU": "num_cpus", "GPU": "num_gpus", "memory": "memory"}  # Ray resource -> its actor option
+
+
+def replica_needs(section: ReplicaSection) -> dict[str, float]:
+    """The Ray resources one replica of a deployment asks for (those its ray_actor_options name)."""
+    options = section.ray_actor_options
+    needs = {resource: options.get(option) for resource, option in RESOURCE_OPTIONS.items()}
+    needs.update(options.get("resources") or {})
+    return {resource: float(amount) for resource, amount in needs.items() if amount}
+
+
+def unplaceable(section: str, needs: dict[str, float], nodes: list[dict[str, float]]) -> str | None:
+    """Why no node (`nodes`: each one's total resources) can ever hold one replica; None when one can. Serve itself
+    would only wait, forever, for a node that has it."""
+    if any(all(node.get(r, 0) >= amount for r, amount in needs.items()) for node in nodes):
+        return None
+    for resource, amount in needs.items():
+        most = max((node.get(resource, 0) for node in nodes), default=0)
+        if most < amount:
+            key = RESOURCE_OPTIONS.get(resource, f"resources.{resource}")
+            return (
+                f"{section}: a replica asks ray_actor_options.{key} = {amount:g}, but no node of this Ray cluster "
+                f"has {amount:g} {resource} (the most on one node: {most:g}); Serve would wait forever: lower it or "
+                "add a node that has it"
+            )
+    asks = ", ".join(f"{RESOURCE_OPTIONS.get(r, r)} = {a:g}" for r, a in needs.items())
+    return f"{section}: a replica asks {asks}, but no node of this Ray cluster has all of these at once"
+
+
+def cluster_nodes() -> list[dict[str, float]]:
+    """The total resources of each live node, and of each node type the cluster's autoscaler may still start."""
+    nodes = [dict(node["Resources"]) for node in ray.nodes() if node["Alive"]]
+    from ray._private.state import state  # the autoscaler's node types (KubeRay, `ray up`); None on a local cluster
+
+    config = state.get_cluster_config()
+    nodes += [dict(group.resources) for group in (config.node_group_configs if config else ()) if group.max_count]
+    return nodes
+
+
+def check_placement(apps: list[tuple[dict, ServeArgs]]) -> None:
+    """Every t2ray deployment's replica fits on some node of the connected cluster, or a clear error naming what is
+    missing (before anything is deployed)."""
+    nodes = cluster_nodes()
+    for app, args in apps:
+        for section in ("expert_model", "dispatcher"):
+            why = unplaceable(f"{app.get('name', 'default')}: {section}", replica_needs(getattr(args, section)), nodes)
+            if why:
+                raise ValueError(why)
+
+
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -950,6 +1002,7 @@ def run_config(
     if started_ray:
         enable_token_auth(create=address is None)
         ray.init(address=address, num_cpus=num_cpus if address is None else None, **ray_log_options())
+    check_placement(apps)
     serve.start(http_options=http)
     routes = {}
     for app, args in apps:

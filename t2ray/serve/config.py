@@ -28,7 +28,9 @@ class Strict(BaseModel):
 class ModelSection(Strict):
     spec: str = Field("smollm2-135m", description="smollm2-135m | tiny-llama | folder | hub id")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 where computed natively
-    device: str = Field("cpu", description="cpu | cuda (give the replicas num_gpus too)")
+    device: str = Field(
+        "cpu", description="cpu | cuda (give the replicas num_gpus too; num_gpus > 1 splits the model over them)"
+    )
     seed: int = Field(0, description="tiny-llama only: which random weights")
     allow_transfer: bool = Field(False, description="accept experts of another base model with equal shapes")
 
@@ -226,6 +228,30 @@ class ServeArgs(Strict):
                 f"({self.batching.max_batch_size}): a full batch and as many requests waiting to join it"
             )
         return self
+
+    @model_validator(mode="after")
+    def _replica_gpus(self):
+        """A replica asking several GPUs gets the model split over them (whole GPUs, and CUDA, to split it on)."""
+        gpus, key = self.expert_model.ray_actor_options.get("num_gpus"), "expert_model.ray_actor_options.num_gpus"
+        if gpus is None:
+            return self
+        if isinstance(gpus, bool) or not isinstance(gpus, int | float) or not math.isfinite(gpus) or gpus < 0:
+            raise ValueError(f"{key} must be a number >= 0, got {gpus!r}")
+        if gpus > 1 and gpus != int(gpus):
+            raise ValueError(
+                f"{key} = {gpus:g}: a replica that spans GPUs takes whole ones (a fraction up to 1 shares one GPU)"
+            )
+        if gpus > 1 and self.model.device != "cuda":
+            raise ValueError(
+                f"{key} = {gpus:g} splits the model over {int(gpus)} GPUs: that needs model.device: cuda, "
+                f"not {self.model.device}"
+            )
+        return self
+
+    @property
+    def replica_gpus(self) -> int:
+        """GPUs one model replica spans (1: the whole model on one device, a GPU or the CPU)."""
+        return max(1, int(self.expert_model.ray_actor_options.get("num_gpus") or 0))
 
     def resolved(self, root: Path | None = None) -> ServeArgs:
         """A copy with every file path absolute (relative ones against `root`, default the current directory),

@@ -21,6 +21,7 @@ gives, alone or joined to a running batch (tested).
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -38,9 +39,10 @@ from t2ray.generation import (
     eos_token_ids,
     render,
 )
-from t2ray.kv_decode import new_decoder
+from t2ray.kv_decode import input_device, new_decoder
 from t2ray.library import library_kind, read_library
-from t2ray.models import load_model
+from t2ray.models import compute_dtype, load_model
+from t2ray.models.placement import gpu_device_map
 from t2ray.serve.errors import RequestError, bad_request, not_found
 from t2ray.svf import SVFConfig, base_model_info, patch_model, set_mode, set_z, svf_layers
 
@@ -103,6 +105,27 @@ class GenItem:
     read_offset: int = 0
 
 
+def replica_engine(engine: dict[str, Any], gpu_ids: list) -> dict[str, Any]:
+    """The ExpertLibrary kwargs of a replica that Ray gave `gpu_ids` (ray.get_gpu_ids()): over several GPUs the model
+    is split across them with a device map instead of loaded whole onto `cuda`. GPUs that torch cannot see (Ray's
+    GPU count is bookkeeping: a node may declare GPUs it lacks) are named here, not at the first .to()."""
+    if not str(engine.get("device", "cpu")).startswith("cuda"):
+        return engine
+    visible = torch.cuda.device_count()
+    if visible < max(1, len(gpu_ids)):
+        why = "" if torch.backends.cuda.is_built() else " (this torch is built without CUDA)"
+        raise RuntimeError(
+            f"model.device is {engine['device']} and Ray gave this replica GPU ids {list(gpu_ids)} "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}), but torch sees {visible} CUDA "
+            f"device(s){why}: run the replicas on nodes with real GPUs, or serve with model.device: cpu"
+        )
+    if len(gpu_ids) < 2:
+        return engine
+    dtype = compute_dtype(engine.get("dtype", "auto"), "cuda")
+    split = gpu_device_map(engine["model_spec"], len(gpu_ids), dtype=dtype, seed=engine.get("seed", 0))
+    return {**engine, "device_map": split}
+
+
 class ExpertLibrary:
     """Base model + experts + the z-state of the model. Not thread-safe: call from one thread."""
 
@@ -114,6 +137,7 @@ class ExpertLibrary:
         classifier: str | None = None,
         dtype: str = "auto",
         device: str = "cpu",
+        device_map: dict[str, int | str] | None = None,
         seed: int = 0,
         allow_transfer: bool = False,
         mode: str = "auto",
@@ -122,7 +146,10 @@ class ExpertLibrary:
         lru_bytes: int | None = None,
         z_cache_size: int = 256,
     ):
-        self.model, self.tokenizer = load_model(model_spec, dtype=dtype, device=device, seed=seed)
+        self.model, self.tokenizer = load_model(
+            model_spec, dtype=dtype, device=device, seed=seed, device_map=device_map
+        )
+        self.device = input_device(self.model)  # where ids go and logits come back (the embedding's GPU when split)
         self.model_spec = model_spec
         paths = {**experts, **({CLASSIFIER: classifier} if classifier else {})}
         self.lora = bool(paths) and library_kind(list(paths.values())) == "lora"
@@ -191,7 +218,7 @@ class ExpertLibrary:
                 weights = alpha_matrix(alpha, len(alpha))  # finite, >= 0, not all zero
             except ExpertError as err:
                 raise bad_request(str(err), param="t2ray.weights") from None
-            z = torch.zeros(len(self.column), device=self.model.device)
+            z = torch.zeros(len(self.column), device=self.device)
             z[[self.column[n] for n in ref.experts]] = weights.to(z.device)
         else:
             experts = [self.experts[n] for n in ref.experts]
@@ -246,9 +273,7 @@ class ExpertLibrary:
     def stack_rows(self, zs: list) -> Any:
         """One adapter state per row (None: the base model) as a batch state."""
         if self.lora:
-            return torch.stack(
-                [z if z is not None else torch.zeros(len(self.column), device=self.model.device) for z in zs]
-            )
+            return torch.stack([z if z is not None else torch.zeros(len(self.column), device=self.device) for z in zs])
         modules = [m for m in self.layers if any(z is not None and m in z for z in zs)]
         return {m: torch.stack([z[m] if z is not None and m in z else self.ones[m] for z in zs]) for m in modules}
 
@@ -346,7 +371,7 @@ class ExpertLibrary:
         self.note_request(request.mixture)
         item = GenItem(request, ids, z)
         if request.temperature >= GREEDY_BELOW:
-            item.generator = torch.Generator(device=self.model.device)  # where the logits it samples live
+            item.generator = torch.Generator(device=self.device)  # where the logits it samples live
             item.generator.manual_seed(
                 request.seed if request.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
             )
@@ -439,7 +464,7 @@ class DecodeBatch:
         for i, it in enumerate(self.items):
             ids[i, width - len(it.prompt_ids) :] = torch.tensor(it.prompt_ids)
             attn[i, width - len(it.prompt_ids) :] = 1
-        device = self.lib.model.device
+        device = self.lib.device
         attn = attn.to(device)
         budget = width + max(it.request.max_tokens for it in self.items)
         self.decoder = new_decoder(self.lib.model, len(self.items), budget)
@@ -546,7 +571,7 @@ class DecodeBatch:
         self._choose_mode()
 
     def _advance(self, tokens: torch.Tensor, keep: list[int]) -> None:
-        device = self.lib.model.device
+        device = self.lib.device
         if len(keep) < len(self.active):  # rows finished: shrink the batch (cache, mask, positions), re-choose the mode
             index = torch.tensor(keep, device=device)
             self.decoder.select(index)
