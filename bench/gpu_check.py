@@ -10,7 +10,9 @@
               peak memory (the allocator's own counter).
 3. plan       that peak beside `t2ray plan`'s prediction for the same run.
 4. rollout    decode tokens/s through t2ray.generation (the one decode loop) at B = 1, 8, 32: base, materialised W',
-              a z per row; and Hugging Face's generate for reference.
+              a z per row; and Hugging Face's generate for reference. Then the replica engine on the worker's GPU,
+              and (where vllm is installed) rollout tokens/s through t2ray's vLLM engine at tensor parallel 1 vs
+              the in-process decode, same prompts and z.
 
 `--random`: a randomly initialised model of the same shape as --model's config (a machine without the weights:
 the checks measure mechanics and speed, not accuracy). Results: one JSON line per check in DIR/gpu_check.jsonl.
@@ -326,6 +328,63 @@ def check_rollout(model: str, out: Path) -> None:
         )
         line(out, "rollout", True, batch=batch, tokens_per_s=speeds)
     check_replica(model, out, net, layers, prompts[:8])
+    check_engine(model, out, net, layers, tokenizer, prompts)
+
+
+def check_engine(model: str, out: Path, net, layers, tokenizer, prompts) -> None:
+    """rollout_engine: vllm at tensor parallel 1 (what one GPU shows): rollout tokens/s through t2ray's VLLMEngine
+    after one z sync vs the in-process decode at the same z, same 32 prompts (each row stops at EOS), and how often
+    their greedy tokens agree (bf16, different kernels)."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        line(out, "engine", True, skipped="vllm is not installed in this python (`pip install vllm`)")
+        return
+    from t2ray.generation import rollout
+    from t2ray.rl.rollout import encode_z
+    from t2ray.rl.vllm_engine import VLLMEngine
+    from t2ray.svf import set_mode, set_z
+
+    z = {n: 0.5 + torch.rand(layer.rank, device="cuda") for n, layer in layers.items()}
+    set_z(net, z)
+    set_mode(net, "materialized")
+    start = time.perf_counter()
+    engine = VLLMEngine(model, {"target_modules": "mlp"}, dtype="bfloat16", gpu_memory_utilization=0.3)
+    start_s = time.perf_counter() - start
+    sent = engine.receive(encode_z(z, 1, net.t2ray_fingerprint))
+
+    def timed(call) -> tuple[float, torch.Tensor, torch.Tensor]:
+        call()  # warm-up
+        torch.cuda.synchronize()
+        begin = time.perf_counter()
+        roll = call()
+        torch.cuda.synchronize()
+        return (
+            int(roll.completion_mask.sum()) / (time.perf_counter() - begin),
+            roll.completion_ids,
+            roll.completion_mask,
+        )
+
+    def ours():
+        return rollout(net, tokenizer, prompts, max_new_tokens=64)
+
+    def theirs():
+        return engine.generate(prompts, max_new_tokens=64, temperature=0.0, top_p=1.0, seed=0)
+
+    (hf_rate, hf_ids, hf_mask), (engine_rate, engine_ids, _) = timed(ours), timed(theirs)
+    width = min(hf_ids.shape[1], engine_ids.shape[1])
+    same = ((hf_ids[:, :width].cpu() == engine_ids[:, :width].cpu()) & hf_mask[:, :width].cpu().bool()).sum()
+    agreement = float(same / hf_mask[:, :width].sum().clamp(min=1))
+    line(
+        out,
+        "engine",
+        agreement >= 0.8,
+        start_s=round(start_s, 1),
+        bytes_sent=sent,
+        tokens_per_s={"vLLM engine tp=1": round(engine_rate, 1), "in-process": round(hf_rate, 1)},
+        engine_over_in_process=round(engine_rate / hf_rate, 2),
+        agreement=round(agreement, 3),
+    )
 
 
 def check_replica(model: str, out: Path, net, layers, prompts) -> None:

@@ -372,6 +372,10 @@ def plan_(
             checkpointing=activation_checkpointing,
         )
     typer.echo(f"{model}, {gpus}×{gpu_mem_gb:g} GB, ZeRO-{zero}, SVF on {modules} ({result.z_values:,} z values)")
+    if result.engine_rows:
+        typer.echo(
+            f"  + {run.engines} rollout engine(s) × {run.engine_gpus} GPUs of their own (z applier on {run.applier_on})"
+        )
     typer.echo(result.table())
     typer.secho("fits" if result.fits else "does NOT fit", fg="green" if result.fits else "red", bold=True)
     if not result.fits:

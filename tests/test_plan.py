@@ -3,6 +3,7 @@ and what it counts for the backward matches what the loop's real forward keeps (
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,26 @@ def test_the_70b_plan_fits_only_with_what_the_shipped_file_sets():
     assert fits.rows["frozen weights (bfloat16)"] == pytest.approx(70.55e9 * 2 / 16 / GIB, rel=0.01)
     assert not plan("llama3-70b", gpus=16, gpu_mem_gb=80, zero=3, checkpointing=False).fits
     assert not plan("llama3-70b", gpus=2, gpu_mem_gb=80, zero=2).fits
+
+
+def test_70b_rollout_engines_on_gpus_of_their_own():
+    """The shipped 70B file: 8 ZeRO-3 trainers and one vLLM engine over 8 GPUs of its own, its z applier in host
+    memory. A rank's applier holds its block of each MLP matrix (gate/up: rows, down: columns; 1/8 of W) and every
+    square factor whole (8192² each): 43 GiB, which on the GPU beside the weights would leave too little."""
+    from t2ray.config import load_experiment
+    from t2ray.plan import experiment_run
+
+    cfg = load_experiment(Path(__file__).resolve().parents[1] / "experiments" / "llama3-70b-svf.yaml")
+    assert (cfg.rl.rollout_engine, cfg.rollout.num_engines, cfg.rollout.gpus_per_engine) == ("vllm", 1, 8)
+    run = experiment_run(cfg, 768)
+    result = plan_run(cfg.model.spec, run, 80)
+    assert result.fits and "rollout KV cache (in-process decode)" not in result.rows  # trainers hold no rollout
+    applier = 80 * 3 * (8192 * 28672 // 8 + 8192**2) * 2 / GIB
+    assert result.host_gib == pytest.approx(applier)
+    on_device = plan_run(cfg.model.spec, dataclasses.replace(run, applier_on="device"), 80)
+    assert on_device.engine_rows["z applier: its block of W + whole square factors"] == pytest.approx(applier)
+    assert on_device.engine_total > result.engine_total + 40
+    assert not plan_run(cfg.model.spec, dataclasses.replace(run, engine_gpus=4, applier_on="device"), 80).fits
 
 
 def test_lora_is_planned_through_peft(tiny_config):
