@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,10 +166,16 @@ def rollout_engines(cfg: ExperimentConfig):
         return
     from t2ray.train.engines import EnginePool, EngineStartError
 
+    r, gpu = cfg.rollout, cfg.scaling.use_gpu
+    what = f"{r.num_engines} {cfg.rl.rollout_engine} rollout engine(s) of {r.bundle(gpu)}, tensor parallel {r.tp(gpu)}"
+    print(f"t2ray: starting {what}", file=sys.stderr, flush=True)
+    start = time.monotonic()
     try:
         pool = EnginePool(cfg)
     except EngineStartError as err:
         raise TrainError(str(err)) from None
+    where = "; ".join(f"{p['node'][:8]} GPUs {p['gpus'] or '-'}" for p in pool.placements)
+    print(f"t2ray: rollout engines ready in {time.monotonic() - start:.0f} s ({where})", file=sys.stderr, flush=True)
     try:
         yield pool.handles
     finally:

