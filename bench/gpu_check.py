@@ -341,7 +341,7 @@ def check_engine(model: str, out: Path, net, layers, tokenizer, prompts) -> None
         line(out, "engine", True, skipped="vllm is not installed in this python (`pip install vllm`)")
         return
     from t2ray.generation import rollout
-    from t2ray.rl.rollout import encode_z
+    from t2ray.rl.rollout import z_message
     from t2ray.rl.vllm_engine import VLLMEngine
     from t2ray.svf import set_mode, set_z
 
@@ -351,7 +351,7 @@ def check_engine(model: str, out: Path, net, layers, tokenizer, prompts) -> None
     start = time.perf_counter()
     engine = VLLMEngine(model, {"target_modules": "mlp"}, dtype="bfloat16", gpu_memory_utilization=0.3)
     start_s = time.perf_counter() - start
-    sent = engine.receive(encode_z(z, 1, net.t2ray_fingerprint))
+    sent = engine.receive(z_message(net, 1))
 
     def timed(call) -> tuple[float, torch.Tensor, torch.Tensor]:
         call()  # warm-up
@@ -399,7 +399,7 @@ def check_replica(model: str, out: Path, net, layers, prompts) -> None:
     set_z(net, z)
     set_mode(net, "materialized")
     engine = LocalReplica(ReplicaEngine(model, SVFConfig(target_modules="mlp"), "bfloat16", device="cuda"))
-    sent = engine.sync(z, 1, net.t2ray_fingerprint)
+    sent = engine.sync(net, 1)
     trainer = rollout(net, engine.replica.tokenizer, prompts, max_new_tokens=32).completion_ids
     replica = engine.generate(prompts, max_new_tokens=32, temperature=0, top_p=1, seed=0).completion_ids
     width = min(trainer.shape[1], replica.shape[1])

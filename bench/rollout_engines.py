@@ -35,7 +35,7 @@ import torch  # noqa: E402
 from common import command_line, interleaved, publish, stamp  # noqa: E402
 
 from t2ray.models import compute_dtype, load_model  # noqa: E402
-from t2ray.rl.rollout import InProcessEngine, current_z, encode_z  # noqa: E402
+from t2ray.rl.rollout import InProcessEngine, z_message  # noqa: E402
 from t2ray.rl.vllm_engine import vllm_python  # noqa: E402
 from t2ray.svf import SVFConfig, patch_model, set_mode, set_z  # noqa: E402
 from t2ray.tasks import get_task  # noqa: E402
@@ -97,7 +97,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="t2ray-rollout-bench-"))
     (work / "prompts.json").write_text(json.dumps(prompts))
     for version in (1, 2):
-        (work / f"z{version}.bin").write_bytes(encode_z(current_z(model), version, model.t2ray_fingerprint))
+        (work / f"z{version}.bin").write_bytes(z_message(model, version))
     model_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "svf_" not in n)
 
     tokens: dict[str, int] = {}

@@ -28,7 +28,7 @@ from peft import LoraConfig, get_peft_model  # noqa: E402
 
 from t2ray.generation import rollout  # noqa: E402
 from t2ray.models import load_model  # noqa: E402
-from t2ray.rl.rollout import current_z, encode_z  # noqa: E402
+from t2ray.rl.rollout import z_message  # noqa: E402
 from t2ray.svf import SVFConfig, patch_model, select_targets, set_mode, svf_layers, use_trainable  # noqa: E402
 
 
@@ -111,7 +111,7 @@ def main() -> None:
         },
         args.repeats,
     )
-    z_bytes = len(encode_z(current_z(svf), 0, svf.t2ray_fingerprint))
+    z_bytes = len(z_message(svf, 0))
     weight_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
 
     rows = [

@@ -39,7 +39,7 @@ def test_replica_generates_what_the_trainer_would(trained):
     """Through LocalReplica, as a GPU worker runs it (on its own device, in its own process): the z message only."""
     model, tokenizer = trained
     replica = ReplicaEngine("tiny-llama", SVFConfig(), dtype="float32", device="cpu")
-    sent = LocalReplica(replica).sync(current_z(model), 3, model.t2ray_fingerprint)
+    sent = LocalReplica(replica).sync(model, 3)
     assert replica.version == 3
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     assert sent < weight_bytes / 100  # only z travels
@@ -72,6 +72,6 @@ def test_replica_refuses_bad_messages(trained):
 def test_in_process_engine_needs_no_sync(trained):
     model, tokenizer = trained
     engine = InProcessEngine(model, tokenizer)
-    assert engine.sync(current_z(model), 0, model.t2ray_fingerprint) == 0
+    assert engine.sync(model, 0) == 0
     ours = engine.generate(["x"], max_new_tokens=4, temperature=0, top_p=1, seed=0)
     assert torch.equal(ours.completion_ids, rollout(model, tokenizer, ["x"], max_new_tokens=4).completion_ids)

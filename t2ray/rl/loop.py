@@ -13,7 +13,7 @@ from t2ray.config import ExperimentConfig
 from t2ray.evaluate import grade_all
 from t2ray.generation import AllDone, completion_logits, encode_prompts, gather_logprobs, generate
 from t2ray.rl.loss import advantages, kl_to_reference, reinforce_loss
-from t2ray.rl.rollout import InProcessEngine, RolloutEngine, current_z
+from t2ray.rl.rollout import InProcessEngine, RolloutEngine
 from t2ray.rl.trainable import TrainableAdapter
 from t2ray.tasks.base import Example, Task
 from t2ray.tasks.graders import named_option_reward
@@ -179,7 +179,7 @@ def rl_step(
     else:
         model.eval()
         checked(lambda: encode_prompts(tokenizer, prompts, model, max_new), agree)  # a too-long prompt, on any rank
-        sync_bytes = engine.sync(current_z(model), version, model.t2ray_fingerprint)  # z only, never weights
+        sync_bytes = engine.sync(model, version)  # z only, never weights
         roll = engine.generate(
             prompts,
             max_new_tokens=max_new,

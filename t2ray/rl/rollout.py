@@ -60,8 +60,13 @@ def current_z(model) -> dict[str, torch.Tensor]:
     return {name: layer.z().detach() for name, layer in svf_layers(model).items()}
 
 
+def z_message(model, version: int) -> bytes:
+    """The sync message of an SVF-patched model's current z (ZeRO-3: call with its z gathered)."""
+    return encode_z(current_z(model), version, model.t2ray_fingerprint)
+
+
 class RolloutEngine(Protocol):
-    def sync(self, z: dict[str, torch.Tensor], version: int, base: str) -> int: ...  # returns bytes sent
+    def sync(self, model, version: int) -> int: ...  # sends the trainer model's z; returns bytes sent
     def generate(
         self,
         prompts: Sequence[Messages | str],
@@ -80,7 +85,7 @@ class InProcessEngine:
     def __init__(self, model, tokenizer, all_done=None):
         self.model, self.tokenizer, self.all_done = model, tokenizer, all_done  # all_done: ZeRO-3 lockstep
 
-    def sync(self, z, version, base) -> int:
+    def sync(self, model, version) -> int:
         return 0
 
     def generate(self, prompts, *, max_new_tokens, temperature, top_p, seed, samples_per_prompt=1) -> Rollouts:

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import torch
 
-from t2ray.rl.rollout import ReplicaEngine, decode_z, encode_z
+from t2ray.rl.rollout import ReplicaEngine, decode_z, z_message
+from t2ray.svf import svf_layers
+from t2ray.svf.decompose import no_gather
 
 log = logging.getLogger(__name__)
 
@@ -22,16 +24,22 @@ class EngineStartError(RuntimeError):
     """The rollout engines could not be placed or started (one line, names what is missing)."""
 
 
+def gathered_z_message(model, version: int, gather) -> bytes:
+    """z_message with z whole (ZeRO-3 partitions it until a forward gathers it: a remote engine syncs before one)."""
+    with gather([layer.svf_p for layer in svf_layers(model).values()]):
+        return z_message(model, version)
+
+
 class ActorEngine:
     """RolloutEngine over a Ray actor handle (PlacedEngine)."""
 
-    def __init__(self, handle):
-        self.handle = handle
+    def __init__(self, handle, gather=no_gather):
+        self.handle, self.gather = handle, gather
 
-    def sync(self, z, version, base) -> int:
+    def sync(self, model, version) -> int:
         import ray
 
-        return ray.get(self.handle.receive.remote(encode_z(z, version, base)))
+        return ray.get(self.handle.receive.remote(gathered_z_message(model, version, self.gather)))
 
     def generate(self, prompts, **kwargs):
         import ray
@@ -42,11 +50,11 @@ class ActorEngine:
 class LocalReplica:
     """RolloutEngine over a ReplicaEngine in this process: the same z message, no actor (on the worker's GPU)."""
 
-    def __init__(self, replica):
-        self.replica = replica
+    def __init__(self, replica, gather=no_gather):
+        self.replica, self.gather = replica, gather
 
-    def sync(self, z, version, base) -> int:
-        return self.replica.receive(encode_z(z, version, base))
+    def sync(self, model, version) -> int:
+        return self.replica.receive(gathered_z_message(model, version, self.gather))
 
     def generate(self, prompts, **kwargs):
         return self.replica.generate(prompts, **kwargs)
@@ -161,16 +169,19 @@ def resources_line(resources: dict, bundle: dict) -> str:
     return ", ".join(f"{resources.get(k, 0):g} {k}" for k in bundle)
 
 
-def start_engine(cfg, device: str = "cpu", shared: list | None = None, rank: int = 0):
+def start_engine(cfg, device: str = "cpu", shared: list | None = None, rank: int = 0, gather=no_gather):
     """The RolloutEngine of one training worker: None for the in-process engine (no Ray needed: bench/gpu_check.py
     runs the worker without it); one of the pool's `shared` engines; else its own actor, or on a GPU a replica in
-    the worker's process, on its device."""
+    the worker's process, on its device. `gather`: ZeRO-3's, to read z whole."""
     if cfg.rl.rollout_engine == "hf":
         return None
     if shared:
-        return ActorEngine(shared[rank % len(shared)])
+        return ActorEngine(shared[rank % len(shared)], gather)
     if device != "cpu":
         # Train's workers hold every GPU and an actor asking for none sees none (Ray empties CUDA_VISIBLE_DEVICES):
         # the replica shares its worker's GPU from inside the worker's process
-        return LocalReplica(ReplicaEngine(cfg.model.spec, cfg.svf.model_dump(), cfg.model.dtype, device=device))
-    return ActorEngine(engine_actor(cfg, "cpu", num_cpus=0))  # num_cpus=0: it shares its worker's CPU while it waits
+        replica = ReplicaEngine(cfg.model.spec, cfg.svf.model_dump(), cfg.model.dtype, device=device)
+        return LocalReplica(replica, gather)
+    return ActorEngine(
+        engine_actor(cfg, "cpu", num_cpus=0), gather
+    )  # num_cpus=0: it shares its worker's CPU while it waits

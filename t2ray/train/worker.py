@@ -270,6 +270,7 @@ def run_worker(
     from t2ray.models import load_model
     from t2ray.models.loader import compute_dtype, enable_activation_checkpointing
     from t2ray.rl.loop import LoopState, Stepper, train_loop
+    from t2ray.svf.decompose import no_gather
     from t2ray.tasks import get_task
     from t2ray.train.collectives import all_reduce_sum, barrier, every_rank_done, raise_if_any_rank_failed, spread
     from t2ray.train.zero3 import register_svf_external_params, shared_factors
@@ -365,7 +366,9 @@ def run_worker(
         reduce=all_reduce_sum,
         state=state,
         on_iteration=on_iteration,
-        engine=start_engine(cfg, device, engines, rank),
+        engine=start_engine(
+            cfg, device, engines, rank, gather=deepspeed.zero.GatheredParameters if zero3 else no_gather
+        ),
         all_done=every_rank_done if zero3 and world > 1 else None,
         agree=raise_if_any_rank_failed,
     )

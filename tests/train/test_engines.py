@@ -125,10 +125,16 @@ def test_resources_lent_elsewhere_fail_within_the_timeout(fake_gpu_cluster, lear
 
 
 def test_cpu_workers_learn_through_one_shared_engine(fake_gpu_cluster, learn_task, tmp_path):
-    """Two ZeRO-2 workers on CPU, one replica engine in a bundle of its own (1 CPU): every iteration each worker
-    syncs z to it and generates there; the run learns as the in-process one does (tests/train/test_train.py)."""
+    """Two ZeRO-3 workers on CPU (the 70B file's stage: z is partitioned until a forward gathers it, and the sync
+    comes before any), one replica engine in a bundle of its own (1 CPU): every iteration each worker syncs z to it
+    and generates there; the run learns as the in-process one does (tests/train/test_train.py)."""
     cfg = make_config(
-        tmp_path, learn_task, "shared-engine", rl={"rollout_engine": "replica"}, rollout={"num_engines": 1}
+        tmp_path,
+        learn_task,
+        "shared-engine",
+        rl={"rollout_engine": "replica"},
+        rollout={"num_engines": 1},
+        deepspeed={"zero_stage": 3},
     )
     outcome = train(cfg)
     assert len(outcome.history) == cfg.rl.iterations

@@ -113,6 +113,7 @@ def test_the_70b_experiment_trains_on_a_stand_in(tmp_path, free_port):
             "scaling.use_gpu=false",
             "scaling.num_workers=2",
             "scaling.cpus_per_worker=1",
+            "rl.rollout_engine=hf",  # its vLLM engine on GPUs of its own: tests/train/test_engines.py
             f"storage_path={tmp_path / 'runs'}",
         ],
     )
