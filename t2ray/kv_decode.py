@@ -76,24 +76,32 @@ def output_cache(out):
     return cache if cache is not None else out.past_key_values
 
 
-# oneDNN-packed copies of plain bf16 nn.Linear weights (CPU): torch.mm re-lays the weight out on every call, a packed
-# weight is laid out once (RESULTS decode_step: SmolLM2's GEMMs at B = 8 in 16 ms instead of 26-29). The copy costs
-# the weight's bytes again; it is rebuilt when the weight changes in place (its version moves).
+# oneDNN-packed copies of bf16 weights (CPU): torch.mm re-lays the weight out on every call, a packed weight is laid
+# out once (RESULTS decode_step: SmolLM2's GEMMs at B = 8 in 16 ms instead of 26-29). Plain nn.Linear weights and an
+# SVF layer's materialised W'. The copy costs the weight's bytes again; it is rebuilt when the module's weight is
+# another tensor (a new W') or changed in place (its version moves).
 _PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 PACK = torch.backends.mkldnn.is_available() and os.environ.get("T2RAY_PACK_WEIGHTS", "1") != "0"
 
 
 def linear(module, x: torch.Tensor) -> torch.Tensor:
-    """module(x), through a packed weight where that is faster (a plain bf16 nn.Linear on the CPU)."""
-    weight = getattr(module, "weight", None)
-    plain = PACK and type(module) is torch.nn.Linear
-    if not (plain and weight.dtype == torch.bfloat16 and weight.device.type == "cpu"):
+    """module(x), through a packed weight where that is faster (bf16 on the CPU)."""
+    if not PACK:
         return module(x)
-    stamp = (weight._version, weight.data_ptr())
+    if type(module) is torch.nn.Linear:
+        weight = module.weight
+    elif getattr(module, "enabled", False) and hasattr(module, "materialised_weight"):
+        weight = module.materialised_weight()  # None: this call takes SVF's factored path
+    else:
+        weight = None
+    if weight is None or weight.dtype != torch.bfloat16 or weight.device.type != "cpu" or weight.requires_grad:
+        return module(x)
     cached = _PACKED.get(module)
-    if cached is None or cached[0] != stamp:
-        cached = _PACKED[module] = (stamp, torch.ops.mkldnn._reorder_linear_weight(weight, x.shape[0]))
-    return torch.ops.mkldnn._linear_pointwise(x, cached[1], module.bias, "none", [], "")
+    if cached is None or cached[0]() is not weight or cached[1] != weight._version:
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, x.shape[0])
+        cached = _PACKED[module] = (weakref.ref(weight), weight._version, packed)
+    bias = getattr(module, "base_layer", module).bias
+    return torch.ops.mkldnn._linear_pointwise(x, cached[2], bias, "none", [], "")
 
 
 class KVDecoder:

@@ -162,3 +162,27 @@ def test_bf16_runs_through_packed_weights_that_follow_in_place_edits(varied, tok
             layer.mlp.down_proj.weight.mul_(-1)
     hf, kv = both_loops(monkeypatch, greedy)
     assert torch.equal(hf, kv) and not torch.equal(kv, before)  # the edit counts, in both steps alike
+
+
+def test_a_materialised_svf_expert_runs_on_its_packed_w_prime_and_follows_a_new_z(varied, tokenizer, monkeypatch):
+    """bf16 SVF, materialised: the KV step multiplies by a packed copy of each layer's W' (what its forward would
+    multiply by); a new z builds a new W' and the packed copy follows it (twice, with no decode in between too)."""
+    from t2ray.kv_decode import _PACKED
+
+    half = varied.to(torch.bfloat16)
+    layers = patch_model(half, progress=False)
+    set_mode(half, "materialized")
+    z = [{name: 0.4 + torch.rand(layer.rank) for name, layer in layers.items()} for _ in range(3)]
+
+    def greedy():
+        return rollout(half, tokenizer, PROMPTS, max_new_tokens=10, ignore_eos=True).completion_ids
+
+    set_z(half, z[0])
+    hf, first = both_loops(monkeypatch, greedy)
+    assert torch.equal(hf, first)
+    down = half.model.layers[0].mlp.down_proj
+    assert _PACKED[down][0]() is down.materialised_weight()  # packed from the very W' the forward uses
+    set_z(half, z[1])
+    set_z(half, z[2])  # two new W' before the next call: the packed copy must be of the last
+    hf, last = both_loops(monkeypatch, greedy)
+    assert torch.equal(hf, last) and not torch.equal(last, first)

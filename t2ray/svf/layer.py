@@ -146,13 +146,22 @@ class SVFLinear(nn.Module):
         if not self.enabled:
             return self.base_layer(x)
         z = self.z()
+        weight = self.materialised_weight(z)
+        if weight is None:
+            return self._factored(x, z)
+        return F.linear(x, weight, self.base_layer.bias)
+
+    def materialised_weight(self, z: torch.Tensor | None = None) -> torch.Tensor | None:
+        """W' (cached) when a forward now multiplies by it; None when it takes the factored path. A decoder that
+        packs weights for its GEMMs (t2ray.kv_decode) asks this."""
+        z = self.z() if z is None else z
         # Training always takes the factored path: z's gradient costs ~4·T·min(m,n)² per matrix there, while
         # rebuilding W' under autograd costs 3·m·n·r + T·m·n (about twice as much for T ≈ 1000 tokens).
         training = torch.is_grad_enabled() and z.requires_grad
         # ZeRO-3 (not cacheable): W' would be rebuilt on every forward, the factored path costs less.
         if self.mode == "factored" or z.dim() > 1 or training or not self._cacheable or self._rebuild_not_worth_it():
-            return self._factored(x, z)
-        return F.linear(x, self._cached_weight(z), self.base_layer.bias)
+            return None
+        return self._cached_weight(z)
 
     def __getstate__(self):
         state = dict(self.__dict__)
