@@ -86,22 +86,22 @@ PACK = torch.backends.mkldnn.is_available() and os.environ.get("T2RAY_PACK_WEIGH
 
 def linear(module, x: torch.Tensor) -> torch.Tensor:
     """module(x), through a packed weight where that is faster (bf16 on the CPU)."""
-    if not PACK:
+    plain = type(module) is torch.nn.Linear
+    base = module if plain else getattr(module, "base_layer", None)
+    weight = getattr(base, "weight", None)
+    # cheap checks first: this runs for every projection of every step
+    if not PACK or weight is None or weight.dtype != torch.bfloat16 or weight.device.type != "cpu":
         return module(x)
-    if type(module) is torch.nn.Linear:
-        weight = module.weight
-    elif getattr(module, "enabled", False) and hasattr(module, "materialised_weight"):
-        weight = module.materialised_weight()  # None: this call takes SVF's factored path
-    else:
-        weight = None
-    if weight is None or weight.dtype != torch.bfloat16 or weight.device.type != "cpu" or weight.requires_grad:
+    if not plain:  # an SVF layer: its W' when its forward would multiply by one (None: the factored path)
+        materialised = getattr(module, "materialised_weight", None)
+        weight = materialised() if materialised is not None and getattr(module, "enabled", False) else None
+    if weight is None or weight.requires_grad:
         return module(x)
     cached = _PACKED.get(module)
     if cached is None or cached[0]() is not weight or cached[1] != weight._version:
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, x.shape[0])
         cached = _PACKED[module] = (weakref.ref(weight), weight._version, packed)
-    bias = getattr(module, "base_layer", module).bias
-    return torch.ops.mkldnn._linear_pointwise(x, cached[2], bias, "none", [], "")
+    return torch.ops.mkldnn._linear_pointwise(x, cached[2], base.bias, "none", [], "")
 
 
 class KVDecoder:

@@ -123,8 +123,8 @@ class ZApplier:
         self.targets = targets
         self.version = -1
 
-    def apply(self, message: bytes) -> int:
-        version, z, _ = decode_z(message)
+    def apply(self, sync: ZSync) -> None:
+        version, z = sync.version, sync.z
         unknown = set(z) - set(self.targets)
         if unknown:
             raise ZSyncError(f"z for modules this engine does not adapt: {sorted(unknown)[:3]}")
@@ -137,7 +137,6 @@ class ZApplier:
                 w, q, s = t.source.to(on, non_blocking=True), t.q.to(on, non_blocking=True), t.s.to(on)
                 t.live.copy_(adapted_block(w, q, s, zi.to(on), tall=t.tall, rows=t.rows, cols=t.cols))
         self.version = version
-        return len(message)
 
 
 class ReplicaEngine(InProcessEngine):
@@ -160,10 +159,11 @@ class ReplicaEngine(InProcessEngine):
             layer.enabled = False  # the weights themselves hold W' after each sync
 
     def receive(self, message: bytes) -> int:
-        base = decode_z(message).base
-        if base != self.base:
-            raise ZSyncError(f"z for base model {base}, this engine holds {self.base}: a different model or weights")
-        return self.applier.apply(message)
+        sync = decode_z(message)
+        if sync.base != self.base:
+            raise ZSyncError(f"z for base model {sync.base}, this engine holds {self.base}: another model or weights")
+        self.applier.apply(sync)
+        return len(message)
 
     @property
     def version(self) -> int:

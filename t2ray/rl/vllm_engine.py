@@ -256,7 +256,7 @@ def install_z_applier(  # pragma: no cover - runs in vLLM's worker
 
 
 def apply_z_in_worker(message: bytes, model) -> int:  # pragma: no cover - runs in vLLM's worker
-    model.t2ray_applier.apply(message)
+    model.t2ray_applier.apply(decode_z(message))
     if model.t2ray_repack:
         from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 

@@ -154,12 +154,14 @@ class SVFLinear(nn.Module):
     def materialised_weight(self, z: torch.Tensor | None = None) -> torch.Tensor | None:
         """W' (cached) when a forward now multiplies by it; None when it takes the factored path. A decoder that
         packs weights for its GEMMs (t2ray.kv_decode) asks this."""
+        if self.mode == "factored":
+            return None
         z = self.z() if z is None else z
         # Training always takes the factored path: z's gradient costs ~4·T·min(m,n)² per matrix there, while
         # rebuilding W' under autograd costs 3·m·n·r + T·m·n (about twice as much for T ≈ 1000 tokens).
         training = torch.is_grad_enabled() and z.requires_grad
         # ZeRO-3 (not cacheable): W' would be rebuilt on every forward, the factored path costs less.
-        if self.mode == "factored" or z.dim() > 1 or training or not self._cacheable or self._rebuild_not_worth_it():
+        if z.dim() > 1 or training or not self._cacheable or self._rebuild_not_worth_it():
             return None
         return self._cached_weight(z)
 
