@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from common import command_line, interleaved, publish, stamp  # noqa: E402
 
+from t2ray import kv_decode  # noqa: E402
 from t2ray.generation import encode_prompts, render, rollout  # noqa: E402
 from t2ray.models import compute_dtype, load_model, load_tokenizer  # noqa: E402
 from t2ray.rl.vllm_engine import vllm_python  # noqa: E402
@@ -103,26 +104,42 @@ class VLLMProcess:
         os.unlink(self.prompts_file.name)
 
 
-def roofline(model, batch: int, width: int, tokens: int):
+def roofline(model, batch: int, width: int, tokens: int, packed: bool = False):
     """The GEMMs of one call and nothing else: every nn.Linear of `model` on the prefill's `batch` × `width` rows
-    (the LM head on the last position only, as the loop runs it), then on `batch` rows for each later token."""
-    head = model.get_output_embeddings().weight
-    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    body = [w for w in weights if w is not head]
+    (the LM head on the last position only, as the loop runs it), then on `batch` rows for each later token;
+    torch.mm's kernel (the issue's ceiling), or with `packed` the oneDNN-packed weights the KV decoder uses."""
+    head = model.get_output_embeddings()
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    body = [m for m in linears if m is not head]
+    gemm = kv_decode.linear if packed else lambda m, x: torch.nn.functional.linear(x, m.weight)
 
     def inputs(rows):
-        return {w.shape[1]: torch.randn(rows, w.shape[1], dtype=w.dtype) for w in weights}
+        return {m.in_features: torch.randn(rows, m.in_features, dtype=m.weight.dtype) for m in linears}
 
     prefill, step = inputs(batch * width), inputs(batch)
 
     def run():
         with torch.no_grad():
-            for w in body:
-                torch.nn.functional.linear(prefill[w.shape[1]], w)
-            torch.nn.functional.linear(step[head.shape[1]], head)
+            for m in body:
+                gemm(m, prefill[m.in_features])
+            gemm(head, step[head.in_features])
             for _ in range(tokens - 1):
-                for w in weights:
-                    torch.nn.functional.linear(step[w.shape[1]], w)
+                for m in linears:
+                    gemm(m, step[m.in_features])
+
+    return run
+
+
+def unpacked(call):
+    """`call` with the KV decoder's weights unpacked (torch.mm re-lays them out at every call: the step before
+    packing)."""
+
+    def run():
+        kv_decode.PACK = False
+        try:
+            return call()
+        finally:
+            kv_decode.PACK = True
 
     return run
 
@@ -182,10 +199,12 @@ def generation_table(args, prompts, tokenizer) -> tuple[list[str], dict[int, dic
             "SVF materialised": decode(svf, batch),
             "z per row": decode(per_row, batch),
             f"roofline ({dtype} GEMMs)": roofline(base, batch, width, args.tokens),
+            f"roofline ({dtype} packed GEMMs)": roofline(base, batch, width, args.tokens, packed=True),
         }
         if dtype != "float32":
             variants["t2ray base (float32)"] = decode(fp32, batch)
             variants["roofline (float32 GEMMs)"] = roofline(fp32, batch, width, args.tokens)
+        variants["t2ray base (float32, unpacked)"] = unpacked(decode(fp32, batch))
         vllm_seconds: list[float] = []
         if vllm:
             variants["vLLM-CPU"] = lambda b=batch, seconds=vllm_seconds: seconds.append(vllm.run(b))
@@ -239,6 +258,13 @@ def rl_iteration(args) -> dict[str, float]:
     return {label: min(t) / rows[label] for label, t in times.items()}
 
 
+def isa_note() -> str:
+    """The ISA limits this run was started under (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2: an AVX2-only CPU's
+    kernels, emulated on this one)."""
+    limits = [f"{k}={os.environ[k]}" for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if k in os.environ]
+    return f" (forced: {' '.join(limits)})" if limits else ""
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", default="1,8,32")
@@ -260,7 +286,8 @@ def main() -> None:
 
     base = names[2]
     lines = [
-        f"{stamp()}, `{command_line()}`; {platform.processor() or platform.machine()}, "
+        f"{stamp()}, `{command_line()}`; {platform.processor() or platform.machine()}, capability "
+        f"{torch.backends.cpu.get_cpu_capability()}{isa_note()}, "
         f"{torch.get_num_threads()} torch threads, load average {load_start[0]:.2f} at start, "
         f"{load_end[0]:.2f} at end; SmolLM2-135M-Instruct, {args.tokens} greedy tokens per row (EOS ignored), "
         f"best of {args.rounds} interleaved rounds.",
@@ -283,9 +310,14 @@ def main() -> None:
         ("SVF materialised", base),
         ("z per row", base),
         (base, f"roofline ({dtype} GEMMs)"),
+        (base, f"roofline ({dtype} packed GEMMs)"),
     ]
-    if "t2ray base (float32)" in names:
-        pairs.append(("t2ray base (float32)", "roofline (float32 GEMMs)"))
+    fp32 = "t2ray base (float32)" if "t2ray base (float32)" in names else base
+    pairs += [
+        (fp32, "roofline (float32 GEMMs)"),
+        (fp32, "t2ray base (float32, unpacked)"),
+        (fp32, "HF generate fp32"),
+    ]
     if "vLLM-CPU" in names:
         pairs.append((base, "vLLM-CPU"))
     lines += [f"| {a} ÷ {b} | " + " | ".join(f"{ratio(a, b, x):.2f}" for x in args.batches) + " |" for a, b in pairs]

@@ -144,12 +144,13 @@ def test_a_full_cache_grows_and_the_step_logits_equal_hugging_faces(varied, toke
     assert ours.valid.shape[1] > ids.shape[1]
 
 
-def test_bf16_runs_through_packed_weights_that_follow_in_place_edits(varied, tokenizer, monkeypatch):
-    """bf16 on the CPU: plain linears run on oneDNN-packed weights (the same numbers as torch's), and a weight edited
-    in place is packed again before its next use."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_plain_linears_run_on_packed_weights_that_follow_in_place_edits(varied, tokenizer, monkeypatch, dtype):
+    """bf16 and fp32 on the CPU: plain linears run on oneDNN-packed weights (greedy tokens as torch's), and a weight
+    edited in place is packed again before its next use."""
     from t2ray.kv_decode import _PACKED
 
-    half = varied.to(torch.bfloat16)
+    half = varied.to(dtype)
 
     def greedy():
         return rollout(half, tokenizer, PROMPTS, max_new_tokens=10, ignore_eos=True).completion_ids

@@ -140,6 +140,8 @@ def native_bf16(device: str = "cpu") -> bool:
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
     cpu = getattr(torch, "cpu", None)
     if hasattr(cpu, "_is_avx512_bf16_supported"):  # x86: AVX512-BF16 or AMX tiles do bf16 dot products natively
+        if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):  # torch told to run AVX2 kernels
+            return False
         return bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
     try:  # aarch64 lists "bf16" among its features
         return " bf16" in Path("/proc/cpuinfo").read_text()

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import platform
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -144,6 +149,16 @@ def test_auto_dtype_is_bf16_only_where_computed_natively(monkeypatch):
         assert compute_dtype("auto") == expected
     with pytest.raises(ModelError, match="unknown dtype 'fp8'"):
         compute_dtype("fp8")
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="ATEN_CPU_CAPABILITY=avx2 is an x86 capability")
+def test_auto_dtype_follows_torch_told_to_run_avx2_kernels():
+    """ATEN_CPU_CAPABILITY=avx2 (an AVX2-only CPU's kernels, or a user's choice): bf16 would be emulated, so auto is
+    fp32 even on a CPU with AVX512-BF16."""
+    code = "import torch, t2ray.models as m; print(torch.backends.cpu.get_cpu_capability(), m.compute_dtype())"
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["AVX2", "float32"]
 
 
 def test_auto_load_uses_the_compute_dtype(t2ray_cache):
