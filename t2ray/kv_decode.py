@@ -18,6 +18,7 @@ import inspect
 import logging
 import os
 import weakref
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -81,29 +82,65 @@ def output_cache(out):
 # faster, on AVX2 kernels too: RESULTS generation_fp32_packed). Plain nn.Linear weights and an
 # SVF layer's materialised W'. The copy costs the weight's bytes again; it is rebuilt when the module's weight is
 # another tensor (a new W') or changed in place (its version moves).
+class Packed(NamedTuple):
+    sources: list[tuple[weakref.ref, int]]  # each stacked weight and its version when packed
+    weight: torch.Tensor
+
+
 _PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 PACK = torch.backends.mkldnn.is_available() and os.environ.get("T2RAY_PACK_WEIGHTS", "1") != "0"
 PACKED_DTYPES = (torch.bfloat16, torch.float32)
 
 
-def linear(module, x: torch.Tensor) -> torch.Tensor:
-    """module(x), through a packed weight where that is faster (bf16 and fp32 on the CPU)."""
+def packable_weight(module, x: torch.Tensor) -> torch.Tensor | None:
+    """The weight `module(x)` multiplies by, where a packed copy can stand in for it; None where it cannot (no
+    packing, another dtype or device, a factored SVF layer, LoRA, a weight being trained)."""
     plain = type(module) is torch.nn.Linear
     base = module if plain else getattr(module, "base_layer", None)
     weight = getattr(base, "weight", None)
     # cheap checks first: this runs for every projection of every step
     if not PACK or weight is None or weight.dtype not in PACKED_DTYPES or weight.device.type != "cpu":
-        return module(x)
+        return None
     if not plain:  # an SVF layer: its W' when its forward would multiply by one (None: the factored path)
         materialised = getattr(module, "materialised_weight", None)
         weight = materialised() if materialised is not None and getattr(module, "enabled", False) else None
-    if weight is None or weight.requires_grad:
+    if weight is None or weight.requires_grad or x.dtype != weight.dtype:
+        return None
+    return weight
+
+
+def packed_gemm(key, weights: list[torch.Tensor], x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ cat(weights).T + bias through a packed copy of the stacked weights, cached under `key` and rebuilt when any
+    weight is another tensor or was changed in place."""
+    cached = _PACKED.get(key)
+    stale = (
+        cached is None
+        or len(cached.sources) != len(weights)
+        or any(ref() is not w or seen != w._version for (ref, seen), w in zip(cached.sources, weights, strict=True))
+    )
+    if stale:
+        stacked = weights[0] if len(weights) == 1 else torch.cat(weights)
+        packed = torch.ops.mkldnn._reorder_linear_weight(stacked, x.shape[0])
+        cached = _PACKED[key] = Packed([(weakref.ref(w), w._version) for w in weights], packed)
+    return torch.ops.mkldnn._linear_pointwise(x, cached.weight, bias, "none", [], "")
+
+
+def linear(module, x: torch.Tensor) -> torch.Tensor:
+    """module(x), through a packed weight where that is faster (bf16 and fp32 on the CPU)."""
+    weight = packable_weight(module, x)
+    if weight is None:
         return module(x)
-    cached = _PACKED.get(module)
-    if cached is None or cached[0]() is not weight or cached[1] != weight._version:
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight, x.shape[0])
-        cached = _PACKED[module] = (weakref.ref(weight), weight._version, packed)
-    return torch.ops.mkldnn._linear_pointwise(x, cached[2], base.bias, "none", [], "")
+    base = module if type(module) is torch.nn.Linear else module.base_layer
+    return packed_gemm(module, [weight], x, base.bias)
+
+
+def stacked(modules: tuple, x: torch.Tensor) -> torch.Tensor:
+    """cat([m(x) for m in modules], -1) (q/k/v, gate/up): one GEMM of their stacked packed weights where each would
+    pack alone (fewer, wider GEMMs: RESULTS generation), else each module's own forward."""
+    weights = [packable_weight(m, x) for m in modules]
+    if any(w is None for w in weights) or any(getattr(m, "bias", None) is not None for m in modules):
+        return torch.cat([linear(m, x) for m in modules], -1)
+    return packed_gemm(modules[0], weights, x, None)
 
 
 class KVDecoder:
@@ -188,35 +225,38 @@ class KVDecoder:
         batch, width = ids.shape
         start, end = self.length, self.length + width
         hidden = inner.embed_tokens(ids)
-        cos, sin = inner.rotary_emb(hidden, positions)
-        groups = self.heads // self.kv_heads
+        cos, sin = (t[:, :, None] for t in inner.rotary_emb(hidden, positions))  # (B, T, 1, D): broadcast over heads
+        heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
+        groups = heads // kv_heads
         for i, layer in enumerate(inner.layers):
             attention = layer.self_attn
             x = layer.input_layernorm(hidden)
-            q = linear(attention.q_proj, x).view(batch, width, self.heads, self.head_dim).transpose(1, 2)
-            k = linear(attention.k_proj, x).view(batch, width, self.kv_heads, self.head_dim).transpose(1, 2)
-            v = linear(attention.v_proj, x).view(batch, width, self.kv_heads, self.head_dim).transpose(1, 2)
-            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+            qkv = stacked((attention.q_proj, attention.k_proj, attention.v_proj), x)
+            qkv = qkv.view(batch, width, heads + 2 * kv_heads, head_dim)
+            qk = rotate(qkv[:, :, : heads + kv_heads], cos, sin)  # q's and k's heads in one pass
+            q, k = qk[:, :, :heads].transpose(1, 2), qk[:, :, heads:].transpose(1, 2)
+            v = qkv[:, :, heads + kv_heads :].transpose(1, 2)
             self.keys[i, rows, :, start:end], self.values[i, rows, :, start:end] = k, v
             keys, values = self.keys[i, rows, :, :end], self.values[i, rows, :, :end]
             if width == 1:  # one query per head: a group of heads sharing a KV head reads it as G queries, no copy
-                q = q.reshape(batch, self.kv_heads, groups, self.head_dim)
+                q = q.reshape(batch, kv_heads, groups, head_dim)
                 out = F.scaled_dot_product_attention(q, keys, values, attn_mask=attend, scale=attention.scaling)
-                out = out.reshape(batch, 1, self.heads * self.head_dim)
+                out = out.reshape(batch, 1, heads * head_dim)
             else:
                 keys, values = keys.repeat_interleave(groups, 1), values.repeat_interleave(groups, 1)
                 out = F.scaled_dot_product_attention(q, keys, values, attn_mask=attend, scale=attention.scaling)
-                out = out.transpose(1, 2).reshape(batch, width, self.heads * self.head_dim)
+                out = out.transpose(1, 2).reshape(batch, width, heads * head_dim)
             hidden = hidden + linear(attention.o_proj, out)
             x, mlp = layer.post_attention_layernorm(hidden), layer.mlp  # Llama's MLP: down(act(gate(x)) · up(x))
-            hidden = hidden + linear(mlp.down_proj, mlp.act_fn(linear(mlp.gate_proj, x)) * linear(mlp.up_proj, x))
+            gate_up = stacked((mlp.gate_proj, mlp.up_proj), x)
+            gate, up = gate_up.chunk(2, -1)  # Llama: gate and up are the same size
+            hidden = hidden + linear(mlp.down_proj, mlp.act_fn(gate) * up)
         self.length = end
         return linear(self.model.lm_head, inner.norm(hidden[:, -1:]))[:, -1]
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding (x·cos + rotate_half(x)·sin), cos/sin (B, T, D) broadcast over heads."""
-    cos, sin = cos[:, None], sin[:, None]
+    """Rotary embedding (x·cos + rotate_half(x)·sin) of x (B, T, heads, D), cos/sin (B, T, 1, D)."""
     half = x.shape[-1] // 2
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
 

@@ -146,8 +146,8 @@ def test_a_full_cache_grows_and_the_step_logits_equal_hugging_faces(varied, toke
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_plain_linears_run_on_packed_weights_that_follow_in_place_edits(varied, tokenizer, monkeypatch, dtype):
-    """bf16 and fp32 on the CPU: plain linears run on oneDNN-packed weights (greedy tokens as torch's), and a weight
-    edited in place is packed again before its next use."""
+    """bf16 and fp32 on the CPU: plain linears run on oneDNN-packed weights (q/k/v and gate/up stacked, one GEMM
+    each), greedy tokens as torch's; a weight edited in place is packed again before its next use."""
     from t2ray.kv_decode import _PACKED
 
     half = varied.to(dtype)
@@ -157,7 +157,9 @@ def test_plain_linears_run_on_packed_weights_that_follow_in_place_edits(varied, 
 
     hf, before = both_loops(monkeypatch, greedy)
     assert torch.equal(hf, before)
-    assert half.lm_head in _PACKED and half.model.layers[0].mlp.down_proj in _PACKED
+    layer = half.model.layers[0]
+    assert half.lm_head in _PACKED and layer.mlp.down_proj in _PACKED
+    assert len(_PACKED[layer.self_attn.q_proj].sources) == 3 and len(_PACKED[layer.mlp.gate_proj].sources) == 2
     with torch.no_grad():
         for layer in half.model.layers:
             layer.mlp.down_proj.weight.mul_(-1)
@@ -182,7 +184,7 @@ def test_a_materialised_svf_expert_runs_on_its_packed_w_prime_and_follows_a_new_
     hf, first = both_loops(monkeypatch, greedy)
     assert torch.equal(hf, first)
     down = half.model.layers[0].mlp.down_proj
-    assert _PACKED[down][0]() is down.materialised_weight()  # packed from the very W' the forward uses
+    assert _PACKED[down].sources[0][0]() is down.materialised_weight()  # packed from the very W' the forward uses
     set_z(half, z[1])
     set_z(half, z[2])  # two new W' before the next call: the packed copy must be of the last
     hf, last = both_loops(monkeypatch, greedy)
