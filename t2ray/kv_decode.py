@@ -89,7 +89,11 @@ class Packed(NamedTuple):
 
 _PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 PACK = torch.backends.mkldnn.is_available() and os.environ.get("T2RAY_PACK_WEIGHTS", "1") != "0"
-PACKED_DTYPES = (torch.bfloat16, torch.float32)
+# oneDNN packs bf16 only where the CPU has bf16 instructions (AVX512-BW/VL/DQ or AVX-NE-CONVERT); an AVX2-only CPU
+# running a bf16 model explicitly asked for keeps torch.mm for it
+PACKED_DTYPES = (
+    (torch.float32, torch.bfloat16) if PACK and torch.ops.mkldnn._is_mkldnn_bf16_supported() else (torch.float32,)
+)
 
 
 def packable_weight(module, x: torch.Tensor) -> torch.Tensor | None:

@@ -4,6 +4,10 @@ adapter path that runs inside it."""
 from __future__ import annotations
 
 import copy
+import os
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -189,3 +193,31 @@ def test_a_materialised_svf_expert_runs_on_its_packed_w_prime_and_follows_a_new_
     set_z(half, z[2])  # two new W' before the next call: the packed copy must be of the last
     hf, last = both_loops(monkeypatch, greedy)
     assert torch.equal(hf, last) and not torch.equal(last, first)
+
+
+AVX2_PROBE = """
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from t2ray.kv_decode import _PACKED, PACKED_DTYPES, KVDecoder
+
+config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+ids, mask = torch.randint(0, 64, (2, 5)), torch.ones(2, 5, dtype=torch.long)
+for dtype in (torch.bfloat16, torch.float32):
+    model = LlamaForCausalLM(config).to(dtype).eval().requires_grad_(False)
+    with torch.no_grad():
+        decoder = KVDecoder(model, 2, 8)
+        logits = decoder.prefill(ids, mask)
+        decoder.step(logits.argmax(-1), mask.sum(1, keepdim=True))
+    print(dtype, model.lm_head in _PACKED)
+print(PACKED_DTYPES)
+"""
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="AVX2 vs AVX512 is an x86 question")
+def test_on_an_avx2_only_cpu_bf16_keeps_torch_mm_and_fp32_packs():
+    """oneDNN packs bf16 only with AVX512-BW/VL/DQ (or AVX-NE-CONVERT): under AVX2 kernels a bf16 model (asked for by
+    name; auto picks fp32 there) decodes through torch.mm instead of raising, and fp32 still packs."""
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    done = subprocess.run([sys.executable, "-c", AVX2_PROBE], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split("\n")[:3] == ["torch.bfloat16 False", "torch.float32 True", "(torch.float32,)"]
