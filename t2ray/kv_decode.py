@@ -140,7 +140,7 @@ def linear(module, x: torch.Tensor) -> torch.Tensor:
 
 def stacked(modules: tuple, x: torch.Tensor) -> torch.Tensor:
     """cat([m(x) for m in modules], -1) (q/k/v, gate/up): one GEMM of their stacked packed weights where each would
-    pack alone (fewer, wider GEMMs: RESULTS generation), else each module's own forward."""
+    pack alone (fewer, wider GEMMs: RESULTS generation_fused_projections), else each module's own forward."""
     weights = [packable_weight(m, x) for m in modules]
     if any(w is None for w in weights) or any(getattr(m, "bias", None) is not None for m in modules):
         return torch.cat([linear(m, x) for m in modules], -1)
