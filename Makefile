@@ -44,7 +44,7 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 
 test: lint
-	$(BIN)/python -m pytest -q --durations=25 tests
+	$(BIN)/python -m pytest -q --durations=50 tests
 
 test-fast: lint
 	$(BIN)/python -m pytest -q -m "not slow" tests

@@ -17,7 +17,7 @@ import signal
 import stat
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import openai
@@ -25,6 +25,7 @@ import pytest
 import yaml
 
 from t2ray.config import load_experiment
+from t2ray.experts import load_expert, save_expert
 
 pytestmark = pytest.mark.slow
 
@@ -90,7 +91,7 @@ def expert_of(shell: Shell, run: str) -> Path:
 
 
 # (smollm2-cls.yaml trains through the same command path in tests/train/test_quickstart.py, on tiny-llama)
-@pytest.mark.parametrize("name", ["math", "reasoning"])  # the experts the fewshot YAML names, with code's below
+@pytest.mark.parametrize("name", ["math"])  # reasoning's file runs the same command (checked below); code's: submit
 def test_train_a_smollm2_expert_as_its_header_says(shell, name):
     yaml_path = ROOT / "experiments" / f"smollm2-{name}.yaml"
     done = shell.run(header_command(yaml_path, "train"), *sets(*TINY_RL))
@@ -110,6 +111,14 @@ def test_train_a_smollm2_expert_as_its_header_says(shell, name):
         "Started a local Ray instance",
     ):
         assert flood not in console, flood
+
+
+def test_the_reasoning_yaml_trains_through_the_same_command():
+    """smollm2-reasoning.yaml's header is the math file's command with its own path (trained above on math: the same
+    Ray Train run, another task)."""
+    path = ROOT / "experiments" / "smollm2-reasoning.yaml"
+    assert header_command(path, "train") == "t2ray train experiments/smollm2-reasoning.yaml"
+    assert load_experiment(path).task == "reasoning"
 
 
 def test_submit_the_code_expert_to_a_local_head(shell, ray_head_starter, tmp_path):
@@ -203,7 +212,12 @@ def test_pbt_sweep_as_shipped_exploits_checkpoints(shell):
 
 def test_fewshot_adapt_yaml_as_the_readme_types_it(shell):
     """experiments/sweeps/fewshot-smollm2.yaml names the three experts trained above; the README's line, with a
-    tiny CEM appended (flags override the YAML)."""
+    tiny CEM appended (flags override the YAML). The reasoning expert is the math one negated (z → its complement):
+    training it would repeat the math file's run."""
+    math = load_expert(expert_of(shell, "smollm2-math"))
+    negated = {module: -p for module, p in math.params.items()}
+    reasoning = replace(math, name="smollm2-reasoning", task="reasoning", params=negated)
+    save_expert(reasoning, shell.cwd / "runs/smollm2-reasoning/expert.safetensors")
     done = shell.run(
         readme_line("t2ray adapt --config experiments/sweeps/fewshot-smollm2.yaml --limit 64"),
         "--limit",
