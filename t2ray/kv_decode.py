@@ -113,10 +113,12 @@ def packable_weight(module, x: torch.Tensor) -> torch.Tensor | None:
     return weight
 
 
-def packed_gemm(key, weights: list[torch.Tensor], x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ cat(weights).T + bias through a packed copy of the stacked weights, cached under `key` and rebuilt when any
-    weight is another tensor or was changed in place."""
-    cached = _PACKED.get(key)
+def packed_gemm(
+    key, weights: list[torch.Tensor], x: torch.Tensor, bias: torch.Tensor | None, *, cache=_PACKED, transposed=False
+) -> torch.Tensor:
+    """x @ cat(weights).T + bias (x @ weights[0] when `transposed`) through a packed copy of the stacked weights, kept
+    in `cache` under `key` and rebuilt when any weight is another tensor or was changed in place."""
+    cached = cache.get(key)
     stale = (
         cached is None
         or len(cached.sources) != len(weights)
@@ -124,16 +126,48 @@ def packed_gemm(key, weights: list[torch.Tensor], x: torch.Tensor, bias: torch.T
     )
     if stale:
         stacked = weights[0] if len(weights) == 1 else torch.cat(weights)
+        stacked = stacked.T.contiguous() if transposed else stacked
         packed = torch.ops.mkldnn._reorder_linear_weight(stacked, x.shape[0])
-        cached = _PACKED[key] = Packed([(weakref.ref(w), w._version) for w in weights], packed)
+        cached = cache[key] = Packed([(weakref.ref(w), w._version) for w in weights], packed)
     return torch.ops.mkldnn._linear_pointwise(x, cached.weight, bias, "none", [], "")
+
+
+_FACTORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # SVF layer -> {"q": Packed, "qT": Packed}
+
+
+def factored_svf(module, x: torch.Tensor) -> torch.Tensor | None:
+    """An SVF layer's factored forward (a z per row or per token: mixed batches, CEM fitness, routing) with its three
+    GEMMs on packed weights: the same formula as SVFLinear._factored; None where that layer would not take it."""
+    q = getattr(module, "svf_q", None)
+    if q is None or not PACK or not module.enabled or torch.is_grad_enabled():
+        return None
+    base = module.base_layer
+    if base.weight.dtype not in PACKED_DTYPES or base.weight.device.type != "cpu" or x.dtype != base.weight.dtype:
+        return None
+    z = module.z()
+    if module.materialised_weight(z) is not None:
+        return None
+    d = module.delta(z).to(x.dtype)  # d = c·z − 1
+    d = d.unsqueeze(1) if d.dim() == 2 and x.dim() == 3 else d
+    factors = _FACTORS.setdefault(module, {})
+
+    def change(h):  # ((h Q) ⊙ d) Qᵀ
+        hq = packed_gemm("qT", [q], h, None, cache=factors, transposed=True)
+        return packed_gemm("q", [q], hq * d, None, cache=factors)
+
+    if module.tall:  # y = (x + ((x V) ⊙ d) Vᵀ) Wᵀ
+        return packed_gemm(module, [base.weight], x + change(x), base.bias)
+    h = packed_gemm(module, [base.weight], x, None)  # y = h + ((h U) ⊙ d) Uᵀ
+    y = h + change(h)
+    return y if base.bias is None else y + base.bias
 
 
 def linear(module, x: torch.Tensor) -> torch.Tensor:
     """module(x), through a packed weight where that is faster (bf16 and fp32 on the CPU)."""
     weight = packable_weight(module, x)
     if weight is None:
-        return module(x)
+        factored = factored_svf(module, x)
+        return module(x) if factored is None else factored
     base = module if type(module) is torch.nn.Linear else module.base_layer
     return packed_gemm(module, [weight], x, base.bias)
 

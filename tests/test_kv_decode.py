@@ -62,6 +62,9 @@ def test_svf_materialised_and_one_z_per_row_with_rows_retiring(varied, tokenizer
     varied.generation_config.eos_token_id = [int(free.completion_ids[0, 1]), int(free.completion_ids[2, 2])]
 
     hf, kv = both_loops(monkeypatch, per_row)
+    from t2ray.kv_decode import _FACTORS
+
+    assert all(layer in _FACTORS for layer in svf_layers(varied).values())  # a z per row: packed Q, Qᵀ and W
     lengths = kv.completion_mask.sum(1)
     assert int(lengths.min()) < int(lengths.max())  # rows retired mid-way
     assert torch.equal(hf.completion_ids, kv.completion_ids) and torch.equal(hf.completion_mask, kv.completion_mask)
