@@ -132,52 +132,50 @@ def packed_gemm(
     return torch.ops.mkldnn._linear_pointwise(x, cached.weight, bias, "none", [], "")
 
 
-_FACTORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # SVF layer -> {"q": Packed, "qT": Packed}
+_FACTORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # SVF layer -> {"w" | "q" | "qT": Packed}
 
 
-def factored_svf(module, x: torch.Tensor) -> torch.Tensor | None:
-    """An SVF layer's factored forward (a z per row or per token: mixed batches, CEM fitness, routing) with its three
-    GEMMs on packed weights: the same formula as SVFLinear._factored; None where that layer would not take it."""
+def _factored_svf(module, x: torch.Tensor) -> torch.Tensor | None:
+    """An SVF layer with no W' to pack (a z per row or per token: mixed batches, CEM fitness, routing): its factored
+    forward with the three products on packed weights; None where it would not run here (not SVF, off, training,
+    another dtype or device). Only called where `packable_weight` found no W'."""
     q = getattr(module, "svf_q", None)
     if q is None or not PACK or not module.enabled or torch.is_grad_enabled():
         return None
-    base = module.base_layer
-    if base.weight.dtype not in PACKED_DTYPES or base.weight.device.type != "cpu" or x.dtype != base.weight.dtype:
+    weight = module.base_layer.weight
+    if weight.dtype not in PACKED_DTYPES or weight.device.type != "cpu" or x.dtype != weight.dtype:
         return None
-    z = module.z()
-    if module.materialised_weight(z) is not None:
-        return None
-    d = module.delta(z).to(x.dtype)  # d = c·z − 1
-    d = d.unsqueeze(1) if d.dim() == 2 and x.dim() == 3 else d
     factors = _FACTORS.setdefault(module, {})
 
-    def change(h):  # ((h Q) ⊙ d) Qᵀ
-        hq = packed_gemm("qT", [q], h, None, cache=factors, transposed=True)
-        return packed_gemm("q", [q], hq * d, None, cache=factors)
+    def gemm(role, h, w, bias=None, transposed=False):
+        return packed_gemm(role, [w], h, bias, cache=factors, transposed=transposed)
 
-    if module.tall:  # y = (x + ((x V) ⊙ d) Vᵀ) Wᵀ
-        return packed_gemm(module, [base.weight], x + change(x), base.bias)
-    h = packed_gemm(module, [base.weight], x, None)  # y = h + ((h U) ⊙ d) Uᵀ
-    y = h + change(h)
-    return y if base.bias is None else y + base.bias
+    return module.factored(x, module.z(), gemm)
+
+
+def _bias(module) -> torch.Tensor | None:
+    return module.bias if type(module) is torch.nn.Linear else getattr(module, "base_layer", module).bias
+
+
+def _forward(module, x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """module(x) given `packable_weight(module, x)`."""
+    if weight is not None:
+        return packed_gemm(module, [weight], x, _bias(module))
+    factored = _factored_svf(module, x)
+    return module(x) if factored is None else factored
 
 
 def linear(module, x: torch.Tensor) -> torch.Tensor:
-    """module(x), through a packed weight where that is faster (bf16 and fp32 on the CPU)."""
-    weight = packable_weight(module, x)
-    if weight is None:
-        factored = factored_svf(module, x)
-        return module(x) if factored is None else factored
-    base = module if type(module) is torch.nn.Linear else module.base_layer
-    return packed_gemm(module, [weight], x, base.bias)
+    """module(x), through packed weights where that is faster (bf16 and fp32 on the CPU)."""
+    return _forward(module, x, packable_weight(module, x))
 
 
 def stacked(modules: tuple, x: torch.Tensor) -> torch.Tensor:
     """cat([m(x) for m in modules], -1) (q/k/v, gate/up): one GEMM of their stacked packed weights where each would
-    pack alone (fewer, wider GEMMs: RESULTS generation_fused_projections), else each module's own forward."""
+    pack alone (fewer, wider GEMMs: RESULTS generation_fused_projections), else each module on its own."""
     weights = [packable_weight(m, x) for m in modules]
-    if any(w is None for w in weights) or any(getattr(m, "bias", None) is not None for m in modules):
-        return torch.cat([linear(m, x) for m in modules], -1)
+    if any(w is None for w in weights) or any(_bias(m) is not None for m in modules):
+        return torch.cat([_forward(m, x, w) for m, w in zip(modules, weights, strict=True)], -1)
     return packed_gemm(modules[0], weights, x, None)
 
 

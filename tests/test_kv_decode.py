@@ -224,3 +224,26 @@ def test_on_an_avx2_only_cpu_bf16_keeps_torch_mm_and_fp32_packs():
     done = subprocess.run([sys.executable, "-c", AVX2_PROBE], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split("\n")[:3] == ["torch.bfloat16 False", "torch.float32 True", "(torch.float32,)"]
+
+
+def test_biased_svf_projections_keep_their_bias_when_stacked(varied, tokenizer, monkeypatch):
+    """q/k/v with biases (attention_bias=True), wrapped in SVF layers with a materialised W': the bias lives on the
+    wrapped linear, so the KV step runs each one apart (bias included) and matches Hugging Face's loop."""
+    from transformers import LlamaForCausalLM
+
+    from t2ray.svf import SVFConfig
+
+    config = copy.deepcopy(varied.config)
+    config.attention_bias = True
+    torch.manual_seed(1)
+    model = LlamaForCausalLM(config).eval().requires_grad_(False)
+    with torch.no_grad():
+        for weight in model.parameters():
+            weight.normal_(0, 0.3)
+    layers = patch_model(model, SVFConfig(target_modules="attn"), progress=False)
+    set_z(model, {name: 0.4 + torch.rand(layer.rank) for name, layer in layers.items()})
+    set_mode(model, "materialized")
+    hf, kv = both_loops(
+        monkeypatch, lambda: rollout(model, tokenizer, PROMPTS, max_new_tokens=10, ignore_eos=True).completion_ids
+    )
+    assert torch.equal(hf, kv)

@@ -8,6 +8,8 @@ proportional to how far z moved:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,6 +42,15 @@ def adapted_block(
     if tall:  # w = W[rows, :]
         return w[:, cols] + ((w @ q) * d) @ q[cols].T
     return w[rows] + (q[rows] * d) @ (q.T @ w)  # w = W[:, cols]
+
+
+Gemm = Callable[..., torch.Tensor]  # (role, h, weight, bias=None, transposed=False) -> h @ weight.T + bias
+
+
+def plain_gemm(role: str, h: torch.Tensor, weight: torch.Tensor, bias=None, transposed: bool = False) -> torch.Tensor:
+    """h @ weight (transposed) or h @ weightᵀ + bias; `role` ("w", "q", "qT") names the product for a gemm that
+    keeps per-weight state (t2ray.kv_decode's packed copies)."""
+    return h @ weight if transposed else F.linear(h, weight, bias)
 
 
 class SVFLinear(nn.Module):
@@ -131,16 +142,21 @@ class SVFLinear(nn.Module):
     def restore_materialized(self, state: tuple) -> None:
         self.z_override, self._weight_cache = state
 
-    def _factored(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    def factored(self, x: torch.Tensor, z: torch.Tensor, gemm: Gemm = plain_gemm) -> torch.Tensor:
+        """The forward without W' (module docstring); `gemm` runs its three products (a decoder passes packed ones)."""
         d = self.delta(z).to(x.dtype)
         if d.dim() == 2 and x.dim() == 3:
             d = d.unsqueeze(1)  # one z per batch row, broadcast over tokens
-        q = self.svf_q.to(x.dtype)
+        q, base = self.svf_q.to(x.dtype), self.base_layer
+
+        def change(h):  # ((h Q) ⊙ d) Qᵀ
+            return gemm("q", gemm("qT", h, q, transposed=True) * d, q)
+
         if self.tall:
-            return F.linear(x + ((x @ q) * d) @ q.T, self.base_layer.weight, self.base_layer.bias)
-        h = F.linear(x, self.base_layer.weight)
-        y = h + ((h @ q) * d) @ q.T
-        return y if self.base_layer.bias is None else y + self.base_layer.bias
+            return gemm("w", x + change(x), base.weight, base.bias)
+        h = gemm("w", x, base.weight)
+        y = h + change(h)
+        return y if base.bias is None else y + base.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
@@ -148,7 +164,7 @@ class SVFLinear(nn.Module):
         z = self.z()
         weight = self.materialised_weight(z)
         if weight is None:
-            return self._factored(x, z)
+            return self.factored(x, z)
         return F.linear(x, weight, self.base_layer.bias)
 
     def materialised_weight(self, z: torch.Tensor | None = None) -> torch.Tensor | None:
