@@ -1,12 +1,15 @@
 """The decode step: a batch's KV cache and one forward per new token, two ways behind one interface.
 
 `KVDecoder` (Llama-family models): the cache is one tensor per batch written in place, the mask one boolean row per
-batch row, and the attention of a new token runs over the filled length only; the model's own modules do everything
-else (embeddings, norms, rotary, projections, MLP, LM head), so SVF layers (materialised W' or a z per row) and LoRA
-layers run inside the step exactly as in any forward. `HFDecoder`: Hugging Face's forward and its cache, which grows
-by concatenation at every step; it runs every other model, ZeRO-3 (its hooks gather weights in the order that
-forward calls them), a model split over several GPUs (accelerate's hooks move the activations from layer to layer,
-and each layer's cache stays on its GPU) and `T2RAY_DECODE=hf`.
+batch row, and the attention of a new token runs over the filled length only. The step writes Llama's layer out with
+as few eager ops as it can, in inference mode (at decode sizes each op's fixed cost outweighs its arithmetic), the
+same formulas op for op; every projection runs through its module (or that module's packed weight), so SVF layers
+(materialised W' or a z per row) and LoRA layers run inside the step exactly as in any forward.
+
+`HFDecoder`: Hugging Face's forward and its cache, which grows by concatenation at every step; it runs every other
+model, ZeRO-3 (its hooks gather weights in the order that forward calls them), a model split over several GPUs
+(accelerate's hooks move the activations from layer to layer, and each layer's cache stays on its GPU) and
+`T2RAY_DECODE=hf`.
 
 Both: `prefill` a left-padded batch, `step` one token per row, `select` rows (retiring the rest), `merge` another
 batch's rows (continuous batching), `trim` columns that are padding on every row.
@@ -186,6 +189,7 @@ class KVDecoder:
         self.heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.layers = [Layer.of(layer) for layer in self.model.model.layers]  # looked up once, not at every step
         weight = self.model.get_input_embeddings().weight
         shape = (config.num_hidden_layers, rows, self.kv_heads, capacity, self.head_dim)
         self.keys = torch.empty(shape, dtype=weight.dtype, device=weight.device)
@@ -261,40 +265,89 @@ class KVDecoder:
         batch, width = ids.shape
         start, end = self.length, self.length + width
         hidden = inner.embed_tokens(ids)
-        cos, sin = (t[:, :, None] for t in inner.rotary_emb(hidden, positions))  # (B, T, 1, D): broadcast over heads
+        rotary = Rotary(*inner.rotary_emb(hidden, positions))
+        mask = hidden.new_zeros(attend.shape).masked_fill_(~attend, float("-inf"))  # once, not per layer
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
         groups = heads // kv_heads
-        for i, layer in enumerate(inner.layers):
-            attention = layer.self_attn
-            x = layer.input_layernorm(hidden)
-            qkv = stacked((attention.q_proj, attention.k_proj, attention.v_proj), x)
-            qkv = qkv.view(batch, width, heads + 2 * kv_heads, head_dim)
-            qk = rotate(qkv[:, :, : heads + kv_heads], cos, sin)  # q's and k's heads in one pass
-            q, k = qk[:, :, :heads].transpose(1, 2), qk[:, :, heads:].transpose(1, 2)
-            v = qkv[:, :, heads + kv_heads :].transpose(1, 2)
-            self.keys[i, rows, :, start:end], self.values[i, rows, :, start:end] = k, v
-            keys, values = self.keys[i, rows, :, :end], self.values[i, rows, :, :end]
-            if width == 1:  # one query per head: a group of heads sharing a KV head reads it as G queries, no copy
-                q = q.reshape(batch, kv_heads, groups, head_dim)
-                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=attend, scale=attention.scaling)
-                out = out.reshape(batch, 1, heads * head_dim)
-            else:
-                keys, values = keys.repeat_interleave(groups, 1), values.repeat_interleave(groups, 1)
-                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=attend, scale=attention.scaling)
-                out = out.transpose(1, 2).reshape(batch, width, heads * head_dim)
-            hidden = hidden + linear(attention.o_proj, out)
-            x, mlp = layer.post_attention_layernorm(hidden), layer.mlp  # Llama's MLP: down(act(gate(x)) · up(x))
-            gate_up = stacked((mlp.gate_proj, mlp.up_proj), x)
-            gate, up = gate_up.chunk(2, -1)  # Llama: gate and up are the same size
-            hidden = hidden + linear(mlp.down_proj, mlp.act_fn(gate) * up)
+        # every layer's cache slots as views, made in one op each
+        new_keys, new_values = (c[:, rows, :, start:end].unbind(0) for c in (self.keys, self.values))
+        keys, values = (c[:, rows, :, :end].unbind(0) for c in (self.keys, self.values))
+        # inference mode: no autograd bookkeeping on the layers' ~1,500 ops (RESULTS generation_step_ops); the last
+        # norm and the LM head run outside it, so the logits are ordinary tensors for every caller
+        with torch.inference_mode():
+            for i, layer in enumerate(self.layers):
+                x = rms_norm(layer.input_norm, hidden)
+                qkv = stacked(layer.qkv, x).view(batch, width, heads + 2 * kv_heads, head_dim)
+                qk = rotary(qkv[:, :, : heads + kv_heads])  # q's and k's heads in one pass
+                new_keys[i].copy_(qk[:, :, heads:].transpose(1, 2))
+                new_values[i].copy_(qkv[:, :, heads + kv_heads :].transpose(1, 2))
+                # one query per head: a group of heads sharing a KV head reads it as G queries, no copy
+                if width == 1:
+                    q = qk[:, :, :heads].view(batch, kv_heads, groups, head_dim)
+                    out = F.scaled_dot_product_attention(q, keys[i], values[i], attn_mask=mask, scale=layer.scaling)
+                    out = out.view(batch, 1, heads * head_dim)
+                else:
+                    q = qk[:, :, :heads].transpose(1, 2)
+                    k, v = keys[i].repeat_interleave(groups, 1), values[i].repeat_interleave(groups, 1)
+                    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=layer.scaling)
+                    out = out.transpose(1, 2).reshape(batch, width, heads * head_dim)
+                hidden = hidden + linear(layer.o_proj, out)
+                x = rms_norm(layer.post_norm, hidden)
+                gate, up = stacked(layer.gate_up, x).chunk(2, -1)  # the same size in Llama
+                hidden = hidden + linear(layer.down_proj, layer.act(gate).mul_(up))  # down(act(gate(x)) · up(x))
         self.length = end
-        return linear(self.model.lm_head, inner.norm(hidden[:, -1:]))[:, -1]
+        return linear(self.model.lm_head, rms_norm(inner.norm, hidden[:, -1:]))[:, -1]
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding (x·cos + rotate_half(x)·sin) of x (B, T, heads, D), cos/sin (B, T, 1, D)."""
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
+class Layer(NamedTuple):
+    """One Llama decoder layer's modules."""
+
+    input_norm: torch.nn.Module
+    qkv: tuple[torch.nn.Module, ...]
+    o_proj: torch.nn.Module
+    scaling: float
+    post_norm: torch.nn.Module
+    gate_up: tuple[torch.nn.Module, ...]
+    act: torch.nn.Module
+    down_proj: torch.nn.Module
+
+    @classmethod
+    def of(cls, layer) -> Layer:
+        attention, mlp = layer.self_attn, layer.mlp
+        return cls(
+            layer.input_layernorm,
+            (attention.q_proj, attention.k_proj, attention.v_proj),
+            attention.o_proj,
+            attention.scaling,
+            layer.post_attention_layernorm,
+            (mlp.gate_proj, mlp.up_proj),
+            mlp.act_fn,
+            mlp.down_proj,
+        )
+
+
+def rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
+    """LlamaRMSNorm's forward (statistics in fp32, the weight applied in x's dtype) with its temporaries updated in
+    place; any other norm module runs its own forward."""
+    if type(norm).__name__ != "LlamaRMSNorm":
+        return norm(x)
+    h = x.to(torch.float32, copy=True)
+    h.mul_(h.pow(2).mean(-1, keepdim=True).add_(norm.variance_epsilon).rsqrt_())
+    return norm.weight * h.to(x.dtype)
+
+
+class Rotary:
+    """Rotary embedding x·cos + rotate_half(x)·sin of x (B, T, heads, D) for one call's positions: rotate_half(x)·sin
+    is roll(x)·sin with the sign folded into sin once (the same products, so the same bits as HF's formula)."""
+
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor):  # (B, T, D) each
+        half = cos.shape[-1] // 2
+        self.cos = cos[:, :, None]  # broadcast over heads
+        self.sin = torch.cat((-sin[..., :half], sin[..., half:]), -1)[:, :, None]
+        self.half = half
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return (x * self.cos).add_(x.roll(self.half, -1).mul_(self.sin))
 
 
 class HFDecoder:

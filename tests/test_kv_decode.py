@@ -70,6 +70,26 @@ def test_svf_materialised_and_one_z_per_row_with_rows_retiring(varied, tokenizer
     assert torch.equal(hf.completion_ids, kv.completion_ids) and torch.equal(hf.completion_mask, kv.completion_mask)
 
 
+def test_what_outlives_the_inference_mode_step_is_an_ordinary_tensor(varied, tokenizer):
+    """The step's layers run in inference mode; its logits (callers scale them in place), an SVF layer's cached W'
+    (autograd saves it when a later forward needs gradients) and the KV cache stay ordinary tensors."""
+    from t2ray.kv_decode import KVDecoder
+
+    patch_model(varied, progress=False)
+    set_mode(varied, "materialized")
+    batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    decoder = KVDecoder(varied, len(PROMPTS), batch["input_ids"].shape[1] + 2)
+    with torch.no_grad():
+        logits = decoder.prefill(batch["input_ids"], batch["attention_mask"])
+        logits = decoder.step(logits.argmax(-1), batch["attention_mask"].sum(1, keepdim=True))
+    logits.div_(0.7)
+    cached = [layer._weight_cache[1] for layer in svf_layers(varied).values()]
+    assert cached and not any(t.is_inference() for t in [*cached, decoder.keys, decoder.values])
+    x = torch.randn(2, cached[0].shape[1], requires_grad=True)
+    torch.nn.functional.linear(x, cached[0]).sum().backward()  # autograd may save W' for backward
+    assert x.grad is not None
+
+
 def test_shared_prompts_sample_as_hugging_faces_loop(varied, tokenizer, monkeypatch):
     """k samples per prompt: each prompt prefilled once, its cache copied to its k rows; same seed, same tokens."""
     prompts = [p for p in PROMPTS[:2] for _ in range(3)]

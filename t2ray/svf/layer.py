@@ -127,7 +127,8 @@ class SVFLinear(nn.Module):
         key = self._cache_key()
         if self._weight_cache is not None and self._weight_cache[0] == key:
             return self._weight_cache[1]
-        weight = self.adapted_weight(z.detach())
+        with torch.inference_mode(False):  # the cache outlives the call: an ordinary tensor even when the KV step
+            weight = self.adapted_weight(z.detach())  # (in inference mode) builds it, so that autograd may save it
         if self._cacheable:
             self._weight_cache = (key, weight)
         return weight
