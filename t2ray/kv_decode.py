@@ -119,8 +119,8 @@ def packable_weight(module, x: torch.Tensor) -> torch.Tensor | None:
 def packed_gemm(
     key, weights: list[torch.Tensor], x: torch.Tensor, bias: torch.Tensor | None, *, cache=_PACKED, transposed=False
 ) -> torch.Tensor:
-    """x @ cat(weights).T + bias (x @ weights[0] when `transposed`) through a packed copy of the stacked weights, kept
-    in `cache` under `key` and rebuilt when any weight is another tensor or was changed in place."""
+    """x @ cat(weights).T + bias (x @ cat(weights, 1) when `transposed`) through a packed copy of the stacked weights,
+    kept in `cache` under `key` and rebuilt when any weight is another tensor or was changed in place."""
     cached = cache.get(key)
     stale = (
         cached is None
@@ -128,32 +128,41 @@ def packed_gemm(
         or any(ref() is not w or seen != w._version for (ref, seen), w in zip(cached.sources, weights, strict=True))
     )
     if stale:
-        stacked = weights[0] if len(weights) == 1 else torch.cat(weights)
-        stacked = stacked.T.contiguous() if transposed else stacked
+        parts = [w.T for w in weights] if transposed else weights
+        stacked = torch.cat(parts) if len(parts) > 1 else parts[0].contiguous()
         packed = torch.ops.mkldnn._reorder_linear_weight(stacked, x.shape[0])
         cached = cache[key] = Packed([(weakref.ref(w), w._version) for w in weights], packed)
     return torch.ops.mkldnn._linear_pointwise(x, cached.weight, bias, "none", [], "")
 
 
-_FACTORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # SVF layer -> {"w" | "q" | "qT": Packed}
+_FACTORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # SVF layer -> {"w" | "q" | "qT": Packed, "d": ...}
 
 
-def _factored_svf(module, x: torch.Tensor) -> torch.Tensor | None:
-    """An SVF layer with no W' to pack (a z per row or per token: mixed batches, CEM fitness, routing): its factored
-    forward with the three products on packed weights; None where it would not run here (not SVF, off, training,
-    another dtype or device). Only called where `packable_weight` found no W'."""
-    q = getattr(module, "svf_q", None)
-    if q is None or not PACK or not module.enabled or torch.is_grad_enabled():
-        return None
+def _factored_ready(module, x: torch.Tensor) -> bool:
+    """Whether `module` is an SVF layer whose forward here takes the factored path on packed weights (a z per row or
+    per token: mixed batches, CEM fitness, routing); not where it would not run here (off, training, another dtype
+    or device). Only asked where `packable_weight` found no W'."""
+    if getattr(module, "svf_q", None) is None or not PACK or not module.enabled or torch.is_grad_enabled():
+        return False
     weight = module.base_layer.weight
-    if weight.dtype not in PACKED_DTYPES or weight.device.type != "cpu" or x.dtype != weight.dtype:
-        return None
+    return weight.dtype in PACKED_DTYPES and weight.device.type == "cpu" and x.dtype == weight.dtype
+
+
+def _factored_svf(module, x: torch.Tensor, xq: torch.Tensor | None = None) -> torch.Tensor:
+    """A `_factored_ready` layer's forward with its products on packed weights (`xq`: x·Q, computed already)."""
     factors = _FACTORS.setdefault(module, {})
 
     def gemm(role, h, w, bias=None, transposed=False):
         return packed_gemm(role, [w], h, bias, cache=factors, transposed=transposed)
 
-    return module.factored(x, module.z(), gemm)
+    # d = c·z − 1 is ~8 small ops per layer and step (RESULTS generation_step_ops): kept while the same z stays
+    z, kept = module.z(), factors.get("d")
+    if kept is not None and kept[0] is z and kept[1] == z._version and kept[2].dtype == x.dtype:
+        return module.factored(x, kept[2], gemm, xq)
+    d = module.delta(z).to(x.dtype)
+    if not z.is_inference():  # (an inference tensor has no version to check)
+        factors["d"] = (z, z._version, d)
+    return module.factored(x, d, gemm, xq)
 
 
 def _bias(module) -> torch.Tensor | None:
@@ -164,8 +173,7 @@ def _forward(module, x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tens
     """module(x) given `packable_weight(module, x)`."""
     if weight is not None:
         return packed_gemm(module, [weight], x, _bias(module))
-    factored = _factored_svf(module, x)
-    return module(x) if factored is None else factored
+    return _factored_svf(module, x) if _factored_ready(module, x) else module(x)
 
 
 def linear(module, x: torch.Tensor) -> torch.Tensor:
@@ -177,6 +185,12 @@ def stacked(modules: tuple, x: torch.Tensor) -> torch.Tensor:
     """cat([m(x) for m in modules], -1) (q/k/v, gate/up): one GEMM of their stacked packed weights where each would
     pack alone (fewer, wider GEMMs: RESULTS generation_fused_projections), else each module on its own."""
     weights = [packable_weight(m, x) for m in modules]
+    if all(w is None and _factored_ready(m, x) and m.tall for m, w in zip(modules, weights, strict=True)):
+        # SVF layers with a z per row, all tall (gate/up): the x·Q products they share x for as one GEMM
+        qs = [m.svf_q for m in modules]
+        xq = packed_gemm("xq", qs, x, None, cache=_FACTORS.setdefault(modules[0], {}), transposed=True)
+        parts = xq.split([q.shape[1] for q in qs], -1)
+        return torch.cat([_factored_svf(m, x, part) for m, part in zip(modules, parts, strict=True)], -1)
     if any(w is None for w in weights) or any(_bias(m) is not None for m in modules):
         return torch.cat([_forward(m, x, w) for m, w in zip(modules, weights, strict=True)], -1)
     return packed_gemm(modules[0], weights, x, None)

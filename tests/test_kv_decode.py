@@ -65,6 +65,7 @@ def test_svf_materialised_and_one_z_per_row_with_rows_retiring(varied, tokenizer
     from t2ray.kv_decode import _FACTORS
 
     assert all(layer in _FACTORS for layer in svf_layers(varied).values())  # a z per row: packed Q, Qᵀ and W
+    assert any("xq" in factors for factors in _FACTORS.values())  # gate's and up's x·Q as one GEMM
     lengths = kv.completion_mask.sum(1)
     assert int(lengths.min()) < int(lengths.max())  # rows retired mid-way
     assert torch.equal(hf.completion_ids, kv.completion_ids) and torch.equal(hf.completion_mask, kv.completion_mask)

@@ -143,18 +143,21 @@ class SVFLinear(nn.Module):
     def restore_materialized(self, state: tuple) -> None:
         self.z_override, self._weight_cache = state
 
-    def factored(self, x: torch.Tensor, z: torch.Tensor, gemm: Gemm = plain_gemm) -> torch.Tensor:
-        """The forward without W' (module docstring); `gemm` runs its three products (a decoder passes packed ones)."""
-        d = self.delta(z).to(x.dtype)
+    def factored(
+        self, x: torch.Tensor, d: torch.Tensor, gemm: Gemm = plain_gemm, xq: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The forward without W' (module docstring), given d = `delta(z)`; `gemm` runs its three products (a decoder
+        passes packed ones, keeps d while z stays and, for tall layers reading the same x, gives x Q as `xq`)."""
+        d = d.to(x.dtype)
         if d.dim() == 2 and x.dim() == 3:
             d = d.unsqueeze(1)  # one z per batch row, broadcast over tokens
         q, base = self.svf_q.to(x.dtype), self.base_layer
 
-        def change(h):  # ((h Q) ⊙ d) Qᵀ
-            return gemm("q", gemm("qT", h, q, transposed=True) * d, q)
+        def change(h, hq=None):  # ((h Q) ⊙ d) Qᵀ
+            return gemm("q", (gemm("qT", h, q, transposed=True) if hq is None else hq) * d, q)
 
         if self.tall:
-            return gemm("w", x + change(x), base.weight, base.bias)
+            return gemm("w", x + change(x, xq), base.weight, base.bias)
         h = gemm("w", x, base.weight)
         y = h + change(h)
         return y if base.bias is None else y + base.bias
@@ -165,7 +168,7 @@ class SVFLinear(nn.Module):
         z = self.z()
         weight = self.materialised_weight(z)
         if weight is None:
-            return self.factored(x, z)
+            return self.factored(x, self.delta(z))
         return F.linear(x, weight, self.base_layer.bias)
 
     def materialised_weight(self, z: torch.Tensor | None = None) -> torch.Tensor | None:
