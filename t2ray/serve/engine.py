@@ -439,6 +439,9 @@ class DecodeBatch:
             mode = "factored"
         self.key = single.key if single is not None else None
         self._rows_z = None if single is not None else self.lib.stack_rows([it.z for it in items])
+        # what the library knows these rows' z by: an object of its own (an id() of a freed batch's dict is handed
+        # to the next one, and would leave the model on the old rows' z)
+        self._rows_token = object()
         if mode != self.mode:
             self.lib.stats["batches"][mode] += 1  # a stretch of steps in one mode
             self.mode = mode
@@ -453,7 +456,7 @@ class DecodeBatch:
         elif self._rows_z is None:
             self.lib.use_factored(z, self.key)
         else:
-            self.lib.use_factored(self._rows_z, id(self._rows_z))
+            self.lib.use_factored(self._rows_z, self._rows_token)
 
     @torch.no_grad()
     def prefill(self) -> None:

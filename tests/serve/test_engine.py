@@ -104,6 +104,24 @@ def test_mixed_batch_rows_match_each_mixture_alone(kind, request, torch_threads)
         torch.testing.assert_close(logits[i][0], ref_logits, atol=1e-4, rtol=1e-4)
 
 
+def test_each_mixed_batch_decodes_with_its_own_rows_z(lib, monkeypatch):
+    """Batches of mixed rows come and go (requests finish, new ones prefill): each one's prefill and steps run on its
+    own z per row. The library once knew a batch's z by id() of its dict, which CPython hands to the next dict once
+    the last is freed, and then left the model on the freed batch's z (a 500 under load): every id() alike here
+    stands for that reuse."""
+    import t2ray.serve.engine as engine
+
+    monkeypatch.setattr(engine, "id", lambda obj: 0, raising=False)
+    mixtures = [{"math": 1.0}, {"code": 1.0}, {"math": 0.5, "code": 0.5}]
+    for rows in [3, 2, 3, 1, 2] * 4:
+        requests = [
+            GenRequest(ref_of(mixtures[i % 3]), messages=[{"role": "user", "content": PROMPTS[i]}], max_tokens=2)
+            for i in range(rows)
+        ]
+        ids, _, mode = run_batch(lib, requests)
+        assert mode == ("factored" if rows > 1 else mode) and all(len(row) == 2 for row in ids)
+
+
 @pytest.mark.parametrize("kind,loop", [("svf", "kv"), ("lora", "kv"), ("svf", "hf")])
 def test_rows_joining_a_running_batch_decode_as_if_alone(kind, loop, request, torch_threads, monkeypatch):
     """Continuous batching: two requests decode, two more (longer prompts, other mixtures) join after 2 steps and one
