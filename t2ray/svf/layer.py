@@ -127,8 +127,10 @@ class SVFLinear(nn.Module):
         key = self._cache_key()
         if self._weight_cache is not None and self._weight_cache[0] == key:
             return self._weight_cache[1]
-        with torch.inference_mode(False):  # the cache outlives the call: an ordinary tensor even when the KV step
-            weight = self.adapted_weight(z.detach())  # (in inference mode) builds it, so that autograd may save it
+        # the cache outlives the call: an ordinary tensor even when the KV step (in inference mode) builds it, so
+        # that a later forward's autograd may save it
+        with torch.inference_mode(False):
+            weight = self.adapted_weight(z.detach())
         if self._cacheable:
             self._weight_cache = (key, weight)
         return weight
