@@ -119,7 +119,7 @@ def test_each_mixed_batch_decodes_with_its_own_rows_z(lib, monkeypatch):
             for i in range(rows)
         ]
         ids, _, mode = run_batch(lib, requests)
-        assert mode == ("factored" if rows > 1 else mode) and all(len(row) == 2 for row in ids)
+        assert (rows == 1 or mode == "factored") and all(len(row) == 2 for row in ids)
 
 
 @pytest.mark.parametrize("kind,loop", [("svf", "kv"), ("lora", "kv"), ("svf", "hf")])
