@@ -156,7 +156,7 @@ def packed_gemm(
     return torch.ops.mkldnn._linear_pointwise(x, cached.weight, bias, "none", [], "")
 
 
-# SVF layer -> {"w" | "q" | "qT" | "xq" (gate's and up's Q stacked): Packed, "d": (z, its version, c·z − 1)}
+# SVF layer -> {"w" | "q" | "qT" | "xq" (gate's and up's Q stacked): Packed}
 _FACTORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -177,14 +177,7 @@ def _factored_svf(module, x: torch.Tensor, xq: torch.Tensor | None = None) -> to
     def gemm(role, h, w, bias=None, transposed=False):
         return packed_gemm(role, [w], h, bias, cache=factors, transposed=transposed)
 
-    # d = c·z − 1 is ~8 small ops per layer and step (RESULTS generation_step_ops): kept while the same z stays
-    z, kept = module.z(), factors.get("d")
-    if kept is not None and kept[0] is z and kept[1] == z._version and kept[2].dtype == x.dtype:
-        return module.factored(x, kept[2], gemm, xq)
-    d = module.delta(z).to(x.dtype)
-    if not z.is_inference():  # (an inference tensor has no version to check)
-        factors["d"] = (z, z._version, d)
-    return module.factored(x, d, gemm, xq)
+    return module.factored(x, module.current_delta(x.dtype), gemm, xq)
 
 
 def _bias(module) -> torch.Tensor | None:

@@ -77,6 +77,7 @@ class SVFLinear(nn.Module):
         self.enabled = True
         self.z_override: torch.Tensor | None = None  # (r,), (B, r) or (B, T, r): mixtures, per-row, per-token
         self._weight_cache: tuple[tuple, torch.Tensor] | None = None
+        self._delta_cache: tuple[tuple, torch.Tensor] | None = None
         self.expected_tokens: int | None = None  # how many tokens the current call runs (generation.announce_tokens)
 
     @property
@@ -105,15 +106,21 @@ class SVFLinear(nn.Module):
         if z is not None and z.shape[-1] != self.rank:
             raise ValueError(f"z has {z.shape[-1]} values, this layer needs {self.rank}")
         self.z_override = z
-        self._weight_cache = None
+        self._weight_cache = self._delta_cache = None
 
     @property
     def _cacheable(self) -> bool:
         return not hasattr(self.base_layer.weight, "ds_id")  # ZeRO-3 partitions it: never keep a whole copy
 
-    def _cache_key(self) -> tuple:
-        source = self.z_override if self.z_override is not None else self.svf_p
-        weight = self.base_layer.weight  # an optimizer step, an in-place edit or a .to() invalidates the cache
+    def _z_source(self) -> torch.Tensor:
+        return self.z_override if self.z_override is not None else self.svf_p
+
+    def _cache_key(self) -> tuple | None:
+        """What a kept W' or d was built from; None for a z made in inference mode (it has no version to check)."""
+        source, weight = self._z_source(), self.base_layer.weight
+        if source.is_inference():
+            return None
+        # an optimizer step, an in-place edit or a .to() invalidates the cache
         return source is self.svf_p, source._version, weight._version, weight.dtype, weight.device
 
     def _rebuild_not_worth_it(self) -> bool:
@@ -125,15 +132,30 @@ class SVFLinear(nn.Module):
 
     def _cached_weight(self, z: torch.Tensor) -> torch.Tensor:
         key = self._cache_key()
-        if self._weight_cache is not None and self._weight_cache[0] == key:
+        if key is not None and self._weight_cache is not None and self._weight_cache[0] == key:
             return self._weight_cache[1]
         # the cache outlives the call: an ordinary tensor even when the KV step (in inference mode) builds it, so
         # that a later forward's autograd may save it
         with torch.inference_mode(False):
             weight = self.adapted_weight(z.detach())
-        if self._cacheable:
+        if self._cacheable and key is not None:
             self._weight_cache = (key, weight)
         return weight
+
+    def current_delta(self, dtype: torch.dtype) -> torch.Tensor:
+        """d = c·z − 1 of the current z in `dtype`, kept while z stays: ~8 small ops that a decode step would
+        otherwise repeat for every layer (RESULTS generation_step_ops). Training recomputes it: d carries z's grad."""
+        source = self._z_source()
+        if torch.is_grad_enabled() and source.requires_grad:
+            return self.delta(self.z()).to(dtype)
+        key = self._cache_key()
+        if key is not None and self._delta_cache is not None and self._delta_cache[0] == (key, dtype):
+            return self._delta_cache[1]
+        with torch.inference_mode(False):  # an ordinary tensor, as the kept W' (_cached_weight)
+            d = self.delta(self.z().detach()).to(dtype)
+        if key is not None:
+            self._delta_cache = ((key, dtype), d)
+        return d
 
     def materialized_state(self) -> tuple:
         """The current z with its W' (built now if needed), for `restore_materialized`: a server keeps one per
@@ -144,6 +166,7 @@ class SVFLinear(nn.Module):
 
     def restore_materialized(self, state: tuple) -> None:
         self.z_override, self._weight_cache = state
+        self._delta_cache = None  # keyed by z's version, not by which tensor z is
 
     def factored(
         self, x: torch.Tensor, d: torch.Tensor, gemm: Gemm = plain_gemm, xq: torch.Tensor | None = None
@@ -170,7 +193,7 @@ class SVFLinear(nn.Module):
         z = self.z()
         weight = self.materialised_weight(z)
         if weight is None:
-            return self.factored(x, self.delta(z))
+            return self.factored(x, self.current_delta(x.dtype))
         return F.linear(x, weight, self.base_layer.bias)
 
     def materialised_weight(self, z: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -189,7 +212,8 @@ class SVFLinear(nn.Module):
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_weight_cache"] = None  # a copy's version counters restart: never carry a cached W' over
+        # a copy's version counters restart: never carry a cached W' or d over
+        state["_weight_cache"] = state["_delta_cache"] = None
         return state
 
     def extra_repr(self) -> str:

@@ -294,6 +294,53 @@ def test_bfloat16_layer_runs_in_both_modes():
             torch.testing.assert_close(y.float(), base(x).float(), atol=5e-2, rtol=5e-2)
 
 
+def test_factored_d_is_kept_while_z_stays_and_rebuilt_when_it_moves():
+    """d = c·z − 1 is kept between factored calls (a decode step runs each layer once per token); a new z, an
+    in-place edit of z, a step on p or a restored state each rebuild it; training recomputes it so z gets its grad."""
+    layer, fresh = make_layer(SHAPES["wide"], mode="factored"), make_layer(SHAPES["wide"], mode="factored")
+    x = torch.randn(3, SHAPES["wide"][1])
+    with torch.no_grad():
+        kept = layer.current_delta(x.dtype)
+        assert layer.current_delta(x.dtype) is kept and layer.current_delta(torch.bfloat16) is not kept
+        layer.svf_p.add_(0.3)  # as an optimizer step would
+        fresh.svf_p.copy_(layer.svf_p)
+        assert torch.equal(layer(x), fresh(x))
+        z = random_z(layer.rank, seed=3)
+        layer.set_z(z)
+        fresh.set_z(z.clone())
+        assert torch.equal(layer(x), fresh(x))
+        z.mul_(torch.linspace(0.5, 1.5, layer.rank))
+        fresh.set_z(z.clone())
+        assert torch.equal(layer(x), fresh(x))
+        layer.set_z(random_z(layer.rank, seed=5))
+        fresh.set_z(random_z(layer.rank, seed=5))
+        state = layer.materialized_state()
+        layer.set_z(random_z(layer.rank, seed=6))
+        layer(x)
+        layer.restore_materialized(state)  # another z tensor at the same version: d must not be the kept one
+        assert torch.equal(layer(x), fresh(x))
+    layer.set_z(None)
+    layer(x).sum().backward()
+    assert layer.svf_p.grad is not None and layer.svf_p.grad.abs().sum() > 0
+
+
+def test_a_z_made_in_inference_mode_is_used_not_kept():
+    """A z an inference-mode caller made has no version to check: used for the call, never kept (a W' or d kept
+    from it could not tell when it went stale)."""
+    layer, fresh = make_layer(SHAPES["tall"]), make_layer(SHAPES["tall"])
+    x = torch.randn(3, SHAPES["tall"][1])
+    for mode in ("materialized", "factored"):
+        layer.mode = fresh.mode = mode
+        with torch.inference_mode():
+            z = random_z(layer.rank, seed=4)
+            layer.set_z(z)
+            fresh.set_z(z.clone())
+            assert torch.equal(layer(x), fresh(x))
+        assert layer._weight_cache is None and layer._delta_cache is None
+        fresh.set_z(None)
+        layer.set_z(None)
+
+
 def test_materialized_state_switches_back_without_a_rebuild():
     layer = make_layer(SHAPES["tall"])
     x = torch.randn(2, SHAPES["tall"][1])
