@@ -121,17 +121,21 @@ PACKED_DTYPES = (
 
 
 def packable_weight(module, x: torch.Tensor) -> torch.Tensor | None:
-    """The weight `module(x)` multiplies by, where a packed copy can stand in for it; None where it cannot (no
-    packing, another dtype or device, a factored SVF layer, LoRA, a weight being trained)."""
+    """The weight `module(x)` multiplies by, where a packed copy can stand in for it (a served base model's SVF layers
+    are off: their W); None where it cannot (no packing, another dtype or device, a factored SVF layer, LoRA, a
+    weight being trained)."""
     plain = type(module) is torch.nn.Linear
     base = module if plain else getattr(module, "base_layer", None)
     weight = getattr(base, "weight", None)
     # cheap checks first: this runs for every projection of every step
     if not PACK or weight is None or weight.dtype not in PACKED_DTYPES or weight.device.type != "cpu":
         return None
-    if not plain:  # an SVF layer: its W' when its forward would multiply by one (None: the factored path)
+    if not plain:  # an SVF layer: W when it is off, its W' when its forward would multiply by one (else factored)
         materialised = getattr(module, "materialised_weight", None)
-        weight = materialised() if materialised is not None and getattr(module, "enabled", False) else None
+        if materialised is None:
+            return None
+        if module.enabled:
+            weight = materialised()
     if weight is None or weight.requires_grad or x.dtype != weight.dtype:
         return None
     return weight
@@ -184,10 +188,17 @@ def _bias(module) -> torch.Tensor | None:
     return module.bias if type(module) is torch.nn.Linear else getattr(module, "base_layer", module).bias
 
 
+def _pack_key(module, weight: torch.Tensor):
+    """An SVF layer's W' is packed under the layer, its W (the layer off) under the nn.Linear that owns W: a server
+    switching between base-model batches and an expert's keeps both packed instead of re-packing at each switch."""
+    base = getattr(module, "base_layer", module)
+    return base if weight is base.weight else module
+
+
 def _forward(module, x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
     """module(x) given `packable_weight(module, x)`."""
     if weight is not None:
-        return packed_gemm(module, [weight], x, _bias(module))
+        return packed_gemm(_pack_key(module, weight), [weight], x, _bias(module))
     return _factored_svf(module, x) if _factored_ready(module, x) else module(x)
 
 
@@ -208,7 +219,7 @@ def stacked(modules: tuple, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([_factored_svf(m, x, part) for m, part in zip(modules, parts, strict=True)], -1)
     if any(w is None for w in weights) or any(_bias(m) is not None for m in modules):
         return torch.cat([_forward(m, x, w) for m, w in zip(modules, weights, strict=True)], -1)
-    return packed_gemm(modules[0], weights, x, None)
+    return packed_gemm(_pack_key(modules[0], weights[0]), weights, x, None)
 
 
 class KVDecoder:

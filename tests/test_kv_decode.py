@@ -74,6 +74,37 @@ def test_svf_materialised_and_one_z_per_row_with_rows_retiring(varied, tokenizer
     assert torch.equal(hf.completion_ids, kv.completion_ids) and torch.equal(hf.completion_mask, kv.completion_mask)
 
 
+def test_svf_layers_off_decode_on_packed_base_weights_kept_beside_w_prime(varied, tokenizer, monkeypatch):
+    """A server's base-model batches switch the SVF layers off (set_z None): their W is packed like a plain layer's
+    (it ran unpacked, slower than an expert's W'), under the nn.Linear that owns it, so switching to an expert's W'
+    and back packs nothing again."""
+    from t2ray.kv_decode import _PACKED, PACK
+
+    patch_model(varied, progress=False)
+    set_mode(varied, "materialized")
+    layers = svf_layers(varied).values()
+
+    def decode(z):
+        set_z(varied, z)
+        return rollout(varied, tokenizer, PROMPTS, max_new_tokens=8, ignore_eos=True).completion_ids
+
+    hf, kv = both_loops(monkeypatch, lambda: decode(None))
+    assert torch.equal(hf, kv)
+
+    def packed(key_of):  # the packed copies (gate's and up's stacked under gate) holding each layer's weight
+        return [
+            p for p in list(_PACKED.values()) if any(ref() is key_of(layer) for layer in layers for ref, _ in p.sources)
+        ]
+
+    base = packed(lambda layer: layer.base_layer.weight)
+    assert PACK and {ref() for p in base for ref, _ in p.sources} == {layer.base_layer.weight for layer in layers}
+    decode({name: 1 + 0.5 * torch.randn(layer.rank) for name, layer in svf_layers(varied).items()})  # an expert: W'
+    assert len(packed(lambda layer: layer._weight_cache[1])) == len(base)  # W' packed too
+    assert torch.equal(decode(None), kv)
+    again = packed(lambda layer: layer.base_layer.weight)
+    assert len(again) == len(base) and all(a is b for a, b in zip(again, base, strict=True))  # not packed again
+
+
 def test_what_outlives_the_inference_mode_step_is_an_ordinary_tensor(varied, tokenizer):
     """The step's layers run in inference mode; its logits (callers scale them in place), an SVF layer's cached W'
     (autograd saves it when a later forward needs gradients) and the KV cache stay ordinary tensors."""
