@@ -237,21 +237,43 @@ class KVDecoder:
         self.valid = torch.zeros(rows, capacity, dtype=torch.bool, device=weight.device)
         self.length = 0  # slots filled (every row fills the same slots; left padding marks some invalid)
 
-    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, share: int = 1) -> torch.Tensor:
+    def prefill(
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        share: int = 1,
+        prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """Logits of the last position of each prompt; each of the rows[::share] is prefilled once and its cache
-        copied to its `share` rows."""
+        copied to its `share` rows. `prefix`: the keys and values of each row's first P prompt tokens
+        (t2ray.prefix_cache), (layers, rows, kv_heads, P, head_dim); `ids` and `mask` are then the rest."""
+        start = 0
+        if prefix is not None:
+            if share > 1:
+                raise ValueError("a cached prefix is given per row: prefill shared prompts without one")
+            start = prefix[0].shape[3]
+            self.keys[:, :, :, :start], self.values[:, :, :, :start] = prefix
+            self.valid[:, :start] = True
+            self.length = start
         width = ids.shape[1]
-        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        positions = start + (mask.cumsum(1) - 1).clamp(min=0)
         slots = torch.arange(width, device=ids.device)
-        self.valid[:, :width] = mask.bool()
+        self.valid[:, start : start + width] = mask.bool()
         # a padded slot sees itself (a row with nothing to attend to would be NaN, and NaN keys poison later steps)
-        causal = (slots[None, :] <= slots[:, None]) & self.valid[::share, None, None, :width]
+        causal = (slots[None, :] <= slots[:, None]) & self.valid[::share, None, None, start : start + width]
         attend = causal | torch.eye(width, dtype=torch.bool, device=ids.device)
+        if start:  # every query sees the whole prefix
+            attend = torch.cat([attend.new_ones(*attend.shape[:3], start), attend], -1)
         logits = self._forward(ids[::share], positions[::share], attend, rows=slice(None, None, share))
         if share > 1:
             for cache in (self.keys, self.values):
                 cache[:, :, :, :width] = cache[:, ::share, :, :width].repeat_interleave(share, 1)
         return logits.repeat_interleave(share, 0)
+
+    def row_cache(self, row: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values of a row's filled positions in order, (layers, kv_heads, n, head_dim) each."""
+        filled = self.valid[row, : self.length].nonzero().squeeze(1)
+        return self.keys[:, row].index_select(2, filled), self.values[:, row].index_select(2, filled)
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Logits of one new token per row (tokens (B,), positions (B, 1))."""

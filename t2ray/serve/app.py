@@ -701,9 +701,7 @@ class Dispatcher:
                 )
                 if include_usage:
                     chunk = chat_chunk(rid, model, {}) if chat else completion_chunk(rid, model, "")
-                    yield sse(
-                        {**chunk, "choices": [], "usage": usage(final["prompt_tokens"], final["completion_tokens"])}
-                    )
+                    yield sse({**chunk, "choices": [], "usage": usage([final])})
             except RequestError as err:
                 yield sse(err.body())
             except Exception:  # the client already has a 200: report the failure in the stream, details in the log
@@ -847,6 +845,7 @@ def plan(cfg: ServeArgs) -> tuple[dict, dict]:
         "materialize_after": cfg.batching.materialize_after,
         "lru_size": cfg.batching.lru_size,
         "lru_bytes": cfg.batching.lru_bytes,
+        "prefix_cache_bytes": cfg.batching.prefix_cache_bytes,
     }
     settings = {
         "base_id": cfg.model.spec,

@@ -10,6 +10,7 @@ on the modules the experts adapt). What a replica holds is counted per GPU, by t
   (a W' larger than `lru_bytes` is built and used, not kept: one copy). LoRA: every adapter's A and B per module;
 - the KV cache: `max_batch_size` rows × the model's context (a prompt and its answer fit the context); where rows join
   a running batch the single-device decoder copies the whole cache, a split model's decoder one layer at a time;
+  the single-device decoder's prefix cache (`prefix_cache_bytes`);
 - a prefill's activations: at most `prefill_tokens_per_step` prompt tokens join per step, padded to the longest
   (up to `max_batch_size` rows × that), or one prompt of a whole context; estimated from the shapes of a decoder layer
   at a time (the residual stream, an SVF layer's temporaries and the MLP's), the attention mask and the logits.
@@ -140,6 +141,7 @@ def plan_replica(app: str, args: ServeArgs, gpu_mem_gb: float) -> ServePlan:
     for g, held in enumerate(split.layers):
         rows[g]["kv"] = per_layer_kv * len(held)
         rows[g]["kv_merge"] = rows[g]["kv"] if kv_decoder else (per_layer_kv if held else 0)
+        rows[g]["prefix_cache"] = batching.prefix_cache_bytes if kv_decoder else 0
         rows[g]["activations"] = tokens * activation_bytes_per_token(config, dtype, modules is not None) + mask
     rows[0]["activations"] += logits  # the logits come back to the embedding's GPU
     fullest = max(range(gpus), key=lambda g: sum(rows[g].values()))
@@ -152,7 +154,7 @@ def plan_replica(app: str, args: ServeArgs, gpu_mem_gb: float) -> ServePlan:
     return ServePlan(app, args, dtype, fullest, split.layers[fullest], experts, plan, notes)
 
 
-ROWS = ("weights", "factors", "z", "w_prime", "kv", "kv_merge", "activations")
+ROWS = ("weights", "factors", "z", "w_prime", "kv", "kv_merge", "prefix_cache", "activations")
 BYTES_OF = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -163,6 +165,7 @@ def row_labels(args: ServeArgs, dtype: str, lora: bool, copies: int, tokens: int
         "factors": "LoRA adapters (A, B of each)" if lora else "SVF factors (Q per adapted matrix)",
         "kv": f"KV cache ({batching.max_batch_size} rows × the context)",
         "kv_merge": "KV copy while rows join",
+        "prefix_cache": "prefix cache (prompts' shared starts)",
         "activations": f"prefill activations ({tokens} padded tokens) and logits",
     }
     if not lora:

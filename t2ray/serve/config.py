@@ -119,6 +119,13 @@ class BatchingSection(Strict):
         description="and at most this many bytes of them (None: lru_size "
         "alone); a W' larger than this is used but not kept",
     )
+    prefix_cache_bytes: int = Field(
+        256 << 20,
+        ge=0,
+        description="keys and values of prompts' leading 16-token blocks kept per adapter state, so that prompts "
+        "sharing a start (a chat template's system prompt) prefill only the rest; 0 turns it off (single-device "
+        "Llama-family models; others prefill every prompt whole)",
+    )
     torch_threads: int | None = Field(None, ge=1, description="torch threads per replica (None = the CPUs it got)")
 
 

@@ -43,6 +43,7 @@ from t2ray.kv_decode import input_device, new_decoder
 from t2ray.library import library_kind, read_library
 from t2ray.models import compute_dtype, load_model
 from t2ray.models.placement import gpu_device_map
+from t2ray.prefix_cache import BLOCK, PrefixCache
 from t2ray.serve.errors import RequestError, bad_request, not_found
 from t2ray.svf import SVFConfig, base_model_info, patch_model, set_mode, set_z, svf_layers
 
@@ -103,6 +104,7 @@ class GenItem:
     text: str = ""  # decoded so far, incrementally (the two offsets below)
     prefix_offset: int = 0  # tokens [prefix_offset, read_offset) are decoded again as context for the next ones
     read_offset: int = 0
+    cached_tokens: int = 0  # prompt tokens whose keys and values the prefix cache gave
 
 
 def replica_engine(engine: dict[str, Any], gpu_ids: list) -> dict[str, Any]:
@@ -145,6 +147,7 @@ class ExpertLibrary:
         lru_size: int = 2,
         lru_bytes: int | None = None,
         z_cache_size: int = 256,
+        prefix_cache_bytes: int = 256 << 20,
     ):
         self.model, self.tokenizer = load_model(
             model_spec, dtype=dtype, device=device, seed=seed, device_map=device_map
@@ -182,7 +185,10 @@ class ExpertLibrary:
         self._lock = threading.RLock()  # requests are prepared on the event loop, the model runs on a worker thread
         self._active: tuple | None = None
         self._scorer: PrefixScorer | None = None
+        self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes else None
         self.stats = {
+            "prompt_tokens": 0,
+            "prefix_cached_tokens": 0,  # prompt tokens whose keys and values came from the prefix cache
             "materialized_builds": 0,
             "batches": {"base": 0, "factored": 0, "materialized": 0},
             "decoding_rows": 0,
@@ -458,23 +464,39 @@ class DecodeBatch:
         else:
             self.lib.use_factored(self._rows_z, self._rows_token)
 
+    def _state(self, item: GenItem) -> tuple:
+        """What a row's keys and values depend on besides its tokens: the weights it decodes with."""
+        return ("base",) if self.mode == "base" else (self.mode, item.request.mixture.key)
+
     @torch.no_grad()
     def prefill(self) -> None:
-        pad = self.lib.tokenizer.pad_token_id
-        width = max(len(it.prompt_ids) for it in self.items)
-        ids = torch.full((len(self.items), width), pad, dtype=torch.long)
-        attn = torch.zeros((len(self.items), width), dtype=torch.long)
-        for i, it in enumerate(self.items):
-            ids[i, width - len(it.prompt_ids) :] = torch.tensor(it.prompt_ids)
-            attn[i, width - len(it.prompt_ids) :] = 1
-        device = self.lib.device
-        attn = attn.to(device)
-        budget = width + max(it.request.max_tokens for it in self.items)
+        prompts = [it.prompt_ids for it in self.items]
+        budget = max(len(ids) for ids in prompts) + max(it.request.max_tokens for it in self.items)
         self.decoder = new_decoder(self.lib.model, len(self.items), budget)
         self._activate()
-        self.logits = self.decoder.prefill(ids.to(device), attn).float()
+        cache = self.lib.prefix_cache if hasattr(self.decoder, "row_cache") else None  # KVDecoder only
+        states = [self._state(it) for it in self.items]
+        blocks = min(cache.cached_blocks(s, ids) for s, ids in zip(states, prompts, strict=True)) if cache else 0
+        skip = blocks * BLOCK  # every row's first `skip` tokens are cached: only the rest is prefilled
+        rests = [ids[skip:] for ids in prompts]
+        width, pad = max(len(ids) for ids in rests), self.lib.tokenizer.pad_token_id
+        ids = torch.full((len(rests), width), pad, dtype=torch.long)
+        attn = torch.zeros((len(rests), width), dtype=torch.long)
+        for i, rest in enumerate(rests):
+            ids[i, width - len(rest) :] = torch.tensor(rest)
+            attn[i, width - len(rest) :] = 1
+        device = self.lib.device
+        extra = {"prefix": cache.gather(states, prompts, blocks)} if skip else {}
+        self.logits = self.decoder.prefill(ids.to(device), attn.to(device), **extra).float()
         self.decoder.require_plain_cache()  # refused at the first request, not when its first row retires
-        self.next_pos = attn.sum(1)
+        self.next_pos = torch.tensor([len(p) for p in prompts], device=device)
+        self.lib.stats["prompt_tokens"] += sum(map(len, prompts))
+        self.lib.stats["prefix_cached_tokens"] += skip * len(prompts)
+        for it in self.items:
+            it.cached_tokens = skip
+        for row, (state, prompt) in enumerate(zip(states, prompts, strict=True)):
+            if cache is not None and len(prompt) // BLOCK > blocks:  # full blocks not cached yet
+                cache.store(state, prompt, *self.decoder.row_cache(row))
 
     def _pick(self) -> torch.Tensor:
         tokens = self.logits.argmax(-1)
@@ -521,6 +543,7 @@ class DecodeBatch:
             now = time.perf_counter()
             event.update(
                 prompt_tokens=len(it.prompt_ids),
+                cached_tokens=it.cached_tokens,
                 completion_tokens=len(it.generated),
                 queue_ms=1000 * (it.started - it.enqueued),
                 generate_ms=1000 * (now - it.started),

@@ -213,11 +213,14 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(finals: list[dict]) -> dict:
+    """OpenAI's usage of the generations that ended with `finals` (cached: prompt tokens from the prefix cache)."""
+    prompt, completion = sum(f["prompt_tokens"] for f in finals), sum(f["completion_tokens"] for f in finals)
     return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": sum(f.get("cached_tokens", 0) for f in finals)},
     }
 
 
@@ -238,7 +241,7 @@ def chat_response(rid: str, model: str, text: str, final: dict, t2ray: dict) -> 
         "chat.completion",
         model,
         [choice],
-        usage=usage(final["prompt_tokens"], final["completion_tokens"]),
+        usage=usage([final]),
         t2ray=t2ray,
     )
 
@@ -257,7 +260,7 @@ def completion_response(rid: str, model: str, choices: list[tuple[str, dict, dic
             {"index": i, "text": text, "finish_reason": final["finish_reason"], "logprobs": None, "t2ray": info}
             for i, (text, final, info) in enumerate(choices)
         ],
-        usage=usage(sum(f["prompt_tokens"] for _, f, _ in choices), sum(f["completion_tokens"] for _, f, _ in choices)),
+        usage=usage([final for _, final, _ in choices]),
         t2ray=choices[0][2],
     )
 

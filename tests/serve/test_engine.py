@@ -274,6 +274,27 @@ def test_out_of_memory_building_w_prime_falls_back_to_factored(tiny_experts, tor
     assert not lib._weights
 
 
+def test_prompts_sharing_a_start_prefill_only_the_rest_and_answer_the_same(lib, tiny_experts, torch_threads):
+    """The second request of the same weights and chat-template start prefills only what follows the cached blocks;
+    another mixture's rows cache their own. Answers equal a replica without the prefix cache (fp32, greedy)."""
+    plain = ExpertLibrary("tiny-llama", {"math": str(tiny_experts["math"])}, dtype="float32", prefix_cache_bytes=0)
+
+    def ask(library, question: str, mixture: MixtureRef) -> dict:
+        messages = [{"role": "user", "content": question}]
+        return run_to_completion(library, [GenRequest(mixture, messages, max_tokens=6, temperature=0)])[0]
+
+    math = MixtureRef("expert:math", ("math",), (1.0,))
+    for mixture in (MixtureRef(), math):
+        first = ask(lib, "What is 2 + 2?", mixture)
+        again = ask(lib, "What is 3 + 5?", mixture)
+        assert again["cached_tokens"] >= 16 and again["cached_tokens"] % 16 == 0
+        assert again["cached_tokens"] < again["prompt_tokens"]
+        assert [first["text"], again["text"]] == [
+            ask(plain, q, mixture)["text"] for q in ("What is 2 + 2?", "What is 3 + 5?")
+        ]
+    assert lib.stats["prefix_cached_tokens"] > 0 and plain.stats["prefix_cached_tokens"] == 0
+
+
 def test_sampling_is_seeded_and_stops_are_honoured(lib):
     req = GenRequest(MixtureRef(), prompt="Once upon a time", max_tokens=12, temperature=1.0, top_p=0.9, seed=7)
     a, b = run_to_completion(lib, [req, req])

@@ -97,6 +97,19 @@ def test_completion(client):
     assert [c.index for c in many.choices] == [0, 1]
 
 
+def test_a_repeated_prompt_start_comes_from_the_prefix_cache(client):
+    """The chat template's start, kept from an earlier request of the same weights, is not prefilled again (OpenAI's
+    usage.prompt_tokens_details.cached_tokens says how many tokens), and the answers are the same. Each of the 2
+    replicas keeps its own: of 4 requests, only the first that each replica gets can miss."""
+    answers = [
+        client.chat.completions.create(model="base", messages=CHAT, max_tokens=4, temperature=0) for _ in range(4)
+    ]
+    cached = [a.usage.prompt_tokens_details.cached_tokens for a in answers]
+    assert sum(c > 0 for c in cached) >= 2, cached
+    assert all(c % 16 == 0 and c < a.usage.prompt_tokens for c, a in zip(cached, answers, strict=True))
+    assert len({a.choices[0].message.content for a in answers}) == 1
+
+
 def test_streaming_chat_equals_the_whole_answer(client):
     whole = client.chat.completions.create(model="code", messages=CHAT, max_tokens=8, temperature=0)
     chunks = list(
