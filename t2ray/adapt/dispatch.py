@@ -9,7 +9,7 @@ import math
 import torch
 
 from t2ray.generation import cache_kwarg, generate, output_cache, render
-from t2ray.kv_decode import input_device
+from t2ray.kv_decode import KVDecoder, input_device, unsupported_reason
 from t2ray.tasks.cls import CATEGORIES, classification_messages, parse_category
 
 BOXED_PREFIX = "Classification: \\boxed{"
@@ -74,12 +74,20 @@ class PrefixScorer:
         self.prefix_ids = before[:-1]  # its last token may merge with the question's first
         ids = label_token_ids(tokenizer)
         self.labels, self.label_ids = list(ids), torch.tensor(list(ids.values()))
+        # the KV decoder's step (packed weights, inference mode) where it runs; else Hugging Face's forward
+        self.kv = unsupported_reason(model) is None
         self._caches: dict[str, object] = {}
 
     def _prefix_cache(self, state: str):
+        """The prefix's keys and values (KV decoder: (layers, kv_heads, P, head_dim) each; else HF's cache)."""
         if state not in self._caches:
             prefix = torch.tensor([self.prefix_ids], device=input_device(self.model))
-            self._caches[state] = output_cache(self.model(input_ids=prefix, use_cache=True, logits_to_keep=1))
+            if self.kv:
+                decoder = KVDecoder(self.model, 1, prefix.shape[1])
+                decoder.prefill(prefix, torch.ones_like(prefix))
+                self._caches[state] = decoder.row_cache(0)
+            else:
+                self._caches[state] = output_cache(self.model(input_ids=prefix, use_cache=True, logits_to_keep=1))
         return self._caches[state]
 
     def _suffix_logits(self, suffixes: list[list[int]], state: str) -> torch.Tensor:
@@ -93,6 +101,11 @@ class PrefixScorer:
             ids[j, width - len(suffix) :] = torch.tensor(suffix)
             mask[j, P + width - len(suffix) :] = 1
             positions[j, width - len(suffix) :] = torch.arange(P, P + len(suffix))
+        if self.kv:
+            keys, values = self._prefix_cache(state)
+            decoder = KVDecoder(self.model, len(suffixes), P + width)
+            prefix = tuple(t[:, None].expand(-1, len(suffixes), -1, -1, -1) for t in (keys, values))
+            return decoder.prefill(ids.to(device), mask[:, P:].to(device), prefix=prefix)
         cache = copy.deepcopy(self._prefix_cache(state))
         cache.batch_repeat_interleave(len(suffixes))
         return self.model(

@@ -174,6 +174,9 @@ class ExpertLibrary:
                     check_expert(expert, info, allow_transfer=allow_transfer, source=paths[name])
             self.layers = svf_layers(self.model)
             self.ones = {m: torch.ones(layer.rank, device=layer.s.device) for m, layer in self.layers.items()}
+        # what building a W' costs, in tokens of the factored path (LoRA never builds one)
+        shapes = [] if self.lora else [layer.base_layer.weight.shape for layer in self.layers.values()]
+        self.build_tokens = max((max(shape) for shape in shapes), default=0)
         self._set(None)
         self.context = context_length(self.model)
         self.eos = eos_token_ids(self.model, self.tokenizer)
@@ -245,12 +248,23 @@ class ExpertLibrary:
                 if len(self._hits) > 4 * self._z_cache_size:  # forget mixtures not seen for a long while
                     self._hits.pop(next(iter(self._hits)))
 
-    def should_materialize(self, key: tuple) -> bool:
+    def should_materialize(self, key: tuple, tokens: int | None = None) -> bool:
+        """Mode auto: a kept W', or a mixture requested `materialize_after` times. Building one into a full LRU
+        evicts another hot mixture (several hot experts and rows of each joining: W' after W' built for a few steps
+        each), so then only for a batch with `tokens` left to run that pay for the build: about max(m, n) tokens of
+        the factored path (SPEC §3)."""
         if self.mode == "factored" or self.lora:
             return False
         if self.mode == "materialized":
             return True
-        return self.lru_size > 0 and (key in self._weights or self._hits.get(key, 0) >= self.materialize_after)
+        if self.lru_size == 0:
+            return False
+        if key in self._weights:
+            return True
+        if self._hits.get(key, 0) < self.materialize_after:
+            return False
+        full = len(self._weights) >= self.lru_size
+        return not full or tokens is None or tokens >= self.build_tokens
 
     # ------------------------------------------------------------------ model states
 
@@ -439,7 +453,7 @@ class DecodeBatch:
         single = items[0].request.mixture if len({it.request.mixture.key for it in items}) == 1 else None
         if single is not None and single.is_base:
             mode = "base"
-        elif single is not None and self.lib.should_materialize(single.key):
+        elif single is not None and self.lib.should_materialize(single.key, self._tokens_left(items)):
             mode = "materialized"
         else:
             mode = "factored"
@@ -451,6 +465,13 @@ class DecodeBatch:
         if mode != self.mode:
             self.lib.stats["batches"][mode] += 1  # a stretch of steps in one mode
             self.mode = mode
+
+    @staticmethod
+    def _tokens_left(items: list[GenItem]) -> int:
+        """Tokens the rows may still run: prompts not yet prefilled, answers up to max_tokens."""
+        return sum(
+            it.request.max_tokens - len(it.generated) + (0 if it.generated else len(it.prompt_ids)) for it in items
+        )
 
     def _activate(self) -> None:
         z = self.items[self.active[0]].z

@@ -163,7 +163,8 @@ def test_score_mode_agrees_with_generate_mode_on_easy_prompts(smollm2):
     assert scored == ["math", "math", "code", "reasoning"]
 
 
-def test_prefix_cached_scores_equal_the_whole_prompt(tiny, tokenizer):
+def test_prefix_cached_scores_equal_the_whole_prompt(tiny, tokenizer, monkeypatch):
+    """Through the KV decoder (its prefill from a cached prefix) and through Hugging Face's forward alike."""
     from t2ray.adapt.dispatch import PrefixScorer, classification_ids
 
     questions = [
@@ -186,6 +187,12 @@ def test_prefix_cached_scores_equal_the_whole_prompt(tiny, tokenizer):
     torch.testing.assert_close(one_forward.scores(questions), whole, atol=1e-4, rtol=1e-4)
     labels = [scorer.labels[k] for k in whole.argmax(-1).tolist()]
     assert classify(tiny, tokenizer, questions, mode="score", batch_size=3) == labels  # batches of 3 + 1
+    keys, _ = scorer._caches["base"]
+    assert scorer.kv and keys.shape[2] == len(scorer.prefix_ids)  # the KV decoder's keys of the prefix
+    monkeypatch.setenv("T2RAY_DECODE", "hf")
+    hf = PrefixScorer(tiny, tokenizer)
+    assert not hf.kv
+    torch.testing.assert_close(hf.scores(questions), whole, atol=1e-4, rtol=1e-4)
 
 
 def test_cli_adapt_token_over_lora_folders_prints_an_accuracy(lora_library, tmp_path):

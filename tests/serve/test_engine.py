@@ -194,13 +194,15 @@ def test_materialized_lru_equals_factored(tiny_experts, torch_threads):
     )
     math, code, reasoning = ref_of({"math": 1.0}), ref_of({"code": 1.0}), ref_of({"reasoning": 1.0})
 
-    def run(ref):
-        return run_batch(lib, [GenRequest(ref, prompt=p, max_tokens=6, temperature=0) for p in PROMPTS[:2]])
+    def run(ref, max_tokens=6):
+        return run_batch(lib, [GenRequest(ref, prompt=p, max_tokens=max_tokens, temperature=0) for p in PROMPTS[:2]])
 
-    def same(a, b):
-        assert a[0] == b[0]
-        for x, y in zip(sum(a[1], []), sum(b[1], []), strict=True):
-            torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
+    def same(a, b):  # over the tokens both generated
+        for row in range(2):
+            n = min(len(a[0][row]), len(b[0][row]))
+            assert a[0][row][:n] == b[0][row][:n]
+            for x, y in zip(a[1][row][:n], b[1][row][:n], strict=True):
+                torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
 
     cold = run(math)  # 2 requests seen: not hot yet
     assert cold[2] == "factored"
@@ -213,9 +215,10 @@ def test_materialized_lru_equals_factored(tiny_experts, torch_threads):
     restored = run(math)  # math's W' restored from the LRU: no rebuild, same logits
     assert restored[2] == "materialized" and lib.stats["materialized_builds"] == 2
     same(restored, cold)
-    run(reasoning), run(reasoning)  # a third hot expert evicts the least recently used (code)
+    # a third hot expert evicts the least recently used (code), for a batch that pays for the build
+    run(reasoning), run(reasoning, lib.build_tokens)
     assert lib.stats["materialized_builds"] == 3
-    code_again = run(code)
+    code_again = run(code, lib.build_tokens)
     assert code_again[2] == "materialized" and lib.stats["materialized_builds"] == 4
     same(code_again, code_cold)
 
@@ -247,6 +250,28 @@ def test_lru_evicts_before_it_builds_and_keeps_to_its_byte_budget(tiny_experts, 
         == "materialized"
         and len(lib._weights) == 0
     )
+
+
+def test_a_full_lru_takes_a_new_w_prime_only_for_a_batch_that_pays_for_its_build(tiny_experts, torch_threads):
+    """Mode auto with more hot experts than the LRU holds: a batch of a third expert runs factored unless its
+    tokens left (prompts + max_tokens) reach what a build costs, max(m, n) tokens; the kept ones are used as ever."""
+    lib = ExpertLibrary(
+        "tiny-llama",
+        {n: str(tiny_experts[n]) for n in ("math", "code", "reasoning")},
+        materialize_after=1,
+        lru_size=1,
+        dtype="float32",
+    )
+    assert lib.build_tokens == max(max(x.base_layer.weight.shape) for x in lib.layers.values())
+
+    def mode_of(expert: str, max_tokens: int) -> str:
+        return run_batch(lib, [GenRequest(ref_of({expert: 1.0}), prompt="x", max_tokens=max_tokens, temperature=0)])[2]
+
+    assert mode_of("math", 2) == "materialized"  # room in the LRU: built for a short batch too
+    assert mode_of("code", 2) == "factored" and list(lib._weights) == [ref_of({"math": 1.0}).key]
+    assert mode_of("code", lib.build_tokens) == "materialized" and list(lib._weights) == [ref_of({"code": 1.0}).key]
+    assert mode_of("code", 2) == "materialized"  # kept: used whatever the batch
+    assert lib.stats["materialized_builds"] == 2
 
 
 def test_out_of_memory_building_w_prime_falls_back_to_factored(tiny_experts, torch_threads, monkeypatch):
