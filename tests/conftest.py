@@ -80,6 +80,17 @@ def tiny(tiny_base):
     return copy.deepcopy(tiny_base[0])
 
 
+@pytest.fixture
+def varied(tiny):
+    """tiny-llama with larger random weights, so that greedy tokens vary from step to step and row to row."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for weight in tiny.parameters():
+            if weight.dim() == 2:
+                weight.normal_(0, 0.3)
+    return tiny
+
+
 @pytest.fixture(scope="session")
 def tokenizer(tiny_base):
     """SmolLM2's tokenizer (left padding, pad token set); shared, do not change its settings."""

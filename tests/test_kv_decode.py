@@ -27,17 +27,6 @@ def both_loops(monkeypatch, run):
     return reference, run()
 
 
-@pytest.fixture
-def varied(tiny):
-    """tiny-llama with larger random weights, so that greedy tokens vary from step to step and row to row."""
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for weight in tiny.parameters():
-            if weight.dim() == 2:
-                weight.normal_(0, 0.3)
-    return tiny
-
-
 def test_the_base_model_decodes_as_hugging_faces_loop(varied, tokenizer, monkeypatch):
     assert unsupported_reason(varied) is None
     hf, kv = both_loops(monkeypatch, lambda: rollout(varied, tokenizer, PROMPTS, max_new_tokens=12, ignore_eos=True))

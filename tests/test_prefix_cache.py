@@ -11,15 +11,6 @@ from t2ray.prefix_cache import BLOCK, PrefixCache
 SHARED = list(range(100, 100 + 2 * BLOCK + 5))  # a system prompt of 2 full blocks and a bit
 
 
-def varied_tiny(tiny):
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for weight in tiny.parameters():
-            if weight.dim() == 2:
-                weight.normal_(0, 0.3)
-    return tiny.eval()
-
-
 def prefill(model, prompts, cache=None, state="base", new_tokens=6):
     """Greedy tokens and first logits of left-padded `prompts`, prefilled from `cache`'s blocks where it has them
     (then storing each prompt's blocks); how many prompt tokens each row skipped."""
@@ -47,8 +38,8 @@ def prefill(model, prompts, cache=None, state="base", new_tokens=6):
     return torch.stack(tokens, 1), first, skip
 
 
-def test_prompts_sharing_a_start_decode_as_if_prefilled_whole(tiny):
-    model = varied_tiny(tiny)
+def test_prompts_sharing_a_start_decode_as_if_prefilled_whole(varied):
+    model = varied.eval()
     first = [SHARED + [7, 8, 9], SHARED + [5] * 20]
     later = [SHARED + [11, 12], SHARED + list(range(300, 340)), SHARED[: 2 * BLOCK] + [3]]
     cache = PrefixCache(1 << 30)
@@ -61,8 +52,8 @@ def test_prompts_sharing_a_start_decode_as_if_prefilled_whole(tiny):
     assert torch.equal(tokens, whole_tokens)
 
 
-def test_a_block_is_known_by_its_state_and_every_token_before_it(tiny):
-    model = varied_tiny(tiny)
+def test_a_block_is_known_by_its_state_and_every_token_before_it(varied):
+    model = varied.eval()
     cache = PrefixCache(1 << 30)
     prefill(model, [SHARED + [1]], cache, state=("materialized", ("math",)))
     assert cache.cached_blocks(("materialized", ("math",)), SHARED + [2]) == 2
@@ -72,8 +63,8 @@ def test_a_block_is_known_by_its_state_and_every_token_before_it(tiny):
     assert cache.cached_blocks(("materialized", ("math",)), changed) == 1  # the first block only
 
 
-def test_blocks_are_kept_within_the_byte_budget_least_recently_used_out(tiny):
-    model = varied_tiny(tiny)
+def test_blocks_are_kept_within_the_byte_budget_least_recently_used_out(varied):
+    model = varied.eval()
     one = PrefixCache(1 << 30)
     prefill(model, [SHARED], one)
     block_bytes = one.nbytes // len(one)
