@@ -53,8 +53,15 @@ HOT = {0: [chat(f"question {i}", {"code": 1.0}, 4) for i in range(3)]}  # one mi
 
 
 def library(paths, **kwargs) -> ExpertLibrary:
+    """Room in the W' LRU for every expert: HOT's short batch is built even after SCHEDULE's (a full LRU would run it
+    factored: test_a_full_lru_takes_a_new_w_prime_only_for_a_batch_that_pays_for_its_build)."""
     return ExpertLibrary(
-        "tiny-llama", {n: str(paths[n]) for n in EXPERTS}, dtype="float32", materialize_after=1, **kwargs
+        "tiny-llama",
+        {n: str(paths[n]) for n in EXPERTS},
+        dtype="float32",
+        materialize_after=1,
+        lru_size=len(EXPERTS),
+        **kwargs,
     )
 
 
