@@ -81,6 +81,16 @@ def retain_heap() -> bool:
     return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 512 << 20))
 
 
+def left_padded(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask) of token lists padded on the left to the longest, on `device`."""
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :], mask[i, width - len(row) :] = torch.tensor(row), 1
+    return ids.to(device), mask.to(device)
+
+
 def unwrapped(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model  # a PeftModel
 

@@ -15,6 +15,8 @@ from collections.abc import Hashable, Sequence
 
 import torch
 
+from t2ray.kv_decode import KVDecoder, left_padded
+
 BLOCK = 16  # tokens per cached block
 
 
@@ -82,3 +84,21 @@ class PrefixCache:
     def clear(self) -> None:
         self._blocks.clear()
         self.nbytes = 0
+
+
+def prefill_prompts(
+    decoder, prompts: list[list[int]], pad: int, device, cache: PrefixCache | None = None, states: list | None = None
+) -> tuple[torch.Tensor, int]:
+    """`decoder.prefill` of left-padded `prompts`: with a `cache` (KV decoder only), from its blocks where every row
+    has them (`states`: each row's adapter state), then keeping each prompt's new full blocks. The logits after
+    each prompt, and how many of each prompt's tokens came from the cache."""
+    cache = cache if isinstance(decoder, KVDecoder) else None
+    blocks = min(cache.cached_blocks(s, p) for s, p in zip(states, prompts, strict=True)) if cache else 0
+    skip = blocks * BLOCK
+    ids, mask = left_padded([p[skip:] for p in prompts], pad, device)
+    logits = decoder.prefill(ids, mask, **({"prefix": cache.gather(states, prompts, blocks)} if skip else {}))
+    if cache is not None:
+        for row, (state, prompt) in enumerate(zip(states, prompts, strict=True)):
+            if len(prompt) // BLOCK > blocks:  # full blocks not cached yet
+                cache.store(state, prompt, *decoder.row_cache(row))
+    return logits, skip

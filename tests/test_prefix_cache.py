@@ -6,31 +6,18 @@ from __future__ import annotations
 import torch
 
 from t2ray.kv_decode import KVDecoder
-from t2ray.prefix_cache import BLOCK, PrefixCache
+from t2ray.prefix_cache import BLOCK, PrefixCache, prefill_prompts
 
 SHARED = list(range(100, 100 + 2 * BLOCK + 5))  # a system prompt of 2 full blocks and a bit
 
 
 def prefill(model, prompts, cache=None, state="base", new_tokens=6):
-    """Greedy tokens and first logits of left-padded `prompts`, prefilled from `cache`'s blocks where it has them
-    (then storing each prompt's blocks); how many prompt tokens each row skipped."""
-    blocks = min(cache.cached_blocks(state, p) for p in prompts) if cache is not None else 0
-    skip = blocks * BLOCK
-    rests = [p[skip:] for p in prompts]
-    width = max(map(len, rests))
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, rest in enumerate(rests):
-        ids[i, width - len(rest) :], mask[i, width - len(rest) :] = torch.tensor(rest), 1
+    """Greedy tokens and first logits of `prompts` prefilled as a replica does (from `cache`'s blocks where every row
+    has them, then keeping theirs), and how many prompt tokens each row skipped."""
     decoder = KVDecoder(model, len(prompts), max(map(len, prompts)) + new_tokens)
-    prefix = cache.gather([state] * len(prompts), prompts, blocks) if skip else None
     with torch.no_grad():
-        logits = first = decoder.prefill(ids, mask, prefix=prefix)
-        if cache is not None:
-            for row, prompt in enumerate(prompts):
-                cache.store(state, prompt, *decoder.row_cache(row))
-        positions = torch.tensor([len(p) for p in prompts])
-        tokens = []
+        logits, skip = prefill_prompts(decoder, prompts, 0, "cpu", cache, [state] * len(prompts))
+        first, positions, tokens = logits, torch.tensor([len(p) for p in prompts]), []
         for _ in range(new_tokens):
             tokens.append(logits.argmax(-1))
             logits = decoder.step(tokens[-1], positions[:, None])

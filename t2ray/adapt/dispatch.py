@@ -9,7 +9,7 @@ import math
 import torch
 
 from t2ray.generation import cache_kwarg, generate, output_cache, render
-from t2ray.kv_decode import KVDecoder, input_device, unsupported_reason
+from t2ray.kv_decode import KVDecoder, input_device, left_padded, unsupported_reason
 from t2ray.tasks.cls import CATEGORIES, classification_messages, parse_category
 
 BOXED_PREFIX = "Classification: \\boxed{"
@@ -92,26 +92,17 @@ class PrefixScorer:
 
     def _suffix_logits(self, suffixes: list[list[int]], state: str) -> torch.Tensor:
         """(N, vocab) last logits of prefix + each suffix, in one forward over the cached prefix."""
-        P, width, device = len(self.prefix_ids), max(map(len, suffixes)), input_device(self.model)
-        ids = torch.full((len(suffixes), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(suffixes), P + width), dtype=torch.long)
-        positions = torch.zeros((len(suffixes), width), dtype=torch.long)
-        mask[:, :P] = 1
-        for j, suffix in enumerate(suffixes):  # padding sits between the prefix and each suffix, masked
-            ids[j, width - len(suffix) :] = torch.tensor(suffix)
-            mask[j, P + width - len(suffix) :] = 1
-            positions[j, width - len(suffix) :] = torch.arange(P, P + len(suffix))
+        P, device = len(self.prefix_ids), input_device(self.model)
+        ids, mask = left_padded(suffixes, self.tokenizer.pad_token_id, device)
         if self.kv:
-            keys, values = self._prefix_cache(state)
-            decoder = KVDecoder(self.model, len(suffixes), P + width)
-            prefix = tuple(t[:, None].expand(-1, len(suffixes), -1, -1, -1) for t in (keys, values))
-            return decoder.prefill(ids.to(device), mask[:, P:].to(device), prefix=prefix)
+            prefix = tuple(t[:, None].expand(-1, len(suffixes), -1, -1, -1) for t in self._prefix_cache(state))
+            return KVDecoder(self.model, len(suffixes), P + ids.shape[1]).prefill(ids, mask, prefix=prefix)
         cache = copy.deepcopy(self._prefix_cache(state))
         cache.batch_repeat_interleave(len(suffixes))
-        return self.model(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            position_ids=positions.to(device),
+        return self.model(  # padding sits between the prefix and each suffix, masked
+            input_ids=ids,
+            attention_mask=torch.cat([mask.new_ones(len(suffixes), P), mask], 1),
+            position_ids=(P + mask.cumsum(1) - 1) * mask,
             use_cache=True,
             logits_to_keep=1,
             **{cache_kwarg(self.model): cache},

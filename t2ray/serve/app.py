@@ -367,6 +367,7 @@ class ExpertModel:
                     "text": text,
                     "finish_reason": "stop" if ended else "length",
                     "prompt_tokens": len(self.lib.encode(r)),
+                    "cached_tokens": 0,  # routed generation prefills whole
                     "completion_tokens": len(ids),
                     "generate_ms": 1000 * (time.perf_counter() - started),
                     "batch_size": len(requests),

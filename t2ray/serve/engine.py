@@ -43,7 +43,7 @@ from t2ray.kv_decode import input_device, new_decoder
 from t2ray.library import library_kind, read_library
 from t2ray.models import compute_dtype, load_model
 from t2ray.models.placement import gpu_device_map
-from t2ray.prefix_cache import BLOCK, PrefixCache
+from t2ray.prefix_cache import PrefixCache, prefill_prompts
 from t2ray.serve.errors import RequestError, bad_request, not_found
 from t2ray.svf import SVFConfig, base_model_info, patch_model, set_mode, set_z, svf_layers
 
@@ -495,29 +495,17 @@ class DecodeBatch:
         budget = max(len(ids) for ids in prompts) + max(it.request.max_tokens for it in self.items)
         self.decoder = new_decoder(self.lib.model, len(self.items), budget)
         self._activate()
-        cache = self.lib.prefix_cache if hasattr(self.decoder, "row_cache") else None  # KVDecoder only
         states = [self._state(it) for it in self.items]
-        blocks = min(cache.cached_blocks(s, ids) for s, ids in zip(states, prompts, strict=True)) if cache else 0
-        skip = blocks * BLOCK  # every row's first `skip` tokens are cached: only the rest is prefilled
-        rests = [ids[skip:] for ids in prompts]
-        width, pad = max(len(ids) for ids in rests), self.lib.tokenizer.pad_token_id
-        ids = torch.full((len(rests), width), pad, dtype=torch.long)
-        attn = torch.zeros((len(rests), width), dtype=torch.long)
-        for i, rest in enumerate(rests):
-            ids[i, width - len(rest) :] = torch.tensor(rest)
-            attn[i, width - len(rest) :] = 1
-        device = self.lib.device
-        extra = {"prefix": cache.gather(states, prompts, blocks)} if skip else {}
-        self.logits = self.decoder.prefill(ids.to(device), attn.to(device), **extra).float()
+        logits, skip = prefill_prompts(
+            self.decoder, prompts, self.lib.tokenizer.pad_token_id, self.lib.device, self.lib.prefix_cache, states
+        )
+        self.logits = logits.float()
         self.decoder.require_plain_cache()  # refused at the first request, not when its first row retires
-        self.next_pos = torch.tensor([len(p) for p in prompts], device=device)
+        self.next_pos = torch.tensor([len(p) for p in prompts], device=self.lib.device)
         self.lib.stats["prompt_tokens"] += sum(map(len, prompts))
         self.lib.stats["prefix_cached_tokens"] += skip * len(prompts)
         for it in self.items:
             it.cached_tokens = skip
-        for row, (state, prompt) in enumerate(zip(states, prompts, strict=True)):
-            if cache is not None and len(prompt) // BLOCK > blocks:  # full blocks not cached yet
-                cache.store(state, prompt, *self.decoder.row_cache(row))
 
     def _pick(self) -> torch.Tensor:
         tokens = self.logits.argmax(-1)

@@ -220,7 +220,7 @@ def usage(finals: list[dict]) -> dict:
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": sum(f.get("cached_tokens", 0) for f in finals)},
+        "prompt_tokens_details": {"cached_tokens": sum(f["cached_tokens"] for f in finals)},
     }
 
 

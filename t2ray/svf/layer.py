@@ -142,17 +142,17 @@ class SVFLinear(nn.Module):
             self._weight_cache = (key, weight)
         return weight
 
-    def current_delta(self, dtype: torch.dtype) -> torch.Tensor:
-        """d = c·z − 1 of the current z in `dtype`, kept while z stays: ~8 small ops that a decode step would
-        otherwise repeat for every layer (RESULTS generation_step_ops). Training recomputes it: d carries z's grad."""
-        source = self._z_source()
-        if torch.is_grad_enabled() and source.requires_grad:
-            return self.delta(self.z()).to(dtype)
+    def current_delta(self, dtype: torch.dtype, z: torch.Tensor | None = None) -> torch.Tensor:
+        """d = c·z − 1 of the current z (`z`: it, when the caller has it) in `dtype`, kept while z stays: ~8 small ops
+        that a decode step would otherwise repeat for every layer (RESULTS generation_step_ops). Training recomputes
+        it: d carries z's grad."""
+        if torch.is_grad_enabled() and self._z_source().requires_grad:
+            return self.delta(self.z() if z is None else z).to(dtype)
         key = self._cache_key()
         if key is not None and self._delta_cache is not None and self._delta_cache[0] == (key, dtype):
             return self._delta_cache[1]
         with torch.inference_mode(False):  # an ordinary tensor, as the kept W' (_cached_weight)
-            d = self.delta(self.z().detach()).to(dtype)
+            d = self.delta((self.z() if z is None else z).detach()).to(dtype)
         if key is not None:
             self._delta_cache = ((key, dtype), d)
         return d
@@ -193,7 +193,7 @@ class SVFLinear(nn.Module):
         z = self.z()
         weight = self.materialised_weight(z)
         if weight is None:
-            return self.factored(x, self.current_delta(x.dtype))
+            return self.factored(x, self.current_delta(x.dtype, z))
         return F.linear(x, weight, self.base_layer.bias)
 
     def materialised_weight(self, z: torch.Tensor | None = None) -> torch.Tensor | None:
