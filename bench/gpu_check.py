@@ -10,9 +10,11 @@
               peak memory (the allocator's own counter).
 3. plan       that peak beside `t2ray plan`'s prediction for the same run.
 4. rollout    decode tokens/s through t2ray.generation (the one decode loop) at B = 1, 8, 32: base, materialised W',
-              a z per row; and Hugging Face's generate for reference. Then the replica engine on the worker's GPU,
-              and (where vllm is installed) rollout tokens/s through t2ray's vLLM engine at tensor parallel 1 vs
-              the in-process decode, same prompts and z.
+              a z per row (the KV step replayed as CUDA graphs), the base model with the step run eagerly
+              (T2RAY_CUDA_GRAPHS=0) and with Hugging Face's forward as the step; Hugging Face's generate for reference.
+              `graphs`: graphed against eager greedy tokens, and the captures' count and seconds. Then the replica
+              engine on the worker's GPU, and (where vllm is installed) rollout tokens/s through t2ray's vLLM engine
+              at tensor parallel 1 vs the in-process decode, same prompts and z.
 
 `--random`: a randomly initialised model of the same shape as --model's config (a machine without the weights:
 the checks measure mechanics and speed, not accuracy). Results: one JSON line per check in DIR/gpu_check.jsonl.
@@ -28,6 +30,7 @@ import sys
 import tempfile
 import time
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -312,13 +315,15 @@ def check_rollout(model: str, out: Path) -> None:
             )
         set_z(net, None)
         set_mode(net, "materialized")
-        os.environ["T2RAY_DECODE"] = "hf"  # the same loop with Hugging Face's forward as its step
-        try:
-            speeds["base, HF step"] = tokens_per_s(
-                lambda n, rows=rows: rollout(net, tokenizer, rows, max_new_tokens=n, ignore_eos=True), batch
-            )
-        finally:
-            del os.environ["T2RAY_DECODE"]
+        # the same loop with the KV step run eagerly, and with Hugging Face's forward as its step
+        for name, variable, value in (
+            ("base, eager step", "T2RAY_CUDA_GRAPHS", "0"),
+            ("base, HF step", "T2RAY_DECODE", "hf"),
+        ):
+            with environment(variable, value):
+                speeds[name] = tokens_per_s(
+                    lambda n, rows=rows: rollout(net, tokenizer, rows, max_new_tokens=n, ignore_eos=True), batch
+                )
         encoded = tokenizer.apply_chat_template(
             rows, add_generation_prompt=True, return_tensors="pt", padding=True, return_dict=True
         ).to("cuda")
@@ -326,9 +331,47 @@ def check_rollout(model: str, out: Path) -> None:
             lambda n, encoded=encoded: plain.generate(**encoded, max_new_tokens=n, min_new_tokens=n, do_sample=False),
             batch,
         )
+        speeds["graphs ÷ eager step"] = round(speeds["base"] / speeds["base, eager step"], 2)
         line(out, "rollout", True, batch=batch, tokens_per_s=speeds)
+    check_graphs(out, net, tokenizer, prompts)
     check_replica(model, out, net, layers, prompts[:8])
     check_engine(model, out, net, layers, tokenizer, prompts)
+
+
+@contextmanager
+def environment(variable: str, value: str):
+    before = os.environ.get(variable)
+    os.environ[variable] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[variable]
+        else:
+            os.environ[variable] = before
+
+
+def check_graphs(out: Path, net, tokenizer, prompts) -> None:
+    """graphs: the KV step replayed as CUDA graphs against the same step run eagerly: greedy agreement over 32
+    prompts × 64 tokens (bf16, ≥ 95 % of positions) and what capturing cost this process (t2ray.cuda_graphs.STATS)."""
+    from t2ray.cuda_graphs import STATS
+    from t2ray.generation import rollout
+
+    graphed = rollout(net, tokenizer, prompts, max_new_tokens=64, ignore_eos=True).completion_ids
+    with environment("T2RAY_CUDA_GRAPHS", "0"):
+        eager = rollout(net, tokenizer, prompts, max_new_tokens=64, ignore_eos=True).completion_ids
+    agreement = (graphed == eager).float().mean().item()
+    line(
+        out,
+        "graphs",
+        agreement >= 0.95 and STATS.replays > 0 and not STATS.failures,
+        agreement=round(agreement, 3),
+        captures=STATS.captures,
+        capture_s=round(STATS.capture_seconds, 2),
+        replays=STATS.replays,
+        eager_steps=STATS.eager_steps,
+        failures=STATS.failures[:3],
+    )
 
 
 def check_engine(model: str, out: Path, net, layers, tokenizer, prompts) -> None:

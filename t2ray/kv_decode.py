@@ -6,6 +6,10 @@ as few eager ops as it can, in inference mode (at decode sizes each op's fixed c
 same formulas op for op; every projection runs through its module (or that module's packed weight), so SVF layers
 (materialised W' or a z per row) and LoRA layers run inside the step exactly as in any forward.
 
+On a CUDA device the step runs at fixed shapes (the new token's slot a tensor, attention over a power-of-two window
+of the cache) and is replayed as a CUDA graph (t2ray.cuda_graphs): an eager step at small B is kernel launches, not
+arithmetic. `T2RAY_CUDA_GRAPHS=0` turns that off.
+
 `HFDecoder`: Hugging Face's forward and its cache, which grows by concatenation at every step; it runs every other
 model, ZeRO-3 (its hooks gather weights in the order that forward calls them), a model split over several GPUs
 (accelerate's hooks move the activations from layer to layer, and each layer's cache stays on its GPU) and
@@ -28,6 +32,8 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from t2ray.cuda_graphs import StepGraphs
 
 SUPPORTED = ("llama",)  # attention = q/k/v/o projections + rotary, nothing else (no qk-norm, sliding window, bias)
 
@@ -232,8 +238,17 @@ def stacked(modules: tuple, x: torch.Tensor) -> torch.Tensor:
     return packed_gemm(_pack_key(modules[0], weights[0]), weights, x, None)
 
 
+def wants_static_step(device: torch.device) -> bool:
+    """Whether a decoder on `device` steps at fixed shapes and replays CUDA graphs."""
+    return device.type == "cuda" and os.environ.get("T2RAY_CUDA_GRAPHS", "1") != "0"
+
+
+MIN_WINDOW = 64  # the smallest attention window of a fixed-shape step; windows double from there
+
+
 class KVDecoder:
-    def __init__(self, model, rows: int, capacity: int):
+    def __init__(self, model, rows: int, capacity: int, *, static: bool | None = None):
+        """`static`: step at fixed shapes (CUDA graphs on a CUDA device); None: where `wants_static_step`."""
         self.model = unwrapped(model)
         config = self.model.config
         self.heads = config.num_attention_heads
@@ -242,10 +257,14 @@ class KVDecoder:
         self.layers = [Layer.of(layer) for layer in self.model.model.layers]  # looked up once, not at every step
         weight = self.model.get_input_embeddings().weight
         shape = (config.num_hidden_layers, rows, self.kv_heads, capacity, self.head_dim)
-        self.keys = torch.empty(shape, dtype=weight.dtype, device=weight.device)
-        self.values = torch.empty(shape, dtype=weight.dtype, device=weight.device)
+        self.static = wants_static_step(weight.device) if static is None else static
+        # a fixed-shape step attends over slots not yet written, masked: they must hold finite numbers (0 · NaN = NaN)
+        empty = torch.zeros if self.static else torch.empty
+        self.keys = empty(shape, dtype=weight.dtype, device=weight.device)
+        self.values = empty(shape, dtype=weight.dtype, device=weight.device)
         self.valid = torch.zeros(rows, capacity, dtype=torch.bool, device=weight.device)
         self.length = 0  # slots filled (every row fills the same slots; left padding marks some invalid)
+        self.graphs = StepGraphs(self.model) if self.static and weight.device.type == "cuda" else None
 
     def prefill(
         self,
@@ -275,6 +294,7 @@ class KVDecoder:
         if start:  # every query sees the whole prefix
             attend = torch.cat([attend.new_ones(*attend.shape[:3], start), attend], -1)
         logits = self._forward(ids[::share], positions[::share], attend, rows=slice(None, None, share))
+        self.length = start + width
         if share > 1:
             for cache in (self.keys, self.values):
                 cache[:, :, :, :width] = cache[:, ::share, :, :width].repeat_interleave(share, 1)
@@ -290,11 +310,34 @@ class KVDecoder:
         if self.length == self.valid.shape[1]:
             self._grow(max(16, self.length))  # a caller that under-counted: amortised, never wrong
         self.valid[:, self.length] = True
-        attend = self.valid[:, None, None, : self.length + 1]
-        return self._forward(tokens[:, None], positions, attend, rows=slice(None))
+        if self.static:
+            window = min(self.valid.shape[1], max(MIN_WINDOW, 1 << self.length.bit_length()))  # > length
+            if self.graphs is not None:
+                logits = self.graphs.step(window, self._fixed_step(window), tokens, positions, self.length)
+            else:  # the fixed-shape step run eagerly: what a graph replays (the CPU's tests check it)
+                logits = self._fixed_step(window)(tokens, positions, torch.tensor([self.length], device=tokens.device))
+        else:
+            attend = self.valid[:, None, None, : self.length + 1]
+            logits = self._forward(tokens[:, None], positions, attend, rows=slice(None))
+        self.length += 1
+        return logits
+
+    def _fixed_step(self, window: int):
+        """The step as a function of (tokens (B,), positions (B, 1), slot (1,)) tensors only, every shape fixed by
+        the batch and `window`: what a CUDA graph captures (it replays on the same tensors, refilled)."""
+        attend = self.valid[:, None, None, :window]
+        return lambda tokens, positions, slot: self._forward(
+            tokens[:, None], positions, attend, rows=slice(None), slot=slot, window=window
+        )
+
+    def _moved(self) -> None:
+        """The cache is other tensors now: a captured step would read the old ones."""
+        if self.graphs is not None:
+            self.graphs.clear()
 
     def select(self, keep: torch.Tensor) -> None:
         self.keys, self.values, self.valid = self.keys[:, keep], self.values[:, keep], self.valid[keep]
+        self._moved()
 
     def merge(self, other: KVDecoder) -> None:
         """`other`'s rows join after these, both right-aligned on the last filled slot (positions are explicit, so
@@ -313,6 +356,7 @@ class KVDecoder:
             valid[first:end, offset:length] = part.valid[:, : part.length]
             first = end
         self.keys, self.values, self.valid, self.length = keys, values, valid, length
+        self._moved()
 
     def trim(self) -> None:
         first = int(self.valid[:, : self.length].any(0).int().argmax())
@@ -323,6 +367,7 @@ class KVDecoder:
                 self.valid[:, first:],
             )
             self.length -= first
+            self._moved()
 
     def require_plain_cache(self) -> None:
         """Rows can always be merged and trimmed here (HFDecoder's check; nothing to check)."""
@@ -331,8 +376,11 @@ class KVDecoder:
         pad = (0, 0, 0, extra)
         self.keys, self.values = F.pad(self.keys, pad), F.pad(self.values, pad)
         self.valid = F.pad(self.valid, (0, extra))
+        self._moved()
 
-    def _forward(self, ids, positions, attend, rows: slice) -> torch.Tensor:
+    def _forward(self, ids, positions, attend, rows: slice, slot=None, window: int = 0) -> torch.Tensor:
+        """Logits of the last of `ids`' positions, their keys and values written at slots length.. (or at the
+        tensor `slot`, attending over the first `window` slots: the fixed-shape step)."""
         inner = self.model.model
         batch, width = ids.shape
         start, end = self.length, self.length + width
@@ -342,8 +390,12 @@ class KVDecoder:
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
         groups = heads // kv_heads
         # every layer's cache slots as views, made in one op each
-        new_keys, new_values = (c[:, rows, :, start:end].unbind(0) for c in (self.keys, self.values))
-        keys, values = (c[:, rows, :, :end].unbind(0) for c in (self.keys, self.values))
+        if slot is None:
+            new_keys, new_values = (c[:, rows, :, start:end].unbind(0) for c in (self.keys, self.values))
+            keys, values = (c[:, rows, :, :end].unbind(0) for c in (self.keys, self.values))
+        else:
+            layer_keys, layer_values = self.keys.unbind(0), self.values.unbind(0)
+            keys, values = (c[:, :, :, :window].unbind(0) for c in (self.keys, self.values))
         # inference mode: no autograd bookkeeping on the layers' ~1,500 ops (RESULTS generation_step_ops); the last
         # norm and the LM head run outside it, so the logits are ordinary tensors for every caller
         with torch.inference_mode():
@@ -351,8 +403,13 @@ class KVDecoder:
                 x = rms_norm(layer.input_norm, hidden)
                 qkv = stacked(layer.qkv, x).view(batch, width, heads + 2 * kv_heads, head_dim)
                 qk = rotary(qkv[:, :, : heads + kv_heads])  # q's and k's heads in one pass
-                new_keys[i].copy_(qk[:, :, heads:].transpose(1, 2))
-                new_values[i].copy_(qkv[:, :, heads + kv_heads :].transpose(1, 2))
+                key, value = qk[:, :, heads:].transpose(1, 2), qkv[:, :, heads + kv_heads :].transpose(1, 2)
+                if slot is None:
+                    new_keys[i].copy_(key)
+                    new_values[i].copy_(value)
+                else:
+                    layer_keys[i].index_copy_(2, slot, key)
+                    layer_values[i].index_copy_(2, slot, value)
                 # one query per head: a group of heads sharing a KV head reads it as G queries, no copy
                 if width == 1:
                     q = qk[:, :, :heads].view(batch, kv_heads, groups, head_dim)
@@ -367,7 +424,6 @@ class KVDecoder:
                 x = rms_norm(layer.post_norm, hidden)
                 gate, up = stacked(layer.gate_up, x).chunk(2, -1)  # the same size in Llama
                 hidden = hidden + linear(layer.down_proj, layer.act(gate).mul_(up))  # down(act(gate(x)) · up(x))
-        self.length = end
         return linear(self.model.lm_head, rms_norm(inner.norm, hidden[:, -1:]))[:, -1]
 
 

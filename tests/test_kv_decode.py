@@ -162,8 +162,8 @@ def test_a_model_split_over_devices_steps_through_hugging_faces_forward(varied, 
 
 @pytest.mark.slow
 def test_smollm2_fp32_is_token_for_token_and_bf16_agrees(smollm2, monkeypatch):
-    """32 prompts × 64 tokens: fp32 identical to Hugging Face's loop; bf16 (what auto picks on bf16 hardware)
-    picks the same token at ≥ 95 % of positions."""
+    """32 prompts × 64 tokens: fp32 identical to Hugging Face's loop; bf16 (what auto picks on bf16 hardware) picks
+    the same token at ≥ 95 % of positions on the same GEMM kernels, and its packed GEMMs stay as close to fp32."""
     from t2ray.tasks import get_task
 
     model, tokenizer = smollm2
@@ -171,10 +171,23 @@ def test_smollm2_fp32_is_token_for_token_and_bf16_agrees(smollm2, monkeypatch):
     prompts = [task.messages(ex) for ex in task.examples("test")[:32]]
     hf, kv = both_loops(monkeypatch, lambda: rollout(model, tokenizer, prompts, max_new_tokens=64, ignore_eos=True))
     assert torch.equal(hf.completion_ids, kv.completion_ids)
+    reference = hf.completion_ids[:, :32]  # fp32's first 32 tokens (greedy: what a 32-token run writes)
     half = copy.deepcopy(model).to(torch.bfloat16)
-    hf, kv = both_loops(monkeypatch, lambda: rollout(half, tokenizer, prompts, max_new_tokens=32, ignore_eos=True))
-    agree = (hf.completion_ids == kv.completion_ids).float().mean()
-    assert agree >= 0.95, f"bf16: the same token at {agree:.1%} of positions"
+
+    def agree(a, b) -> float:
+        return (a.completion_ids == b).float().mean().item()
+
+    hf, packed = both_loops(monkeypatch, lambda: rollout(half, tokenizer, prompts, max_new_tokens=32, ignore_eos=True))
+    # the packed GEMMs round in their own order (AMX tiles: 90 % the same tokens as torch.mm's on a Xeon): no
+    # further from fp32 than Hugging Face's bf16 loop
+    assert agree(packed, reference) >= agree(hf, reference) - 0.02
+    from t2ray import kv_decode
+
+    monkeypatch.setattr(kv_decode, "PACK", False)  # the same GEMM kernels as Hugging Face's: the layer written out
+    unpacked = rollout(half, tokenizer, prompts, max_new_tokens=32, ignore_eos=True)
+    assert agree(unpacked, hf.completion_ids) >= 0.95, (
+        f"bf16: the same token at {agree(unpacked, hf.completion_ids):.1%}"
+    )
 
 
 def test_a_full_cache_grows_and_the_step_logits_equal_hugging_faces(varied, tokenizer):
@@ -318,3 +331,152 @@ def test_the_decoder_keeps_freed_blocks_in_the_heap():
     env = {**os.environ, "T2RAY_MALLOPT": "0"}
     done = subprocess.run([sys.executable, "-c", HEAP_PROBE], env=env, capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.split()[1] == "False", done.stderr[-2000:]
+
+
+@pytest.fixture
+def fixed_shapes(monkeypatch):
+    """Every decoder steps at fixed shapes: the step a CUDA graph captures, run eagerly on the CPU."""
+    from t2ray import kv_decode
+
+    monkeypatch.setattr(kv_decode, "wants_static_step", lambda device: True)
+
+
+def test_the_fixed_shape_step_decodes_as_the_step_it_replaces(varied, tokenizer, monkeypatch, fixed_shapes):
+    """What a CUDA graph replays (the new token's slot a tensor, attention over a power-of-two window, unwritten
+    slots masked) gives Hugging Face's tokens in fp32: the base model past a window's end, and a z per row with
+    rows retiring (the batch's cache moves, so the decoder drops its graphs)."""
+    long = rollout(varied, tokenizer, PROMPTS, max_new_tokens=70, ignore_eos=True)  # crosses the 64-slot window
+    monkeypatch.setenv("T2RAY_DECODE", "hf")
+    hf = rollout(varied, tokenizer, PROMPTS, max_new_tokens=70, ignore_eos=True)
+    assert torch.equal(long.completion_ids, hf.completion_ids)
+
+    patch_model(varied, progress=False)
+    set_mode(varied, "factored")
+    z = {name: 1 + 0.5 * torch.randn(len(PROMPTS), layer.rank) for name, layer in svf_layers(varied).items()}
+
+    def per_row():
+        hook = on_live_rows(lambda live: set_z(varied, {m: t[live] for m, t in z.items()}))
+        return rollout(varied, tokenizer, PROMPTS, max_new_tokens=8, before_step=hook)
+
+    monkeypatch.setenv("T2RAY_DECODE", "kv")
+    free = per_row()
+    varied.generation_config.eos_token_id = [int(free.completion_ids[0, 1]), int(free.completion_ids[2, 2])]
+    hf, kv = both_loops(monkeypatch, per_row)
+    lengths = kv.completion_mask.sum(1)
+    assert int(lengths.min()) < int(lengths.max())  # rows retired mid-way
+    assert torch.equal(hf.completion_ids, kv.completion_ids)
+
+
+def test_merged_and_trimmed_batches_step_at_fixed_shapes_as_they_do_eagerly(varied, tokenizer):
+    """Continuous batching (the serve replica) merges a new batch in and trims padding: the fixed-shape step's
+    logits stay those of the eager step, and the cache slots it attends over but nobody wrote stay finite."""
+    from t2ray.kv_decode import KVDecoder
+
+    def run(static: bool) -> list[torch.Tensor]:
+        first, second = (tokenizer(p, return_tensors="pt", padding=True) for p in (PROMPTS[:2], PROMPTS[2:]))
+        a = KVDecoder(varied, 2, first["input_ids"].shape[1] + 8, static=static)
+        b = KVDecoder(varied, 2, second["input_ids"].shape[1] + 4, static=static)
+        out = []
+        with torch.no_grad():
+            tokens = a.prefill(first["input_ids"], first["attention_mask"]).argmax(-1)
+            position = first["attention_mask"].sum(1, keepdim=True)
+            for _ in range(3):
+                out.append(a.step(tokens, position))
+                tokens, position = out[-1].argmax(-1), position + 1
+            joining = b.prefill(second["input_ids"], second["attention_mask"]).argmax(-1)
+            a.merge(b)
+            a.select(torch.tensor([0, 2, 3]))  # row 1 retires
+            a.trim()
+            tokens = torch.cat([tokens, joining])[[0, 2, 3]]
+            position = torch.cat([position, second["attention_mask"].sum(1, keepdim=True)])[[0, 2, 3]]
+            for _ in range(6):
+                out.append(a.step(tokens, position))
+                tokens, position = out[-1].argmax(-1), position + 1
+        assert torch.isfinite(a.keys).all() or not static
+        return out
+
+    for eager, fixed in zip(run(False), run(True), strict=True):
+        torch.testing.assert_close(fixed, eager, atol=1e-5, rtol=1e-5)
+
+
+def test_the_adapter_state_a_graph_is_kept_for_moves_with_every_change_a_step_would_read(varied, tokenizer):
+    """t2ray.cuda_graphs drops a captured step when what it reads changes: a new z, z edited in place, a rebuilt W',
+    a layer switched off, new LoRA mixture weights; and keeps it while nothing does."""
+    from t2ray.cuda_graphs import adapter_state, stateful_modules
+    from t2ray.generation import announce_tokens
+
+    patch_model(varied, progress=False)
+    set_mode(varied, "materialized")
+    modules = stateful_modules(varied)
+    layer = next(iter(svf_layers(varied).values()))
+    assert layer in modules
+
+    def signature():
+        return adapter_state(modules)[0]
+
+    with torch.no_grad():
+        rollout(varied, tokenizer, PROMPTS[:1], max_new_tokens=2)  # builds and keeps each W'
+        before = signature()
+        assert before == signature()
+        rollout(varied, tokenizer, PROMPTS[:1], max_new_tokens=2)
+        assert signature() == before  # the same W' kept
+        layer.svf_p.add_(0.1)  # an optimizer step: z edited in place
+        assert signature() != before
+        edited = signature()
+        layer.materialised_weight()  # W' rebuilt for it
+        assert signature() != edited
+        rebuilt = signature()
+        layer.enabled = False
+        assert signature() != rebuilt
+        layer.enabled = True
+        set_z(varied, {name: torch.ones(layer.rank) for name, layer in svf_layers(varied).items()})
+        assert signature() != rebuilt
+        outside = signature()
+        with announce_tokens(varied, 1):  # the call's size decides W' against the factored path
+            assert signature() != outside
+
+    from t2ray.lora.layer import LoRAFactors, LoRAMixtureLinear
+
+    mixture = LoRAMixtureLinear(torch.nn.Linear(8, 8), [LoRAFactors(torch.randn(2, 8), torch.randn(8, 2), 2.0)] * 2)
+    states = []
+    for weights in (None, torch.tensor([0.5, 0.5]), torch.tensor([1.0, 0.0])):
+        mixture.set_weights(weights)
+        states.append(adapter_state([mixture])[0])
+    assert len(set(states)) == 3 and adapter_state([mixture])[0] == states[-1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graphs_replay_the_eager_steps_tokens(varied, tokenizer, monkeypatch):
+    """On a GPU the step is captured once its adapter state holds and replayed: the same greedy tokens as the step
+    run eagerly (fp32), for the base model past a window's end and for a z per row with rows retiring."""
+    from t2ray.cuda_graphs import STATS
+
+    model = copy.deepcopy(varied).cuda()
+    replays = STATS.replays
+
+    def both(run):
+        graphed = run()
+        monkeypatch.setenv("T2RAY_CUDA_GRAPHS", "0")
+        eager = run()
+        monkeypatch.delenv("T2RAY_CUDA_GRAPHS")
+        return graphed, eager
+
+    graphed, eager = both(lambda: rollout(model, tokenizer, PROMPTS, max_new_tokens=70, ignore_eos=True))
+    assert torch.equal(graphed.completion_ids, eager.completion_ids)
+    assert STATS.replays > replays + 50 and not STATS.failures
+
+    patch_model(model, progress=False)
+    set_mode(model, "factored")
+    z = {
+        name: 1 + 0.5 * torch.randn(len(PROMPTS), layer.rank, device="cuda")
+        for name, layer in svf_layers(model).items()
+    }
+
+    def per_row():
+        hook = on_live_rows(lambda live: set_z(model, {m: t[live] for m, t in z.items()}))
+        return rollout(model, tokenizer, PROMPTS, max_new_tokens=40, before_step=hook)
+
+    free = per_row()
+    model.generation_config.eos_token_id = [int(free.completion_ids[0, 1]), int(free.completion_ids[2, 2])]
+    graphed, eager = both(per_row)
+    assert torch.equal(graphed.completion_ids, eager.completion_ids) and not STATS.failures

@@ -201,6 +201,10 @@ class LoRAMixtureLinear(nn.Module):
             weights = weights.to(self.column_scale.device, torch.float32)
         self.weights = weights
 
+    def decode_state(self) -> tuple:
+        """What a forward reads that can change between decode steps (t2ray.cuda_graphs): the mixture weights."""
+        return (self.weights,)
+
     def delta_weight(self, k: int) -> torch.Tensor:
         """ΔW_k = scale_k · B_k A_k (m × n), e.g. to check the mixture by hand."""
         cols = self.column_expert == k

@@ -157,6 +157,12 @@ class SVFLinear(nn.Module):
             self._delta_cache = ((key, dtype), d)
         return d
 
+    def decode_state(self) -> tuple:
+        """What a forward reads that can change between decode steps (t2ray.cuda_graphs keeps a captured step while
+        it stays): the switches, z's source and the kept W' and d."""
+        kept = tuple(cache[1] for cache in (self._weight_cache, self._delta_cache) if cache is not None)
+        return (self.enabled, self.mode, self.expected_tokens, self._z_source(), self.base_layer.weight, *kept)
+
     def materialized_state(self) -> tuple:
         """The current z with its W' (built now if needed), for `restore_materialized`: a server keeps one per
         mixture and switches between them without rebuilding."""
