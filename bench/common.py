@@ -78,6 +78,28 @@ def command_line() -> str:
     return " ".join([".venv/bin/python", *map(shlex.quote, sys.argv)])
 
 
+def cpu_description() -> str:
+    """This CPU as a figure should name it: its model, torch's kernel capability and the bf16 instructions it has
+    (machines of one kind differ: AMX tiles, AVX512-BF16 or AVX2 only change which path `auto` and oneDNN take)."""
+    import platform
+
+    import torch
+
+    model, flags = platform.machine(), set()
+    try:
+        for row in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = row.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    bf16 = ", ".join(f for f in ("avx512_bf16", "amx_bf16", "avx_ne_convert") if f in flags) or "no bf16 instructions"
+    return f"{model}, capability {torch.backends.cpu.get_cpu_capability()} ({bf16})"
+
+
 def stamp() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 

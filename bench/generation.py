@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -38,7 +37,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from common import command_line, interleaved, publish, stamp  # noqa: E402
+from common import command_line, cpu_description, interleaved, publish, stamp  # noqa: E402
 
 from t2ray import kv_decode  # noqa: E402
 from t2ray.generation import encode_prompts, render, rollout  # noqa: E402
@@ -288,8 +287,7 @@ def main() -> None:
 
     base = next(n for n in names if n.startswith("t2ray base ("))
     lines = [
-        f"{stamp()}, `{command_line()}`; {platform.processor() or platform.machine()}, capability "
-        f"{torch.backends.cpu.get_cpu_capability()}{isa_note()}, "
+        f"{stamp()}, `{command_line()}`; {cpu_description()}{isa_note()}, "
         f"{torch.get_num_threads()} torch threads, load average {load_start[0]:.2f} at start, "
         f"{load_end[0]:.2f} at end; SmolLM2-135M-Instruct, {args.tokens} greedy tokens per row (EOS ignored), "
         f"best of {args.rounds} interleaved rounds.",

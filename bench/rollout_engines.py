@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -32,7 +31,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from common import command_line, interleaved, publish, stamp  # noqa: E402
+from common import command_line, cpu_description, interleaved, publish, stamp  # noqa: E402
 
 from t2ray.models import compute_dtype, load_model  # noqa: E402
 from t2ray.rl.rollout import InProcessEngine, z_message  # noqa: E402
@@ -138,11 +137,10 @@ def main() -> None:
     tok_s = {name: tokens[name] / min(t) for name, t in times.items()}
     base = "in-process (KV decoder)"
     lines = [
-        f"{stamp()}, `{command_line()}`; {platform.processor() or platform.machine()}, capability "
-        f"`{torch.backends.cpu.get_cpu_capability()}`, load average {load_start[0]:.2f} at start, {load_end[0]:.2f} "
-        f"at end; SmolLM2-135M-Instruct {dtype}, SVF on the MLPs with one random z, {args.batch} math prompts, up "
-        f"to {args.tokens} greedy tokens (EOS stops a row), best of {args.rounds} rounds per phase (in-process: "
-        "two phases, before and after the engines).",
+        f"{stamp()}, `{command_line()}`; {cpu_description()}, load average {load_start[0]:.2f} at start, "
+        f"{load_end[0]:.2f} at end; SmolLM2-135M-Instruct {dtype}, SVF on the MLPs with one random z, "
+        f"{args.batch} math prompts, up to {args.tokens} greedy tokens (EOS stops a row), best of {args.rounds} "
+        "rounds per phase (in-process: two phases, before and after the engines).",
         "",
         "| path | tokens | tok/s | ÷ in-process (KV decoder) | engine start s | sync bytes | ÷ model bytes "
         "| first sync s (install) | sync s |",

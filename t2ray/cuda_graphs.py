@@ -118,7 +118,8 @@ class StepGraphs:
         began = time.perf_counter()
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, pool=self.pool):
+            # thread_local: a server's other threads may use CUDA meanwhile (the default errors on any thread's call)
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                 logits = run(*inputs)
         except Exception as err:  # an op the graph cannot hold: the step runs eagerly, as before
             self.off = True
