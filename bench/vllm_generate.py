@@ -37,6 +37,12 @@ def main() -> None:
     parser.add_argument("--kv-cache-gb", type=float, default=1.0, help="CPU only: the KV cache to reserve")
     args = parser.parse_args()
 
+    if os.environ.get("ATEN_CPU_CAPABILITY") == "avx2":  # an AVX2-only CPU, emulated: vLLM asks torch, not the env
+        import torch
+
+        for check in ("avx512", "avx512_bf16", "vnni", "amx_tile", "amx_fp16"):
+            setattr(torch.cpu, f"_is_{check}_supported", lambda: False)
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # its engine in this process, where the answer holds
     from vllm import LLM, SamplingParams
     from vllm.platforms import current_platform
 

@@ -27,6 +27,7 @@ import inspect
 import logging
 import os
 import sys
+import time
 import weakref
 from typing import NamedTuple
 
@@ -136,6 +137,40 @@ PACKED_DTYPES = (
 )
 
 
+@functools.cache
+def packs_one_row(dtype: torch.dtype) -> bool:
+    """Whether a packed GEMM beats torch.mm for one row (a GEMV, a decode step at B = 1) of `dtype` weights, measured
+    once per process for fp32 (~0.1 s), where the machine decides: on an Intel Xeon MKL's own GEMV runs 1.4-1.6x
+    oneDNN's packed one (AVX2 kernels too), on an AMD EPYC the packed one runs 2.3x MKL's (RESULTS generation_amx).
+    bf16 packs wherever it can (1.1-1.5x torch.mm at one row on both), as do more rows. `T2RAY_PACK_WEIGHTS=1` packs
+    without measuring."""
+    if dtype != torch.float32 or os.environ.get("T2RAY_PACK_WEIGHTS") == "1":
+        return dtype in PACKED_DTYPES
+    seconds = {}
+    for shape in ((1536, 576), (576, 1536)):  # a small model's MLP, 32 M values of each: far more than L2 holds
+        weights = [torch.full(shape, 0.5, dtype=dtype) for _ in range((32 << 20) // (shape[0] * shape[1]))]
+        packed = [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in weights]
+        x = torch.randn(1, shape[1], dtype=dtype)
+        runs = {"torch.mm": lambda: [F.linear(x, w) for w in weights]}  # noqa: B023 (run inside this iteration)
+        runs["packed"] = lambda: [torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "") for p in packed]  # noqa: B023
+        for name, run in runs.items():
+            seconds[name] = seconds.get(name, 0.0) + min(_timed(run) for _ in range(3))
+    pays = seconds["packed"] < seconds["torch.mm"]
+    logging.getLogger("t2ray").info(
+        "one-row %s GEMMs: packed %.2fx torch.mm's speed here, %s",
+        str(dtype).removeprefix("torch."),
+        seconds["torch.mm"] / seconds["packed"],
+        "packed" if pays else "torch.mm",
+    )
+    return pays
+
+
+def _timed(run) -> float:
+    began = time.perf_counter()
+    run()
+    return time.perf_counter() - began
+
+
 def packable_weight(module, x: torch.Tensor) -> torch.Tensor | None:
     """The weight `module(x)` multiplies by, where a packed copy can stand in for it (a served base model's SVF layers
     are off: their W); None where it cannot (no packing, another dtype or device, a factored SVF layer, LoRA, a
@@ -152,9 +187,13 @@ def packable_weight(module, x: torch.Tensor) -> torch.Tensor | None:
             return None
         if module.enabled:
             weight = materialised()
-    if weight is None or weight.requires_grad or x.dtype != weight.dtype:
+    if weight is None or weight.requires_grad or x.dtype != weight.dtype or not _packs_rows(x):
         return None
     return weight
+
+
+def _packs_rows(x: torch.Tensor) -> bool:
+    return x.numel() != x.shape[-1] or packs_one_row(x.dtype)
 
 
 def packed_gemm(
@@ -187,7 +226,7 @@ def _factored_ready(module, x: torch.Tensor) -> bool:
     if getattr(module, "svf_q", None) is None or not PACK or not module.enabled or torch.is_grad_enabled():
         return False
     weight = module.base_layer.weight
-    return weight.dtype in PACKED_DTYPES and weight.device.type == "cpu" and x.dtype == weight.dtype
+    return weight.dtype in PACKED_DTYPES and weight.device.type == "cpu" and x.dtype == weight.dtype and _packs_rows(x)
 
 
 def _factored_svf(module, x: torch.Tensor, xq: torch.Tensor | None = None) -> torch.Tensor:
