@@ -112,6 +112,7 @@ class StepGraphs:
         with torch.cuda.stream(side):
             logits = run(*inputs)
         torch.cuda.current_stream().wait_stream(side)
+        logits.record_stream(torch.cuda.current_stream())  # made on the side stream, read on this one
         return logits
 
     def _capture(self, window: int, run: Step, inputs) -> None:
