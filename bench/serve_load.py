@@ -43,7 +43,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import httpx  # noqa: E402
-from common import command_line, publish, stamp, wait_healthy  # noqa: E402
+from common import command_line, cpu_description, publish, stamp, wait_healthy  # noqa: E402
 
 from t2ray.models import compute_dtype  # noqa: E402
 
@@ -359,7 +359,7 @@ def main() -> None:
         "",
         f"{args.model} ({compute_dtype('auto')}: the serve config's dtype auto, CPU), Ray Serve on 127.0.0.1: one "
         f"Dispatcher + one ExpertModel replica per app ({args.threads} torch thread{'s' if args.threads > 1 else ''})"
-        f" on a 2-core machine (load average {load_start:.1f} at the start, {load_end:.1f} at the end). "
+        f" on a 2-core {cpu_description()} (load average {load_start:.1f} at the start, {load_end:.1f} at the end). "
         f"SVF on the MLP of every layer, 3 experts ({'given' if args.expert else 'random, z near the init'}); "
         f"3 random LoRA adapters (r 16, MLP of every layer) for (e) and vLLM. {peer}. "
         f"Closed loop: {args.concurrency} requests in flight, {len(results['base']['lat'])} timed requests per "
