@@ -335,7 +335,9 @@ def test_micro_batches_accumulate_the_whole_batch_gradient(tmp_path, tokenizer):
     split, split_grads, split_texts = one_rl_step(task, tokenizer, micro_batch_size=3, **common)
     assert whole_texts == split_texts and whole["samples"] == split["samples"] == 8
     assert whole["loss"] == pytest.approx(split["loss"], rel=1e-4, abs=1e-6)
-    assert whole["kl"] == pytest.approx(split["kl"], rel=1e-4, abs=1e-9)
+    # the policy is the reference at the first step: KL is 0 up to rounding, which GEMMs of other row counts change
+    # (MKL on an Intel Xeon: -1.4e-7 whole vs -0.9e-7 split), as for the loss
+    assert whole["kl"] == pytest.approx(split["kl"], rel=1e-4, abs=1e-6)
     for i in whole_grads:
         assert torch.allclose(whole_grads[i], split_grads[i], rtol=1e-4, atol=1e-7), i
     assert any(float(g.abs().max()) > 0 for g in whole_grads.values())
