@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -71,6 +72,7 @@ class StepGraphs:
         self.modules = stateful_modules(model)  # looked up once: a decoder lives for one batch
         self.graphs: dict[int, _Graph] = {}
         self.pool = torch.cuda.graph_pool_handle()  # one memory pool: the graphs never run at the same time
+        self.stream = torch.cuda.Stream()  # warm-ups and captures (a shared pool wants one capture stream)
         self.signature: tuple | None = None
         self.held: list[torch.Tensor] = []
         self.off = False  # a capture failed: eager from then on
@@ -103,24 +105,34 @@ class StepGraphs:
         STATS.eager_steps += 1
         return logits
 
-    @staticmethod
-    def _warm_up(run: Step, inputs) -> torch.Tensor:
+    def _warm_up(self, run: Step, inputs) -> torch.Tensor:
         """The eager step on a side stream, as CUDA's capture rules ask (lazy kernel and library set-up happens
         outside the capture); it writes the same keys and values the graph will, and its logits are this step's."""
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
             logits = run(*inputs)
-        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.current_stream().wait_stream(self.stream)
         logits.record_stream(torch.cuda.current_stream())  # made on the side stream, read on this one
         return logits
+
+    @contextmanager
+    def _capturing(self, graph: torch.cuda.CUDAGraph):
+        """torch.cuda.graph's capture without its synchronize and empty_cache, which hand the allocator's cached
+        blocks back to the driver at every capture (a server captures again whenever its batch changes).
+        thread_local: a server's other threads may use CUDA meanwhile (the default errors on any thread's call)."""
+        self.stream.synchronize()  # the warm-up done: the capture starts on an idle stream
+        with torch.cuda.stream(self.stream):
+            graph.capture_begin(self.pool, capture_error_mode="thread_local")
+            try:
+                yield
+            finally:
+                graph.capture_end()
 
     def _capture(self, window: int, run: Step, inputs) -> None:
         began = time.perf_counter()
         graph = torch.cuda.CUDAGraph()
         try:
-            # thread_local: a server's other threads may use CUDA meanwhile (the default errors on any thread's call)
-            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            with self._capturing(graph):
                 logits = run(*inputs)
         except Exception as err:  # an op the graph cannot hold: the step runs eagerly, as before
             self.off = True
