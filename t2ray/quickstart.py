@@ -115,10 +115,11 @@ class ExpertBudget(Strict):
     max_new_tokens: int | None = Field(None, ge=1, description="rollout tokens; default: the category's YAML")
 
 
-# Measured (bench/RESULTS.md, make_demo): short hot SVF runs vary run to run (math at 10 × 16: +16, +25, −1 points);
-# at these budgets, on an AVX2 machine: code 43.0 → 72.7 %, math 35.9 → 58.6 % (n = 128 each).
+# Measured (bench/RESULTS.md, make_demo, tour_expert_seeds): short hot SVF runs vary run to run and machine to machine;
+# math at 12 × 16 gained ≥ +15 points in 4 of 5 seeds on an AMD EPYC but −7, +17, +10 on an Intel Xeon with AMX,
+# where 20 × 16 gained +17 to +31 in 5 of 5.
 DEFAULT_BUDGETS = {
-    "math": {"iterations": 12, "batch_size": 16, "lr": 4e-3},
+    "math": {"iterations": 20, "batch_size": 16, "lr": 4e-3},
     # 8 × 8 at 6e-3 was a lottery (+28.9, +7.0, −7.8 in three seeds); 48 rollout tokens hold the function
     "code": {"iterations": 8, "batch_size": 16, "lr": 4e-3, "max_new_tokens": 48},
     "reasoning": {"iterations": 8, "batch_size": 8, "lr": 6e-3},
