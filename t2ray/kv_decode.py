@@ -181,13 +181,15 @@ def packable_weight(module, x: torch.Tensor) -> torch.Tensor | None:
     # cheap checks first: this runs for every projection of every step
     if not PACK or weight is None or weight.dtype not in PACKED_DTYPES or weight.device.type != "cpu":
         return None
+    if not _packs_rows(x):  # before an SVF layer's W' is looked up for nothing
+        return None
     if not plain:  # an SVF layer: W when it is off, its W' when its forward would multiply by one (else factored)
         materialised = getattr(module, "materialised_weight", None)
         if materialised is None:
             return None
         if module.enabled:
             weight = materialised()
-    if weight is None or weight.requires_grad or x.dtype != weight.dtype or not _packs_rows(x):
+    if weight is None or weight.requires_grad or x.dtype != weight.dtype:
         return None
     return weight
 
