@@ -98,10 +98,31 @@ def on_live_rows(select: Callable[[torch.Tensor], None]) -> StepHook:
     return hook
 
 
+ARGMAX_BLOCK = 256
+
+
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """logits.argmax(-1) of (rows, vocab) logits, the same index (the first of equal maxima; NaN counts as the
+    largest). On the CPU, argmax does not vectorise (1.5 ms for 32 rows of a 49k vocabulary) and amax does: each
+    block's maximum picks the first block holding the row's maximum, and an argmax inside that block the index
+    (5-6x faster, RESULTS generation_greedy)."""
+    rows, vocab = logits.shape
+    if logits.device.type != "cpu" or vocab <= ARGMAX_BLOCK:
+        return logits.argmax(-1)
+    full = vocab - vocab % ARGMAX_BLOCK
+    maxima = logits[:, :full].reshape(rows, -1, ARGMAX_BLOCK).amax(-1)
+    if full < vocab:
+        maxima = torch.cat([maxima, logits[:, full:].amax(-1, keepdim=True)], 1)
+    start = maxima.argmax(-1) * ARGMAX_BLOCK
+    # a short last block reads its last index again past its end: a repeat comes after the first, never chosen
+    block = (start[:, None] + torch.arange(ARGMAX_BLOCK, device=logits.device)).clamp_(max=vocab - 1)
+    return start + logits.gather(1, block).argmax(-1)
+
+
 def next_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None):
     """Greedy below GREEDY_BELOW, else nucleus sampling."""
-    if temperature < GREEDY_BELOW:  # in fp32: the same index (bf16 → fp32 is exact), a 4x faster CPU argmax
-        return logits.float().argmax(-1)
+    if temperature < GREEDY_BELOW:  # in fp32: the same index (bf16 → fp32 is exact), a faster CPU argmax
+        return greedy(logits.float())
     probs = torch.softmax(logits.float() / temperature, -1)
     if top_p < 1.0:  # keep the smallest set of most likely tokens whose mass reaches top_p
         sorted_probs, order = probs.sort(-1, descending=True)

@@ -11,6 +11,7 @@ from t2ray.generation import (
     completion_logits,
     completion_mask,
     generate,
+    greedy,
     render,
     rollout,
     token_logprobs,
@@ -58,6 +59,19 @@ def test_generation_is_deterministic_for_a_seed(tiny, tokenizer):
     a = generate(tiny, tokenizer, prompts, max_new_tokens=8, temperature=1.0, seed=3)
     b = generate(tiny, tokenizer, prompts, max_new_tokens=8, temperature=1.0, seed=3)
     assert a == b
+
+
+@pytest.mark.parametrize("vocab", [49152, 49153, 1000, 200])
+def test_greedy_is_argmax_with_its_ties_and_nan(vocab):
+    g = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(33, vocab, generator=g).bfloat16().float()  # bf16 values: many exact ties
+    top = logits.amax(-1)
+    logits[0, [7, vocab - 1]] = top[0] + 1  # a tie between the first block and the last (short) block
+    logits[1, vocab - 1] = top[1] + 1  # the maximum at the very end
+    logits[2, [vocab // 2, 3]] = float("nan")  # NaN wins, the first NaN
+    logits[3] = 0.0  # all equal: index 0
+    assert torch.equal(greedy(logits), logits.argmax(-1))
+    assert greedy(logits)[:4].tolist() == [7, vocab - 1, 3, 0]
 
 
 def test_completion_mask_stops_after_first_eos():

@@ -37,6 +37,7 @@ from t2ray.generation import (
     PromptTooLongError,
     context_length,
     eos_token_ids,
+    greedy,
     render,
 )
 from t2ray.kv_decode import input_device, new_decoder
@@ -508,7 +509,7 @@ class DecodeBatch:
             it.cached_tokens = skip
 
     def _pick(self) -> torch.Tensor:
-        tokens = self.logits.argmax(-1)
+        tokens = greedy(self.logits)
         for j, row in enumerate(self.active):
             req = self.items[row].request
             if req.temperature >= GREEDY_BELOW:
