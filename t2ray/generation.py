@@ -119,16 +119,46 @@ def greedy(logits: torch.Tensor) -> torch.Tensor:
     return start + logits.gather(1, block).argmax(-1)
 
 
+NUCLEUS_CANDIDATES = 256
+
+
+def nucleus(probs: torch.Tensor, top_p: torch.Tensor | float) -> torch.Tensor:
+    """probs (rows, vocab) cut to each row's top_p nucleus, unnormalised: the most likely tokens, each kept while the
+    mass before it stays under top_p (a row at top_p = 1 keeps all). The nucleus is sought among a row's 256 most
+    likely tokens (topk: 13x cheaper than sorting 49k values on the CPU), among all where those hold less than top_p."""
+    top_p = torch.as_tensor(top_p, dtype=probs.dtype, device=probs.device).reshape(-1, 1).expand(len(probs), 1)
+    cut = (top_p < 1).squeeze(1)
+    if not cut.any():
+        return probs
+    part, top_p = probs[cut], top_p[cut]
+    values, order = part.topk(min(NUCLEUS_CANDIDATES, part.shape[-1]), -1)  # largest first
+    if (values.sum(-1, keepdim=True) < top_p).any():
+        values, order = part.sort(-1, descending=True)
+    values = values.masked_fill(values.cumsum(-1) - values >= top_p, 0.0)
+    out = probs.clone()
+    out[cut] = torch.zeros_like(part).scatter_(-1, order, values)
+    return out
+
+
+def sample(
+    logits: torch.Tensor, temperature: torch.Tensor | float, top_p: torch.Tensor | float, uniform: torch.Tensor
+) -> torch.Tensor:
+    """One token per row of logits (rows, vocab) from softmax(logits / temperature) cut to its top_p nucleus, at the
+    row's `uniform` (rows,) in [0, 1) by inverse CDF: one search of the running sum. torch.multinomial takes
+    1.1 ms a row of a 49k vocabulary on the CPU, as long as the decode step (RESULTS generation_sampling)."""
+    temperature = torch.as_tensor(temperature, dtype=torch.float32, device=logits.device).reshape(-1, 1)
+    cdf = nucleus(torch.softmax(logits.float() / temperature, -1), top_p).cumsum(-1)
+    total = cdf[:, -1:]
+    # below the total, so the token found has mass: the first whose running sum exceeds the target
+    target = torch.minimum(uniform.reshape(-1, 1).to(cdf) * total, total.nextafter(torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True).squeeze(1)
+
+
 def next_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None):
     """Greedy below GREEDY_BELOW, else nucleus sampling."""
     if temperature < GREEDY_BELOW:  # in fp32: the same index (bf16 → fp32 is exact), a faster CPU argmax
         return greedy(logits.float())
-    probs = torch.softmax(logits.float() / temperature, -1)
-    if top_p < 1.0:  # keep the smallest set of most likely tokens whose mass reaches top_p
-        sorted_probs, order = probs.sort(-1, descending=True)
-        sorted_probs = sorted_probs.masked_fill(sorted_probs.cumsum(-1) - sorted_probs > top_p, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return sample(logits, temperature, top_p, torch.rand(len(logits), generator=generator, device=logits.device))
 
 
 RETIRE_SHARE = 4  # retire_rows compacts the batch once a quarter of its rows are done (a copy of the KV cache)

@@ -12,8 +12,10 @@ from t2ray.generation import (
     completion_mask,
     generate,
     greedy,
+    nucleus,
     render,
     rollout,
+    sample,
     token_logprobs,
 )
 
@@ -72,6 +74,41 @@ def test_greedy_is_argmax_with_its_ties_and_nan(vocab):
     logits[3] = 0.0  # all equal: index 0
     assert torch.equal(greedy(logits), logits.argmax(-1))
     assert greedy(logits)[:4].tolist() == [7, vocab - 1, 3, 0]
+
+
+def test_sample_draws_each_token_over_its_share_of_the_unit_interval():
+    probs = torch.tensor([0.1, 0.0, 0.25, 0.05, 0.6, 0.0])
+    logits = probs.log().expand(2, -1)  # log 0 = -inf: never drawn
+    n = 2000
+    uniform = (torch.arange(n) + 0.5) / n
+    drawn = torch.cat([sample(logits, 1.0, 1.0, uniform[i : i + 2]) for i in range(0, n, 2)])
+    assert torch.bincount(drawn, minlength=6).tolist() == (probs * n).round().long().tolist()
+    top = torch.tensor([1.0, 0.0])  # even the end of [0, 1) lands on a token with mass
+    assert sample(logits, 1.0, 1.0, top).tolist() == [4, 0]
+    # per-row temperature and top_p: row 0 at T -> 0 keeps its argmax, row 1 its nucleus {2, 4} (without the cut,
+    # 0.05 would land on token 0)
+    picks = sample(logits, torch.tensor([1e-3, 1.0]), torch.tensor([1.0, 0.8]), torch.tensor([0.05, 0.05]))
+    assert picks.tolist() == [4, 2]
+
+
+def reference_nucleus(probs, top_p):  # the rule by a full sort of each row
+    values, order = probs.sort(-1, descending=True)
+    values = values.masked_fill(values.cumsum(-1) - values >= top_p, 0.0)
+    return torch.zeros_like(probs).scatter_(-1, order, values)
+
+
+def test_nucleus_is_the_sorted_rule_per_row_for_peaked_and_flat_rows():
+    g = torch.Generator().manual_seed(0)
+    peaked = torch.softmax(torch.randn(3, 5000, generator=g) * 4, -1)  # the top 256 hold 0.9
+    flat = torch.softmax(torch.randn(2, 5000, generator=g) * 0.1, -1)  # they do not: the whole row is sorted
+    for probs in (peaked, flat, torch.cat([peaked, flat])):
+        top_p = torch.linspace(0.5, 1.0, len(probs))
+        cut = nucleus(probs, top_p)
+        for row in range(len(probs)):
+            expected = probs[row] if top_p[row] == 1 else reference_nucleus(probs[row], top_p[row])
+            assert torch.equal(cut[row], expected)
+        assert (cut[:-1] > 0).sum(-1).lt(5000).all()  # rows below top_p = 1 really were cut
+    assert torch.equal(nucleus(peaked, 1.0), peaked)
 
 
 def test_completion_mask_stops_after_first_eos():

@@ -39,6 +39,7 @@ from t2ray.generation import (
     eos_token_ids,
     greedy,
     render,
+    sample,
 )
 from t2ray.kv_decode import input_device, new_decoder
 from t2ray.library import library_kind, read_library
@@ -510,16 +511,15 @@ class DecodeBatch:
 
     def _pick(self) -> torch.Tensor:
         tokens = greedy(self.logits)
-        for j, row in enumerate(self.active):
-            req = self.items[row].request
-            if req.temperature >= GREEDY_BELOW:
-                logits = self.logits[j] / req.temperature
-                probs = torch.softmax(logits, -1)
-                if req.top_p < 1:
-                    sorted_p, order = probs.sort(descending=True)
-                    keep = sorted_p.cumsum(0) - sorted_p < req.top_p  # the smallest set reaching top_p
-                    probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-                tokens[j] = torch.multinomial(probs, 1, generator=self.items[row].generator)[0]
+        drawn = [j for j, row in enumerate(self.active) if self.items[row].request.temperature >= GREEDY_BELOW]
+        if drawn:
+            items = [self.items[self.active[j]] for j in drawn]
+            tokens[drawn] = sample(
+                self.logits[drawn],
+                torch.tensor([it.request.temperature for it in items]),
+                torch.tensor([it.request.top_p for it in items]),
+                torch.cat([torch.rand(1, generator=it.generator, device=self.logits.device) for it in items]),
+            )
         return tokens
 
     def _new_text(self, it: GenItem) -> str:
