@@ -12,7 +12,7 @@ paper's benchmarks (`--check` validates one and prints its stages).
 
 Every stage writes its output under the root folder and is skipped when that output exists (re-running resumes).
 Before the first stage runs, a few seconds of decoding measure this machine's speed; the announced minutes are the
-calibration machine's, scaled by it, then corrected by the finished stages' own times.
+calibration machine's, scaled by it (start-ups as they are), then corrected by the finished stages' own times.
 """
 
 from __future__ import annotations
@@ -54,8 +54,9 @@ PROBE_S = 2.1  # the probe on the calibration machine, bf16, packed weights: 2.0
 PROBE_ROWS, PROBE_TOKENS = 32, 16
 PROBE_WEIGHT_S = 120  # the probe's say in the pace, as seconds of finished stages (see Pace)
 DECOMPOSE_S = 10
+EVAL_START_S = 5  # an evaluation stage's model load (fixed: Minutes)
 DECODER_FACTOR = 0.6  # the KV decoder's evaluations ÷ Hugging Face's step's, on the tour (0.53-0.63)
-TRAIN_START_S = 60  # one Ray Train run: worker start-up, model + DeepSpeed set-up, final validation, save
+TRAIN_START_S = 60  # one Ray Train run: worker start-up, model + DeepSpeed set-up, final validation, save (fixed)
 # per iteration of 16 prompts (reasoning: × 4 samples; cls: ~300-token prompts)
 ITERATION_S = {
     # the tour, 2026-12-05 (KV decoder): math 12 it × 16 in 2.6 min, code 8 × 16 (48 tokens) in 3.1
@@ -91,7 +92,7 @@ EVAL_S_PER_ITEM = {
 }
 EVAL_S_PER_TOKEN = 0.0065 * DECODER_FACTOR  # other tasks: per token of the task's answer budget (max_new_tokens)
 DISPATCH_S_PER_ITEM = {"prompt": 0.15, "classifier": 0.15, "nearest": 0.02}  # the prompt is ~270 tokens
-SERVE_S = 30.0  # Ray + Serve start, the replica loads the model and the experts, four answers, shutdown
+SERVE_S = 30.0  # Ray + Serve start, the replica loads the model and the experts, four answers, shutdown (fixed)
 TABLE1_LABELS = {"base": "base", "svf": "SVF", "lora": "LoRA"}
 STRATEGY_FACTOR = {
     "base": 1.0,
@@ -260,10 +261,27 @@ def task_category(name: str) -> str:
         raise ValueError(str(err)) from None
 
 
+@dataclass(frozen=True)
+class Minutes:
+    """A stage's minutes on the calibration machine: `scaled` by this machine's speed (decoding and updates, the
+    probe's kind of work) and `fixed` as they are (starting Ray Train's workers or Serve, loading a model: Python and
+    I/O, which faster GEMMs do not speed up; on an Intel Xeon with AMX the probe read 0.48x and each training still
+    took its minute of start-up: RESULTS make_demo_amx)."""
+
+    scaled: float
+    fixed: float = 0.0
+
+    def __add__(self, other: Minutes) -> Minutes:
+        return Minutes(self.scaled + other.scaled, self.fixed + other.fixed)
+
+    def at(self, factor: float) -> float:
+        return self.fixed + self.scaled * factor
+
+
 @dataclass
 class Stage:
     name: str
-    minutes: float | None  # expected wall time on 2 CPU cores (None: no estimate for this model)
+    minutes: Minutes | None  # expected wall time on 2 CPU cores (None: no estimate for this model)
     output: Path
     run: Callable[[], str | None]  # may return a one-line outcome for the stage's closing line
 
@@ -308,13 +326,13 @@ class Pace:
             return None
         return self.probe * (self.measured_s + PROBE_WEIGHT_S) / (self.announced_s + PROBE_WEIGHT_S)
 
-    def minutes(self, calibration_minutes: float | None) -> float | None:
+    def minutes(self, calibration: Minutes | None) -> float | None:
         factor = self.factor
-        return calibration_minutes * factor if calibration_minutes is not None and factor is not None else None
+        return calibration.at(factor) if calibration is not None and factor is not None else None
 
-    def finished(self, calibration_minutes: float | None, seconds: float) -> None:
-        if calibration_minutes is not None and self.probe is not None:
-            self.announced_s += calibration_minutes * 60 * self.probe
+    def finished(self, calibration: Minutes | None, seconds: float) -> None:
+        if calibration is not None and self.probe is not None:
+            self.announced_s += calibration.at(self.probe) * 60
             self.measured_s += seconds
 
 
@@ -329,7 +347,8 @@ def run_stages(
     known = [s.minutes for s in left if s.minutes is not None]
     pace = Pace(speed)
     if speed is not None and len(known) == len(left):
-        total = f"about {sum(known) * speed:.0f} min " + (f"here{probe}" if probe else "on the calibration machine")
+        minutes = sum(m.at(speed) for m in known)
+        total = f"about {minutes:.0f} min " + (f"here{probe}" if probe else "on the calibration machine")
     else:
         total = f"no time estimate (calibrated for {CALIBRATED_MODEL})"
     typer.secho(f"quickstart: {len(stages)} stages, {len(left)} to run, {total}", bold=True)
@@ -347,7 +366,7 @@ def run_stages(
         elapsed = time.perf_counter() - start
         pace.finished(stage.minutes, elapsed)
         rest = [s.minutes for s in stages[i:] if not s.output.exists()]
-        to_go = pace.minutes(sum(rest)) if rest and None not in rest else None
+        to_go = pace.minutes(sum(rest, Minutes(0.0))) if rest and None not in rest else None
         typer.echo(
             f"{tag}: {elapsed / 60:.1f} min"
             + (f" — {outcome}" if outcome else "")
@@ -397,7 +416,7 @@ def items_tested(qs: QuickstartConfig, task: str) -> int:
     return min(limit, len(get_task(task).examples("test")))
 
 
-def train_minutes(cfg: ExperimentConfig, budget_tokens: int | None = None) -> float:
+def train_minutes(cfg: ExperimentConfig, budget_tokens: int | None = None) -> Minutes:
     """Start-up + iterations (time scales with the prompts per iteration, and with the rollout tokens when a budget
     sets them: ITERATION_S was measured at the experiment YAML's, or the task's own where the budget gave them)."""
     from t2ray.tasks import get_task
@@ -407,17 +426,17 @@ def train_minutes(cfg: ExperimentConfig, budget_tokens: int | None = None) -> fl
     per_16 = ITERATION_S.get(cfg.task, ITERATION_S_PER_TOKEN * tokens)
     if cfg.task in ITERATION_S and budget_tokens:
         per_16 *= budget_tokens / default
-    return (TRAIN_START_S + cfg.rl.iterations * per_16 * cfg.rl.batch_size / 16) / 60
+    return Minutes(cfg.rl.iterations * per_16 * cfg.rl.batch_size / 16 / 60, TRAIN_START_S / 60)
 
 
-def eval_minutes(task: str, limit: int, strategy: str = "base", cem: CEMConfig | None = None) -> float:
+def eval_minutes(task: str, limit: int, strategy: str = "base", cem: CEMConfig | None = None) -> Minutes:
     from t2ray.tasks import get_task
 
     per_item = EVAL_S_PER_ITEM.get(task) or EVAL_S_PER_TOKEN * get_task(task).max_new_tokens
-    seconds = 5 + limit * per_item * STRATEGY_FACTOR[strategy]
+    seconds = limit * per_item * STRATEGY_FACTOR[strategy]
     if strategy == "fewshot" and cem is not None:  # every candidate answers every shot (one z per batch row)
         seconds += cem.population * cem.generations * cem.shots * per_item * CEM_ROW_FACTOR
-    return seconds / 60
+    return Minutes(seconds / 60, EVAL_START_S / 60)
 
 
 def expert_config(root: Path, qs: QuickstartConfig, expert: str, method: str) -> ExperimentConfig:
@@ -523,7 +542,7 @@ def lora_table2_stages(
     folder: Path,
     adapters: dict[str, Path],
     limits: dict[str, int],
-    estimate: Callable[[float], float | None],
+    estimate: Callable[[Minutes], Minutes | None],
 ) -> list[Stage]:
     """Table 2 over LoRA adapters (category -> folder), written to `folder` as COLUMN-TASK.json: each adapter alone
     (single_<category>), token routing every k (token<k>), few-shot α (fewshot); the base is Table 2's own."""
@@ -692,7 +711,7 @@ def pipeline(qs: QuickstartConfig, root: Path, own_cluster: bool = False) -> lis
     trained = list(qs.trained.values())
     limits = {t: items_tested(qs, t) for t in (*trained, *qs.unseen)}
 
-    def estimate(minutes: float) -> float | None:
+    def estimate(minutes: Minutes) -> Minutes | None:
         return minutes if spec == CALIBRATED_MODEL else None
 
     def training(cfg: ExperimentConfig) -> Callable[[], str]:
@@ -726,7 +745,7 @@ def pipeline(qs: QuickstartConfig, root: Path, own_cluster: bool = False) -> lis
     stages = [
         Stage(
             "decompose the MLP matrices (SVD, cached per model)",
-            estimate(DECOMPOSE_S / 60),
+            estimate(Minutes(DECOMPOSE_S / 60)),
             root / "decompose.done",
             decompose,
         )
@@ -761,7 +780,7 @@ def pipeline(qs: QuickstartConfig, root: Path, own_cluster: bool = False) -> lis
     stages.append(
         Stage(
             f"pass 1 alone: {', '.join(strategies)} on {queries} test queries (confusion matrices)",
-            estimate(sum(DISPATCH_S_PER_ITEM[s] for s in strategies) * queries / 60),
+            estimate(Minutes(sum(DISPATCH_S_PER_ITEM[s] for s in strategies) * queries / 60)),
             root / "dispatch.json",
             dispatch,
         )
@@ -793,7 +812,7 @@ def pipeline(qs: QuickstartConfig, root: Path, own_cluster: bool = False) -> lis
         stages.append(
             Stage(
                 f"serve the experts (Ray Serve, OpenAI API, model 'auto' by {qs.dispatcher}): four questions",
-                estimate(SERVE_S / 60),
+                estimate(Minutes(0.0, SERVE_S / 60)),
                 root / "serve.json",
                 serving,
             )

@@ -232,15 +232,15 @@ def test_quickstart_config_errors_are_one_clear_line(override, message, tmp_path
 def test_a_failed_stage_is_one_line_naming_its_log(tmp_path):
     """The stage that raises stops the run with one line (its name, the error, where the traceback is); the stages
     before it keep their outputs, so the same command resumes after it."""
-    from t2ray.quickstart import Stage, StageFailed, run_stages
+    from t2ray.quickstart import Minutes, Stage, StageFailed, run_stages
 
     def broken():
         raise ValueError("the grader's sandbox is gone\nsecond line")
 
     first = tmp_path / "first.done"
     stages = [
-        Stage("first", 0.1, first, lambda: first.touch()),
-        Stage("Table 1: base on math", 0.1, tmp_path / "t1.json", broken),
+        Stage("first", Minutes(0.1), first, lambda: first.touch()),
+        Stage("Table 1: base on math", Minutes(0.1), tmp_path / "t1.json", broken),
     ]
     with pytest.raises(StageFailed) as failed:
         run_stages(stages, logs=tmp_path / "logs")
@@ -251,35 +251,37 @@ def test_a_failed_stage_is_one_line_naming_its_log(tmp_path):
 
 
 def test_the_announced_minutes_follow_the_stages_measured_pace(tmp_path, capsys, monkeypatch):
-    """The probe sets the first estimates; as stages finish, the rest are rescaled by measured ÷ announced, the probe
-    weighing as PROBE_WEIGHT_S of stages; each stage's closing line says the minutes to go."""
+    """The probe sets the first estimates (start-ups unscaled); as stages finish, the rest are rescaled by measured ÷
+    announced, the probe weighing as PROBE_WEIGHT_S of stages; each stage's closing line says the minutes to go."""
     import re
     import time
 
     from t2ray import quickstart
-    from t2ray.quickstart import Pace, Stage, run_stages
+    from t2ray.quickstart import Minutes, Pace, Stage, run_stages
 
     pace = Pace(1.0)  # a cached SVD announced at 10 s takes 1 s: the pace barely moves ...
-    pace.finished(10 / 60, 1.0)
+    pace.finished(Minutes(10 / 60), 1.0)
     assert 0.9 < pace.factor < 1.0
-    pace.finished(3.0, 360.0)  # ... a training stage that took twice its 3 minutes moves it most of the way
+    pace.finished(Minutes(2.0, 1.0), 360.0)  # ... a training stage that took twice its 3 minutes moves it most
     assert pace.factor == pytest.approx((361 + 120) / (190 + 120))
+    fast = Pace(0.5)  # a machine twice as fast at the probe's work: a minute of start-up is still a minute
+    assert fast.minutes(Minutes(2.0, 1.0)) == 2.0 and fast.minutes(None) is None
 
     def sleeper(path: Path, seconds: float):
         return lambda: (time.sleep(seconds), path.touch())[1]
 
     monkeypatch.setattr(quickstart, "PROBE_WEIGHT_S", 0.01)  # the console, with the stages deciding at once
     stages = [
-        Stage("slow", 0.1, tmp_path / "a", sleeper(tmp_path / "a", 0.6)),  # at speed 0.05: announced 0.3 s, takes 0.6
-        Stage("next", 10, tmp_path / "b", sleeper(tmp_path / "b", 0)),  # 0.5 min announced at first: now twice
-        Stage("last", 5, tmp_path / "c", sleeper(tmp_path / "c", 0)),
+        Stage("slow", Minutes(0.1), tmp_path / "a", sleeper(tmp_path / "a", 0.6)),  # at speed 0.05: 0.3 s, takes 0.6
+        Stage("next", Minutes(10), tmp_path / "b", sleeper(tmp_path / "b", 0)),  # 0.5 min announced at first: now twice
+        Stage("last", Minutes(5, 2), tmp_path / "c", sleeper(tmp_path / "c", 0)),  # 0.25 min + 2 min of start-up
     ]
     run_stages(stages, speed=0.05)
     out = capsys.readouterr().out
-    assert "3 to run, about 1 min on the calibration machine" in out
+    assert "3 to run, about 3 min on the calibration machine" in out
     announced = float(re.search(r"\[2/3\] next \(about ([\d.]+) min\)", out).group(1))
     to_go = float(re.search(r"\[1/3\] slow: [\d.]+ min \(([\d.]+) min to go\)", out).group(1))
-    assert 0.9 <= announced <= 1.4 and 1.35 <= to_go <= 2.1, out  # twice 0.5 and 0.75 min, give or take a slow sleep
+    assert 0.9 <= announced <= 1.4 and 3.35 <= to_go <= 4.1, out  # twice 0.5 and 0.75 min (+ 2), give or take a sleep
 
 
 def test_lora_table2_stages_run_and_the_report_shows_them(lora_library, tmp_path):
