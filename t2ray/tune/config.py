@@ -235,12 +235,12 @@ def _first_error(err: ValidationError) -> str:
 class Sweep:
     """A validated sweep: its config, its resolved base (paths absolute), and where it writes."""
 
-    def __init__(self, config: SweepConfig, base: dict, source: Path | None):
+    def __init__(self, config: SweepConfig, base: dict, source: Path | None, folder: Path | None = None):
         self.config, self.base, self.source = config, base, source
         self.schema: type[BaseModel] = ExperimentConfig if config.kind == "rl" else AdaptConfig
-        # resolved once, here in the driver: a trial runs in its own working directory, where a relative
-        # storage_path would put its Train run under Ray's session folder instead (the PBT test's flake)
-        self._dir = Path(config.storage_path).expanduser().resolve() / config.name
+        # resolved once, in the driver, and handed to the trials in spec(): a trial runs in its own working
+        # directory, where a relative storage_path would put its Train run under Ray's session folder instead
+        self._dir = folder or Path(config.storage_path).expanduser().resolve() / config.name
         self._validate()
 
     @property
@@ -397,11 +397,11 @@ class Sweep:
 
     def spec(self) -> dict:
         """A plain dict the trial functions rebuild the sweep from (no paths to re-resolve)."""
-        return {"config": self.config.model_dump(mode="json"), "base": self.base}
+        return {"config": self.config.model_dump(mode="json"), "base": self.base, "dir": str(self._dir)}
 
     @classmethod
     def from_spec(cls, spec: dict) -> Sweep:
-        return cls(SweepConfig.model_validate(spec["config"]), spec["base"], None)
+        return cls(SweepConfig.model_validate(spec["config"]), spec["base"], None, Path(spec["dir"]))
 
 
 def _absolute(value: str | None, *roots: Path) -> str | None:

@@ -118,6 +118,17 @@ def test_trial_experiment_runs_under_the_sweep_with_a_deterministic_name(tmp_pat
     assert Sweep.from_spec(sweep.spec()).fingerprint() == sweep.fingerprint()
 
 
+def test_a_trial_writes_under_the_drivers_sweep_folder_from_its_own_working_directory(tmp_path, base, monkeypatch):
+    """Tune runs a trial in a working directory of its own: a relative storage_path resolved there put the trial's
+    Train runs (and checkpoints) under Ray's session folder, where Tune could no longer find them."""
+    monkeypatch.chdir(tmp_path)
+    sweep = load_sweep(sweep_file(tmp_path, base, storage_path="runs/sweeps"))
+    spec = sweep.spec()
+    (tmp_path / "trial-cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "trial-cwd")
+    assert Sweep.from_spec(spec).dir == sweep.dir == (tmp_path / "runs/sweeps" / sweep.config.name).resolve()
+
+
 def test_cem_sweep_checks_its_adapt_base(tmp_path):
     task = write_task(tmp_path / "task")
     base = write_adapt_base(tmp_path, str(task), [tmp_path / "a.safetensors", tmp_path / "b.safetensors"])
