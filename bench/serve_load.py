@@ -185,7 +185,7 @@ def base_url(scenario: str) -> str:
     return VLLM_URL if scenario in VLLM_SCENARIOS else f"{URL}/lora" if scenario == "lora" else URL
 
 
-async def load(scenario: str, n: int, concurrency: int, pool, max_tokens: int, seed: int, temperature: float = 0.0):
+async def load(scenario: str, n: int, concurrency: int, pool, max_tokens: int, seed: int, temperature: float):
     """n requests with at most `concurrency` in flight: (wall seconds, per-request latencies, t2ray's reports)."""
     rng = random.Random(seed)
     bodies = [body_for(scenario, pool[(seed + i) % len(pool)], rng, max_tokens, temperature) for i in range(n)]
@@ -283,10 +283,10 @@ def main() -> None:
     python = None if args.no_vllm else vllm_python()
     scenarios = T2RAY_SCENARIOS + (VLLM_SCENARIOS if python else ())
     if args.scenarios:
-        unknown = set(args.scenarios.split(",")) - set(scenarios)
-        if unknown:
+        chosen = args.scenarios.split(",")
+        if unknown := set(chosen) - set(scenarios):
             sys.exit(f"unknown scenarios {sorted(unknown)}; this run has {', '.join(scenarios)}")
-        scenarios = tuple(s for s in scenarios if s in args.scenarios.split(","))
+        scenarios = tuple(s for s in scenarios if s in chosen)
     vllm = None
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:

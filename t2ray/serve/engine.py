@@ -510,8 +510,11 @@ class DecodeBatch:
             it.cached_tokens = skip
 
     def _pick(self) -> torch.Tensor:
-        tokens = greedy(self.logits)
         drawn = [j for j, row in enumerate(self.active) if self.items[row].request.temperature >= GREEDY_BELOW]
+        if len(drawn) < len(self.active):
+            tokens = greedy(self.logits)  # the greedy rows' (the drawn ones are overwritten below)
+        else:  # every row samples: no greedy pick to make
+            tokens = torch.empty(len(drawn), dtype=torch.long, device=self.logits.device)
         if drawn:
             items = [self.items[self.active[j]] for j in drawn]
             tokens[drawn] = sample(
