@@ -29,6 +29,7 @@ import os
 import sys
 import time
 import weakref
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -199,10 +200,18 @@ def _packs_rows(x: torch.Tensor) -> bool:
 
 
 def packed_gemm(
-    key, weights: list[torch.Tensor], x: torch.Tensor, bias: torch.Tensor | None, *, cache=_PACKED, transposed=False
+    key,
+    weights: list[torch.Tensor],
+    x: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    cache=_PACKED,
+    transposed=False,
+    make: Callable[[], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """x @ cat(weights).T + bias (x @ cat(weights, 1) when `transposed`) through a packed copy of the stacked weights,
-    kept in `cache` under `key` and rebuilt when any weight is another tensor or was changed in place."""
+    """x @ cat(weights).T + bias (x @ cat(weights, 1) when `transposed`; x @ make().T when `make` builds the matrix
+    from `weights`) through a packed copy of it, kept in `cache` under `key` and rebuilt when any weight is another
+    tensor or was changed in place."""
     cached = cache.get(key)
     stale = (
         cached is None
@@ -211,7 +220,7 @@ def packed_gemm(
     )
     if stale:
         parts = [w.T for w in weights] if transposed else weights
-        stacked = torch.cat(parts) if len(parts) > 1 else parts[0].contiguous()
+        stacked = make() if make else torch.cat(parts) if len(parts) > 1 else parts[0].contiguous()
         packed = torch.ops.mkldnn._reorder_linear_weight(stacked, x.shape[0])
         cached = cache[key] = Packed([(weakref.ref(w), w._version) for w in weights], packed)
     return torch.ops.mkldnn._linear_pointwise(x, cached.weight, bias, "none", [], "")
@@ -232,13 +241,16 @@ def _factored_ready(module, x: torch.Tensor) -> bool:
 
 
 def _factored_svf(module, x: torch.Tensor, xq: torch.Tensor | None = None) -> torch.Tensor:
-    """A `_factored_ready` layer's forward with its products on packed weights (`xq`: x·Q, computed already)."""
+    """A `_factored_ready` layer's forward with its products on packed weights (`xq`: x·Q, computed already): the
+    rescaled form (two products, not three: RESULTS generation_z_per_row)."""
     factors = _FACTORS.setdefault(module, {})
 
     def gemm(role, h, w, bias=None, transposed=False):
+        if callable(w):  # W in Q's basis: built (O(m·n·r)) when W or Q changes, kept only packed
+            return packed_gemm(role, [module.base_layer.weight, module.svf_q], h, bias, cache=factors, make=w)
         return packed_gemm(role, [w], h, bias, cache=factors, transposed=transposed)
 
-    return module.factored(x, module.current_delta(x.dtype), gemm, xq)
+    return module.rescaled(x, module.current_delta(x.dtype, plus_one=True), gemm, xq)
 
 
 def _bias(module) -> torch.Tensor | None:

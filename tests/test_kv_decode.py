@@ -56,7 +56,8 @@ def test_svf_materialised_and_one_z_per_row_with_rows_retiring(varied, tokenizer
     hf, kv = both_loops(monkeypatch, per_row)
     from t2ray.kv_decode import _FACTORS
 
-    assert all(layer in _FACTORS for layer in svf_layers(varied).values())  # a z per row: packed Q, Qᵀ and W
+    # a z per row: each layer's W in Q's basis packed (the rescaled form: two products, not three)
+    assert all("wq" in _FACTORS[layer] for layer in svf_layers(varied).values())
     assert any("xq" in factors for factors in _FACTORS.values())  # gate's and up's x·Q as one GEMM
     lengths = kv.completion_mask.sum(1)
     assert int(lengths.min()) < int(lengths.max())  # rows retired mid-way
@@ -188,6 +189,28 @@ def test_smollm2_fp32_is_token_for_token_and_bf16_agrees(smollm2, monkeypatch):
     assert agree(unpacked, hf.completion_ids) >= 0.95, (
         f"bf16: the same token at {agree(unpacked, hf.completion_ids):.1%}"
     )
+
+
+def test_smollm2_with_a_z_per_row_is_token_for_token_in_fp32(smollm2, monkeypatch):
+    """The decoder's z per row (W in Q's basis, two products) against the layer's own factored forward in Hugging
+    Face's loop, on SmolLM2's shapes (tall gate/up, wide down): 8 prompts × 32 tokens, z near 1 as a trained
+    expert's."""
+    from t2ray.svf import SVFConfig
+    from t2ray.tasks import get_task
+
+    model, tokenizer = copy.deepcopy(smollm2[0]), smollm2[1]
+    patch_model(model, SVFConfig(target_modules="mlp", layers="0-5", mode="factored"), progress=False)
+    g = torch.Generator().manual_seed(0)
+    set_z(
+        model, {name: 0.9 + 0.2 * torch.rand(8, layer.rank, generator=g) for name, layer in svf_layers(model).items()}
+    )
+    task = get_task("math")
+    prompts = [task.messages(ex) for ex in task.examples("test")[:8]]
+    hf, kv = both_loops(monkeypatch, lambda: rollout(model, tokenizer, prompts, max_new_tokens=32, ignore_eos=True))
+    from t2ray.kv_decode import _FACTORS
+
+    assert all("wq" in _FACTORS[layer] for layer in svf_layers(model).values())  # it ran the rescaled form
+    assert torch.equal(hf.completion_ids, kv.completion_ids)
 
 
 def test_a_full_cache_grows_and_the_step_logits_equal_hugging_faces(varied, tokenizer):

@@ -47,10 +47,18 @@ def adapted_block(
 Gemm = Callable[..., torch.Tensor]  # (role, h, weight, bias=None, transposed=False) -> h @ weight.T + bias
 
 
-def plain_gemm(role: str, h: torch.Tensor, weight: torch.Tensor, bias=None, transposed: bool = False) -> torch.Tensor:
-    """h @ weight (transposed) or h @ weightᵀ + bias; `role` ("w", "q", "qT") names the product for a gemm that
-    keeps per-weight state (t2ray.kv_decode's packed copies)."""
+def plain_gemm(role: str, h: torch.Tensor, weight, bias=None, transposed: bool = False) -> torch.Tensor:
+    """h @ weight (transposed) or h @ weightᵀ + bias; `role` ("w", "q", "qT", "wq") names the product for a gemm that
+    keeps per-weight state (t2ray.kv_decode's packed copies). `weight` may be a function that builds it (W in Q's
+    basis: a gemm that keeps a copy builds it once)."""
+    weight = weight() if callable(weight) else weight
     return h @ weight if transposed else F.linear(h, weight, bias)
+
+
+def per_row(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """d or c·z in x's dtype, one row per batch row broadcast over a sequence's tokens."""
+    v = v.to(x.dtype)
+    return v.unsqueeze(1) if v.dim() == 2 and x.dim() == 3 else v
 
 
 class SVFLinear(nn.Module):
@@ -77,7 +85,7 @@ class SVFLinear(nn.Module):
         self.enabled = True
         self.z_override: torch.Tensor | None = None  # (r,), (B, r) or (B, T, r): mixtures, per-row, per-token
         self._weight_cache: tuple[tuple, torch.Tensor] | None = None
-        self._delta_cache: tuple[tuple, torch.Tensor] | None = None
+        self._delta_cache: dict[bool, tuple[tuple, torch.Tensor]] = {}  # d and c·z (plus_one), each kept
         self.expected_tokens: int | None = None  # how many tokens the current call runs (generation.announce_tokens)
 
     @property
@@ -106,7 +114,7 @@ class SVFLinear(nn.Module):
         if z is not None and z.shape[-1] != self.rank:
             raise ValueError(f"z has {z.shape[-1]} values, this layer needs {self.rank}")
         self.z_override = z
-        self._weight_cache = self._delta_cache = None
+        self._weight_cache, self._delta_cache = None, {}
 
     @property
     def _cacheable(self) -> bool:
@@ -142,25 +150,29 @@ class SVFLinear(nn.Module):
             self._weight_cache = (key, weight)
         return weight
 
-    def current_delta(self, dtype: torch.dtype, z: torch.Tensor | None = None) -> torch.Tensor:
-        """d = c·z − 1 of the current z (`z`: it, when the caller has it) in `dtype`, kept while z stays: ~8 small ops
-        that a decode step would otherwise repeat for every layer (RESULTS generation_step_ops). Training recomputes
-        it: d carries z's grad."""
+    def current_delta(
+        self, dtype: torch.dtype, z: torch.Tensor | None = None, *, plus_one: bool = False
+    ) -> torch.Tensor:
+        """d = c·z − 1 (c·z, `rescaled`'s, with `plus_one`) of the current z (`z`: it, when the caller has it) in
+        `dtype`, kept while z stays: ~8 small ops that a decode step would otherwise repeat for every layer (RESULTS
+        generation_step_ops). Training recomputes it: d carries z's grad."""
         if torch.is_grad_enabled() and self._z_source().requires_grad:
             return self.delta(self.z() if z is None else z).to(dtype)
         key = self._cache_key()
-        if key is not None and self._delta_cache is not None and self._delta_cache[0] == (key, dtype):
-            return self._delta_cache[1]
+        kept = self._delta_cache.get(plus_one)
+        if key is not None and kept is not None and kept[0] == (key, dtype):
+            return kept[1]
         with torch.inference_mode(False):  # an ordinary tensor, as the kept W' (_cached_weight)
-            d = self.delta((self.z() if z is None else z).detach()).to(dtype)
+            d = self.delta((self.z() if z is None else z).detach())
+            d = (d + 1 if plus_one else d).to(dtype)
         if key is not None:
-            self._delta_cache = ((key, dtype), d)
+            self._delta_cache[plus_one] = ((key, dtype), d)
         return d
 
     def decode_state(self) -> tuple:
         """What a forward reads that can change between decode steps (t2ray.cuda_graphs keeps a captured step while
         it stays): the switches, z's source and the kept W' and d."""
-        kept = tuple(cache[1] for cache in (self._weight_cache, self._delta_cache) if cache is not None)
+        kept = tuple(cache[1] for cache in (self._weight_cache, *self._delta_cache.values()) if cache is not None)
         return (self.enabled, self.mode, self.expected_tokens, self._z_source(), self.base_layer.weight, *kept)
 
     def materialized_state(self) -> tuple:
@@ -172,16 +184,14 @@ class SVFLinear(nn.Module):
 
     def restore_materialized(self, state: tuple) -> None:
         self.z_override, self._weight_cache = state
-        self._delta_cache = None  # keyed by z's version, not by which tensor z is
+        self._delta_cache = {}  # keyed by z's version, not by which tensor z is
 
     def factored(
         self, x: torch.Tensor, d: torch.Tensor, gemm: Gemm = plain_gemm, xq: torch.Tensor | None = None
     ) -> torch.Tensor:
         """The forward without W' (module docstring), given d = `delta(z)`; `gemm` runs its three products (a decoder
         passes packed ones, keeps d while z stays and, for tall layers reading the same x, gives x Q as `xq`)."""
-        d = d.to(x.dtype)
-        if d.dim() == 2 and x.dim() == 3:
-            d = d.unsqueeze(1)  # one z per batch row, broadcast over tokens
+        d = per_row(d, x)
         q, base = self.svf_q.to(x.dtype), self.base_layer
 
         def change(h, hq=None):  # ((h Q) ⊙ d) Qᵀ
@@ -191,6 +201,25 @@ class SVFLinear(nn.Module):
             return gemm("w", x + change(x, xq), base.weight, base.bias)
         h = gemm("w", x, base.weight)
         y = h + change(h)
+        return y if base.bias is None else y + base.bias
+
+    def basis_weight(self) -> torch.Tensor:
+        """W Q (tall) or Qᵀ W (wide): W in Q's basis, for `rescaled`; O(m·n·r), built by whoever keeps it."""
+        weight, q = self.base_layer.weight, self.svf_q.to(self.base_layer.weight.dtype)
+        return weight @ q if self.tall else q.T @ weight
+
+    def rescaled(
+        self, x: torch.Tensor, cz: torch.Tensor, gemm: Gemm = plain_gemm, xq: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The forward as W' = (W Q) diag(c·z) Qᵀ (tall) or Q diag(c·z) (Qᵀ W) (wide), given cz = c·z: two products
+        where `factored` takes three (SmolLM2's 1536 × 576 MLP matrices: 1.38 instead of 1.75 times the base layer's
+        multiply-adds):  tall y = ((x Q) ⊙ c·z) (W Q)ᵀ,  wide y = ((x (Qᵀ W)ᵀ) ⊙ c·z) Qᵀ.
+        Inference only, and not bit for bit W at z = 1 (x Q is rounded on the way): a decoder's z per row."""
+        cz, q, base = per_row(cz, x), self.svf_q.to(x.dtype), self.base_layer
+        if self.tall:
+            hq = gemm("qT", x, q, transposed=True) if xq is None else xq
+            return gemm("wq", hq * cz, self.basis_weight, base.bias)
+        y = gemm("q", gemm("wq", x, self.basis_weight) * cz, q)
         return y if base.bias is None else y + base.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -219,7 +248,7 @@ class SVFLinear(nn.Module):
     def __getstate__(self):
         state = dict(self.__dict__)
         # a copy's version counters restart: never carry a cached W' or d over
-        state["_weight_cache"] = state["_delta_cache"] = None
+        state["_weight_cache"], state["_delta_cache"] = None, {}
         return state
 
     def extra_repr(self) -> str:

@@ -119,6 +119,20 @@ def test_per_row_z_equals_separate_runs(kind):
 
 
 @pytest.mark.parametrize("kind", SHAPES)
+def test_the_rescaled_form_is_the_formula_per_row_with_bias(kind):
+    """A decoder's z per row in two products (W in Q's basis, then c·z): the paper's W' for each row, bias included."""
+    layer = make_layer(SHAPES[kind])
+    zs = random_z(layer.rank, seed=7, batch=(3,))
+    layer.set_z(zs)
+    x = torch.randn(3, 5, layer.base_layer.in_features)
+    with torch.no_grad():
+        got = layer.rescaled(x, layer.current_delta(x.dtype, plus_one=True)).double()
+    for i in range(3):
+        expected = x[i].double() @ reference_weight(layer.base_layer.weight, zs[i]).T + layer.base_layer.bias.double()
+        torch.testing.assert_close(got[i], expected, atol=5e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", SHAPES)
 def test_per_token_z_with_equal_rows_equals_per_row(kind):
     layer = make_layer(SHAPES[kind], mode="factored")
     zs = random_z(layer.rank, seed=7, batch=(2,))
@@ -336,7 +350,7 @@ def test_a_z_made_in_inference_mode_is_used_not_kept():
             layer.set_z(z)
             fresh.set_z(z.clone())
             assert torch.equal(layer(x), fresh(x))
-        assert layer._weight_cache is None and layer._delta_cache is None
+        assert layer._weight_cache is None and layer._delta_cache == {}
         fresh.set_z(None)
         layer.set_z(None)
 
