@@ -44,11 +44,16 @@ def trial_experiment(sweep: Sweep, values: dict, name: str):
 
 
 class ForwardToTune(UserCallback):
-    """Runs on the Train controller: forwards rank 0's metrics (and the checkpoint, if any) to the trial; the
-    first item also carries the controller's handle, so a trial that Tune stops can abort its Train run."""
+    """Runs on the Train controller: forwards rank 0's metrics (and a copy of the checkpoint, if any, in a new
+    folder under `staging`) to the trial; the first item also carries the controller's handle, so a trial that Tune
+    stops can abort its Train run.
 
-    def __init__(self, queue):
-        self.queue = queue
+    The copy is made here, while Train still keeps the checkpoint: Train deletes all but the newest
+    `checkpoint_keep` as new ones come, and the trial thread, which waits for Tune to take each report, may be
+    more than that many reports behind."""
+
+    def __init__(self, queue, staging: str):
+        self.queue, self.staging = queue, staging
         self.sent_handle = False
 
     def after_report(self, run_context, metrics, checkpoint):
@@ -57,7 +62,11 @@ class ForwardToTune(UserCallback):
         handle = None
         if not self.sent_handle:
             handle, self.sent_handle = ray.get_runtime_context().current_actor, True
-        self.queue.put((dict(metrics[0]), checkpoint, handle))
+        staged = None
+        if checkpoint is not None:  # z, Adam moments, loop state: small
+            Path(self.staging).mkdir(parents=True, exist_ok=True)
+            staged = checkpoint.to_directory(tempfile.mkdtemp(prefix="checkpoint-", dir=self.staging))
+        self.queue.put((dict(metrics[0]), staged, handle))
 
 
 # Train controllers of the RL trials running in this process (trial id -> handle), and the trials being stopped.
@@ -122,15 +131,6 @@ def tune_worker(loop_config: dict) -> None:
         ray.train.get_checkpoint = original
 
 
-def _stage_checkpoint(checkpoint, meta: dict) -> str:
-    """Copy a Train checkpoint (z, Adam moments, loop state: small) into a fresh folder with the trial's meta,
-    for ray.tune.report to persist as the Tune checkpoint."""
-    folder = tempfile.mkdtemp(prefix="t2ray-tune-ckpt-")
-    checkpoint.to_directory(folder)
-    Path(folder, TRIAL_META).write_text(json.dumps(meta))
-    return folder
-
-
 def _starting_point(sweep: Sweep, trial_id: str) -> tuple[str, str | None]:
     """(Train run name, initial checkpoint folder or None). A trial restarted from its own Tune checkpoint
     resumes its own Train run; one restarted from another trial's (PBT exploit) starts a new, deterministically
@@ -168,8 +168,14 @@ def rl_trial(config: dict, spec: dict) -> None:
     with rollout_engines(cfg) as engines:
         queue = Queue(actor_options={"num_cpus": 0})
         loop_config = {"experiment": cfg.model_dump(mode="json"), "init_checkpoint": init, "engines": engines}
-        trainer = make_trainer(cfg, tune_worker, loop_config, callbacks=[ForwardToTune(queue)])
-        _fit_and_forward(trainer, queue, trial_id, name)
+        # in the run's folder on the storage path, which a multi-node run shares: the controller may run on
+        # another node than this trial
+        staging = cfg.run_dir / "tune_staging"
+        trainer = make_trainer(cfg, tune_worker, loop_config, callbacks=[ForwardToTune(queue, str(staging))])
+        try:
+            _fit_and_forward(trainer, queue, trial_id, name)
+        finally:  # copies of reports never taken (an aborted run)
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def _fit_and_forward(trainer, queue, trial_id: str, name: str) -> None:
@@ -190,7 +196,7 @@ def _fit_and_forward(trainer, queue, trial_id: str, name: str) -> None:
     meta = {"trial_id": trial_id, "run_name": name}
     while True:
         try:
-            metrics, checkpoint, controller = queue.get(block=True, timeout=0.5)
+            metrics, staged, controller = queue.get(block=True, timeout=0.5)
         except Empty:
             if thread.is_alive():
                 continue
@@ -200,8 +206,8 @@ def _fit_and_forward(trainer, queue, trial_id: str, name: str) -> None:
         if controller is not None:
             _CONTROLLERS[trial_id] = controller
         metrics = {**{k: v for k, v in metrics.items() if not k.startswith("_")}, RUN_KEY: name}
-        if checkpoint is not None:
-            staged = _stage_checkpoint(checkpoint, {**meta, "iteration": metrics.get("iteration", 0)})
+        if staged is not None:  # the controller's copy: Tune persists it with the trial's meta
+            Path(staged, TRIAL_META).write_text(json.dumps({**meta, "iteration": metrics.get("iteration", 0)}))
             try:
                 ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(staged))
             finally:

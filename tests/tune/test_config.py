@@ -228,3 +228,27 @@ def test_a_trials_history_survives_an_empty_result_json(tmp_path):
     assert [row["iteration"] for row in history] == [1, 2, 3] and history[-1]["trial_id"] == "t0"
     whole = pd.DataFrame({"iteration": [1, 2, 3, 4]})
     assert len(_history(Result({}, None, None, str(tmp_path), metrics_dataframe=whole))) == 4
+
+
+def test_a_forwarded_checkpoint_is_copied_before_train_can_delete_it(tmp_path):
+    """The Train controller copies each checkpoint as it is reported: the trial thread, waiting for Tune to take
+    every report, may be more than checkpoint_keep reports behind, after Train deleted the original."""
+    import json
+    import queue
+    import shutil
+
+    from ray.train import Checkpoint
+
+    from t2ray.tune.trials import ForwardToTune
+
+    own = tmp_path / "run" / "checkpoint_000001"
+    own.mkdir(parents=True)
+    (own / "state.json").write_text(json.dumps({"iteration": 3}))
+    forward = ForwardToTune(queue.Queue(), str(tmp_path / "run" / "tune_staging"))
+    forward.sent_handle = True  # outside a Train controller: no actor handle to hand over
+    forward.after_report(None, [{"iteration": 3}], Checkpoint.from_directory(str(own)))
+    forward.after_report(None, [{"iteration": 4}], None)
+    shutil.rmtree(own)  # Train keeps only its newest checkpoint_keep
+    metrics, staged, _ = forward.queue.get_nowait()
+    assert metrics == {"iteration": 3} and json.loads(Path(staged, "state.json").read_text()) == {"iteration": 3}
+    assert forward.queue.get_nowait()[:2] == ({"iteration": 4}, None)
