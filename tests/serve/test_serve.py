@@ -44,6 +44,8 @@ def endpoint(tiny_experts):
             serve.start(http_options={"host": "127.0.0.1", "port": 8000})
             args = tiny_args(
                 tiny_experts,
+                # long requests for test_a_request_joins_the_running_batch
+                generation={"max_tokens_default": 8, "max_tokens_limit": 256},
                 expert_model={
                     "num_replicas": 2,
                     "ray_actor_options": {"num_cpus": 0.5},
@@ -225,7 +227,7 @@ OK = {"model": "auto", "messages": CHAT, "max_tokens": 2}
             "NaN",
         ),
         ("/v1/chat/completions", {**OK, "t2ray": {"strategy": "psychic"}}, 400, "t2ray.strategy"),
-        ("/v1/chat/completions", {**OK, "max_tokens": 65}, 400, "at most 64"),
+        ("/v1/chat/completions", {**OK, "max_tokens": 257}, 400, "at most 256"),
         (
             "/v1/chat/completions",
             {**OK, "messages": [{"role": "user", "content": LONG}], "model": "base"},
@@ -341,7 +343,9 @@ def test_a_request_joins_the_running_batch(endpoint):
                 asyncio.create_task(
                     client.post(
                         "/v1/completions",
-                        json={"model": "base", "prompt": f"Count {i}:", "max_tokens": 64, "ignore_eos": True},
+                        # 256 tokens: room for the short ones to join and finish on a loaded machine (at 64 the
+                        # long ones once ended first, in a full suite run)
+                        json={"model": "base", "prompt": f"Count {i}:", "max_tokens": 256, "ignore_eos": True},
                     )
                 )
                 for i in range(16)
