@@ -219,14 +219,17 @@ def packed_gemm(
         or any(ref() is not w or seen != w._version for (ref, seen), w in zip(cached.sources, weights, strict=True))
     )
     if stale:
-        parts = [w.T for w in weights] if transposed else weights
-        stacked = make() if make else torch.cat(parts) if len(parts) > 1 else parts[0].contiguous()
+        if make is not None:
+            stacked = make()
+        else:
+            parts = [w.T for w in weights] if transposed else weights
+            stacked = torch.cat(parts) if len(parts) > 1 else parts[0].contiguous()
         packed = torch.ops.mkldnn._reorder_linear_weight(stacked, x.shape[0])
         cached = cache[key] = Packed([(weakref.ref(w), w._version) for w in weights], packed)
     return torch.ops.mkldnn._linear_pointwise(x, cached.weight, bias, "none", [], "")
 
 
-# SVF layer -> {"w" | "q" | "qT" | "xq" (gate's and up's Q stacked): Packed}
+# SVF layer -> {"wq" (W in Q's basis) | "q" | "qT" | "xq" (gate's and up's Q stacked): Packed}
 _FACTORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
