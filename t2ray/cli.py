@@ -305,6 +305,9 @@ def quickstart(
 @app.command("plan")
 @user_errors
 def plan_(
+    config: Path | None = typer.Argument(
+        None, help="an experiment YAML or a Serve config (it has `applications:`): as --experiment or --serve"
+    ),
     model: str = typer.Option(
         "llama3-8b",
         help="a preset (smollm2-135m | llama3-8b | mistral-7b | llama3-70b), a model folder, a config.json or a hub id",
@@ -331,6 +334,15 @@ def plan_(
     from t2ray.plan import experiment_run, plan_run
     from t2ray.plan import plan as make_plan
 
+    if config is not None:
+        from t2ray.config import read_yaml
+
+        if experiment is not None or serve is not None:
+            raise ValueError("give the YAML once: as the argument, or as --experiment / --serve")
+        if "applications" in read_yaml(config):
+            serve = config
+        else:
+            experiment = config
     if serve is not None:
         from t2ray.serve.capacity import plan_serve
 

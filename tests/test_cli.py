@@ -130,6 +130,17 @@ def test_plan_serve_of_a_serve_config(tmp_path):
     assert refused.exit_code == 2 and "expert_model.ray_actor_options.num_gpus = 4" in refused.output
 
 
+def test_plan_takes_either_yaml_as_its_argument():
+    """`t2ray plan FILE.yaml` (as `t2ray train` and `t2ray serve` take theirs): a Serve config plans as --serve,
+    anything else as --experiment; the same YAML given twice is refused."""
+    shipped = Path(__file__).resolve().parents[1] / "experiments"
+    for name, flag in (("llama3-70b-svf.yaml", "--experiment"), ("serve-llama3-70b.yaml", "--serve")):
+        positional, flagged = invoke("plan", shipped / name), invoke("plan", flag, shipped / name)
+        assert positional.exit_code == 0 and positional.output == flagged.output, positional.output
+    twice = invoke("plan", shipped / "llama3-70b-svf.yaml", "--experiment", shipped / "llama3-70b-svf.yaml")
+    assert twice.exit_code == 2 and "give the YAML once" in twice.output
+
+
 def test_plan_reads_the_users_model_from_a_folder_a_config_or_the_hub_cache(tmp_path):
     from t2ray.models.loader import resolve
 
