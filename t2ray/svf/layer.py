@@ -208,13 +208,13 @@ class SVFLinear(nn.Module):
         weight, q = self.base_layer.weight, self.svf_q.to(self.base_layer.weight.dtype)
         return weight @ q if self.tall else q.T @ weight
 
-    def rescaled(
-        self, x: torch.Tensor, cz: torch.Tensor, gemm: Gemm = plain_gemm, xq: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def rescaled(self, x: torch.Tensor, cz: torch.Tensor, gemm: Gemm, xq: torch.Tensor | None = None) -> torch.Tensor:
         """The forward as W' = (W Q) diag(c·z) Qᵀ (tall) or Q diag(c·z) (Qᵀ W) (wide), given cz = c·z: two products
         where `factored` takes three (SmolLM2's 1536 × 576 MLP matrices: 1.38 instead of 1.75 times the base layer's
         multiply-adds):  tall y = ((x Q) ⊙ c·z) (W Q)ᵀ,  wide y = ((x (Qᵀ W)ᵀ) ⊙ c·z) Qᵀ.
-        Inference only, and not bit for bit W at z = 1 (x Q is rounded on the way): a decoder's z per row."""
+        Inference only, and not bit for bit W at z = 1 (x Q is rounded on the way): a decoder's z per row. `gemm` gets
+        W in Q's basis as a function that builds it (O(m·n·r)): a gemm that keeps a copy (the decoder's packed one)
+        builds it once, `plain_gemm` at every call."""
         cz, q, base = per_row(cz, x), self.svf_q.to(x.dtype), self.base_layer
         if self.tall:
             hq = gemm("qT", x, q, transposed=True) if xq is None else xq
