@@ -136,16 +136,23 @@ class SVFLinear(nn.Module):
         rollout right after a step, a small batch) runs factored instead of rebuilding a stale W'."""
         if self.expected_tokens is None or self.expected_tokens >= max(self.base_layer.weight.shape):
             return False
-        return self._weight_cache is None or self._weight_cache[0] != self._cache_key()
+        return self._kept_weight() is None
 
-    def _cached_weight(self, z: torch.Tensor) -> torch.Tensor:
+    def _kept_weight(self) -> torch.Tensor | None:
+        """The kept W' while the z and W it was built from stay; None otherwise."""
+        kept = self._weight_cache
+        return kept[1] if kept is not None and kept[0] == self._cache_key() else None
+
+    def _cached_weight(self, z: torch.Tensor | None = None) -> torch.Tensor:
+        """The kept W' while z and W stay, else W' built from `z` (None: the current z)."""
+        kept = self._kept_weight()
+        if kept is not None:
+            return kept
         key = self._cache_key()
-        if key is not None and self._weight_cache is not None and self._weight_cache[0] == key:
-            return self._weight_cache[1]
         # the cache outlives the call: an ordinary tensor even when the KV step (in inference mode) builds it, so
         # that a later forward's autograd may save it
         with torch.inference_mode(False):
-            weight = self.adapted_weight(z.detach())
+            weight = self.adapted_weight((self.z() if z is None else z).detach())
         if self._cacheable and key is not None:
             self._weight_cache = (key, weight)
         return weight
@@ -179,7 +186,7 @@ class SVFLinear(nn.Module):
         """The current z with its W' (built now if needed), for `restore_materialized`: a server keeps one per
         mixture and switches between them without rebuilding."""
         with torch.no_grad():
-            self._cached_weight(self.z())
+            self._cached_weight()
         return self.z_override, self._weight_cache
 
     def restore_materialized(self, state: tuple) -> None:
@@ -236,12 +243,19 @@ class SVFLinear(nn.Module):
         packs weights for its GEMMs (t2ray.kv_decode) asks this."""
         if self.mode == "factored":
             return None
-        z = self.z() if z is None else z
+        # z's source has z's shape and wants its grad: z itself is computed only to build W' (sigmoid(p) · max_mult
+        # for 90 layers was 5 % of a one-row decode step)
+        like_z = self._z_source() if z is None else z
         # Training always takes the factored path: z's gradient costs ~4·T·min(m,n)² per matrix there, while
         # rebuilding W' under autograd costs 3·m·n·r + T·m·n (about twice as much for T ≈ 1000 tokens).
-        training = torch.is_grad_enabled() and z.requires_grad
+        training = torch.is_grad_enabled() and like_z.requires_grad
+        if like_z.dim() > 1 or training:
+            return None
+        kept = self._kept_weight()  # what a decode step finds, asking every layer at every step
+        if kept is not None:
+            return kept
         # ZeRO-3 (not cacheable): W' would be rebuilt on every forward, the factored path costs less.
-        if z.dim() > 1 or training or not self._cacheable or self._rebuild_not_worth_it():
+        if not self._cacheable or self._rebuild_not_worth_it():
             return None
         return self._cached_weight(z)
 
