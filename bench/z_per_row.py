@@ -9,7 +9,8 @@ SmolLM2-135M-Instruct in the dtype `auto` picks, SVF on the MLP of every layer, 
   * rescaled        what the decoder runs: ((x Q) ⊙ c·z) (W Q)ᵀ.
 Greedy decode through `t2ray.generation.rollout` at each batch size, then the serve replica's batch of 16 requests,
 each its own mixture of 3 random experts (bench/serve_load.py's scenario (c)), 32 greedy tokens through `DecodeBatch`.
-Variants run in interleaved rounds, rotating the order; the best round counts. Writes bench/RESULTS.md "## z_per_row".
+Variants run in interleaved rounds, rotating the order, each timed call right after a warm one of its own; the best
+round counts. Writes bench/RESULTS.md "## z_per_row".
 """
 
 from __future__ import annotations
@@ -112,6 +113,7 @@ def main() -> None:
         times = interleaved(
             variants(decoding(base, tokenizer, rows, args.tokens), decoding(per_row, tokenizer, rows, args.tokens)),
             args.rounds,
+            warm_each=True,
         )
         lines.append(row(f"decode B={batch}", times, batch * args.tokens))
         print(lines[-1], flush=True)
@@ -132,7 +134,8 @@ def main() -> None:
         while not batch.done:
             batch.step()
 
-    times = interleaved(variants(lambda: serve_batch([MixtureRef()] * 16), lambda: serve_batch(mixtures)), args.rounds)
+    serve_variants = variants(lambda: serve_batch([MixtureRef()] * 16), lambda: serve_batch(mixtures))
+    times = interleaved(serve_variants, args.rounds, warm_each=True)
     lines.append(row("serve replica, 16 mixtures", times, 16 * 32))
     print(lines[-1], flush=True)
     load_end = os.getloadavg()
@@ -140,7 +143,7 @@ def main() -> None:
         f"{stamp()}, `{command_line()}`; {cpu_description()}, {torch.get_num_threads()} torch threads, {dtype}, load "
         f"average {load_start[0]:.2f} at start, {load_end[0]:.2f} at end; SmolLM2-135M-Instruct, SVF on every MLP "
         f"matrix, {args.tokens} greedy tokens per decode row (the serve batch: 32, prefill included), best of "
-        f"{args.rounds} interleaved rounds; tokens/s.",
+        f"{args.rounds} interleaved rounds, each timed call after a warm one of its own; tokens/s.",
         "",
         *lines,
     ]
