@@ -243,8 +243,8 @@ class SVFLinear(nn.Module):
         packs weights for its GEMMs (t2ray.kv_decode) asks this."""
         if self.mode == "factored":
             return None
-        # z's source has z's shape and wants its grad: z itself is computed only to build W' (sigmoid(p) · max_mult
-        # for 90 layers was 5 % of a one-row decode step)
+        # z's source has z's shape and wants its grad: z itself is computed only to build W' (a decode step asks
+        # every layer at every step: RESULTS generation_materialised_lookup)
         like_z = self._z_source() if z is None else z
         # Training always takes the factored path: z's gradient costs ~4·T·min(m,n)² per matrix there, while
         # rebuilding W' under autograd costs 3·m·n·r + T·m·n (about twice as much for T ≈ 1000 tokens).
