@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -64,9 +65,10 @@ def pip(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "pip", "-q", *args], check=True)
 
 
-def install_command(out: Path, target: str) -> str:
-    names = " ".join(["deepspeed", *PACKAGES])
-    return f"python3 -m pip install -q --no-index --no-deps --find-links {out}/whl --target {target} {names}"
+def install_command(python: str, out: Path, target: str) -> list[str]:
+    """How the device installs the bundle: no index, each package's wheel for that python from OUT/whl."""
+    wheels, where = ["--find-links", str(out / "whl")], ["--target", target]
+    return [python, "-m", "pip", "install", "-q", "--no-index", "--no-deps", *wheels, *where, "deepspeed", *PACKAGES]
 
 
 def build(out: Path) -> None:
@@ -111,7 +113,7 @@ def verify(out: Path) -> None:
         print("a scratch venv with torch and transformers only (the device image's)", flush=True)
         pins = [f"torch=={version('torch').split('+')[0]}", f"transformers=={version('transformers')}"]
         subprocess.run([python, "-m", "pip", "install", "-q", *pins], check=True)
-        subprocess.run(install_command(out, str(site)).replace("python3", python, 1), shell=True, check=True)
+        subprocess.run(install_command(python, out, str(site)), check=True)
         env = {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{ROOT}", "HF_HUB_OFFLINE": "1"}
         code = "import importlib\n" + "".join(f"importlib.import_module({m!r})\n" for m in CHECKED_MODULES)
         subprocess.run([python, "-c", code], check=True, env=env)
@@ -137,7 +139,7 @@ def main() -> None:
         "on the device (carry: "
         + str(args.out)
         + "):\n  "
-        + install_command(args.out, "/tmp/site")
+        + shlex.join(install_command("python3", args.out, "/tmp/site"))
         + f" && PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 python3 bench/gpu_check.py --model {args.out}/smollm2-config"
         " --random --out $OUT"
     )
