@@ -38,7 +38,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from common import command_line, cpu_description, interleaved, publish, stamp  # noqa: E402
+from common import Seconds, command_line, cpu_description, interleaved, publish, stamp  # noqa: E402
 
 from t2ray import kv_decode  # noqa: E402
 from t2ray.generation import encode_prompts, render, rollout  # noqa: E402
@@ -206,12 +206,9 @@ def generation_table(args, prompts, tokenizer) -> tuple[list[str], dict[int, dic
             variants["t2ray base (float32)"] = decode(fp32, batch)
             variants["roofline (float32 GEMMs)"] = roofline(fp32, batch, width, args.tokens)
         variants["t2ray base (float32, unpacked)"] = unpacked(decode(fp32, batch))
-        vllm_seconds: list[float] = []
-        if vllm:
-            variants["vLLM-CPU"] = lambda b=batch, seconds=vllm_seconds: seconds.append(vllm.run(b))
+        if vllm:  # vLLM's own timing of its generate call (the pipe round trip is not its cost)
+            variants["vLLM-CPU"] = lambda b=batch: Seconds(vllm.run(b))
         times = interleaved(variants, repeats=args.rounds, warm_each=True)
-        if vllm:  # vLLM's own timing of its generate call (the pipe round trip is not its cost): the timed calls,
-            times["vLLM-CPU"] = vllm_seconds[2::2]  # after the warm-up, each the second of its (warm, timed) pair
         tok_s[batch] = {name: batch * args.tokens / min(t) for name, t in times.items()}
         print(f"B={batch}: " + ", ".join(f"{n} {v:.0f} tok/s" for n, v in tok_s[batch].items()), flush=True)
     if vllm:

@@ -93,8 +93,7 @@ def build(out: Path) -> None:
         )
     print(f"DeepSpeed {version('deepspeed')} as a wheel (no ops built: they JIT-compile where used)", flush=True)
     pip("wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), f"deepspeed=={version('deepspeed')}")
-    sys.path.insert(0, str(ROOT))
-    from t2ray.models.loader import resolve
+    from t2ray.models.loader import resolve  # this venv's t2ray (installed editable)
 
     source, config = Path(resolve("smollm2-135m", 0)), out / "smollm2-config"
     config.mkdir(exist_ok=True)

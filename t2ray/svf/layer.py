@@ -131,12 +131,10 @@ class SVFLinear(nn.Module):
         # an optimizer step, an in-place edit or a .to() invalidates the cache
         return source is self.svf_p, source._version, weight._version, weight.dtype, weight.device
 
-    def _rebuild_not_worth_it(self) -> bool:
+    def _too_short_to_rebuild(self) -> bool:
         """Building W' costs what about max(m, n) tokens cost on the factored path (SPEC §3): a shorter call (an RL
         rollout right after a step, a small batch) runs factored instead of rebuilding a stale W'."""
-        if self.expected_tokens is None or self.expected_tokens >= max(self.base_layer.weight.shape):
-            return False
-        return self._kept_weight() is None
+        return self.expected_tokens is not None and self.expected_tokens < max(self.base_layer.weight.shape)
 
     def _kept_weight(self) -> torch.Tensor | None:
         """The kept W' while the z and W it was built from stay; None otherwise."""
@@ -255,7 +253,7 @@ class SVFLinear(nn.Module):
         if kept is not None:
             return kept
         # ZeRO-3 (not cacheable): W' would be rebuilt on every forward, the factored path costs less.
-        if not self._cacheable or self._rebuild_not_worth_it():
+        if not self._cacheable or self._too_short_to_rebuild():  # no kept W' (above): this call would build one
             return None
         return self._cached_weight(z)
 
